@@ -1,0 +1,38 @@
+"""aq-brevitas: layer-wise adversarial-aware quantization for Brevitas.
+
+The public API is imported lazily, so ``import aq_brevitas`` (and the CLI's ``--help``) does not pay
+for importing torch and Brevitas until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "AqError": "errors",
+    "load_split": "data",
+    "make_loader": "data",
+    "build_model": "models",
+    "load_float_model": "models",
+    "adversarial_train": "training",
+    "accuracy": "evaluate",
+    "attack_accuracy": "evaluate",
+    "make_attack": "attacks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aq_brevitas' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

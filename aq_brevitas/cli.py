@@ -1,0 +1,226 @@
+"""``aq-brevitas``: a thin argparse front end.
+
+Heavy modules (torch, Brevitas, torchattacks) are imported inside the subcommand that needs them, so
+``aq-brevitas --help`` answers at once. Every :class:`~aq_brevitas.errors.AqError` becomes one line
+on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import AqError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of IDX files (default: $AQ_DATA_DIR or /usr/share/datasets/fashion-mnist)",
+    )
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: fastest on small shared machines)",
+    )
+
+
+def _setup_torch(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .data import load_split, resolve_data_dir
+    from .evaluate import accuracy, attack_accuracy
+    from .models import build_model, save_model
+    from .training import adversarial_train
+
+    out = Path(args.out)
+    state_path = out.with_name(out.stem + ".train-state.pt")
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch)
+    x, y = load_split("train", args.data_dir, limit=args.limit, seed=args.seed)
+    meta = {
+        "arch": args.arch,
+        "dataset": resolve_data_dir(args.data_dir).name,
+        "train_split": "train" if args.limit is None else f"train[limit={args.limit}, seed={args.seed}]",
+        "eps": args.eps,
+        "attack_steps": args.steps if args.eps > 0 else 0,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "command": "aq-brevitas " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("aq-brevitas") else None,
+    }
+    history = adversarial_train(
+        model,
+        (x, y),
+        eps=args.eps,
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint=state_path,
+        resume=args.resume,
+        checkpoint_meta=meta,
+    )
+    xt, yt = load_split("test", args.data_dir, limit=args.eval_limit, seed=0)
+    clean = accuracy(model, xt, yt)
+    eval_eps = args.eval_eps if args.eval_eps is not None else (args.eps if args.eps > 0 else 0.1)
+    pgd = attack_accuracy(model, xt, yt, "pgd", eps=eval_eps, steps=args.eval_steps, progress=True)
+    meta.update(
+        history=history.to_dict(),
+        test_images=len(yt),
+        clean_acc=round(clean, 4),
+        pgd_acc=round(pgd, 4),
+        pgd_eval={
+            "eps": eval_eps,
+            "steps": args.eval_steps,
+            "random_start": True,
+            "alpha": f"2.5*eps/{args.eval_steps}",
+        },
+    )
+    save_model(model, out, meta)
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "clean_acc": meta["clean_acc"],
+                "pgd_acc": meta["pgd_acc"],
+                "test_images": len(yt),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .data import load_split
+    from .evaluate import accuracy, attack_accuracy
+    from .models import load_float_model
+
+    model, meta = load_float_model(args.model)
+    x, y = load_split(args.split, args.data_dir, limit=args.limit, seed=args.seed)
+    rows = [("clean", "-", accuracy(model, x, y))]
+    for eps in args.eps:
+        rows.append(
+            (
+                f"PGD-{args.steps}",
+                f"{eps:g}",
+                attack_accuracy(model, x, y, "pgd", eps=eps, steps=args.steps, seed=args.seed, progress=True),
+            )
+        )
+    print(f"model {args.model} ({meta.get('arch')}) on {len(y)} {args.split} images")
+    print(f"{'attack':<10} {'eps':>6} {'accuracy':>9}")
+    for name, eps, acc in rows:
+        print(f"{name:<10} {eps:>6} {acc:>9.4f}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from .models import ZOO_DIR, zoo_names
+    from .storage import read_sidecar
+
+    print(f"{'name':<12} {'arch':<12} {'eps':>5} {'epochs':>6} {'clean':>7} {'PGD-20':>7}")
+    for name in zoo_names():
+        m = read_sidecar(ZOO_DIR / f"{name}.pt")
+        print(
+            f"{name:<12} {m.get('arch', '?'):<12} {m.get('eps', 0):>5} {m.get('epochs', '?'):>6} {m.get('clean_acc', float('nan')):>7.4f} {m.get('pgd_acc', float('nan')):>7.4f}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aq-brevitas", description="Layer-wise adversarial-aware quantization for Brevitas."
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a float reference model, plainly or with PGD (Madry)")
+    p.add_argument("--arch", required=True, help="small_cnn, vgg_bn or small_resnet")
+    p.add_argument("--out", required=True, help="checkpoint path (.pt); a .json sidecar is written beside it")
+    p.add_argument("--eps", type=float, default=0.1, help="L-inf PGD radius for training; 0 = plain training")
+    p.add_argument("--steps", type=int, default=7, help="PGD steps for training")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="train on a seeded subset of N images")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.train-state.pt")
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="test images for the final measurement (default: all)"
+    )
+    p.add_argument(
+        "--eval-eps",
+        type=float,
+        default=None,
+        help="PGD radius for the final measurement (default: --eps, or 0.1)",
+    )
+    p.add_argument("--eval-steps", type=int, default=20)
+    _add_data_args(p)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="clean and PGD accuracy of a model")
+    p.add_argument("--model", required=True, help="zoo name or checkpoint path")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_args(p)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("zoo", help="list the shipped models and their measured accuracy")
+    p.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except AqError as exc:
+        if args.debug:
+            raise
+        print(f"aq-brevitas: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            "aq-brevitas: interrupted; completed outputs are intact, partial files were removed",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

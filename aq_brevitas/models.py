@@ -1,0 +1,191 @@
+"""Reference models for 1×28×28 inputs (Fashion-MNIST / MNIST).
+
+They are ordinary ``nn.Module``s written the way users write theirs -- not ``nn.Sequential`` chains --
+so that nothing in the library can come to rely on their structure. The library works on any
+module; these only feed the zoo, the tests and the demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ModelError
+
+INPUT_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+
+
+class SmallCNN(nn.Module):
+    """conv16-relu-pool, conv32-relu-pool, fc128, fc10 (the METHOD.md prototype net)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class VGGBN(nn.Module):
+    """A VGG-style net with BatchNorm and layers of comparable size (no single layer dominates)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.block1 = ConvBNReLU(1, 16)
+        self.block2 = ConvBNReLU(16, 32)
+        self.block3 = ConvBNReLU(32, 32)
+        self.block4 = ConvBNReLU(32, 64)
+        self.fc1 = nn.Linear(64 * 3 * 3, 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.block1(x), 2)  # 14
+        x = F.max_pool2d(self.block3(self.block2(x)), 2)  # 7
+        x = F.max_pool2d(self.block4(x), 2)  # 3
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet: a stem, two residual stages (the second strided), global pooling, fc."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, stride=2)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = self.layer2(self.layer1(x))
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "vgg_bn": VGGBN,
+    "small_resnet": SmallResNet,
+}
+
+
+def build_model(arch: str) -> nn.Module:
+    """Instantiate a reference architecture by name."""
+    try:
+        return ARCHITECTURES[arch]()
+    except KeyError:
+        raise ModelError(
+            f"unknown architecture {arch!r}", f"use one of {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+ZOO_DIR = __import__("pathlib").Path(__file__).parent / "zoo"
+
+
+def zoo_names() -> list[str]:
+    """Names of the shipped checkpoints (``aq_brevitas/zoo/<name>.pt``)."""
+    return sorted(p.stem for p in ZOO_DIR.glob("*.pt"))
+
+
+def resolve_model_path(name_or_path: str):
+    """A zoo name or a path to a checkpoint written by :func:`save_model`."""
+    from pathlib import Path
+
+    p = Path(name_or_path)
+    if p.suffix == "" and (ZOO_DIR / f"{name_or_path}.pt").is_file():
+        return ZOO_DIR / f"{name_or_path}.pt"
+    if p.is_file() or p.suffix:
+        return p
+    raise ModelError(
+        f"{name_or_path!r} is neither a zoo model nor a file",
+        f"use a checkpoint path or one of {', '.join(zoo_names())}",
+    )
+
+
+def check_finite(model: nn.Module, source: str = "model") -> None:
+    """Refuse a model whose parameters or buffers hold NaN or Inf."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(
+                f"{source}: tensor {name} holds NaN/Inf values", "retrain or restore a good checkpoint"
+            )
+
+
+def save_model(model: nn.Module, path, meta: dict) -> None:
+    """Save a float model's ``state_dict`` plus a JSON sidecar (``meta`` must name ``arch``)."""
+    from .storage import save_checkpoint
+
+    if "arch" not in meta:
+        raise ModelError("model metadata lacks 'arch'", "pass meta={'arch': <name>, ...}")
+    save_checkpoint(path, {"state_dict": model.state_dict()}, meta=meta)
+
+
+def load_float_model(name_or_path: str) -> tuple[nn.Module, dict]:
+    """Load a float reference model from the zoo or a checkpoint; returns ``(model.eval(), meta)``."""
+    from .errors import CheckpointError
+    from .storage import load_checkpoint, read_sidecar
+
+    path = resolve_model_path(name_or_path)
+    state = load_checkpoint(path)
+    meta = read_sidecar(path)
+    if "state_dict" not in state or not isinstance(state["state_dict"], dict):
+        raise CheckpointError(
+            f"checkpoint {path} has no 'state_dict' entry",
+            "save it with aq_brevitas.models.save_model or `aq-brevitas train`",
+        )
+    if "arch" not in meta:
+        raise CheckpointError(
+            f"checkpoint {path} has no sidecar naming its architecture",
+            f'add {path.with_suffix(".json")} with {{"arch": ...}}',
+        )
+    model = build_model(meta["arch"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit architecture {meta['arch']!r} ({str(exc).splitlines()[0][:100]})",
+            "pass the matching --arch or checkpoint",
+        ) from None
+    check_finite(model, str(path))
+    return model.eval(), meta

@@ -1,0 +1,156 @@
+"""The one place for files: atomic writes, checkpoints and their JSON sidecars.
+
+Checkpoints hold tensors and plain containers only and are always read with
+``torch.load(weights_only=True)``, so a file carrying a pickled object is refused, never executed.
+Every write goes to a temporary file in the destination directory and is renamed into place, so an
+interrupted run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+
+SIDECAR_SUFFIX = ".json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(
+            f"output directory {parent} does not exist", "create it first or choose another --out"
+        )
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output directory {parent} is not writable", "choose a writable --out location")
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise ConfigError(
+                f"could not write {path}: {exc.strerror}", "free disk space or choose another --out"
+            ) from exc
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
+    """Let ``writer`` produce a file at a temporary path, then rename it onto ``path``."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_suffix(SIDECAR_SUFFIX) if p.suffix != SIDECAR_SUFFIX else p
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], payload: dict[str, Any], meta: dict[str, Any] | None = None
+) -> None:
+    """Save ``payload`` (tensors, numbers, strings, lists, dicts) atomically, plus an optional sidecar."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    if meta is not None:
+        atomic_write_json(sidecar_path(path), meta)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; any problem is a one-line :class:`CheckpointError`."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(
+            f"checkpoint {p} does not exist", "check the path, or pass a zoo name (see `aq-brevitas zoo`)"
+        )
+    if p.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {p} is empty", "re-create it; the run that wrote it did not finish"
+        )
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        if "Weights only load failed" in first or "weights_only" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {p} contains pickled Python objects and was refused (weights_only=True)",
+                "save only tensors/state_dicts, e.g. with `aq-brevitas train` or aq_brevitas.storage.save_checkpoint",
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {p} is not a readable torch checkpoint ({first})", "re-create it"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {p} is truncated or not a torch checkpoint ({first})", "re-create it"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"checkpoint {p} holds a {type(obj).__name__}, not a dict",
+            "save a dict with a 'state_dict' entry",
+        )
+    return obj
+
+
+def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist", "check the path")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{what} {p} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+            "fix the JSON syntax",
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not UTF-8 text", "pass a JSON text file") from None
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return {}
+    meta = read_json(side, "checkpoint sidecar")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"sidecar {side} is not a JSON object", "delete it or re-create the checkpoint")
+    return meta

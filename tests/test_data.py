@@ -1,0 +1,108 @@
+import gzip
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from aq_brevitas.data import DEFAULT_DATA_DIR, VAL_SIZE, load_split, make_loader, read_idx
+from aq_brevitas.errors import DataError
+
+
+def _write_idx(path, array: np.ndarray, gz: bool = False) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_real_fashion_mnist_shapes_and_range():
+    x, y = load_split("test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (10000,) and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.99
+    assert set(y.unique().tolist()) == set(range(10))
+
+
+def test_train_val_split_is_disjoint_and_sized():
+    xt, _ = load_split("train")
+    xv, _ = load_split("val")
+    xf, _ = load_split("train-full")
+    assert len(xt) == 60000 - VAL_SIZE and len(xv) == VAL_SIZE and len(xf) == 60000
+    assert torch.equal(torch.cat([xt, xv]), xf)
+
+
+def test_limit_is_seeded_subset():
+    a, ya = load_split("test", limit=100, seed=3)
+    b, yb = load_split("test", limit=100, seed=3)
+    c, _ = load_split("test", limit=100, seed=4)
+    assert a.shape[0] == 100 and torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(a, c)
+
+
+def test_loader_batches():
+    loader = make_loader("val", batch_size=64, limit=200)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (64, 1, 28, 28) and yb.shape == (64,)
+    assert sum(len(b[1]) for b in loader) == 200
+
+
+def test_any_directory_via_env(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", VAL_SIZE + 20), ("t10k", 30)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)), gz=True)
+    monkeypatch.setenv("AQ_DATA_DIR", str(tmp_path))
+    x, y = load_split("test")
+    assert x.shape == (30, 1, 28, 28) and y.shape == (30,)
+    assert len(load_split("train")[0]) == 20
+
+
+def test_wrong_magic_is_detected(tmp_path):
+    bad = tmp_path / "t10k-images-idx3-ubyte"
+    bad.write_bytes(b"\x12\x34\x08\x03" + b"\x00" * 100)
+    with pytest.raises(DataError, match="wrong magic"):
+        read_idx(bad)
+
+
+def test_truncated_file_is_detected(tmp_path):
+    src = sorted(__import__("pathlib").Path(DEFAULT_DATA_DIR).glob("t10k-labels*"))[0]
+    raw = gzip.decompress(src.read_bytes())
+    cut = tmp_path / "t10k-labels-idx1-ubyte"
+    cut.write_bytes(raw[:-7])
+    with pytest.raises(DataError, match="data bytes but its header"):
+        read_idx(cut)
+
+
+def test_truncated_gzip_is_detected(tmp_path):
+    src = sorted(__import__("pathlib").Path(DEFAULT_DATA_DIR).glob("t10k-labels*"))[0]
+    cut = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    cut.write_bytes(src.read_bytes()[:2000])
+    with pytest.raises(DataError, match="truncated gzip"):
+        read_idx(cut)
+
+
+def test_missing_directory_names_the_fix(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_split("test", tmp_path / "nope")
+    msg = str(err.value)
+    assert "nope" in msg and "apt-get install" in msg and "\n" not in msg
+
+
+def test_directory_without_idx_files(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(DataError, match="no IDX file"):
+        load_split("test", tmp_path)
+
+
+def test_mismatched_images_and_labels(tmp_path):
+    src = __import__("pathlib").Path(DEFAULT_DATA_DIR)
+    shutil.copy(sorted(src.glob("t10k-images*"))[0], tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5))
+    with pytest.raises(DataError, match="disagree"):
+        load_split("test", tmp_path)
+
+
+def test_unknown_split():
+    with pytest.raises(DataError, match="unknown split"):
+        load_split("validation")
