@@ -1,0 +1,296 @@
+"""The layer swap: apply a :class:`LayerwisePolicy` to a model.
+
+* :func:`quantize` turns a float model's ``Conv1d/Conv2d/ConvTranspose2d/Linear`` into Brevitas
+  ``QuantConv1d/QuantConv2d/QuantConvTranspose2d/QuantLinear`` carrying the spec's weight quantizer
+  (and, with ``act_bit_width``, an input quantizer on the layer), with the trained weights.
+* :func:`apply_policy` re-bits a model that already uses Brevitas layers, keeping its float weights.
+
+Both leave the original model untouched unless ``inplace=True`` and attach ``aq_policy`` and
+``aq_changes`` (a list of :class:`LayerChange`) to the returned model.
+
+A module registered under several names is one object: the specs for those names must agree. A
+module called several times in ``forward`` is quantized once and used quantized at every call.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import brevitas.nn as qnn
+import torch
+from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
+from torch import nn
+
+from .errors import CheckpointError, PolicyError
+from .injectors import act_quant_for, weight_quant_for
+from .layers import quantizable_layers, shared_layer_names, warn_unsupported
+from .policy import LayerSpec, LayerwisePolicy
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """One layer's change: its name, what it was, what it became."""
+
+    name: str
+    old: str
+    new: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, attr = _parent(model, name)
+    setattr(parent, attr, module)
+
+
+def _input_quant(spec: LayerSpec, signed: bool) -> type | None:
+    if spec.act_bit_width is None:
+        return None
+    return act_quant_for(spec.act_bit_width, signed=signed, po2=spec.scaling == "po2")
+
+
+def _brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool) -> nn.Module:
+    """A Brevitas twin of a float layer, same geometry and weights, quantized per ``spec``."""
+    common: dict[str, Any] = {
+        "weight_quant": weight_quant_for(spec),
+        "input_quant": _input_quant(spec, signed_input),
+        "return_quant_tensor": False,
+    }
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        q: nn.Module = qnn.QuantLinear(layer.in_features, layer.out_features, bias=bias, **common)
+    else:
+        geometry = {
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": layer.kernel_size,
+            "stride": layer.stride,
+            "padding": layer.padding,
+            "dilation": layer.dilation,
+            "groups": layer.groups,
+            "padding_mode": layer.padding_mode,
+            "bias": bias,
+        }
+        if isinstance(layer, nn.ConvTranspose2d):
+            q = qnn.QuantConvTranspose2d(output_padding=layer.output_padding, **geometry, **common)
+        elif isinstance(layer, nn.Conv2d):
+            q = qnn.QuantConv2d(**geometry, **common)
+        else:
+            q = qnn.QuantConv1d(**geometry, **common)
+    with torch.no_grad():
+        q.weight.copy_(layer.weight)
+        if bias:
+            q.bias.copy_(layer.bias)
+    q.train(layer.training)
+    return q.to(layer.weight.device)
+
+
+def _rebit(layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) -> None:
+    """Swap a Brevitas layer's weight (and, if asked, input) quantizer in place; float weights untouched."""
+    injector = weight_quant_for(spec)
+    layer.weight_quant = injector.proxy_class(layer, injector)
+    act = _input_quant(spec, signed_input)
+    if act is not None:
+        layer.input_quant = act.proxy_class(layer, act)
+
+
+def _describe(layer: nn.Module) -> str:
+    if isinstance(layer, QuantWBIOL):
+        try:
+            bits = int(layer.quant_weight().bit_width.item())
+            return f"{type(layer).__name__} {bits}b"
+        except Exception:  # a Brevitas layer with quantization disabled
+            return type(layer).__name__
+    return f"{type(layer).__name__} float"
+
+
+def _iter_inputs(data: Any, limit_batches: int | None = None) -> Iterable[torch.Tensor]:
+    """Input batches from a tensor, an ``(images, labels)`` pair, or a DataLoader."""
+    if torch.is_tensor(data):
+        batches: Iterable[Any] = data.split(256)
+    elif isinstance(data, tuple) and data and torch.is_tensor(data[0]):
+        batches = data[0].split(256)
+    else:
+        batches = data
+    for i, b in enumerate(batches):
+        if limit_batches is not None and i >= limit_batches:
+            return
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+@torch.no_grad()
+def _nonnegative_inputs(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, bool]:
+    """Whether each layer's input is non-negative on ``x`` (then an unsigned quantizer wastes no level)."""
+    layers = {n: model.get_submodule(n) for n in names}
+    out: dict[str, bool] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, n=n: out.__setitem__(n, out.get(n, True) and bool(inp[0].min() >= 0)))
+        for n, m in layers.items()
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def fold_batchnorm(model: nn.Module) -> dict[str, str]:
+    """Fold every BatchNorm that directly follows a conv into it (eval semantics); returns conv -> bn."""
+    from .lipschitz import find_conv_bn_pairs, folded_weight
+
+    pairs = find_conv_bn_pairs(model)
+    for conv_name, bn_name in pairs.items():
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        w, b = folded_weight(conv, bn)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(b.detach().clone())
+            else:
+                conv.bias.copy_(b)
+        _set_module(model, bn_name, nn.Identity())
+    return pairs
+
+
+def calibrate(model: nn.Module, data: Any, *, bias_correction: bool = False, max_batches: int | None = None) -> None:
+    """Brevitas calibration (activation scales from data), optionally followed by bias correction."""
+    from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        with calibration_mode(model):
+            for x in _iter_inputs(data, max_batches):
+                model(x)
+        if bias_correction:
+            with bias_correction_mode(model):
+                for x in _iter_inputs(data, max_batches):
+                    model(x)
+    model.train(was_training)
+
+
+def _convert(
+    model: nn.Module,
+    policy: LayerwisePolicy,
+    *,
+    inplace: bool,
+    swap_float: bool,
+    calibration_data: Any,
+    fold_bn: bool,
+    bias_correction: bool,
+) -> nn.Module:
+    if not isinstance(policy, LayerwisePolicy):
+        raise PolicyError(f"policy is a {type(policy).__name__}, not a LayerwisePolicy", "load it with LayerwisePolicy.load(path)")
+    if not quantizable_layers(model):
+        raise PolicyError("model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)", "pass a model with at least one such layer")
+    policy.check(model)
+    for names in shared_layer_names(model).values():
+        specs = {policy.spec_for(n) for n in names}
+        if len(specs) > 1:
+            raise PolicyError(f"layers {' and '.join(names)} are one shared module but the policy gives them different specs", "give them the same spec, or copy.deepcopy the module so each name has its own")
+    warn_unsupported(model)
+    target = model if inplace else copy.deepcopy(model)
+    if fold_bn:
+        fold_batchnorm(target)
+    specs = policy.resolve(quantizable_layers(target))
+    signed = {n: True for n in specs}
+    first_batch = next(iter(_iter_inputs(calibration_data, 1)), None) if calibration_data is not None else None
+    if first_batch is not None and any(s.act_bit_width for s in specs.values()):
+        signed = {n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, first_batch).items()}
+    changes = []
+    for name, spec in specs.items():
+        layer = target.get_submodule(name)
+        before = _describe(layer)
+        if isinstance(layer, QuantWBIOL):
+            _rebit(layer, spec, signed.get(name, True))
+        elif swap_float:
+            _set_module(target, name, _brevitas_layer(layer, spec, signed.get(name, True)))
+        else:
+            raise PolicyError(f"layer {name} is a plain {type(layer).__name__}, not a Brevitas layer", "use aq_brevitas.quantize for float models")
+        changes.append(LayerChange(name, before, f"{type(target.get_submodule(name)).__name__} {spec.short()}"))
+    if calibration_data is not None:
+        calibrate(target, calibration_data, bias_correction=bias_correction)
+    target.aq_policy = policy
+    target.aq_changes = changes
+    return target
+
+
+def quantize(
+    model: nn.Module,
+    policy: LayerwisePolicy,
+    *,
+    inplace: bool = False,
+    calibration_data: Any = None,
+    fold_bn: bool = False,
+    bias_correction: bool = False,
+) -> nn.Module:
+    """Swap every layer the policy covers for its Brevitas twin; calibrate if data is given.
+
+    ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
+    deployment wants); by default BatchNorm stays a float module after the quantized conv.
+    Layers the policy does not cover (no entry and no default) stay float.
+    """
+    return _convert(model, policy, inplace=inplace, swap_float=True, calibration_data=calibration_data, fold_bn=fold_bn, bias_correction=bias_correction)
+
+
+def apply_policy(
+    model: nn.Module, policy: LayerwisePolicy, *, inplace: bool = False, calibration_data: Any = None
+) -> nn.Module:
+    """Re-configure the weight quantizers of an existing Brevitas model per ``policy``; weights are kept."""
+    return _convert(model, policy, inplace=inplace, swap_float=False, calibration_data=calibration_data, fold_bn=False, bias_correction=False)
+
+
+def changes_table(changes: Iterable[LayerChange]) -> str:
+    rows = [f"{'layer':<28} {'before':<22} after"]
+    rows += [f"{c.name:<28} {c.old:<22} {c.new}" for c in changes]
+    return "\n".join(rows)
+
+
+# -- quantized checkpoints -----------------------------------------------------------------------------
+def save_quantized(model: nn.Module, path: Any, meta: dict[str, Any]) -> None:
+    """Save a model made by :func:`quantize` from a reference architecture: state_dict + sidecar with its policy."""
+    from .storage import save_checkpoint
+
+    policy = getattr(model, "aq_policy", None)
+    if policy is None or "arch" not in meta:
+        raise PolicyError("only models made by aq_brevitas.quantize from a named architecture can be saved this way", "pass meta={'arch': ...} and a quantized model")
+    save_checkpoint(path, {"state_dict": model.state_dict()}, meta={**meta, "kind": "brevitas", "policy": policy.to_dict()})
+
+
+def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a quantized reference model from :func:`save_quantized` output."""
+    import brevitas.config
+
+    from .models import build_model, check_finite
+    from .storage import load_checkpoint, read_sidecar
+
+    state = load_checkpoint(path)
+    meta = read_sidecar(path)
+    if meta.get("kind") != "brevitas" or "policy" not in meta or "arch" not in meta:
+        raise CheckpointError(f"{path} is not a quantized checkpoint written by aq-brevitas", "create one with `aq-brevitas quantize`")
+    policy = LayerwisePolicy.from_dict(meta["policy"])
+    model = quantize(build_model(meta["arch"]), policy, fold_bn=bool(meta.get("fold_bn", False)))
+    old = brevitas.config.IGNORE_MISSING_KEYS
+    brevitas.config.IGNORE_MISSING_KEYS = True  # activation scales exist only after calibration
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit its recorded policy/architecture ({str(exc).splitlines()[0][:100]})", "re-create it with `aq-brevitas quantize`") from None
+    finally:
+        brevitas.config.IGNORE_MISSING_KEYS = old
+    check_finite(model, str(path))
+    model.aq_policy = policy
+    return model.eval(), meta

@@ -1,0 +1,642 @@
+"""Per-layer Lipschitz quantities for the bound in METHOD.md ("Two losses, one bound").
+
+For every quantizable layer l this module measures
+
+- ``L``: the operator norm ‖W_l‖₂ of the linear map the layer computes (BatchNorm folded in where one
+  follows). For a conv this is the norm of the convolution operator on the layer's real input shape,
+  with its real stride, padding, dilation and groups -- not the norm of the reshaped kernel matrix;
+- ``A``: the mean L2 norm of the layer's input on example (calibration) inputs;
+- ``Λ`` (the gain of the network downstream of l), two ways: ``spectral`` (the product of the
+  downstream ``L``, data-free, exact only for chains) and ``jacobian`` (power iteration on the
+  Jacobian of the output with respect to the layer's output, on the example inputs).
+
+``QUANTIZABLE_TYPES`` is the package's single list of layer types that get a quantization setting.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import ConfigError, ModelError
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+"""Layer types that are scored and quantized (Brevitas ``QuantConv2d`` etc. subclass these)."""
+
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+GAINS = ("spectral", "jacobian")
+NON_CHAIN_WARNING = (
+    "model is not a chain (residual or branching graph): gain_spectral, the product of downstream "
+    "operator norms in execution order, is only a heuristic upper-bound estimate there; prefer gain_jacobian"
+)
+_NO_LAYERS = "model has no quantizable layers (Conv1d/Conv2d/Linear)"
+
+
+# --------------------------------------------------------------------------------------------- layers
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantizable layers by qualified name, in ``named_modules()`` order (shared modules once)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
+
+
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    """A plain tensor from a tensor or a Brevitas ``QuantTensor`` (its ``.value``); else None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    inner = getattr(value, "value", None)
+    return inner if isinstance(inner, torch.Tensor) else None
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm on running stats, examples independent), restoring each module's own flag."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+# ------------------------------------------------------------------------------------ operator norm
+def _check_input_shape(layer: nn.Module, input_shape: tuple[int, ...]) -> None:
+    if isinstance(layer, nn.Linear):
+        ok = len(input_shape) >= 1 and input_shape[-1] == layer.in_features
+        want = f"(..., {layer.in_features})"
+    else:
+        n_spatial = 1 if isinstance(layer, nn.Conv1d) else 2
+        ok = len(input_shape) == n_spatial + 1 and input_shape[0] == layer.in_channels
+        want = f"({layer.in_channels}, {', '.join(['*'] * n_spatial)})"
+    if not ok:
+        raise ConfigError(
+            f"input_shape {tuple(input_shape)} does not fit {type(layer).__name__} (expects {want})",
+            "pass the per-sample input shape, without the batch dimension",
+        )
+
+
+def _linear_map(
+    layer: nn.Module, weight: torch.Tensor, out_scale: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer's forward without bias, on batched inputs, with ``weight`` in place of its own."""
+    if isinstance(layer, nn.ConvTranspose2d):
+
+        def fmap(x: torch.Tensor) -> torch.Tensor:
+            return F.conv_transpose2d(
+                x,
+                weight,
+                None,
+                layer.stride,
+                layer.padding,
+                layer.output_padding,
+                layer.groups,
+                layer.dilation,
+            )
+
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+        if layer.padding_mode != "zeros":
+            # As nn.Conv*d does: pad explicitly (reflect/replicate/circular are linear too), then no padding.
+            pad = layer._reversed_padding_repeated_twice
+            mode = layer.padding_mode
+
+            def fmap(x: torch.Tensor) -> torch.Tensor:
+                return conv(
+                    F.pad(x, pad, mode=mode), weight, None, layer.stride, 0, layer.dilation, layer.groups
+                )
+
+        else:
+
+            def fmap(x: torch.Tensor) -> torch.Tensor:
+                return conv(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    elif isinstance(layer, nn.Linear):
+
+        def fmap(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, weight)
+
+    else:
+        raise ModelError(
+            f"operator_norm does not support {type(layer).__name__}",
+            f"pass one of {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)}",
+        )
+    if out_scale is None:
+        return fmap
+    channel_last = isinstance(layer, nn.Linear)
+
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        y = fmap(x)
+        shape = [1] * y.dim()
+        shape[-1 if channel_last else 1] = -1
+        return y * out_scale.reshape(shape)
+
+    return scaled
+
+
+def operator_norm(
+    layer: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    weight: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """Largest singular value of the linear map ``layer`` computes (bias excluded), by power iteration.
+
+    The map runs on one sample of per-sample shape ``input_shape`` ((C, L), (C, H, W) or (..., features))
+    with the layer's real stride, padding (and padding mode), dilation, groups and output_padding; the
+    adjoint is autograd's vector-Jacobian product of that same map, so the two cannot disagree.
+    ``weight`` replaces the layer's weight (same shape) to score a quantized Ŵ on the same geometry;
+    ``out_scale`` (one factor per output channel) multiplies the output, i.e. an unfolded BatchNorm scale.
+    Runs in float64 from a seeded start vector, so the same seed gives comparable ``L`` and ``L̂``.
+    Stops when the estimate changes by less than ``tol`` (relative); returns ``(sigma, iterations)``.
+    """
+    if not isinstance(layer, QUANTIZABLE_TYPES):
+        raise ModelError(
+            f"operator_norm does not support {type(layer).__name__}",
+            f"pass one of {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)}",
+        )
+    shape = tuple(int(s) for s in input_shape)
+    _check_input_shape(layer, shape)
+    w = layer.weight if weight is None else weight
+    if tuple(w.shape) != tuple(layer.weight.shape):
+        raise ConfigError(
+            f"weight of shape {tuple(w.shape)} does not fit the layer's {tuple(layer.weight.shape)}",
+            "pass a weight with the layer's own shape (BatchNorm folded per output channel)",
+        )
+    if max_iter < 1 or not tol > 0:
+        raise ConfigError(f"max_iter={max_iter}, tol={tol} are out of range", "use max_iter >= 1 and tol > 0")
+    device = w.device
+    w64 = w.detach().to(torch.float64)
+    scale64 = None
+    if out_scale is not None:
+        scale64 = out_scale.detach().to(device=device, dtype=torch.float64).reshape(-1)
+        if scale64.numel() != _out_channels(layer):
+            raise ConfigError(
+                f"out_scale has {scale64.numel()} entries, the layer {_out_channels(layer)} output channels",
+                "pass one factor per output channel",
+            )
+    fmap = _linear_map(layer, w64, scale64)
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn((1, *shape), generator=gen, dtype=torch.float64).to(device)
+    v = v / v.norm()
+    sigma = prev = 0.0
+    it = 0
+    for it in range(1, max_iter + 1):
+        u, vjp_fn = torch.func.vjp(fmap, v)
+        (w_v,) = vjp_fn(u)  # AᵀA v
+        norm = float(w_v.norm())
+        if norm == 0.0:
+            return 0.0, it
+        sigma = math.sqrt(norm)  # ≤ σ_max, and ≥ ‖Av‖: the better of the two lower bounds
+        v = w_v / norm
+        if abs(sigma - prev) <= tol * sigma:
+            break
+        prev = sigma
+    return sigma, it
+
+
+# --------------------------------------------------------------------------------------- fx tracing
+class _LeafTracer(fx.Tracer):
+    """Keeps quantizable layers and BatchNorms (Brevitas ones included) as single call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, QUANTIZABLE_TYPES + (_BatchNorm,)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule | None:
+    """``model`` as an fx graph, or None when symbolic tracing fails (data-dependent control flow...)."""
+    try:
+        tracer = _LeafTracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph)
+    except Exception:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError...)
+        return None
+
+
+# ------------------------------------------------------------------------------------- BN folding
+def _bn_fits(conv: nn.Module, bn: nn.Module) -> bool:
+    return isinstance(bn, _BatchNorm) and bn.num_features == _out_channels(conv)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """Map conv name -> BatchNorm name for each Conv/ConvTranspose whose output feeds only a BatchNorm.
+
+    Uses the fx graph where the model traces: every call of the conv must have exactly one user, a call
+    of the same BatchNorm. Where tracing fails, falls back to module order: a conv immediately followed
+    (among leaf modules, in ``named_modules()`` order) by a BatchNorm with matching ``num_features``.
+    """
+    modules = dict(model.named_modules())
+    gm = _trace(model)
+    if gm is None:
+        leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+        pairs = {}
+        for (name, m), (next_name, nxt) in zip(leaves, leaves[1:]):
+            if isinstance(m, _CONV_TYPES) and _bn_fits(m, nxt):
+                pairs[name] = next_name
+        return pairs
+    found: dict[str, str | None] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONV_TYPES):
+            continue
+        users = list(node.users)
+        bn_name = None
+        if len(users) == 1 and users[0].op == "call_module" and len(users[0].all_input_nodes) == 1:
+            cand = users[0].target
+            if _bn_fits(modules[node.target], modules.get(cand)):
+                bn_name = cand
+        prev = found.get(node.target, bn_name)
+        found[node.target] = bn_name if prev == bn_name else None  # a shared conv must always feed it
+    return {conv: bn for conv, bn in found.items() if bn is not None}
+
+
+def folded_weight(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, b)`` of ``bn(conv(x))`` as one conv, with the BatchNorm in eval semantics (running stats).
+
+    W is scaled per output channel by gamma/sqrt(var + eps); b = (b_conv - mean) * scale + beta.
+    Handles Conv1d/Conv2d/Linear (weight dim 0 is out) and ConvTranspose2d (out is dim 1, per group).
+    """
+    if not isinstance(conv, QUANTIZABLE_TYPES) or not isinstance(bn, _BatchNorm):
+        raise ModelError(
+            f"cannot fold {type(bn).__name__} into {type(conv).__name__}",
+            "pass a Conv1d/Conv2d/ConvTranspose2d/Linear and the BatchNorm that follows it",
+        )
+    out = _out_channels(conv)
+    if bn.num_features != out:
+        raise ModelError(
+            f"BatchNorm has {bn.num_features} features but the layer {out} output channels",
+            "pair each conv with the BatchNorm applied to its output",
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise ModelError(
+            "BatchNorm has no running statistics (track_running_stats=False), so it cannot be folded",
+            "use track_running_stats=True, or leave the BatchNorm out of the pairs",
+        )
+    w = conv.weight.detach()
+    var = bn.running_var.detach().to(w.dtype)
+    mean = bn.running_mean.detach().to(w.dtype)
+    gamma = bn.weight.detach().to(w.dtype) if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().to(w.dtype) if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    if isinstance(conv, nn.ConvTranspose2d):
+        g = conv.groups
+        cin, cout_g = w.shape[0], w.shape[1]
+        w_f = (w.reshape(g, cin // g, cout_g, *w.shape[2:]) * scale.reshape(g, 1, cout_g, 1, 1)).reshape(
+            w.shape
+        )
+    else:
+        w_f = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
+    return w_f, (b - mean) * scale + beta
+
+
+# ------------------------------------------------------------------------------------------ chains
+class _TensorFlags(fx.Interpreter):
+    """Runs the graph once and records which nodes produce tensors (vs. sizes, shapes and other metadata)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.is_tensor: dict[fx.Node, bool] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        seen: list[bool] = []
+        fx.node.map_aggregate(out, lambda a: seen.append(isinstance(a, torch.Tensor)) or a)
+        self.is_tensor[n] = any(seen) or _as_tensor(out) is not None
+        return out
+
+
+def is_chain(model: nn.Module, example_inputs: torch.Tensor) -> bool:
+    """True when the data path is a single chain: no forks, no merges (residual adds, concats).
+
+    Traces with torch.fx and runs the graph on ``example_inputs`` to tell tensors from metadata (so
+    ``x.view(x.size(0), -1)`` is not a fork). Every data-carrying node must have at most one data input
+    and one data user, and each quantizable layer must be called once. Untraceable models -> False.
+    """
+    _check_inputs(example_inputs)
+    gm = _trace(model)
+    if gm is None:
+        return False
+    flags = _TensorFlags(gm)
+    try:
+        with _eval_mode(gm), torch.no_grad():
+            flags.run(example_inputs)
+    except Exception:  # a graph that traces but does not run as traced is no chain we can vouch for
+        return False
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if not placeholders:
+        return False
+    data: set[fx.Node] = {placeholders[0]}
+    for n in nodes:
+        if n.op == "placeholder":
+            continue
+        ins = {a for a in n.all_input_nodes if a in data}
+        if n.op == "output":
+            if len(ins) != 1:
+                return False
+            continue
+        if not ins or not flags.is_tensor.get(n, False):
+            continue
+        if len(ins) > 1:
+            return False
+        data.add(n)
+    for n in data:
+        if sum(1 for u in n.users if u in data or u.op == "output") > 1:
+            return False
+    modules = dict(gm.named_modules())
+    calls = [
+        n.target
+        for n in nodes
+        if n.op == "call_module" and isinstance(modules.get(n.target), QUANTIZABLE_TYPES)
+    ]
+    return len(calls) == len(set(calls)) and all(
+        n in data for n in nodes if n.op == "call_module" and n.target in set(calls)
+    )
+
+
+# ---------------------------------------------------------------------------------------- jacobian
+def _check_inputs(x: Any) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a {x.dtype} tensor"
+        raise ConfigError(
+            f"example_inputs must be a floating-point tensor, got {got}",
+            "pass a float batch shaped (N, *input_shape), e.g. calibration images",
+        )
+    if x.dim() < 2 or x.shape[0] < 1:
+        raise ConfigError(
+            f"example_inputs of shape {tuple(x.shape)} has no batch dimension",
+            "pass a batch shaped (N, *input_shape) with N >= 1",
+        )
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    t = _as_tensor(out)
+    if t is None:
+        raise ModelError(
+            f"model output is a {type(out).__name__}, not a tensor",
+            "wrap the model so that forward returns the logits tensor",
+        )
+    return t
+
+
+def _jacobian_sigmas(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    delta_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    tol: float,
+    max_iter: int,
+    seed: int,
+) -> tuple[torch.Tensor, int]:
+    """Per-example ‖J_i‖₂ of ``delta -> run(delta)`` at delta = 0, by batched power iteration.
+
+    Examples are independent (eval mode), so J is block diagonal and one backward pass applies every
+    J_iᵀ at once. The forward graph is built once; J v comes from double backward through Jᵀu (linear in
+    u), J^T(Jv) from a plain backward, each vector normalised per example.
+    """
+    n = delta_shape[0]
+    with torch.enable_grad():
+        delta = torch.zeros(delta_shape, dtype=dtype, device=device, requires_grad=True)
+        y = run(delta)
+        if not y.requires_grad:
+            return torch.zeros(n, dtype=torch.float64), 0
+        u = torch.zeros_like(y, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(y, delta, u, create_graph=True, allow_unused=True)
+        if jt_u is None or not jt_u.requires_grad:
+            return torch.zeros(n, dtype=torch.float64), 0
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(delta_shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (v.dim() - 1)))
+        sigma = prev = torch.zeros(n, dtype=torch.float64)
+        it = 0
+        for it in range(1, max_iter + 1):
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True, allow_unused=True)
+            if jv is None:
+                return torch.zeros(n, dtype=torch.float64), it
+            (jtjv,) = torch.autograd.grad(y, delta, jv, retain_graph=True)
+            norms = jtjv.flatten(1).norm(dim=1)
+            sigma = norms.detach().to(torch.float64).cpu().sqrt()
+            v = (jtjv / norms.clamp_min(1e-30).reshape(-1, *([1] * (jtjv.dim() - 1)))).detach()
+            if bool(((sigma - prev).abs() <= tol * sigma).all()):
+                break
+            prev = sigma
+    return sigma, it
+
+
+def _rms(sigmas: torch.Tensor) -> float:
+    return float(sigmas.square().mean().sqrt())
+
+
+def local_jacobian_norm(
+    model: nn.Module, x: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 500, seed: int = 0
+) -> float:
+    """J_loc: root-mean-square over examples of the per-example input-output Jacobian norm ‖∂y_i/∂x_i‖₂.
+
+    The float network's local amplification of a small input perturbation at ``x`` (model in eval mode),
+    used by the data-driven adversarial term of the score.
+    """
+    _check_inputs(x)
+    x = x.detach()
+    with _eval_mode(model):
+        sig, _ = _jacobian_sigmas(
+            lambda d: _output_tensor(model(x + d)),
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+        )
+    return _rms(sig)
+
+
+def _layer_jacobian(
+    model: nn.Module, target: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...], **kw: Any
+) -> tuple[float, int]:
+    """Λ_l by the Jacobian of the model output w.r.t. ``target``'s output (its first call per forward)."""
+    holder: dict[str, Any] = {}
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
+        if holder.get("done") or not isinstance(out, torch.Tensor):
+            return None
+        holder["done"] = True
+        return out + holder["delta"]
+
+    def run(delta: torch.Tensor) -> torch.Tensor:
+        holder["delta"], holder["done"] = delta, False
+        handle = target.register_forward_hook(hook)
+        try:
+            return _output_tensor(model(x))
+        finally:
+            handle.remove()
+
+    sig, it = _jacobian_sigmas(run, out_shape, **kw)
+    return _rms(sig), it
+
+
+# ------------------------------------------------------------------------------------------ scores
+@dataclass
+class LayerScore:
+    """What the selection needs to know about one quantizable layer (see the module docstring)."""
+
+    name: str
+    type: str
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # per sample
+    output_shape: tuple[int, ...]  # per sample
+    params: int  # weight elements (the bias is not quantized to low bits)
+    macs: int  # multiply-accumulates per sample
+    L: float  # operator norm of the (BN-folded) linear map
+    bn: str | None  # the BatchNorm folded into L, if any
+    A: float  # mean per-sample L2 norm of the layer's input
+    gain_spectral: float | None  # Π of L over the quantizable layers after this one (execution order)
+    gain_jacobian: float | None  # RMS over examples of ‖∂y/∂h_l‖₂ (h_l after the BN, if folded)
+    iterations: int  # power iterations spent on L
+    jacobian_iterations: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("weight_shape", "input_shape", "output_shape"):
+            d[k] = list(d[k])
+        return d
+
+
+def _macs(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+    if isinstance(layer, nn.Linear):
+        return math.prod(out_shape) * layer.in_features
+    k = math.prod(layer.kernel_size)
+    if isinstance(layer, nn.ConvTranspose2d):  # each input element scatters into out/groups · k outputs
+        return math.prod(in_shape) * (layer.out_channels // layer.groups) * k
+    return math.prod(out_shape) * (layer.in_channels // layer.groups) * k
+
+
+def lipschitz_scores(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    gains: Sequence[str] = GAINS,
+    max_iter: int = 500,
+    tol: float = 1e-6,
+    jacobian_tol: float = 1e-5,
+    seed: int = 0,
+) -> dict[str, LayerScore]:
+    """Score every quantizable layer the forward pass calls, in execution order.
+
+    One hooked forward on ``example_inputs`` (eval mode, no grad) gives shapes, ``A`` and the order;
+    ``L`` is the operator norm of the BN-folded weight on the real input shape; ``gains`` picks which
+    of ``gain_spectral`` / ``gain_jacobian`` to compute (the other stays None). Layers never called are
+    left out with a warning. Warns once when the spectral gain is asked for on a non-chain graph.
+    """
+    _check_inputs(example_inputs)
+    gains = tuple(gains)
+    bad = [g for g in gains if g not in GAINS]
+    if bad:
+        raise ConfigError(f"unknown gain(s) {', '.join(map(repr, bad))}", f"use a subset of {GAINS}")
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ModelError(
+            _NO_LAYERS,
+            f"pass a model with {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)} layers (Brevitas ones count)",
+        )
+    modules = dict(model.named_modules())
+    x = example_inputs.detach()
+    with _eval_mode(model):
+        seen: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {}
+        shared: list[str] = []
+
+        def make_hook(name: str) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                if name in seen:
+                    shared.append(name)
+                    return
+                inp, o = _as_tensor(args[0]) if args else None, _as_tensor(out)
+                if inp is None or o is None:
+                    return
+                a = float(inp.detach().flatten(1).to(torch.float64).norm(dim=1).mean())
+                seen[name] = (tuple(inp.shape[1:]), tuple(o.shape[1:]), a)
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
+        try:
+            with torch.no_grad():
+                _output_tensor(model(x))
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in layers if n not in seen]
+        if missing:
+            warnings.warn(
+                f"layers never called in forward are not scored: {', '.join(missing)}", stacklevel=2
+            )
+        if shared:
+            warnings.warn(
+                f"layers called more than once per forward are scored on their first call: "
+                f"{', '.join(sorted(set(shared)))}",
+                stacklevel=2,
+            )
+        if not seen:
+            raise ModelError(_NO_LAYERS + " is called by forward", "check the model's forward")
+
+        pairs = find_conv_bn_pairs(model)
+        scores: dict[str, LayerScore] = {}
+        for name, (in_shape, out_shape, a) in seen.items():
+            layer = layers[name]
+            bn_name = pairs.get(name)
+            weight = folded_weight(layer, modules[bn_name])[0] if bn_name else None
+            L, iters = operator_norm(layer, in_shape, weight=weight, tol=tol, max_iter=max_iter, seed=seed)
+            scores[name] = LayerScore(
+                name=name,
+                type=type(layer).__name__,
+                weight_shape=tuple(layer.weight.shape),
+                input_shape=in_shape,
+                output_shape=out_shape,
+                params=layer.weight.numel(),
+                macs=_macs(layer, in_shape, out_shape),
+                L=L,
+                bn=bn_name,
+                A=a,
+                gain_spectral=None,
+                gain_jacobian=None,
+                iterations=iters,
+            )
+        if "spectral" in gains:
+            downstream = 1.0
+            for s in reversed(list(scores.values())):
+                s.gain_spectral = downstream
+                downstream *= s.L
+            if not is_chain(model, x):
+                warnings.warn(NON_CHAIN_WARNING, stacklevel=2)
+        if "jacobian" in gains:
+            for s in scores.values():
+                target = modules[s.bn] if s.bn else layers[s.name]
+                s.gain_jacobian, s.jacobian_iterations = _layer_jacobian(
+                    model,
+                    target,
+                    x,
+                    (x.shape[0], *s.output_shape),
+                    dtype=x.dtype,
+                    device=x.device,
+                    tol=jacobian_tol,
+                    max_iter=max_iter,
+                    seed=seed,
+                )
+    return scores

@@ -1,0 +1,317 @@
+"""Per-layer quantization policies: plain frozen dataclasses, JSON schema v1, budgets and costs.
+
+A policy is what the search produces and what :func:`aq_brevitas.quantize`, :func:`apply_policy`,
+the QONNX export and the torch.ao adapters consume. It is meant to be hand-writable::
+
+    {"schema": "aq-brevitas/policy/v1",
+     "default": {"weight_bit_width": 8, "scaling": "max", "granularity": "per_channel"},
+     "layers": {"fc1": {"weight_bit_width": 3, "scaling": "mse", "granularity": "per_channel"}},
+     "meta": {}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PolicyError
+
+SCHEMA = "aq-brevitas/policy/v1"
+SCALINGS = ("max", "percentile", "mse", "po2")
+GRANULARITIES = ("per_tensor", "per_channel")
+WEIGHT_BITS = range(1, 9)
+ACT_BITS = range(2, 17)
+DEFAULT_ACT_BITS_FOR_BOPS = 8  # activations the policy leaves unquantized are costed as 8-bit in BOPs
+_SPEC_KEYS = ("weight_bit_width", "scaling", "granularity", "act_bit_width")
+_POLICY_KEYS = ("schema", "layers", "default", "meta")
+
+
+def _check_int(value: Any, allowed: range, field_name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(f"{where}: {field_name} must be an integer, got {value!r}", f"use an integer in {allowed.start}..{allowed.stop - 1}")
+    if value not in allowed:
+        raise PolicyError(f"{where}: {field_name}={value} is out of range", f"use {allowed.start}..{allowed.stop - 1}")
+    return value
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], field_name: str, where: str) -> str:
+    if value not in choices:
+        raise PolicyError(f"{where}: {field_name}={value!r} is not one of {', '.join(choices)}", f"set {field_name} to one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True, order=True)
+class LayerSpec:
+    """How one layer is quantized: weight bits, scaling (clipping) rule, granularity, input activation bits."""
+
+    weight_bit_width: int = 8
+    scaling: str = "max"
+    granularity: str = "per_channel"
+    act_bit_width: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate("layer spec")
+
+    def validate(self, where: str) -> None:
+        _check_int(self.weight_bit_width, WEIGHT_BITS, "weight_bit_width", where)
+        _check_choice(self.scaling, SCALINGS, "scaling", where)
+        _check_choice(self.granularity, GRANULARITIES, "granularity", where)
+        if self.act_bit_width is not None:
+            _check_int(self.act_bit_width, ACT_BITS, "act_bit_width", where)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"weight_bit_width": self.weight_bit_width, "scaling": self.scaling, "granularity": self.granularity}
+        if self.act_bit_width is not None:
+            d["act_bit_width"] = self.act_bit_width
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "layer spec") -> LayerSpec:
+        if not isinstance(d, Mapping):
+            raise PolicyError(f"{where}: expected an object, got {type(d).__name__}", 'write {"weight_bit_width": 4, ...}')
+        unknown = sorted(set(d) - set(_SPEC_KEYS))
+        if unknown:
+            raise PolicyError(f"{where}: unknown key {unknown[0]!r}", f"allowed keys: {', '.join(_SPEC_KEYS)}")
+        if "weight_bit_width" not in d:
+            raise PolicyError(f"{where}: weight_bit_width is missing", "add weight_bit_width (1..8)")
+        spec = object.__new__(cls)
+        for k in _SPEC_KEYS:
+            object.__setattr__(spec, k, d.get(k, getattr(LayerSpec, k)))
+        spec.validate(where)
+        return spec
+
+    def short(self) -> str:
+        """A compact label, e.g. ``4b mse pc a8``."""
+        g = "pc" if self.granularity == "per_channel" else "pt"
+        a = f" a{self.act_bit_width}" if self.act_bit_width else ""
+        return f"{self.weight_bit_width}b {self.scaling} {g}{a}"
+
+
+@dataclass(frozen=True)
+class PolicyCost:
+    """A policy's cost under the three budget kinds (weights only; biases stay at high precision)."""
+
+    avg_weight_bits: float
+    weight_bits: int
+    weight_bytes: float
+    bops: int
+    params: int
+
+    def value(self, kind: str) -> float:
+        return {"avg_weight_bits": self.avg_weight_bits, "weight_bytes": self.weight_bytes, "bops": float(self.bops)}[kind]
+
+
+def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
+    """``(weight bits, BOPs)`` of one layer under ``spec``: bits·params and MACs·b_w·b_a."""
+    act = spec.act_bit_width or DEFAULT_ACT_BITS_FOR_BOPS
+    return spec.weight_bit_width * params, macs * spec.weight_bit_width * act
+
+
+BUDGET_KINDS = ("avg_weight_bits", "weight_bytes", "bops")
+_BUDGET_ALIASES = {"avg-bits": "avg_weight_bits", "avg_bits": "avg_weight_bits", "avg_weight_bits": "avg_weight_bits",
+                   "bytes": "weight_bytes", "weight-bytes": "weight_bytes", "weight_bytes": "weight_bytes",
+                   "kib": "weight_kib", "bops": "bops"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost ceiling: exactly one of average weight bits, total weight bytes, or bit-operations."""
+
+    avg_weight_bits: float | None = None
+    weight_bytes: float | None = None
+    bops: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, getattr(self, k)) for k in BUDGET_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PolicyError(f"a budget needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(given)}", "e.g. Budget(avg_weight_bits=4) or --budget avg-bits=4")
+        k, v = given[0]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+            raise PolicyError(f"budget {k}={v!r} must be a positive number", "e.g. --budget avg-bits=4")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in BUDGET_KINDS if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse the CLI form ``avg-bits=4``, ``bytes=20000``, ``kib=20`` or ``bops=1e9``."""
+        key, sep, raw = text.partition("=")
+        kind = _BUDGET_ALIASES.get(key.strip().lower())
+        if not sep or kind is None:
+            raise PolicyError(f"cannot parse budget {text!r}", "write avg-bits=4, bytes=20000, kib=20 or bops=1e9")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise PolicyError(f"budget value {raw!r} is not a number", "write e.g. avg-bits=4") from None
+        if kind == "weight_kib":
+            return cls(weight_bytes=value * 1024)
+        return cls(**{kind: value})
+
+    def to_dict(self) -> dict[str, float]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class PolicyMatch:
+    """How a policy lines up with a model's quantizable layers."""
+
+    unknown: tuple[str, ...]  # named in the policy, absent from the model
+    uncovered: tuple[str, ...]  # quantizable in the model, with no spec and no default
+
+    @property
+    def ok(self) -> bool:
+        return not self.unknown
+
+
+@dataclass(frozen=True)
+class LayerwisePolicy:
+    """Per-layer :class:`LayerSpec` by qualified layer name, an optional default, and free-form meta."""
+
+    layers: dict[str, LayerSpec] = field(default_factory=dict)
+    default: LayerSpec | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise PolicyError("policy layers must be a mapping of layer name to LayerSpec", "pass layers={'fc1': LayerSpec(4)}")
+        for name, spec in self.layers.items():
+            if not isinstance(name, str) or not name:
+                raise PolicyError(f"policy layer name {name!r} is not a non-empty string", "use names from model.named_modules()")
+            if not isinstance(spec, LayerSpec):
+                raise PolicyError(f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec", "wrap it: LayerSpec(...)")
+        if self.default is not None and not isinstance(self.default, LayerSpec):
+            raise PolicyError("policy default must be a LayerSpec or None", "pass default=LayerSpec(8)")
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, names: Iterable[str], spec: LayerSpec, **meta: Any) -> LayerwisePolicy:
+        """The same ``spec`` for every named layer."""
+        return cls({n: spec for n in names}, None, dict(meta))
+
+    def spec_for(self, name: str) -> LayerSpec | None:
+        return self.layers.get(name, self.default)
+
+    def resolve(self, names: Iterable[str]) -> dict[str, LayerSpec]:
+        """Concrete spec per layer (explicit entries, then the default); layers with neither are skipped."""
+        out = {}
+        for n in names:
+            s = self.spec_for(n)
+            if s is not None:
+                out[n] = s
+        return out
+
+    # -- JSON -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "default": self.default.to_dict() if self.default else None,
+            "layers": {n: s.to_dict() for n, s in sorted(self.layers.items())},
+            "meta": self.meta,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LayerwisePolicy:
+        if not isinstance(d, Mapping):
+            raise PolicyError(f"a policy must be a JSON object, got {type(d).__name__}", f'start from {{"schema": "{SCHEMA}", "layers": {{}}}}')
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            raise PolicyError(f"policy schema {schema!r} is not supported", f'set "schema": "{SCHEMA}"')
+        unknown = sorted(set(d) - set(_POLICY_KEYS))
+        if unknown:
+            raise PolicyError(f"policy has unknown key {unknown[0]!r}", f"allowed keys: {', '.join(_POLICY_KEYS)}")
+        layers_raw = d.get("layers", {})
+        if not isinstance(layers_raw, Mapping):
+            raise PolicyError("policy 'layers' must be an object of layer name -> spec", 'write "layers": {"fc1": {"weight_bit_width": 4}}')
+        layers = {str(n): LayerSpec.from_dict(s, f"layer {n!r}") for n, s in layers_raw.items()}
+        default = d.get("default")
+        meta = d.get("meta", {})
+        if not isinstance(meta, Mapping):
+            raise PolicyError("policy 'meta' must be an object", 'write "meta": {}')
+        return cls(layers, LayerSpec.from_dict(default, "default") if default is not None else None, dict(meta))
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerwisePolicy:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"policy is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", "fix the JSON syntax") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from .storage import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LayerwisePolicy:
+        from .storage import read_json
+
+        return cls.from_dict(read_json(path, "policy file"))
+
+    # -- fitting a model ------------------------------------------------------------------------------
+    def matches(self, model: Any) -> PolicyMatch:
+        """Names the policy has that the model lacks, and quantizable layers the policy leaves out."""
+        from .layers import quantizable_layers
+
+        names = set(quantizable_layers(model))
+        unknown = tuple(sorted(set(self.layers) - names))
+        uncovered = tuple(sorted(n for n in names if self.spec_for(n) is None))
+        return PolicyMatch(unknown, uncovered)
+
+    def check(self, model: Any) -> None:
+        """Raise :class:`PolicyError` if the policy names layers the model does not have."""
+        m = self.matches(model)
+        if m.unknown:
+            from .layers import quantizable_layers
+
+            known = ", ".join(list(quantizable_layers(model))[:8])
+            raise PolicyError(f"policy names layer {m.unknown[0]!r}, which the model does not have", f"use quantizable layer names such as: {known}")
+
+    def cost(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
+        """Cost under all budget kinds. Pass a model plus an example input, or a ``layer_geometry`` dict."""
+        if isinstance(model_or_geometry, Mapping):
+            geometry = model_or_geometry
+        else:
+            import torch
+
+            from .layers import layer_geometry
+
+            x = example_input if example_input is not None else torch.rand(1, 1, 28, 28)
+            geometry = layer_geometry(model_or_geometry, x)
+        return cost_of(self.resolve(geometry), geometry)
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<28} {'bits':>4} {'scaling':<10} {'granularity':<11} {'act':>4}"]
+        for n, s in sorted(self.layers.items()):
+            rows.append(f"{n:<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}")
+        if self.default:
+            s = self.default
+            rows.append(f"{'(default)':<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}")
+        return "\n".join(rows)
+
+
+def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:
+    """Cost of concrete per-layer specs over layer geometries (layers without a spec count as 32-bit float)."""
+    bits = bops = params = 0
+    for name, g in geometry.items():
+        spec = specs.get(name)
+        if spec is None:
+            b, o = 32 * g.params, g.macs * 32 * 32
+        else:
+            b, o = layer_cost(spec, g.params, g.macs)
+        bits += b
+        bops += o
+        params += g.params
+    return PolicyCost(bits / max(params, 1), bits, bits / 8, bops, params)

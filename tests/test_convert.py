@@ -1,0 +1,172 @@
+import itertools
+import warnings
+
+import brevitas.nn as qnn
+import pytest
+import torch
+from torch import nn
+
+from aq_brevitas.convert import apply_policy, load_quantized, quantize, save_quantized
+from aq_brevitas.errors import PolicyError
+from aq_brevitas.models import build_model, load_float_model
+from aq_brevitas.policy import GRANULARITIES, SCALINGS, LayerSpec, LayerwisePolicy
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.ModuleDict({"fc": nn.Linear(4 * 5 * 5, 6)})
+
+    def forward(self, x):
+        return self.head["fc"](torch.relu(self.conv(x)).flatten(1))
+
+
+def _levels(w: torch.Tensor, per_channel: bool) -> int:
+    if per_channel:
+        return max(len(torch.unique(w[i])) for i in range(w.shape[0]))
+    return len(torch.unique(w))
+
+
+@pytest.mark.parametrize("bits,scaling,granularity", list(itertools.product(range(1, 9), SCALINGS, GRANULARITIES)))
+def test_every_spec_gives_its_bit_width_and_levels(bits, scaling, granularity):
+    torch.manual_seed(bits)
+    model = Tiny()
+    spec = LayerSpec(bits, scaling, granularity)
+    q = quantize(model, LayerwisePolicy(default=spec))
+    for name in ("conv", "head.fc"):
+        layer = q.get_submodule(name)
+        assert isinstance(layer, (qnn.QuantConv2d, qnn.QuantLinear))
+        qw = layer.quant_weight()
+        assert int(qw.bit_width) == bits
+        assert _levels(qw.value.detach(), granularity == "per_channel") <= (2 if bits == 1 else 2**bits - 1)
+    assert q(torch.rand(2, 2, 5, 5)).shape == (2, 6)
+
+
+def test_original_model_is_untouched_unless_inplace():
+    model = Tiny()
+    q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
+    assert isinstance(model.conv, nn.Conv2d) and not isinstance(model.conv, qnn.QuantConv2d)
+    assert [c.name for c in q.aq_changes] == ["conv", "head.fc"]
+    assert q.aq_changes[0].old == "Conv2d float" and q.aq_changes[0].new.startswith("QuantConv2d 4b")
+    same = quantize(model, LayerwisePolicy(default=LayerSpec(4)), inplace=True)
+    assert same is model and isinstance(model.conv, qnn.QuantConv2d)
+
+
+def test_8bit_per_channel_logits_match_float_on_real_images(fmnist_test_1k):
+    model, _ = load_float_model("cnn-pgd")
+    x = fmnist_test_1k[0][:256]
+    q = quantize(model, LayerwisePolicy(default=LayerSpec(8, "max", "per_channel"))).eval()
+    with torch.no_grad():
+        f, g = model(x), q(x)
+    rel = ((g - f).norm() / f.norm()).item()
+    assert rel < 0.02, rel
+
+
+def test_vgg_with_bn_kept_and_folded(fmnist_test_1k):
+    torch.manual_seed(0)
+    model = build_model("vgg_bn")
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(fmnist_test_1k[0][:64])  # non-trivial BN running stats
+    model.eval()
+    x = fmnist_test_1k[0][:64]
+    kept = quantize(model, LayerwisePolicy(default=LayerSpec(8))).eval()
+    folded = quantize(model, LayerwisePolicy(default=LayerSpec(8)), fold_bn=True).eval()
+    assert isinstance(kept.block1.bn, nn.BatchNorm2d) and isinstance(folded.block1.bn, nn.Identity)
+    with torch.no_grad():
+        f = model(x)
+        for q in (kept, folded):
+            assert ((q(x) - f).norm() / f.norm()).item() < 0.03
+
+
+def test_activation_quantizers_signedness_and_calibration(fmnist_test_1k):
+    model, _ = load_float_model("cnn-pgd")
+    x = fmnist_test_1k[0][:256]
+    q = quantize(model, LayerwisePolicy(default=LayerSpec(8, act_bit_width=8)), calibration_data=x).eval()
+    assert not q.conv1.input_quant.is_signed and not q.fc2.input_quant.is_signed  # images, ReLU outputs
+    assert int(q.conv2.input_quant.bit_width()) == 8
+    with torch.no_grad():
+        f, g = model(x), q(x)
+    assert ((g - f).norm() / f.norm()).item() < 0.05
+    assert (g.argmax(1) == f.argmax(1)).float().mean() > 0.95
+
+
+def test_apply_policy_rebits_an_existing_brevitas_model():
+    class UserNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = qnn.QuantIdentity(bit_width=8, return_quant_tensor=False)
+            self.conv = qnn.QuantConv2d(1, 8, 3, bias=False, weight_bit_width=8)
+            self.bn = nn.BatchNorm2d(8)
+            self.act = qnn.QuantReLU(bit_width=8)
+            self.fc = qnn.QuantLinear(8 * 26 * 26, 10, bias=True, weight_bit_width=8)
+
+        def forward(self, x):
+            return self.fc(self.act(self.bn(self.conv(self.inp(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    net = UserNet()
+    w_before = net.conv.weight.detach().clone()
+    policy = LayerwisePolicy({"conv": LayerSpec(3, "mse", "per_channel"), "fc": LayerSpec(2, "max", "per_tensor")})
+    q = apply_policy(net, policy)
+    assert int(q.conv.quant_weight().bit_width) == 3 and int(q.fc.quant_weight().bit_width) == 2
+    assert int(net.conv.quant_weight().bit_width) == 8  # original untouched
+    assert torch.equal(q.conv.weight, w_before)
+    assert q.aq_changes[0].old == "QuantConv2d 8b"
+    assert q(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(PolicyError, match="plain Linear"):
+        apply_policy(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4)))
+
+
+def test_shared_module_needs_one_spec():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a  # one module, two names
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    with pytest.raises(PolicyError, match="shared module"):
+        quantize(Shared(), LayerwisePolicy({"a": LayerSpec(4)}, default=LayerSpec(8)))
+    q = quantize(Shared(), LayerwisePolicy(default=LayerSpec(4)))
+    assert q(torch.rand(2, 4)).shape == (2, 4)
+
+
+def test_unsupported_layers_are_named_in_a_warning():
+    model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(2 * 2 * 2 * 2, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
+    assert any("0 (Conv3d)" in str(w.message) for w in caught)
+    assert isinstance(q[2], qnn.QuantLinear)
+
+
+def test_no_quantizable_layers_is_an_error():
+    with pytest.raises(PolicyError, match="no quantizable layers"):
+        quantize(nn.Sequential(nn.ReLU()), LayerwisePolicy(default=LayerSpec(4)))
+
+
+def test_conv1d_and_convtranspose():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Flatten(), nn.Unflatten(1, (3, 1, 3)), nn.ConvTranspose2d(3, 2, 2, stride=2, output_padding=1))
+    x = torch.rand(2, 2, 7)
+    q = quantize(model, LayerwisePolicy(default=LayerSpec(8)))
+    assert isinstance(q[0], qnn.QuantConv1d) and isinstance(q[3], qnn.QuantConvTranspose2d)
+    with torch.no_grad():
+        assert torch.allclose(q(x), model(x), atol=0.05)
+
+
+def test_quantized_checkpoint_round_trip(tmp_path, fmnist_test_1k):
+    model, _ = load_float_model("cnn-pgd")
+    x = fmnist_test_1k[0][:128]
+    policy = LayerwisePolicy({"conv1": LayerSpec(8, act_bit_width=8), "conv2": LayerSpec(4, "mse"), "fc1": LayerSpec(2, "percentile", "per_tensor"), "fc2": LayerSpec(1, "po2")})
+    q = quantize(model, policy, calibration_data=x).eval()
+    save_quantized(q, tmp_path / "q.pt", {"arch": "small_cnn"})
+    back, meta = load_quantized(tmp_path / "q.pt")
+    assert meta["policy"]["layers"]["fc2"]["weight_bit_width"] == 1
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    assert int(back.fc2.quant_weight().bit_width) == 1
