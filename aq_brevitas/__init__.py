@@ -21,6 +21,13 @@ _EXPORTS: dict[str, str] = {
     "accuracy": "evaluate",
     "attack_accuracy": "evaluate",
     "make_attack": "attacks",
+    "LayerSpec": "policy",
+    "LayerwisePolicy": "policy",
+    "Budget": "policy",
+    "lipschitz_scores": "lipschitz",
+    "candidate_table": "candidates",
+    "quantize": "convert",
+    "apply_policy": "convert",
 }
 
 __all__ = sorted(_EXPORTS)

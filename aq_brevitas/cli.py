@@ -117,9 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _setup_torch(args)
     from .data import load_split
     from .evaluate import accuracy, attack_accuracy
-    from .models import load_float_model
 
-    model, meta = load_float_model(args.model)
+    model, meta = _load_any_model(args.model)
     x, y = load_split(args.split, args.data_dir, limit=args.limit, seed=args.seed)
     rows = [("clean", "-", accuracy(model, x, y))]
     for eps in args.eps:
@@ -134,6 +133,81 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'attack':<10} {'eps':>6} {'accuracy':>9}")
     for name, eps, acc in rows:
         print(f"{name:<10} {eps:>6} {acc:>9.4f}")
+    return 0
+
+
+def _load_any_model(spec: str):
+    """A float zoo/checkpoint model, or a quantized checkpoint written by `aq-brevitas quantize`."""
+    from .models import resolve_model_path
+    from .storage import read_sidecar
+
+    meta = read_sidecar(resolve_model_path(spec))
+    if meta.get("kind") == "brevitas":
+        from .convert import load_quantized
+
+        return load_quantized(resolve_model_path(spec))
+    from .models import load_float_model
+
+    return load_float_model(spec)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .data import load_split
+    from .lipschitz import lipschitz_scores
+    from .storage import atomic_write_json
+
+    model, _ = _load_any_model(args.model)
+    x, _ = load_split(args.split, args.data_dir, limit=args.limit, seed=args.seed)
+    scores = lipschitz_scores(model, x, seed=args.seed)
+    print(
+        f"{'layer':<22} {'type':<12} {'weight shape':<18} {'L':>9} {'Λ spectral':>11} {'Λ jacobian':>11} {'A':>9}"
+    )
+    for n, s in scores.items():
+        shape = "x".join(map(str, s.weight_shape))
+        spec = f"{s.gain_spectral:11.4g}" if s.gain_spectral is not None else f"{'-':>11}"
+        jac = f"{s.gain_jacobian:11.4g}" if s.gain_jacobian is not None else f"{'-':>11}"
+        print(f"{n:<22} {s.type:<12} {shape:<18} {s.L:9.4g} {spec} {jac} {s.A:9.4g}")
+    if args.json:
+        atomic_write_json(args.json, {n: s.to_dict() for n, s in scores.items()})
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_layer_scores
+
+        plot_layer_scores(scores, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .convert import changes_table, quantize, save_quantized
+    from .data import load_split
+    from .models import load_float_model
+    from .policy import LayerwisePolicy
+
+    model, meta = load_float_model(args.model)
+    policy = LayerwisePolicy.load(args.policy)
+    calib = (
+        load_split("train", args.data_dir, limit=args.calibrate, seed=args.seed)[0]
+        if args.calibrate
+        else None
+    )
+    q = quantize(
+        model, policy, calibration_data=calib, fold_bn=args.fold_bn, bias_correction=args.bias_correction
+    )
+    save_quantized(
+        q,
+        args.out,
+        {
+            "arch": meta["arch"],
+            "source": args.model,
+            "fold_bn": args.fold_bn,
+            "calibration_images": args.calibrate or 0,
+        },
+    )
+    print(changes_table(q.aq_changes))
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -193,6 +267,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_threads_arg(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="per-layer Lipschitz scores: operator norm L, gains Λ, input norm A")
+    p.add_argument("--model", required=True, help="zoo name or checkpoint path")
+    p.add_argument("--split", default="val", help="images to score on (default: val, never test)")
+    p.add_argument("--limit", type=int, default=256, help="number of images (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the scores as JSON")
+    p.add_argument("--plot", default=None, help="write a bar chart (PNG/SVG/PDF)")
+    _add_data_args(p)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("quantize", help="apply a policy JSON: swap layers for Brevitas ones, calibrate, save")
+    p.add_argument("--model", required=True, help="float zoo name or checkpoint path")
+    p.add_argument("--policy", required=True, help="policy JSON (schema aq-brevitas/policy/v1)")
+    p.add_argument("--out", required=True, help="quantized checkpoint path (.pt)")
+    p.add_argument(
+        "--calibrate", type=int, default=512, help="training images for activation calibration (0 = none)"
+    )
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv first")
+    p.add_argument(
+        "--bias-correction", action="store_true", help="run Brevitas bias correction after calibration"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_args(p)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("zoo", help="list the shipped models and their measured accuracy")
     p.set_defaults(func=cmd_zoo)

@@ -133,7 +133,9 @@ def _nonnegative_inputs(model: nn.Module, names: Iterable[str], x: torch.Tensor)
     layers = {n: model.get_submodule(n) for n in names}
     out: dict[str, bool] = {}
     hooks = [
-        m.register_forward_pre_hook(lambda mod, inp, n=n: out.__setitem__(n, out.get(n, True) and bool(inp[0].min() >= 0)))
+        m.register_forward_pre_hook(
+            lambda mod, inp, n=n: out.__setitem__(n, out.get(n, True) and bool(inp[0].min() >= 0))
+        )
         for n, m in layers.items()
     ]
     was_training = model.training
@@ -165,7 +167,9 @@ def fold_batchnorm(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
-def calibrate(model: nn.Module, data: Any, *, bias_correction: bool = False, max_batches: int | None = None) -> None:
+def calibrate(
+    model: nn.Module, data: Any, *, bias_correction: bool = False, max_batches: int | None = None
+) -> None:
     """Brevitas calibration (activation scales from data), optionally followed by bias correction."""
     from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
 
@@ -193,21 +197,32 @@ def _convert(
     bias_correction: bool,
 ) -> nn.Module:
     if not isinstance(policy, LayerwisePolicy):
-        raise PolicyError(f"policy is a {type(policy).__name__}, not a LayerwisePolicy", "load it with LayerwisePolicy.load(path)")
+        raise PolicyError(
+            f"policy is a {type(policy).__name__}, not a LayerwisePolicy",
+            "load it with LayerwisePolicy.load(path)",
+        )
     if not quantizable_layers(model):
-        raise PolicyError("model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)", "pass a model with at least one such layer")
+        raise PolicyError(
+            "model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)",
+            "pass a model with at least one such layer",
+        )
     policy.check(model)
     for names in shared_layer_names(model).values():
         specs = {policy.spec_for(n) for n in names}
         if len(specs) > 1:
-            raise PolicyError(f"layers {' and '.join(names)} are one shared module but the policy gives them different specs", "give them the same spec, or copy.deepcopy the module so each name has its own")
+            raise PolicyError(
+                f"layers {' and '.join(names)} are one shared module but the policy gives them different specs",
+                "give them the same spec, or copy.deepcopy the module so each name has its own",
+            )
     warn_unsupported(model)
     target = model if inplace else copy.deepcopy(model)
     if fold_bn:
         fold_batchnorm(target)
     specs = policy.resolve(quantizable_layers(target))
     signed = {n: True for n in specs}
-    first_batch = next(iter(_iter_inputs(calibration_data, 1)), None) if calibration_data is not None else None
+    first_batch = (
+        next(iter(_iter_inputs(calibration_data, 1)), None) if calibration_data is not None else None
+    )
     if first_batch is not None and any(s.act_bit_width for s in specs.values()):
         signed = {n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, first_batch).items()}
     changes = []
@@ -219,8 +234,13 @@ def _convert(
         elif swap_float:
             _set_module(target, name, _brevitas_layer(layer, spec, signed.get(name, True)))
         else:
-            raise PolicyError(f"layer {name} is a plain {type(layer).__name__}, not a Brevitas layer", "use aq_brevitas.quantize for float models")
-        changes.append(LayerChange(name, before, f"{type(target.get_submodule(name)).__name__} {spec.short()}"))
+            raise PolicyError(
+                f"layer {name} is a plain {type(layer).__name__}, not a Brevitas layer",
+                "use aq_brevitas.quantize for float models",
+            )
+        changes.append(
+            LayerChange(name, before, f"{type(target.get_submodule(name)).__name__} {spec.short()}")
+        )
     if calibration_data is not None:
         calibrate(target, calibration_data, bias_correction=bias_correction)
     target.aq_policy = policy
@@ -243,14 +263,30 @@ def quantize(
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float.
     """
-    return _convert(model, policy, inplace=inplace, swap_float=True, calibration_data=calibration_data, fold_bn=fold_bn, bias_correction=bias_correction)
+    return _convert(
+        model,
+        policy,
+        inplace=inplace,
+        swap_float=True,
+        calibration_data=calibration_data,
+        fold_bn=fold_bn,
+        bias_correction=bias_correction,
+    )
 
 
 def apply_policy(
     model: nn.Module, policy: LayerwisePolicy, *, inplace: bool = False, calibration_data: Any = None
 ) -> nn.Module:
     """Re-configure the weight quantizers of an existing Brevitas model per ``policy``; weights are kept."""
-    return _convert(model, policy, inplace=inplace, swap_float=False, calibration_data=calibration_data, fold_bn=False, bias_correction=False)
+    return _convert(
+        model,
+        policy,
+        inplace=inplace,
+        swap_float=False,
+        calibration_data=calibration_data,
+        fold_bn=False,
+        bias_correction=False,
+    )
 
 
 def changes_table(changes: Iterable[LayerChange]) -> str:
@@ -266,8 +302,15 @@ def save_quantized(model: nn.Module, path: Any, meta: dict[str, Any]) -> None:
 
     policy = getattr(model, "aq_policy", None)
     if policy is None or "arch" not in meta:
-        raise PolicyError("only models made by aq_brevitas.quantize from a named architecture can be saved this way", "pass meta={'arch': ...} and a quantized model")
-    save_checkpoint(path, {"state_dict": model.state_dict()}, meta={**meta, "kind": "brevitas", "policy": policy.to_dict()})
+        raise PolicyError(
+            "only models made by aq_brevitas.quantize from a named architecture can be saved this way",
+            "pass meta={'arch': ...} and a quantized model",
+        )
+    save_checkpoint(
+        path,
+        {"state_dict": model.state_dict()},
+        meta={**meta, "kind": "brevitas", "policy": policy.to_dict()},
+    )
 
 
 def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -280,7 +323,10 @@ def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
     state = load_checkpoint(path)
     meta = read_sidecar(path)
     if meta.get("kind") != "brevitas" or "policy" not in meta or "arch" not in meta:
-        raise CheckpointError(f"{path} is not a quantized checkpoint written by aq-brevitas", "create one with `aq-brevitas quantize`")
+        raise CheckpointError(
+            f"{path} is not a quantized checkpoint written by aq-brevitas",
+            "create one with `aq-brevitas quantize`",
+        )
     policy = LayerwisePolicy.from_dict(meta["policy"])
     model = quantize(build_model(meta["arch"]), policy, fold_bn=bool(meta.get("fold_bn", False)))
     old = brevitas.config.IGNORE_MISSING_KEYS
@@ -288,7 +334,10 @@ def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit its recorded policy/architecture ({str(exc).splitlines()[0][:100]})", "re-create it with `aq-brevitas quantize`") from None
+        raise CheckpointError(
+            f"{path} does not fit its recorded policy/architecture ({str(exc).splitlines()[0][:100]})",
+            "re-create it with `aq-brevitas quantize`",
+        ) from None
     finally:
         brevitas.config.IGNORE_MISSING_KEYS = old
     check_finite(model, str(path))

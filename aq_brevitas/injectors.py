@@ -9,7 +9,7 @@ from, ``state_dict()`` -- and switches to a binary quantizer at 1 bit, which exp
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from brevitas.core.bit_width import BitWidthImplType
 from brevitas.core.quant import QuantType
@@ -50,12 +50,14 @@ class PercentileScaling(ExtendedInjector):
     high_percentile_q = PERCENTILE_Q
 
 
-@lru_cache(maxsize=None)
+@cache
 def _weight_quant(bits: int, scaling: str, granularity: str) -> type:
     base = _WEIGHT_BASES[(scaling, granularity)]
     mixins: tuple[type, ...] = (AnyBitWidth, PercentileScaling) if scaling == "percentile" else (AnyBitWidth,)
     name = f"AqWeight{bits}b_{scaling}_{granularity}"
-    return type(name, (*mixins, base), {"bit_width": bits, "__doc__": f"{bits}-bit {scaling} {granularity} weights."})
+    return type(
+        name, (*mixins, base), {"bit_width": bits, "__doc__": f"{bits}-bit {scaling} {granularity} weights."}
+    )
 
 
 def weight_quant_for(spec: LayerSpec) -> type:
@@ -63,7 +65,7 @@ def weight_quant_for(spec: LayerSpec) -> type:
     return _weight_quant(spec.weight_bit_width, spec.scaling, spec.granularity)
 
 
-@lru_cache(maxsize=None)
+@cache
 def act_quant_for(bit_width: int, *, signed: bool = True, po2: bool = False) -> type:
     """A per-tensor activation quantizer injector (unsigned for non-negative inputs such as images or ReLU outputs)."""
     if po2:
@@ -71,4 +73,6 @@ def act_quant_for(bit_width: int, *, signed: bool = True, po2: bool = False) -> 
     else:
         base = scaled_int.Int8ActPerTensorFloat if signed else scaled_int.Uint8ActPerTensorFloat
     name = f"AqAct{bit_width}b_{'int' if signed else 'uint'}{'_po2' if po2 else ''}"
-    return type(name, (base,), {"bit_width": bit_width, "bit_width_impl_type": BitWidthImplType.STATEFUL_CONST})
+    return type(
+        name, (base,), {"bit_width": bit_width, "bit_width_impl_type": BitWidthImplType.STATEFUL_CONST}
+    )

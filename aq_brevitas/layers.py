@@ -30,7 +30,7 @@ UNSUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Quantizable layers by qualified name (as in ``named_modules()``), in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and name}
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
@@ -51,7 +51,9 @@ def warn_unsupported(model: nn.Module) -> None:
     bad = unsupported_layers(model)
     if bad:
         listed = ", ".join(f"{n} ({t})" for n, t in bad.items())
-        warnings.warn(f"aq-brevitas leaves these layers in float, their type is not supported: {listed}", stacklevel=3)
+        warnings.warn(
+            f"aq-brevitas leaves these layers in float, their type is not supported: {listed}", stacklevel=3
+        )
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class LayerGeometry:
         return asdict(self)
 
 
-def _macs(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+def layer_macs(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates per sample: every weight is used once per output (or, transposed, input) position."""
     w = layer.weight
     if isinstance(layer, nn.Linear):
@@ -93,7 +95,10 @@ def layer_geometry(model: nn.Module, example_input: torch.Tensor) -> dict[str, L
     check_example_input(example_input)
     layers = quantizable_layers(model)
     if not layers:
-        raise ModelError("model has no quantizable layers (Conv1d/Conv2d/Linear)", "pass a model with at least one such layer")
+        raise ModelError(
+            "model has no quantizable layers (Conv1d/Conv2d/Linear)",
+            "pass a model with at least one such layer",
+        )
     found: dict[str, LayerGeometry] = {}
 
     def hook(name: str):
@@ -103,7 +108,14 @@ def layer_geometry(model: nn.Module, example_input: torch.Tensor) -> dict[str, L
             out = getattr(output, "value", output)
             if name not in found:
                 o = tuple(out.shape[1:])
-                found[name] = LayerGeometry(name, type(mod).__name__, int(mod.weight.numel()), _macs(mod, tuple(x.shape[1:]), o), tuple(x.shape[1:]), o)
+                found[name] = LayerGeometry(
+                    name,
+                    type(mod).__name__,
+                    int(mod.weight.numel()),
+                    layer_macs(mod, tuple(x.shape[1:]), o),
+                    tuple(x.shape[1:]),
+                    o,
+                )
 
         return fn
 

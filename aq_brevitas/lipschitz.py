@@ -10,7 +10,7 @@ For every quantizable layer l this module measures
   downstream ``L``, data-free, exact only for chains) and ``jacobian`` (power iteration on the
   Jacobian of the output with respect to the layer's output, on the example inputs).
 
-``QUANTIZABLE_TYPES`` is the package's single list of layer types that get a quantization setting.
+The list of quantizable layer types and the MAC count live in :mod:`aq_brevitas.layers`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConfigError, ModelError
+from .layers import QUANTIZABLE_TYPES, layer_macs, quantizable_layers
 
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
-"""Layer types that are scored and quantized (Brevitas ``QuantConv2d`` etc. subclass these)."""
-
+_BLOCK = 4  # vectors per power iteration: convergence at rate (σ₅/σ₁)² instead of (σ₂/σ₁)²
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
 GAINS = ("spectral", "jacobian")
 NON_CHAIN_WARNING = (
@@ -39,12 +38,6 @@ NON_CHAIN_WARNING = (
     "operator norms in execution order, is only a heuristic upper-bound estimate there; prefer gain_jacobian"
 )
 _NO_LAYERS = "model has no quantizable layers (Conv1d/Conv2d/Linear)"
-
-
-# --------------------------------------------------------------------------------------------- layers
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantizable layers by qualified name, in ``named_modules()`` order (shared modules once)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -157,13 +150,17 @@ def operator_norm(
 ) -> tuple[float, int]:
     """Largest singular value of the linear map ``layer`` computes (bias excluded), by power iteration.
 
+    Block power iteration (4 vectors, Rayleigh-Ritz), so nearly equal top singular values -- common in
+    convs -- do not stall it; it stops when the estimated remaining change (extrapolated from the last
+    two steps) is below ``tol`` relative, which makes ``tol`` close to the actual relative error.
+
     The map runs on one sample of per-sample shape ``input_shape`` ((C, L), (C, H, W) or (..., features))
     with the layer's real stride, padding (and padding mode), dilation, groups and output_padding; the
     adjoint is autograd's vector-Jacobian product of that same map, so the two cannot disagree.
     ``weight`` replaces the layer's weight (same shape) to score a quantized Ŵ on the same geometry;
     ``out_scale`` (one factor per output channel) multiplies the output, i.e. an unfolded BatchNorm scale.
-    Runs in float64 from a seeded start vector, so the same seed gives comparable ``L`` and ``L̂``.
-    Stops when the estimate changes by less than ``tol`` (relative); returns ``(sigma, iterations)``.
+    Runs in float64 from a seeded start block, so the same seed gives comparable ``L`` and ``L̂``.
+    Returns ``(sigma, iterations)``; ``iterations == max_iter`` means it did not reach ``tol``.
     """
     if not isinstance(layer, QUANTIZABLE_TYPES):
         raise ModelError(
@@ -191,22 +188,28 @@ def operator_norm(
                 "pass one factor per output channel",
             )
     fmap = _linear_map(layer, w64, scale64)
+    n = math.prod(shape)
+    k = min(_BLOCK, n)
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn((1, *shape), generator=gen, dtype=torch.float64).to(device)
-    v = v / v.norm()
-    sigma = prev = 0.0
+    q, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64).to(device))
+    sigma = prev = prev2 = 0.0
     it = 0
     for it in range(1, max_iter + 1):
-        u, vjp_fn = torch.func.vjp(fmap, v)
-        (w_v,) = vjp_fn(u)  # AᵀA v
-        norm = float(w_v.norm())
-        if norm == 0.0:
+        u, vjp_fn = torch.func.vjp(fmap, q.T.reshape(k, *shape))
+        (bq,) = vjp_fn(u)  # AᵀA applied to each of the k block vectors
+        bq = bq.reshape(k, n).T
+        h = q.T @ bq  # Rayleigh-Ritz on span(q): its top eigenvalue is a lower bound on σ_max²
+        theta = float(torch.linalg.eigvalsh((h + h.T) / 2)[-1])
+        sigma = math.sqrt(max(theta, 0.0))
+        if sigma == 0.0:
             return 0.0, it
-        sigma = math.sqrt(norm)  # ≤ σ_max, and ≥ ‖Av‖: the better of the two lower bounds
-        v = w_v / norm
-        if abs(sigma - prev) <= tol * sigma:
+        q, _ = torch.linalg.qr(bq)
+        step, last = abs(sigma - prev), abs(prev - prev2)
+        # Linear convergence at rate r leaves ≈ step·r/(1-r) to go: stop on that, not on the step alone.
+        remaining = step * (step / last) / (1 - step / last) if 0 < step < last else step
+        if max(step, remaining) <= tol * sigma:
             break
-        prev = sigma
+        prev2, prev = prev, sigma
     return sigma, it
 
 
@@ -266,6 +269,26 @@ def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     return {conv: bn for conv, bn in found.items() if bn is not None}
 
 
+def bn_scale(bn: nn.Module) -> torch.Tensor:
+    """Per-channel factor gamma/sqrt(running_var + eps) of a BatchNorm in eval mode (detached, float).
+
+    The linear part of the BatchNorm: pass it as ``operator_norm(..., out_scale=bn_scale(bn))`` to score
+    an unfolded (e.g. quantized) conv weight as if the BatchNorm were folded into it.
+    """
+    if not isinstance(bn, _BatchNorm):
+        raise ModelError(
+            f"{type(bn).__name__} is not a BatchNorm", "pass the BatchNorm that follows the layer"
+        )
+    if bn.running_var is None:
+        raise ModelError(
+            "BatchNorm has no running statistics (track_running_stats=False), so it cannot be folded",
+            "use track_running_stats=True, or leave the BatchNorm out of the pairs",
+        )
+    var = bn.running_var.detach()
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var + bn.eps)
+
+
 def folded_weight(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, b)`` of ``bn(conv(x))`` as one conv, with the BatchNorm in eval semantics (running stats).
 
@@ -283,17 +306,10 @@ def folded_weight(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.T
             f"BatchNorm has {bn.num_features} features but the layer {out} output channels",
             "pair each conv with the BatchNorm applied to its output",
         )
-    if bn.running_mean is None or bn.running_var is None:
-        raise ModelError(
-            "BatchNorm has no running statistics (track_running_stats=False), so it cannot be folded",
-            "use track_running_stats=True, or leave the BatchNorm out of the pairs",
-        )
     w = conv.weight.detach()
-    var = bn.running_var.detach().to(w.dtype)
+    scale = bn_scale(bn).to(w.dtype)
     mean = bn.running_mean.detach().to(w.dtype)
-    gamma = bn.weight.detach().to(w.dtype) if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().to(w.dtype) if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
+    beta = bn.bias.detach().to(w.dtype) if bn.bias is not None else torch.zeros_like(mean)
     if isinstance(conv, nn.ConvTranspose2d):
         g = conv.groups
         cin, cout_g = w.shape[0], w.shape[1]
@@ -519,15 +535,6 @@ class LayerScore:
         return d
 
 
-def _macs(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
-    if isinstance(layer, nn.Linear):
-        return math.prod(out_shape) * layer.in_features
-    k = math.prod(layer.kernel_size)
-    if isinstance(layer, nn.ConvTranspose2d):  # each input element scatters into out/groups · k outputs
-        return math.prod(in_shape) * (layer.out_channels // layer.groups) * k
-    return math.prod(out_shape) * (layer.in_channels // layer.groups) * k
-
-
 def lipschitz_scores(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -610,7 +617,7 @@ def lipschitz_scores(
                 input_shape=in_shape,
                 output_shape=out_shape,
                 params=layer.weight.numel(),
-                macs=_macs(layer, in_shape, out_shape),
+                macs=layer_macs(layer, in_shape, out_shape),
                 L=L,
                 bn=bn_name,
                 A=a,

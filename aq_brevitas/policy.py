@@ -32,15 +32,23 @@ _POLICY_KEYS = ("schema", "layers", "default", "meta")
 
 def _check_int(value: Any, allowed: range, field_name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(f"{where}: {field_name} must be an integer, got {value!r}", f"use an integer in {allowed.start}..{allowed.stop - 1}")
+        raise PolicyError(
+            f"{where}: {field_name} must be an integer, got {value!r}",
+            f"use an integer in {allowed.start}..{allowed.stop - 1}",
+        )
     if value not in allowed:
-        raise PolicyError(f"{where}: {field_name}={value} is out of range", f"use {allowed.start}..{allowed.stop - 1}")
+        raise PolicyError(
+            f"{where}: {field_name}={value} is out of range", f"use {allowed.start}..{allowed.stop - 1}"
+        )
     return value
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], field_name: str, where: str) -> str:
     if value not in choices:
-        raise PolicyError(f"{where}: {field_name}={value!r} is not one of {', '.join(choices)}", f"set {field_name} to one of {', '.join(choices)}")
+        raise PolicyError(
+            f"{where}: {field_name}={value!r} is not one of {', '.join(choices)}",
+            f"set {field_name} to one of {', '.join(choices)}",
+        )
     return value
 
 
@@ -64,7 +72,11 @@ class LayerSpec:
             _check_int(self.act_bit_width, ACT_BITS, "act_bit_width", where)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"weight_bit_width": self.weight_bit_width, "scaling": self.scaling, "granularity": self.granularity}
+        d: dict[str, Any] = {
+            "weight_bit_width": self.weight_bit_width,
+            "scaling": self.scaling,
+            "granularity": self.granularity,
+        }
         if self.act_bit_width is not None:
             d["act_bit_width"] = self.act_bit_width
         return d
@@ -72,10 +84,14 @@ class LayerSpec:
     @classmethod
     def from_dict(cls, d: Any, where: str = "layer spec") -> LayerSpec:
         if not isinstance(d, Mapping):
-            raise PolicyError(f"{where}: expected an object, got {type(d).__name__}", 'write {"weight_bit_width": 4, ...}')
+            raise PolicyError(
+                f"{where}: expected an object, got {type(d).__name__}", 'write {"weight_bit_width": 4, ...}'
+            )
         unknown = sorted(set(d) - set(_SPEC_KEYS))
         if unknown:
-            raise PolicyError(f"{where}: unknown key {unknown[0]!r}", f"allowed keys: {', '.join(_SPEC_KEYS)}")
+            raise PolicyError(
+                f"{where}: unknown key {unknown[0]!r}", f"allowed keys: {', '.join(_SPEC_KEYS)}"
+            )
         if "weight_bit_width" not in d:
             raise PolicyError(f"{where}: weight_bit_width is missing", "add weight_bit_width (1..8)")
         spec = object.__new__(cls)
@@ -102,7 +118,11 @@ class PolicyCost:
     params: int
 
     def value(self, kind: str) -> float:
-        return {"avg_weight_bits": self.avg_weight_bits, "weight_bytes": self.weight_bytes, "bops": float(self.bops)}[kind]
+        return {
+            "avg_weight_bits": self.avg_weight_bits,
+            "weight_bytes": self.weight_bytes,
+            "bops": float(self.bops),
+        }[kind]
 
 
 def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
@@ -128,7 +148,10 @@ class Budget:
     def __post_init__(self) -> None:
         given = [(k, getattr(self, k)) for k in BUDGET_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise PolicyError(f"a budget needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(given)}", "e.g. Budget(avg_weight_bits=4) or --budget avg-bits=4")
+            raise PolicyError(
+                f"a budget needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(given)}",
+                "e.g. Budget(avg_weight_bits=4) or --budget avg-bits=4",
+            )
         k, v = given[0]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
             raise PolicyError(f"budget {k}={v!r} must be a positive number", "e.g. --budget avg-bits=4")
@@ -147,7 +170,9 @@ class Budget:
         key, sep, raw = text.partition("=")
         kind = _BUDGET_ALIASES.get(key.strip().lower())
         if not sep or kind is None:
-            raise PolicyError(f"cannot parse budget {text!r}", "write avg-bits=4, bytes=20000, kib=20 or bops=1e9")
+            raise PolicyError(
+                f"cannot parse budget {text!r}", "write avg-bits=4, bytes=20000, kib=20 or bops=1e9"
+            )
         try:
             value = float(raw)
         except ValueError:
@@ -182,12 +207,21 @@ class LayerwisePolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
-            raise PolicyError("policy layers must be a mapping of layer name to LayerSpec", "pass layers={'fc1': LayerSpec(4)}")
+            raise PolicyError(
+                "policy layers must be a mapping of layer name to LayerSpec",
+                "pass layers={'fc1': LayerSpec(4)}",
+            )
         for name, spec in self.layers.items():
             if not isinstance(name, str) or not name:
-                raise PolicyError(f"policy layer name {name!r} is not a non-empty string", "use names from model.named_modules()")
+                raise PolicyError(
+                    f"policy layer name {name!r} is not a non-empty string",
+                    "use names from model.named_modules()",
+                )
             if not isinstance(spec, LayerSpec):
-                raise PolicyError(f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec", "wrap it: LayerSpec(...)")
+                raise PolicyError(
+                    f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec",
+                    "wrap it: LayerSpec(...)",
+                )
         if self.default is not None and not isinstance(self.default, LayerSpec):
             raise PolicyError("policy default must be a LayerSpec or None", "pass default=LayerSpec(8)")
 
@@ -224,29 +258,42 @@ class LayerwisePolicy:
     @classmethod
     def from_dict(cls, d: Any) -> LayerwisePolicy:
         if not isinstance(d, Mapping):
-            raise PolicyError(f"a policy must be a JSON object, got {type(d).__name__}", f'start from {{"schema": "{SCHEMA}", "layers": {{}}}}')
+            raise PolicyError(
+                f"a policy must be a JSON object, got {type(d).__name__}",
+                f'start from {{"schema": "{SCHEMA}", "layers": {{}}}}',
+            )
         schema = d.get("schema")
         if schema != SCHEMA:
             raise PolicyError(f"policy schema {schema!r} is not supported", f'set "schema": "{SCHEMA}"')
         unknown = sorted(set(d) - set(_POLICY_KEYS))
         if unknown:
-            raise PolicyError(f"policy has unknown key {unknown[0]!r}", f"allowed keys: {', '.join(_POLICY_KEYS)}")
+            raise PolicyError(
+                f"policy has unknown key {unknown[0]!r}", f"allowed keys: {', '.join(_POLICY_KEYS)}"
+            )
         layers_raw = d.get("layers", {})
         if not isinstance(layers_raw, Mapping):
-            raise PolicyError("policy 'layers' must be an object of layer name -> spec", 'write "layers": {"fc1": {"weight_bit_width": 4}}')
+            raise PolicyError(
+                "policy 'layers' must be an object of layer name -> spec",
+                'write "layers": {"fc1": {"weight_bit_width": 4}}',
+            )
         layers = {str(n): LayerSpec.from_dict(s, f"layer {n!r}") for n, s in layers_raw.items()}
         default = d.get("default")
         meta = d.get("meta", {})
         if not isinstance(meta, Mapping):
             raise PolicyError("policy 'meta' must be an object", 'write "meta": {}')
-        return cls(layers, LayerSpec.from_dict(default, "default") if default is not None else None, dict(meta))
+        return cls(
+            layers, LayerSpec.from_dict(default, "default") if default is not None else None, dict(meta)
+        )
 
     @classmethod
     def from_json(cls, text: str) -> LayerwisePolicy:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PolicyError(f"policy is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", "fix the JSON syntax") from None
+            raise PolicyError(
+                f"policy is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                "fix the JSON syntax",
+            ) from None
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -277,7 +324,10 @@ class LayerwisePolicy:
             from .layers import quantizable_layers
 
             known = ", ".join(list(quantizable_layers(model))[:8])
-            raise PolicyError(f"policy names layer {m.unknown[0]!r}, which the model does not have", f"use quantizable layer names such as: {known}")
+            raise PolicyError(
+                f"policy names layer {m.unknown[0]!r}, which the model does not have",
+                f"use quantizable layer names such as: {known}",
+            )
 
     def cost(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
         """Cost under all budget kinds. Pass a model plus an example input, or a ``layer_geometry`` dict."""
@@ -295,10 +345,14 @@ class LayerwisePolicy:
     def __str__(self) -> str:
         rows = [f"{'layer':<28} {'bits':>4} {'scaling':<10} {'granularity':<11} {'act':>4}"]
         for n, s in sorted(self.layers.items()):
-            rows.append(f"{n:<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}")
+            rows.append(
+                f"{n:<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}"
+            )
         if self.default:
             s = self.default
-            rows.append(f"{'(default)':<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}")
+            rows.append(
+                f"{'(default)':<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}"
+            )
         return "\n".join(rows)
 
 

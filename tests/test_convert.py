@@ -28,7 +28,9 @@ def _levels(w: torch.Tensor, per_channel: bool) -> int:
     return len(torch.unique(w))
 
 
-@pytest.mark.parametrize("bits,scaling,granularity", list(itertools.product(range(1, 9), SCALINGS, GRANULARITIES)))
+@pytest.mark.parametrize(
+    "bits,scaling,granularity", list(itertools.product(range(1, 9), SCALINGS, GRANULARITIES))
+)
 def test_every_spec_gives_its_bit_width_and_levels(bits, scaling, granularity):
     torch.manual_seed(bits)
     model = Tiny()
@@ -109,7 +111,9 @@ def test_apply_policy_rebits_an_existing_brevitas_model():
     torch.manual_seed(0)
     net = UserNet()
     w_before = net.conv.weight.detach().clone()
-    policy = LayerwisePolicy({"conv": LayerSpec(3, "mse", "per_channel"), "fc": LayerSpec(2, "max", "per_tensor")})
+    policy = LayerwisePolicy(
+        {"conv": LayerSpec(3, "mse", "per_channel"), "fc": LayerSpec(2, "max", "per_tensor")}
+    )
     q = apply_policy(net, policy)
     assert int(q.conv.quant_weight().bit_width) == 3 and int(q.fc.quant_weight().bit_width) == 2
     assert int(net.conv.quant_weight().bit_width) == 8  # original untouched
@@ -151,7 +155,12 @@ def test_no_quantizable_layers_is_an_error():
 
 
 def test_conv1d_and_convtranspose():
-    model = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Flatten(), nn.Unflatten(1, (3, 1, 3)), nn.ConvTranspose2d(3, 2, 2, stride=2, output_padding=1))
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2),
+        nn.Flatten(),
+        nn.Unflatten(1, (3, 1, 3)),
+        nn.ConvTranspose2d(3, 2, 2, stride=2, output_padding=1),
+    )
     x = torch.rand(2, 2, 7)
     q = quantize(model, LayerwisePolicy(default=LayerSpec(8)))
     assert isinstance(q[0], qnn.QuantConv1d) and isinstance(q[3], qnn.QuantConvTranspose2d)
@@ -162,7 +171,14 @@ def test_conv1d_and_convtranspose():
 def test_quantized_checkpoint_round_trip(tmp_path, fmnist_test_1k):
     model, _ = load_float_model("cnn-pgd")
     x = fmnist_test_1k[0][:128]
-    policy = LayerwisePolicy({"conv1": LayerSpec(8, act_bit_width=8), "conv2": LayerSpec(4, "mse"), "fc1": LayerSpec(2, "percentile", "per_tensor"), "fc2": LayerSpec(1, "po2")})
+    policy = LayerwisePolicy(
+        {
+            "conv1": LayerSpec(8, act_bit_width=8),
+            "conv2": LayerSpec(4, "mse"),
+            "fc1": LayerSpec(2, "percentile", "per_tensor"),
+            "fc2": LayerSpec(1, "po2"),
+        }
+    )
     q = quantize(model, policy, calibration_data=x).eval()
     save_quantized(q, tmp_path / "q.pt", {"arch": "small_cnn"})
     back, meta = load_quantized(tmp_path / "q.pt")

@@ -40,7 +40,12 @@ def test_cost_counts_bits_bytes_and_bops():
     params = sum(m.weight.numel() for m in (model.conv1, model.conv2, model.fc1, model.fc2))
     assert cost.params == params and cost.avg_weight_bits == 4.0
     assert cost.weight_bytes == params * 4 / 8
-    macs = 28 * 28 * model.conv1.weight.numel() + 14 * 14 * model.conv2.weight.numel() + model.fc1.weight.numel() + model.fc2.weight.numel()
+    macs = (
+        28 * 28 * model.conv1.weight.numel()
+        + 14 * 14 * model.conv2.weight.numel()
+        + model.fc1.weight.numel()
+        + model.fc2.weight.numel()
+    )
     assert cost.bops == macs * 4 * 8
 
 
@@ -66,9 +71,18 @@ def test_bad_bit_widths_name_the_layer(bits):
         ({"schema": "aq-brevitas/policy/v2", "layers": {}}, "schema"),
         ({"schema": SCHEMA, "layers": {}, "extra": 1}, "unknown key 'extra'"),
         ({"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "bits": 4}}}, "unknown key 'bits'"),
-        ({"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "scaling": "minmax"}}}, "scaling='minmax'"),
-        ({"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "granularity": "per_row"}}}, "granularity"),
-        ({"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "act_bit_width": 1}}}, "act_bit_width=1"),
+        (
+            {"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "scaling": "minmax"}}},
+            "scaling='minmax'",
+        ),
+        (
+            {"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "granularity": "per_row"}}},
+            "granularity",
+        ),
+        (
+            {"schema": SCHEMA, "layers": {"fc1": {"weight_bit_width": 4, "act_bit_width": 1}}},
+            "act_bit_width=1",
+        ),
         ({"schema": SCHEMA, "layers": []}, "'layers' must be an object"),
         ([], "must be a JSON object"),
     ],
@@ -83,14 +97,26 @@ def test_malformed_json_text():
         LayerwisePolicy.from_json("{'schema': ")
 
 
-_values = st.one_of(st.none(), st.booleans(), st.integers(-50, 50), st.floats(allow_nan=True), st.text(max_size=5), st.lists(st.integers(), max_size=2))
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-50, 50),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+)
 _spec_like = st.dictionaries(
-    st.sampled_from(["weight_bit_width", "scaling", "granularity", "act_bit_width", "bogus"]), _values, max_size=5
+    st.sampled_from(["weight_bit_width", "scaling", "granularity", "act_bit_width", "bogus"]),
+    _values,
+    max_size=5,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layers=st.dictionaries(st.text(min_size=1, max_size=6), _spec_like, max_size=3), schema=st.sampled_from([SCHEMA, "v0", None]))
+@given(
+    layers=st.dictionaries(st.text(min_size=1, max_size=6), _spec_like, max_size=3),
+    schema=st.sampled_from([SCHEMA, "v0", None]),
+)
 def test_fuzzed_policies_raise_policy_error_or_parse(layers, schema):
     doc = {"schema": schema, "layers": layers}
     try:

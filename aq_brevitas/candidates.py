@@ -1,0 +1,177 @@
+"""The candidate table: for every layer and every candidate spec, L̂, ‖ΔW‖₂ and the cost.
+
+Ŵ comes from the very Brevitas quantizer the swap installs (:func:`convert._brevitas_layer`), never
+from a re-implementation of the rounding, so a score describes exactly the layer that will run.
+Norms are operator norms on the layer's real input shape, of the BN-folded map when a BatchNorm
+follows (the BN scale multiplies Ŵ's output just as it multiplies W's).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import _brevitas_layer
+from .errors import PolicyError
+from .layers import check_example_input
+from .lipschitz import LayerScore, bn_scale, lipschitz_scores, operator_norm
+from .policy import LayerSpec, layer_cost
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_SCALINGS = ("max", "percentile", "mse")
+DEFAULT_GRANULARITIES = ("per_tensor", "per_channel")
+
+
+def default_candidates(
+    bits: Iterable[int] = DEFAULT_BITS,
+    scalings: Iterable[str] = DEFAULT_SCALINGS,
+    granularities: Iterable[str] = DEFAULT_GRANULARITIES,
+    act_bit_width: int | None = None,
+) -> list[LayerSpec]:
+    """The cross product bits × scaling × granularity (36 specs by default)."""
+    return [LayerSpec(b, s, g, act_bit_width) for b, s, g in itertools.product(bits, scalings, granularities)]
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """One (layer, candidate) entry."""
+
+    spec: LayerSpec
+    L_hat: float  # ‖Ŵ(c)‖₂ of the (BN-folded) layer map
+    dW_norm: float  # ‖Ŵ(c) − W‖₂
+    weight_bits: int
+    bops: int
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.weight_bits / 8
+
+    def cost(self, kind: str) -> float:
+        return {
+            "avg_weight_bits": float(self.weight_bits),
+            "weight_bytes": self.weight_bytes,
+            "bops": float(self.bops),
+        }[kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict()
+        return d
+
+
+@dataclass
+class CandidateTable:
+    """Per-layer candidate rows plus the float scores they were measured against."""
+
+    scores: dict[str, LayerScore]
+    rows: dict[str, list[CandidateRow]] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.rows)
+
+    def row(self, layer: str, spec: LayerSpec) -> CandidateRow:
+        for r in self.rows[layer]:
+            if r.spec == spec:
+                return r
+        raise PolicyError(f"layer {layer!r} has no candidate {spec.short()}", "add it to the candidate set")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scores": {n: s.to_dict() for n, s in self.scores.items()},
+            "rows": {n: [r.to_dict() for r in rows] for n, rows in self.rows.items()},
+        }
+
+
+def _per_layer(
+    candidates: Sequence[LayerSpec] | Mapping[str, Sequence[LayerSpec]] | None, names: Iterable[str]
+) -> dict[str, list[LayerSpec]]:
+    if candidates is None:
+        base = default_candidates()
+        return {n: base for n in names}
+    if isinstance(candidates, Mapping):
+        default = list(candidates.get("*", default_candidates()))
+        unknown = sorted(set(candidates) - set(names) - {"*"})
+        if unknown:
+            raise PolicyError(
+                f"candidates name layer {unknown[0]!r}, which the model does not have",
+                "use names from model.named_modules()",
+            )
+        out = {n: list(candidates.get(n, default)) for n in names}
+    else:
+        out = {n: list(candidates) for n in names}
+    for n, specs in out.items():
+        if not specs:
+            raise PolicyError(f"layer {n!r} has an empty candidate list", "give it at least one LayerSpec")
+        for s in specs:
+            if not isinstance(s, LayerSpec):
+                raise PolicyError(
+                    f"layer {n!r}: candidate {s!r} is not a LayerSpec", "pass LayerSpec objects"
+                )
+    return out
+
+
+@torch.no_grad()
+def quantized_weight(layer: nn.Module, spec: LayerSpec) -> torch.Tensor:
+    """Ŵ for ``spec``, computed by the Brevitas quantizer the swap would install on ``layer``."""
+    q = _brevitas_layer(layer, spec, signed_input=True)
+    return q.quant_weight().value.detach().to(layer.weight.dtype)
+
+
+def candidate_table(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    candidates: Sequence[LayerSpec] | Mapping[str, Sequence[LayerSpec]] | None = None,
+    *,
+    scores: dict[str, LayerScore] | None = None,
+    gains: Sequence[str] = ("spectral", "jacobian"),
+    seed: int = 0,
+    max_iter: int = 300,
+    tol: float = 1e-5,
+    progress: bool = False,
+) -> CandidateTable:
+    """L̂_l(c), ‖ΔW_l(c)‖₂ and cost for every layer ``l`` and candidate ``c``.
+
+    ``candidates`` is one list for all layers, or a dict of per-layer lists (key ``"*"`` for the rest),
+    e.g. to pin the first and last layer to 8 bits. ``scores`` reuses a :func:`lipschitz_scores` result.
+    """
+    from tqdm.auto import tqdm
+
+    check_example_input(example_inputs)
+    if scores is None:
+        scores = lipschitz_scores(model, example_inputs, gains=gains, seed=seed)
+    per_layer = _per_layer(candidates, list(scores))
+    table = CandidateTable(scores)
+    modules = dict(model.named_modules())
+    total = sum(len(v) for v in per_layer.values())
+    bar = tqdm(total=total, desc="candidate norms", disable=not progress, leave=False)
+    for name, specs in per_layer.items():
+        layer, score = modules[name], scores[name]
+        scale = bn_scale(modules[score.bn]) if score.bn else None
+        w = layer.weight.detach()
+        rows = []
+        for spec in specs:
+            w_hat = quantized_weight(layer, spec)
+            l_hat, _ = operator_norm(
+                layer, score.input_shape, weight=w_hat, out_scale=scale, seed=seed, max_iter=max_iter, tol=tol
+            )
+            d_norm, _ = operator_norm(
+                layer,
+                score.input_shape,
+                weight=w_hat - w,
+                out_scale=scale,
+                seed=seed,
+                max_iter=max_iter,
+                tol=tol,
+            )
+            bits, bops = layer_cost(spec, score.params, score.macs)
+            rows.append(CandidateRow(spec, l_hat, d_norm, bits, bops))
+            bar.update()
+        table.rows[name] = rows
+    bar.close()
+    return table

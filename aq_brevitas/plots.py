@@ -1,0 +1,76 @@
+"""Matplotlib figures (Agg backend, written atomically): where people would rather look than read."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .storage import atomic_write_with
+
+
+def _figure(width: float = 7.0, height: float = 3.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(width, height), constrained_layout=True)
+
+
+def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> None:
+    suffix = os.path.splitext(str(path))[1].lstrip(".") or "png"
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format=suffix))
+    plt.close(fig)
+
+
+def plot_layer_scores(scores: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Per-layer bars: operator norm L, input norm A, and both downstream gains (log scale)."""
+    import numpy as np
+
+    plt, fig, ax = _figure(max(6.0, 1.1 * len(scores) + 2))
+    names = list(scores)
+    series = {
+        "L (operator norm)": [scores[n].L for n in names],
+        "Λ spectral": [scores[n].gain_spectral or np.nan for n in names],
+        "Λ jacobian": [scores[n].gain_jacobian or np.nan for n in names],
+        "A (input norm)": [scores[n].A for n in names],
+    }
+    width = 0.8 / len(series)
+    x = np.arange(len(names))
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_title("Per-layer Lipschitz scores")
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def plot_policy(
+    layers: Sequence[str],
+    bits: Sequence[int],
+    labels: Sequence[str],
+    params: Sequence[int],
+    path: str | os.PathLike[str],
+    title: str = "Per-layer policy",
+) -> None:
+    """Bit width per layer (bars, labelled with scaling/granularity); bar width ∝ log(parameters)."""
+    import numpy as np
+
+    plt, fig, ax = _figure(max(6.0, 0.9 * len(layers) + 2))
+    x = np.arange(len(layers))
+    bars = ax.bar(x, bits, color=[plt.cm.viridis(b / 8) for b in bits])
+    for bar, lab, p in zip(bars, labels, params, strict=True):
+        ax.annotate(
+            f"{lab}\n{p:,} w",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xticks(x, layers, rotation=30, ha="right")
+    ax.set_ylabel("weight bits")
+    ax.set_ylim(0, 9.5)
+    ax.set_title(title)
+    _save(plt, fig, path)

@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+from conftest import REPO, run_cli
+
+
+def test_cli_start_imports_no_heavy_modules():
+    code = "import sys, aq_brevitas.cli as c; c.build_parser(); print([m for m in ('torch', 'brevitas', 'torchattacks') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_lists_commands():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for cmd in ("train", "evaluate", "score", "quantize", "zoo"):
+        assert cmd in res.stdout
+
+
+def _one_line_error(res):
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("Warning")]
+    err = [ln for ln in lines if ln.startswith("aq-brevitas: error:")]
+    assert len(err) == 1, res.stderr
+    return err[0]
+
+
+def test_missing_model_is_one_line(tmp_path):
+    msg = _one_line_error(run_cli("evaluate", "--model", str(tmp_path / "none.pt")))
+    assert "none.pt" in msg and "does not exist" in msg
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+    msg = _one_line_error(
+        run_cli("evaluate", "--model", "cnn-pgd", "--data-dir", str(tmp_path / "x"), "--limit", "10")
+    )
+    assert "apt-get install" in msg
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = run_cli("--debug", "evaluate", "--model", str(tmp_path / "none.pt"))
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_bad_policy_json_is_one_line(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text('{"schema": "aq-brevitas/policy/v1", "layers": {"fc1": {"weight_bit_width": 9}}}')
+    msg = _one_line_error(
+        run_cli("quantize", "--model", "cnn-pgd", "--policy", str(bad), "--out", str(tmp_path / "q.pt"))
+    )
+    assert "fc1" in msg and "weight_bit_width=9" in msg
+    assert not (tmp_path / "q.pt").exists()
+
+
+def test_score_and_quantize_end_to_end(tmp_path):
+    res = run_cli(
+        "score",
+        "--model",
+        "cnn-pgd",
+        "--limit",
+        "32",
+        "--json",
+        str(tmp_path / "s.json"),
+        "--plot",
+        str(tmp_path / "s.png"),
+    )
+    assert res.returncode == 0, res.stderr
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert list(scores) == ["conv1", "conv2", "fc1", "fc2"] and (tmp_path / "s.png").stat().st_size > 1000
+    policy = tmp_path / "p.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "schema": "aq-brevitas/policy/v1",
+                "default": {"weight_bit_width": 4},
+                "layers": {"fc1": {"weight_bit_width": 2, "scaling": "mse"}},
+            }
+        )
+    )
+    res = run_cli(
+        "quantize",
+        "--model",
+        "cnn-pgd",
+        "--policy",
+        str(policy),
+        "--out",
+        str(tmp_path / "q.pt"),
+        "--calibrate",
+        "64",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "QuantLinear 2b mse" in res.stdout
+    res = run_cli("evaluate", "--model", str(tmp_path / "q.pt"), "--limit", "100", "--steps", "3")
+    assert res.returncode == 0, res.stderr and "PGD-3" in res.stdout
+
+
+def test_zoo_listing():
+    res = run_cli("zoo")
+    assert res.returncode == 0 and "cnn-pgd" in res.stdout
