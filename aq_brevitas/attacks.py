@@ -1,14 +1,15 @@
 """The one place that builds torchattacks objects from plain settings.
 
 Every attack has the torchattacks interface ``attack(images, labels) -> adv_images`` on inputs in
-[0, 1]. Models that normalise their inputs internally need nothing; models that expect normalised
-inputs get ``set_normalization_used(mean, std)`` through ``normalization=``.
+[0, 1]. Models that normalise their inputs internally need nothing; for models that expect normalised
+inputs, pass ``normalization=(mean, std)`` to the evaluation functions, which wrap the model so the
+attack still works (and ε is still measured) on [0, 1] images. torchattacks' own
+``set_normalization_used`` is not used: in 3.5.1 it expects already-normalised inputs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -44,7 +45,6 @@ def make_attack(
     random_start: bool = True,
     seed: int = 0,
     n_classes: int = 10,
-    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     **extra: Any,
 ):
     """Build a torchattacks attack by name: fgsm, pgd, pgdl2, square or autoattack."""
@@ -70,6 +70,4 @@ def make_attack(
         )
     else:
         raise ConfigError(f"unknown attack {name!r}", f"use one of {', '.join(ATTACKS)}")
-    if normalization is not None:
-        atk.set_normalization_used(mean=list(normalization[0]), std=list(normalization[1]))
     return atk

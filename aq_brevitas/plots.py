@@ -74,3 +74,52 @@ def plot_policy(
     ax.set_ylim(0, 9.5)
     ax.set_title(title)
     _save(plt, fig, path)
+
+
+def plot_study(result: Any, path: str | os.PathLike[str]) -> None:
+    """Accuracy drop vs weight bits, clean (dashed) and PGD (solid), one colour per model."""
+    plt, fig, ax = _figure()
+    models = sorted({r.model for r in result.rows})
+    for i, name in enumerate(models):
+        rows = sorted(
+            (r for r in result.rows if r.model == name and r.bits is not None), key=lambda r: r.bits
+        )
+        bits = [r.bits for r in rows]
+        color = f"C{i}"
+        ax.plot(bits, [100 * r.pgd_drop for r in rows], "-o", color=color, label=f"{name}: PGD drop")
+        ax.plot(bits, [100 * r.clean_drop for r in rows], "--s", color=color, label=f"{name}: clean drop")
+    ax.set_xlabel("weight bits (uniform, per-channel)")
+    ax.set_ylabel("accuracy drop vs float (pts)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Claim 1: accuracy lost to quantization")
+    _save(plt, fig, path)
+
+
+def plot_robustness(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    clean: float | None,
+    path: str | os.PathLike[str],
+    title: str = "Robust accuracy",
+) -> None:
+    """Accuracy vs ε, one line per attack (single points for subset attacks); clean accuracy dashed."""
+    plt, fig, ax = _figure(6.4, 4.0)
+    for label, (eps, acc) in series.items():
+        ax.plot(
+            list(eps),
+            [100 * a for a in acc],
+            marker="o",
+            linestyle="-" if len(eps) > 1 else "none",
+            label=label,
+        )
+    if clean is not None:
+        ax.axhline(100 * clean, color="grey", linestyle="--", label=f"clean ({100 * clean:.1f}%)")
+    ax.set_xlabel("ε (L∞, images in [0, 1])")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
 from .attacks import check_eps, default_alpha, make_attack
 from .errors import CheckpointError, ConfigError
@@ -68,6 +67,42 @@ def as_dataset(data: Any) -> Dataset:
     )
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Each rank's share of the *same* global batches a single process would draw.
+
+    Epoch ``e`` permutes the dataset with seed ``(seed, e)``; global batch ``t`` is
+    ``perm[t·B:(t+1)·B]`` and rank ``r`` takes the ``r``-th of ``world`` near-equal slices. With DDP's
+    gradient averaging, N processes then take the same steps as one process with batch ``B`` (up to
+    BatchNorm batch statistics and attack noise). A last batch smaller than ``world`` is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0) -> None:
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.epoch = (
+            n,
+            batch_size,
+            rank,
+            world,
+            seed,
+            0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self) -> list[torch.Tensor]:
+        perm = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        )
+        return [b for b in perm.split(self.batch_size) if len(b) >= self.world]
+
+    def __iter__(self):
+        for batch in self._global_batches():
+            yield batch.tensor_split(self.world)[self.rank].tolist()
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -101,16 +136,23 @@ def adversarial_train(
     resume: bool = False,
     progress: bool = True,
     checkpoint_meta: dict[str, Any] | None = None,
+    freeze_quant_weights: bool = True,
 ) -> TrainHistory:
     """Train ``model`` in place on PGD examples (``eps=0`` gives plain training).
 
     ``clean_weight`` mixes in the clean cross-entropy: loss = (1-w)·CE(adv) + w·CE(clean).
     ``trades_beta`` switches to TRADES: CE(clean) + β·KL(f(x_adv) ‖ f(x)) with a KL-maximising attack.
     ``checkpoint`` is written atomically after every epoch; ``resume=True`` continues from it.
-    Under ``torchrun`` (an initialised process group) the model is wrapped in DDP, each rank sees
-    its shard of every epoch, and only rank 0 writes checkpoints and shows progress.
+    Under ``torchrun`` (an initialised process group) the model is wrapped in DDP, each rank takes
+    its slice of every global batch, and only rank 0 writes checkpoints and shows progress.
+    ``freeze_quant_weights`` quantizes a Brevitas model's weights once per step for the k attack
+    steps (they do not change between them) instead of once per attack forward.
     """
+    import contextlib
+
     from tqdm.auto import tqdm
+
+    from .evaluate import frozen_quant_weights
 
     eps = check_eps(eps)
     if epochs < 1 or steps < 0 or lr <= 0 or batch_size < 1:
@@ -123,11 +165,12 @@ def adversarial_train(
     adversarial = eps > 0 and steps > 0
     rank, world = _dist_info()
     dataset = as_dataset(train_data)
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=world > 1
-    )
-    per_rank_batch = max(1, batch_size // world)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler)
+    if batch_size < world:
+        raise ConfigError(
+            f"batch_size={batch_size} is smaller than the {world} processes", "raise --batch-size"
+        )
+    sampler = GlobalBatchSampler(len(dataset), batch_size, rank=rank, world=world, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
 
     train_model: nn.Module = model
     if world > 1:
@@ -169,12 +212,13 @@ def adversarial_train(
         tot_loss = tot_clean = tot_adv = seen = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
         for x, y in bar:
-            if attack is not None and trades_beta is None:
-                x_adv = attack(x, y)
-            elif attack is not None:
-                x_adv = _trades_adversary(model, x, eps, steps, alpha or default_alpha(eps, steps))
-            else:
-                x_adv = None
+            x_adv = None
+            if attack is not None:
+                with frozen_quant_weights(model) if freeze_quant_weights else contextlib.nullcontext():
+                    if trades_beta is None:
+                        x_adv = attack(x, y)
+                    else:
+                        x_adv = _trades_adversary(model, x, eps, steps, alpha or default_alpha(eps, steps))
             model.train()
             if x_adv is None:
                 logits = train_model(x)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+torch.set_flush_denormal(True)
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]

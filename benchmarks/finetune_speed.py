@@ -1,0 +1,144 @@
+"""Fine-tuning step costs, as ratios measured in one run (1 thread, same batch, interleaved).
+
+* PGD-k fine-tuning step vs the ideal (k+1) × one plain Brevitas training step (target ≤ 1.10);
+* Brevitas QAT step vs float step of the same architecture (target ≤ 2.0);
+* the weight-freezing speed-up of an attack on a quantized model;
+* fine-tuning throughput with 2 torchrun processes vs 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header, interleaved_times  # noqa: E402
+
+from aq_brevitas.attacks import make_attack  # noqa: E402
+from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.evaluate import frozen_quant_weights  # noqa: E402
+from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+
+K = 7
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+
+
+def _train_step(model, opt, x, y, attack=None, freeze=True):
+    if attack is not None:
+        if freeze:
+            with frozen_quant_weights(model):
+                x = attack(x, y)
+        else:
+            x = attack(x, y)
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def step_ratios(
+    zoo: str = "cnn-pgd", spec: LayerSpec = LayerSpec(4, "max", "per_channel", act_bit_width=8)
+) -> dict:
+    float_model, _ = load_float_model(zoo)
+    x, y = load_split("train", limit=128, seed=0)
+    q = quantize(float_model, LayerwisePolicy(default=spec), calibration_data=x)
+    f = load_float_model(zoo)[0]
+    opt_q = torch.optim.SGD(q.parameters(), lr=1e-6)
+    opt_f = torch.optim.SGD(f.parameters(), lr=1e-6)
+    atk = make_attack("pgd", q, eps=0.1, steps=K)
+    t = interleaved_times(
+        {
+            "float_step": lambda: _train_step(f, opt_f, x, y),
+            "qat_step": lambda: _train_step(q, opt_q, x, y),
+            "pgd_step_frozen": lambda: _train_step(q, opt_q, x, y, atk, freeze=True),
+            "pgd_step_unfrozen": lambda: _train_step(q, opt_q, x, y, atk, freeze=False),
+        },
+        repeats=7,
+    )
+    return {
+        "model": zoo,
+        "spec": spec.short(),
+        "batch": 128,
+        "k": K,
+        "seconds": t,
+        "pgd_vs_ideal": t["pgd_step_frozen"] / ((K + 1) * t["qat_step"]),
+        "pgd_vs_ideal_unfrozen": t["pgd_step_unfrozen"] / ((K + 1) * t["qat_step"]),
+        "qat_vs_float": t["qat_step"] / t["float_step"],
+        "freeze_speedup": t["pgd_step_unfrozen"] / t["pgd_step_frozen"],
+    }
+
+
+def ddp_scaling(images: int = 2048) -> dict:
+    """Wall time of one fine-tuning epoch with 1 and with 2 torchrun processes (same global batch)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    with tempfile.TemporaryDirectory() as tmp:
+        pol = Path(tmp) / "p.json"
+        pol.write_text(LayerwisePolicy(default=LayerSpec(4)).to_json())
+        cli = [sys.executable, "-m", "aq_brevitas.cli"]
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+        subprocess.run(
+            [
+                *cli,
+                "quantize",
+                "--model",
+                "cnn-pgd",
+                "--policy",
+                str(pol),
+                "--out",
+                f"{tmp}/q.pt",
+                "--calibrate",
+                "0",
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        out = {}
+        for n in (1, 2):
+            args = [
+                "finetune",
+                "--model",
+                f"{tmp}/q.pt",
+                "--out",
+                f"{tmp}/ft{n}.pt",
+                "--limit",
+                str(images),
+                "--steps",
+                "3",
+                "--batch-size",
+                "128",
+            ]
+            t0 = time.perf_counter()
+            subprocess.run(
+                [torchrun, f"--nproc_per_node={n}", "--master_port=29533", "-m", "aq_brevitas.cli", *args],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
+            wall = time.perf_counter() - t0
+            meta = json.loads(Path(f"{tmp}/ft{n}.json").read_text())
+            out[n] = {"wall_s": wall, "epoch_s": meta["finetune"]["history"]["epochs"][0]["seconds"]}
+        out["throughput_ratio_2_vs_1"] = out[1]["epoch_s"] / out[2]["epoch_s"]
+        return out
+
+
+def main() -> dict:
+    res = {"header": header(), "steps": step_ratios(), "ddp": ddp_scaling()}
+    print(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
