@@ -20,14 +20,13 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import header, interleaved_times  # noqa: E402
-
 from aq_brevitas.attacks import make_attack  # noqa: E402
 from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.evaluate import frozen_quant_weights  # noqa: E402
 from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+from common import header, interleaved_times  # noqa: E402
 
 K = 7
 torch.set_num_threads(1)
@@ -48,9 +47,10 @@ def _train_step(model, opt, x, y, attack=None, freeze=True):
     opt.step()
 
 
-def step_ratios(
-    zoo: str = "cnn-pgd", spec: LayerSpec = LayerSpec(4, "max", "per_channel", act_bit_width=8)
-) -> dict:
+W4A8 = LayerSpec(4, "max", "per_channel", act_bit_width=8)
+
+
+def step_ratios(zoo: str = "cnn-pgd", spec: LayerSpec = W4A8) -> dict:
     float_model, _ = load_float_model(zoo)
     x, y = load_split("train", limit=128, seed=0)
     q = quantize(float_model, LayerwisePolicy(default=spec), calibration_data=x)
