@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "candidate_table": "candidates",
     "quantize": "convert",
     "apply_policy": "convert",
+    "adversarial_finetune": "finetune",
+    "evaluate_robustness": "evaluate",
+    "RobustnessReport": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

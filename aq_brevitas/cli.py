@@ -118,23 +118,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _setup_torch(args)
     from .data import load_split
-    from .evaluate import accuracy, attack_accuracy
+    from .evaluate import evaluate_robustness
 
     model, meta = _load_any_model(args.model)
-    x, y = load_split(args.split, args.data_dir, limit=args.limit, seed=args.seed)
-    rows = [("clean", "-", accuracy(model, x, y))]
-    for eps in args.eps:
-        rows.append(
-            (
-                f"PGD-{args.steps}",
-                f"{eps:g}",
-                attack_accuracy(model, x, y, "pgd", eps=eps, steps=args.steps, seed=args.seed, progress=True),
-            )
-        )
-    print(f"model {args.model} ({meta.get('arch')}) on {len(y)} {args.split} images")
-    print(f"{'attack':<10} {'eps':>6} {'accuracy':>9}")
-    for name, eps, acc in rows:
-        print(f"{name:<10} {eps:>6} {acc:>9.4f}")
+    data = load_split(args.split, args.data_dir, limit=args.limit, seed=args.seed)
+    report = evaluate_robustness(
+        model,
+        data,
+        eps=args.eps,
+        pgd_steps=args.steps,
+        pgd_restarts=args.restarts,
+        autoattack=args.autoattack,
+        gradient_free=not args.no_gradient_free,
+        gradient_free_images=args.gradient_free_images,
+        seed=args.seed,
+        name=args.model,
+        meta={"arch": meta.get("arch"), "split": args.split},
+    )
+    print(report.to_markdown())
+    if args.report:
+        report.save(args.report)
+        print(f"wrote {args.report}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -304,6 +311,35 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .convert import quantize
+    from .data import load_split
+    from .evaluate import accuracy, attack_accuracy
+    from .models import load_float_model
+    from .study import uniform_policy
+
+    model, meta = load_float_model(args.model)
+    x, y = load_split("test", args.data_dir, limit=args.limit, seed=0)
+    calib = load_split("val", args.data_dir, limit=256, seed=0)[0]
+    print(
+        f"{args.model}: {meta['arch']} trained with PGD-{meta.get('attack_steps')} at eps={meta.get('eps')}; {len(y)} Fashion-MNIST test images, PGD-{args.steps} at eps={args.eps}"
+    )
+    print(f"{'model':<26} {'clean':>7} {'PGD':>7}")
+    rows = [("float", model)] + [
+        (
+            f"uniform w{b}a8 (Brevitas)",
+            quantize(model, uniform_policy(model, b), calibration_data=calib).eval(),
+        )
+        for b in args.bits
+    ]
+    for label, m in rows:
+        print(
+            f"{label:<26} {accuracy(m, x, y):7.4f} {attack_accuracy(m, x, y, 'pgd', eps=args.eps, steps=args.steps, progress=True):7.4f}"
+        )
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from .models import ZOO_DIR, zoo_names
     from .storage import read_sidecar
@@ -350,13 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_arg(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="clean and PGD accuracy of a model")
-    p.add_argument("--model", required=True, help="zoo name or checkpoint path")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.1])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None)
+    p = sub.add_parser(
+        "evaluate", help="robustness report: clean, FGSM, PGD-k per eps, Square, masking checklist"
+    )
+    p.add_argument("--model", required=True, help="zoo name, float checkpoint or quantized checkpoint")
+    p.add_argument(
+        "--eps", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="L-inf radii on [0, 1] images"
+    )
+    p.add_argument("--steps", type=int, default=20, help="PGD steps")
+    p.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
+    p.add_argument("--autoattack", action="store_true", help="also run torchattacks AutoAttack (slow on CPU)")
+    p.add_argument("--no-gradient-free", action="store_true", help="skip the Square attack check")
+    p.add_argument("--gradient-free-images", type=int, default=100)
+    p.add_argument("--split", default="test", help="test (default, for reporting), val or train")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on a seeded subset of N images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None, help="write the report as JSON")
+    p.add_argument("--plot", default=None, help="write accuracy-vs-eps plot (PNG)")
     _add_data_args(p)
     _add_threads_arg(p)
     p.set_defaults(func=cmd_evaluate)
@@ -425,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_threads_arg(p)
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("demo", help="the main job on the shipped PGD-trained CNN (what `make demo` runs)")
+    p.add_argument("--model", default="cnn-pgd")
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--limit", type=int, default=2000, help="test images")
+    _add_data_args(p)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("zoo", help="list the shipped models and their measured accuracy")
     p.set_defaults(func=cmd_zoo)

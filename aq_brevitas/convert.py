@@ -195,6 +195,7 @@ def _convert(
     calibration_data: Any,
     fold_bn: bool,
     bias_correction: bool,
+    input_signed: dict[str, bool] | None = None,
 ) -> nn.Module:
     if not isinstance(policy, LayerwisePolicy):
         raise PolicyError(
@@ -223,7 +224,9 @@ def _convert(
     first_batch = (
         next(iter(_iter_inputs(calibration_data, 1)), None) if calibration_data is not None else None
     )
-    if first_batch is not None and any(s.act_bit_width for s in specs.values()):
+    if input_signed is not None:
+        signed.update(input_signed)
+    elif first_batch is not None and any(s.act_bit_width for s in specs.values()):
         signed = {n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, first_batch).items()}
     changes = []
     for name, spec in specs.items():
@@ -245,6 +248,7 @@ def _convert(
         calibrate(target, calibration_data, bias_correction=bias_correction)
     target.aq_policy = policy
     target.aq_changes = changes
+    target.aq_input_signed = signed  # input quantizer signedness, needed to rebuild from a checkpoint
     return target
 
 
@@ -309,7 +313,12 @@ def save_quantized(model: nn.Module, path: Any, meta: dict[str, Any]) -> None:
     save_checkpoint(
         path,
         {"state_dict": model.state_dict()},
-        meta={**meta, "kind": "brevitas", "policy": policy.to_dict()},
+        meta={
+            **meta,
+            "kind": "brevitas",
+            "policy": policy.to_dict(),
+            "input_signed": getattr(model, "aq_input_signed", {}),
+        },
     )
 
 
@@ -328,7 +337,17 @@ def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
             "create one with `aq-brevitas quantize`",
         )
     policy = LayerwisePolicy.from_dict(meta["policy"])
-    model = quantize(build_model(meta["arch"]), policy, fold_bn=bool(meta.get("fold_bn", False)))
+    signed = {str(k): bool(v) for k, v in dict(meta.get("input_signed", {})).items()}
+    model = _convert(
+        build_model(meta["arch"]),
+        policy,
+        inplace=True,
+        swap_float=True,
+        calibration_data=None,
+        fold_bn=bool(meta.get("fold_bn", False)),
+        bias_correction=False,
+        input_signed=signed,
+    )
     old = brevitas.config.IGNORE_MISSING_KEYS
     brevitas.config.IGNORE_MISSING_KEYS = True  # activation scales exist only after calibration
     try:

@@ -158,7 +158,22 @@ def save_model(model: nn.Module, path, meta: dict) -> None:
 
     if "arch" not in meta:
         raise ModelError("model metadata lacks 'arch'", "pass meta={'arch': <name>, ...}")
-    save_checkpoint(path, {"state_dict": model.state_dict()}, meta=meta)
+    save_checkpoint(path, {"state_dict": flush_denormals(model.state_dict())}, meta=meta)
+
+
+def flush_denormals(state_dict: dict) -> dict:
+    """Store float values below the normal range as 0.
+
+    Adam with weight decay leaves many weights denormal (|w| < 1.2e-38). They change no output
+    measurably, but CPU kernels slow down ~5x on them unless ``torch.set_flush_denormal(True)``.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            tiny = torch.finfo(v.dtype).tiny
+            v = torch.where(v.abs() < tiny, torch.zeros_like(v), v)
+        out[k] = v
+    return out
 
 
 def load_float_model(name_or_path: str) -> tuple[nn.Module, dict]:

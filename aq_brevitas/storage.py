@@ -35,6 +35,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise ConfigError(f"output directory {parent} is not writable", "choose a writable --out location")
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give outputs the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -120,7 +120,7 @@ def test_apply_policy_rebits_an_existing_brevitas_model():
     assert torch.equal(q.conv.weight, w_before)
     assert q.aq_changes[0].old == "QuantConv2d 8b"
     assert q(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    with pytest.raises(PolicyError, match="plain Linear"):
+    with pytest.raises(PolicyError, match="plain Conv2d"):
         apply_policy(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4)))
 
 

@@ -101,7 +101,7 @@ _values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-50, 50),
-    st.floats(allow_nan=True),
+    st.floats(allow_nan=True, allow_subnormal=False),
     st.text(max_size=5),
     st.lists(st.integers(), max_size=2),
 )
