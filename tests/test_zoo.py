@@ -1,0 +1,32 @@
+import json
+import re
+
+from aq_brevitas.evaluate import accuracy, attack_accuracy
+from aq_brevitas.models import ZOO_DIR, load_float_model, zoo_names
+from conftest import REPO
+
+
+def test_zoo_ships_four_small_models():
+    assert zoo_names() == ["cnn-pgd", "cnn-plain", "vgg-pgd", "vgg-plain"]
+    for name in zoo_names():
+        assert (ZOO_DIR / f"{name}.pt").stat().st_size < 2 * 1024 * 1024
+
+
+def test_docs_table_matches_sidecars():
+    text = (REPO / "docs" / "zoo.md").read_text()
+    for name in zoo_names():
+        meta = json.loads((ZOO_DIR / f"{name}.json").read_text())
+        row = re.search(rf"\| `{name}` \|.*\| ([\d.]+) \| ([\d.]+) \|", text)
+        assert row, name
+        assert float(row.group(1)) == round(100 * meta["clean_acc"], 2)
+        assert float(row.group(2)) == round(100 * meta["pgd_acc"], 2)
+        assert meta["test_images"] == 10000
+
+
+def test_cnn_pgd_remeasured_on_1k_within_3_points(fmnist_test_1k):
+    model, meta = load_float_model("cnn-pgd")
+    x, y = fmnist_test_1k
+    clean = accuracy(model, x, y)
+    pgd = attack_accuracy(model, x, y, "pgd", eps=meta["pgd_eval"]["eps"], steps=meta["pgd_eval"]["steps"])
+    assert abs(clean - meta["clean_acc"]) <= 0.03, (clean, meta["clean_acc"])
+    assert abs(pgd - meta["pgd_acc"]) <= 0.03, (pgd, meta["pgd_acc"])
