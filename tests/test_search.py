@@ -1,0 +1,302 @@
+"""Policy search: the exact knapsack, the scorers, the uniform baseline, determinism, metric validation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from aq_brevitas.candidates import CandidateTable, candidate_table, default_candidates
+from aq_brevitas.convert import quantize
+from aq_brevitas.errors import ConfigError, PolicyError
+from aq_brevitas.layers import layer_geometry
+from aq_brevitas.models import load_float_model
+from aq_brevitas.policy import Budget, LayerSpec, LayerwisePolicy
+from aq_brevitas.search import (
+    adversarial_calibration,
+    best_uniform,
+    check_feasible,
+    lipschitz_terms,
+    policy_table,
+    score_ans,
+    score_hessian,
+    score_lipschitz,
+    search_policy,
+    solve_mckp,
+    solve_top_k,
+    validate_metric,
+)
+
+CANDS = default_candidates(bits=(2, 3, 4, 8), scalings=("max", "mse"), granularities=("per_channel",))
+
+
+# --------------------------------------------------------------------------------- the knapsack
+def _brute(scores, costs, budget):
+    layers = list(scores)
+    out = []
+    for combo in itertools.product(*(list(scores[n]) for n in layers)):
+        cost = sum(costs[n][s] for n, s in zip(layers, combo))
+        if cost <= budget + 1e-9:
+            out.append((sum(scores[n][s] for n, s in zip(layers, combo)), dict(zip(layers, combo))))
+    return sorted(out, key=lambda t: t[0])
+
+
+def _greedy(scores, costs, budget):
+    """Start from the cheapest option per layer; repeatedly take the best score drop per unit cost."""
+    choice = {n: min(c, key=c.get) for n, c in costs.items()}
+    while True:
+        spent = sum(costs[n][s] for n, s in choice.items())
+        best = None
+        for n in scores:
+            for s in scores[n]:
+                dc = costs[n][s] - costs[n][choice[n]]
+                ds = scores[n][choice[n]] - scores[n][s]
+                if ds > 0 and dc > 0 and spent + dc <= budget:
+                    if best is None or ds / dc > best[0]:
+                        best = (ds / dc, n, s)
+        if best is None:
+            return sum(scores[n][s] for n, s in choice.items())
+        choice[best[1]] = best[2]
+
+
+def _instance(vals):
+    specs = [LayerSpec(2), LayerSpec(4), LayerSpec(8)]
+    scores = {f"l{i}": {s: v[0] for s, v in zip(specs, row)} for i, row in enumerate(vals)}
+    costs = {f"l{i}": {s: v[1] for s, v in zip(specs, row)} for i, row in enumerate(vals)}
+    return scores, costs
+
+
+def test_milp_is_exact_and_beats_greedy_where_greedy_fails():
+    # (score, cost) per option: greedy upgrades l1 first (best ratio), then cannot afford l0's jump.
+    scores, costs = _instance(
+        [[(10, 1), (9.5, 2), (0, 4)], [(10, 1), (6, 2), (5.9, 9)], [(5, 1), (0, 10), (-1, 20)]]
+    )
+    budget = 6
+    opt = _brute(scores, costs, budget)[0][0]
+    choice, status = solve_mckp(scores, costs, budget)
+    assert status == "optimal"
+    assert sum(costs[n][s] for n, s in choice.items()) <= budget
+    assert sum(scores[n][s] for n, s in choice.items()) == pytest.approx(opt)
+    assert _greedy(scores, costs, budget) > opt + 1  # the instance really defeats greedy
+
+
+def test_milp_matches_brute_force_on_random_instances():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        vals = [
+            [(float(torch.rand(1, generator=gen)) * 10, float(torch.randint(1, 20, (1,), generator=gen)))
+             for _ in range(3)]
+            for _ in range(3)
+        ]  # fmt: skip
+        scores, costs = _instance(vals)
+        budget = float(torch.randint(3, 45, (1,), generator=gen))
+        brute = _brute(scores, costs, budget)
+        if not brute:
+            with pytest.raises(PolicyError):
+                solve_mckp(scores, costs, budget)
+            continue
+        choice, _ = solve_mckp(scores, costs, budget)
+        assert sum(costs[n][s] for n, s in choice.items()) <= budget
+        assert sum(scores[n][s] for n, s in choice.items()) == pytest.approx(brute[0][0])
+        assert sum(scores[n][s] for n, s in choice.items()) <= _greedy(scores, costs, budget) + 1e-9
+
+
+def test_top_k_distinct_and_sorted():
+    scores, costs = _instance([[(3, 1), (2, 2), (0, 4)], [(4, 1), (1, 3), (0, 5)], [(2, 1), (1, 2), (0, 3)]])
+    budget = 9
+    brute = _brute(scores, costs, budget)
+    sols = solve_top_k(scores, costs, budget, k=6)
+    assert len(sols) == 6
+    objs = [s.objective for s in sols]
+    assert objs == sorted(objs)
+    assert objs == pytest.approx([b[0] for b in brute[:6]])
+    assert len({tuple(sorted(s.choice.items())) for s in sols}) == 6
+    assert all(s.cost <= budget for s in sols)
+    assert len(solve_top_k(scores, costs, budget, k=10_000)) == len(brute)  # stops when none are left
+
+
+def test_infeasible_budget_names_the_minimum():
+    scores, costs = _instance([[(1, 3), (0, 5), (0, 6)], [(1, 2), (0, 3), (0, 4)], [(1, 1), (0, 2), (0, 9)]])
+    with pytest.raises(PolicyError, match=r"costs 6\b"):
+        solve_mckp(scores, costs, 5.5)
+
+
+# ------------------------------------------------------------------------------------- on cnn-pgd
+@pytest.fixture(scope="module")
+def cnn():
+    try:
+        model, _ = load_float_model("cnn-pgd")
+    except Exception as exc:  # the zoo model is trained by a separate job
+        pytest.skip(f"cnn-pgd not available: {exc}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def calib(fmnist_val_512):
+    x, y = fmnist_val_512
+    return x[:64], y[:64]
+
+
+@pytest.fixture(scope="module")
+def held_out(fmnist_val_512):
+    x, y = fmnist_val_512
+    return x[256:356], y[256:356]
+
+
+@pytest.fixture(scope="module")
+def table(cnn, calib):
+    return candidate_table(cnn, calib[0], CANDS, gains=())
+
+
+@pytest.fixture(scope="module")
+def adv_calib(cnn, calib):
+    return adversarial_calibration(cnn, calib, eps=0.1, seed=0)
+
+
+def test_check_feasible_states_minimum_in_budget_units(table):
+    with pytest.raises(PolicyError, match=r"needs 2 average weight bits") as e:
+        check_feasible(table, Budget(avg_weight_bits=1.5))
+    assert "\n" not in str(e.value)
+    params = sum(s.params for s in table.scores.values())
+    with pytest.raises(PolicyError, match=f"needs {2 * params / 8:g} weight bytes"):
+        check_feasible(table, Budget(weight_bytes=100))
+    check_feasible(table, Budget(avg_weight_bits=2))
+
+
+def test_search_rejects_bad_settings_in_one_line(cnn, calib):
+    cases = [
+        (dict(budget="avg-bits=4", method="greedy"), ConfigError, "unknown search method"),
+        (dict(budget="avg-bits=4", eps=1.5), ConfigError, "outside"),
+        (dict(budget="avg-bits=1", candidates=CANDS), PolicyError, "needs 2 average weight bits"),
+        (dict(budget="avg-bits=4", estimate="exact"), ConfigError, "unknown estimate"),
+    ]
+    for kwargs, exc, text in cases:
+        with pytest.raises(exc, match=text) as e:
+            search_policy(cnn, calib, progress=False, **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="empty"):
+        search_policy(cnn, (torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long)), budget="avg-bits=4")
+
+
+def test_uniform_picks_highest_bits_that_fit(cnn, table, calib, held_out):
+    p = best_uniform(cnn, table, "avg-bits=5", held_out, 0.1, calib_data=calib, val_images=64)
+    specs = set(p.layers.values())
+    assert len(specs) == 1 and next(iter(specs)).weight_bit_width == 4  # 8 does not fit, 4 is the highest
+    accs = p.meta["uniform"]["pgd_accuracy"]
+    assert set(accs) == {"4b max pc", "4b mse pc"}
+    assert accs[next(iter(specs)).short()] == max(accs.values())
+    q = search_policy(cnn, calib, budget="avg-bits=3.5", method="uniform", table=table, progress=False)
+    assert {s.weight_bit_width for s in q.layers.values()} == {3}
+    assert best_uniform(cnn, table, "bytes=1e9", None, 0.1).meta["uniform"]["spec"]["weight_bit_width"] == 8
+    no_common = CandidateTable(
+        table.scores,
+        {
+            n: [r for r in rows if r.spec.weight_bit_width == (2 if n == "fc1" else 8)]
+            for n, rows in table.rows.items()
+        },
+    )
+    with pytest.raises(PolicyError, match="no uniform policy fits"):
+        best_uniform(cnn, no_common, "avg-bits=4", None, 0.1)
+
+
+def test_lipschitz_term_is_the_swap_quantizers_deviation(cnn, table, adv_calib):
+    terms = lipschitz_terms(cnn, table, adv_calib, eps=0.1)
+    for name, spec in [
+        ("conv2", LayerSpec(3, "mse")),
+        ("fc1", LayerSpec(2, "max")),
+        ("fc2", LayerSpec(4, "mse")),
+    ]:
+        q = quantize(cnn, LayerwisePolicy({name: spec})).eval()  # only this layer quantized, the rest float
+        with torch.no_grad():
+            dev = (q(adv_calib.x_adv) - cnn(adv_calib.x_adv)).norm(dim=1).mean().item()
+        assert terms.quantization[name][spec] == pytest.approx(dev, rel=1e-5, abs=1e-7)
+        row, sc = table.row(name, spec), table.scores[name]
+        assert terms.adversarial[name][spec] == pytest.approx(0.1 * adv_calib.j_loc * (row.L_hat / sc.L - 1))
+    total = score_lipschitz(cnn, table, adv_calib, eps=0.1)
+    assert total["fc1"][LayerSpec(2)] > total["fc1"][LayerSpec(8)]
+
+
+def test_lipschitz_term_with_batchnorm():
+    model, _ = load_float_model("vgg-pgd")
+    x = torch.rand(16, 1, 28, 28)
+    spec = LayerSpec(3, "mse")
+    tab = candidate_table(model, x, {"*": [LayerSpec(8)], "block2.conv": [spec]}, gains=())
+    cal = adversarial_calibration(model, (x, model(x).argmax(1)), eps=0.05, steps=2)
+    terms = lipschitz_terms(model, tab, cal, eps=0.05)
+    q = quantize(model, LayerwisePolicy({"block2.conv": spec})).eval()
+    with torch.no_grad():
+        dev = (q(cal.x_adv) - model(cal.x_adv)).norm(dim=1).mean().item()
+    assert terms.quantization["block2.conv"][spec] == pytest.approx(dev, rel=1e-5)
+
+
+def _strip_timing(p: LayerwisePolicy) -> str:
+    d = p.to_dict()
+    d["meta"].pop("timing")
+    return json.dumps(d, sort_keys=True)
+
+
+def test_search_is_deterministic(cnn, table, calib):
+    a = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False)
+    b = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False)
+    assert _strip_timing(a) == _strip_timing(b)
+    assert LayerwisePolicy.from_json(a.to_json()).layers == a.layers
+
+
+def test_search_cnn_avg4_end_to_end(cnn, calib, held_out):
+    p = search_policy(cnn, calib, budget=Budget(avg_weight_bits=4), candidates=CANDS, val_data=held_out,
+                      val_images=64, progress=False)  # fmt: skip
+    m = p.meta
+    assert m["cost"]["avg_weight_bits"] <= 4 + 1e-9
+    assert set(p.layers) == {"conv1", "conv2", "fc1", "fc2"}
+    assert m["method"] == "lipschitz" and m["estimate"] == "jacobian" and m["solver"]["status"] == "optimal"
+    assert m["winner"] in ("search", "uniform")
+    v = m["validation"]
+    best = max(v["search_pgd_accuracy"], v["uniform_pgd_accuracy"])
+    assert v[f"{m['winner']}_pgd_accuracy"] == best  # never worse than uniform on validation images
+    assert m["refine"]["done"] and m["refine"]["bound_final"] <= m["refine"]["bound_milp"] + 1e-12
+    assert set(m["layer_scores"]) == set(p.layers) and m["j_loc"] > 0
+    assert {"solve_s", "scoring_s", "total_s"} <= set(m["timing"])
+    assert m["candidates"]["fc1"] == {"given": 8, "distinct": 7}  # 8b max and 8b mse give the same Ŵ
+    text = policy_table(p, layer_geometry(cnn, calib[0][:1]))
+    assert "fc1" in text and "avg weight bits" in text and "winner" in text
+
+
+def test_bytes_and_bops_budgets(cnn, table, calib):
+    for budget in ("kib=80", "bops=5e7"):
+        b = Budget.parse(budget)
+        p = search_policy(cnn, calib, budget=b, table=table, refine=False, progress=False)
+        assert p.meta["cost"][b.kind] <= b.value * (1 + 1e-9)
+
+
+def test_baseline_scorers_and_spectral(cnn, table, calib):
+    for scores in (
+        score_hessian(cnn, table, calib, n_samples=4),
+        score_ans(cnn, table, calib, eps=0.1),
+        score_lipschitz(cnn, table, calib, estimate="spectral", eps=0.1),
+    ):
+        assert set(scores) == set(table.layers)
+        assert all(math.isfinite(v) for per in scores.values() for v in per.values())
+    h = score_hessian(cnn, table, calib, n_samples=4)
+    assert h["fc1"][LayerSpec(2)] > h["fc1"][LayerSpec(4)] >= 0
+    for method, kw in (
+        ("hessian", {"hessian_samples": 4}),
+        ("ans", {}),
+        ("lipschitz", {"estimate": "spectral"}),
+    ):
+        p = search_policy(cnn, calib, budget="avg-bits=4", method=method, table=table, progress=False, **kw)
+        assert p.meta["cost"]["avg_weight_bits"] <= 4 + 1e-9
+        assert p.meta["refine"]["done"] is (method == "lipschitz")
+
+
+def test_validate_metric_tiny(cnn, table, calib, held_out, tmp_path):
+    v = validate_metric(cnn, calib, held_out, budget="avg-bits=4", n_policies=5, table=table, progress=False)
+    assert len(v.policies) == 5
+    assert all(abs(r["cost"]["avg_weight_bits"] - 4) <= 0.2 + 1e-9 for r in v.policies)
+    assert -1 <= v.rho <= 1 and 0 <= v.p_value <= 1
+    assert -1 <= v.rho_additive <= 1
+    assert "Spearman" in v.to_markdown() and json.dumps(v.to_dict())
+    v.plot(tmp_path / "metric.png")
+    assert (tmp_path / "metric.png").stat().st_size > 1000
