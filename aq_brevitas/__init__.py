@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "adversarial_finetune": "finetune",
     "evaluate_robustness": "evaluate",
     "RobustnessReport": "evaluate",
+    "search_policy": "search",
+    "validate_metric": "search",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -340,6 +340,123 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selection_data(args: argparse.Namespace):
+    """Calibration and validation images, both from the held-out `val` split (never the test split)."""
+    from .data import load_split
+    from .errors import ConfigError
+
+    x, y = load_split("val", args.data_dir)
+    if args.calib + args.val_images > len(y):
+        raise ConfigError(
+            f"--calib {args.calib} + --val-images {args.val_images} exceed the {len(y)} val images",
+            "lower them",
+        )
+    import torch
+
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    calib, val = perm[: args.calib], perm[args.calib : args.calib + args.val_images]
+    return (x[calib], y[calib]), (x[val], y[val])
+
+
+def _candidates_from_args(args: argparse.Namespace):
+    from .candidates import default_candidates
+
+    return default_candidates(
+        bits=args.bits, scalings=args.scalings, granularities=args.granularities, act_bit_width=args.act_bits
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .candidates import candidate_table
+    from .policy import Budget
+    from .search import policy_table, search_policy
+
+    model, meta = _load_any_model(args.model)
+    calib, val = _selection_data(args)
+    budget = Budget.parse(args.budget)
+    table = candidate_table(model, calib[0], _candidates_from_args(args), seed=args.seed, progress=True)
+    methods = ["uniform", "hessian", "ans", "lipschitz"] if args.compare else [args.method]
+    policies = {}
+    for method in methods:
+        policies[method] = search_policy(
+            model,
+            calib,
+            budget=budget,
+            method=method,
+            eps=args.eps,
+            estimate=args.estimate,
+            refine=not args.no_refine,
+            val_data=val if args.val_images else None,
+            val_images=args.val_images or None,
+            seed=args.seed,
+            table=table,
+        )
+        print(f"\n== {method}")
+        print(policy_table(policies[method], table))
+    chosen = policies[args.method] if args.method in policies else policies[methods[-1]]
+    if args.compare:
+        print(
+            f"\n{'method':<10} {'avg bits':>8} {'KiB':>8} {'BOPs':>10} {'searched val PGD':>16} {'uniform val PGD':>15} {'kept':>8}"
+        )
+        for m, pol in policies.items():
+            c, v = pol.meta["cost"], pol.meta.get("validation") or {}
+            s_acc, u_acc = (
+                v.get("search_pgd_accuracy", float("nan")),
+                v.get("uniform_pgd_accuracy", float("nan")),
+            )
+            print(
+                f"{m:<10} {c['avg_weight_bits']:8.3f} {c['weight_bytes'] / 1024:8.2f} {c['bops']:10.3e} {s_acc:16.4f} {u_acc:15.4f} {pol.meta.get('winner', '-'):>8}"
+            )
+    if args.out:
+        chosen.save(args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        from .plots import plot_policy
+
+        names = list(table.scores)
+        specs = [chosen.spec_for(n) for n in names]
+        plot_policy(
+            names,
+            [s.weight_bit_width for s in specs],
+            [f"{s.scaling} {'pc' if s.granularity == 'per_channel' else 'pt'}" for s in specs],
+            [table.scores[n].params for n in names],
+            args.plot,
+            title=f"{chosen.meta.get('method')} policy at {args.budget}",
+        )
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_validate_metric(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .policy import Budget
+    from .search import validate_metric
+    from .storage import atomic_write_json
+
+    model, _ = _load_any_model(args.model)
+    calib, val = _selection_data(args)
+    result = validate_metric(
+        model,
+        calib,
+        val,
+        budget=Budget.parse(args.budget),
+        n_policies=args.n,
+        eps=args.eps,
+        tolerance=args.tolerance,
+        seed=args.seed,
+        pgd_steps=args.pgd_steps,
+        candidates=_candidates_from_args(args),
+        estimate=args.estimate,
+    )
+    print(result.to_markdown())
+    if args.out:
+        atomic_write_json(args.out + ".json", result.to_dict())
+        result.plot(args.out + ".png")
+        print(f"wrote {args.out}.json and {args.out}.png")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from .models import ZOO_DIR, zoo_names
     from .storage import read_sidecar
@@ -471,6 +588,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_threads_arg(p)
     p.set_defaults(func=cmd_study)
+
+    def selection_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="zoo name or checkpoint path")
+        p.add_argument("--budget", required=True, help="avg-bits=4, bytes=N, kib=N or bops=N")
+        p.add_argument("--eps", type=float, default=0.1, help="L-inf radius the policy should resist")
+        p.add_argument(
+            "--estimate",
+            choices=["jacobian", "spectral"],
+            default="jacobian",
+            help="lipschitz estimate: measured (default) or the loose data-free bound",
+        )
+        p.add_argument(
+            "--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="candidate weight bit widths"
+        )
+        p.add_argument(
+            "--scalings", nargs="+", default=["max", "percentile", "mse"], help="candidate scaling rules"
+        )
+        p.add_argument("--granularities", nargs="+", default=["per_tensor", "per_channel"])
+        p.add_argument(
+            "--act-bits", type=int, default=None, help="add input quantizers of this width to every candidate"
+        )
+        p.add_argument("--calib", type=int, default=256, help="held-out (val) images for scoring")
+        p.add_argument(
+            "--val-images",
+            type=int,
+            default=500,
+            help="other val images for the uniform comparison (0 = skip)",
+        )
+        p.add_argument("--seed", type=int, default=0)
+        _add_data_args(p)
+        _add_threads_arg(p)
+
+    p = sub.add_parser(
+        "search", help="search a per-layer policy under a budget (lipschitz, hessian, ans, uniform)"
+    )
+    selection_args(p)
+    p.add_argument("--method", choices=["lipschitz", "hessian", "ans", "uniform"], default="lipschitz")
+    p.add_argument(
+        "--no-refine", action="store_true", help="skip whole-network refinement of the MILP solution"
+    )
+    p.add_argument("--compare", action="store_true", help="run all four methods and print them side by side")
+    p.add_argument("--out", default=None, help="write the policy JSON")
+    p.add_argument("--plot", default=None, help="write the per-layer policy chart")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "validate-metric",
+        help="Spearman rank check: does the bound order random equal-cost policies like PGD error?",
+    )
+    selection_args(p)
+    p.add_argument("--n", type=int, default=20, help="number of random policies")
+    p.add_argument("--tolerance", type=float, default=0.05, help="relative cost tolerance around the budget")
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.png (scatter)")
+    p.set_defaults(func=cmd_validate_metric)
 
     p = sub.add_parser("demo", help="the main job on the shipped PGD-trained CNN (what `make demo` runs)")
     p.add_argument("--model", default="cnn-pgd")

@@ -92,7 +92,18 @@ def test_score_and_quantize_end_to_end(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "QuantLinear 2b mse" in res.stdout
-    res = run_cli("evaluate", "--model", str(tmp_path / "q.pt"), "--limit", "100", "--steps", "3", "--eps", "0.1", "--no-gradient-free")
+    res = run_cli(
+        "evaluate",
+        "--model",
+        str(tmp_path / "q.pt"),
+        "--limit",
+        "100",
+        "--steps",
+        "3",
+        "--eps",
+        "0.1",
+        "--no-gradient-free",
+    )
     assert res.returncode == 0, res.stderr
     assert "pgd" in res.stdout.lower()
 
@@ -100,3 +111,37 @@ def test_score_and_quantize_end_to_end(tmp_path):
 def test_zoo_listing():
     res = run_cli("zoo")
     assert res.returncode == 0 and "cnn-pgd" in res.stdout
+
+
+def test_search_cli_writes_policy_and_chart(tmp_path):
+    res = run_cli(
+        "search", "--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8", "--scalings", "max",
+        "--granularities", "per_channel", "--calib", "64", "--val-images", "100", "--out", str(tmp_path / "p.json"),
+        "--plot", str(tmp_path / "p.png"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    from aq_brevitas.policy import LayerwisePolicy
+
+    pol = LayerwisePolicy.load(tmp_path / "p.json")
+    assert pol.meta["cost"]["avg_weight_bits"] <= 4.0 and pol.meta["winner"] in ("search", "uniform")
+    assert (tmp_path / "p.png").stat().st_size > 1000 and "total:" in res.stdout
+
+
+def test_search_cli_infeasible_budget_names_minimum(tmp_path):
+    msg = _one_line_error(
+        run_cli(
+            "search",
+            "--model",
+            "cnn-pgd",
+            "--budget",
+            "avg-bits=1.5",
+            "--bits",
+            "2",
+            "4",
+            "--calib",
+            "32",
+            "--val-images",
+            "0",
+        )
+    )
+    assert "2" in msg and "budget" in msg.lower()

@@ -1,0 +1,201 @@
+"""Method comparison (METHOD.md "Baselines"): uniform / hessian / ans / lipschitz at equal budget.
+
+Models: the PGD-trained zoo nets. Budgets: avg 4 bits, avg 3 bits, and BOPs equal to uniform 4-bit's.
+Selection and calibration use the held-out `val` split only; accuracy is measured on the test split:
+PTQ (calibrated) clean + PGD-20 on `--ptq-images` test images (default: all 10,000), then 1 epoch of
+PGD-7 fine-tuning on `--ft-images` training images and clean + PGD-20 on `--ft-eval-images`.
+Identical policies are evaluated once (the table shows which methods coincided).
+
+Usage: python benchmarks/compare_methods.py [--models cnn-pgd vgg-pgd] [--seeds 0 1 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from aq_brevitas.candidates import candidate_table  # noqa: E402
+from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.evaluate import accuracy, attack_accuracy  # noqa: E402
+from aq_brevitas.finetune import adversarial_finetune  # noqa: E402
+from aq_brevitas.layers import quantizable_layers  # noqa: E402
+from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.policy import Budget, LayerSpec, LayerwisePolicy  # noqa: E402
+from aq_brevitas.search import search_policy  # noqa: E402
+from common import header  # noqa: E402
+
+METHODS = ("uniform", "hessian", "ans", "lipschitz")
+EPS = 0.1
+
+
+def budgets_for(model: torch.nn.Module) -> dict[str, Budget]:
+    w4 = LayerwisePolicy.uniform(quantizable_layers(model), LayerSpec(4))
+    return {
+        "avg-4": Budget(avg_weight_bits=4),
+        "avg-3": Budget(avg_weight_bits=3),
+        "bops=w4": Budget(bops=w4.cost(model).bops),
+    }
+
+
+def _selection(seed: int):
+    x, y = load_split("val")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    c, v = perm[:256], perm[256:756]
+    return (x[c], y[c]), (x[v], y[v])
+
+
+def _evaluate(model, policy, calib_x, test, ft_train, ft_test, seed):
+    torch.manual_seed(seed)
+    q = quantize(model, policy, calibration_data=calib_x).eval()
+    out = {
+        "ptq_clean": accuracy(q, *test),
+        "ptq_pgd": attack_accuracy(q, *test, "pgd", eps=EPS, steps=20, seed=seed),
+    }
+    t0 = time.perf_counter()
+    adversarial_finetune(
+        q, ft_train, eps=EPS, steps=7, epochs=1, lr=5e-4, batch_size=128, seed=seed, progress=False
+    )
+    out["ft_seconds"] = time.perf_counter() - t0
+    out["ft_clean"] = accuracy(q, *ft_test)
+    out["ft_pgd"] = attack_accuracy(q, *ft_test, "pgd", eps=EPS, steps=20, seed=seed)
+    return out
+
+
+def run_model(name: str, seeds, ptq_images, ft_images, ft_eval_images) -> dict:
+    model, _ = load_float_model(name)
+    test = load_split("test", limit=ptq_images, seed=0)
+    ft_test = load_split("test", limit=ft_eval_images, seed=1)
+    rows, evaluated = [], {}
+    for seed in seeds:
+        calib, val = _selection(seed)
+        t0 = time.perf_counter()
+        table = candidate_table(model, calib[0], seed=seed)
+        table_s = time.perf_counter() - t0
+        ft_train = load_split("train", limit=ft_images, seed=seed)
+        for bname, budget in budgets_for(model).items():
+            for method in METHODS:
+                t0 = time.perf_counter()
+                pol = search_policy(
+                    model,
+                    calib,
+                    budget=budget,
+                    method=method,
+                    eps=EPS,
+                    val_data=val,
+                    seed=seed,
+                    table=table,
+                    progress=False,
+                )
+                search_s = time.perf_counter() - t0 + table_s
+                key = json.dumps({n: s.to_dict() for n, s in sorted(pol.layers.items())}, sort_keys=True)
+                if (seed, key) not in evaluated:
+                    evaluated[(seed, key)] = _evaluate(model, pol, calib[0], test, ft_train, ft_test, seed)
+                res = evaluated[(seed, key)]
+                rows.append({"model": name, "seed": seed, "budget": bname, "method": method, "winner": pol.meta.get("winner"),
+                             "policy": {n: s.short() for n, s in pol.layers.items()}, "cost": pol.meta["cost"],
+                             "search_s": search_s, "timing": pol.meta.get("timing", {}), **res})  # fmt: skip
+                print(
+                    f"{name} seed={seed} {bname:8s} {method:9s} winner={pol.meta.get('winner')} ptq_pgd={res['ptq_pgd']:.4f} ft_pgd={res['ft_pgd']:.4f}",
+                    flush=True,
+                )
+    return {
+        "rows": rows,
+        "ptq_images": len(test[1]),
+        "ft_images": ft_images,
+        "ft_eval_images": len(ft_test[1]),
+    }
+
+
+def search_cost(name: str = "cnn-pgd") -> dict:
+    """Lipschitz scoring + MILP vs one PGD-20 evaluation of 1,000 images vs Hessian scoring (one run)."""
+    model, _ = load_float_model(name)
+    calib, _ = _selection(0)
+    t0 = time.perf_counter()
+    table = candidate_table(model, calib[0], seed=0)
+    table_s = time.perf_counter() - t0
+    x, y = load_split("test", limit=1000, seed=0)
+    t0 = time.perf_counter()
+    attack_accuracy(model, x, y, "pgd", eps=EPS, steps=20)
+    pgd_s = time.perf_counter() - t0
+    out = {"model": name, "candidate_table_s": table_s, "pgd20_1k_s": pgd_s}
+    for label, kw in {
+        "lipschitz_jacobian": {"method": "lipschitz"},
+        "lipschitz_spectral": {"method": "lipschitz", "estimate": "spectral"},
+        "hessian": {"method": "hessian"},
+    }.items():
+        pol = search_policy(
+            model,
+            calib,
+            budget=Budget(avg_weight_bits=4),
+            refine=False,
+            seed=0,
+            table=table,
+            progress=False,
+            **kw,
+        )
+        t = pol.meta["timing"]
+        out[label + "_s"] = (
+            t.get("adversarial_calibration_s", 0.0) + t.get("scoring_s", 0.0) + t.get("solve_s", 0.0)
+        )
+    out["lipschitz_vs_pgd20_1k"] = out["lipschitz_jacobian_s"] / pgd_s
+    out["spectral_vs_pgd20_1k"] = out["lipschitz_spectral_s"] / pgd_s
+    out["hessian_over_lipschitz"] = out["hessian_s"] / out["lipschitz_jacobian_s"]
+    out["hessian_over_spectral"] = out["hessian_s"] / out["lipschitz_spectral_s"]
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (model, budget, method)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget"], r["method"]), []).append(r)
+    out = []
+    for (m, b, meth), rs in groups.items():
+
+        def ms(k, rs=rs):
+            vals = [r[k] for r in rs]
+            return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+        out.append({"model": m, "budget": b, "method": meth, "n": len(rs), "winners": [r["winner"] for r in rs],
+                    **{k: ms(k) for k in ("ptq_clean", "ptq_pgd", "ft_clean", "ft_pgd", "search_s")},
+                    "avg_bits": statistics.mean(r["cost"]["avg_weight_bits"] for r in rs)})  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["cnn-pgd", "vgg-pgd"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--ptq-images", type=int, default=None, help="test images for PTQ numbers (default all 10k)"
+    )
+    p.add_argument("--ft-images", type=int, default=4096)
+    p.add_argument("--ft-eval-images", type=int, default=2000)
+    p.add_argument("--no-search-cost", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else [])
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    res = {"header": header(), "settings": vars(args), "models": {}}
+    for name in args.models:
+        res["models"][name] = run_model(
+            name, args.seeds, args.ptq_images, args.ft_images, args.ft_eval_images
+        )
+        res["models"][name]["summary"] = summarise(res["models"][name]["rows"])
+    if not args.no_search_cost:
+        res["search_cost"] = search_cost()
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
