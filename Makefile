@@ -7,7 +7,7 @@ STAMP := $(VENV)/.aq-installed
 DATA_DIR ?= $(or $(AQ_DATA_DIR),/usr/share/datasets/fashion-mnist)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup data demo test lint docs-check bench fuzz clean
+.PHONY: setup data demo test lint docs-check bench clean
 
 # The venv is rebuilt only when pyproject.toml changes; a second `make demo` installs nothing.
 $(STAMP): pyproject.toml
@@ -45,13 +45,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check aq_brevitas tests examples benchmarks
 
 docs-check: setup
-	$(PY) -m pytest -q tests/test_docs.py
+	$(PY) -m pytest -q tests/test_docs.py tests/test_examples.py
 
 bench: setup
 	$(PY) benchmarks/run_all.py
-
-fuzz: setup
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -973,6 +973,7 @@ def search_policy(
         )
         timing["solve_s"] = time.perf_counter() - t0
         choice = dict(solutions[0].choice)
+        milp_choice = dict(choice)
         refine_info: dict[str, Any] = {"done": False}
         if refine and not do_refine:
             refine_info["skipped"] = f"{method} is additive by definition; no whole-network measure"
@@ -1002,12 +1003,24 @@ def search_policy(
                 s_acc = _pgd_accuracy(
                     model, choice, (val[0][:n_val], val[1][:n_val]), x, eps=eps, steps=pgd_steps, seed=seed
                 )
-            winner = "search" if s_acc >= u_acc else "uniform"
-            final = choice if winner == "search" else dict(uni.layers)
+            # The refined policy is judged on held-out data too: if the knapsack's own solution does
+            # better there, refinement over-fitted the calibration images and is dropped.
+            m_acc = None
+            milp_full = {n: milp_choice[n] for n in table.layers}
+            if do_refine and any(reps[n][milp_full[n]] != reps[n][choice[n]] for n in table.layers):
+                m_acc = _pgd_accuracy(
+                    model, milp_full, (val[0][:n_val], val[1][:n_val]), x, eps=eps, steps=pgd_steps, seed=seed
+                )
+            options = [("search", s_acc, choice)]
+            if m_acc is not None:
+                options.append(("search-unrefined", m_acc, milp_full))
+            options.append(("uniform", u_acc, dict(uni.layers)))
+            winner, _, final = max(options, key=lambda o: o[1])  # ties keep the earlier option
             val_info = {
                 "images": n_val,
                 "pgd_steps": pgd_steps,
                 "search_pgd_accuracy": s_acc,
+                "unrefined_pgd_accuracy": m_acc,
                 "uniform_pgd_accuracy": u_acc,
                 "uniform_spec": u_spec.to_dict(),
                 "uniform_options": uni.meta["uniform"]["pgd_accuracy"],

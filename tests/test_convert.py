@@ -186,3 +186,14 @@ def test_quantized_checkpoint_round_trip(tmp_path, fmnist_test_1k):
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
     assert int(back.fc2.quant_weight().bit_width) == 1
+
+
+def test_bit_width_survives_state_dict_into_a_differently_built_layer():
+    from aq_brevitas.injectors import weight_quant_for
+
+    src = qnn.QuantLinear(12, 5, weight_quant=weight_quant_for(LayerSpec(3, "mse", "per_channel")))
+    dst = qnn.QuantLinear(12, 5, weight_quant=weight_quant_for(LayerSpec(8, "mse", "per_channel")))
+    src.quant_weight(), dst.quant_weight()  # MSE scales are initialised on first use
+    dst.load_state_dict(src.state_dict())
+    assert int(dst.quant_weight().bit_width) == 3
+    assert torch.equal(dst.quant_weight().value, src.quant_weight().value)

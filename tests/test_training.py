@@ -71,3 +71,24 @@ def test_plain_training_lowers_loss(fmnist_val_512):
     )
     assert h.epochs[1].loss < h.epochs[0].loss
     assert h.epochs[0].adv_acc is None and h.epochs[0].clean_acc is not None
+
+
+def test_trades_and_clean_mixing_train(fmnist_val_512):
+    data = (fmnist_val_512[0][:256], fmnist_val_512[1][:256])
+    for kwargs in ({"trades_beta": 6.0}, {"clean_weight": 0.5}):
+        torch.manual_seed(0)
+        model = build_model("small_cnn")
+        h = adversarial_train(
+            model,
+            data,
+            eps=0.1,
+            steps=2,
+            epochs=3,
+            lr=2e-3,
+            optimizer="adam",
+            batch_size=32,
+            progress=False,
+            **kwargs,
+        )
+        assert h.epochs[-1].loss < h.epochs[0].loss, kwargs
+        assert h.epochs[0].clean_acc is not None and h.epochs[0].adv_acc is not None
