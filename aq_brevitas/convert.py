@@ -326,7 +326,7 @@ def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a quantized reference model from :func:`save_quantized` output."""
     import brevitas.config
 
-    from .models import build_model, check_finite
+    from .models import build_model, load_weights
     from .storage import load_checkpoint, read_sidecar
 
     state = load_checkpoint(path)
@@ -351,14 +351,8 @@ def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
     old = brevitas.config.IGNORE_MISSING_KEYS
     brevitas.config.IGNORE_MISSING_KEYS = True  # activation scales exist only after calibration
     try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path} does not fit its recorded policy/architecture ({str(exc).splitlines()[0][:100]})",
-            "re-create it with `aq-brevitas quantize`",
-        ) from None
+        load_weights(model, state["state_dict"], path, "recorded policy/architecture")
     finally:
         brevitas.config.IGNORE_MISSING_KEYS = old
-    check_finite(model, str(path))
     model.aq_policy = policy
     return model.eval(), meta

@@ -6,8 +6,10 @@ subclass the torch layers, so the same test finds them in models that are alread
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +28,18 @@ UNSUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
     nn.Embedding,
 )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm on running stats, examples independent), restoring each module's own flag."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:

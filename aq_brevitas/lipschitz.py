@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConfigError, ModelError
-from .layers import QUANTIZABLE_TYPES, layer_macs, quantizable_layers
+from .layers import QUANTIZABLE_TYPES, eval_mode, layer_macs, quantizable_layers
 
 _BLOCK = 4  # vectors per power iteration: convergence at rate (σ₅/σ₁)² instead of (σ₂/σ₁)²
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
@@ -50,18 +49,6 @@ def _as_tensor(value: Any) -> torch.Tensor | None:
         return value
     inner = getattr(value, "value", None)
     return inner if isinstance(inner, torch.Tensor) else None
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm on running stats, examples independent), restoring each module's own flag."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 # ------------------------------------------------------------------------------------ operator norm
@@ -351,7 +338,7 @@ def is_chain(model: nn.Module, example_inputs: torch.Tensor) -> bool:
         return False
     flags = _TensorFlags(gm)
     try:
-        with _eval_mode(gm), torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             flags.run(example_inputs)
     except Exception:  # a graph that traces but does not run as traced is no chain we can vouch for
         return False
@@ -471,7 +458,7 @@ def local_jacobian_norm(
     """
     _check_inputs(x)
     x = x.detach()
-    with _eval_mode(model):
+    with eval_mode(model):
         sig, _ = _jacobian_sigmas(
             lambda d: _output_tensor(model(x + d)),
             tuple(x.shape),
@@ -565,7 +552,7 @@ def lipschitz_scores(
         )
     modules = dict(model.named_modules())
     x = example_inputs.detach()
-    with _eval_mode(model):
+    with eval_mode(model):
         seen: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {}
         shared: list[str] = []
 

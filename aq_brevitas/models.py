@@ -195,12 +195,19 @@ def load_float_model(name_or_path: str) -> tuple[nn.Module, dict]:
             f'add {path.with_suffix(".json")} with {{"arch": ...}}',
         )
     model = build_model(meta["arch"])
+    load_weights(model, state["state_dict"], path, f"architecture {meta['arch']!r}")
+    return model.eval(), meta
+
+
+def load_weights(model: nn.Module, state_dict: dict, path, what: str) -> None:
+    """``load_state_dict`` with a one-line error naming the file, then refuse NaN/Inf weights."""
+    from .errors import CheckpointError
+
     try:
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {path} does not fit architecture {meta['arch']!r} ({str(exc).splitlines()[0][:100]})",
-            "pass the matching --arch or checkpoint",
+            f"checkpoint {path} does not fit its {what} ({str(exc).splitlines()[0][:100]})",
+            "re-create it, or pass the checkpoint that matches",
         ) from None
     check_finite(model, str(path))
-    return model.eval(), meta

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from .attacks import check_eps, make_attack
 from .candidates import CandidateRow, CandidateTable, candidate_table, quantized_weight
 from .errors import ConfigError, PolicyError
+from .layers import eval_mode
 from .policy import BUDGET_KINDS, Budget, LayerSpec, LayerwisePolicy, cost_of, layer_cost
 
 METHODS = ("lipschitz", "hessian", "ans", "uniform")
@@ -92,22 +93,11 @@ def _as_xy(
     if y is None:
         if model is None:
             raise ConfigError(f"{what} has no labels", "pass (images, labels)")
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             y = torch.cat([model(b).argmax(1) for b in x.split(256)])
     if len(y) != len(x):
         raise ConfigError(f"{what}: {len(x)} images but {len(y)} labels", "pass matching images and labels")
     return x.detach(), y.long().detach()
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 @contextlib.contextmanager
@@ -222,7 +212,7 @@ def adversarial_calibration(
 
     eps = check_eps(eps)
     x, y = _as_xy(calib_data, model)
-    with _eval(model):
+    with eval_mode(model):
         if eps == 0:
             x_adv, name = x.clone(), "none (eps=0)"
         else:
@@ -263,10 +253,10 @@ def network_deviation(
         from .convert import quantize
 
         q = quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib.x)
-        with _eval(q):
+        with eval_mode(q):
             return _deviation(q, calib)
     cache = cache or WeightCache(model)
-    with _eval(model), swapped_weights(model, {n: cache(n, s) for n, s in specs.items()}):
+    with eval_mode(model), swapped_weights(model, {n: cache(n, s) for n, s in specs.items()}):
         return _deviation(model, calib)
 
 
@@ -368,7 +358,7 @@ def hessian_traces(
     try:
         for w in weights:
             w.requires_grad_(True)
-        with _eval(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             loss = F.cross_entropy(model(x), y)
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for _ in range(n_samples):
@@ -413,7 +403,7 @@ def ans_sensitivity(
     eps = check_eps(eps)
     x, y = _as_xy(calib_data, model)
     modules = dict(model.named_modules())
-    with _eval(model):
+    with eval_mode(model):
         atk = make_attack("fgsm", model, eps=eps, seed=seed)
         with _seeded(seed):
             x_adv = atk(x, y).detach() if eps > 0 else x.clone()
@@ -914,7 +904,7 @@ def search_policy(
     x, y = _as_xy(calib_data, model)
     timing: dict[str, float] = {}
     calib: AdversarialCalibration | None = None
-    with _eval(model):
+    with eval_mode(model):
         if table is None:
             _precheck(model, x, candidates, budget)  # before any attack or power iteration
         t0 = time.perf_counter()
@@ -1194,7 +1184,7 @@ def validate_metric(
     budget = _budget(budget)
     x, y = _as_xy(calib_data, model)
     ex, ey = _as_xy(eval_data, model, "evaluation data")
-    with _eval(model):
+    with eval_mode(model):
         calib = adversarial_calibration(model, (x, y), eps=eps, seed=seed) if estimate == "jacobian" else None
         if table is None:
             table = candidate_table(model, calib.x_adv if calib else x, candidates, gains=(), seed=seed)
