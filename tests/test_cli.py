@@ -123,7 +123,11 @@ def test_search_cli_writes_policy_and_chart(tmp_path):
     from aq_brevitas.policy import LayerwisePolicy
 
     pol = LayerwisePolicy.load(tmp_path / "p.json")
-    assert pol.meta["cost"]["avg_weight_bits"] <= 4.0 and pol.meta["winner"] in ("search", "search-unrefined", "uniform")
+    assert pol.meta["cost"]["avg_weight_bits"] <= 4.0 and pol.meta["winner"] in (
+        "search",
+        "search-unrefined",
+        "uniform",
+    )
     assert (tmp_path / "p.png").stat().st_size > 1000 and "total:" in res.stdout
 
 
