@@ -34,8 +34,13 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_torch(args: argparse.Namespace) -> None:
+    import warnings
+
     import torch
 
+    # Known, harmless import-time warnings of Brevitas 0.13.4 (see docs/troubleshooting.md).
+    warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+    warnings.filterwarnings("ignore", message="brevitas.fx is deprecated")
     torch.set_num_threads(max(1, args.threads))
     # Adam + weight decay leave many weights denormal; without flushing, CPU convs run ~5x slower.
     torch.set_flush_denormal(True)
@@ -317,25 +322,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_split
     from .evaluate import accuracy, attack_accuracy
     from .models import load_float_model
-    from .study import uniform_policy
+    from .policy import Budget, LayerSpec, LayerwisePolicy
+    from .search import search_policy
 
     model, meta = load_float_model(args.model)
     x, y = load_split("test", args.data_dir, limit=args.limit, seed=0)
-    calib = load_split("val", args.data_dir, limit=256, seed=0)[0]
+    vx, vy = load_split("val", args.data_dir)
+    calib, held_out = (vx[:256], vy[:256]), (vx[256:756], vy[256:756])
     print(
-        f"{args.model}: {meta['arch']} trained with PGD-{meta.get('attack_steps')} at eps={meta.get('eps')}; {len(y)} Fashion-MNIST test images, PGD-{args.steps} at eps={args.eps}"
+        f"{args.model}: {meta['arch']} trained with PGD-{meta.get('attack_steps')} at eps={meta.get('eps')}"
     )
-    print(f"{'model':<26} {'clean':>7} {'PGD':>7}")
-    rows = [("float", model)] + [
+    print(
+        f"searching a policy at avg {args.bits} weight bits on 256 held-out training images ...", flush=True
+    )
+    policy = search_policy(
+        model, calib, budget=Budget(avg_weight_bits=args.bits), eps=args.eps, val_data=held_out, progress=True
+    )
+    print(policy)
+    v = policy.meta["validation"]
+    uni_spec = LayerSpec.from_dict(v["uniform_spec"])
+    print(f"kept: {policy.meta['winner']}; held-out PGD-{v['pgd_steps']} accuracy on {v['images']} images: "
+          f"searched {v['search_pgd_accuracy']:.3f}, unrefined {v['unrefined_pgd_accuracy'] or float('nan'):.3f}, "
+          f"best uniform ({uni_spec.short()}) {v['uniform_pgd_accuracy']:.3f}")  # fmt: skip
+    uniform = LayerwisePolicy.uniform(policy.layers, uni_spec)
+    rows = [
+        ("float", model, 32.0),
         (
-            f"uniform w{b}a8 (Brevitas)",
-            quantize(model, uniform_policy(model, b), calibration_data=calib).eval(),
-        )
-        for b in args.bits
+            f"best uniform {uni_spec.short()}",
+            quantize(model, uniform, calibration_data=calib[0]).eval(),
+            float(uni_spec.weight_bit_width),
+        ),
+        (
+            f"aq-brevitas @ avg {args.bits:g}b",
+            quantize(model, policy, calibration_data=calib[0]).eval(),
+            policy.meta["cost"]["avg_weight_bits"],
+        ),
     ]
-    for label, m in rows:
+    print(f"\n{len(y)} Fashion-MNIST test images, PGD-{args.steps} at eps={args.eps}")
+    print(f"{'model':<28} {'avg bits':>8} {'clean':>7} {'PGD':>7}")
+    for label, m, bits in rows:
         print(
-            f"{label:<26} {accuracy(m, x, y):7.4f} {attack_accuracy(m, x, y, 'pgd', eps=args.eps, steps=args.steps, progress=True):7.4f}"
+            f"{label:<28} {bits:8.2f} {accuracy(m, x, y):7.4f} {attack_accuracy(m, x, y, 'pgd', eps=args.eps, steps=args.steps, progress=True):7.4f}"
         )
     return 0
 
@@ -646,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the shipped PGD-trained CNN (what `make demo` runs)")
     p.add_argument("--model", default="cnn-pgd")
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
+    p.add_argument("--bits", type=float, default=3.0, help="average weight-bit budget")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--limit", type=int, default=2000, help="test images")

@@ -149,3 +149,9 @@ def test_search_cli_infeasible_budget_names_minimum(tmp_path):
         )
     )
     assert "2" in msg and "budget" in msg.lower()
+
+
+def test_demo_runs_and_compares_with_uniform():
+    res = run_cli("demo", "--limit", "100", "--steps", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "best uniform" in res.stdout and "aq-brevitas @ avg 3b" in res.stdout
