@@ -33,6 +33,10 @@ _EXPORTS: dict[str, str] = {
     "RobustnessReport": "evaluate",
     "search_policy": "search",
     "validate_metric": "search",
+    "export_qonnx": "export",
+    "export_qcdq": "export",
+    "inference_cost": "export",
+    "finn_check": "export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -484,6 +484,38 @@ def cmd_validate_metric(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .data import load_split
+    from .errors import ModelError
+    from .export import cost_table, export_qcdq, export_qonnx, finn_check, inference_cost
+
+    model, meta = _load_any_model(args.model)
+    if meta.get("kind") != "brevitas":
+        raise ModelError(f"{args.model} is a float model", "quantize it first with `aq-brevitas quantize`")
+    x, _ = load_split("test", args.data_dir, limit=args.images + 1, seed=0)
+    export = export_qonnx if args.format == "qonnx" else export_qcdq
+    res = export(model, args.out, x[:1], images=x[1:], tol=args.tol)
+    print(
+        f"wrote {res.path} ({res.format}); max |ONNX - PyTorch| = {res.max_abs_diff:.3g} on {res.images_checked} real images"
+    )
+    if res.ort_basic_diff is not None:
+        print(f"  (with onnxruntime BASIC graph optimisations: {res.ort_basic_diff:.3g})")
+    if res.layer_bits:
+        print(
+            "weight bits in the graph: "
+            + ", ".join(
+                f"{n}={b}" + (" (BipolarQuant)" if n in res.bipolar_layers else "")
+                for n, b in res.layer_bits.items()
+            )
+        )
+    if args.format == "qonnx":
+        print(cost_table(inference_cost(res.path)))
+        for c in finn_check(res.path, getattr(model, "aq_policy", None)):
+            print(f"FINN check {c.name:<26} {'ok' if c.passed else 'FAIL'}  {c.detail}")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from .models import ZOO_DIR, zoo_names
     from .storage import read_sidecar
@@ -670,6 +702,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.png (scatter)")
     p.set_defaults(func=cmd_validate_metric)
+
+    p = sub.add_parser(
+        "export", help="export a quantized checkpoint to QONNX (FINN) or QCDQ (onnxruntime), parity-checked"
+    )
+    p.add_argument(
+        "--model", required=True, help="quantized checkpoint from `aq-brevitas quantize` or `finetune`"
+    )
+    p.add_argument("--format", choices=["qonnx", "qcdq"], default="qonnx")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--images", type=int, default=8, help="real test images for the parity check")
+    p.add_argument("--tol", type=float, default=1e-5, help="max allowed |ONNX - PyTorch| on the logits")
+    _add_data_args(p)
+    _add_threads_arg(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the shipped PGD-trained CNN (what `make demo` runs)")
     p.add_argument("--model", default="cnn-pgd")
