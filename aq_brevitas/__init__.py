@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "export_qcdq": "export",
     "inference_cost": "export",
     "finn_check": "export",
+    "to_qconfig_mapping": "ao",
+    "PolicyQuantizer": "ao",
 }
 
 __all__ = sorted(_EXPORTS)
