@@ -35,7 +35,7 @@ data:
 	fi
 
 demo: setup
-	$(VENV)/bin/aq-brevitas demo
+	$(VENV)/bin/aq-brevitas run --model cnn-pgd --budget avg-bits=3 --eps 0.1 --out runs/demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) -q

@@ -316,54 +316,22 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     _setup_torch(args)
-    from .convert import quantize
-    from .data import load_split
-    from .evaluate import accuracy, attack_accuracy
-    from .models import load_float_model
-    from .policy import Budget, LayerSpec, LayerwisePolicy
-    from .search import search_policy
+    from .pipeline import RunConfig, run
 
-    model, meta = load_float_model(args.model)
-    x, y = load_split("test", args.data_dir, limit=args.limit, seed=0)
-    vx, vy = load_split("val", args.data_dir)
-    calib, held_out = (vx[:256], vy[:256]), (vx[256:756], vy[256:756])
+    cfg = RunConfig(
+        budget=args.budget, eps=args.eps, method=args.method, calib_images=args.calib, val_images=args.val_images,
+        finetune_images=args.finetune_images or None, finetune_epochs=args.epochs, finetune_steps=args.finetune_steps,
+        test_images=args.test_images or None, pgd_steps=args.steps, seed=args.seed, data_dir=args.data_dir,
+    )  # fmt: skip
+    result = run(args.model, args.out, cfg, force=args.force)
+    print()
+    print(result.summary_table())
     print(
-        f"{args.model}: {meta['arch']} trained with PGD-{meta.get('attack_steps')} at eps={meta.get('eps')}"
+        f"\nreport: {result.out}/report.md ({result.seconds:.0f} s"
+        + (f"; skipped done stages: {', '.join(result.skipped)})" if result.skipped else ")")
     )
-    print(
-        f"searching a policy at avg {args.bits} weight bits on 256 held-out training images ...", flush=True
-    )
-    policy = search_policy(
-        model, calib, budget=Budget(avg_weight_bits=args.bits), eps=args.eps, val_data=held_out, progress=True
-    )
-    print(policy)
-    v = policy.meta["validation"]
-    uni_spec = LayerSpec.from_dict(v["uniform_spec"])
-    print(f"kept: {policy.meta['winner']}; held-out PGD-{v['pgd_steps']} accuracy on {v['images']} images: "
-          f"searched {v['search_pgd_accuracy']:.3f}, unrefined {v['unrefined_pgd_accuracy'] or float('nan'):.3f}, "
-          f"best uniform ({uni_spec.short()}) {v['uniform_pgd_accuracy']:.3f}")  # fmt: skip
-    uniform = LayerwisePolicy.uniform(policy.layers, uni_spec)
-    rows = [
-        ("float", model, 32.0),
-        (
-            f"best uniform {uni_spec.short()}",
-            quantize(model, uniform, calibration_data=calib[0]).eval(),
-            float(uni_spec.weight_bit_width),
-        ),
-        (
-            f"aq-brevitas @ avg {args.bits:g}b",
-            quantize(model, policy, calibration_data=calib[0]).eval(),
-            policy.meta["cost"]["avg_weight_bits"],
-        ),
-    ]
-    print(f"\n{len(y)} Fashion-MNIST test images, PGD-{args.steps} at eps={args.eps}")
-    print(f"{'model':<28} {'avg bits':>8} {'clean':>7} {'PGD':>7}")
-    for label, m, bits in rows:
-        print(
-            f"{label:<28} {bits:8.2f} {accuracy(m, x, y):7.4f} {attack_accuracy(m, x, y, 'pgd', eps=args.eps, steps=args.steps, progress=True):7.4f}"
-        )
     return 0
 
 
@@ -717,15 +685,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_arg(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the main job on the shipped PGD-trained CNN (what `make demo` runs)")
-    p.add_argument("--model", default="cnn-pgd")
-    p.add_argument("--bits", type=float, default=3.0, help="average weight-bit budget")
+    p = sub.add_parser(
+        "run", help="the whole job: score, search, quantize, fine-tune, evaluate, export, report (resumable)"
+    )
+    p.add_argument("--model", required=True, help="float zoo name or checkpoint")
+    p.add_argument("--budget", default="avg-bits=3", help="avg-bits=N, bytes=N, kib=N or bops=N")
     p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--limit", type=int, default=2000, help="test images")
+    p.add_argument("--out", required=True, help="output directory (created; re-running resumes)")
+    p.add_argument("--method", choices=["lipschitz", "hessian", "ans"], default="lipschitz")
+    p.add_argument("--calib", type=int, default=256, help="held-out training images for scoring")
+    p.add_argument(
+        "--val-images", type=int, default=500, help="other held-out images for the uniform comparison"
+    )
+    p.add_argument(
+        "--finetune-images", type=int, default=4096, help="training subset for fine-tuning (0 = all)"
+    )
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
+    p.add_argument("--finetune-steps", type=int, default=7, help="PGD steps during fine-tuning")
+    p.add_argument("--test-images", type=int, default=2000, help="test images for the report (0 = all 10k)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps for evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="redo every stage")
     _add_data_args(p)
     _add_threads_arg(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("zoo", help="list the shipped models and their measured accuracy")
     p.set_defaults(func=cmd_zoo)

@@ -143,3 +143,21 @@ def plot_metric_validation(
     ax.legend(fontsize=8)
     ax.set_title(title)
     _save(plt, fig, path)
+
+
+def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> None:
+    """Clean and PGD accuracy bars per model (float, uniform, aq-brevitas)."""
+    import numpy as np
+
+    plt, fig, ax = _figure(6.5, 3.6)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [100 * r["clean"] for r in rows], 0.4, label="clean")
+    ax.bar(x + 0.2, [100 * r["pgd"] for r in rows], 0.4, label="PGD")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['avg_bits']:.2f} b", (i, 2), ha="center", fontsize=8, color="white")
+    ax.set_xticks(x, [r["name"] for r in rows], rotation=10)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    _save(plt, fig, path)

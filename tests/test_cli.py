@@ -151,7 +151,24 @@ def test_search_cli_infeasible_budget_names_minimum(tmp_path):
     assert "2" in msg and "budget" in msg.lower()
 
 
-def test_demo_runs_and_compares_with_uniform():
-    res = run_cli("demo", "--limit", "100", "--steps", "3")
+def test_run_pipeline_end_to_end_and_resume(tmp_path):
+    args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "r"), "--calib", "64", "--val-images", "100",
+            "--finetune-images", "128", "--finetune-steps", "2", "--test-images", "100", "--steps", "3"]  # fmt: skip
+    res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "best uniform" in res.stdout and "aq-brevitas @ avg 3b" in res.stdout
+    for f in (
+        "report.md",
+        "report.json",
+        "policy.json",
+        "policy.png",
+        "robustness.png",
+        "comparison.png",
+        "model.onnx",
+    ):
+        assert (tmp_path / "r" / f).stat().st_size > 0, f
+    assert "uniform (avg-bits=3)" in res.stdout and "aq-brevitas (avg-bits=3)" in res.stdout
+    again = run_cli(*args)
+    assert (
+        again.returncode == 0
+        and "skipped done stages: score, search, quantize, finetune, evaluate, export, report" in again.stdout
+    )
