@@ -71,7 +71,7 @@ def api_reference() -> str:
             "",
             f"{kind} in `{obj.__module__}`",
             "",
-            "```python",
+            "```text",
             f"{name}{sig}",
             "```",
             "",

@@ -54,13 +54,21 @@ args = parser.parse_args()
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
 torch.manual_seed(0)
-n_train, n_calib, n_val, n_ft, n_test = (2048, 64, 100, 256, 200) if args.fast else (16384, 256, 500, 4096, 2000)
+fast = args.fast
+n_train, epochs = (4096, 1) if fast else (16384, 2)
+n_calib, n_val, n_ft, n_test = (64, 100, 256, 200) if fast else (256, 500, 4096, 2000)
 t_start = time.perf_counter()
 
 # 1. The user's model, trained briefly with plain QAT (eps=0: no attack), so it is not random.
 model = MyBrevitasNet()
 aq.adversarial_finetune(
-    model, aq.load_split("train", limit=n_train, seed=1), eps=0.0, epochs=1, lr=2e-3, progress=False
+    model,
+    aq.load_split("train", limit=n_train, seed=1),
+    eps=0.0,
+    epochs=epochs,
+    lr=3e-3,
+    batch_size=64,
+    progress=False,
 )
 x_test, y_test = aq.load_split("test", limit=n_test)
 print(f"trained 8-bit model: clean {aq.accuracy(model, x_test, y_test):.3f} on {n_test} test images")
