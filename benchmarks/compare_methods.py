@@ -170,8 +170,28 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def merge(paths: list[str]) -> dict:
+    """Combine runs made separately (e.g. one process per seed) into one result with fresh summaries."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    res = {"header": parts[0]["header"], "settings": dict(parts[0]["settings"]), "models": {}}
+    res["settings"]["seeds"] = sorted({s for p in parts for s in p["settings"]["seeds"]})
+    for part in parts:
+        for name, m in part["models"].items():
+            tgt = res["models"].setdefault(
+                name, {k: v for k, v in m.items() if k not in ("rows", "summary")} | {"rows": []}
+            )
+            tgt["rows"] += m["rows"]
+        if "search_cost" in part:
+            res["search_cost"] = part["search_cost"]
+    for m in res["models"].values():
+        m["rows"].sort(key=lambda r: (r["seed"], r["budget"], METHODS.index(r["method"])))
+        m["summary"] = summarise(m["rows"])
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
+    p.add_argument("--merge", nargs="+", default=None, help="merge result files instead of running")
     p.add_argument("--models", nargs="+", default=["cnn-pgd", "vgg-pgd"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
@@ -184,6 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv if argv is not None else sys.argv[1:] if __name__ == "__main__" else [])
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    if args.merge:
+        res = merge(args.merge)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+        return res
     res = {"header": header(), "settings": vars(args), "models": {}}
     for name in args.models:
         res["models"][name] = run_model(

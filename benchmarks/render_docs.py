@@ -91,6 +91,29 @@ def _compare(res: dict) -> list[str]:
     return out
 
 
+def _export(res: dict) -> list[str]:
+    out = [
+        "## Export parity",
+        "",
+        f"`python benchmarks/export_parity.py` — {res['header']}. Mixed policies (8/5/3/2/1/4 bits cycling over the layers,",
+        "per-channel and per-tensor, max/mse/po2/percentile, calibrated input quantizers); real test images.",
+        "",
+        "| model | format | images | max abs diff vs PyTorch | onnxruntime BASIC | weight bits in file / policy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        bits = (
+            f"{r['exported_weight_bits']:.0f} / {r['policy_weight_bits']}"
+            if "policy_weight_bits" in r
+            else "-"
+        )
+        basic = f"{r['ort_basic_diff']:.1e}" if r.get("ort_basic_diff") is not None else "-"
+        out.append(
+            f"| {r['model']} | {r['format']} | {r['images']} | {r['max_abs_diff']:.1e} | {basic} | {bits} |"
+        )
+    return out + [""]
+
+
 def render_benchmarks(results: dict[str, dict]) -> str:
     lines = [
         "# Benchmarks",
@@ -102,6 +125,8 @@ def render_benchmarks(results: dict[str, dict]) -> str:
     ]
     if "finetune_speed" in results:
         lines += _finetune(results["finetune_speed"])
+    if "export_parity" in results:
+        lines += _export(results["export_parity"])
     if "compare_methods" in results:
         lines += _compare(results["compare_methods"])
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
-BENCHMARKS = ["finetune_speed", "compare_methods"]
+BENCHMARKS = ["finetune_speed", "export_parity", "compare_methods"]
 
 
 def run(names: list[str]) -> None:

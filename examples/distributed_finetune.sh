@@ -16,11 +16,14 @@ fi
 
 bin="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
 if [[ -x "$bin/aq-brevitas" && -x "$bin/torchrun" ]]; then
-    aq="$bin/aq-brevitas" torchrun="$bin/torchrun" python="$bin/python"
+    aq="$bin/aq-brevitas" torchrun="$bin/torchrun"
+elif command -v aq-brevitas >/dev/null && command -v torchrun >/dev/null; then
+    aq="$(command -v aq-brevitas)" torchrun="$(command -v torchrun)"
 else
-    aq="$(command -v aq-brevitas)" torchrun="$(command -v torchrun)" python="$(command -v python3)"
+    echo "error: aq-brevitas/torchrun not found in $bin or on PATH; run 'make setup' first" >&2
+    exit 1
 fi
-export OMP_NUM_THREADS=1 PYTHONWARNINGS="ignore::UserWarning"
+export OMP_NUM_THREADS=1
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -51,4 +54,3 @@ echo "fine-tuning took $((SECONDS - start)) s"
 
 echo "== evaluate on $test_images test images"
 "$aq" evaluate --model "$work/ft.pt" --eps 0.1 --limit "$test_images" "${eval_args[@]}"
-"$python" -c 'import json, sys; m = json.load(open(sys.argv[1])); print("world size recorded:", m["finetune"]["world_size"])' "$work/ft.json"

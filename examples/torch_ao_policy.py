@@ -30,7 +30,7 @@ torch.set_flush_denormal(True)
 # torch 2.13 emits a DeprecationWarning on every FX quantization call; Brevitas one at import.
 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization.*")
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
-n_test, pgd_steps = (300, 5) if args.fast else (1000, 20)
+n_test, pgd_steps = (300, 10) if args.fast else (1000, 20)
 t_start = time.perf_counter()
 
 model, _ = aq.load_float_model("cnn-pgd")
@@ -60,7 +60,9 @@ print(f"accuracy on {n_test} test images:")
 report("float", model)
 
 # Brevitas (8-bit activations, as torch.ao static quantization always uses them) as the reference.
-brevitas_policy = aq.LayerwisePolicy({n: aq.LayerSpec(**{**s.to_dict(), "act_bit_width": 8}) for n, s in policy.layers.items()})
+brevitas_policy = aq.LayerwisePolicy(
+    {n: aq.LayerSpec(**{**s.to_dict(), "act_bit_width": 8}) for n, s in policy.layers.items()}
+)
 report("Brevitas", aq.quantize(model, brevitas_policy, calibration_data=calib_x))
 
 # FX graph mode: the policy as a QConfigMapping (fake-quant for QAT; conv-relu pairs are fused).

@@ -1,0 +1,79 @@
+"""Export parity: QONNX (qonnx execution) and QCDQ (onnxruntime) against PyTorch, on real test images.
+
+Mixed policies cycle 8/5/3/2/1/4-bit weights (per-channel and per-tensor; max, mse, po2, percentile)
+with calibrated input quantizers over the layers of each model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.export import export_qcdq, export_qonnx, inference_cost  # noqa: E402
+from aq_brevitas.layers import quantizable_layers  # noqa: E402
+from aq_brevitas.models import build_model, load_float_model  # noqa: E402
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+from common import header  # noqa: E402
+
+MIX = [
+    LayerSpec(8, "max", "per_channel", act_bit_width=8),
+    LayerSpec(5, "mse", "per_tensor", act_bit_width=8),
+    LayerSpec(3, "po2", "per_channel", act_bit_width=8),
+    LayerSpec(2, "percentile", "per_tensor", act_bit_width=6),
+    LayerSpec(1, "max", "per_tensor", act_bit_width=4),
+    LayerSpec(4, "po2", "per_tensor", act_bit_width=8),
+]
+
+
+def main() -> dict:
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    calib = load_split("val", limit=64, seed=0)[0]
+    test = load_split("test", limit=33, seed=0)[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("cnn-pgd", "vgg-pgd", "vgg-pgd+fold", "small_resnet"):
+            if name == "small_resnet":
+                torch.manual_seed(0)
+                model = build_model("small_resnet").train()
+                with torch.no_grad():
+                    model(calib)
+                model.eval()
+            else:
+                model = load_float_model(name.split("+")[0])[0]
+            layers = list(quantizable_layers(model))
+            policy = LayerwisePolicy(dict(zip(layers, itertools.cycle(MIX), strict=False)))
+            q = quantize(model, policy, calibration_data=calib, fold_bn=name.endswith("fold")).eval()
+            res = export_qonnx(q, f"{tmp}/m.onnx", test[:1], images=test[1:])
+            rows.append({
+                "model": name, "format": "qonnx", "images": res.images_checked, "max_abs_diff": res.max_abs_diff,
+                "layer_bits": res.layer_bits, "exported_weight_bits": inference_cost(f"{tmp}/m.onnx")["total"]["total_mem_w_bits"],
+                "policy_weight_bits": policy.cost(q, test[:1]).weight_bits,
+            })  # fmt: skip
+        model = load_float_model("cnn-pgd")[0]
+        for spec in (LayerSpec(8, act_bit_width=8), LayerSpec(4, act_bit_width=8), LayerSpec(4)):
+            q = quantize(model, LayerwisePolicy(default=spec), calibration_data=calib).eval()
+            res = export_qcdq(q, f"{tmp}/q.onnx", test[:1], images=test[1:])
+            rows.append(
+                {
+                    "model": f"cnn-pgd {spec.short()}",
+                    "format": "qcdq",
+                    "images": res.images_checked,
+                    "max_abs_diff": res.max_abs_diff,
+                    "ort_basic_diff": res.ort_basic_diff,
+                }
+            )
+    return {"header": header(), "rows": rows}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(main(), indent=2))
