@@ -148,11 +148,24 @@ def export_qonnx(
                 "report this model; or pass tol= if the difference is expected",
             )
         bits, bipolar = _layer_bits(mw, model)
+        _onnx_check(mw.model)
         atomic_write_with(path, lambda tmp: mw.save(str(tmp)))
     policy = getattr(model, "aq_policy", None)
     return ExportResult(
         str(path), "qonnx", diff, n, bits, bipolar, policy.to_dict() if policy else None, opset
     )
+
+
+def _onnx_check(model_proto: Any) -> None:
+    """``onnx.checker`` on what is about to be written (QONNX custom ops live in their own domain)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model_proto)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(
+            f"exported graph fails onnx.checker ({str(exc).splitlines()[0][:120]})", "report this model"
+        ) from None
 
 
 def _qonnx_parity(
@@ -203,6 +216,9 @@ def export_qcdq(
                 "report this model; or pass tol= if the difference is expected",
             )
         basic = _ort_parity(raw, model, x, images, "ORT_ENABLE_BASIC")[0] if check else None
+        import onnx
+
+        _onnx_check(onnx.load(str(raw)))
         atomic_write_with(path, lambda tmp: tmp.write_bytes(raw.read_bytes()))
     return ExportResult(
         str(path), "qcdq", diff, n, {}, [], policy.to_dict() if policy else None, opset, basic
