@@ -730,6 +730,7 @@ def best_uniform(
         rule = "relative_weight_error"
     meta = {
         "method": "uniform",
+        "winner": "uniform",
         "budget": budget.to_dict(),
         "cost": _achieved(table, {n: best for n in layers}),
         "eps": eps,

@@ -75,7 +75,7 @@ int_fx = convert_fx(copy.deepcopy(prepared))
 print("FX fc1 weight integers:", int_fx.fc1.weight().int_repr().unique().tolist())
 report("FX", prepared, int_fx)
 
-# PT2E: torch.export + torchao prepare_pt2e with the policy as a Quantizer.
+# PT2E: torch.export + torchao prepare_qat_pt2e with the policy as a Quantizer.
 try:
     import torchao  # noqa: F401
 except ImportError as exc:

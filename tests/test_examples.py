@@ -17,3 +17,12 @@ def test_example_runs(script):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip()
+
+
+def test_distributed_finetune_script_runs():
+    script = REPO / "examples" / "distributed_finetune.sh"
+    res = subprocess.run(
+        ["bash", str(script), "--fast"], capture_output=True, text=True, timeout=900, cwd=REPO
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "pgd" in res.stdout.lower()
