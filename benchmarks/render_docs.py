@@ -49,14 +49,14 @@ def _compare(res: dict) -> list[str]:
         "",
         f"`python benchmarks/compare_methods.py` — {res['header']}.",
         "Selection/calibration: 256 held-out `val` images (scores) + 500 other `val` images (never-worse-than-uniform check);",
-        "accuracy on the test split. ε = 0.1, PGD-20 (L∞, random start). Mean ± std over seeds "
-        f"{res['settings']['seeds']}.",
+        "accuracy on the test split. ε = 0.1, PGD-20 (L∞, random start). Mean ± std over the seeds listed per model",
+        "(a seed changes the calibration/validation draw, the attack noise and the fine-tuning order).",
         "",
     ]
     for name, m in res["models"].items():
         out += [
-            f"### `{name}` — PTQ on {m['ptq_images']} test images; fine-tuning: 1 epoch PGD-7 on {m['ft_images']} training images, "
-            f"evaluated on {m['ft_eval_images']} test images",
+            f"### `{name}` — seeds {sorted({r['seed'] for r in m['rows']})}; PTQ on {m['ptq_images']} test images; "
+            f"fine-tuning: 1 epoch PGD-7 on {m['ft_images']} training images, evaluated on {m['ft_eval_images']} test images",
             "",
             "| budget | method | avg bits | PTQ clean | PTQ PGD-20 | FT clean | FT PGD-20 | kept (per seed) | search s |",
             "|---|---|---|---|---|---|---|---|---|",
