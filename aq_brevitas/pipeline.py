@@ -125,9 +125,12 @@ def run(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", "pass a directory (it is created if missing)")
-    if not out.parent.is_dir():
-        raise ConfigError(f"parent directory of --out {out} does not exist", "create it first")
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out"
+        ) from None
     budget = Budget.parse(cfg.budget)
     name = model if isinstance(model, str) else type(model).__name__
     float_model = load_float_model(model)[0] if isinstance(model, str) else model.eval()
