@@ -152,7 +152,7 @@ def test_search_cli_infeasible_budget_names_minimum(tmp_path):
 
 
 def test_run_pipeline_end_to_end_and_resume(tmp_path):
-    args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "r"), "--calib", "64", "--val-images", "100",
+    args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "new" / "r"), "--calib", "64", "--val-images", "100",
             "--finetune-images", "128", "--finetune-steps", "2", "--test-images", "100", "--steps", "3"]  # fmt: skip
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -165,7 +165,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path):
         "comparison.png",
         "model.onnx",
     ):
-        assert (tmp_path / "r" / f).stat().st_size > 0, f
+        assert (tmp_path / "new" / "r" / f).stat().st_size > 0, f
     assert "uniform (avg-bits=3)" in res.stdout and "aq-brevitas (avg-bits=3)" in res.stdout
     again = run_cli(*args)
     assert (
