@@ -26,6 +26,7 @@ GRANULARITIES = ("per_tensor", "per_channel")
 WEIGHT_BITS = range(1, 9)
 ACT_BITS = range(2, 17)
 DEFAULT_ACT_BITS_FOR_BOPS = 8  # activations the policy leaves unquantized are costed as 8-bit in BOPs
+VOLATILE_META = ("timing",)  # kept in memory, never written: it differs from run to run
 _SPEC_KEYS = ("weight_bit_width", "scaling", "granularity", "act_bit_width")
 _POLICY_KEYS = ("schema", "layers", "default", "meta")
 
@@ -245,11 +246,13 @@ class LayerwisePolicy:
 
     # -- JSON -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form. Run-dependent meta (``VOLATILE_META``: wall-clock timings) is left out, so
+        the same inputs and seed always give byte-identical policy files."""
         return {
             "schema": SCHEMA,
             "default": self.default.to_dict() if self.default else None,
             "layers": {n: s.to_dict() for n, s in sorted(self.layers.items())},
-            "meta": self.meta,
+            "meta": {k: v for k, v in self.meta.items() if k not in VOLATILE_META},
         }
 
     def to_json(self) -> str:
