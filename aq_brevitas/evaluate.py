@@ -23,6 +23,7 @@ from torch import nn
 
 from .attacks import check_eps, make_attack
 from .errors import ConfigError
+from .layers import check_forward
 
 SCHEMA = "aq-brevitas/robustness/v1"
 ATTACK_NAMES = ("clean", "fgsm", "pgd")
@@ -115,6 +116,7 @@ def _constant(value: Any):
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500) -> float:
     """Clean top-1 accuracy of ``model`` (in eval mode) on ``(x, y)``."""
     _check_inputs(x)
+    check_forward(model, x)
     model.eval()
     with frozen_quant_weights(model):
         correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in _batches(x, y, batch_size))
@@ -143,6 +145,7 @@ def attack_accuracy(
 
     _check_inputs(x)
     normalization = attack_kwargs.pop("normalization", None)
+    check_forward(model if normalization is None else _Normalized(model, normalization), x)
     if normalization is not None:
         model = _Normalized(model, normalization)
     model.eval()
@@ -525,6 +528,7 @@ def evaluate_robustness(
         large_eps,
     )
     x, y = _as_tensors(data, limit)
+    check_forward(model if normalization is None else _Normalized(model, normalization), x)
     n = len(x)
     was_training = model.training
     model.eval()

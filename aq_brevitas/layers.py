@@ -104,6 +104,20 @@ def check_example_input(example_input: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def check_forward(model: nn.Module, example_input: torch.Tensor) -> None:
+    """One forward on a single sample: a shape/dtype mismatch becomes a one-line :class:`ModelError`."""
+    check_example_input(example_input)
+    try:
+        with eval_mode(model):
+            model(example_input[:1])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelError(
+            f"model forward failed on inputs of shape {tuple(example_input.shape)} ({str(exc).splitlines()[0][:120]})",
+            "pass inputs of the shape and dtype the model expects (N x C x H x W images in [0, 1])",
+        ) from None
+
+
+@torch.no_grad()
 def layer_geometry(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerGeometry]:
     """Run one forward pass with hooks and record every quantizable layer's geometry."""
     check_example_input(example_input)

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConfigError, ModelError
-from .layers import QUANTIZABLE_TYPES, eval_mode, layer_macs, quantizable_layers
+from .layers import QUANTIZABLE_TYPES, check_forward, eval_mode, layer_macs, quantizable_layers
 
 _BLOCK = 4  # vectors per power iteration: convergence at rate (σ₅/σ₁)² instead of (σ₂/σ₁)²
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
@@ -550,6 +550,7 @@ def lipschitz_scores(
             _NO_LAYERS,
             f"pass a model with {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)} layers (Brevitas ones count)",
         )
+    check_forward(model, example_inputs)
     modules = dict(model.named_modules())
     x = example_inputs.detach()
     with eval_mode(model):

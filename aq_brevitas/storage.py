@@ -33,7 +33,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         )
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"output directory {parent} is not writable", "choose a writable --out location")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write in {parent} ({exc.strerror})", "choose a writable output location"
+        ) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -71,9 +76,18 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    """Let ``writer`` produce a file at a temporary path, then rename it onto ``path``."""
+    """Let ``writer`` produce a file at a temporary path, then rename it onto ``path``.
+
+    A failing writer (a full disk, an interrupt) leaves neither a partial file nor the temporary one.
+    """
     with atomic_path(path) as tmp:
-        writer(tmp)
+        try:
+            writer(tmp)
+        except OSError as exc:
+            raise ConfigError(
+                f"could not write {path}: {exc.strerror or exc}",
+                "free disk space or choose another output location",
+            ) from None
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
