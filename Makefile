@@ -7,7 +7,7 @@ STAMP := $(VENV)/.aq-installed
 DATA_DIR ?= $(or $(AQ_DATA_DIR),/usr/share/datasets/fashion-mnist)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup data demo test lint docs-check bench clean
+.PHONY: setup data demo test lint docs-check bench fuzz clean
 
 # The venv is rebuilt only when pyproject.toml changes; a second `make demo` installs nothing.
 $(STAMP): pyproject.toml
@@ -49,6 +49,10 @@ docs-check: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# A larger hypothesis run: random architectures through score -> search -> quantize -> export parity.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
