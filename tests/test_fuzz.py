@@ -5,6 +5,7 @@ CI runs a few examples; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs many more.
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from torch import nn
 
 import aq_brevitas as aq
 from aq_brevitas.candidates import candidate_table
+from aq_brevitas.errors import PolicyError
 
 settings.register_profile(
     "ci", max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
@@ -76,15 +78,12 @@ def test_random_architectures_survive_the_whole_flow(
     scores = aq.lipschitz_scores(model, x[:4], seed=seed)
     assert all(s.L >= 0 for s in scores.values())
     table = candidate_table(model, x[:4], candidates, scores=scores, gains=())
-    policy = aq.search_policy(
-        model,
-        (x, y),
-        budget=aq.Budget(avg_weight_bits=budget),
-        table=table,
-        steps=2,
-        seed=seed,
-        progress=False,
-    )
+    search = dict(budget=aq.Budget(avg_weight_bits=budget), table=table, steps=2, seed=seed, progress=False)
+    if budget < min(c.weight_bit_width for c in candidates):
+        with pytest.raises(PolicyError, match="infeasible"):
+            aq.search_policy(model, (x, y), **search)
+        return
+    policy = aq.search_policy(model, (x, y), **search)
     assert policy.meta["cost"]["avg_weight_bits"] <= budget + 1e-9
     assert aq.LayerwisePolicy.from_json(policy.to_json()).layers == policy.layers
     q = aq.quantize(model, policy).eval()
