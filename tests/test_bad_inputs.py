@@ -280,11 +280,7 @@ def test_cli_bad_input(case, tmp_path):
     build, expected = CLI_CASES[case]
     (tmp_path / "out.pt").write_bytes(SENTINEL)
     args = build(tmp_path)
-    if case in ENV:
-        base = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_ADDR", "MASTER_PORT")}
-        res = _run_with_env(args, base | ENV[case])
-    else:
-        res = run_cli(*args)
+    res = run_cli(*args, env=ENV.get(case))
     assert res.returncode == 2, (case, res.returncode, res.stderr[-800:])
     assert "Traceback" not in res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("aq-brevitas: error:")]
@@ -294,22 +290,6 @@ def test_cli_bad_input(case, tmp_path):
     assert (tmp_path / "out.pt").read_bytes() == SENTINEL  # pre-existing output left intact
     assert not (tmp_path / "pwned").exists()
     assert not [p for p in tmp_path.rglob(".*.tmp")]
-
-
-def _run_with_env(args, env):
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    return subprocess.run(
-        [sys.executable, "-m", "aq_brevitas.cli", *args],
-        cwd=REPO,
-        env={**env, "TQDM_DISABLE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _model():
