@@ -69,7 +69,7 @@ def frozen_quant_weights(model: nn.Module) -> Iterator[int]:
 
     missing = object()
     frozen: list[tuple[nn.Module, Any]] = []
-    # torch.ao / torchao fake-quant modules keep observing in eval(): stop them, so evaluating (or
+    # torch.ao / torchao fake-quant modules keep observing in eval mode: stop them, so evaluating (or
     # attacking) a QAT-prepared model does not move its activation ranges.
     observers = [
         (m, m.observer_enabled.clone())

@@ -6,7 +6,7 @@ maximisation is torchattacks PGD (Madry), TRADES optional. The loop itself is
 defaults suited to a trained model (Adam, small LR), the one-time weight quantization during attack
 steps, and process-group set-up for ``torchrun``.
 
-BatchNorm: the attack runs with the model in ``eval()`` (torchattacks' default), so it searches
+BatchNorm: the attack runs with the model in eval mode (torchattacks' default), so it searches
 against the running statistics that evaluation uses and its k forward passes do not update them.
 """
 

@@ -1,6 +1,6 @@
 """Adversarial (Madry) training: the one training loop, for float and for quantized models.
 
-The inner maximisation is torchattacks PGD. The attack runs with the model in ``eval()`` mode
+The inner maximisation is torchattacks PGD. The attack runs with the model in eval mode
 (torchattacks' default): BatchNorm then uses its running statistics while the k attack steps search,
 so the attack sees the same function evaluation will see, and the k extra forward passes do not
 pollute the running statistics. The outer step is in ``train()`` mode as usual.

@@ -131,26 +131,6 @@ def test_search_cli_writes_policy_and_chart(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000 and "total:" in res.stdout
 
 
-def test_search_cli_infeasible_budget_names_minimum(tmp_path):
-    msg = _one_line_error(
-        run_cli(
-            "search",
-            "--model",
-            "cnn-pgd",
-            "--budget",
-            "avg-bits=1.5",
-            "--bits",
-            "2",
-            "4",
-            "--calib",
-            "32",
-            "--val-images",
-            "0",
-        )
-    )
-    assert "2" in msg and "budget" in msg.lower()
-
-
 def test_run_pipeline_end_to_end_and_resume(tmp_path):
     args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "new" / "r"), "--calib", "64", "--val-images", "100",
             "--finetune-images", "128", "--finetune-steps", "2", "--test-images", "100", "--steps", "3"]  # fmt: skip

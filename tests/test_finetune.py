@@ -64,17 +64,20 @@ def test_torchrun_two_processes_identical_weights(tmp_path):
     assert info["world"] == 2 and info["loss"][-1] < info["loss"][0]
 
 
+def _quantized_checkpoint(tmp_path):
+    """A 4-bit quantized zoo CNN written by the CLI, as a user would make one."""
+    policy, q = tmp_path / "p.json", tmp_path / "q.pt"
+    policy.write_text(LayerwisePolicy(default=LayerSpec(4)).to_json())
+    res = run_cli(
+        "quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(q), "--calibrate", "0"
+    )
+    assert res.returncode == 0, res.stderr[-1000:]
+    return q
+
+
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     """Kill a CLI fine-tune during epoch 2; --resume continues from the epoch-1 checkpoint."""
-    q = tmp_path / "q.pt"
-    policy = tmp_path / "p.json"
-    policy.write_text(LayerwisePolicy(default=LayerSpec(4)).to_json())
-    assert (
-        run_cli(
-            "quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(q), "--calibrate", "0"
-        ).returncode
-        == 0
-    )
+    q = _quantized_checkpoint(tmp_path)
     args = [
         "finetune",
         "--model",
@@ -126,8 +129,6 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 @pytest.mark.parametrize("command", ["search", "finetune"])
 def test_ctrl_c_leaves_consistent_state(tmp_path, command):
     """SIGINT mid-run: exit 130, one line, no partial or temporary files; finished checkpoints still load."""
-    policy = tmp_path / "p.json"
-    policy.write_text(LayerwisePolicy(default=LayerSpec(4)).to_json())
     if command == "search":
         args = [
             "search",
@@ -142,13 +143,7 @@ def test_ctrl_c_leaves_consistent_state(tmp_path, command):
         ]
         started = lambda: time.sleep(6) or True  # noqa: E731 -- well inside candidate scoring
     else:
-        q = tmp_path / "q.pt"
-        assert (
-            run_cli(
-                "quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(q), "--calibrate", "0"
-            ).returncode
-            == 0
-        )
+        q = _quantized_checkpoint(tmp_path)
         args = [
             "finetune",
             "--model",
