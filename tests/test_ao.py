@@ -26,7 +26,6 @@ MIXED = LayerwisePolicy(
         "fc2": LayerSpec(8, "max", "per_tensor"),
     }
 )
-pt2e = pytest.importorskip("torchao.quantization.pt2e")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import pickle
+import random
 import shutil
 import warnings
 
@@ -42,7 +43,8 @@ def _ckpt(tmp_path, kind) -> str:
     if kind == "empty":
         p.write_bytes(b"")
     elif kind == "foreign":
-        p.write_bytes(os.urandom(2048))
+        # Fixed bytes, not os.urandom: random garbage makes the unpickler fail in ways that vary by draw.
+        p.write_bytes(random.Random(kind).randbytes(2048))
     elif kind == "truncated":
         save_model(build_model("small_cnn"), p, {"arch": "small_cnn"})
         p.write_bytes(p.read_bytes()[:4000])

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,9 +42,6 @@ def test_bn_running_stats_untouched_by_attack_steps(fmnist_val_512):
     assert bn.num_batches_tracked.item() == bn_ref.num_batches_tracked.item() + 1
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun missing"
-)
 def test_torchrun_two_processes_identical_weights(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     res = subprocess.run(

@@ -127,10 +127,7 @@ def test_infeasible_budget_names_the_minimum():
 # ------------------------------------------------------------------------------------- on cnn-pgd
 @pytest.fixture(scope="module")
 def cnn():
-    try:
-        model, _ = load_float_model("cnn-pgd")
-    except Exception as exc:  # the zoo model is trained by a separate job
-        pytest.skip(f"cnn-pgd not available: {exc}")
+    model, _ = load_float_model("cnn-pgd")
     return model
 
 

@@ -1,4 +1,5 @@
 import pickle
+import random
 
 import pytest
 import torch
@@ -53,6 +54,16 @@ def test_empty_or_foreign_checkpoint(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_random_bytes_are_always_a_checkpoint_error(tmp_path):
+    """Garbage makes the unpickler raise many exception types (IndexError, KeyError, ...): all are one error."""
+    rng = random.Random(0)
+    path = tmp_path / "garbage.pt"
+    for _ in range(200):
+        path.write_bytes(rng.randbytes(rng.randint(1, 4096)))
+        with pytest.raises(CheckpointError, match="not a torch checkpoint|not a readable|refused"):
+            load_checkpoint(path)
 
 
 def test_truncated_checkpoint(tmp_path):
