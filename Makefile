@@ -45,14 +45,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check aq_brevitas tests examples benchmarks
 
 docs-check: setup
-	$(PY) -m pytest -q tests/test_docs.py tests/test_examples.py
+	$(PY) -m pytest -q tests/test_docs.py tests/test_examples.py tests/test_reference.py
 
 bench: setup
 	$(PY) benchmarks/run_all.py
 
-# A larger hypothesis run: random architectures through score -> search -> quantize -> export parity.
+# A larger hypothesis run: random architectures through score -> search -> quantize -> export parity,
+# and malformed policy JSON.
 fuzz: setup
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_policy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

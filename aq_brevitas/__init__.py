@@ -1,7 +1,9 @@
 """aq-brevitas: layer-wise adversarial-aware quantization for Brevitas.
 
-The public API is imported lazily, so ``import aq_brevitas`` (and the CLI's ``--help``) does not pay
-for importing torch and Brevitas until a name is used.
+The whole job in one call is :func:`run` (``aq-brevitas run`` on the command line); the stages it
+chains are public too. The public API is imported lazily, so ``import aq_brevitas`` (and the CLI's
+``--help``) does not pay for importing torch and Brevitas until a name is used, and torchao is only
+needed for the torch.ao names.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "AqError": "errors",
+    "DataError": "errors",
+    "CheckpointError": "errors",
+    "PolicyError": "errors",
+    "ModelError": "errors",
+    "ConfigError": "errors",
     "load_split": "data",
     "make_loader": "data",
     "build_model": "models",
@@ -28,7 +35,10 @@ _EXPORTS: dict[str, str] = {
     "candidate_table": "candidates",
     "quantize": "convert",
     "apply_policy": "convert",
+    "save_quantized": "convert",
+    "load_quantized": "convert",
     "adversarial_finetune": "finetune",
+    "init_distributed": "finetune",
     "evaluate_robustness": "evaluate",
     "RobustnessReport": "evaluate",
     "search_policy": "search",
@@ -38,7 +48,13 @@ _EXPORTS: dict[str, str] = {
     "inference_cost": "export",
     "finn_check": "export",
     "to_qconfig_mapping": "ao",
+    "prepare_fx_model": "ao",
     "PolicyQuantizer": "ao",
+    "prepare_pt2e_model": "ao",
+    "convert_pt2e_model": "ao",
+    "run": "pipeline",
+    "RunConfig": "pipeline",
+    "RunResult": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,7 @@ module called several times in ``forward`` is quantized once and used quantized 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -196,6 +197,7 @@ def _convert(
     fold_bn: bool,
     bias_correction: bool,
     input_signed: dict[str, bool] | None = None,
+    warn_uncovered: bool = True,
 ) -> nn.Module:
     if not isinstance(policy, LayerwisePolicy):
         raise PolicyError(
@@ -208,6 +210,14 @@ def _convert(
             "pass a model with at least one such layer",
         )
     policy.check(model)
+    uncovered = policy.matches(model).uncovered
+    if uncovered and warn_uncovered and swap_float:
+        warnings.warn(
+            f"policy has no spec and no default for layers {', '.join(uncovered)}; they stay float "
+            '-- fix: add them to the policy\'s layers or give it a default (LayerwisePolicy(default=...) / "default")',
+            UserWarning,
+            stacklevel=3,
+        )
     for names in shared_layer_names(model).values():
         specs = {policy.spec_for(n) for n in names}
         if len(specs) > 1:
@@ -244,6 +254,9 @@ def _convert(
         changes.append(
             LayerChange(name, before, f"{type(target.get_submodule(name)).__name__} {spec.short()}")
         )
+    for name in uncovered:  # the change record also names what was left alone, and why
+        kept = _describe(target.get_submodule(name))
+        changes.append(LayerChange(name, kept, f"{kept} (not in policy)"))
     if calibration_data is not None:
         calibrate(target, calibration_data, bias_correction=bias_correction)
     target.aq_policy = policy
@@ -265,7 +278,8 @@ def quantize(
 
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
-    Layers the policy does not cover (no entry and no default) stay float.
+    Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``
+    naming them; they appear in ``aq_changes`` as ``(not in policy)``.
     """
     return _convert(
         model,
@@ -347,6 +361,7 @@ def load_quantized(path: Any) -> tuple[nn.Module, dict[str, Any]]:
         fold_bn=bool(meta.get("fold_bn", False)),
         bias_correction=False,
         input_signed=signed,
+        warn_uncovered=False,  # replaying a saved policy: its coverage was reported when it was made
     )
     old = brevitas.config.IGNORE_MISSING_KEYS
     brevitas.config.IGNORE_MISSING_KEYS = True  # activation scales exist only after calibration

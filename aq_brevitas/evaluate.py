@@ -23,7 +23,7 @@ from torch import nn
 
 from .attacks import check_eps, make_attack
 from .errors import ConfigError
-from .layers import check_forward
+from .layers import check_forward, paused_observers
 
 SCHEMA = "aq-brevitas/robustness/v1"
 ATTACK_NAMES = ("clean", "fgsm", "pgd")
@@ -59,9 +59,11 @@ def frozen_quant_weights(model: nn.Module) -> Iterator[int]:
 
     Also stops torch.ao/torchao fake-quant observers until exit (they keep observing in eval mode).
     Weights do not change during an attack, yet every forward re-quantizes them (stats, scale, round);
-    skipping that made PGD-10 on a 4-bit small_cnn (200 images, CPU) about 1.12x faster. Inside the block the quantized weights are
-    constants, so outputs and input gradients are unchanged but **weights get no gradient** -- use it
-    around attacks, not around training steps. Enter it in the mode the attack runs the model in
+    skipping that made a PGD-7 fine-tuning step of the W4A8 zoo CNN 1.07-1.08x faster (medians of
+    interleaved rounds, two runs of benchmarks/finetune_speed.py; the activation quantizers, which
+    must run every forward, dominate). Inside the block the quantized weights are constants, so
+    outputs and input gradients are unchanged but **weights get no gradient** -- use it around
+    attacks, not around training steps. Enter it in the mode the attack runs the model in
     (attacks run in eval mode). Layers whose weight quantizer needs the quantized input are left alone.
     The original ``quant_weight`` is restored on exit, also on exceptions.
     """
@@ -69,42 +71,26 @@ def frozen_quant_weights(model: nn.Module) -> Iterator[int]:
 
     missing = object()
     frozen: list[tuple[nn.Module, Any]] = []
-    # torch.ao / torchao fake-quant modules keep observing in eval mode: stop them, so evaluating (or
-    # attacking) a QAT-prepared model does not move its activation ranges.
-    observers = [
-        (m, m.observer_enabled.clone())
-        for m in model.modules()
-        if isinstance(getattr(m, "observer_enabled", None), torch.Tensor) and _has_observed(m)
-    ]
-    try:
-        for m, _ in observers:
-            m.observer_enabled.fill_(0)
-        for m in model.modules():
-            if not isinstance(m, QuantWBIOL):
-                continue
-            wq = m.weight_quant
-            if not wq.is_quant_enabled or wq.requires_quant_input:
-                continue
-            with torch.no_grad():
-                qw = m.quant_weight()
-            previous = m.__dict__.get("quant_weight", missing)
-            m.quant_weight = _constant(qw)
-            frozen.append((m, previous))
-        yield len(frozen)
-    finally:
-        for m, flag in observers:
-            m.observer_enabled.copy_(flag)
-        for m, previous in reversed(frozen):
-            if previous is missing:
-                m.__dict__.pop("quant_weight", None)
-            else:
-                m.quant_weight = previous
-
-
-def _has_observed(fake_quant: nn.Module) -> bool:
-    """Whether a fake-quant module's observer has seen data (before that its qparams have no shape yet)."""
-    mv = getattr(getattr(fake_quant, "activation_post_process", None), "min_val", None)
-    return mv is None or (mv.numel() > 0 and bool(torch.isfinite(mv).all()))
+    with paused_observers(model):
+        try:
+            for m in model.modules():
+                if not isinstance(m, QuantWBIOL):
+                    continue
+                wq = m.weight_quant
+                if not wq.is_quant_enabled or wq.requires_quant_input:
+                    continue
+                with torch.no_grad():
+                    qw = m.quant_weight()
+                previous = m.__dict__.get("quant_weight", missing)
+                m.quant_weight = _constant(qw)
+                frozen.append((m, previous))
+            yield len(frozen)
+        finally:
+            for m, previous in reversed(frozen):
+                if previous is missing:
+                    m.__dict__.pop("quant_weight", None)
+                else:
+                    m.quant_weight = previous
 
 
 def _constant(value: Any):

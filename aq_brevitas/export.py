@@ -3,24 +3,32 @@
 * :func:`export_qonnx`: Brevitas ``export_qonnx(dynamo=False, opset_version=13)`` (the TorchScript
   path FINN's own tests use; the dynamo path breaks residual models carrying QuantTensors and writes
   ``.onnx.data`` side files), then qonnx ``cleanup_model``, then execution of the cleaned graph with
-  qonnx's ``execute_onnx`` against the PyTorch output. A difference above ``tol`` is an error.
-* :func:`export_qcdq`: Brevitas ``export_onnx_qcdq`` (≤ 8-bit, no 1-bit layers), run in onnxruntime
-  without graph optimisations (the exact semantics; the parity check). The difference with BASIC
-  optimisations is reported too: measured here, BASIC's fusions move models with activation
-  quantizers by 1e-2..3e-2 on the logits, while weight-only models stay exact.
+  qonnx's ``execute_onnx`` against the PyTorch output. Per layer, the weight and input bit widths are
+  read back from the graph, and the weight memory qonnx's ``inference_cost`` finds in the graph must
+  equal the policy's predicted cost exactly (per layer and in total). Any failed check is an error.
+* :func:`export_qcdq`: Brevitas ``export_onnx_qcdq`` (2..8-bit quantizers only, read from the model's
+  quantizers), run in onnxruntime at ``ORT_ENABLE_BASIC`` minus ``WeightBiasQuantization``. That one
+  BASIC rewrite re-quantizes each float Conv/Gemm bias to int32 with scale = input scale x weight
+  scale, which the PyTorch model never does, and moves logits by ~1e-2; the full-BASIC figure is
+  reported as ``ort_basic_diff`` (see docs/export.md).
+* Parity tolerance: ``max |ONNX - PyTorch| <= tol * max(1, max |PyTorch output|)``. Both sides compute
+  in float32 with different summation orders, so the noise grows with the logits' magnitude (measured:
+  1-3.5 float32 ulps of the largest logit); below logits of 1 this is the absolute ``tol``.
 * :func:`inference_cost`: qonnx ``inference_cost`` (BOPs, weight bits) per layer and in total.
-* :func:`finn_check`: what FINN's QONNX→FINN conversion needs, checked on the file (FINN itself needs
+* :func:`finn_check`: what FINN's QONNX->FINN conversion needs, checked on the file (FINN itself needs
   Vivado and is not run here).
 
-Every file is written to a temporary path and renamed into place only after its check passed.
+Every file is written to a temporary path and renamed into place only after its checks passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +38,16 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelError
-from .layers import quantizable_layers
+from .layers import layer_geometry, quantizable_layers
+from .policy import cost_of
 from .storage import atomic_write_with
 
 DEFAULT_TOL = 1e-5
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# onnxruntime BASIC-level rewrites left out of the QCDQ check: each changes what the graph computes.
+# WeightBiasQuantization (onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.h)
+# rounds a float bias to int32 at scale input_scale * weight_scale.
+ORT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 
 @dataclass
@@ -49,9 +62,13 @@ class ExportResult:
     bipolar_layers: list[str] = field(default_factory=list)
     policy: dict[str, Any] | None = None
     opset: int = 13
-    ort_basic_diff: float | None = (
-        None  # QCDQ only: the same check with onnxruntime's BASIC graph optimisations
-    )
+    ort_basic_diff: float | None = None  # QCDQ only: the same check with every BASIC rewrite enabled
+    act_bits: dict[str, int] = field(default_factory=dict)  # input-quantizer bits per layer in the graph
+    output_scale: float = math.nan  # max |PyTorch output| over the checked images
+    allowed_diff: float = math.nan  # tol * max(1, output_scale): the parity bound that was enforced
+    weight_bits: dict[str, dict[str, int]] = field(default_factory=dict)  # per layer: graph vs expected
+    expected_from: str = ""  # "policy" or "quantizers": where the expected weight bits came from
+    cost: dict[str, Any] | None = None  # QONNX only: inference_cost of the written graph
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,30 +110,254 @@ def _torch_out(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return getattr(out, "value", out).detach().cpu().numpy()
 
 
-def _layer_bits(mw: Any, model: nn.Module) -> tuple[dict[str, int], list[str]]:
-    """Weight bit width per layer, read from the Quant/BipolarQuant node feeding each weight input.
+def _parity(
+    run: Callable[[np.ndarray], np.ndarray], model: nn.Module, x: torch.Tensor, images: torch.Tensor | None
+) -> tuple[float, float, int]:
+    """``(max |ONNX - PyTorch|, max |PyTorch|, images)`` over the example input and each image."""
+    batch = [x] + ([images[i : i + 1] for i in range(len(images))] if images is not None else [])
+    diff = scale = 0.0
+    for xb in batch:
+        ref = _torch_out(model, xb)
+        diff = max(diff, float(np.abs(run(xb.numpy()) - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+    return diff, scale, len(batch)
 
-    Layers are matched by their float weight values (the quantizer's input initializer), which
-    survive cleanup, so the mapping does not depend on node names or order.
+
+def _enforce(what: str, diff: float, scale: float, tol: float) -> float:
+    """Raise unless ``diff <= tol * max(1, scale)``; return that bound."""
+    allowed = tol * max(1.0, scale)
+    if not diff <= allowed:
+        raise ModelError(
+            f"{what} output differs from PyTorch by {diff:.3g} (> tol {tol:g} x output scale {max(1.0, scale):.3g})",
+            "report this model; or pass tol= if the difference is expected",
+        )
+    return allowed
+
+
+# ---- reading the graph back: which node is which layer, at which bit widths ----------------------
+
+
+@dataclass
+class GraphLayer:
+    """One model layer as found in an exported graph."""
+
+    node: str  # name of the Conv/Gemm/MatMul node
+    weight_bits: int  # 32 for a float (unquantized) weight
+    bipolar: bool
+    act_bits: int | None  # the input quantizer's bit width; None for a float input
+    weight_scale: Any = None  # the weight quantizer's scale (numpy), None for float weights
+    weight_zero_point: Any = None
+
+
+def _int_range_bits(lo: Any, hi: Any) -> int:
+    """Bits of an integer range ``[lo, hi]`` (narrow ranges too: [-7, 7] is 4 bits)."""
+    return math.ceil(math.log2(float(hi) - float(lo) + 1))
+
+
+def _graph_layers(proto: Any, model: nn.Module, fmt: str) -> dict[str, GraphLayer]:
+    """Map every weight node of a QONNX or QCDQ graph to the model layer whose weights it carries.
+
+    Layers are matched by weight values (QONNX keeps the float weights in front of its ``Quant``
+    node; QCDQ's ``DequantizeLinear`` gives back the quantized weights), so the mapping does not
+    depend on node names or order. A weight node that matches no layer, or a layer found in no
+    node, is an error: no layer is silently left out of the bit-width and cost checks.
     """
-    layers = {n: m.weight.detach().cpu().numpy() for n, m in quantizable_layers(model).items()}
-    bits: dict[str, int] = {}
-    bipolar: list[str] = []
-    for node in mw.graph.node:
-        if node.op_type not in ("Quant", "BipolarQuant"):
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    todo = {n: _match_weight(m, fmt) for n, m in quantizable_layers(model).items()}
+    found: dict[str, GraphLayer] = {}
+    for node in proto.graph.node:
+        if node.op_type not in WEIGHT_OPS:
             continue
-        w = mw.get_initializer(node.input[0])
-        if w is None:
-            continue  # an activation quantizer
-        match = next((n for n, lw in layers.items() if lw.shape == w.shape and np.array_equal(lw, w)), None)
-        if match is None:
-            continue
-        if node.op_type == "BipolarQuant":
-            bits[match] = 1
-            bipolar.append(match)
+        values, info = _weight_source(node.input[1], producer, inits, fmt, helper)
+        if values is None:
+            continue  # both operands computed at run time: not a layer's weight
+        cands = [values, values.T] if node.op_type == "MatMul" and values.ndim == 2 else [values]
+        name = next(
+            (
+                n
+                for n, w in todo.items()
+                if any(c.shape == w.shape and np.allclose(c, w, rtol=1e-6, atol=0) for c in cands)
+            ),
+            None,
+        )
+        if name is None:
+            raise ModelError(
+                f"graph node {node.name or node.op_type} has weights that match no layer of the model",
+                "report this model (the export changed a weight tensor)",
+            )
+        del todo[name]
+        found[name] = GraphLayer(node.name, *info[:2], _act_bits(node.input[0], producer, inits), *info[2:])
+    if todo:
+        raise ModelError(
+            f"layer(s) {', '.join(sorted(todo))} not found in the exported graph",
+            "report this model; every quantizable layer must appear as a Conv/Gemm/MatMul node",
+        )
+    order = list(quantizable_layers(model))
+    return dict(sorted(found.items(), key=lambda kv: order.index(kv[0])))
+
+
+def _match_weight(layer: nn.Module, fmt: str) -> np.ndarray:
+    """The tensor a layer's graph weight must equal: float weights (QONNX), quantized ones (QCDQ)."""
+    quant = getattr(layer, "weight_quant", None)
+    if fmt == "qcdq" and quant is not None and quant.is_quant_enabled:
+        with torch.no_grad():
+            return layer.quant_weight().value.detach().cpu().numpy()
+    return layer.weight.detach().cpu().numpy()
+
+
+def _weight_source(tensor: str, producer: dict, inits: dict, fmt: str, helper: Any) -> tuple[Any, tuple]:
+    """``(values to match, (bits, bipolar, scale, zero_point))`` of a weight input, or ``(None, ())``."""
+    if tensor in inits:
+        return inits[tensor], (32, False, None, None)
+    q = producer.get(tensor)
+    if q is None:
+        return None, ()
+    if q.op_type == "BipolarQuant" and q.input[0] in inits:
+        return inits[q.input[0]], (1, True, inits.get(q.input[1]), None)
+    if q.op_type == "Quant" and q.input[0] in inits:
+        return inits[q.input[0]], (
+            int(inits[q.input[3]]),
+            False,
+            inits.get(q.input[1]),
+            inits.get(q.input[2]),
+        )
+    if q.op_type == "DequantizeLinear":
+        src, clip = q.input[0], producer.get(q.input[0])
+        if clip is not None and clip.op_type == "Clip" and clip.input[0] in inits:
+            ints, bits = inits[clip.input[0]], _int_range_bits(inits[clip.input[1]], inits[clip.input[2]])
+        elif src in inits:
+            ints = inits[src]
+            bits = _int_range_bits(np.iinfo(ints.dtype).min, np.iinfo(ints.dtype).max)
         else:
-            bits[match] = int(mw.get_initializer(node.input[3]))
-    return bits, bipolar
+            return None, ()
+        scale = inits[q.input[1]]
+        zp = inits[q.input[2]] if len(q.input) > 2 and q.input[2] else np.zeros((), ints.dtype)
+        axis = next((helper.get_attribute_value(a) for a in q.attribute if a.name == "axis"), 1)
+        shape = [1] * ints.ndim
+        if scale.ndim == 1 and scale.size > 1:
+            shape[axis] = scale.size
+        values = (ints.astype(np.float32) - zp.astype(np.float32).reshape(shape if zp.size > 1 else ())) * (
+            scale.reshape(shape if scale.size > 1 else ())
+        )
+        return values, (bits, False, scale, zp)
+    return None, ()
+
+
+def _act_bits(tensor: str, producer: dict, inits: dict) -> int | None:
+    """Bit width of the quantizer directly feeding a layer's input (QONNX Quant or QCDQ Q[-Clip]-DQ)."""
+    q = producer.get(tensor)
+    if q is None:
+        return None
+    if q.op_type == "BipolarQuant":
+        return 1
+    if q.op_type == "Quant" and q.input[0] not in inits:
+        return int(inits[q.input[3]])
+    if q.op_type == "DequantizeLinear":
+        clip = producer.get(q.input[0])
+        if clip is not None and clip.op_type == "Clip":
+            return _int_range_bits(inits[clip.input[1]], inits[clip.input[2]])
+        if clip is not None and clip.op_type == "QuantizeLinear":
+            zp = inits[clip.input[2]]
+            return _int_range_bits(np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max)
+    return None
+
+
+# ---- weight memory: graph vs policy ---------------------------------------------------------------
+
+
+def _quantizer_bits(layer: nn.Module) -> int:
+    quant = getattr(layer, "weight_quant", None)
+    return int(quant.bit_width()) if quant is not None and quant.is_quant_enabled else 32
+
+
+def expected_weight_bits(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], str]:
+    """Per-layer weight bits the model should export with, and where that prediction comes from.
+
+    With the ``aq_policy`` that :func:`aq_brevitas.quantize` attaches, it is the policy's own cost
+    (``cost_of``, layers without a spec at 32 bits); for any other Brevitas model, the bit widths of
+    its weight quantizers times the layer's weight count.
+    """
+    geometry = layer_geometry(model, example_input)
+    policy = getattr(model, "aq_policy", None)
+    if policy is not None:
+        specs = policy.resolve(geometry)
+        return {n: cost_of(specs, {n: g}).weight_bits for n, g in geometry.items()}, "policy"
+    layers = quantizable_layers(model)
+    return {n: _quantizer_bits(layers[n]) * g.params for n, g in geometry.items()}, "quantizers"
+
+
+def _check_weight_memory(
+    cost: dict[str, Any], layers: dict[str, GraphLayer], expected: dict[str, int], source: str
+) -> dict[str, dict[str, int]]:
+    """Graph weight bits (qonnx ``inference_cost``) against the prediction, per layer and in total."""
+    rows = cost["layers"]
+    table: dict[str, dict[str, int]] = {}
+    for name, gl in layers.items():
+        row = rows.get(gl.node)
+        if row is None:
+            raise ModelError(
+                f"inference_cost has no entry for node {gl.node} (layer {name})", "report this model"
+            )
+        graph_bits = int(row.get("total_mem_w_bits", 0))
+        table[name] = {"graph": graph_bits, source: expected[name]}
+        if graph_bits != expected[name]:
+            raise ModelError(
+                f"layer {name}: the exported graph stores {graph_bits} weight bits, the {source} predicts "
+                f"{expected[name]}",
+                "report this model (a quantizer did not export at its bit width)",
+            )
+    total_graph, total_expected = int(cost["total"]["total_mem_w_bits"]), sum(expected.values())
+    if total_graph != total_expected:
+        raise ModelError(
+            f"the exported graph stores {total_graph} weight bits in total, the {source} predicts {total_expected}",
+            "report this model (a weight tensor outside the model's layers was exported)",
+        )
+    return table
+
+
+def _qonnx_cost(mw: Any, layers: dict[str, GraphLayer] | None = None) -> dict[str, Any]:
+    """qonnx ``inference_cost`` of a (copy of a) ModelWrapper, BipolarQuant weights costed at 1 bit."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.inference_cost import inference_cost as qonnx_cost
+
+    res = qonnx_cost(ModelWrapper(copy.deepcopy(mw.model)), discount_sparsity=False, cost_breakdown=True)
+    node_layer = {gl.node: n for n, gl in (layers or {}).items()}
+    bipolar = _bipolar_consumers(mw)
+    out: dict[str, dict[str, Any]] = {}
+    corrected = []
+    # qonnx names nodes uniquely after its preprocessing (Conv_0, Gemm_1, ...), as cleanup_model
+    # already did on the exported graph: the names are those of the written file.
+    for name, c in res["node_cost"].items():
+        row: dict[str, Any] = {k: float(v) for k, v in c.items() if k.startswith("total_")}
+        if name in bipolar:
+            row["total_mem_w_bits"] = row["total_mem_w_elems"]
+            corrected.append(name)
+        if name in node_layer:
+            row["layer"] = node_layer[name]
+        out[name] = row
+    total = {k: float(v) for k, v in res["total_cost"].items() if k.startswith("total_")}
+    total["total_mem_w_bits"] = sum(r.get("total_mem_w_bits", 0.0) for r in out.values())
+    return {"layers": out, "total": total, "bipolar_corrected": corrected}
+
+
+def _bipolar_consumers(mw: Any) -> set[str]:
+    """Names of the weight nodes fed by a BipolarQuant weight (names as GiveUniqueNodeNames gives them)."""
+    from qonnx.transformation.general import GiveUniqueNodeNames
+
+    named = mw.transform(GiveUniqueNodeNames())
+    out = set()
+    for node in named.graph.node:
+        if node.op_type == "BipolarQuant" and named.get_initializer(node.input[0]) is not None:
+            consumer = named.find_consumer(node.output[0])
+            if consumer is not None:
+                out.add(consumer.name)
+    return out
+
+
+# ---- QONNX ---------------------------------------------------------------------------------------
 
 
 def export_qonnx(
@@ -129,9 +370,16 @@ def export_qonnx(
     images: torch.Tensor | None = None,
     tol: float = DEFAULT_TOL,
 ) -> ExportResult:
-    """Export a Brevitas model to cleaned QONNX at ``path`` and check it against PyTorch."""
+    """Export a Brevitas model to cleaned QONNX at ``path``, checked against PyTorch and its policy's cost.
+
+    Raises :class:`ModelError` (and writes nothing) when the outputs differ by more than
+    ``tol * max(1, max |PyTorch output|)``, when a layer cannot be found in the graph, or when the
+    graph's weight memory differs from the policy's predicted cost in any layer.
+    """
     from brevitas.export import export_qonnx as brevitas_export_qonnx
     from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.general import GiveUniqueNodeNames
     from qonnx.util.cleanup import cleanup_model
 
     _check_model(model)
@@ -140,19 +388,34 @@ def export_qonnx(
     with _scratch_dir() as d:
         raw = d / "raw.onnx"
         brevitas_export_qonnx(model, args=x, export_path=str(raw), dynamo=False, opset_version=opset)
-        mw = cleanup_model(ModelWrapper(str(raw)))
-        diff, n = _qonnx_parity(mw, model, x, images) if check else (math.nan, 0)
-        if check and not diff <= tol:
-            raise ModelError(
-                f"QONNX output differs from PyTorch by {diff:.3g} (> tol {tol:g})",
-                "report this model; or pass tol= if the difference is expected",
-            )
-        bits, bipolar = _layer_bits(mw, model)
+        mw = cleanup_model(ModelWrapper(str(raw))).transform(GiveUniqueNodeNames())
+        inp, out = mw.graph.input[0].name, mw.graph.output[0].name
+        diff, scale, n, allowed = math.nan, math.nan, 0, math.nan
+        if check:
+            diff, scale, n = _parity(lambda a: execute_onnx(mw, {inp: a})[out], model, x, images)
+            allowed = _enforce("QONNX", diff, scale, tol)
+        layers = _graph_layers(mw.model, model, "qonnx")
+        cost = _qonnx_cost(mw, layers)
+        expected, source = expected_weight_bits(model, x)
+        table = _check_weight_memory(cost, layers, expected, source)
         _onnx_check(mw.model)
         atomic_write_with(path, lambda tmp: mw.save(str(tmp)))
     policy = getattr(model, "aq_policy", None)
     return ExportResult(
-        str(path), "qonnx", diff, n, bits, bipolar, policy.to_dict() if policy else None, opset
+        str(path),
+        "qonnx",
+        diff,
+        n,
+        {name: gl.weight_bits for name, gl in layers.items()},
+        [name for name, gl in layers.items() if gl.bipolar],
+        policy.to_dict() if policy else None,
+        opset,
+        act_bits={name: gl.act_bits for name, gl in layers.items() if gl.act_bits is not None},
+        output_scale=scale,
+        allowed_diff=allowed,
+        weight_bits=table,
+        expected_from=source,
+        cost=cost,
     )
 
 
@@ -168,18 +431,39 @@ def _onnx_check(model_proto: Any) -> None:
         ) from None
 
 
-def _qonnx_parity(
-    mw: Any, model: nn.Module, x: torch.Tensor, images: torch.Tensor | None
-) -> tuple[float, int]:
-    from qonnx.core.onnx_exec import execute_onnx
+# ---- QCDQ ----------------------------------------------------------------------------------------
 
-    inp, out = mw.graph.input[0].name, mw.graph.output[0].name
-    batch = [x] + ([images[i : i + 1] for i in range(len(images))] if images is not None else [])
-    diff = 0.0
-    for xb in batch:
-        got = execute_onnx(mw, {inp: xb.numpy()})[out]
-        diff = max(diff, float(np.abs(got - _torch_out(model, xb)).max()))
-    return diff, len(batch)
+
+def _check_qcdq_bits(model: nn.Module) -> None:
+    """QCDQ carries int8/uint8 tensors: every enabled weight or activation quantizer needs 2..8 bits."""
+    from brevitas.proxy import ActQuantProxyFromInjector, WeightQuantProxyFromInjector
+
+    for name, mod in model.named_modules():
+        if (
+            isinstance(mod, (WeightQuantProxyFromInjector, ActQuantProxyFromInjector))
+            and mod.is_quant_enabled
+        ):
+            bits = float(mod.bit_width())
+            if not (bits == int(bits) and 2 <= bits <= 8):
+                raise ConfigError(
+                    f"QCDQ cannot express the {bits:g}-bit quantizer {name}",
+                    "use export_qonnx (FINN) for 1-bit (binary) or wider-than-8-bit layers, or give them 2..8 bits",
+                )
+
+
+def ort_session(path: str | os.PathLike[str], level: str = "ORT_ENABLE_BASIC", exact: bool = True) -> Any:
+    """An onnxruntime CPU session for a QCDQ file; ``exact`` leaves out the rewrites that change results."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # Brevitas' QCDQ graphs list initializers as inputs; ORT warns about each
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return ort.InferenceSession(
+        str(path),
+        opts,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS) if exact else [],
+    )
 
 
 def export_qcdq(
@@ -192,55 +476,55 @@ def export_qcdq(
     tol: float = DEFAULT_TOL,
     opset: int = 13,
 ) -> ExportResult:
-    """Export to QuantizeLinear/Clip/DequantizeLinear ONNX and check it in onnxruntime (BASIC optimisation)."""
+    """Export to QuantizeLinear/Clip/DequantizeLinear ONNX, checked in onnxruntime against PyTorch.
+
+    The check runs onnxruntime at ``ORT_ENABLE_BASIC`` without ``WeightBiasQuantization`` (the one
+    BASIC rewrite that changes results: it rounds float biases to int32); ``ort_basic_diff`` reports
+    the difference with every BASIC rewrite on. Raises :class:`ConfigError` for quantizers outside
+    2..8 bits, :class:`ModelError` when the outputs differ by more than ``tol * max(1, max |PyTorch|)``.
+    """
+    import onnx
     from brevitas.export import export_onnx_qcdq
 
     _check_model(model)
     x = _check_input(example_input)
-    policy = getattr(model, "aq_policy", None)
-    if policy is not None and any(
-        s.weight_bit_width < 2 for s in policy.resolve(quantizable_layers(model)).values()
-    ):
-        raise ConfigError(
-            "QCDQ cannot express 1-bit (binary) layers",
-            "use export_qonnx (FINN) for binary layers, or give them >= 2 bits",
-        )
+    _check_qcdq_bits(model)
     model.eval()
     with _scratch_dir() as d:
         raw = d / "qcdq.onnx"
         export_onnx_qcdq(model, args=x, export_path=str(raw), dynamo=False, opset_version=opset)
-        diff, n = _ort_parity(raw, model, x, images) if check else (math.nan, 0)
-        if check and not diff <= tol:
-            raise ModelError(
-                f"QCDQ output in onnxruntime differs from PyTorch by {diff:.3g} (> tol {tol:g})",
-                "report this model; or pass tol= if the difference is expected",
-            )
-        basic = _ort_parity(raw, model, x, images, "ORT_ENABLE_BASIC")[0] if check else None
-        import onnx
-
-        _onnx_check(onnx.load(str(raw)))
+        diff, scale, n, allowed, basic = math.nan, math.nan, 0, math.nan, None
+        if check:
+            diff, scale, n = _parity(_ort_runner(ort_session(raw)), model, x, images)
+            allowed = _enforce("QCDQ (onnxruntime BASIC)", diff, scale, tol)
+            basic = _parity(_ort_runner(ort_session(raw, exact=False)), model, x, images)[0]
+        proto = onnx.load(str(raw))
+        layers = _graph_layers(proto, model, "qcdq")
+        _onnx_check(proto)
         atomic_write_with(path, lambda tmp: tmp.write_bytes(raw.read_bytes()))
+    policy = getattr(model, "aq_policy", None)
     return ExportResult(
-        str(path), "qcdq", diff, n, {}, [], policy.to_dict() if policy else None, opset, basic
+        str(path),
+        "qcdq",
+        diff,
+        n,
+        {name: gl.weight_bits for name, gl in layers.items()},
+        [],
+        policy.to_dict() if policy else None,
+        opset,
+        basic,
+        act_bits={name: gl.act_bits for name, gl in layers.items() if gl.act_bits is not None},
+        output_scale=scale,
+        allowed_diff=allowed,
     )
 
 
-def _ort_parity(
-    path: Path, model: nn.Module, x: torch.Tensor, images: torch.Tensor | None, level: str = "ORT_DISABLE_ALL"
-) -> tuple[float, int]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # Brevitas' QCDQ graphs list initializers as inputs; ORT warns about each
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def _ort_runner(sess: Any) -> Callable[[np.ndarray], np.ndarray]:
     name = sess.get_inputs()[0].name
-    batch = [x] + ([images[i : i + 1] for i in range(len(images))] if images is not None else [])
-    diff = 0.0
-    for xb in batch:
-        got = sess.run(None, {name: xb.numpy()})[0]
-        diff = max(diff, float(np.abs(got - _torch_out(model, xb)).max()))
-    return diff, len(batch)
+    return lambda a: sess.run(None, {name: a})[0]
+
+
+# ---- files ---------------------------------------------------------------------------------------
 
 
 def _load_qonnx(path: str | os.PathLike[str]) -> Any:
@@ -255,80 +539,89 @@ def _load_qonnx(path: str | os.PathLike[str]) -> Any:
         raise ModelError(f"{p} is not a readable ONNX model ({type(exc).__name__})", "re-export it") from None
 
 
-def inference_cost(path: str | os.PathLike[str]) -> dict[str, Any]:
+def _example_for(mw: Any) -> torch.Tensor:
+    shape = mw.get_tensor_shape(mw.graph.input[0].name)
+    return torch.rand(*[int(s) if s else 1 for s in shape])
+
+
+def inference_cost(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
     """Per-layer and total BOPs, MACs and weight bits of a QONNX file (qonnx ``inference_cost``).
 
     qonnx 1.0.0 costs weights behind a ``BipolarQuant`` as FLOAT32; such layers are corrected to
     1 bit per weight here (``bipolar_corrected`` lists them), so weight bits equal the policy's cost.
+    With ``model`` (the Brevitas model the file came from), each row names its layer and the weight
+    bits are checked against the model's policy, per layer and in total (``weight_bits``); a
+    mismatch raises :class:`ModelError`.
     """
-    from qonnx.util.inference_cost import inference_cost as qonnx_cost
-
     mw = _load_qonnx(path)
-    bip_nodes = _bipolar_consumers(mw)
-    res = qonnx_cost(mw, discount_sparsity=False, cost_breakdown=True)
-    layers: dict[str, dict[str, float]] = {}
-    corrected = []
-    # qonnx names nodes uniquely after its preprocessing (Conv_0, Gemm_1, ...): keep its names.
-    for name, cost in res["node_cost"].items():
-        row = {k: float(v) for k, v in cost.items() if k.startswith("total_")}
-        if name in bip_nodes:
-            row["total_mem_w_bits"] = row["total_mem_w_elems"]
-            corrected.append(name)
-        layers[name] = row
-    total = {k: float(v) for k, v in res["total_cost"].items() if k.startswith("total_")}
-    total["total_mem_w_bits"] = sum(r.get("total_mem_w_bits", 0.0) for r in layers.values())
-    return {"layers": layers, "total": total, "bipolar_corrected": corrected}
-
-
-def _bipolar_consumers(mw: Any) -> set[str]:
-    """qonnx-style unique names (``<Op>_<i>``) of weight layers fed by a BipolarQuant weight."""
-    from qonnx.transformation.general import GiveUniqueNodeNames
-
-    named = mw.transform(GiveUniqueNodeNames())
-    out = set()
-    for node in named.graph.node:
-        if node.op_type == "BipolarQuant" and named.get_initializer(node.input[0]) is not None:
-            consumer = named.find_consumer(node.output[0])
-            if consumer is not None:
-                out.add(consumer.name)
-    return out
+    if model is None:
+        return _qonnx_cost(mw)
+    layers = _graph_layers(mw.model, model, "qonnx")
+    cost = _qonnx_cost(mw, layers)
+    expected, source = expected_weight_bits(model, _example_for(mw))
+    cost["weight_bits"] = _check_weight_memory(cost, layers, expected, source)
+    cost["expected_from"] = source
+    return cost
 
 
 def cost_table(cost: dict[str, Any]) -> str:
-    rows = [f"{'node':<12} {'MACs':>12} {'BOPs':>14} {'weight bits':>12}"]
-    for name, r in cost["layers"].items():
+    """The inference cost as a text table, one row per node (with its layer when known)."""
+    rows = [f"{'node':<12} {'layer':<20} {'MACs':>12} {'BOPs':>14} {'weight bits':>12}"]
+    for name, r in [*cost["layers"].items(), ("total", cost["total"])]:
         rows.append(
-            f"{name:<12} {r.get('total_macs', 0):>12,.0f} {r.get('total_bops', 0):>14,.0f} {r.get('total_mem_w_bits', 0):>12,.0f}"
+            f"{name:<12} {r.get('layer', ''):<20} {r.get('total_macs', 0):>12,.0f} {r.get('total_bops', 0):>14,.0f} {r.get('total_mem_w_bits', 0):>12,.0f}"
         )
-    t = cost["total"]
-    rows.append(
-        f"{'total':<12} {t.get('total_macs', 0):>12,.0f} {t.get('total_bops', 0):>14,.0f} {t.get('total_mem_w_bits', 0):>12,.0f}"
-    )
     return "\n".join(rows)
 
 
-# Op types FINN's QONNX front end (ConvertQONNXtoFINN and the streamlining that follows) accepts in a
-# cleaned QONNX graph of a CNN/MLP, after the FINN docs' "Brevitas export" and "QONNX" pages.
+# ---- FINN readiness ------------------------------------------------------------------------------
+
+# Op types a cleaned QONNX graph of a CNN/MLP may contain for FINN's flow, read from FINN's sources
+# (github.com/Xilinx/finn, commit 39f0c9a, src/finn/...; no FINN code is used here):
+#   transformation/qonnx/convert_qonnx_to_finn.py   ConvertQONNXtoFINN: Quant/BipolarQuant/Trunc,
+#       Conv (ExtractBiasFromConv), Gemm (GemmToMatMul)
+#   transformation/qonnx/fold_quant_weights.py      weight Quant successors it folds into
+#   transformation/qonnx/qonnx_activation_handlers.py  Quant after Relu/Selu (QuantReluHandler) or
+#       after BatchNormalization/Add/Sub/Mul/Div or the graph input (QuantIdentityHandler)
+#   transformation/streamline/{__init__,absorb,reorder}.py  BatchNormToAffine, Div->Mul, Sub->Add,
+#       Flatten/Reshape/Transpose absorbed before the FC layers
+#   transformation/fpgadataflow/convert_to_hw_layers.py  hardware layers: MatMul (MVAU), MaxPool,
+#       AveragePool (as QuantAvgPool2d, via Trunc), GlobalAveragePool, Add, Mul, Concat, Resize,
+#       Upsample, Gather, TopK
+# Left out on purpose: ConvTranspose (foldable, but no hardware layer in convert_to_hw_layers),
+# Sigmoid, Squeeze/Unsqueeze, Pad and Identity (cleanup_model removes the latter).
 FINN_OP_TYPES = frozenset(
-    {"Quant", "BipolarQuant", "Conv", "Gemm", "MatMul", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool",
-     "Flatten", "Reshape", "Transpose", "Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "Concat",
-     "Pad", "Squeeze", "Unsqueeze", "ConvTranspose", "Sigmoid"}
+    {"Quant", "BipolarQuant", "Trunc", "Conv", "Gemm", "MatMul", "Relu", "Selu", "MaxPool", "AveragePool",
+     "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Add", "Sub", "Mul", "Div", "BatchNormalization",
+     "Concat", "Resize", "Upsample", "Gather", "TopK"}
 )  # fmt: skip
+FINN_MAX_BITS = 8  # ConvertQONNXtoFINN's default max_multithreshold_bit_width
 
 
 @dataclass
 class FinnCheck:
+    """One FINN-readiness check: its name, whether the graph passed, and what failed where."""
+
     name: str
     passed: bool
     detail: str
 
 
-def finn_check(path: str | os.PathLike[str], policy: Any = None) -> list[FinnCheck]:
+def _is_po2(scale: Any) -> bool:
+    s = np.asarray(scale, dtype=np.float64)
+    return bool(np.all(s > 0) and np.all(np.exp2(np.round(np.log2(s))) == s))
+
+
+def finn_check(
+    path: str | os.PathLike[str], policy: Any = None, model: nn.Module | None = None
+) -> list[FinnCheck]:
     """Check what FINN's QONNX→FINN flow needs; this does not run FINN (it needs Vivado).
 
-    Checks: only FINN-supported op types; every Quant has an integer bit width ≤ 8 and zero zero-point
-    on weights; the graph input is quantized; and, where the policy asks for ``po2`` scaling, the
-    weight scales are powers of two.
+    Checks: only FINN-supported op types; every Quant has an integer bit width in 2..8 (BipolarQuant
+    is the 1-bit form); weight zero-points are 0; the graph input is quantized; and every layer whose
+    spec asks for ``po2`` scaling has power-of-two weight scales. The po2 check needs the layer names,
+    so it needs ``model`` (the Brevitas model the file came from; its ``aq_policy`` is used when
+    ``policy`` is not given); failures name the layers.
     """
     mw = _load_qonnx(path)
     nodes = list(mw.graph.node)
@@ -341,16 +634,25 @@ def finn_check(path: str | os.PathLike[str], policy: Any = None) -> list[FinnChe
             "all supported" if not unsupported else f"unsupported: {', '.join(unsupported)}",
         )
     )
+    layer_of: dict[str, str] = {}
+    if model is not None:
+        layer_of = {gl.node: n for n, gl in _graph_layers(mw.model, model, "qonnx").items()}
+
+    def where(q: Any) -> str:
+        consumer = mw.find_consumer(q.output[0])
+        cname = consumer.name if consumer is not None else ""
+        return f"{layer_of[cname]} ({q.name})" if cname in layer_of else q.name
+
     bad_bits, nonzero_zp = [], []
     for n in nodes:
         if n.op_type != "Quant":
             continue
         bw = mw.get_initializer(n.input[3])
-        if bw is None or float(bw) != int(bw) or not 1 < int(bw) <= 8:
-            bad_bits.append(f"{n.name}={bw}")
+        if bw is None or float(bw) != int(bw) or not 1 < int(bw) <= FINN_MAX_BITS:
+            bad_bits.append(f"{where(n)}={bw}")
         zp = mw.get_initializer(n.input[2])
-        if mw.get_initializer(n.input[0]) is not None and zp is not None and np.any(zp != 0):
-            nonzero_zp.append(n.name)
+        if zp is None or np.any(zp != 0):
+            nonzero_zp.append(where(n))
     checks.append(
         FinnCheck(
             "integer_bit_widths_le_8",
@@ -360,9 +662,9 @@ def finn_check(path: str | os.PathLike[str], policy: Any = None) -> list[FinnChe
     )
     checks.append(
         FinnCheck(
-            "symmetric_weights",
+            "zero_zero_points",
             not nonzero_zp,
-            "weight zero-points are 0" if not nonzero_zp else f"non-zero: {', '.join(nonzero_zp)}",
+            "all Quant zero-points are 0" if not nonzero_zp else f"non-zero: {', '.join(nonzero_zp)}",
         )
     )
     first = mw.find_consumer(mw.graph.input[0].name)
@@ -376,33 +678,51 @@ def finn_check(path: str | os.PathLike[str], policy: Any = None) -> list[FinnChe
             else "the input is float: give the first layer act_bit_width (FINN needs integer inputs)",
         )
     )
-    specs = (
-        ([*policy.layers.values(), *([policy.default] if policy.default else [])])
-        if policy is not None
-        else []
-    )
-    if any(s.scaling == "po2" for s in specs):
-        weight_scales = [
-            (n.name, mw.get_initializer(n.input[1]))
-            for n in nodes
-            if n.op_type == "Quant" and mw.get_initializer(n.input[0]) is not None
-        ]
-        po2_bad = [
-            name
-            for name, sc in weight_scales
-            if sc is not None and not np.allclose(np.exp2(np.round(np.log2(sc))), sc)
-        ]
-        n_not_po2 = sum(1 for s in policy.layers.values() if s.scaling != "po2")
-        if policy.default is not None and policy.default.scaling != "po2":
-            n_not_po2 = len(weight_scales)  # unknown how many layers the default covers: no constraint
-        ok = len(po2_bad) <= n_not_po2
-        checks.append(
-            FinnCheck(
-                "po2_scales",
-                ok,
-                "power-of-two weight scales where the policy asks for them"
-                if ok
-                else f"non-po2 scales: {', '.join(po2_bad)}",
-            )
-        )
+    policy = policy if policy is not None else getattr(model, "aq_policy", None)
+    if policy is not None:
+        checks.append(_po2_check(mw, policy, model))
     return checks
+
+
+def _po2_check(mw: Any, policy: Any, model: nn.Module | None) -> FinnCheck:
+    specs = [*policy.layers.values(), *([policy.default] if policy.default else [])]
+    if not any(s.scaling == "po2" for s in specs):
+        return FinnCheck("po2_scales", True, "no layer asks for po2 scaling")
+    if model is None:
+        raise ConfigError(
+            "the po2 check needs the model to map graph nodes to the policy's layers",
+            "pass model= (the Brevitas model the file was exported from)",
+        )
+    layers = _graph_layers(mw.model, model, "qonnx")
+    resolved = policy.resolve(layers)
+    bad = [
+        name
+        for name, gl in layers.items()
+        if name in resolved and resolved[name].scaling == "po2" and not _is_po2(gl.weight_scale)
+    ]
+    n_po2 = sum(1 for n in layers if n in resolved and resolved[n].scaling == "po2")
+    return FinnCheck(
+        "po2_scales",
+        not bad,
+        f"power-of-two weight scales in all {n_po2} po2 layers"
+        if not bad
+        else f"non-po2 scales: {', '.join(bad)}",
+    )
+
+
+def layer_table(res: ExportResult) -> str:
+    """Per-layer bit widths read from the graph, and (QONNX) graph-vs-prediction weight memory."""
+    src = res.expected_from or "policy"
+    head = f"{'layer':<24} {'weight bits':>11} {'input bits':>10}"
+    rows = [head + (f" {'weight memory: graph / ' + src:>32}" if res.weight_bits else "")]
+    for name, bits in res.layer_bits.items():
+        w = f"{bits}" + (" (bipolar)" if name in res.bipolar_layers else "")
+        row = f"{name:<24} {w:>11} {res.act_bits.get(name, 'float'):>10}"
+        if name in res.weight_bits:
+            row += f" {res.weight_bits[name]['graph']:>20,} / {res.weight_bits[name][src]:<,}"
+        rows.append(row)
+    if res.weight_bits:
+        g = sum(r["graph"] for r in res.weight_bits.values())
+        e = sum(r[src] for r in res.weight_bits.values())
+        rows.append(f"{'total':<24} {'':>11} {'':>10} {g:>20,} / {e:<,} ({'equal' if g == e else 'DIFFER'})")
+    return "\n".join(rows)

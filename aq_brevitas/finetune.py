@@ -4,7 +4,7 @@ Quantization-aware training goes through Brevitas's straight-through estimators;
 maximisation is torchattacks PGD (Madry), TRADES optional. The loop itself is
 :func:`aq_brevitas.training.adversarial_train`; this module adds what fine-tuning needs on top:
 defaults suited to a trained model (Adam, small LR), the one-time weight quantization during attack
-steps, and process-group set-up for ``torchrun``.
+steps, activation scales kept at their calibrated values, and process-group set-up for ``torchrun``.
 
 BatchNorm: the attack runs with the model in eval mode (torchattacks' default), so it searches
 against the running statistics that evaluation uses and its k forward passes do not update them.
@@ -12,7 +12,9 @@ against the running statistics that evaluation uses and its k forward passes do 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ def adversarial_finetune(
     eps: float = 0.1,
     steps: int = 7,
     alpha: float | None = None,
+    random_start: bool = True,
     epochs: int = 1,
     lr: float = 5e-4,
     optimizer: str = "adam",
@@ -65,29 +68,61 @@ def adversarial_finetune(
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    learn_act_scales: bool = False,
 ) -> TrainHistory:
     """PGD fine-tuning (quantization-aware for Brevitas models) of ``model`` in place.
 
     Works on models from :func:`aq_brevitas.quantize`, on float models, and on torch.ao prepared
     (fake-quant) models. Call :func:`init_distributed` first under ``torchrun``; then each process
     passes the same arguments and ``batch_size`` is the global batch.
+
+    ``learn_act_scales=False`` keeps Brevitas activation scales at their calibrated values and trains
+    the weights only. Learning them made a W4A8 QAT step of the zoo CNN ~16% slower in
+    benchmarks/finetune_speed.py, mostly because the first conv then also needs the gradient with
+    respect to its (quantized image) input. Pass ``True`` to learn them (LSQ-style).
     """
-    return adversarial_train(
-        model,
-        train_data,
-        eps=eps,
-        steps=steps,
-        alpha=alpha,
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        weight_decay=0.0,
-        batch_size=batch_size,
-        clean_weight=clean_weight,
-        trades_beta=trades_beta,
-        seed=seed,
-        checkpoint=checkpoint,
-        resume=resume,
-        progress=progress,
-        freeze_quant_weights=True,
-    )
+    with contextlib.nullcontext() if learn_act_scales else frozen_activation_scales(model):
+        return adversarial_train(
+            model,
+            train_data,
+            eps=eps,
+            steps=steps,
+            alpha=alpha,
+            random_start=random_start,
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            clean_weight=clean_weight,
+            trades_beta=trades_beta,
+            seed=seed,
+            checkpoint=checkpoint,
+            resume=resume,
+            progress=progress,
+            weight_decay=0.0,
+            freeze_quant_weights=True,
+        )
+
+
+@contextlib.contextmanager
+def frozen_activation_scales(model: nn.Module) -> Iterator[int]:
+    """Stop gradients to Brevitas activation-quantizer parameters until exit; yields how many.
+
+    Their ``requires_grad`` flags are restored on exit, also on exceptions.
+    """
+    from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
+
+    params = {
+        id(p): p
+        for m in model.modules()
+        if isinstance(m, ActQuantProxyFromInjector)
+        for p in m.parameters()
+        if p.requires_grad
+    }
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        yield len(params)
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)

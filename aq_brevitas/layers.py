@@ -42,6 +42,33 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def _has_observed(fake_quant: nn.Module) -> bool:
+    """Whether a fake-quant module's observer has seen data (before that its qparams have no shape yet)."""
+    mv = getattr(getattr(fake_quant, "activation_post_process", None), "min_val", None)
+    return mv is None or (mv.numel() > 0 and bool(torch.isfinite(mv).all()))
+
+
+@contextlib.contextmanager
+def paused_observers(model: nn.Module) -> Iterator[None]:
+    """Stop torch.ao/torchao fake-quant observers until exit (they keep observing in eval mode).
+
+    Checking, evaluating or attacking a QAT-prepared model must not move its activation ranges.
+    Observers that have not seen data yet are left on: their qparams have no shape before that.
+    """
+    observers = [
+        (m, m.observer_enabled.clone())
+        for m in model.modules()
+        if isinstance(getattr(m, "observer_enabled", None), torch.Tensor) and _has_observed(m)
+    ]
+    try:
+        for m, _ in observers:
+            m.observer_enabled.fill_(0)
+        yield
+    finally:
+        for m, flag in observers:
+            m.observer_enabled.copy_(flag)
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Quantizable layers by qualified name (as in ``named_modules()``), in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
@@ -108,7 +135,7 @@ def check_forward(model: nn.Module, example_input: torch.Tensor) -> None:
     """One forward on a single sample: a shape/dtype mismatch becomes a one-line :class:`ModelError`."""
     check_example_input(example_input)
     try:
-        with eval_mode(model):
+        with eval_mode(model), paused_observers(model):
             model(example_input[:1])
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ModelError(

@@ -6,7 +6,22 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .storage import atomic_write_with
+from .errors import ConfigError
+from .storage import atomic_write_with, check_output_file
+
+
+def check_plot_path(path: str | os.PathLike[str], option: str = "--plot") -> None:
+    """Refuse a plot path matplotlib cannot write (bad directory or unknown extension) before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    check_output_file(path, option, suffix=".png")
+    suffix = os.path.splitext(str(path))[1].lstrip(".").lower()
+    kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    if suffix and suffix not in kinds:
+        raise ConfigError(
+            f"{option} {path}: matplotlib cannot write .{suffix} files",
+            f"use one of the extensions {', '.join('.' + k for k in kinds)}",
+        )
 
 
 def _figure(width: float = 7.0, height: float = 3.6):
@@ -19,7 +34,7 @@ def _figure(width: float = 7.0, height: float = 3.6):
 
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> None:
-    suffix = os.path.splitext(str(path))[1].lstrip(".") or "png"
+    suffix = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format=suffix))
     plt.close(fig)
 

@@ -223,8 +223,11 @@ class LayerwisePolicy:
                     f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec",
                     "wrap it: LayerSpec(...)",
                 )
+            spec.validate(f"layer {name!r}")  # a spec altered after construction is caught here, by name
         if self.default is not None and not isinstance(self.default, LayerSpec):
             raise PolicyError("policy default must be a LayerSpec or None", "pass default=LayerSpec(8)")
+        if self.default is not None:
+            self.default.validate("default")
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -333,15 +336,18 @@ class LayerwisePolicy:
             )
 
     def cost(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
-        """Cost under all budget kinds. Pass a model plus an example input, or a ``layer_geometry`` dict."""
+        """Cost under all budget kinds: of a ``layer_geometry`` dict, or of a model run on ``example_input``.
+
+        MACs (hence BOPs) depend on the input size, so a model needs an example input (one image is
+        enough) unless its input shape is known: the reference architectures' 1×28×28, or a model
+        attribute ``input_shape`` (per sample, e.g. ``(3, 32, 32)``).
+        """
         if isinstance(model_or_geometry, Mapping):
             geometry = model_or_geometry
         else:
-            import torch
-
             from .layers import layer_geometry
 
-            x = example_input if example_input is not None else torch.rand(1, 1, 28, 28)
+            x = example_input if example_input is not None else _example_for(model_or_geometry)
             geometry = layer_geometry(model_or_geometry, x)
         return cost_of(self.resolve(geometry), geometry)
 
@@ -357,6 +363,23 @@ class LayerwisePolicy:
                 f"{'(default)':<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}"
             )
         return "\n".join(rows)
+
+
+def _example_for(model: Any) -> Any:
+    """One random input of the model's recorded input shape, or a PolicyError saying how to give one."""
+    import torch
+
+    from .models import ARCHITECTURES, INPUT_SHAPE
+
+    shape = getattr(model, "input_shape", None)
+    if shape is None and type(model) in set(ARCHITECTURES.values()):
+        shape = INPUT_SHAPE
+    if shape is None:
+        raise PolicyError(
+            f"cost of a {type(model).__name__} needs an example input: its input shape is not known",
+            "pass one, e.g. policy.cost(model, images[:1]), or set model.input_shape = (C, H, W)",
+        )
+    return torch.rand(1, *shape)
 
 
 def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:

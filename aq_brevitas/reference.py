@@ -91,7 +91,141 @@ def _template(node: ast.expr, constants: dict[str, str]) -> str | None:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         left, right = _template(node.left, constants), _template(node.right, constants)
         return None if left is None or right is None else left + right
+    if isinstance(node, ast.IfExp):  # "a" if cond else "": show the text that can appear
+        return _template(node.body, constants)
     return None
+
+
+def _local_texts(tree: ast.Module, constants: dict[str, str]) -> dict[int, dict[str, str]]:
+    """For each ``raise`` inside a function: module constants plus that function's ``name = "text"``
+    assignments (innermost function wins), so ``raise XError(msg, fix)`` with ``fix = f"..."`` resolves."""
+    scopes: dict[int, dict[str, str]] = {}
+    for fn in ast.walk(tree):  # breadth first: outer functions before the ones nested in them
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        local = dict(constants)
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+                text = _template(n.value, local)
+                if text is not None:
+                    local[n.targets[0].id] = text
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Raise):
+                scopes[id(n)] = local
+    return scopes
+
+
+def _module_constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level ``NAME = "text"`` assignments, so messages kept in constants can be resolved."""
+    return {
+        t.id: n.value.value
+        for n in tree.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
+
+
+# Fixes for the package's warnings whose message does not carry its own `` -- fix: ``, keyed by
+# (module, start of the message). tests/test_bad_inputs.py fails if a warning has neither.
+WARNING_FIXES = {
+    ("ao", "torch.ao has no observer"): "use scaling max for those layers when deploying through torch.ao, "
+    "or deploy through Brevitas/QONNX, which has the exact rule",
+    (
+        "layers",
+        "aq-brevitas leaves these layers in float",
+    ): "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear "
+    "if they should be quantized; otherwise nothing to do (their cost counts as 32-bit)",
+    (
+        "lipschitz",
+        "layers never called in forward",
+    ): "delete layers forward never calls; the search gives them no spec, so quantize leaves them float",
+    (
+        "lipschitz",
+        "layers called more than once",
+    ): "if the calls see different inputs, give each call its own "
+    "module (copy.deepcopy) so each gets its own score",
+    ("ao", "to_qconfig_mapping: torch.ao FX quantizes"): "use aq_brevitas.ao.prepare_fx_model, which "
+    "quantizes each layer's input with its act_bit_width",
+    ("search", "search_policy ran without val_data"): "pass held-out training images as val_data "
+    "(the CLI does unless --val-images 0)",
+    ("lipschitz", "model is not a chain"): "use the jacobian estimate (the default: --estimate jacobian)",
+}
+
+
+def warning_catalogue() -> list[tuple[str, str, str]]:
+    """``(module, message template, fix)`` for every ``warnings.warn(...)`` in the package."""
+    rows = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        constants = _module_constants(tree)
+        for node in ast.walk(tree):
+            f = node.func if isinstance(node, ast.Call) else None
+            if not (
+                isinstance(f, ast.Attribute) and f.attr == "warn" and getattr(f.value, "id", "") == "warnings"
+            ):
+                continue
+            message = _template(node.args[0], constants) if node.args else None
+            if not message:
+                continue
+            message, _, fix = message.partition(" -- fix: ")
+            if not fix:
+                fix = next(
+                    (
+                        v
+                        for (m, start), v in WARNING_FIXES.items()
+                        if m == path.stem and message.startswith(start)
+                    ),
+                    "",
+                )
+            rows.append((path.stem, message, fix))
+    return rows
+
+
+def interrupt_message() -> tuple[str, int]:
+    """The line and exit code the CLI gives on Ctrl-C, read from the ``except KeyboardInterrupt`` in cli.main."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ExceptHandler) and getattr(node.type, "id", None) == "KeyboardInterrupt":
+            texts = [
+                n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            ]
+            codes = [
+                n.value.value
+                for n in ast.walk(node)
+                if isinstance(n, ast.Return) and isinstance(n.value, ast.Constant)
+            ]
+            return texts[0], codes[0]
+    raise LookupError("cli.main has no KeyboardInterrupt handler")
+
+
+# Two typical command-line slips; their output is produced by argparse itself when the page is built.
+USAGE_EXAMPLES = (
+    ["quantize", "--model", "cnn-pgd"],
+    ["export", "--model", "q.pt", "--out", "q.onnx", "--format", "onnx"],
+)
+
+
+def usage_error(argv: list[str]) -> str:
+    """What argparse prints for ``aq-brevitas ARGV`` when ARGV is not a valid command line."""
+    import contextlib
+    import io
+    import os
+
+    from .cli import build_parser
+
+    err = io.StringIO()
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+            build_parser().parse_args(argv)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+    return err.getvalue().rstrip()
 
 
 def error_catalogue() -> list[tuple[str, str, str, str]]:
@@ -102,15 +236,8 @@ def error_catalogue() -> list[tuple[str, str, str, str]]:
     rows = []
     for path in sorted(PACKAGE.glob("*.py")):
         tree = ast.parse(path.read_text())
-        constants = {
-            t.id: n.value.value
-            for n in tree.body
-            if isinstance(n, ast.Assign)
-            and isinstance(n.value, ast.Constant)
-            and isinstance(n.value.value, str)
-            for t in n.targets
-            if isinstance(t, ast.Name)
-        }
+        constants = _module_constants(tree)
+        scopes = _local_texts(tree, constants)
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Raise)
@@ -118,8 +245,9 @@ def error_catalogue() -> list[tuple[str, str, str, str]]:
                 and getattr(node.exc.func, "id", None) in names
             ):
                 args = node.exc.args
-                problem = _template(args[0], constants) if args else None
-                fix = _template(args[1], constants) if len(args) > 1 else ""
+                texts = scopes.get(id(node), constants)
+                problem = _template(args[0], texts) if args else None
+                fix = _template(args[1], texts) if len(args) > 1 else ""
                 if problem:
                     rows.append((path.stem, node.exc.func.id, problem, fix or ""))
     return rows
@@ -142,15 +270,49 @@ def troubleshooting() -> str:
         "* `Failed to load .../torchao/_C_*.so`: torchao's optional GPU kernels; harmless on CPU.",
         "* Slow CPU training/attacks after a while: denormal weights. `torch.set_flush_denormal(True)` (the CLI does this).",
         "",
+        "## Command-line usage errors",
+        "",
+        "A command line argparse cannot read (a missing required option, an unknown option, a value that is not",
+        "one of the choices or not a number) is refused before anything runs: argparse prints the command's",
+        "usage line and one `error:` line, and the exit code is 2. `aq-brevitas COMMAND --help` lists the",
+        "options. For example:",
+        "",
+    ]
+    for argv in USAGE_EXAMPLES:
+        parts += ["```text", "$ aq-brevitas " + " ".join(argv), usage_error(argv), "```", ""]
+    line, code = interrupt_message()
+    parts += [
+        "## Ctrl-C",
+        "",
+        f"An interrupted command prints `{line}` and exits with code {code}. Every output is written to a",
+        "temporary file and renamed into place, so files from finished steps are complete and no partial",
+        "file is left under a final name. `train` and `finetune` keep `<out>.train-state.pt`: rerun the same",
+        "command with `--resume` to continue; `run` resumes by itself (it skips finished stages).",
+        "",
+        "## Warnings",
+        "",
+        "Printed as `UserWarning: …`; the run goes on.",
+        "",
+        "| where | message | fix |",
+        "|---|---|---|",
+    ]
+    for module, message, fix in warning_catalogue():
+        parts.append(f"| `{module}` | {_cell(message)} | {_cell(fix)} |")
+    parts += [
+        "",
         "## Errors",
         "",
         "| where | error | message | fix |",
         "|---|---|---|---|",
     ]
     for module, cls, problem, fix in error_catalogue():
-        cell = problem.replace("|", "\\|").replace("\n", " ")
-        parts.append(f"| `{module}` | `{cls}` | {cell} | {fix.replace('|', chr(92) + '|')} |")
+        parts.append(f"| `{module}` | `{cls}` | {_cell(problem)} | {fix.replace('|', chr(92) + '|')} |")
     return "\n".join(parts) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 PAGES = {"cli.md": cli_reference, "api.md": api_reference, "troubleshooting.md": troubleshooting}

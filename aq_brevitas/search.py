@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -127,11 +128,15 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> It
 
 
 class WeightCache:
-    """Ŵ_l(c) from the swap's own Brevitas quantizer, computed once per (layer, spec)."""
+    """Ŵ_l(c) from the swap's own Brevitas quantizer, computed once per (layer, spec).
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``table``, starts from the Ŵ the candidate table already computed (same quantizer, same
+    weights), so scoring does not run Brevitas's MSE scale search a second time.
+    """
+
+    def __init__(self, model: nn.Module, table: CandidateTable | None = None) -> None:
         self.modules = dict(model.named_modules())
-        self._w: dict[tuple[str, LayerSpec], torch.Tensor] = {}
+        self._w: dict[tuple[str, LayerSpec], torch.Tensor] = dict(table.weights) if table is not None else {}
 
     def __call__(self, layer: str, spec: LayerSpec) -> torch.Tensor:
         key = (layer, spec)
@@ -178,6 +183,60 @@ def _restrict(
     return {n: {s: v for s, v in vals.items() if reps[n][s] == s} for n, vals in values.items()}
 
 
+class _Downstream:
+    """Forward passes that recompute only what a weight swap changes.
+
+    The float model's fx graph runs once on x_adv and keeps every node's value; with layers S swapped,
+    only nodes downstream of a call to a layer in S are recomputed, the rest are read back. For a
+    chain that skips everything before the first swapped layer; for residual graphs it also skips
+    branches that do not depend on S. Untraceable models fall back to a full forward.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        from torch import fx
+
+        from .lipschitz import _trace
+
+        self.model, self.x = model, x
+        self.gm = _trace(model)
+        self.cache: dict[Any, Any] | None = None
+        if self.gm is None:
+            return
+        cache: dict[Any, Any] = {}
+
+        class _Record(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                cache[n] = out = super().run_node(n)
+                return out
+
+        try:
+            with torch.no_grad():
+                _Record(self.gm).run(x)
+        except Exception:  # a graph that traces but does not run as traced: use the model itself
+            self.gm = None
+            return
+        self.cache = cache
+
+    def __call__(self, changed: Sequence[str]) -> torch.Tensor:
+        if self.gm is None or self.cache is None:
+            with torch.no_grad():
+                return self.model(self.x)
+        from torch import fx
+
+        cache, targets = self.cache, set(changed)
+        dirty: set[fx.Node] = set()
+        for n in self.gm.graph.nodes:
+            if (n.op == "call_module" and n.target in targets) or any(a in dirty for a in n.all_input_nodes):
+                dirty.add(n)
+
+        class _Replay(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                return super().run_node(n) if n in dirty or n.op == "output" else cache[n]
+
+        with torch.no_grad():
+            return _Replay(self.gm).run(self.x)
+
+
 # ------------------------------------------------------------------------------- adversarial calib
 @dataclass
 class AdversarialCalibration:
@@ -190,6 +249,14 @@ class AdversarialCalibration:
     base_logits: torch.Tensor  # f(x_adv)
     j_loc: float | None
     attack: str
+    _runner: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def downstream(self, model: nn.Module) -> _Downstream:
+        """The cached float forward on x_adv for ``model`` (built on first use, with float weights)."""
+        if self._runner is None or self._runner.model is not model:
+            with eval_mode(model):
+                self._runner = _Downstream(model, self.x_adv)
+        return self._runner
 
     @property
     def images(self) -> int:
@@ -230,10 +297,14 @@ def adversarial_calibration(
     return AdversarialCalibration(x, y, x_adv, eps, base, j_loc, name)
 
 
-def _deviation(model: nn.Module, calib: AdversarialCalibration) -> float:
-    """mean over x_adv of ‖f_p(x_adv) − f(x_adv)‖₂ for the model as it currently is."""
-    with torch.no_grad():
-        out = model(calib.x_adv)
+def _deviation(model: nn.Module, calib: AdversarialCalibration, changed: Sequence[str] = ()) -> float:
+    """mean over x_adv of ‖f_p(x_adv) − f(x_adv)‖₂ for the model as it currently is (only layers
+    ``changed`` differ from the float model: then only their downstream part is recomputed)."""
+    if changed:
+        out = calib.downstream(model)(changed)
+    else:
+        with torch.no_grad():
+            out = model(calib.x_adv)
     out = getattr(out, "value", out)
     return float((out - calib.base_logits).flatten(1).norm(dim=1).mean())
 
@@ -256,8 +327,9 @@ def network_deviation(
         with eval_mode(q):
             return _deviation(q, calib)
     cache = cache or WeightCache(model)
+    calib.downstream(model)  # record the float forward before any weight is swapped
     with eval_mode(model), swapped_weights(model, {n: cache(n, s) for n, s in specs.items()}):
-        return _deviation(model, calib)
+        return _deviation(model, calib, list(specs))
 
 
 # --------------------------------------------------------------------------------------- scorers
@@ -272,8 +344,12 @@ class LipschitzTerms:
 
     @property
     def scores(self) -> Scores:
+        return self.weighted(1.0)
+
+    def weighted(self, adv_weight: float) -> Scores:
+        """``adv_weight``·adversarial + quantization (1 is the bound; other values are for ablations)."""
         return {
-            n: {s: self.adversarial[n][s] + self.quantization[n][s] for s in specs}
+            n: {s: adv_weight * self.adversarial[n][s] + self.quantization[n][s] for s in specs}
             for n, specs in self.quantization.items()
         }
 
@@ -310,6 +386,11 @@ def lipschitz_terms(
     adv: Scores = {}
     quant: Scores = {}
     if estimate == "spectral":
+        if any(math.isnan(r.dW_norm) for rows in table.rows.values() for r in rows):
+            raise ConfigError(
+                "the candidate table has no ‖ΔW‖ norms (built with dw_norms=False)",
+                "build it with candidate_table(..., dw_norms=True) for the spectral estimate",
+            )
         pi = math.prod(s.L for s in table.scores.values())
         downstream, gains = 1.0, {}
         for name in reversed(list(table.scores)):  # execution order: Π of L after the layer
@@ -756,8 +837,10 @@ class _Bound:
         estimate: str,
         calib: AdversarialCalibration | None,
         cache: WeightCache,
+        adv_weight: float = 1.0,
     ) -> None:
         self.model, self.table, self.estimate, self.calib, self.cache = model, table, estimate, calib, cache
+        self.adv_weight = adv_weight
         self.memo: dict[tuple[tuple[str, LayerSpec], ...], tuple[float, float]] = {}
 
     def __call__(self, specs: Mapping[str, LayerSpec], eps: float) -> float:
@@ -784,10 +867,40 @@ class _Bound:
                     downstream *= row.L_hat
                 else:
                     downstream *= t.scores[n].L
-            return eps * pi * (ratio - 1), quant
+            return self.adv_weight * eps * pi * (ratio - 1), quant
         assert self.calib is not None
         j_loc = self.calib.j_loc or 0.0
-        return eps * j_loc * (ratio - 1), network_deviation(self.model, self.calib, specs, self.cache)
+        adv = self.adv_weight * eps * j_loc * (ratio - 1)
+        return adv, network_deviation(self.model, self.calib, specs, self.cache)
+
+
+def policy_bound(
+    model: nn.Module,
+    table: CandidateTable,
+    specs: Mapping[str, LayerSpec],
+    calib: AdversarialCalibration | None,
+    *,
+    eps: float = 0.1,
+    estimate: str = "jacobian",
+    cache: WeightCache | None = None,
+) -> dict[str, float]:
+    """The lipschitz prediction for any policy (e.g. one a baseline chose), to compare methods on it.
+
+    ``score_sum``: Σ_l s_l(c_l), what the knapsack minimises; ``bound``: the whole-network B(p) that
+    refinement uses. ``calib`` (from :func:`adversarial_calibration`) is needed for ``jacobian``.
+    """
+    _check_method("lipschitz", estimate)
+    if estimate == "jacobian" and calib is None:
+        raise ConfigError(
+            "the jacobian bound needs adversarial calibration", "pass adversarial_calibration(...)"
+        )
+    bound = _Bound(model, table, estimate, calib, cache or WeightCache(model, table))
+    eps = check_eps(eps)
+    with eval_mode(model):
+        return {
+            "score_sum": sum(bound({n: s}, eps) for n, s in specs.items()),
+            "bound": bound(dict(specs), eps),
+        }
 
 
 def _refine(
@@ -864,6 +977,69 @@ def _check_method(method: str, estimate: str) -> None:
         raise ConfigError(f"unknown estimate {estimate!r}", f"use one of {', '.join(ESTIMATES)}")
 
 
+@dataclass
+class Selection:
+    """What :func:`select_policy` found: the (refined) choice, the knapsack's own, and how."""
+
+    choice: dict[str, LayerSpec]
+    milp_choice: dict[str, LayerSpec]
+    solutions: list[MckpSolution]
+    refine: dict[str, Any]
+    reps: dict[str, dict[LayerSpec, LayerSpec]]
+    distinct: dict[str, list[LayerSpec]]
+    solve_s: float
+    refine_s: float
+
+
+def select_policy(
+    model: nn.Module,
+    table: CandidateTable,
+    scores: Scores | LipschitzTerms,
+    budget: Budget | str,
+    *,
+    eps: float = 0.1,
+    refine: bool = True,
+    adv_weight: float = 1.0,
+    top_k: int = 5,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+) -> Selection:
+    """Knapsack (and, for :class:`LipschitzTerms`, refinement) on ready scores: the selection step alone.
+
+    :func:`search_policy` scores and then calls this; ablations call it directly to try several
+    settings (``adv_weight``, ``refine``) on one set of measured terms without measuring them again.
+    """
+    budget = _budget(budget)
+    cache = cache or WeightCache(model, table)
+    terms = scores if isinstance(scores, LipschitzTerms) else None
+    values = terms.weighted(adv_weight) if terms is not None else scores
+    reps = equivalent_candidates(table, cache)
+    distinct = {n: [s for s, r in m.items() if s == r] for n, m in reps.items()}
+    costs = candidate_costs(table, budget.kind)
+    do_refine = refine and terms is not None
+    t0 = time.perf_counter()
+    solutions = solve_top_k(
+        _restrict(values, reps),
+        _restrict(costs, reps),
+        budget_capacity(table, budget),
+        top_k if do_refine else 1,
+    )
+    solve_s = time.perf_counter() - t0
+    choice = dict(solutions[0].choice)
+    info: dict[str, Any] = {"done": False}
+    t0 = time.perf_counter()
+    if do_refine:
+        assert terms is not None
+        bound = _Bound(model, table, terms.estimate, terms.calibration, cache, adv_weight)
+        choice, moves = _refine(bound, table, budget, solutions, eps, progress, distinct)
+        info = {"done": True, "measure": f"whole-network bound ({terms.estimate})", **moves}
+    order = table.layers
+    return Selection(
+        {n: choice[n] for n in order}, {n: solutions[0].choice[n] for n in order}, solutions, info, reps,
+        distinct, solve_s, time.perf_counter() - t0,
+    )  # fmt: skip
+
+
 def search_policy(
     model: nn.Module,
     calib_data: Any,
@@ -874,7 +1050,7 @@ def search_policy(
     eps: float = 0.1,
     attack: Any = None,
     estimate: str = "jacobian",
-    refine: bool = True,
+    refine: bool = False,
     val_data: Any = None,
     top_k: int = 5,
     seed: int = 0,
@@ -884,17 +1060,25 @@ def search_policy(
     val_images: int | None = 500,
     hessian_samples: int = 16,
     table: CandidateTable | None = None,
+    fold_bn: bool = False,
+    adv_weight: float = 1.0,
 ) -> LayerwisePolicy:
     """Search a per-layer policy under ``budget`` (METHOD.md "Selection"); returns it with a full ``meta``.
 
-    ``calib_data``: training-split images (never the test split), ``(x, y)`` or images alone.
+    ``calib_data``: training-split images (never the test split), ``(x, y)``, images alone, or a ready
+    :class:`AdversarialCalibration` (reused across budgets and methods; its eps must be ``eps``).
     ``candidates``: None (the 36 defaults), one list, or per-layer lists (``"*"`` for the rest).
-    ``refine`` (lipschitz only): re-measure the ``top_k`` MILP policies on the whole-network,
-    non-linearised bound and do one pass of coordinate descent on it. ``hessian`` and ``ans`` are kept as
+    ``refine`` (lipschitz only; off by default): re-measure the ``top_k`` MILP policies on the
+    whole-network, non-linearised bound and do one pass of coordinate descent on it. It lowered the
+    bound but lost held-out PGD accuracy in all three model/budget cases of ``benchmarks/ablation.py``
+    (it over-fits the calibration images), hence the default. ``hessian`` and ``ans`` are kept as
     their papers define them -- additive scores, no refinement -- so the baselines stay faithful.
     ``val_data`` (held-out training images, e.g. ``load_split("val")``): compare with the best uniform
-    policy by PGD-``pgd_steps`` accuracy on its first ``val_images`` and keep the better.
-    Deterministic for a seed: timings live only in ``meta["timing"]``.
+    policy by PGD-``pgd_steps`` accuracy on its first ``val_images`` and keep the better. Without it no
+    comparison is made: ``meta["winner"]`` is ``"unchecked"`` and a warning says so.
+    ``fold_bn``: score the weights ``quantize(..., fold_bn=True)`` will quantize (BatchNorm folded in);
+    apply the policy with the same setting. ``adv_weight`` scales the adversarial term (1 = the bound).
+    Deterministic for a seed: timings live only in ``meta["timing"]`` (not written by ``policy.save``).
     """
     t_start = time.perf_counter()
     _check_method(method, estimate)
@@ -902,14 +1086,27 @@ def search_policy(
     budget = _budget(budget)
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}", "pass top_k=5")
-    x, y = _as_xy(calib_data, model)
-    timing: dict[str, float] = {}
+    if table is not None and table.fold_bn != fold_bn:
+        raise ConfigError(
+            f"the candidate table was built with fold_bn={table.fold_bn}, the search asks fold_bn={fold_bn}",
+            "build the table with the same fold_bn the policy will be applied with",
+        )
     calib: AdversarialCalibration | None = None
+    if isinstance(calib_data, AdversarialCalibration):
+        calib = _calibration(model, calib_data, eps, attack, steps, seed)
+        x, y = calib.x, calib.y
+    else:
+        x, y = _as_xy(calib_data, model)
+    if fold_bn:
+        from .candidates import folded_copy
+
+        model = folded_copy(model)  # quantize(folded, fold_bn=False) is quantize(model, fold_bn=True)
+    timing: dict[str, float] = {}
     with eval_mode(model):
         if table is None:
             _precheck(model, x, candidates, budget)  # before any attack or power iteration
         t0 = time.perf_counter()
-        if method == "lipschitz" and (estimate == "jacobian" or attack is not None):
+        if calib is None and method == "lipschitz" and (estimate == "jacobian" or attack is not None):
             calib = adversarial_calibration(
                 model, (x, y), eps=eps, attack=attack, steps=steps, seed=seed, jacobian=estimate == "jacobian"
             )
@@ -918,67 +1115,75 @@ def search_policy(
         if table is None:
             t0 = time.perf_counter()
             table = candidate_table(
-                model, calib.x_adv if calib else x, candidates, gains=(), seed=seed, progress=progress
-            )
+                model, calib.x_adv if calib else x, candidates, gains=(), seed=seed, progress=progress,
+                dw_norms=method == "uniform" or (method == "lipschitz" and estimate == "spectral"),
+            )  # fmt: skip
             timing["candidate_table_s"] = time.perf_counter() - t0
         check_feasible(table, budget)
-        cache = WeightCache(model)
+        cache = WeightCache(model, table)
+        t0 = time.perf_counter()
+        extra: dict[str, Any] = {}
         if method == "uniform":
-            policy = best_uniform(
+            uni = best_uniform(
                 model, table, budget, val_data, eps, calib_data=x, pgd_steps=pgd_steps,
                 val_images=val_images, seed=seed, progress=progress, cache=cache,
             )  # fmt: skip
-            timing["total_s"] = time.perf_counter() - t_start
-            policy.meta.update({"estimate": None, "seed": seed, "calib_images": len(x), "timing": timing})
-            return policy
-
-        t0 = time.perf_counter()
-        extra: dict[str, Any] = {}
-        if method == "lipschitz":
-            terms = lipschitz_terms(
-                model, table, calib if calib else (x, y), eps=eps, estimate=estimate, seed=seed,
+            u_spec = LayerSpec.from_dict(uni.meta["uniform"]["spec"])
+            # Its share of the data-free (spectral) bound per layer, for reports: nothing is solved.
+            has_dw = not any(math.isnan(r.dW_norm) for rows in table.rows.values() for r in rows)
+            scores = (
+                lipschitz_terms(model, table, None, eps=eps, estimate="spectral").scores
+                if has_dw
+                else {n: {r.spec: math.nan for r in rows} for n, rows in table.rows.items()}
+            )
+            extra.update({"uniform": uni.meta["uniform"], "score_estimate": "spectral" if has_dw else None})
+            timing["scoring_s"] = time.perf_counter() - t0
+            sel = None
+            choice = {n: u_spec for n in table.layers}
+        else:
+            if method == "lipschitz":
+                scored: Scores | LipschitzTerms = lipschitz_terms(
+                    model, table, calib if calib else (x, y), eps=eps, estimate=estimate, seed=seed,
+                    cache=cache, progress=progress,
+                )  # fmt: skip
+                scores = scored.weighted(adv_weight)
+                if calib is not None:
+                    extra.update({"j_loc": calib.j_loc, "attack": calib.attack})
+                extra["adv_weight"] = adv_weight
+            elif method == "hessian":
+                traces = hessian_traces(model, (x, y), table.layers, n_samples=hessian_samples, seed=seed)
+                scores = scored = score_hessian(model, table, (x, y), cache=cache, traces=traces)
+                extra.update({"hessian_trace_per_weight": traces, "hessian_samples": hessian_samples})
+            else:
+                ans = ans_sensitivity(model, (x, y), table.layers, eps=eps, seed=seed)
+                scores = scored = score_ans(model, table, (x, y), cache=cache, sensitivity=ans)
+                extra["ans"] = ans
+            timing["scoring_s"] = time.perf_counter() - t0
+            sel = select_policy(
+                model, table, scored, budget, eps=eps, refine=refine, adv_weight=adv_weight, top_k=top_k,
                 cache=cache, progress=progress,
             )  # fmt: skip
-            scores = terms.scores
-            if calib is not None:
-                extra.update({"j_loc": calib.j_loc, "attack": calib.attack})
-                calib = calib if estimate == "jacobian" else None
-        elif method == "hessian":
-            traces = hessian_traces(model, (x, y), table.layers, n_samples=hessian_samples, seed=seed)
-            scores = score_hessian(model, table, (x, y), cache=cache, traces=traces)
-            extra.update({"hessian_trace_per_weight": traces, "hessian_samples": hessian_samples})
-        else:
-            ans = ans_sensitivity(model, (x, y), table.layers, eps=eps, seed=seed)
-            scores = score_ans(model, table, (x, y), cache=cache, sensitivity=ans)
-            extra["ans"] = ans
-        timing["scoring_s"] = time.perf_counter() - t0
+            timing["solve_s"] = sel.solve_s
+            if sel.refine["done"]:
+                timing["refine_s"] = sel.refine_s
+            if refine and method != "lipschitz":
+                sel.refine["skipped"] = f"{method} is additive by definition; no whole-network measure"
+            choice = sel.choice
+        do_refine = sel is not None and sel.refine["done"]
+        reps = sel.reps if sel is not None else equivalent_candidates(table, cache)
 
-        reps = equivalent_candidates(table, cache)
-        distinct = {n: [s for s, r in m.items() if s == r] for n, m in reps.items()}
-        costs = candidate_costs(table, budget.kind)
-        cap = budget_capacity(table, budget)
-        do_refine = refine and method == "lipschitz"
-        t0 = time.perf_counter()
-        solutions = solve_top_k(
-            _restrict(scores, reps), _restrict(costs, reps), cap, top_k if do_refine else 1
-        )
-        timing["solve_s"] = time.perf_counter() - t0
-        choice = dict(solutions[0].choice)
-        milp_choice = dict(choice)
-        refine_info: dict[str, Any] = {"done": False}
-        if refine and not do_refine:
-            refine_info["skipped"] = f"{method} is additive by definition; no whole-network measure"
-        if do_refine:
-            t0 = time.perf_counter()
-            bound = _Bound(model, table, estimate, calib, cache)
-            choice, info = _refine(bound, table, budget, solutions, eps, progress, distinct)
-            refine_info = {"done": True, "measure": f"whole-network bound ({estimate})", **info}
-            timing["refine_s"] = time.perf_counter() - t0
-        choice = {n: choice[n] for n in table.layers}
-
-        winner, val_info = "search", None
+        winner, val_info = "unchecked", None
         final = choice
-        if val_data is not None:
+        if method == "uniform":
+            winner = "uniform"
+        elif val_data is None:
+            warnings.warn(
+                "search_policy ran without val_data: the result was not compared with the best uniform "
+                'policy (meta["winner"] = "unchecked"); pass held-out training images as val_data',
+                stacklevel=2,
+            )
+        else:
+            assert sel is not None
             t0 = time.perf_counter()
             uni = best_uniform(
                 model, table, budget, val_data, eps, calib_data=x, pgd_steps=pgd_steps,
@@ -997,7 +1202,7 @@ def search_policy(
             # The refined policy is judged on held-out data too: if the knapsack's own solution does
             # better there, refinement over-fitted the calibration images and is dropped.
             m_acc = None
-            milp_full = {n: milp_choice[n] for n in table.layers}
+            milp_full = sel.milp_choice
             if do_refine and any(reps[n][milp_full[n]] != reps[n][choice[n]] for n in table.layers):
                 m_acc = _pgd_accuracy(
                     model, milp_full, (val[0][:n_val], val[1][:n_val]), x, eps=eps, steps=pgd_steps, seed=seed
@@ -1027,16 +1232,23 @@ def search_policy(
         "cost": _achieved(table, final),
         "layer_scores": layer_scores,
         "objective": sum(layer_scores.values()),
-        "solver": {
-            "name": "scipy.optimize.milp (HiGHS)",
-            "status": solutions[0].status,
-            "objectives": [s.objective for s in solutions],
-        },
+        "solver": (
+            {
+                "name": "scipy.optimize.milp (HiGHS)",
+                "status": sel.solutions[0].status,
+                "objectives": [s.objective for s in sel.solutions],
+            }
+            if sel is not None
+            else {"name": "none: uniform policies are enumerated, not solved", "status": "not run"}
+        ),  # fmt: skip
         "eps": eps,
         "seed": seed,
+        "fold_bn": fold_bn,
         "calib_images": len(x),
-        "candidates": {n: {"given": len(r), "distinct": len(distinct[n])} for n, r in table.rows.items()},
-        "refine": refine_info,
+        "candidates": {
+            n: {"given": len(r), "distinct": len({reps[n][s.spec] for s in r})} for n, r in table.rows.items()
+        },
+        "refine": sel.refine if sel is not None else {"done": False, "skipped": "uniform has no score"},
         "winner": winner,
         "validation": val_info,
         **extra,
@@ -1173,7 +1385,9 @@ def validate_metric(
 
     Random policies (seeded rejection sampling) within ±``tolerance`` of the budget; each gets Σ s_l(c_l),
     the whole-network bound B(p), and its PGD-``pgd_steps`` accuracy on ``eval_data`` measured on the real
-    Brevitas model (:func:`quantize` + :func:`attack_accuracy`). ρ < 0 would mean the bound misleads.
+    Brevitas model (:func:`quantize` + :func:`attack_accuracy`, the one-attack routine
+    :func:`evaluate_robustness` runs per attack: one number per policy is all a rank correlation
+    needs). ρ < 0 would mean the bound misleads.
     """
     from scipy.stats import spearmanr
 

@@ -23,17 +23,46 @@ from .errors import CheckpointError, ConfigError
 SIDECAR_SUFFIX = ".json"
 
 
+def check_output_file(
+    path: str | os.PathLike[str], option: str | None = None, *, suffix: str = "", probe: bool = True
+) -> Path:
+    """Refuse an output file path that cannot be written, before any work is done; return its directory.
+
+    The CLI calls this for every output option up front (``option`` names the flag in the message), so a
+    bad path fails at once rather than after the computation. ``probe`` creates and removes a temporary
+    file in the directory, which catches read-only mounts and /proc that permission bits do not show.
+    """
+    final = Path(path)
+    parent = final.parent if str(final.parent) else Path(".")
+    what = f"{option} {final}" if option else str(final)
+    other = f"another {option}" if option else "another output path"
+    if final.is_dir():
+        raise ConfigError(
+            f"{what} is an existing directory, not a file name",
+            f"name a file inside it, e.g. {final / ('out' + (suffix or final.suffix))}",
+        )
+    if not parent.is_dir():
+        raise ConfigError(
+            f"output directory {parent} of {what} does not exist", f"create it first or choose {other}"
+        )
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output directory {parent} of {what} is not writable", f"choose {other}")
+    if probe:
+        try:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write in {parent} ({exc.strerror}) for {what}", f"choose {other}"
+            ) from None
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     final = Path(path)
-    parent = final.parent if str(final.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(
-            f"output directory {parent} does not exist", "create it first or choose another --out"
-        )
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output directory {parent} is not writable", "choose a writable --out location")
+    parent = check_output_file(final, probe=False)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent)
     except OSError as exc:

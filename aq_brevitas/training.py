@@ -73,7 +73,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
     Epoch ``e`` permutes the dataset with seed ``(seed, e)``; global batch ``t`` is
     ``perm[t·B:(t+1)·B]`` and rank ``r`` takes the ``r``-th of ``world`` near-equal slices. With DDP's
     gradient averaging, N processes then take the same steps as one process with batch ``B`` (up to
-    BatchNorm batch statistics and attack noise). A last batch smaller than ``world`` is dropped.
+    BatchNorm batch statistics and float summation order; the PGD random start is made to match, see
+    :func:`_skip_uniform`). A last batch smaller than ``world`` is dropped.
     """
 
     def __init__(self, n: int, batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0) -> None:
@@ -97,7 +98,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self):
         for batch in self._global_batches():
-            yield batch.tensor_split(self.world)[self.rank].tolist()
+            parts = batch.tensor_split(self.world)
+            start = sum(len(p) for p in parts[: self.rank])
+            #: ``(start, end, size)`` of the slice just yielded within its global batch
+            self.current = (start, start + len(parts[self.rank]), len(batch))
+            yield parts[self.rank].tolist()
 
     def __len__(self) -> int:
         return len(self._global_batches())
@@ -124,6 +129,7 @@ def adversarial_train(
     eps: float = 0.1,
     steps: int = 7,
     alpha: float | None = None,
+    random_start: bool = True,
     epochs: int = 1,
     lr: float = 0.05,
     optimizer: str = "sgd",
@@ -147,6 +153,12 @@ def adversarial_train(
     its slice of every global batch, and only rank 0 writes checkpoints and shows progress.
     ``freeze_quant_weights`` quantizes a Brevitas model's weights once per step for the k attack
     steps (they do not change between them) instead of once per attack forward.
+    ``alpha`` is the PGD step (default 2.5·ε/steps); ``random_start=False`` starts PGD at the clean
+    image instead of a uniform point in the ε-ball (Madry et al. use the random start); TRADES always
+    starts from a small Gaussian, as its KL gradient is zero at the clean image.
+    The progress bar and :class:`EpochStats` report clean accuracy in every mode; in plain Madry mode
+    it comes from one extra no-grad eval-mode forward of the clean batch (with the weights already
+    quantized for the attack), which costs a fraction of one of the k attack steps.
     """
     import contextlib
 
@@ -162,6 +174,11 @@ def adversarial_train(
         )
     if not 0.0 <= clean_weight <= 1.0:
         raise ConfigError(f"clean_weight={clean_weight} is outside [0, 1]", "pass a mixing weight in [0, 1]")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+        raise ConfigError(
+            f"alpha={alpha!r} is not a PGD step in (0, 1]", "pass e.g. --alpha 0.01, or omit it"
+        )
+    alpha = alpha or default_alpha(eps, steps)
     adversarial = eps > 0 and steps > 0
     rank, world = _dist_info()
     dataset = as_dataset(train_data)
@@ -203,7 +220,7 @@ def adversarial_train(
     attack = None
     if adversarial:
         # The attack needs input gradients only, so it runs on the bare module, outside DDP's reducer.
-        attack = make_attack("pgd", model, eps=eps, steps=steps, alpha=alpha or default_alpha(eps, steps))
+        attack = make_attack("pgd", model, eps=eps, steps=steps, alpha=alpha, random_start=random_start)
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(seed * 10007 + epoch)
         sampler.set_epoch(epoch)
@@ -212,13 +229,21 @@ def adversarial_train(
         tot_loss = tot_clean = tot_adv = seen = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
         for x, y in bar:
-            x_adv = None
+            x_adv = clean_correct = None
             if attack is not None:
                 with frozen_quant_weights(model) if freeze_quant_weights else contextlib.nullcontext():
                     if trades_beta is None:
+                        start, end, total = sampler.current
+                        per_image = x[0].numel() if random_start else 0
+                        _skip_uniform(start * per_image, x.device)
                         x_adv = attack(x, y)
+                        _skip_uniform((total - end) * per_image, x.device)
+                        if clean_weight == 0:  # Madry: the outer step sees no clean forward
+                            model.eval()
+                            with torch.no_grad():
+                                clean_correct = (model(x).argmax(1) == y).sum().item()
                     else:
-                        x_adv = _trades_adversary(model, x, eps, steps, alpha or default_alpha(eps, steps))
+                        x_adv = _trades_adversary(model, x, eps, steps, alpha)
             model.train()
             if x_adv is None:
                 logits = train_model(x)
@@ -250,17 +275,19 @@ def adversarial_train(
             tot_loss += loss.item() * n
             if clean_logits is not None:
                 tot_clean += (clean_logits.argmax(1) == y).sum().item()
+            elif clean_correct is not None:
+                tot_clean += clean_correct
             if adv_logits is not None:
                 tot_adv += (adv_logits.argmax(1) == y).sum().item()
             bar.set_postfix(
-                loss=f"{tot_loss / seen:.3f}", adv=f"{tot_adv / seen:.3f}" if adversarial else "-"
+                loss=f"{tot_loss / seen:.3f}",
+                clean=f"{tot_clean / seen:.3f}",
+                adv=f"{tot_adv / seen:.3f}" if adversarial else "-",
             )
         stats = EpochStats(
             epoch=epoch + 1,
             loss=tot_loss / max(seen, 1),
-            clean_acc=tot_clean / seen
-            if seen and (not adversarial or clean_weight > 0 or trades_beta is not None)
-            else None,
+            clean_acc=tot_clean / seen if seen else None,
             adv_acc=tot_adv / seen if adversarial and seen else None,
             lr=opt.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0,
@@ -290,10 +317,25 @@ def adversarial_train(
     return history
 
 
+def _skip_uniform(n: int, device: torch.device) -> None:
+    """Advance the global RNG past ``n`` uniform draws.
+
+    torchattacks PGD draws its random start with one ``uniform_`` over the batch, and the CPU
+    generator fills sequentially: a rank that skips the draws of the slices before its own (and after
+    it, to stay in step) gets exactly the noise one process would give its images. (CUDA's Philox
+    offsets do not split that way; there the ranks stay in step but the noise differs.)
+    """
+    if n > 0:
+        torch.empty(n, device=device).uniform_()
+
+
 def _trades_adversary(
     model: nn.Module, x: torch.Tensor, eps: float, steps: int, alpha: float
 ) -> torch.Tensor:
-    """TRADES inner maximisation: PGD on KL(f(x') ‖ f(x)), projected to the ε-ball and [0, 1]."""
+    """TRADES inner maximisation: PGD on KL(f(x') ‖ f(x)), projected to the ε-ball and [0, 1].
+
+    It always starts from TRADES's small Gaussian (σ=0.001): at x itself the KL gradient is zero.
+    """
     was_training = model.training
     model.eval()
     with torch.no_grad():

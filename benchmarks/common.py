@@ -44,3 +44,15 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5) ->
             fn()
             samples[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def selection_split(seed: int, calib_images: int = 256, val_images: int = 500):
+    """Disjoint calibration and validation draws from the held-out `val` split (training data, never test)."""
+    import torch
+
+    from aq_brevitas.data import load_split
+
+    x, y = load_split("val")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    c, v = perm[:calib_images], perm[calib_images : calib_images + val_images]
+    return (x[c], y[c]), (x[v], y[v])

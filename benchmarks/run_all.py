@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
-BENCHMARKS = ["finetune_speed", "export_parity", "compare_methods"]
+BENCHMARKS = ["finetune_speed", "export_parity", "ao_agreement", "compare_methods"]
 
 
 def run(names: list[str]) -> None:
@@ -35,8 +35,24 @@ def render() -> None:
     print("wrote docs/benchmarks.md")
 
 
+def environment() -> str:
+    """Date, machine and versions, printed first so a console log says where its figures come from."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from common import header
+
+    others = []
+    for pkg in ("aq-brevitas", "torchattacks", "qonnx", "onnx", "onnxruntime", "torchao"):
+        try:
+            others.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            others.append(f"{pkg} (not installed)")
+    return f"{header()}\n{' · '.join(others)}"
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    print(environment(), flush=True)
     if args != ["--render"]:
         run([a for a in args if a in BENCHMARKS] or [b for b in BENCHMARKS if (HERE / f"{b}.py").exists()])
     render()

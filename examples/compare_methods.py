@@ -3,8 +3,8 @@
 All four search the PGD-trained zoo CNN ``cnn-pgd`` at an average of 3 weight bits over one shared
 candidate table (built once, passed as ``table=``). Selection uses held-out training images (the
 ``val`` split) only; each policy is then quantized (PTQ, no fine-tuning) and measured on the test
-split: clean and PGD-10 accuracy at eps=0.1. ``meta["winner"]`` says whether the searched policy, the
-knapsack's unrefined one or the best uniform policy did best on the held-out images.
+split: clean and PGD-10 accuracy at eps=0.1. ``meta["winner"]`` says whether the searched policy or the
+best uniform policy did best on the held-out images.
 For the full comparison (more budgets, seeds, fine-tuning) see benchmarks/compare_methods.py.
 
 Run: python examples/compare_methods.py [--fast]
@@ -65,7 +65,7 @@ for method in ("uniform", "hessian", "ans", "lipschitz"):
             aq.attack_accuracy(q, x_test, y_test, "pgd", eps=0.1, steps=10),
         )
     clean, pgd = measured[short]
-    winner = policy.meta.get("winner", "-")  # uniform's meta has no "winner": it is the baseline itself
+    winner = policy.meta["winner"]  # "uniform" for the uniform baseline itself
     rows.append((method, policy.meta["cost"]["avg_weight_bits"], winner, clean, pgd, search_s))
     print(f"{method:9s} {short}")
 

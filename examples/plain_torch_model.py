@@ -81,10 +81,10 @@ print(f"PGD-trained float model: train adv acc {history.epochs[-1].adv_acc:.3f}"
 policy = LayerwisePolicy.from_json(POLICY_JSON)
 print(policy)
 qmodel = aq.quantize(model, policy, calibration_data=aq.load_split("val", limit=256)[0])
-cost = policy.cost(model)
+x_test, y_test = aq.load_split("test", limit=n_test)
+cost = policy.cost(model, x_test[:1])  # MACs, hence BOPs, depend on the input size
 print(f"policy cost: {cost.avg_weight_bits:.2f} average weight bits, {cost.weight_bits} weight bits")
 
-x_test, y_test = aq.load_split("test", limit=n_test)
 for label, m in (("float", model), ("quantized", qmodel)):
     clean = aq.accuracy(m, x_test, y_test)
     pgd = aq.attack_accuracy(m, x_test, y_test, "pgd", eps=0.1, steps=10)
@@ -99,5 +99,5 @@ with tempfile.TemporaryDirectory() as d:
     total = aq.inference_cost(path)["total"]
     print("inference cost:", {k: int(v) for k, v in total.items()})
     print("weight bits: QONNX", int(total["total_mem_w_bits"]), "policy", cost.weight_bits)
-    print("FINN checks:", {c.name: c.passed for c in aq.finn_check(path, policy)})
+    print("FINN checks:", {c.name: c.passed for c in aq.finn_check(path, policy, model=qmodel)})
 print(f"total {time.perf_counter() - t_start:.1f} s")

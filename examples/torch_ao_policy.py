@@ -6,7 +6,8 @@ is applied three ways: Brevitas ``quantize`` (the reference), an FX ``QConfigMap
 ``prepare_pt2e_model``/``convert_pt2e_model``. Each is calibrated on held-out training images; clean
 and PGD accuracy are measured on test images. PGD runs on the fake-quant (prepared) models, since
 converted models have no input gradient; clean accuracy is also given for the converted ones.
-torchao is optional: without it the PT2E part is skipped with a message.
+The PT2E part needs torchao (the ``pt2e`` extra, which ``make install`` installs); without it the
+script stops with the package's one-line error naming the extra.
 
 Run: python examples/torch_ao_policy.py [--fast]
 """
@@ -17,19 +18,19 @@ import time
 import warnings
 
 import torch
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+from torch.ao.quantization.quantize_fx import convert_fx
 
 import aq_brevitas as aq
-from aq_brevitas.ao import to_qconfig_mapping
+from aq_brevitas.ao import FX_DEPRECATION_MESSAGE, convert_pt2e_model, prepare_fx_model, prepare_pt2e_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fast", action="store_true", help="tiny subsets, for tests")
 args = parser.parse_args()
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
-# torch 2.13 emits a DeprecationWarning on every FX quantization call; Brevitas one at import.
-warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization.*")
-warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+# torch 2.13 emits this DeprecationWarning on every FX quantization call; Brevitas one UserWarning at import.
+warnings.filterwarnings("ignore", category=DeprecationWarning, message=FX_DEPRECATION_MESSAGE)
+warnings.filterwarnings("ignore", category=UserWarning, message="fast_hadamard_transform package not found")
 n_test, pgd_steps = (300, 10) if args.fast else (1000, 20)
 t_start = time.perf_counter()
 
@@ -65,8 +66,9 @@ brevitas_policy = aq.LayerwisePolicy(
 )
 report("Brevitas", aq.quantize(model, brevitas_policy, calibration_data=calib_x))
 
-# FX graph mode: the policy as a QConfigMapping (fake-quant for QAT; conv-relu pairs are fused).
-prepared = prepare_qat_fx(copy.deepcopy(model).train(), to_qconfig_mapping(policy, qat=True), (calib_x[:1],))
+# FX graph mode: the policy as a QConfigMapping (fake-quant for QAT; conv-relu pairs are fused), with
+# each layer's activation bits moved onto its input (torch.ao's QConfig would put them on its output).
+prepared = prepare_fx_model(copy.deepcopy(model), policy, calib_x[:1], qat=True)
 with torch.no_grad():
     prepared(calib_x)  # observers see the calibration images
 # Freeze the ranges: otherwise the observers keep updating on the test and attack images.
@@ -75,21 +77,15 @@ int_fx = convert_fx(copy.deepcopy(prepared))
 print("FX fc1 weight integers:", int_fx.fc1.weight().int_repr().unique().tolist())
 report("FX", prepared, int_fx)
 
-# PT2E: torch.export + torchao prepare_qat_pt2e with the policy as a Quantizer.
-try:
-    import torchao  # noqa: F401
-except ImportError as exc:
-    print(f"PT2E skipped: torchao is not installed ({exc}); pip install 'aq-brevitas[pt2e]'")
-else:
-    from torchao.quantization.pt2e import disable_observer
+# PT2E: torch.export + torchao prepare_qat_pt2e with the policy as a Quantizer. torchao is required
+# here: without it prepare_pt2e_model raises ConfigError naming the `pt2e` extra.
+from torchao.quantization.pt2e import disable_observer  # noqa: E402
 
-    from aq_brevitas.ao import convert_pt2e_model, prepare_pt2e_model
-
-    # qat=True gives fake-quant modules; PTQ's prepare_pt2e only inserts observers, and that model
-    # computes in float until convert (attacking it would attack the float model).
-    pt2e = prepare_pt2e_model(copy.deepcopy(model), policy, calib_x[:2], qat=True)
-    with torch.no_grad():
-        pt2e(calib_x)  # calibration
-    pt2e.apply(disable_observer).eval()
-    report("PT2E", pt2e, convert_pt2e_model(copy.deepcopy(pt2e)))
+# qat=True gives fake-quant modules; PTQ's prepare_pt2e only inserts observers, and that model
+# computes in float until convert (attacking it would attack the float model).
+pt2e = prepare_pt2e_model(copy.deepcopy(model), policy, calib_x[:2], qat=True)
+with torch.no_grad():
+    pt2e(calib_x)  # calibration
+pt2e.apply(disable_observer).eval()
+report("PT2E", pt2e, convert_pt2e_model(copy.deepcopy(pt2e)))
 print(f"total {time.perf_counter() - t_start:.1f} s")

@@ -1,23 +1,37 @@
 import copy
+import operator
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
-from aq_brevitas.ao import convert_pt2e_model, prepare_pt2e_model, to_qconfig_mapping, weight_range
+from aq_brevitas.ao import (
+    FX_DEPRECATION_MESSAGE,
+    PolicyQuantizer,
+    _is_act_observer,
+    _layer_name,
+    act_range,
+    convert_pt2e_model,
+    prepare_fx_model,
+    prepare_pt2e_model,
+    to_qconfig_mapping,
+    weight_range,
+)
 from aq_brevitas.convert import quantize
 from aq_brevitas.errors import PolicyError
-from aq_brevitas.evaluate import accuracy, attack_accuracy
+from aq_brevitas.evaluate import accuracy, attack_accuracy, evaluate_robustness
 from aq_brevitas.models import load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from conftest import REPO
 
 # torch 2.13 deprecates FX graph mode on every call ("migrate to torchao pt2e"): expected, filtered here only.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*torchao.*pt2e.*:DeprecationWarning",
-    "ignore:.*torch.ao.quantization.*deprecated.*:DeprecationWarning",
-)
+pytestmark = pytest.mark.filterwarnings(f"ignore:{FX_DEPRECATION_MESSAGE}:DeprecationWarning")
 
+LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 MIXED = LayerwisePolicy(
     {
         "conv1": LayerSpec(8, "max", "per_channel"),
@@ -26,6 +40,28 @@ MIXED = LayerwisePolicy(
         "fc2": LayerSpec(8, "max", "per_tensor"),
     }
 )
+# Every scaling x granularity, two policies of four layers; per-tensor mse/percentile at 4 bits on fc1
+# (its weights clip there: the case that once gave -8).
+EVERY_RULE = [
+    LayerwisePolicy(
+        {
+            "conv1": LayerSpec(3, "max", "per_tensor"),
+            "conv2": LayerSpec(8, "po2", "per_tensor"),
+            "fc1": LayerSpec(4, "mse", "per_tensor"),
+            "fc2": LayerSpec(8, "percentile", "per_channel"),
+        }
+    ),
+    LayerwisePolicy(
+        {
+            "conv1": LayerSpec(4, "po2", "per_channel"),
+            "conv2": LayerSpec(2, "mse", "per_channel"),
+            "fc1": LayerSpec(4, "percentile", "per_tensor"),
+            "fc2": LayerSpec(8, "max", "per_channel"),
+        }
+    ),
+]
+# Distinct input bits per layer, so a bit width on the wrong tensor shows.
+ACT_BITS = LayerwisePolicy({n: LayerSpec(8, act_bit_width=b) for n, b in zip(LAYERS, [2, 3, 4, 5])})
 
 
 @pytest.fixture(scope="module")
@@ -33,43 +69,187 @@ def cnn():
     return load_float_model("cnn-pgd")[0]
 
 
-def test_fx_qat_convert_keeps_narrow_ranges(cnn, fmnist_val_512):
-    x = fmnist_val_512[0][:128]
-    prepared = prepare_qat_fx(copy.deepcopy(cnn).train(), to_qconfig_mapping(MIXED, qat=True), (x[:1],))
-    with torch.no_grad():
-        prepared(x)
-    fq_acc = accuracy(prepared, x, fmnist_val_512[1][:128])
-    converted = convert_fx(prepared.eval())
+def _fx_int_weights(converted: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight().int_repr() for n, m in converted.named_modules() if n in LAYERS}
+
+
+def _pt2e_int_weights(converted: nn.Module) -> dict[str, torch.Tensor]:
+    """The int8 weight constants of a convert_pt2e graph, by the layer that dequantizes and uses them."""
     found = {}
-    for name, mod in converted.named_modules():
-        if name in MIXED.layers:
-            q = mod.weight().int_repr()
-            found[name] = (int(q.min()), int(q.max()))
-    assert set(found) == set(MIXED.layers)  # conv-relu / linear-relu were fused and kept their names
-    for name, (lo, hi) in found.items():
-        qmin, qmax = weight_range(MIXED.layers[name].weight_bit_width)
-        assert qmin <= lo and hi <= qmax, (name, lo, hi)
-    assert abs(accuracy(converted, x, fmnist_val_512[1][:128]) - fq_acc) < 0.05
+    for node in converted.graph.nodes:
+        value = operator.attrgetter(node.target)(converted) if node.op == "get_attr" else None
+        if isinstance(value, torch.Tensor) and value.dtype == torch.int8:
+            (dequant,) = node.users
+            (layer,) = dequant.users
+            found[_layer_name(layer)] = value
+    return found
 
 
-def test_pt2e_qat_fake_quant_matches_convert(cnn, fmnist_val_512):
+def _assert_narrow(weights: dict[str, torch.Tensor], policy: LayerwisePolicy) -> None:
+    assert set(weights) == set(policy.layers)
+    for name, q in weights.items():
+        qmin, qmax = weight_range(policy.layers[name].weight_bit_width)
+        assert qmin <= int(q.min()) and int(q.max()) <= qmax, (name, int(q.min()), int(q.max()))
+        assert int(q.abs().max()) == qmax, name  # the range is used, not just respected
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+@pytest.mark.parametrize("policy", EVERY_RULE, ids=["rules-a", "rules-b"])
+def test_every_scaling_rule_keeps_the_narrow_range_after_convert(cnn, fmnist_val_512, policy, qat):
     x = fmnist_val_512[0][:128]
-    prepared = prepare_pt2e_model(copy.deepcopy(cnn), MIXED, x[:2], qat=True)
+    with pytest.warns(UserWarning, match="MinMax is used instead"):
+        mapping = to_qconfig_mapping(policy, qat=qat)
+    model = copy.deepcopy(cnn)
+    fx = (
+        prepare_qat_fx(model.train(), mapping, (x[:1],))
+        if qat
+        else prepare_fx(model.eval(), mapping, (x[:1],))
+    )
+    with pytest.warns(UserWarning, match="MinMax is used instead"):
+        pe = prepare_pt2e_model(copy.deepcopy(cnn), policy, x[:2], qat=qat)
     with torch.no_grad():
-        prepared(x)
-    prepared.eval()
-    with torch.no_grad():
-        fq = prepared(x)
-    converted = convert_pt2e_model(prepared)
-    with torch.no_grad():
-        out = converted(x)
-    assert (fq.argmax(1) == out.argmax(1)).float().mean() > 0.97
-    ranges = []
-    for n in converted.graph.nodes:
-        if "dequantize_per" in str(n.target) and torch.int8 in n.args:
-            k = n.args.index(torch.int8)
-            ranges.append((n.args[k - 2], n.args[k - 1]))
-    assert sorted(ranges) == sorted(weight_range(s.weight_bit_width) for s in MIXED.layers.values())
+        fx(x)
+        pe(x)
+    pe.eval()  # torchao's train/eval override returns None, so not chained
+    _assert_narrow(_fx_int_weights(convert_fx(fx.eval())), policy)
+    _assert_narrow(_pt2e_int_weights(convert_pt2e_model(pe)), policy)
+
+
+def _fx_input_bits(prepared: nn.Module) -> dict[str, int]:
+    """Bits of the observer that quantizes each layer's input (through max-pool/flatten), and of the output."""
+    bits = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target in LAYERS or node.op == "output":
+            source = node.args[0]
+            while not (
+                source.op == "call_module" and _is_act_observer(prepared.get_submodule(source.target))
+            ):
+                source = source.args[0]
+            observer = prepared.get_submodule(source.target)
+            bits[node.target if node.op != "output" else "output"] = (
+                observer.quant_max - observer.quant_min + 1
+            ).bit_length() - 1
+    return bits
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+def test_fx_act_bits_quantize_each_layers_input(cnn, fmnist_val_512, qat):
+    x = fmnist_val_512[0][:128]
+    with pytest.warns(UserWarning, match="OUTPUT"):
+        plain = to_qconfig_mapping(ACT_BITS, qat=qat)
+    raw = prepare_fx(copy.deepcopy(cnn).eval(), plain, (x[:1],)) if not qat else None
+    if raw is not None:  # torch.ao alone: fc2's input carries fc1's bits, the logits fc2's
+        assert _fx_input_bits(raw)["fc2"] == 4 and _fx_input_bits(raw)["output"] == 5
+    prepared = prepare_fx_model(copy.deepcopy(cnn), ACT_BITS, x[:1], qat=qat)
+    expected = {n: s.act_bit_width for n, s in ACT_BITS.layers.items()}
+    assert _fx_input_bits(prepared) == {**expected, "output": 8}
+    if qat:  # fake-quant and convert_fx agree exactly, also with sub-8-bit activations behind max-pool
+        with torch.no_grad():
+            prepared(x)
+        prepared.apply(torch.ao.quantization.disable_observer).eval()
+        with torch.no_grad():
+            fq, out = prepared(x), convert_fx(copy.deepcopy(prepared))(x)
+        torch.testing.assert_close(out, fq, atol=1e-5, rtol=0)
+
+
+def test_fx_refuses_one_tensor_read_at_two_bit_widths():
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    policy = LayerwisePolicy({"a": LayerSpec(8, act_bit_width=4), "b": LayerSpec(8, act_bit_width=6)})
+    with pytest.raises(PolicyError, match=r"\['a', 'b'\] read the same tensor"):
+        prepare_fx_model(Fork(), policy, torch.rand(2, 4))
+    same = LayerwisePolicy({"a": LayerSpec(8, act_bit_width=4), "b": LayerSpec(8, act_bit_width=4)})
+    assert _is_act_observer(prepare_fx_model(Fork(), same, torch.rand(2, 4)).activation_post_process_0)
+
+
+def test_pt2e_raw_torchao_path_ptq_and_qat(cnn, fmnist_val_512):
+    """torch.export + prepare_pt2e / prepare_qat_pt2e with PolicyQuantizer + convert_pt2e."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval, disable_observer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    x = fmnist_val_512[0][:128]
+    policy = LayerwisePolicy({n: LayerSpec(s.weight_bit_width, s.scaling, s.granularity, act_bit_width=b)
+                              for (n, s), b in zip(MIXED.layers.items(), [2, 3, 4, 8])})  # fmt: skip
+    outputs = {}
+    for qat in (False, True):
+        quantizer = PolicyQuantizer(policy, qat=qat)
+        assert isinstance(quantizer, PolicyQuantizer) and isinstance(quantizer, Quantizer)
+        model = copy.deepcopy(cnn).train() if qat else copy.deepcopy(cnn).eval()
+        batch = torch.export.Dim("batch")
+        exported = torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},)).module()
+        prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(exported, quantizer)
+        allow_exported_model_train_eval(prepared)
+        with torch.no_grad():
+            prepared(x)  # one calibration batch: MinMax (PTQ) and moving-average (QAT) ranges agree
+        prepared.apply(disable_observer).eval()
+        with torch.no_grad():
+            fq = prepared(x)
+        converted = convert_pt2e(prepared)
+        with torch.no_grad():
+            outputs[qat] = converted(x)
+        _assert_narrow(_pt2e_int_weights(converted), policy)
+        act_bits = {
+            _layer_name(n): n.args[0].args[3:5]
+            for n in converted.graph.nodes
+            if n.op == "call_function"
+            and _layer_name(n) in policy.layers
+            and "dequantize" in str(n.args[0].target)
+        }
+        assert act_bits == {n: act_range(s.act_bit_width) for n, s in policy.layers.items()}
+        if qat:  # fake-quant and converted: measured difference 0.0
+            torch.testing.assert_close(outputs[qat], fq, atol=1e-5, rtol=0)
+        else:  # the PTQ-prepared model only observes, it computes in float
+            assert not torch.allclose(outputs[qat], fq, atol=1e-2)
+    # Not equal: QAT observers downstream see fake-quantized activations, PTQ ones float activations.
+    assert (outputs[False].argmax(1) == outputs[True].argmax(1)).float().mean() >= 0.95
+
+
+def test_import_without_torchao_and_a_one_line_error():
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"
+        "import aq_brevitas as aq\n"
+        "from aq_brevitas.ao import PolicyQuantizer\n"
+        "policy = aq.LayerwisePolicy({'fc1': aq.LayerSpec(4)})\n"
+        "aq.to_qconfig_mapping(policy)\n"
+        "try:\n"
+        "    aq.PolicyQuantizer(policy)\n"
+        "except aq.AqError as e:\n"
+        "    print(type(e).__name__, str(e))\n"
+        "print('torchao loaded:', any(m.startswith('torchao.') for m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert (
+        lines[0].startswith("ConfigError PolicyQuantizer needs torchao") and "aq-brevitas[pt2e]" in lines[0]
+    )
+    assert lines[1:] == ["torchao loaded: False"]
+
+
+def test_evaluate_robustness_on_prepared_fx_and_pt2e(cnn, fmnist_val_512):
+    from torchao.quantization.pt2e import disable_observer
+
+    x, y = fmnist_val_512[0][:48], fmnist_val_512[1][:48]
+    fx = prepare_fx_model(copy.deepcopy(cnn), MIXED, x[:1], qat=True)
+    pe = prepare_pt2e_model(copy.deepcopy(cnn), MIXED, x[:2], qat=True)
+    for model, freeze in ((fx, torch.ao.quantization.disable_observer), (pe, disable_observer)):
+        with torch.no_grad():
+            model(x)  # calibration, then the ranges are frozen (as docs/torch_ao.md does)
+        model.apply(freeze)
+        report = evaluate_robustness(
+            model, (x, y), eps=0.1, attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False,
+            large_eps_images=8, progress=False,
+        )  # fmt: skip
+        assert report.images == 48 and report.clean_accuracy == pytest.approx(accuracy(model, x, y))
+        assert report.accuracy("pgd", 0.1) < report.clean_accuracy
+        assert report.max_violation <= 1e-6
 
 
 def test_pgd_runs_on_prepared_fx_and_pt2e_models(cnn, fmnist_val_512):
@@ -88,11 +268,9 @@ def test_pgd_runs_on_prepared_fx_and_pt2e_models(cnn, fmnist_val_512):
 def test_torch_ao_and_brevitas_agree_on_accuracy(cnn, bits, fmnist_test_1k, fmnist_val_512):
     x, y = fmnist_test_1k
     calib = fmnist_val_512[0][:256]
-    policy = LayerwisePolicy.uniform(
-        ["conv1", "conv2", "fc1", "fc2"], LayerSpec(bits, "max", "per_channel", act_bit_width=8)
-    )
+    policy = LayerwisePolicy.uniform(LAYERS, LayerSpec(bits, "max", "per_channel", act_bit_width=8))
     brevitas_acc = accuracy(quantize(cnn, policy, calibration_data=calib), x, y)
-    prepared = prepare_fx(copy.deepcopy(cnn).eval(), to_qconfig_mapping(policy), (x[:1],))
+    prepared = prepare_fx_model(copy.deepcopy(cnn), policy, x[:1])
     with torch.no_grad():
         prepared(calib)
     ao_acc = accuracy(convert_fx(prepared), x, y)
@@ -114,7 +292,7 @@ def test_finetune_accepts_prepared_torch_ao_models(cnn, fmnist_val_512):
     from aq_brevitas.finetune import adversarial_finetune
 
     data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
-    fx = prepare_qat_fx(copy.deepcopy(cnn).train(), to_qconfig_mapping(MIXED, qat=True), (data[0][:1],))
+    fx = prepare_fx_model(copy.deepcopy(cnn), MIXED, data[0][:1], qat=True)
     pe = prepare_pt2e_model(copy.deepcopy(cnn), MIXED, data[0][:2], qat=True)
     for model in (fx, pe):
         hist = adversarial_finetune(model, data, eps=0.1, steps=2, epochs=1, batch_size=32, progress=False)

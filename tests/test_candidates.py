@@ -61,3 +61,23 @@ def test_per_layer_candidates_and_errors(vgg_and_x):
     with pytest.raises(PolicyError, match="'nope'"):
         candidate_table(model, x, {"nope": [LayerSpec(8)]}, gains=())
     assert len(default_candidates()) == 36
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_table_matches_the_swap_with_and_without_bn_folding(vgg_and_x, fold_bn):
+    from aq_brevitas.lipschitz import folded_weight
+
+    model, x = vgg_and_x
+    spec, name = LayerSpec(3, "max", "per_tensor"), "block2.conv"
+    table = candidate_table(model, x, [spec], gains=(), fold_bn=fold_bn)
+    q = quantize(model, LayerwisePolicy(default=spec), fold_bn=fold_bn)
+    layer, bn = model.get_submodule(name), model.get_submodule(name.replace("conv", "bn"))
+    shape = table.scores[name].input_shape
+    w_hat = q.get_submodule(name).quant_weight().value.detach()
+    if fold_bn:  # the swap quantized the folded weight: no BatchNorm left after the conv
+        dw, scale = w_hat - folded_weight(layer, bn)[0], None
+    else:  # the swap quantized the conv weight; the float BatchNorm scales its output
+        dw, scale = w_hat - layer.weight.detach(), bn_scale(bn)
+    expected, _ = operator_norm(layer, shape, weight=dw, out_scale=scale, tol=1e-7)
+    assert table.row(name, spec).dW_norm == pytest.approx(expected, rel=1e-4)
+    assert table.fold_bn is fold_bn and (table.scores[name].bn is None) is fold_bn

@@ -45,6 +45,44 @@ def test_every_spec_gives_its_bit_width_and_levels(bits, scaling, granularity):
     assert q(torch.rand(2, 2, 5, 5)).shape == (2, 6)
 
 
+@pytest.fixture(scope="module")
+def real_fc1():
+    """A trained layer (cnn-pgd's fc1, 128 x 6272): a real, heavy-tailed weight distribution."""
+    return load_float_model("cnn-pgd")[0].fc1
+
+
+def _quant_weight(layer: nn.Module, spec: LayerSpec):
+    return quantize(nn.Sequential(layer), LayerwisePolicy(default=spec))[0].quant_weight()
+
+
+@pytest.mark.parametrize(
+    "bits,scaling,granularity", list(itertools.product(range(1, 9), SCALINGS, GRANULARITIES))
+)
+def test_every_spec_uses_its_grid_on_a_real_layer(real_fc1, bits, scaling, granularity):
+    qw = _quant_weight(real_fc1, LayerSpec(bits, scaling, granularity))
+    scale = qw.scale.detach()
+    codes = torch.round(qw.value.detach() / scale)  # integer codes, per channel or per tensor
+    top = int(codes.abs().max())
+    if bits == 1:
+        assert set(codes.unique().tolist()) == {-1.0, 1.0}
+    else:
+        # The grid is used, not just bounded: the top code is reached (po2 rounds the scale up, so
+        # at worst it halves the top) and there are more levels than a (b-2)-bit grid could hold.
+        assert top == 2 ** (bits - 1) - 1 if scaling != "po2" else 2 ** (bits - 2) <= top < 2 ** (bits - 1)
+        assert len(codes.unique()) >= 2 ** (bits - 2) + 1
+    if scaling == "po2":
+        assert torch.equal(torch.log2(scale), torch.round(torch.log2(scale)))
+    if scaling in ("percentile", "mse"):
+        ref = _quant_weight(real_fc1, LayerSpec(bits, "max", granularity))
+        w = real_fc1.weight.detach()
+        err, ref_err = (qw.value - w).norm().item(), (ref.value - w).norm().item()
+        if scaling == "percentile":
+            assert not torch.equal(scale, ref.scale.detach())
+        else:  # MSE scaling never reconstructs worse than max scaling, and clips below max at low bits
+            assert err <= ref_err * (1 + 1e-6)
+            assert bits > 6 or err < ref_err
+
+
 def test_original_model_is_untouched_unless_inplace():
     model = Tiny()
     q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))

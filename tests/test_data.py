@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aq_brevitas.data import DEFAULT_DATA_DIR, VAL_SIZE, load_split, make_loader, read_idx
+from aq_brevitas.data import VAL_SIZE, load_split, make_loader, read_idx, resolve_data_dir
 from aq_brevitas.errors import DataError
 
 
@@ -66,7 +66,7 @@ def test_wrong_magic_is_detected(tmp_path):
 
 
 def test_truncated_file_is_detected(tmp_path):
-    src = sorted(__import__("pathlib").Path(DEFAULT_DATA_DIR).glob("t10k-labels*"))[0]
+    src = sorted(resolve_data_dir().glob("t10k-labels*"))[0]
     raw = gzip.decompress(src.read_bytes())
     cut = tmp_path / "t10k-labels-idx1-ubyte"
     cut.write_bytes(raw[:-7])
@@ -75,7 +75,7 @@ def test_truncated_file_is_detected(tmp_path):
 
 
 def test_truncated_gzip_is_detected(tmp_path):
-    src = sorted(__import__("pathlib").Path(DEFAULT_DATA_DIR).glob("t10k-labels*"))[0]
+    src = sorted(resolve_data_dir().glob("t10k-labels*"))[0]
     cut = tmp_path / "t10k-labels-idx1-ubyte.gz"
     cut.write_bytes(src.read_bytes()[:2000])
     with pytest.raises(DataError, match="truncated gzip"):
@@ -96,11 +96,21 @@ def test_directory_without_idx_files(tmp_path):
 
 
 def test_mismatched_images_and_labels(tmp_path):
-    src = __import__("pathlib").Path(DEFAULT_DATA_DIR)
+    src = resolve_data_dir()  # AQ_DATA_DIR or the default, as the loader resolves it
     shutil.copy(sorted(src.glob("t10k-images*"))[0], tmp_path)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5))
     with pytest.raises(DataError, match="disagree"):
         load_split("test", tmp_path)
+
+
+def test_data_dir_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("AQ_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir() == tmp_path
+    (tmp_path / "other").mkdir()
+    assert resolve_data_dir(tmp_path / "other") == tmp_path / "other"  # the argument wins
+    monkeypatch.setenv("AQ_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="missing does not exist"):
+        resolve_data_dir()
 
 
 def test_unknown_split():

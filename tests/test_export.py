@@ -1,15 +1,34 @@
+"""Export: parity, bit widths and weight memory read back from the graph, QCDQ guard, FINN checks, CLI.
+
+The residual model here is ``build_model("small_resnet")`` with random weights and BatchNorm
+statistics from one training-mode pass: a unit test of the export path for residual adds and
+BatchNorm (kept and folded), not a claim about a trained ResNet (the zoo has none).
+"""
+
 import itertools
 
+import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
-from aq_brevitas.convert import quantize
+from aq_brevitas.convert import quantize, save_quantized
 from aq_brevitas.errors import ConfigError, ModelError
-from aq_brevitas.export import export_qcdq, export_qonnx, finn_check, inference_cost
+from aq_brevitas.export import (
+    DEFAULT_TOL,
+    _enforce,
+    _parity,
+    export_qcdq,
+    export_qonnx,
+    finn_check,
+    inference_cost,
+)
+from aq_brevitas.injectors import act_quant_for
 from aq_brevitas.layers import quantizable_layers
 from aq_brevitas.models import build_model, load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from conftest import run_cli
 
 MIX = [
     LayerSpec(8, "max", "per_channel", act_bit_width=8),
@@ -19,6 +38,15 @@ MIX = [
     LayerSpec(1, "max", "per_tensor", act_bit_width=4),
     LayerSpec(4, "po2", "per_tensor", act_bit_width=8),
 ]
+# An ordinary policy whose logits reach ~60: float32 summation-order noise there is ~1e-5 absolute.
+LARGE_LOGITS = LayerwisePolicy(
+    {
+        "conv1": LayerSpec(8, act_bit_width=8),
+        "conv2": LayerSpec(4, "po2"),
+        "fc1": LayerSpec(1),
+        "fc2": LayerSpec(3, "mse", "per_tensor"),
+    }
+)
 
 
 def _mixed_policy(model):
@@ -34,49 +62,185 @@ def _resnet(x):
     return m.eval()
 
 
-@pytest.mark.parametrize("which", ["cnn-pgd", "vgg-pgd", "small_resnet", "vgg-pgd-folded"])
+@pytest.mark.parametrize(
+    "which",
+    ["cnn-pgd", "cnn-pgd-large-logits", "vgg-pgd", "vgg-pgd-folded", "small_resnet", "small_resnet-folded"],
+)
 def test_qonnx_parity_widths_and_cost(which, tmp_path, fmnist_test_1k):
     x = fmnist_test_1k[0][:64]
-    model = _resnet(x) if which == "small_resnet" else load_float_model(which.replace("-folded", ""))[0]
-    policy = _mixed_policy(model)
+    base = which.replace("-folded", "").replace("-large-logits", "")
+    model = _resnet(x) if base == "small_resnet" else load_float_model(base)[0]
+    policy = LARGE_LOGITS if which.endswith("large-logits") else _mixed_policy(model)
     q = quantize(model, policy, calibration_data=x, fold_bn=which.endswith("folded")).eval()
     path = tmp_path / "m.onnx"
     res = export_qonnx(q, path, x[:1], images=fmnist_test_1k[0][100:104])
-    assert res.max_abs_diff <= 1e-5 and res.images_checked == 5
+    assert res.images_checked == 5
+    assert res.allowed_diff == DEFAULT_TOL * max(1.0, res.output_scale)
+    assert res.max_abs_diff <= res.allowed_diff
+    assert res.max_abs_diff <= 1e-6 * max(1.0, res.output_scale)  # a few float32 ulps of the logits
     assert res.layer_bits == {n: s.weight_bit_width for n, s in policy.layers.items()}
+    assert res.act_bits == {n: s.act_bit_width for n, s in policy.layers.items() if s.act_bit_width}
     assert res.bipolar_layers == [n for n, s in policy.layers.items() if s.weight_bit_width == 1]
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     assert sum(n.op_type == "BipolarQuant" for n in graph.graph.node) == len(res.bipolar_layers)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no .onnx.data side files, no temp files
-    cost = inference_cost(path)
+    assert res.expected_from == "policy" and list(res.weight_bits) == list(policy.layers)
+    assert all(r["graph"] == r["policy"] for r in res.weight_bits.values())
+    cost = inference_cost(path, q)
+    assert cost["weight_bits"] == res.weight_bits
     assert cost["total"]["total_mem_w_bits"] == policy.cost(q, x[:1]).weight_bits
+    assert {r["layer"] for r in cost["layers"].values() if "layer" in r} == set(policy.layers)
+
+
+def test_parity_tolerance_scales_with_logits_but_catches_a_real_mismatch(tmp_path, fmnist_test_1k):
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    x = fmnist_test_1k[0][:64]
+    q = quantize(load_float_model("cnn-pgd")[0], LARGE_LOGITS, calibration_data=x).eval()
+    export_qonnx(q, tmp_path / "m.onnx", x[:1])
+    mw = ModelWrapper(str(tmp_path / "m.onnx"))
+    images = fmnist_test_1k[0][100:108]
+    run = lambda a: execute_onnx(mw, {mw.graph.input[0].name: a})[mw.graph.output[0].name]  # noqa: E731
+    diff, scale, _ = _parity(run, q, x[:1], images)
+    assert scale > 10  # large logits: an absolute 1e-5 would be a few ulps wide
+    _enforce("QONNX", diff, scale, DEFAULT_TOL)
+    # a 0.01 % error in one weight scale is a real mismatch, and the relative bound still catches it
+    node = next(
+        n for n in mw.graph.node if n.op_type == "Quant" and mw.get_initializer(n.input[0]) is not None
+    )
+    mw.set_initializer(node.input[1], mw.get_initializer(node.input[1]) * np.float32(1 + 1e-4))
+    bad_diff, scale, _ = _parity(run, q, x[:1], images)
+    with pytest.raises(ModelError, match="differs from PyTorch"):
+        _enforce("QONNX", bad_diff, scale, DEFAULT_TOL)
+
+
+def test_weight_memory_must_equal_the_policy(tmp_path, fmnist_test_1k):
+    x = fmnist_test_1k[0][:16]
+    model = load_float_model("cnn-pgd")[0]
+    q = quantize(model, LayerwisePolicy(default=LayerSpec(4)), calibration_data=x).eval()
+    export_qonnx(q, tmp_path / "ok.onnx", x[:1])
+    q.aq_policy = LayerwisePolicy({"conv2": LayerSpec(8)}, default=LayerSpec(4))  # stale policy
+    with pytest.raises(ModelError, match="layer conv2: the exported graph stores 18432 weight bits"):
+        export_qonnx(q, tmp_path / "stale.onnx", x[:1])
+    assert not (tmp_path / "stale.onnx").exists()
+    other = quantize(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4))).eval()
+    with pytest.raises(ModelError, match="match no layer"):
+        inference_cost(tmp_path / "ok.onnx", other)
 
 
 def test_qcdq_parity_in_onnxruntime(tmp_path, fmnist_test_1k):
     model, _ = load_float_model("cnn-pgd")
     x = fmnist_test_1k[0][:32]
-    policy = LayerwisePolicy(default=LayerSpec(4, "max", "per_channel", act_bit_width=8))
-    q = quantize(model, policy, calibration_data=x).eval()
-    res = export_qcdq(q, tmp_path / "m.onnx", x[:1], images=x[1:5])
-    assert res.max_abs_diff <= 1e-5, res.max_abs_diff
-    assert res.ort_basic_diff is not None
-    with pytest.raises(ConfigError, match="1-bit"):
-        export_qcdq(quantize(model, LayerwisePolicy(default=LayerSpec(1))), tmp_path / "b.onnx", x[:1])
-    assert not (tmp_path / "b.onnx").exists()
+    act = quantize(model, LayerwisePolicy(default=LayerSpec(4, act_bit_width=8)), calibration_data=x).eval()
+    res = export_qcdq(act, tmp_path / "m.onnx", x[:1], images=x[1:9])
+    assert res.max_abs_diff <= res.allowed_diff
+    assert res.layer_bits == dict.fromkeys(quantizable_layers(model), 4)
+    assert res.act_bits == dict.fromkeys(quantizable_layers(model), 8)
+    # every BASIC rewrite on: WeightBiasQuantization rounds the float biases, a real change
+    assert res.ort_basic_diff > res.allowed_diff
+    weight_only = quantize(model, LayerwisePolicy(default=LayerSpec(4))).eval()
+    res = export_qcdq(weight_only, tmp_path / "w.onnx", x[:1], images=x[1:9])
+    assert res.max_abs_diff <= res.allowed_diff and res.act_bits == {}
+    assert res.ort_basic_diff <= res.allowed_diff  # no input scale: nothing for it to rewrite
 
 
-def test_finn_check(tmp_path, fmnist_test_1k):
+def test_qcdq_guard_reads_the_quantizers(tmp_path, fmnist_test_1k):
+    model, _ = load_float_model("cnn-pgd")
+    x = fmnist_test_1k[0][:8]
+    binary = quantize(model, LayerwisePolicy({"fc1": LayerSpec(1)}, default=LayerSpec(4))).eval()
+    del binary.aq_policy  # the guard must not depend on the policy
+    with pytest.raises(ConfigError, match="1-bit quantizer fc1.weight_quant"):
+        export_qcdq(binary, tmp_path / "b.onnx", x[:1])
+    wide = quantize(model, LayerwisePolicy(default=LayerSpec(4, act_bit_width=8)), calibration_data=x).eval()
+    inj = act_quant_for(10, signed=False)
+    wide.fc2.input_quant = inj.proxy_class(wide.fc2, inj)
+    with pytest.raises(ConfigError, match="10-bit quantizer fc2.input_quant"):
+        export_qcdq(wide, tmp_path / "w.onnx", x[:1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _edit(src, dst, fn):
+    g = onnx.load(str(src))
+    fn(g, {i.name: i for i in g.graph.initializer})
+    onnx.save(g, str(dst))
+    return dst
+
+
+def _set(init, value):
+    init.CopyFrom(
+        numpy_helper.from_array(np.asarray(value, dtype=numpy_helper.to_array(init).dtype), init.name)
+    )
+
+
+def test_finn_check_each_failure(tmp_path, fmnist_test_1k):
     model, _ = load_float_model("cnn-pgd")
     x = fmnist_test_1k[0][:32]
-    po2 = LayerwisePolicy(default=LayerSpec(4, "po2", "per_channel", act_bit_width=8))
-    export_qonnx(quantize(model, po2, calibration_data=x).eval(), tmp_path / "a.onnx", x[:1])
-    checks = {c.name: c.passed for c in finn_check(tmp_path / "a.onnx", po2)}
-    assert all(checks.values()), checks
+    po2 = LayerwisePolicy(
+        {"conv2": LayerSpec(4, "po2", act_bit_width=8)}, default=LayerSpec(4, act_bit_width=8)
+    )
+    q = quantize(model, po2, calibration_data=x).eval()
+    good = tmp_path / "a.onnx"
+    export_qonnx(q, good, x[:1])
+    checks = {c.name: c for c in finn_check(good, model=q)}
+    assert all(c.passed for c in checks.values()), checks
+    assert "all 1 po2 layers" in checks["po2_scales"].detail
+
+    def failed(path, **kw):
+        return {c.name: c.detail for c in finn_check(path, **kw) if not c.passed}
+
+    # non-po2 scales where the policy asks for po2: named by layer
+    claims = LayerwisePolicy(
+        {"fc1": LayerSpec(4, "po2", act_bit_width=8)}, default=LayerSpec(4, act_bit_width=8)
+    )
+    assert failed(good, policy=claims, model=q) == {"po2_scales": "non-po2 scales: fc1"}
+    with pytest.raises(ConfigError, match="needs the model"):
+        finn_check(good, policy=claims)
+
+    def wider(g, inits):
+        quant = [n for n in g.graph.node if n.op_type == "Quant" and n.input[0] in inits]
+        _set(inits[quant[1].input[3]], 9.0)
+
+    bad = failed(_edit(good, tmp_path / "b.onnx", wider), model=q)
+    assert list(bad) == ["integer_bit_widths_le_8"] and "conv2" in bad["integer_bit_widths_le_8"]
+
+    def zero_point(g, inits):
+        quant = [n for n in g.graph.node if n.op_type == "Quant" and n.input[0] in inits]
+        _set(inits[quant[0].input[2]], 1.0)
+
+    bad = failed(_edit(good, tmp_path / "c.onnx", zero_point), model=q)
+    assert list(bad) == ["zero_zero_points"] and "conv1" in bad["zero_zero_points"]
+
+    def sigmoid(g, inits):
+        next(n for n in g.graph.node if n.op_type == "Relu").op_type = "Sigmoid"
+
+    assert failed(_edit(good, tmp_path / "d.onnx", sigmoid)) == {"supported_op_types": "unsupported: Sigmoid"}
+
     weight_only = LayerwisePolicy(default=LayerSpec(4))
-    export_qonnx(quantize(model, weight_only).eval(), tmp_path / "b.onnx", x[:1])
-    checks = {c.name: c.passed for c in finn_check(tmp_path / "b.onnx", weight_only)}
-    assert checks["input_quantized"] is False
+    export_qonnx(quantize(model, weight_only).eval(), tmp_path / "e.onnx", x[:1])
+    assert set(failed(tmp_path / "e.onnx", policy=weight_only)) == {"input_quantized"}
+
+
+def test_cli_export_both_formats(tmp_path, fmnist_test_1k):
+    model, meta = load_float_model("cnn-pgd")
+    policy = LayerwisePolicy({"fc1": LayerSpec(2, "mse")}, default=LayerSpec(4, "po2", act_bit_width=8))
+    ckpt = tmp_path / "q.pt"
+    save_quantized(quantize(model, policy, calibration_data=fmnist_test_1k[0][:32]), ckpt, meta)
+    for fmt in ("qonnx", "qcdq"):
+        out = tmp_path / f"{fmt}.onnx"
+        res = run_cli("export", "--model", str(ckpt), "--format", fmt, "--out", str(out), "--images", "2")
+        assert res.returncode == 0, res.stderr
+        assert out.is_file()
+        assert f"({fmt}); max |ONNX - PyTorch| = " in res.stdout and "on 3 real images" in res.stdout
+        lines = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if ln.strip()}
+        assert lines["fc1"][1:3] == ["2", "float"] and lines["conv1"][1:3] == ["4", "8"]
+        if fmt == "qonnx":
+            assert "(equal)" in res.stdout and "Gemm_0" in lines and "total" in lines
+            assert lines["fc1"][3:] == ["401,408", "/", "401,408"]
+            assert res.stdout.count("FINN check") == 5 and "FAIL" not in res.stdout
+        else:
+            assert "WeightBiasQuantization" in res.stdout and "FINN" not in res.stdout
 
 
 def test_bad_models_and_files(tmp_path):

@@ -83,11 +83,13 @@ def test_random_architectures_survive_the_whole_flow(
         with pytest.raises(PolicyError, match="infeasible"):
             aq.search_policy(model, (x, y), **search)
         return
-    policy = aq.search_policy(model, (x, y), **search)
+    with pytest.warns(UserWarning, match="without val_data"):
+        policy = aq.search_policy(model, (x, y), **search)
+    assert policy.meta["winner"] == "unchecked"
     assert policy.meta["cost"]["avg_weight_bits"] <= budget + 1e-9
     assert aq.LayerwisePolicy.from_json(policy.to_json()).layers == policy.layers
     q = aq.quantize(model, policy).eval()
     out = tmp_path_factory.mktemp("fuzz") / "m.onnx"
     res = aq.export_qonnx(q, out, x[:1], images=x[1:3])
-    assert res.max_abs_diff <= 1e-5
+    assert res.max_abs_diff <= res.allowed_diff
     assert res.layer_bits == {n: s.weight_bit_width for n, s in policy.layers.items()}

@@ -351,9 +351,11 @@ def test_jacobian_gain_matches_full_jacobian(arch):
     torch.manual_seed(0)
     model = build_model(arch).eval()
     x = torch.rand(3, 1, 28, 28)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         scores = lipschitz_scores(model, x, gains=("jacobian",))
+    # the non-chain caveat is about gain_spectral, which was not asked for
+    assert not [w for w in caught if str(w.message) == NON_CHAIN_WARNING]
     modules = dict(model.named_modules())
     for s in scores.values():
         assert s.gain_spectral is None
@@ -449,3 +451,19 @@ def test_quantizable_types_and_order():
         "layer2.shortcut.0",
         "fc",
     ]
+
+
+def test_warm_start_from_float_vectors_agrees_with_cold_start():
+    from aq_brevitas.lipschitz import operator_norm_basis
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    _, cold_it, basis = operator_norm_basis(conv, (4, 8, 8), tol=1e-7)
+    w_hat = conv.weight.detach() + 0.01 * torch.randn_like(conv.weight)  # a "quantized" neighbour
+    cold, it_cold, _ = operator_norm_basis(conv, (4, 8, 8), weight=w_hat, tol=1e-7)
+    warm, it_warm, _ = operator_norm_basis(conv, (4, 8, 8), weight=w_hat, tol=1e-7, init=basis)
+    assert warm == pytest.approx(cold, rel=1e-5) and it_warm < it_cold
+    lin = nn.Linear(6, 5)
+    sigma, iters, none = operator_norm_basis(lin, (6,))
+    assert none is None and iters == 1
+    assert sigma == pytest.approx(float(torch.linalg.matrix_norm(lin.weight.double(), ord=2)), rel=1e-12)

@@ -239,7 +239,7 @@ def test_search_is_deterministic(cnn, table, calib):
 
 def test_search_cnn_avg4_end_to_end(cnn, calib, held_out):
     p = search_policy(cnn, calib, budget=Budget(avg_weight_bits=4), candidates=CANDS, val_data=held_out,
-                      val_images=64, progress=False)  # fmt: skip
+                      val_images=64, refine=True, progress=False)  # fmt: skip
     m = p.meta
     assert m["cost"]["avg_weight_bits"] <= 4 + 1e-9
     assert set(p.layers) == {"conv1", "conv2", "fc1", "fc2"}
@@ -285,17 +285,68 @@ def test_baseline_scorers_and_spectral(cnn, table, calib):
         ("ans", {}),
         ("lipschitz", {"estimate": "spectral"}),
     ):
-        p = search_policy(cnn, calib, budget="avg-bits=4", method=method, table=table, progress=False, **kw)
+        p = search_policy(
+            cnn, calib, budget="avg-bits=4", method=method, table=table, refine=True, progress=False, **kw
+        )
         assert p.meta["cost"]["avg_weight_bits"] <= 4 + 1e-9
         assert p.meta["refine"]["done"] is (method == "lipschitz")
 
 
 def test_validate_metric_tiny(cnn, table, calib, held_out, tmp_path):
     v = validate_metric(cnn, calib, held_out, budget="avg-bits=4", n_policies=5, table=table, progress=False)
-    assert len(v.policies) == 5
+    assert len(v.policies) == 5 and v.images == len(held_out[0])
+    assert len({json.dumps(r["layers"], sort_keys=True) for r in v.policies}) == 5  # distinct draws
     assert all(abs(r["cost"]["avg_weight_bits"] - 4) <= 0.2 + 1e-9 for r in v.policies)
+    assert len({round(r["bound"], 9) for r in v.policies}) > 1  # the bound tells the policies apart
+    assert all(0 <= r["pgd_accuracy"] <= 1 for r in v.policies)
     assert -1 <= v.rho <= 1 and 0 <= v.p_value <= 1
-    assert -1 <= v.rho_additive <= 1
+    assert -1 <= v.rho_additive <= 1 and 0 <= v.p_value_additive <= 1
     assert "Spearman" in v.to_markdown() and json.dumps(v.to_dict())
     v.plot(tmp_path / "metric.png")
     assert (tmp_path / "metric.png").stat().st_size > 1000
+
+
+def test_search_without_val_data_says_unchecked(cnn, table, calib):
+    with pytest.warns(UserWarning, match="not compared with the best uniform"):
+        p = search_policy(cnn, calib, budget="avg-bits=4", table=table, refine=False, progress=False)
+    assert p.meta["winner"] == "unchecked" and p.meta["validation"] is None
+
+
+def test_uniform_policy_meta_has_scores_and_solver(cnn, table, calib):
+    p = search_policy(cnn, calib, budget="avg-bits=4", method="uniform", table=table, progress=False)
+    m = p.meta
+    assert m["winner"] == "uniform" and m["solver"]["status"] == "not run"
+    assert set(m["layer_scores"]) == set(p.layers) and m["objective"] == sum(m["layer_scores"].values())
+    assert m["layer_scores"]["fc1"] != 0  # a uniform policy's share of the (spectral) bound, not zeros
+
+
+def test_downstream_replay_equals_full_forward(cnn, table, adv_calib):
+    from aq_brevitas.search import WeightCache, network_deviation, swapped_weights
+
+    cache = WeightCache(cnn, table)
+    for specs in ({"conv2": LayerSpec(2)}, {"fc1": LayerSpec(3, "mse"), "fc2": LayerSpec(2)}):
+        fast = network_deviation(cnn, adv_calib, specs, cache)
+        with torch.no_grad(), swapped_weights(cnn, {n: cache(n, s) for n, s in specs.items()}):
+            full = (cnn(adv_calib.x_adv) - adv_calib.base_logits).norm(dim=1).mean().item()
+        assert fast == pytest.approx(full, rel=1e-6)
+
+
+def test_search_costs_less_than_four_pgd20_evaluations(cnn, fmnist_val_512):
+    """Default candidates (36 per layer), avg-4, 64 calibration images: the whole search, candidate table
+    included, against PGD-20 on 256 images timed in the same test (no absolute timings).
+
+    The issue's target (0.2x PGD-20 on 1,000 images) is missed -- docs/method.md has the figures (2.3x
+    with 256 calibration images); this bound (4x) catches a return to the old cost (about 6x).
+    """
+    import time
+
+    from aq_brevitas.evaluate import attack_accuracy
+
+    x, y = fmnist_val_512
+    t0 = time.perf_counter()
+    attack_accuracy(cnn, x[:256], y[:256], "pgd", eps=0.1, steps=20)
+    pgd_s = time.perf_counter() - t0
+    with pytest.warns(UserWarning, match="not compared"):
+        p = search_policy(cnn, (x[:64], y[:64]), budget="avg-bits=4", progress=False)
+    assert p.meta["candidates"]["conv1"]["given"] == 36 and not p.meta["refine"]["done"]  # off by default
+    assert p.meta["timing"]["total_s"] <= 4 * 4 * pgd_s  # 4 × PGD-20 on 256 ≈ PGD-20 on 1,000 images
