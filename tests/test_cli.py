@@ -152,3 +152,31 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path):
         again.returncode == 0
         and "skipped done stages: score, search, quantize, finetune, evaluate, export, report" in again.stdout
     )
+
+
+SMALL_SEARCH = ("--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8", "--scalings", "max",
+                "--granularities", "per_channel", "--calib", "64", "--val-images", "100")  # fmt: skip
+
+
+def test_search_compare_prints_every_method_with_its_bound():
+    res = run_cli("search", *SMALL_SEARCH, "--compare")
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.split()[:1]}
+    header = next(line for line in res.stdout.splitlines() if line.startswith("method "))
+    assert "Σ s_l" in header and "bound B" in header
+    for method in ("uniform", "hessian", "ans", "lipschitz"):
+        bits, bound = float(rows[method][1]), float(rows[method][5])
+        assert bits <= 4.0 + 1e-9 and bound > 0
+
+
+def test_validate_metric_cli_writes_report_and_scatter(tmp_path):
+    res = run_cli(
+        "validate-metric", *SMALL_SEARCH, "--n", "4", "--pgd-steps", "2", "--out", str(tmp_path / "vm")
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Spearman ρ(whole-network bound B(p), robust error)" in res.stdout
+    report = json.loads((tmp_path / "vm.json").read_text())
+    assert (tmp_path / "vm.png").stat().st_size > 1000
+    assert len(report["policies"]) == 4 and report["images"] == 100 and report["pgd_steps"] == 2
+    assert -1 <= report["rho"] <= 1 and 0 <= report["p_value"] <= 1
+    assert f"{report['rho']:+.3f}" in res.stdout  # the printed ρ is the saved one

@@ -466,4 +466,6 @@ def test_warm_start_from_float_vectors_agrees_with_cold_start():
     lin = nn.Linear(6, 5)
     sigma, iters, none = operator_norm_basis(lin, (6,))
     assert none is None and iters == 1
-    assert sigma == pytest.approx(float(torch.linalg.matrix_norm(lin.weight.double(), ord=2)), rel=1e-12)
+    assert sigma == pytest.approx(
+        float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2)), rel=1e-12
+    )

@@ -30,6 +30,13 @@ from aq_brevitas.search import (
     validate_metric,
 )
 
+# Expected by design in these unit tests (each is asserted by its own test): searches without
+# held-out data, and policies that quantize a single layer on purpose.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:search_policy ran without val_data:UserWarning",
+    "ignore:policy has no spec and no default for layers:UserWarning",
+)
+
 CANDS = default_candidates(bits=(2, 3, 4, 8), scalings=("max", "mse"), granularities=("per_channel",))
 
 
