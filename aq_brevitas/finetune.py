@@ -40,6 +40,12 @@ def init_distributed() -> tuple[int, int]:
                 raise ConfigError(
                     f"WORLD_SIZE={world} but {key} is not set", "launch with torchrun --nproc_per_node=N"
                 )
+        rank = os.environ["RANK"]
+        if not rank.isdigit() or int(rank) >= world:
+            raise ConfigError(
+                f"RANK={rank} is not a rank of WORLD_SIZE={world} (expected 0..{world - 1})",
+                "launch every rank with the same torchrun --nproc_per_node=N command",
+            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     if dist.get_world_size() != world:

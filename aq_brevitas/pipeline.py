@@ -560,6 +560,20 @@ def _markdown(name: str, cfg: RunConfig, result: RunResult, policy: Any, n_test:
 
     meta = policy.meta
     v = meta.get("validation") or {}
+    measured = [
+        f"{label} {v[key]:.3f}"
+        for label, key in (
+            ("searched", "search_pgd_accuracy"),
+            ("unrefined knapsack", "unrefined_pgd_accuracy"),
+            ("best uniform", "uniform_pgd_accuracy"),
+        )
+        if v.get(key) is not None
+    ]
+    held_out_line = (
+        f"Held-out PGD accuracy: {', '.join(measured)} ({v.get('images')} images)."
+        if measured
+        else "No held-out comparison with uniform was made."
+    )
     lines = [
         f"# aq-brevitas run: `{name}` at {cfg.budget}, ε = {cfg.eps}",
         "",
@@ -593,7 +607,7 @@ def _markdown(name: str, cfg: RunConfig, result: RunResult, policy: Any, n_test:
         str(policy),
         "```",
         "",
-        f"Held-out PGD accuracy: searched {v.get('search_pgd_accuracy')}, unrefined knapsack {v.get('unrefined_pgd_accuracy')}, best uniform {v.get('uniform_pgd_accuracy')} ({v.get('images')} images).",
+        held_out_line,
         "",
         "![policy](policy.png) ![scores](scores.png)",
         "",

@@ -246,3 +246,31 @@ class _Watched:
         self.proc.wait(timeout=timeout)
         self._reader.join(timeout=10)
         return self.text
+
+
+def test_init_distributed_refuses_a_rank_outside_the_world(monkeypatch):
+    from aq_brevitas.errors import ConfigError
+    from aq_brevitas.finetune import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29599")
+    with pytest.raises(ConfigError, match=r"RANK=2 is not a rank of WORLD_SIZE=2 \(expected 0\.\.1\)"):
+        init_distributed()
+
+
+def test_init_distributed_refuses_a_group_of_another_size(monkeypatch, tmp_path):
+    """A process group already joined with 1 rank while the launch says WORLD_SIZE=2: refused, not run."""
+    import torch.distributed as dist
+
+    from aq_brevitas.errors import ConfigError
+    from aq_brevitas.finetune import init_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match=r"process group has 1 ranks but WORLD_SIZE=2"):
+            init_distributed()
+    finally:
+        dist.destroy_process_group()
