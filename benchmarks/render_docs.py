@@ -215,6 +215,24 @@ def _export(res: dict) -> list[str]:
     return out + [""]
 
 
+def _ao_agreement(res: dict) -> list[str]:
+    out = [
+        "## torch.ao agreement with Brevitas",
+        "",
+        f"`python benchmarks/ao_agreement.py` — {res['header']}. Model `{res['model']}` (float "
+        f"{100 * res['float']:.1f} %), the same weights and policy (max-scaled per-channel weights,",
+        f"{res['rows'][0]['act_bits']}-bit activations) through Brevitas, torch.ao FX and torchao PT2E; calibration on "
+        f"{res['calibration']}; clean accuracy on {res['test_images']:,} test images.",
+        "",
+        "| weight bits | Brevitas | FX | PT2E | FX − Brevitas | PT2E − Brevitas |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        b, fx, pt = (100 * r[k] for k in ("brevitas", "fx", "pt2e"))
+        out.append(f"| {r['weight_bits']} | {b:.1f} | {fx:.1f} | {pt:.1f} | {fx - b:+.1f} | {pt - b:+.1f} |")
+    return out + [""]
+
+
 def render_benchmarks(results: dict[str, dict]) -> str:
     lines = [
         "# Benchmarks",
@@ -228,6 +246,8 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         lines += _finetune(results["finetune_speed"])
     if "export_parity" in results:
         lines += _export(results["export_parity"])
+    if "ao_agreement" in results:
+        lines += _ao_agreement(results["ao_agreement"])
     if "compare_methods" in results:
         lines += _compare(results["compare_methods"])
     if "search_cost" in results:

@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark, save its JSON under benchmarks/results/, regenerate docs/benchmarks.md.
 
-Usage: python benchmarks/run_all.py [name ...]   (default: all; `--render` only re-renders the doc)
+Usage: python benchmarks/run_all.py [name ...]   (default: all, in the order of BENCHMARKS; `--render` only
+re-renders the doc)
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
-BENCHMARKS = ["finetune_speed", "export_parity", "ao_agreement", "compare_methods"]
+# result name -> (benchmark module, its arguments); each result is saved as results/<name>.json
+BENCHMARKS: dict[str, tuple[str, list[str]]] = {
+    "finetune_speed": ("finetune_speed", []),
+    "export_parity": ("export_parity", []),
+    "ao_agreement": ("ao_agreement", []),
+    "search_cost": ("compare_methods", ["--search-cost-only"]),
+    "ablation": ("ablation", []),
+    "compare_methods": ("compare_methods", ["--no-search-cost"]),
+}
 
 
 def run(names: list[str]) -> None:
@@ -21,8 +30,10 @@ def run(names: list[str]) -> None:
 
     RESULTS.mkdir(exist_ok=True)
     for name in names:
-        print(f"== {name}", flush=True)
-        result = importlib.import_module(name).main()
+        module, argv = BENCHMARKS[name]
+        print(f"== {name}: python benchmarks/{module}.py {' '.join(argv)}".rstrip(), flush=True)
+        main = importlib.import_module(module).main
+        result = main(argv) if argv else main()
         atomic_write_json(RESULTS / f"{name}.json", result)
 
 
@@ -54,5 +65,10 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     print(environment(), flush=True)
     if args != ["--render"]:
-        run([a for a in args if a in BENCHMARKS] or [b for b in BENCHMARKS if (HERE / f"{b}.py").exists()])
+        unknown = [a for a in args if a not in BENCHMARKS]
+        if unknown:
+            sys.exit(
+                f"run_all.py: unknown benchmark {unknown[0]!r} -- choose from {', '.join(BENCHMARKS)} or --render"
+            )
+        run(args or list(BENCHMARKS))
     render()

@@ -25,3 +25,19 @@ def test_api_reference_lists_every_public_name():
     text = (reference.DOCS / "api.md").read_text()
     for name in aq_brevitas.__all__:
         assert f"## `{name}`" in text
+
+
+def test_benchmarks_page_is_rendered_from_the_saved_results(monkeypatch):
+    """docs/benchmarks.md holds no hand-typed figure: it is exactly what the saved results render to."""
+    import json
+    import sys
+
+    bench = reference.DOCS.parent / "benchmarks"
+    monkeypatch.setattr(sys, "path", [str(bench), *sys.path])  # render_docs imports its sibling modules
+    from render_docs import render_benchmarks
+
+    results = {p.stem: json.loads(p.read_text()) for p in sorted((bench / "results").glob("*.json"))}
+    actual = (reference.DOCS / "benchmarks.md").read_text()
+    assert actual == render_benchmarks(results), (
+        "docs/benchmarks.md is stale: run `python benchmarks/run_all.py --render`"
+    )
