@@ -74,18 +74,14 @@ def _data_dir(tmp_path, kind) -> str:
     return str(d)
 
 
-def _quantize(tmp_path, policy):
-    return [
-        "quantize",
-        "--model",
-        "cnn-pgd",
-        "--policy",
-        policy,
-        "--out",
-        str(tmp_path / "out.pt"),
-        "--calibrate",
-        "0",
-    ]
+def _quantize(tmp_path, policy, out=None):
+    """`aq-brevitas quantize` of cnn-pgd with ``policy`` (a path) into ``out`` (default tmp/out.pt)."""
+    out = str(tmp_path / "out.pt") if out is None else out
+    return ["quantize", "--model", "cnn-pgd", "--policy", policy, "--out", out, "--calibrate", "0"]
+
+
+def _good_policy(tmp_path) -> str:
+    return _policy(tmp_path, {"schema": SCHEMA, "default": {"weight_bit_width": 4}})
 
 
 def _dir(tmp_path, name) -> str:
@@ -261,43 +257,15 @@ CLI_CASES = {
         r"limit must be positive, got 0",
     ),
     "output dir missing": (
-        lambda t: [
-            "quantize",
-            "--model",
-            "cnn-pgd",
-            "--policy",
-            _policy(t, {"schema": SCHEMA, "default": {"weight_bit_width": 4}}),
-            "--out",
-            str(t / "no" / "out.pt"),
-            "--calibrate",
-            "0",
-        ],
+        lambda t: _quantize(t, _good_policy(t), str(t / "no" / "out.pt")),
         r"output directory {tmp}/no of --out {tmp}/no/out\.pt does not exist",
     ),
     "output dir not writable": (
-        lambda t: [
-            "quantize",
-            "--model",
-            "cnn-pgd",
-            "--policy",
-            _policy(t, {"schema": SCHEMA, "default": {"weight_bit_width": 4}}),
-            "--out",
-            "/proc/aq-out.pt",
-            "--calibrate",
-            "0",
-        ],
+        lambda t: _quantize(t, _good_policy(t), "/proc/aq-out.pt"),
         r"cannot write in /proc .*--out /proc/aq-out\.pt",
     ),
     "quantize --out is a directory": (
-        lambda t: [
-            "quantize",
-            "--model",
-            "cnn-pgd",
-            "--policy",
-            _policy(t, {"schema": SCHEMA, "default": {"weight_bit_width": 4}}),
-            "--out",
-            _dir(t, "adir"),
-        ],
+        lambda t: _quantize(t, _good_policy(t), _dir(t, "adir")),
         r"--out {tmp}/adir is an existing directory, not a file name .*adir/out\.pt",
     ),
     "export --out is a directory": (
