@@ -401,20 +401,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _selection_data(args: argparse.Namespace):
     """Calibration and validation images, both from the held-out `val` split (never the test split)."""
-    from .data import load_split
-    from .errors import ConfigError
+    from .data import selection_data
 
-    x, y = load_split("val", args.data_dir)
-    if args.calib + args.val_images > len(y):
-        raise ConfigError(
-            f"--calib {args.calib} + --val-images {args.val_images} exceed the {len(y)} val images",
-            "lower them",
-        )
-    import torch
-
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-    calib, val = perm[: args.calib], perm[args.calib : args.calib + args.val_images]
-    return (x[calib], y[calib]), (x[val], y[val])
+    return selection_data(args.calib, args.val_images, args.seed, args.data_dir)
 
 
 def _candidates_from_args(args: argparse.Namespace):

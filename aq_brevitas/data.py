@@ -16,10 +16,11 @@ import os
 import struct
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 VAL_SIZE = 5000
@@ -139,3 +140,23 @@ def make_loader(
         shuffle = split in ("train", "train-full")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def selection_data(
+    calib_images: int, val_images: int, seed: int = 0, data_dir: str | os.PathLike[str] | None = None
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """Disjoint calibration and validation images, both from the held-out ``val`` split (never test).
+
+    The one place that draws selection data, so the CLI, ``run`` and the benchmarks select alike.
+    """
+    import torch
+
+    x, y = load_split("val", data_dir)
+    if calib_images + val_images > len(y):
+        raise ConfigError(
+            f"--calib {calib_images} + --val-images {val_images} exceed the {len(y)} val images",
+            "lower them",
+        )
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    calib, val = perm[:calib_images], perm[calib_images : calib_images + val_images]
+    return (x[calib], y[calib]), (x[val], y[val])

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .data import selection_data
 from .errors import ConfigError, ModelError
 from .storage import (
     atomic_write_json,
@@ -266,23 +267,6 @@ def check_config(cfg: RunConfig) -> Budget:
     ):
         _check_count(cfg, name, minimum, none_ok)
     return budget
-
-
-def selection_data(
-    calib_images: int, val_images: int, seed: int = 0, data_dir: str | os.PathLike[str] | None = None
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Disjoint calibration and validation images, both from the held-out ``val`` split (never test)."""
-    from .data import load_split
-
-    x, y = load_split("val", data_dir)
-    if calib_images + val_images > len(y):
-        raise ConfigError(
-            f"--calib {calib_images} + --val-images {val_images} exceed the {len(y)} val images",
-            "lower them",
-        )
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    calib, val = perm[:calib_images], perm[calib_images : calib_images + val_images]
-    return (x[calib], y[calib]), (x[val], y[val])
 
 
 def _check_out_dir(out: Path) -> None:

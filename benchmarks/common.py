@@ -47,12 +47,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5) ->
 
 
 def selection_split(seed: int, calib_images: int = 256, val_images: int = 500):
-    """Disjoint calibration and validation draws from the held-out `val` split (training data, never test)."""
-    import torch
+    """The benchmarks' calibration/validation draw: aq_brevitas.data.selection_data with their defaults."""
+    from aq_brevitas.data import selection_data
 
-    from aq_brevitas.data import load_split
-
-    x, y = load_split("val")
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    c, v = perm[:calib_images], perm[calib_images : calib_images + val_images]
-    return (x[c], y[c]), (x[v], y[v])
+    return selection_data(calib_images, val_images, seed)
