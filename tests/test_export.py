@@ -7,18 +7,25 @@ BatchNorm (kept and folded), not a claim about a trained ResNet (the zoo has non
 
 import itertools
 
+import brevitas.nn as qnn
 import numpy as np
 import onnx
 import pytest
 import torch
+from brevitas.quant import Uint8ActPerTensorFloatMaxInit
 from onnx import numpy_helper
+from torch import nn
+from torch.nn import functional as F
 
 from aq_brevitas.convert import quantize, save_quantized
 from aq_brevitas.errors import ConfigError, ModelError
 from aq_brevitas.export import (
     DEFAULT_TOL,
+    _boundary_flips,
+    _check_flips,
     _enforce,
     _parity,
+    _QuantCall,
     export_qcdq,
     export_qonnx,
     finn_check,
@@ -253,3 +260,217 @@ def test_bad_models_and_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         finn_check(tmp_path / "none.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---- rounding-boundary flips ---------------------------------------------------------------------
+#
+# Which elements ONNX and PyTorch compute an ulp apart depends on the CPU's kernels, so no model
+# flips on every machine. The tests below place a quantizer input exactly on a rounding boundary in
+# PyTorch and make the ONNX side compute it one or two float32 ulps away (what another summation order does)
+# by wrapping qonnx's Quant executor; everything else runs unchanged.
+
+
+class ExampleNet(nn.Module):
+    """MyBrevitasNet of examples/wrap_existing_brevitas.py, narrower: 8-bit input, conv-BN-ReLU-pool x2,
+    linear. relu2 has a parameter scale (``max_val / 255``) so a test can put an input on a boundary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant_inp = qnn.QuantIdentity(bit_width=8, return_quant_tensor=False)
+        self.conv1 = qnn.QuantConv2d(1, 4, 3, padding=1, bias=False, weight_bit_width=8)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = qnn.QuantReLU(bit_width=8)
+        self.conv2 = qnn.QuantConv2d(4, 8, 3, padding=1, bias=False, weight_bit_width=4)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu2 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloatMaxInit, max_val=4.0)
+        self.fc = qnn.QuantLinear(8 * 7 * 7, 10, bias=True, weight_bit_width=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant_inp(x)
+        x = F.max_pool2d(self.relu1(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(self.relu2(self.bn2(self.conv2(x))), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _relu2_input(model, x):
+    """What relu2's integer quantizer receives for ``x`` (float32, after the ReLU)."""
+    seen = {}
+    int_quant = model.relu2.act_quant.fused_activation_quant_proxy.tensor_quant.int_quant
+    handle = int_quant.register_forward_hook(lambda _m, args, _out: seen.update(x=args[3].detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen["x"].numpy()
+
+
+def _example_net_on_a_boundary(x):
+    """ExampleNet with relu2's scale chosen so its largest input for ``x`` is exactly k + 0.5 steps.
+
+    Returns the model, that element's index, k, and relu2's scale. The scale is ``value / 255`` in
+    float32; the value is searched among float32 neighbours until PyTorch's own division lands on
+    k + 0.5 exactly, which is then checked on PyTorch's quantizer, not assumed.
+    """
+    torch.manual_seed(0)
+    model = ExampleNet().train()
+    with torch.no_grad():
+        model(x)  # BatchNorm statistics and the runtime activation scales
+    model.eval()
+    inp = _relu2_input(model, x[:1])
+    e = np.unravel_index(np.argmax(inp), inp.shape)  # the largest: it survives both max-pools
+    value = model.relu2.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl.value
+    k0 = int(inp[e] / np.float32(value.item() / 255))
+    k, v = next(
+        (k, v)
+        for k in sorted(range(1, 255), key=lambda k: abs(k - k0))  # a scale near the calibrated one
+        for v in _float32_neighbours(np.float32(inp[e] / (k + 0.5) * 255), 4)
+        if inp[e] / (v / np.float32(255)) == np.float32(k + 0.5)
+    )
+    with torch.no_grad():
+        value.fill_(float(v))
+    scale = model.relu2.act_quant.scale().item()
+    assert np.float32(inp[e]) / np.float32(scale) == np.float32(k + 0.5)  # PyTorch's scale, checked
+    return model, e, k, scale
+
+
+def _float32_neighbours(v, n):
+    """``v`` and the ``n`` float32 values on each side of it."""
+    out = [v]
+    for direction in (np.inf, -np.inf):
+        w = v
+        for _ in range(n):
+            w = np.nextafter(w, np.float32(direction))
+            out.append(w)
+    return out
+
+
+def _wrap_quant_exec(monkeypatch, input_shape, *, before=None, after=None):
+    """Wrap qonnx's Quant executor: at Quant nodes whose input has ``input_shape``, ``before`` maps
+    the input (as if computed so upstream), ``after`` the output. Wrapping twice stacks."""
+    from qonnx.custom_op.general.intquant import IntQuant
+
+    original = IntQuant.execute_node
+
+    def execute_node(self, context, graph):
+        node = self.onnx_node
+        hit = context[node.input[0]].shape == input_shape
+        if hit and before:
+            context[node.input[0]] = before(context[node.input[0]].copy())
+        original(self, context, graph)
+        if hit and after:
+            context[node.output[0]] = after(context[node.output[0]].copy())
+
+    monkeypatch.setattr(IntQuant, "execute_node", execute_node)
+
+
+def test_example_net_with_a_flip_at_a_rounding_boundary_passes(tmp_path, monkeypatch, fmnist_test_1k):
+    x = fmnist_test_1k[0][:64]
+    model, e, k, scale = _example_net_on_a_boundary(x)
+    inp = _relu2_input(model, x[:1])
+    # PyTorch rounds k + 0.5 half to even; ONNX gets the input the fewest float32 ulps (1 or 2) to the
+    # other side that make its division leave k + 0.5, so it rounds the other way
+    away = np.float32(np.inf if k % 2 == 0 else -np.inf)
+    moved = np.nextafter(inp[e], away)
+    while moved / np.float32(scale) == np.float32(k + 0.5):
+        moved = np.nextafter(moved, away)
+    assert abs(moved - inp[e]) <= 2 * np.spacing(inp[e])
+
+    def ulps_off(a):
+        if abs(a[e] - inp[e]) < 1e-6:  # the example input (image 0), not the others
+            a[e] = moved
+        return a
+
+    _wrap_quant_exec(monkeypatch, inp.shape, before=ulps_off)
+    res = export_qonnx(model, tmp_path / "m.onnx", x[:1], images=x[1:3])
+    assert res.boundary_flips >= 1 and sum(res.flip_detail.values()) == res.boundary_flips
+    assert any(where.endswith("(relu2.act_quant)") for where in res.flip_detail), res.flip_detail
+    # the flip moves the logits by a quantization step: the plain bound alone would have failed
+    assert res.max_abs_diff > res.allowed_diff >= res.diff_without_flips
+    assert (tmp_path / "m.onnx").is_file()
+
+    # a flip does not excuse a real mismatch elsewhere: fc's quantized weights 0.1 % off still fail
+    _wrap_quant_exec(monkeypatch, (10, 392), after=lambda w: w * np.float32(1 + 1e-3))
+    with pytest.raises(ModelError, match=r"QONNX \(with 1 rounding-boundary flips .*\) output differs"):
+        export_qonnx(model, tmp_path / "bad.onnx", x[:1])
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_one_step_away_from_a_boundary_fails(tmp_path, monkeypatch, fmnist_test_1k):
+    x = fmnist_test_1k[0][:64]
+    model, _, _, scale = _example_net_on_a_boundary(x)
+    inp = _relu2_input(model, x[:1])
+    t = inp / np.float32(scale)
+    # an element as far from a boundary as it gets: its code is one step off, and float noise cannot say why
+    e = np.unravel_index(np.argmin(np.where(inp > 0, np.abs(t - np.round(t)), np.inf)), t.shape)
+
+    def one_step_up(out):
+        out[e] += np.float32(scale)
+        return out
+
+    _wrap_quant_exec(monkeypatch, inp.shape, after=one_step_up)
+    with pytest.raises(ModelError, match=r"\(relu2.act_quant\) on image 0 gives 1 of 1568 codes that differ"):
+        export_qonnx(model, tmp_path / "m.onnx", x[:1])
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_flip_criterion_on_values_exactly_at_a_boundary():
+    """``_boundary_flips`` on hand-made values: scale 0.25, inputs 0.125 (t = 0.5 exactly), 0.5, 0.3."""
+    params = (np.float32(0.25), np.float32(0.0), np.float32(8.0))
+    x_torch = np.array([0.125, 0.5, 0.3], np.float32)  # codes 0 (half to even), 2, 1
+    call = _QuantCall("q.act_quant", x_torch, np.array([0, 0.5, 0.25], np.float32), *params[:2], 8.0)
+    x_onnx = x_torch.copy()
+    x_onnx[0] = np.nextafter(x_onnx[0], np.float32(1))  # one ulp above the boundary: code 1
+
+    def codes(*c):
+        return np.array(c, np.float32) * params[0]
+
+    differs, legit = _boundary_flips(x_onnx, codes(1, 2, 1), params, call, DEFAULT_TOL)
+    assert differs.tolist() == [True, False, False] and legit.tolist() == [True, False, False]
+    differs, legit = _boundary_flips(x_onnx, codes(1, 3, 1), params, call, DEFAULT_TOL)  # t = 2.0 -> 3
+    assert differs.tolist() == [True, True, False] and legit.tolist() == [True, False, False]
+    differs, legit = _boundary_flips(x_onnx, codes(2, 2, 1), params, call, DEFAULT_TOL)  # two steps
+    assert differs.tolist() == [True, False, False] and legit.tolist() == [False, False, False]
+
+    class Node:
+        name = "Quant_9"
+
+    big = np.ones(2000, bool)
+    assert _check_flips(Node, 0, call, big & (np.arange(2000) < 2), big) == 2  # 2 of 2000: 1e-3
+    with pytest.raises(ModelError, match="3 rounding-boundary flips, more than float32 noise explains"):
+        _check_flips(Node, 0, call, big & (np.arange(2000) < 3), big)
+
+
+# ---- exporter failures ---------------------------------------------------------------------------
+
+
+class PoolNet(nn.Module):
+    """A 2x2 adaptive average pool over a 7x7 map, called as a function or as a module."""
+
+    def __init__(self, module: bool) -> None:
+        super().__init__()
+        self.quant_inp = qnn.QuantIdentity(bit_width=8, return_quant_tensor=False)
+        self.conv = qnn.QuantConv2d(1, 4, 3, stride=4, bias=False, weight_bit_width=4)
+        self.pool = nn.AdaptiveAvgPool2d(2) if module else None
+        self.fc = qnn.QuantLinear(16, 10, bias=True, weight_bit_width=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.quant_inp(x))
+        x = self.pool(x) if self.pool is not None else F.adaptive_avg_pool2d(x, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["function", "module"])
+def test_unexportable_op_is_one_line_and_writes_nothing(module, tmp_path, capfd):
+    x = torch.rand(1, 1, 28, 28)
+    where = "in pool (AdaptiveAvgPool2d)" if module else "in PoolNet.forward"
+    for export, fmt in ((export_qonnx, "QONNX"), (export_qcdq, "QCDQ")):
+        path = tmp_path / f"{fmt}.onnx"
+        with pytest.raises(ModelError) as err:
+            export(PoolNet(module).eval(), path, x)
+        msg = str(err.value)
+        assert "\n" not in msg and len(msg) < 400, msg
+        assert msg.startswith(f"{fmt} export: torch.onnx cannot export adaptive_avg_pool2d ({where}")
+        assert "output size that are not factor of input size" in msg
+        assert "-- fix: use an output size that divides the feature map" in msg
+        assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert "Torch IR graph" not in capfd.readouterr().out  # torch's graph dump is not passed on
