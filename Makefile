@@ -55,9 +55,12 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check aq_brevitas tests examples benchmarks
-	$(VENV)/bin/ruff format --check aq_brevitas tests examples benchmarks
+	$(VENV)/bin/ruff check aq_brevitas tests examples benchmarks tools
+	$(VENV)/bin/ruff format --check aq_brevitas tests examples benchmarks tools
 
+# Every ```python block in README.md and docs/, every >>> example in aq_brevitas's docstrings (and one on
+# each core public function), the architecture diagram against the imports, examples/, and the
+# generated reference pages (python tools/reference.py) being current.
 docs-check: setup
 	$(PY) -m pytest -q tests/test_docs.py tests/test_examples.py tests/test_reference.py
 

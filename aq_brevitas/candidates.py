@@ -1,6 +1,6 @@
 """The candidate table: for every layer and every candidate spec, L̂, ‖ΔW‖₂ and the cost.
 
-Ŵ comes from the very Brevitas quantizer the swap installs (:func:`convert._brevitas_layer`), never
+Ŵ comes from the very Brevitas quantizer the swap installs (:func:`convert.brevitas_layer`), never
 from a re-implementation of the rounding, so a score describes exactly the layer that will run.
 Norms are operator norms on the layer's real input shape, of the BN-folded map when a BatchNorm
 follows (the BN scale multiplies Ŵ's output just as it multiplies W's).
@@ -8,6 +8,7 @@ follows (the BN scale multiplies Ŵ's output just as it multiplies W's).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,15 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import _brevitas_layer
+from .convert import brevitas_layer
 from .errors import PolicyError
-from .layers import check_example_input
-from .lipschitz import LayerScore, bn_scale, lipschitz_scores, operator_norm_basis
+from .lipschitz import LayerScore, lipschitz_scores, operator_norm_basis
+from .nnutils import bn_scale, check_images, fold_batchnorm
 from .policy import LayerSpec, layer_cost
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_SCALINGS = ("max", "percentile", "mse")
 DEFAULT_GRANULARITIES = ("per_tensor", "per_channel")
+_NORM_MAX_ITER = 300  # power-iteration cap per candidate norm (tol decides in practice)
 
 
 def default_candidates(
@@ -95,9 +97,15 @@ class CandidateTable:
         }
 
 
-def _per_layer(
+def per_layer_candidates(
     candidates: Sequence[LayerSpec] | Mapping[str, Sequence[LayerSpec]] | None, names: Iterable[str]
 ) -> dict[str, list[LayerSpec]]:
+    """Each of ``names`` with its candidate list: ``None`` gives every layer :func:`default_candidates`;
+    a sequence gives every layer that list; a mapping gives per-layer lists (``"*"`` for the rest).
+
+    Raises :class:`PolicyError` for a mapping naming an unknown layer, an empty list, or a
+    candidate that is not a :class:`LayerSpec`.
+    """
     if candidates is None:
         base = default_candidates()
         return {n: base for n in names}
@@ -126,7 +134,7 @@ def _per_layer(
 @torch.no_grad()
 def quantized_weight(layer: nn.Module, spec: LayerSpec) -> torch.Tensor:
     """Ŵ for ``spec``, computed by the Brevitas quantizer the swap would install on ``layer``."""
-    q = _brevitas_layer(layer, spec, signed_input=True)
+    q = brevitas_layer(layer, spec, signed_input=True)
     return q.quant_weight().value.detach().to(layer.weight.dtype)
 
 
@@ -138,7 +146,6 @@ def candidate_table(
     scores: dict[str, LayerScore] | None = None,
     gains: Sequence[str] = ("spectral", "jacobian"),
     seed: int = 0,
-    max_iter: int = 300,
     tol: float = 1e-5,
     dw_norms: bool = True,
     fold_bn: bool = False,
@@ -150,25 +157,26 @@ def candidate_table(
     e.g. to pin the first and last layer to 8 bits. ``scores`` reuses a :func:`lipschitz_scores` result.
     ``fold_bn`` must match the swap's: with True, :func:`~aq_brevitas.convert.quantize` quantizes the
     BN-folded conv weight, so the table does too (on a folded copy; ``model`` is left alone).
-    Power iterations for Ŵ start from the float layer's converged singular vectors (Ŵ ≈ W, so a few
-    steps suffice and L̂/L shares L's residual error); ‖ΔW‖₂ starts cold (ΔW of two candidates share
-    no subspace: a warm start there stalled on a lower singular value, and a looser tolerance stopped
-    1.5 % short on a VGG conv). ``dw_norms=False`` skips ‖ΔW‖₂ (NaN in the rows): only the spectral
-    estimate uses it, and it is half the table's cost.
+    Power iterations (relative tolerance ``tol``, at most 300 steps) for Ŵ start from the float layer's
+    converged singular vectors (Ŵ ≈ W, so a few steps suffice and L̂/L shares L's residual error);
+    ‖ΔW‖₂ starts cold (ΔW of two candidates share no subspace, so a warm start can stall on a lower
+    singular value). ``dw_norms=False`` skips ‖ΔW‖₂ (NaN in the rows): only the spectral estimate
+    uses it, and it is half the table's cost. ``gains`` is passed to :func:`lipschitz_scores` when
+    ``scores`` is None. ``example_inputs`` is a float batch ``(N, *input_shape)``.
     """
     from tqdm.auto import tqdm
 
-    check_example_input(example_inputs)
+    check_images(example_inputs, "example_inputs", unit_range=False, batch=False)
     if fold_bn:
         model = folded_copy(model)
     if scores is None:
         scores = lipschitz_scores(model, example_inputs, gains=gains, seed=seed)
-    per_layer = _per_layer(candidates, list(scores))
+    per_layer = per_layer_candidates(candidates, list(scores))
     table = CandidateTable(scores, fold_bn=fold_bn)
     modules = dict(model.named_modules())
     total = sum(len(v) for v in per_layer.values())
     bar = tqdm(total=total, desc="candidate norms", disable=not progress, leave=False)
-    kw = {"seed": seed, "max_iter": max_iter, "tol": tol}
+    kw = {"seed": seed, "max_iter": _NORM_MAX_ITER, "tol": tol}
     for name, specs in per_layer.items():
         layer, score = modules[name], scores[name]
         scale = bn_scale(modules[score.bn]) if score.bn else None
@@ -195,11 +203,8 @@ def candidate_table(
 
 
 def folded_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every conv-following BatchNorm folded in, as ``quantize(fold_bn=True)`` does."""
-    import copy
-
-    from .convert import fold_batchnorm
-
+    """A copy of ``model`` (eval mode) with every conv-following BatchNorm folded in, as
+    ``quantize(fold_bn=True)`` does; ``model`` is left alone."""
     folded = copy.deepcopy(model)
     fold_batchnorm(folded)
     return folded.eval()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import AqError
+from .search.config import DEFAULT_METHOD, METHODS, SCORED_METHODS  # torch-free: the method registry
 
 EXIT_USER_ERROR = 2
 
@@ -418,62 +419,33 @@ def cmd_search(args: argparse.Namespace) -> int:
     _setup_torch(args)
     from .candidates import candidate_table
     from .policy import Budget
-    from .search import policy_table, search_policy
+    from .search import SearchConfig, compare_methods, policy_table, search_policy
 
     model, meta = _load_any_model(args.model)
     calib, val = _selection_data(args)
     budget = Budget.parse(args.budget)
     table = candidate_table(model, calib[0], _candidates_from_args(args), seed=args.seed, progress=True)
-    methods = ["uniform", "hessian", "ans", "lipschitz"] if args.compare else [args.method]
-    policies = {}
-    for method in methods:
-        policies[method] = search_policy(
-            model,
-            calib,
-            budget=budget,
-            method=method,
-            eps=args.eps,
-            estimate=args.estimate,
-            refine=args.refine and not args.no_refine,
-            val_data=val if args.val_images else None,
-            val_images=args.val_images or None,
-            seed=args.seed,
-            table=table,
-        )
-        print(f"\n== {method}")
-        print(policy_table(policies[method], table))
-    chosen = policies[args.method] if args.method in policies else policies[methods[-1]]
+    config = SearchConfig(
+        method=args.method,
+        eps=args.eps,
+        seed=args.seed,
+        refine=args.refine,
+        val_images=args.val_images or None,
+    ).replace(estimate=args.estimate)
+    val_data = val if args.val_images else None
     if args.compare:
-        from .search import adversarial_calibration, policy_bound
-
-        # Every method's final policy under this method's prediction (same calibration, same table).
-        adv = (
-            adversarial_calibration(model, calib, eps=args.eps, seed=args.seed)
-            if args.estimate == "jacobian"
-            else None
-        )
-        print(
-            f"\n{'method':<10} {'avg bits':>8} {'KiB':>8} {'BOPs':>10} {'Σ s_l':>9} {'bound B':>9} {'searched val PGD':>16} {'uniform val PGD':>15} {'kept':>16}"
-        )
-        for m, pol in policies.items():
-            c, v = pol.meta["cost"], pol.meta.get("validation") or {}
-            s_acc, u_acc = (
-                v.get("search_pgd_accuracy", float("nan")),
-                v.get("uniform_pgd_accuracy", float("nan")),
-            )
-            if m == "uniform":
-                s_acc = u_acc = (
-                    (pol.meta.get("uniform") or {})
-                    .get("pgd_accuracy", {})
-                    .get(pol.spec_for(table.layers[0]).short(), float("nan"))
-                )
-            b = policy_bound(model, table, pol.layers, adv, eps=args.eps, estimate=args.estimate)
-            print(
-                f"{m:<10} {c['avg_weight_bits']:8.3f} {c['weight_bytes'] / 1024:8.2f} {c['bops']:10.3e} {b['score_sum']:9.4g} {b['bound']:9.4g} {s_acc:16.4f} {u_acc:15.4f} {pol.meta.get('winner', '-'):>16}"
-            )
-        print(
-            f"Σ s_l and B: lipschitz ({args.estimate}) prediction of each policy's output deviation; lower is better."
-        )
+        comparison = compare_methods(model, calib, budget, config=config, val_data=val_data, table=table)
+        results = comparison.results
+    else:
+        results = {
+            args.method: search_policy(model, calib, budget, config=config, val_data=val_data, table=table)
+        }
+    for method, result in results.items():
+        print(f"\n== {method}")
+        print(policy_table(result, table))
+    if args.compare:
+        print("\n" + comparison.to_text())
+    chosen = results[args.method].policy
     if args.out:
         chosen.save(args.out)
         print(f"wrote {args.out}")
@@ -488,7 +460,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             [f"{s.scaling} {'pc' if s.granularity == 'per_channel' else 'pt'}" for s in specs],
             [table.scores[n].params for n in names],
             args.plot,
-            title=f"{chosen.meta.get('method')} policy at {args.budget}",
+            title=f"{results[args.method].method} policy at {args.budget}",
         )
         print(f"wrote {args.plot}")
     return 0
@@ -737,17 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
         "search", help="search a per-layer policy under a budget (lipschitz, hessian, ans, uniform)"
     )
     selection_args(p)
-    p.add_argument("--method", choices=["lipschitz", "hessian", "ans", "uniform"], default="lipschitz")
-    p.add_argument(
-        "--no-refine",
-        action="store_true",
-        help="skip whole-network refinement (the default since the ablation)",
-    )
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     p.add_argument(
         "--refine",
         action="store_true",
         help="re-rank the top-5 MILP policies and run coordinate descent on the whole-network bound "
-        "(off by default: it lost held-out PGD accuracy in every case of benchmarks/ablation.py)",
+        "(off by default, see docs/method.md)",
     )
     p.add_argument("--compare", action="store_true", help="run all four methods and print them side by side")
     p.add_argument("--out", default=None, help="write the policy JSON")
@@ -795,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output directory (created; re-running skips stages whose settings, inputs and outputs are unchanged)",
     )
-    p.add_argument("--method", choices=["lipschitz", "hessian", "ans"], default="lipschitz")
+    p.add_argument("--method", choices=SCORED_METHODS, default=DEFAULT_METHOD)
     p.add_argument("--calib", type=int, default=256, help="held-out training images for scoring")
     p.add_argument(
         "--val-images", type=int, default=500, help="other held-out images for the uniform comparison"

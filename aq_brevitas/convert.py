@@ -27,7 +27,14 @@ from torch import nn
 
 from .errors import CheckpointError, PolicyError
 from .injectors import act_quant_for, weight_quant_for
-from .layers import quantizable_layers, shared_layer_names, warn_unsupported
+from .nnutils import (
+    eval_mode,
+    fold_batchnorm,
+    iter_x_batches,
+    quantizable_layers,
+    shared_layer_names,
+    warn_unsupported,
+)
 from .policy import LayerSpec, LayerwisePolicy
 
 
@@ -43,24 +50,19 @@ class LayerChange:
         return asdict(self)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, attr = _parent(model, name)
-    setattr(parent, attr, module)
-
-
 def _input_quant(spec: LayerSpec, signed: bool) -> type | None:
     if spec.act_bit_width is None:
         return None
     return act_quant_for(spec.act_bit_width, signed=signed, po2=spec.scaling == "po2")
 
 
-def _brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool) -> nn.Module:
-    """A Brevitas twin of a float layer, same geometry and weights, quantized per ``spec``."""
+def brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool = True) -> nn.Module:
+    """A Brevitas twin of a float layer: same geometry, weights, bias, mode and device, with the weight
+    quantizer of ``spec`` (and, when ``spec.act_bit_width`` is set, an input quantizer, signed or not).
+
+    This is the quantizer :func:`quantize` installs, so ``brevitas_layer(layer, spec).quant_weight()``
+    is exactly the Ŵ that will run.
+    """
     common: dict[str, Any] = {
         "weight_quant": weight_quant_for(spec),
         "input_quant": _input_quant(spec, signed_input),
@@ -114,20 +116,6 @@ def _describe(layer: nn.Module) -> str:
     return f"{type(layer).__name__} float"
 
 
-def _iter_inputs(data: Any, limit_batches: int | None = None) -> Iterable[torch.Tensor]:
-    """Input batches from a tensor, an ``(images, labels)`` pair, or a DataLoader."""
-    if torch.is_tensor(data):
-        batches: Iterable[Any] = data.split(256)
-    elif isinstance(data, tuple) and data and torch.is_tensor(data[0]):
-        batches = data[0].split(256)
-    else:
-        batches = data
-    for i, b in enumerate(batches):
-        if limit_batches is not None and i >= limit_batches:
-            return
-        yield b[0] if isinstance(b, (tuple, list)) else b
-
-
 @torch.no_grad()
 def _nonnegative_inputs(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, bool]:
     """Whether each layer's input is non-negative on ``x`` (then an unsigned quantizer wastes no level)."""
@@ -139,52 +127,69 @@ def _nonnegative_inputs(model: nn.Module, names: Iterable[str], x: torch.Tensor)
         )
         for n, m in layers.items()
     ]
-    was_training = model.training
     try:
-        model.eval()
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return out
-
-
-def fold_batchnorm(model: nn.Module) -> dict[str, str]:
-    """Fold every BatchNorm that directly follows a conv into it (eval semantics); returns conv -> bn."""
-    from .lipschitz import find_conv_bn_pairs, folded_weight
-
-    pairs = find_conv_bn_pairs(model)
-    for conv_name, bn_name in pairs.items():
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        w, b = folded_weight(conv, bn)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if conv.bias is None:
-                conv.bias = nn.Parameter(b.detach().clone())
-            else:
-                conv.bias.copy_(b)
-        _set_module(model, bn_name, nn.Identity())
-    return pairs
 
 
 def calibrate(
     model: nn.Module, data: Any, *, bias_correction: bool = False, max_batches: int | None = None
 ) -> None:
-    """Brevitas calibration (activation scales from data), optionally followed by bias correction."""
+    """Brevitas calibration (activation scales from data), optionally followed by bias correction.
+
+    ``data`` is any form :func:`~aq_brevitas.nnutils.iter_x_batches` streams (images, an
+    ``(images, labels)`` pair, a Dataset, a DataLoader, an iterable of batches); labels are unused.
+    ``max_batches`` stops each pass early. The model's train/eval flag is restored afterwards.
+    """
     from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
         with calibration_mode(model):
-            for x in _iter_inputs(data, max_batches):
+            for x in iter_x_batches(data, limit_batches=max_batches):
                 model(x)
         if bias_correction:
             with bias_correction_mode(model):
-                for x in _iter_inputs(data, max_batches):
+                for x in iter_x_batches(data, limit_batches=max_batches):
                     model(x)
     model.train(was_training)
+
+
+def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncovered: bool) -> list[str]:
+    """Refuse what cannot be converted (one-line :class:`PolicyError`); the layers the policy leaves
+    uncovered, named in a ``UserWarning`` when ``warn_uncovered``."""
+    if not isinstance(policy, LayerwisePolicy):
+        raise PolicyError(
+            f"policy is a {type(policy).__name__}, not a LayerwisePolicy",
+            "load it with LayerwisePolicy.load(path)",
+        )
+    if not quantizable_layers(model):
+        raise PolicyError(
+            "model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)",
+            "pass a model with at least one such layer",
+        )
+    policy.check(model)
+    uncovered = policy.matches(model).uncovered
+    if uncovered and warn_uncovered:
+        warnings.warn(
+            f"policy has no spec and no default for layers {', '.join(uncovered)}; they stay float "
+            '-- fix: add them to the policy\'s layers or give it a default (LayerwisePolicy(default=...) / "default")',
+            UserWarning,
+            stacklevel=4,
+        )
+    for names in shared_layer_names(model).values():
+        specs = {policy.spec_for(n) for n in names}
+        if len(specs) > 1:
+            raise PolicyError(
+                f"layers {' and '.join(names)} are one shared module but the policy gives them different specs",
+                "give them the same spec, or copy.deepcopy the module so each name has its own",
+            )
+    return uncovered
 
 
 def _convert(
@@ -199,32 +204,9 @@ def _convert(
     input_signed: dict[str, bool] | None = None,
     warn_uncovered: bool = True,
 ) -> nn.Module:
-    if not isinstance(policy, LayerwisePolicy):
-        raise PolicyError(
-            f"policy is a {type(policy).__name__}, not a LayerwisePolicy",
-            "load it with LayerwisePolicy.load(path)",
-        )
-    if not quantizable_layers(model):
-        raise PolicyError(
-            "model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)",
-            "pass a model with at least one such layer",
-        )
-    policy.check(model)
-    uncovered = policy.matches(model).uncovered
-    if uncovered and warn_uncovered and swap_float:
-        warnings.warn(
-            f"policy has no spec and no default for layers {', '.join(uncovered)}; they stay float "
-            '-- fix: add them to the policy\'s layers or give it a default (LayerwisePolicy(default=...) / "default")',
-            UserWarning,
-            stacklevel=3,
-        )
-    for names in shared_layer_names(model).values():
-        specs = {policy.spec_for(n) for n in names}
-        if len(specs) > 1:
-            raise PolicyError(
-                f"layers {' and '.join(names)} are one shared module but the policy gives them different specs",
-                "give them the same spec, or copy.deepcopy the module so each name has its own",
-            )
+    # A search result carries its policy: quantize(model, search_policy(...)) keeps working.
+    policy = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
+    uncovered = _check_convertible(model, policy, warn_uncovered=warn_uncovered and swap_float)
     warn_unsupported(model)
     target = model if inplace else copy.deepcopy(model)
     if fold_bn:
@@ -232,7 +214,9 @@ def _convert(
     specs = policy.resolve(quantizable_layers(target))
     signed = {n: True for n in specs}
     first_batch = (
-        next(iter(_iter_inputs(calibration_data, 1)), None) if calibration_data is not None else None
+        next(iter_x_batches(calibration_data, limit_batches=1), None)
+        if calibration_data is not None
+        else None
     )
     if input_signed is not None:
         signed.update(input_signed)
@@ -245,7 +229,7 @@ def _convert(
         if isinstance(layer, QuantWBIOL):
             _rebit(layer, spec, signed.get(name, True))
         elif swap_float:
-            _set_module(target, name, _brevitas_layer(layer, spec, signed.get(name, True)))
+            target.set_submodule(name, brevitas_layer(layer, spec, signed.get(name, True)))
         else:
             raise PolicyError(
                 f"layer {name} is a plain {type(layer).__name__}, not a Brevitas layer",
@@ -276,10 +260,24 @@ def quantize(
 ) -> nn.Module:
     """Swap every layer the policy covers for its Brevitas twin; calibrate if data is given.
 
+    ``policy`` is a :class:`LayerwisePolicy`, or a search result carrying one as ``.policy``.
+    ``calibration_data`` is any form :func:`calibrate` accepts; its first batch also decides whether
+    each input quantizer is signed (a layer whose input is non-negative gets an unsigned one).
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``
-    naming them; they appear in ``aq_changes`` as ``(not in policy)``.
+    naming them; they appear in ``aq_changes`` as ``(not in policy)``. Returns the quantized model
+    (a copy unless ``inplace``); raises :class:`PolicyError` for a policy that does not fit the model.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, quantize
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    >>> q = quantize(model, LayerwisePolicy(default=LayerSpec(4)), calibration_data=torch.rand(8, 1, 8, 8))
+    >>> [c.new for c in q.aq_changes]
+    ['QuantConv2d 4b max pc', 'QuantLinear 4b max pc']
+    >>> q(torch.rand(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
     """
     return _convert(
         model,
@@ -295,7 +293,18 @@ def quantize(
 def apply_policy(
     model: nn.Module, policy: LayerwisePolicy, *, inplace: bool = False, calibration_data: Any = None
 ) -> nn.Module:
-    """Re-configure the weight quantizers of an existing Brevitas model per ``policy``; weights are kept."""
+    """Re-configure the weight (and input) quantizers of an existing Brevitas model per ``policy``,
+    keeping its float weights; a copy unless ``inplace``. Plain float layers raise :class:`PolicyError`
+    (use :func:`quantize` for those).
+
+    >>> from torch import nn
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, apply_policy, quantize
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    >>> q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
+    >>> rebit = apply_policy(q, LayerwisePolicy({"0": LayerSpec(8), "3": LayerSpec(2)}))
+    >>> [(c.old, c.new) for c in rebit.aq_changes]
+    [('QuantConv2d 4b', 'QuantConv2d 8b max pc'), ('QuantLinear 4b', 'QuantLinear 2b max pc')]
+    """
     return _convert(
         model,
         policy,

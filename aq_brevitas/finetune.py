@@ -2,9 +2,9 @@
 
 Quantization-aware training goes through Brevitas's straight-through estimators; the inner
 maximisation is torchattacks PGD (Madry), TRADES optional. The loop itself is
-:func:`aq_brevitas.training.adversarial_train`; this module adds what fine-tuning needs on top:
-defaults suited to a trained model (Adam, small LR), the one-time weight quantization during attack
-steps, activation scales kept at their calibrated values, and process-group set-up for ``torchrun``.
+:func:`aq_brevitas.training.adversarial_train`; this module adds the defaults suited to a trained
+model (:meth:`~aq_brevitas.config.TrainConfig.finetuning`: Adam, small LR, activation scales kept at
+their calibrated values) and process-group set-up for ``torchrun``.
 
 BatchNorm: the attack runs with the model in eval mode (torchattacks' default), so it searches
 against the running statistics that evaluation uses and its k forward passes do not update them.
@@ -12,15 +12,17 @@ against the running statistics that evaluation uses and its k forward passes do 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .errors import ConfigError
+
+# re-exported for benchmarks/finetune_speed.py until it imports from nnutils
+from .nnutils import frozen_activation_scales as frozen_activation_scales
 from .training import TrainHistory, adversarial_train
 
 
@@ -57,78 +59,31 @@ def init_distributed() -> tuple[int, int]:
 
 
 def adversarial_finetune(
-    model: nn.Module,
-    train_data: Any,
-    *,
-    eps: float = 0.1,
-    steps: int = 7,
-    alpha: float | None = None,
-    random_start: bool = True,
-    epochs: int = 1,
-    lr: float = 5e-4,
-    optimizer: str = "adam",
-    batch_size: int = 128,
-    clean_weight: float = 0.0,
-    trades_beta: float | None = None,
-    seed: int = 0,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    learn_act_scales: bool = False,
+    model: nn.Module, train_data: Any, config: TrainConfig | None = None, **kwargs: Any
 ) -> TrainHistory:
     """PGD fine-tuning (quantization-aware for Brevitas models) of ``model`` in place.
+
+    :func:`~aq_brevitas.training.adversarial_train` with fine-tuning defaults: ``config`` defaults to
+    :meth:`TrainConfig.finetuning() <aq_brevitas.config.TrainConfig.finetuning>` (Adam at lr 5e-4, no
+    weight decay, Brevitas activation scales kept at their calibrated values so only the weights
+    train; ``learn_act_scales=True`` learns them too, LSQ-style). ``kwargs`` are
+    :func:`~aq_brevitas.training.adversarial_train`'s: ``checkpoint``, ``resume``,
+    ``checkpoint_meta``, ``progress``, and TrainConfig fields (``eps``, ``steps``, ``epochs``,
+    ``trades_beta``...) applied on top of ``config``. Returns the :class:`TrainHistory`.
 
     Works on models from :func:`aq_brevitas.quantize`, on float models, and on torch.ao prepared
     (fake-quant) models. Call :func:`init_distributed` first under ``torchrun``; then each process
     passes the same arguments and ``batch_size`` is the global batch.
 
-    ``learn_act_scales=False`` keeps Brevitas activation scales at their calibrated values and trains
-    the weights only. Learning them made a W4A8 QAT step of the zoo CNN ~16% slower in
-    benchmarks/finetune_speed.py, mostly because the first conv then also needs the gradient with
-    respect to its (quantized image) input. Pass ``True`` to learn them (LSQ-style).
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, adversarial_finetune, quantize
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    >>> q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
+    >>> x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    >>> history = adversarial_finetune(q, (x, y), eps=0.1, steps=2, epochs=2, batch_size=32, progress=False)
+    >>> [e.epoch for e in history.epochs], history.epochs[-1].images, history.epochs[-1].adv_acc is not None
+    ([1, 2], 64, True)
     """
-    with contextlib.nullcontext() if learn_act_scales else frozen_activation_scales(model):
-        return adversarial_train(
-            model,
-            train_data,
-            eps=eps,
-            steps=steps,
-            alpha=alpha,
-            random_start=random_start,
-            epochs=epochs,
-            lr=lr,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            clean_weight=clean_weight,
-            trades_beta=trades_beta,
-            seed=seed,
-            checkpoint=checkpoint,
-            resume=resume,
-            progress=progress,
-            weight_decay=0.0,
-            freeze_quant_weights=True,
-        )
-
-
-@contextlib.contextmanager
-def frozen_activation_scales(model: nn.Module) -> Iterator[int]:
-    """Stop gradients to Brevitas activation-quantizer parameters until exit; yields how many.
-
-    Their ``requires_grad`` flags are restored on exit, also on exceptions.
-    """
-    from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
-
-    params = {
-        id(p): p
-        for m in model.modules()
-        if isinstance(m, ActQuantProxyFromInjector)
-        for p in m.parameters()
-        if p.requires_grad
-    }
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-        yield len(params)
-    finally:
-        for p in params.values():
-            p.requires_grad_(True)
+    return adversarial_train(model, train_data, config or TrainConfig.finetuning(), **kwargs)

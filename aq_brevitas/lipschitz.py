@@ -1,4 +1,4 @@
-"""Per-layer Lipschitz quantities for the bound in METHOD.md ("Two losses, one bound").
+"""Per-layer Lipschitz quantities for the bound of docs/method.md ("One bound, two losses").
 
 For every quantizable layer l this module measures
 
@@ -10,7 +10,8 @@ For every quantizable layer l this module measures
   downstream ``L``, data-free, exact only for chains) and ``jacobian`` (power iteration on the
   Jacobian of the output with respect to the layer's output, on the example inputs).
 
-The list of quantizable layer types and the MAC count live in :mod:`aq_brevitas.layers`.
+The list of quantizable layer types, the MAC count, fx tracing and BatchNorm folding live in
+:mod:`aq_brevitas.nnutils`.
 """
 
 from __future__ import annotations
@@ -24,31 +25,30 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConfigError, ModelError
-from .layers import QUANTIZABLE_TYPES, check_forward, eval_mode, layer_macs, quantizable_layers
+from .nnutils import (
+    QUANTIZABLE_TYPES,
+    check_forward,
+    check_images,
+    eval_mode,
+    find_conv_bn_pairs,
+    folded_weight,
+    layer_macs,
+    out_channels,
+    plain_tensor,
+    quantizable_layers,
+    trace_leaves,
+)
 
 _BLOCK = 4  # vectors per power iteration: convergence at rate (σ₅/σ₁)² instead of (σ₂/σ₁)²
-_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
 GAINS = ("spectral", "jacobian")
 NON_CHAIN_WARNING = (
     "model is not a chain (residual or branching graph): gain_spectral, the product of downstream "
     "operator norms in execution order, is only a heuristic upper-bound estimate there; prefer gain_jacobian"
 )
 _NO_LAYERS = "model has no quantizable layers (Conv1d/Conv2d/Linear)"
-
-
-def _out_channels(layer: nn.Module) -> int:
-    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
-
-
-def _as_tensor(value: Any) -> torch.Tensor | None:
-    """A plain tensor from a tensor or a Brevitas ``QuantTensor`` (its ``.value``); else None."""
-    if isinstance(value, torch.Tensor):
-        return value
-    inner = getattr(value, "value", None)
-    return inner if isinstance(inner, torch.Tensor) else None
+_Seen = tuple[tuple[int, ...], tuple[int, ...], float]  # input shape, output shape, A
 
 
 # ------------------------------------------------------------------------------------ operator norm
@@ -125,16 +125,7 @@ def _linear_map(
     return scaled
 
 
-def operator_norm(
-    layer: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    weight: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
-    tol: float = 1e-6,
-    max_iter: int = 500,
-    seed: int = 0,
-) -> tuple[float, int]:
+def operator_norm(layer: nn.Module, input_shape: Sequence[int], **settings: Any) -> tuple[float, int]:
     """Largest singular value of the linear map ``layer`` computes (bias excluded), by power iteration.
 
     Block power iteration (4 vectors, Rayleigh-Ritz), so nearly equal top singular values -- common in
@@ -149,10 +140,11 @@ def operator_norm(
     Runs in float64 from a seeded start block, so the same seed gives comparable ``L`` and ``L̂``.
     Returns ``(sigma, iterations)``; ``iterations == max_iter`` means it did not reach ``tol``.
     A Linear layer's map is its matrix (applied row by row), so its norm is an exact SVD (1 "iteration").
+    ``settings`` are :func:`operator_norm_basis`'s keywords: ``weight``, ``out_scale``, ``tol`` (1e-6),
+    ``max_iter`` (500) and ``seed`` (0). Raises :class:`ModelError` for a layer of another type and
+    :class:`ConfigError` for a shape, weight or scale that does not fit it.
     """
-    sigma, it, _ = operator_norm_basis(
-        layer, input_shape, weight=weight, out_scale=out_scale, tol=tol, max_iter=max_iter, seed=seed
-    )
+    sigma, it, _ = operator_norm_basis(layer, input_shape, **settings)
     return sigma, it
 
 
@@ -193,9 +185,9 @@ def operator_norm_basis(
     scale64 = None
     if out_scale is not None:
         scale64 = out_scale.detach().to(device=device, dtype=torch.float64).reshape(-1)
-        if scale64.numel() != _out_channels(layer):
+        if scale64.numel() != out_channels(layer):
             raise ConfigError(
-                f"out_scale has {scale64.numel()} entries, the layer {_out_channels(layer)} output channels",
+                f"out_scale has {scale64.numel()} entries, the layer {out_channels(layer)} output channels",
                 "pass one factor per output channel",
             )
     if isinstance(layer, nn.Linear):
@@ -230,115 +222,6 @@ def operator_norm_basis(
     return sigma, it, q
 
 
-# --------------------------------------------------------------------------------------- fx tracing
-class _LeafTracer(fx.Tracer):
-    """Keeps quantizable layers and BatchNorms (Brevitas ones included) as single call_module nodes."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, QUANTIZABLE_TYPES + (_BatchNorm,)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule | None:
-    """``model`` as an fx graph, or None when symbolic tracing fails (data-dependent control flow...)."""
-    try:
-        tracer = _LeafTracer()
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph)
-    except Exception:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError...)
-        return None
-
-
-# ------------------------------------------------------------------------------------- BN folding
-def _bn_fits(conv: nn.Module, bn: nn.Module) -> bool:
-    return isinstance(bn, _BatchNorm) and bn.num_features == _out_channels(conv)
-
-
-def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """Map conv name -> BatchNorm name for each Conv/ConvTranspose whose output feeds only a BatchNorm.
-
-    Uses the fx graph where the model traces: every call of the conv must have exactly one user, a call
-    of the same BatchNorm. Where tracing fails, falls back to module order: a conv immediately followed
-    (among leaf modules, in ``named_modules()`` order) by a BatchNorm with matching ``num_features``.
-    """
-    modules = dict(model.named_modules())
-    gm = _trace(model)
-    if gm is None:
-        leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-        pairs = {}
-        for (name, m), (next_name, nxt) in zip(leaves, leaves[1:]):
-            if isinstance(m, _CONV_TYPES) and _bn_fits(m, nxt):
-                pairs[name] = next_name
-        return pairs
-    found: dict[str, str | None] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONV_TYPES):
-            continue
-        users = list(node.users)
-        bn_name = None
-        if len(users) == 1 and users[0].op == "call_module" and len(users[0].all_input_nodes) == 1:
-            cand = users[0].target
-            if _bn_fits(modules[node.target], modules.get(cand)):
-                bn_name = cand
-        prev = found.get(node.target, bn_name)
-        found[node.target] = bn_name if prev == bn_name else None  # a shared conv must always feed it
-    return {conv: bn for conv, bn in found.items() if bn is not None}
-
-
-def bn_scale(bn: nn.Module) -> torch.Tensor:
-    """Per-channel factor gamma/sqrt(running_var + eps) of a BatchNorm in eval mode (detached, float).
-
-    The linear part of the BatchNorm: pass it as ``operator_norm(..., out_scale=bn_scale(bn))`` to score
-    an unfolded (e.g. quantized) conv weight as if the BatchNorm were folded into it.
-    """
-    if not isinstance(bn, _BatchNorm):
-        raise ModelError(
-            f"{type(bn).__name__} is not a BatchNorm", "pass the BatchNorm that follows the layer"
-        )
-    if bn.running_var is None:
-        raise ModelError(
-            "BatchNorm has no running statistics (track_running_stats=False), so it cannot be folded",
-            "use track_running_stats=True, or leave the BatchNorm out of the pairs",
-        )
-    var = bn.running_var.detach()
-    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
-    return gamma / torch.sqrt(var + bn.eps)
-
-
-def folded_weight(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, b)`` of ``bn(conv(x))`` as one conv, with the BatchNorm in eval semantics (running stats).
-
-    W is scaled per output channel by gamma/sqrt(var + eps); b = (b_conv - mean) * scale + beta.
-    Handles Conv1d/Conv2d/Linear (weight dim 0 is out) and ConvTranspose2d (out is dim 1, per group).
-    """
-    if not isinstance(conv, QUANTIZABLE_TYPES) or not isinstance(bn, _BatchNorm):
-        raise ModelError(
-            f"cannot fold {type(bn).__name__} into {type(conv).__name__}",
-            "pass a Conv1d/Conv2d/ConvTranspose2d/Linear and the BatchNorm that follows it",
-        )
-    out = _out_channels(conv)
-    if bn.num_features != out:
-        raise ModelError(
-            f"BatchNorm has {bn.num_features} features but the layer {out} output channels",
-            "pair each conv with the BatchNorm applied to its output",
-        )
-    w = conv.weight.detach()
-    scale = bn_scale(bn).to(w.dtype)
-    mean = bn.running_mean.detach().to(w.dtype)
-    beta = bn.bias.detach().to(w.dtype) if bn.bias is not None else torch.zeros_like(mean)
-    if isinstance(conv, nn.ConvTranspose2d):
-        g = conv.groups
-        cin, cout_g = w.shape[0], w.shape[1]
-        w_f = (w.reshape(g, cin // g, cout_g, *w.shape[2:]) * scale.reshape(g, 1, cout_g, 1, 1)).reshape(
-            w.shape
-        )
-    else:
-        w_f = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
-    return w_f, (b - mean) * scale + beta
-
-
 # ------------------------------------------------------------------------------------------ chains
 class _TensorFlags(fx.Interpreter):
     """Runs the graph once and records which nodes produce tensors (vs. sizes, shapes and other metadata)."""
@@ -351,7 +234,7 @@ class _TensorFlags(fx.Interpreter):
         out = super().run_node(n)
         seen: list[bool] = []
         fx.node.map_aggregate(out, lambda a: seen.append(isinstance(a, torch.Tensor)) or a)
-        self.is_tensor[n] = any(seen) or _as_tensor(out) is not None
+        self.is_tensor[n] = any(seen) or plain_tensor(out) is not None
         return out
 
 
@@ -362,8 +245,8 @@ def is_chain(model: nn.Module, example_inputs: torch.Tensor) -> bool:
     ``x.view(x.size(0), -1)`` is not a fork). Every data-carrying node must have at most one data input
     and one data user, and each quantizable layer must be called once. Untraceable models -> False.
     """
-    _check_inputs(example_inputs)
-    gm = _trace(model)
+    check_images(example_inputs, "example_inputs", unit_range=False)
+    gm = trace_leaves(model)
     if gm is None:
         return False
     flags = _TensorFlags(gm)
@@ -405,22 +288,8 @@ def is_chain(model: nn.Module, example_inputs: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- jacobian
-def _check_inputs(x: Any) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a {x.dtype} tensor"
-        raise ConfigError(
-            f"example_inputs must be a floating-point tensor, got {got}",
-            "pass a float batch shaped (N, *input_shape), e.g. calibration images",
-        )
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ConfigError(
-            f"example_inputs of shape {tuple(x.shape)} has no batch dimension",
-            "pass a batch shaped (N, *input_shape) with N >= 1",
-        )
-
-
 def _output_tensor(out: Any) -> torch.Tensor:
-    t = _as_tensor(out)
+    t = plain_tensor(out)
     if t is None:
         raise ModelError(
             f"model output is a {type(out).__name__}, not a tensor",
@@ -469,7 +338,7 @@ def _jacobian_sigmas(
             sigma = norms.detach().to(torch.float64).cpu().sqrt()
             v = (jtjv / norms.clamp_min(1e-30).reshape(-1, *([1] * (jtjv.dim() - 1)))).detach()
             # Callers use the RMS over examples only: stop when it has converged, not when the slowest
-            # example has (that one example kept 256-image batches iterating ~10x longer).
+            # example has (one slow example would keep a whole batch iterating).
             if abs(_rms(sigma) - _rms(prev)) <= tol * _rms(sigma):
                 break
             prev = sigma
@@ -488,7 +357,7 @@ def local_jacobian_norm(
     The float network's local amplification of a small input perturbation at ``x`` (model in eval mode),
     used by the data-driven adversarial term of the score.
     """
-    _check_inputs(x)
+    check_images(x, "x", unit_range=False)
     x = x.detach()
     with eval_mode(model):
         sig, _ = _jacobian_sigmas(
@@ -554,6 +423,70 @@ class LayerScore:
         return d
 
 
+def _observe(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, _Seen]:
+    """One hooked no-grad forward (the caller holds eval mode): per layer called, in execution order,
+    its per-sample input/output shapes and ``A``; warns about layers never called or called twice."""
+    seen: dict[str, _Seen] = {}
+    shared: list[str] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if name in seen:
+                shared.append(name)
+                return
+            inp, o = plain_tensor(args[0]) if args else None, plain_tensor(out)
+            if inp is None or o is None:
+                return
+            a = float(inp.detach().flatten(1).to(torch.float64).norm(dim=1).mean())
+            seen[name] = (tuple(inp.shape[1:]), tuple(o.shape[1:]), a)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            _output_tensor(model(x))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in seen]
+    if missing:
+        warnings.warn(f"layers never called in forward are not scored: {', '.join(missing)}", stacklevel=3)
+    if shared:
+        warnings.warn(
+            f"layers called more than once per forward are scored on their first call: "
+            f"{', '.join(sorted(set(shared)))}",
+            stacklevel=3,
+        )
+    if not seen:
+        raise ModelError(_NO_LAYERS + " is called by forward", "check the model's forward")
+    return seen
+
+
+def _float_score(
+    name: str, layer: nn.Module, bn_name: str | None, modules: dict[str, nn.Module], seen: _Seen, **kw: Any
+) -> LayerScore:
+    """The :class:`LayerScore` of one layer, gains not yet set; ``kw`` goes to :func:`operator_norm`."""
+    in_shape, out_shape, a = seen
+    weight = folded_weight(layer, modules[bn_name])[0] if bn_name else None
+    L, iters = operator_norm(layer, in_shape, weight=weight, **kw)
+    return LayerScore(
+        name=name,
+        type=type(layer).__name__,
+        weight_shape=tuple(layer.weight.shape),
+        input_shape=in_shape,
+        output_shape=out_shape,
+        params=layer.weight.numel(),
+        macs=layer_macs(layer, in_shape, out_shape),
+        L=L,
+        bn=bn_name,
+        A=a,
+        gain_spectral=None,
+        gain_jacobian=None,
+        iterations=iters,
+    )
+
+
 def lipschitz_scores(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -566,12 +499,25 @@ def lipschitz_scores(
 ) -> dict[str, LayerScore]:
     """Score every quantizable layer the forward pass calls, in execution order.
 
-    One hooked forward on ``example_inputs`` (eval mode, no grad) gives shapes, ``A`` and the order;
-    ``L`` is the operator norm of the BN-folded weight on the real input shape; ``gains`` picks which
-    of ``gain_spectral`` / ``gain_jacobian`` to compute (the other stays None). Layers never called are
-    left out with a warning. Warns once when the spectral gain is asked for on a non-chain graph.
+    ``example_inputs`` is a float batch ``(N, *input_shape)``. One hooked forward on it (eval mode,
+    no grad) gives shapes, ``A`` and the order; ``L`` is the operator norm of the BN-folded weight on
+    the real input shape; ``gains`` picks which of ``gain_spectral`` / ``gain_jacobian`` to compute
+    (the other stays None). Layers never called are left out with a warning. Warns once when the
+    spectral gain is asked for on a non-chain graph. Raises :class:`ConfigError` for bad inputs or
+    gains, :class:`ModelError` for a model without quantizable layers or a failing forward.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas import lipschitz_scores
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    >>> scores = lipschitz_scores(model, torch.rand(8, 1, 8, 8))
+    >>> [(s.type, s.input_shape, s.macs) for s in scores.values()]
+    [('Conv2d', (1, 8, 8), 1296), ('Linear', (144,), 1440)]
+    >>> scores["3"].gain_spectral, scores["3"].gain_jacobian  # the logits layer: nothing downstream
+    (1.0, 1.0)
     """
-    _check_inputs(example_inputs)
+    check_images(example_inputs, "example_inputs", unit_range=False)
     gains = tuple(gains)
     bad = [g for g in gains if g not in GAINS]
     if bad:
@@ -586,65 +532,13 @@ def lipschitz_scores(
     modules = dict(model.named_modules())
     x = example_inputs.detach()
     with eval_mode(model):
-        seen: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {}
-        shared: list[str] = []
-
-        def make_hook(name: str) -> Callable[..., None]:
-            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                if name in seen:
-                    shared.append(name)
-                    return
-                inp, o = _as_tensor(args[0]) if args else None, _as_tensor(out)
-                if inp is None or o is None:
-                    return
-                a = float(inp.detach().flatten(1).to(torch.float64).norm(dim=1).mean())
-                seen[name] = (tuple(inp.shape[1:]), tuple(o.shape[1:]), a)
-
-            return hook
-
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
-        try:
-            with torch.no_grad():
-                _output_tensor(model(x))
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [n for n in layers if n not in seen]
-        if missing:
-            warnings.warn(
-                f"layers never called in forward are not scored: {', '.join(missing)}", stacklevel=2
-            )
-        if shared:
-            warnings.warn(
-                f"layers called more than once per forward are scored on their first call: "
-                f"{', '.join(sorted(set(shared)))}",
-                stacklevel=2,
-            )
-        if not seen:
-            raise ModelError(_NO_LAYERS + " is called by forward", "check the model's forward")
-
         pairs = find_conv_bn_pairs(model)
-        scores: dict[str, LayerScore] = {}
-        for name, (in_shape, out_shape, a) in seen.items():
-            layer = layers[name]
-            bn_name = pairs.get(name)
-            weight = folded_weight(layer, modules[bn_name])[0] if bn_name else None
-            L, iters = operator_norm(layer, in_shape, weight=weight, tol=tol, max_iter=max_iter, seed=seed)
-            scores[name] = LayerScore(
-                name=name,
-                type=type(layer).__name__,
-                weight_shape=tuple(layer.weight.shape),
-                input_shape=in_shape,
-                output_shape=out_shape,
-                params=layer.weight.numel(),
-                macs=layer_macs(layer, in_shape, out_shape),
-                L=L,
-                bn=bn_name,
-                A=a,
-                gain_spectral=None,
-                gain_jacobian=None,
-                iterations=iters,
+        scores = {
+            name: _float_score(
+                name, layers[name], pairs.get(name), modules, seen, tol=tol, max_iter=max_iter, seed=seed
             )
+            for name, seen in _observe(model, layers, x).items()
+        }
         if "spectral" in gains:
             downstream = 1.0
             for s in reversed(list(scores.values())):
@@ -656,14 +550,7 @@ def lipschitz_scores(
             for s in scores.values():
                 target = modules[s.bn] if s.bn else layers[s.name]
                 s.gain_jacobian, s.jacobian_iterations = _layer_jacobian(
-                    model,
-                    target,
-                    x,
-                    (x.shape[0], *s.output_shape),
-                    dtype=x.dtype,
-                    device=x.device,
-                    tol=jacobian_tol,
-                    max_iter=max_iter,
-                    seed=seed,
-                )
+                    model, target, x, (x.shape[0], *s.output_shape), dtype=x.dtype, device=x.device,
+                    tol=jacobian_tol, max_iter=max_iter, seed=seed,
+                )  # fmt: skip
     return scores

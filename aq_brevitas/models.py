@@ -20,7 +20,7 @@ NUM_CLASSES = 10
 
 
 class SmallCNN(nn.Module):
-    """conv16-relu-pool, conv32-relu-pool, fc128, fc10 (the METHOD.md prototype net)."""
+    """conv16-relu-pool, conv32-relu-pool, fc128, fc10 (the prototype net of docs/method.md)."""
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ from torch import nn
 
 from .data import selection_data
 from .errors import ConfigError, ModelError
+from .search.config import SCORED_METHODS
 from .storage import (
     atomic_write_json,
     atomic_write_text,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from .policy import Budget
 
 STAGES = ("score", "search", "quantize", "finetune", "evaluate", "export", "report")
-RUN_METHODS = ("lipschitz", "hessian", "ans")
+RUN_METHODS = SCORED_METHODS  # the run compares against uniform itself, so every scored method
 # RunConfig field -> the `aq-brevitas run` option that sets it (0 means "all" where None is allowed).
 _FLAGS = {
     "calib_images": "--calib",
@@ -310,7 +311,7 @@ def run(
     from .lipschitz import lipschitz_scores
     from .models import load_float_model
     from .plots import plot_layer_scores, plot_policy
-    from .policy import LayerSpec, LayerwisePolicy
+    from .policy import LayerwisePolicy
     from .search import search_policy
 
     cfg = config or RunConfig()
@@ -354,10 +355,10 @@ def run(
     stages.run("score", selection, ["scores.json", "scores.png"], score)
 
     def search() -> None:
-        policy = search_policy(
+        result = search_policy(
             float_model,
             calib,
-            budget=budget,
+            budget,
             method=cfg.method,
             eps=cfg.eps,
             val_data=held_out,
@@ -365,10 +366,11 @@ def run(
             seed=cfg.seed,
             progress=progress,
         )
+        policy = result.policy
         policy.save(out / "policy.json")
-        v = policy.meta["validation"]
+        assert result.validation is not None  # held-out data was given
         uniform = LayerwisePolicy.uniform(
-            geometry, LayerSpec.from_dict(v["uniform_spec"]), method="uniform", budget=budget.to_dict()
+            geometry, result.validation.uniform_spec, method="uniform", budget=budget.to_dict()
         )
         uniform.save(out / "policy_uniform.json")
         names = list(geometry)
@@ -379,7 +381,7 @@ def run(
             [f"{s.scaling} {'pc' if s.granularity == 'per_channel' else 'pt'}" for s in specs],
             [geometry[n].params for n in names],
             out / "policy.png",
-            title=f"{cfg.method} policy at {cfg.budget} (kept: {policy.meta['winner']})",
+            title=f"{cfg.method} policy at {cfg.budget} (kept: {result.winner})",
         )
 
     search_inputs = {

@@ -1,4 +1,4 @@
-"""Per-layer quantization policies: plain frozen dataclasses, JSON schema v1, budgets and costs.
+"""Per-layer quantization policies: plain frozen dataclasses and JSON schema v1.
 
 A policy is what the search produces and what :func:`aq_brevitas.quantize`, :func:`apply_policy`,
 the QONNX export and the torch.ao adapters consume. It is meant to be hand-writable::
@@ -12,12 +12,19 @@ the QONNX export and the torch.ao adapters consume. It is meant to be hand-writa
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget import (  # noqa: F401 -- re-exported: costs and budgets lived here before budget.py
+    BUDGET_KINDS,
+    DEFAULT_ACT_BITS_FOR_BOPS,
+    Budget,
+    PolicyCost,
+    cost_of,
+    layer_cost,
+)
 from .errors import PolicyError
 
 SCHEMA = "aq-brevitas/policy/v1"
@@ -25,7 +32,6 @@ SCALINGS = ("max", "percentile", "mse", "po2")
 GRANULARITIES = ("per_tensor", "per_channel")
 WEIGHT_BITS = range(1, 9)
 ACT_BITS = range(2, 17)
-DEFAULT_ACT_BITS_FOR_BOPS = 8  # activations the policy leaves unquantized are costed as 8-bit in BOPs
 VOLATILE_META = ("timing",)  # kept in memory, never written: it differs from run to run
 _SPEC_KEYS = ("weight_bit_width", "scaling", "granularity", "act_bit_width")
 _POLICY_KEYS = ("schema", "layers", "default", "meta")
@@ -106,84 +112,6 @@ class LayerSpec:
         g = "pc" if self.granularity == "per_channel" else "pt"
         a = f" a{self.act_bit_width}" if self.act_bit_width else ""
         return f"{self.weight_bit_width}b {self.scaling} {g}{a}"
-
-
-@dataclass(frozen=True)
-class PolicyCost:
-    """A policy's cost under the three budget kinds (weights only; biases stay at high precision)."""
-
-    avg_weight_bits: float
-    weight_bits: int
-    weight_bytes: float
-    bops: int
-    params: int
-
-    def value(self, kind: str) -> float:
-        return {
-            "avg_weight_bits": self.avg_weight_bits,
-            "weight_bytes": self.weight_bytes,
-            "bops": float(self.bops),
-        }[kind]
-
-
-def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
-    """``(weight bits, BOPs)`` of one layer under ``spec``: bits·params and MACs·b_w·b_a."""
-    act = spec.act_bit_width or DEFAULT_ACT_BITS_FOR_BOPS
-    return spec.weight_bit_width * params, macs * spec.weight_bit_width * act
-
-
-BUDGET_KINDS = ("avg_weight_bits", "weight_bytes", "bops")
-_BUDGET_ALIASES = {"avg-bits": "avg_weight_bits", "avg_bits": "avg_weight_bits", "avg_weight_bits": "avg_weight_bits",
-                   "bytes": "weight_bytes", "weight-bytes": "weight_bytes", "weight_bytes": "weight_bytes",
-                   "kib": "weight_kib", "bops": "bops"}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A cost ceiling: exactly one of average weight bits, total weight bytes, or bit-operations."""
-
-    avg_weight_bits: float | None = None
-    weight_bytes: float | None = None
-    bops: float | None = None
-
-    def __post_init__(self) -> None:
-        given = [(k, getattr(self, k)) for k in BUDGET_KINDS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise PolicyError(
-                f"a budget needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(given)}",
-                "e.g. Budget(avg_weight_bits=4) or --budget avg-bits=4",
-            )
-        k, v = given[0]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
-            raise PolicyError(f"budget {k}={v!r} must be a positive number", "e.g. --budget avg-bits=4")
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in BUDGET_KINDS if getattr(self, k) is not None)
-
-    @property
-    def value(self) -> float:
-        return float(getattr(self, self.kind))
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """Parse the CLI form ``avg-bits=4``, ``bytes=20000``, ``kib=20`` or ``bops=1e9``."""
-        key, sep, raw = text.partition("=")
-        kind = _BUDGET_ALIASES.get(key.strip().lower())
-        if not sep or kind is None:
-            raise PolicyError(
-                f"cannot parse budget {text!r}", "write avg-bits=4, bytes=20000, kib=20 or bops=1e9"
-            )
-        try:
-            value = float(raw)
-        except ValueError:
-            raise PolicyError(f"budget value {raw!r} is not a number", "write e.g. avg-bits=4") from None
-        if kind == "weight_kib":
-            return cls(weight_bytes=value * 1024)
-        return cls(**{kind: value})
-
-    def to_dict(self) -> dict[str, float]:
-        return {self.kind: self.value}
 
 
 @dataclass(frozen=True)
@@ -380,18 +308,3 @@ def _example_for(model: Any) -> Any:
             "pass one, e.g. policy.cost(model, images[:1]), or set model.input_shape = (C, H, W)",
         )
     return torch.rand(1, *shape)
-
-
-def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:
-    """Cost of concrete per-layer specs over layer geometries (layers without a spec count as 32-bit float)."""
-    bits = bops = params = 0
-    for name, g in geometry.items():
-        spec = specs.get(name)
-        if spec is None:
-            b, o = 32 * g.params, g.macs * 32 * 32
-        else:
-            b, o = layer_cost(spec, g.params, g.macs)
-        bits += b
-        bops += o
-        params += g.params
-    return PolicyCost(bits / max(params, 1), bits, bits / 8, bops, params)

@@ -1,6 +1,8 @@
-"""Adversarial (Madry) training: the one training loop, for float and for quantized models.
+"""Adversarial (Madry or TRADES) training: the one training loop, for float and for quantized models.
 
-The inner maximisation is torchattacks PGD. The attack runs with the model in eval mode
+The inner maximisation is torchattacks PGD, or TPGD for TRADES, built by
+:func:`~aq_brevitas.attacks.make_attack`; the settings are a :class:`~aq_brevitas.config.TrainConfig`.
+The attack runs with the model in eval mode
 (torchattacks' default): BatchNorm then uses its running statistics while the k attack steps search,
 so the attack sees the same function evaluation will see, and the k extra forward passes do not
 pollute the running statistics. The outer step is in ``train()`` mode as usual.
@@ -11,6 +13,7 @@ resumed from the epoch-``e`` checkpoint replays epochs ``e+1..`` as the uninterr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset, Sampler, TensorDataset
+from torch.utils.data import Sampler
 
-from .attacks import check_eps, default_alpha, make_attack
+from .attacks import make_attack
+from .config import TrainConfig, with_overrides
 from .errors import CheckpointError, ConfigError
+from .nnutils import as_dataset, frozen_activation_scales, frozen_quant_weights
 from .storage import load_checkpoint, save_checkpoint
 
 
@@ -51,20 +56,6 @@ class TrainHistory:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainHistory:
         return cls([EpochStats(**e) for e in d.get("epochs", [])], int(d.get("resumed_from_epoch", 0)))
-
-
-def as_dataset(data: Any) -> Dataset:
-    """Accept a Dataset, a DataLoader (its dataset is used) or an ``(images, labels)`` pair."""
-    if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        return TensorDataset(*data)
-    if isinstance(data, torch.utils.data.DataLoader):
-        return data.dataset
-    if isinstance(data, Dataset):
-        return data
-    raise ConfigError(
-        f"training data of type {type(data).__name__} is not supported",
-        "pass a Dataset, a DataLoader or (images, labels)",
-    )
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -114,207 +105,215 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}", "use 'sgd' or 'adam'")
+def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
 
 
 def adversarial_train(
     model: nn.Module,
     train_data: Any,
+    config: TrainConfig | None = None,
     *,
-    eps: float = 0.1,
-    steps: int = 7,
-    alpha: float | None = None,
-    random_start: bool = True,
-    epochs: int = 1,
-    lr: float = 0.05,
-    optimizer: str = "sgd",
-    weight_decay: float = 5e-4,
-    batch_size: int = 128,
-    clean_weight: float = 0.0,
-    trades_beta: float | None = None,
-    seed: int = 0,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    progress: bool = True,
     checkpoint_meta: dict[str, Any] | None = None,
-    freeze_quant_weights: bool = True,
+    progress: bool = True,
+    **overrides: Any,
 ) -> TrainHistory:
-    """Train ``model`` in place on PGD examples (``eps=0`` gives plain training).
+    """Train ``model`` in place on adversarial examples (``eps=0`` or ``steps=0``: plain training).
 
-    ``clean_weight`` mixes in the clean cross-entropy: loss = (1-w)·CE(adv) + w·CE(clean).
-    ``trades_beta`` switches to TRADES: CE(clean) + β·KL(f(x_adv) ‖ f(x)) with a KL-maximising attack.
-    ``checkpoint`` is written atomically after every epoch; ``resume=True`` continues from it.
-    Under ``torchrun`` (an initialised process group) the model is wrapped in DDP, each rank takes
-    its slice of every global batch, and only rank 0 writes checkpoints and shows progress.
-    ``freeze_quant_weights`` quantizes a Brevitas model's weights once per step for the k attack
-    steps (they do not change between them) instead of once per attack forward.
-    ``alpha`` is the PGD step (default 2.5·ε/steps); ``random_start=False`` starts PGD at the clean
-    image instead of a uniform point in the ε-ball (Madry et al. use the random start); TRADES always
-    starts from a small Gaussian, as its KL gradient is zero at the clean image.
-    The progress bar and :class:`EpochStats` report clean accuracy in every mode; in plain Madry mode
-    it comes from one extra no-grad eval-mode forward of the clean batch (with the weights already
-    quantized for the attack), which costs a fraction of one of the k attack steps.
+    ``train_data`` is any form :func:`~aq_brevitas.nnutils.as_dataset` accepts (an ``(images,
+    labels)`` pair, a Dataset, a DataLoader -- its dataset is used -- or an iterable of batches);
+    images in [0, 1]. ``config`` is a :class:`~aq_brevitas.config.TrainConfig` (default: its
+    defaults); ``overrides`` are its field names (``eps=0.2, epochs=3``...) applied on top, so the
+    keyword spellings of earlier releases keep working. The inner maximisation is torchattacks PGD
+    (Madry), or TPGD (TRADES) with ``trades_beta``; a Brevitas model's weights are quantized once per
+    step for the k attack steps (:func:`~aq_brevitas.nnutils.frozen_quant_weights`).
+    ``checkpoint`` is written atomically after every epoch (with ``checkpoint_meta`` in its sidecar);
+    ``resume=True`` continues from it. Under ``torchrun`` (an initialised process group) the model is
+    wrapped in DDP, each rank takes its slice of every global batch, and only rank 0 writes
+    checkpoints and shows progress. The progress bar and :class:`EpochStats` report clean accuracy in
+    every mode; in plain Madry mode it comes from one extra no-grad eval-mode forward of the clean
+    batch. Returns the per-epoch :class:`TrainHistory`; leaves ``model`` in eval mode.
+    Raises :class:`ConfigError` for bad settings or data, :class:`CheckpointError` for a checkpoint
+    that does not fit.
     """
-    import contextlib
+    cfg = with_overrides(config, TrainConfig(), overrides)
+    with contextlib.nullcontext() if cfg.learn_act_scales else frozen_activation_scales(model):
+        run = _Run.build(model, train_data, cfg)  # the optimizer sees only what still trains
+        history = TrainHistory()
+        ckpt_path = Path(checkpoint) if checkpoint is not None else None
+        if resume:
+            history = run.resume(ckpt_path)
+        for epoch in range(history.resumed_from_epoch, cfg.epochs):
+            history.epochs.append(run.epoch(epoch, progress=progress and run.rank == 0))
+            if ckpt_path is not None and run.rank == 0:
+                run.save(ckpt_path, epoch + 1, history, checkpoint_meta)
+            if run.world > 1:
+                torch.distributed.barrier()
+    model.eval()
+    return history
 
-    from tqdm.auto import tqdm
 
-    from .evaluate import frozen_quant_weights
+@dataclass
+class _Run:
+    """The moving parts of one training run, and its epoch, step and checkpoint logic."""
 
-    eps = check_eps(eps)
-    if epochs < 1 or steps < 0 or lr <= 0 or batch_size < 1:
-        raise ConfigError(
-            f"bad training settings (epochs={epochs}, steps={steps}, lr={lr}, batch_size={batch_size})",
-            "use epochs>=1, steps>=0, lr>0, batch_size>=1",
-        )
-    if not 0.0 <= clean_weight <= 1.0:
-        raise ConfigError(f"clean_weight={clean_weight} is outside [0, 1]", "pass a mixing weight in [0, 1]")
-    if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
-        raise ConfigError(
-            f"alpha={alpha!r} is not a PGD step in (0, 1]", "pass e.g. --alpha 0.01, or omit it"
-        )
-    alpha = alpha or default_alpha(eps, steps)
-    adversarial = eps > 0 and steps > 0
-    rank, world = _dist_info()
-    dataset = as_dataset(train_data)
-    if batch_size < world:
-        raise ConfigError(
-            f"batch_size={batch_size} is smaller than the {world} processes", "raise --batch-size"
-        )
-    sampler = GlobalBatchSampler(len(dataset), batch_size, rank=rank, world=world, seed=seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+    model: nn.Module
+    train_model: nn.Module  # ``model``, or its DDP wrapper
+    cfg: TrainConfig
+    sampler: GlobalBatchSampler
+    loader: torch.utils.data.DataLoader
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    attack: Any
+    rank: int
+    world: int
 
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model)
-    opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, len(loader)))
-    history = TrainHistory()
-    start_epoch = 0
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if resume:
-        if ckpt_path is None:
+    @classmethod
+    def build(cls, model: nn.Module, train_data: Any, cfg: TrainConfig) -> _Run:
+        rank, world = _dist_info()
+        dataset = as_dataset(train_data)
+        if cfg.batch_size < world:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} is smaller than the {world} processes", "raise --batch-size"
+            )
+        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank=rank, world=world, seed=cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+        train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        opt = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * max(1, len(loader)))
+        attack = None
+        if cfg.adversarial:
+            # The attack needs input gradients only, so it runs on the bare module, outside DDP's reducer.
+            atk = cfg.attack()
+            attack = make_attack(atk.name, model, **atk.kwargs())
+        return cls(model, train_model, cfg, sampler, loader, opt, sched, attack, rank, world)
+
+    def resume(self, path: Path | None) -> TrainHistory:
+        """Restore model, optimizer, schedule and history from ``path`` (a fresh history if absent)."""
+        if path is None:
             raise ConfigError(
                 "resume=True needs a checkpoint path", "pass checkpoint=... (CLI: --checkpoint)"
             )
-        if ckpt_path.is_file():
-            state = load_checkpoint(ckpt_path)
-            try:
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                start_epoch = int(state["epoch"])
-                history = TrainHistory.from_dict(state.get("history", {}))
-            except (KeyError, RuntimeError, ValueError) as exc:
-                raise CheckpointError(
-                    f"checkpoint {ckpt_path} does not match this model/run ({str(exc).splitlines()[0][:100]})",
-                    "delete it or drop --resume",
-                ) from None
-            history.resumed_from_epoch = start_epoch
+        if not path.is_file():
+            return TrainHistory()
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            epoch = int(state["epoch"])
+            history = TrainHistory.from_dict(state.get("history", {}))
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this model/run ({str(exc).splitlines()[0][:100]})",
+                "delete it or drop --resume",
+            ) from None
+        history.resumed_from_epoch = epoch
+        return history
 
-    attack = None
-    if adversarial:
-        # The attack needs input gradients only, so it runs on the bare module, outside DDP's reducer.
-        attack = make_attack("pgd", model, eps=eps, steps=steps, alpha=alpha, random_start=random_start)
-    for epoch in range(start_epoch, epochs):
-        torch.manual_seed(seed * 10007 + epoch)
-        sampler.set_epoch(epoch)
-        model.train()
+    def save(self, path: Path, epoch: int, history: TrainHistory, meta: dict[str, Any] | None) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "epoch": epoch,
+            "history": history.to_dict(),
+        }
+        extra = {"epoch": epoch, "epochs": self.cfg.epochs, "kind": "training-state"}
+        save_checkpoint(path, state, meta={**(meta or {}), **extra})
+
+    def epoch(self, epoch: int, *, progress: bool) -> EpochStats:
+        """One pass over the data: attack, step, and the epoch's statistics."""
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(self.cfg.seed * 10007 + epoch)
+        self.sampler.set_epoch(epoch)
+        self.model.train()
         t0 = time.perf_counter()
         tot_loss = tot_clean = tot_adv = seen = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0, leave=False)
+        bar = tqdm(
+            self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not progress, leave=False
+        )
         for x, y in bar:
-            x_adv = clean_correct = None
-            if attack is not None:
-                with frozen_quant_weights(model) if freeze_quant_weights else contextlib.nullcontext():
-                    if trades_beta is None:
-                        start, end, total = sampler.current
-                        per_image = x[0].numel() if random_start else 0
-                        _skip_uniform(start * per_image, x.device)
-                        x_adv = attack(x, y)
-                        _skip_uniform((total - end) * per_image, x.device)
-                        if clean_weight == 0:  # Madry: the outer step sees no clean forward
-                            model.eval()
-                            with torch.no_grad():
-                                clean_correct = (model(x).argmax(1) == y).sum().item()
-                    else:
-                        x_adv = _trades_adversary(model, x, eps, steps, alpha)
-            model.train()
-            if x_adv is None:
-                logits = train_model(x)
-                loss = F.cross_entropy(logits, y)
-                clean_logits, adv_logits = logits, None
-            elif trades_beta is not None:
-                both = train_model(torch.cat([x, x_adv]))
-                clean_logits, adv_logits = both[: len(x)], both[len(x) :]
-                kl = F.kl_div(F.log_softmax(adv_logits, 1), F.softmax(clean_logits, 1), reduction="batchmean")
-                loss = F.cross_entropy(clean_logits, y) + trades_beta * kl
-            elif clean_weight > 0:
-                both = train_model(torch.cat([x, x_adv]))
-                clean_logits, adv_logits = both[: len(x)], both[len(x) :]
-                loss = (1 - clean_weight) * F.cross_entropy(adv_logits, y) + clean_weight * F.cross_entropy(
-                    clean_logits, y
-                )
-            else:
-                adv_logits = train_model(x_adv)
-                clean_logits = None
-                loss = F.cross_entropy(adv_logits, y)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"training loss became {loss.item()} at epoch {epoch + 1}", "lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            n = len(y)
-            seen += n
-            tot_loss += loss.item() * n
-            if clean_logits is not None:
-                tot_clean += (clean_logits.argmax(1) == y).sum().item()
-            elif clean_correct is not None:
-                tot_clean += clean_correct
-            if adv_logits is not None:
-                tot_adv += (adv_logits.argmax(1) == y).sum().item()
+            loss, clean, adv = self.step(x, y, epoch)
+            seen += len(y)
+            tot_loss += loss * len(y)
+            tot_clean += clean or 0
+            tot_adv += adv or 0
             bar.set_postfix(
                 loss=f"{tot_loss / seen:.3f}",
                 clean=f"{tot_clean / seen:.3f}",
-                adv=f"{tot_adv / seen:.3f}" if adversarial else "-",
+                adv=f"{tot_adv / seen:.3f}" if self.attack is not None else "-",
             )
-        stats = EpochStats(
+        return EpochStats(
             epoch=epoch + 1,
             loss=tot_loss / max(seen, 1),
             clean_acc=tot_clean / seen if seen else None,
-            adv_acc=tot_adv / seen if adversarial and seen else None,
-            lr=opt.param_groups[0]["lr"],
+            adv_acc=tot_adv / seen if self.attack is not None and seen else None,
+            lr=self.opt.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0,
-            images=int(seen * world),
+            images=int(seen * self.world),
         )
-        history.epochs.append(stats)
-        if ckpt_path is not None and rank == 0:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history.to_dict(),
-                },
-                meta={
-                    **(checkpoint_meta or {}),
-                    "epoch": epoch + 1,
-                    "epochs": epochs,
-                    "kind": "training-state",
-                },
-            )
-        if world > 1:
-            torch.distributed.barrier()
-    model.eval()
-    return history
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, int | None, int | None]:
+        """One optimizer step; ``(loss, clean-correct count, adversarial-correct count)``."""
+        x_adv, clean_correct = self.adversary(x, y)
+        self.model.train()
+        loss, clean_logits, adv_logits = self.loss(x, y, x_adv)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"training loss became {loss.item()} at epoch {epoch + 1}", "lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if clean_logits is not None:
+            clean_correct = (clean_logits.argmax(1) == y).sum().item()
+        adv_correct = (adv_logits.argmax(1) == y).sum().item() if adv_logits is not None else None
+        return loss.item(), clean_correct, adv_correct
+
+    def adversary(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, int | None]:
+        """Adversarial examples of the batch (None in plain training) and, in Madry mode without a clean
+        loss term, the clean-correct count from one no-grad eval-mode forward."""
+        if self.attack is None:
+            return None, None
+        with frozen_quant_weights(self.model):
+            if self.cfg.trades_beta is not None:
+                return self.attack(x, y), None
+            start, end, total = self.sampler.current
+            per_image = x[0].numel() if self.cfg.random_start else 0
+            _skip_uniform(start * per_image, x.device)
+            x_adv = self.attack(x, y)
+            _skip_uniform((total - end) * per_image, x.device)
+            if self.cfg.clean_weight > 0:  # the outer step's clean forward counts them
+                return x_adv, None
+            self.model.eval()
+            with torch.no_grad():
+                return x_adv, (self.model(x).argmax(1) == y).sum().item()
+
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The training loss, with the clean and adversarial logits it saw (None where not computed)."""
+        cfg = self.cfg
+        if x_adv is None:
+            logits = self.train_model(x)
+            return F.cross_entropy(logits, y), logits, None
+        if cfg.trades_beta is None and cfg.clean_weight == 0:
+            adv_logits = self.train_model(x_adv)
+            return F.cross_entropy(adv_logits, y), None, adv_logits
+        both = self.train_model(torch.cat([x, x_adv]))
+        clean_logits, adv_logits = both[: len(x)], both[len(x) :]
+        if cfg.trades_beta is not None:
+            kl = F.kl_div(F.log_softmax(adv_logits, 1), F.softmax(clean_logits, 1), reduction="batchmean")
+            loss = F.cross_entropy(clean_logits, y) + cfg.trades_beta * kl
+        else:
+            w = cfg.clean_weight
+            loss = (1 - w) * F.cross_entropy(adv_logits, y) + w * F.cross_entropy(clean_logits, y)
+        return loss, clean_logits, adv_logits
 
 
 def _skip_uniform(n: int, device: torch.device) -> None:
@@ -327,24 +326,3 @@ def _skip_uniform(n: int, device: torch.device) -> None:
     """
     if n > 0:
         torch.empty(n, device=device).uniform_()
-
-
-def _trades_adversary(
-    model: nn.Module, x: torch.Tensor, eps: float, steps: int, alpha: float
-) -> torch.Tensor:
-    """TRADES inner maximisation: PGD on KL(f(x') ‖ f(x)), projected to the ε-ball and [0, 1].
-
-    It always starts from TRADES's small Gaussian (σ=0.001): at x itself the KL gradient is zero.
-    """
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        p_clean = F.softmax(model(x), 1)
-    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1).detach()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
-        (grad,) = torch.autograd.grad(kl, x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
-    model.train(was_training)
-    return x_adv.detach()

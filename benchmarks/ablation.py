@@ -85,7 +85,7 @@ def run_model(name: str, budgets: list[float], test_images: int, seed: int, out:
     evaluated: dict[str, dict] = {}
     for bits in budgets:
         budget = Budget(avg_weight_bits=bits)
-        variants: dict[str, LayerwisePolicy] = {}
+        variants: dict[str, tuple[LayerwisePolicy, float]] = {}  # label -> (policy, its objective)
         for (estimate, data), t in terms.items():
             weights = (0.0, 1.0, 4.0) if estimate == "jacobian" and data == "adv" else (1.0,)
             for w in weights:
@@ -95,14 +95,16 @@ def run_model(name: str, budgets: list[float], test_images: int, seed: int, out:
                     sel = select_policy(
                         model, table, t, budget, eps=EPS, refine=refine, adv_weight=w, cache=cache
                     )
-                    bound = sel.refine.get("bound_final", sel.solutions[0].objective)
-                    variants[label] = LayerwisePolicy(sel.choice, None, {"objective": bound})
+                    done = sel.refinement.done
+                    bound = sel.refinement.bound_final if done else sel.solutions[0].objective
+                    variants[label] = (LayerwisePolicy(sel.choice), bound)
         for method in ("uniform", "hessian", "ans"):
-            variants[method] = search_policy(
-                model, calib, budget=budget, method=method, eps=EPS, table=table_adv, seed=seed,
+            result = search_policy(
+                model, calib, budget, method=method, eps=EPS, table=table_adv, seed=seed,
                 val_data=val if method == "uniform" else None, progress=False,
             )  # fmt: skip
-        for label, pol in variants.items():
+            variants[method] = (result.policy, result.objective)
+        for label, (pol, objective) in variants.items():
             key = json.dumps({n: s.short() for n, s in sorted(pol.layers.items())})
             if key not in evaluated:
                 torch.manual_seed(seed)
@@ -117,7 +119,7 @@ def run_model(name: str, budgets: list[float], test_images: int, seed: int, out:
             r = evaluated[key]
             res["rows"].append(
                 {"budget": bits, "variant": label, "policy": {n: s.short() for n, s in pol.layers.items()},
-                 "avg_bits": pol.cost(model).avg_weight_bits, "bound": pol.meta.get("objective"), **r}
+                 "avg_bits": pol.cost(model).avg_weight_bits, "bound": objective, **r}
             )  # fmt: skip
             print(
                 f"{name} avg-{bits:g} {label:42s} val {r['val_pgd10']:.3f} test clean {r['test_clean']:.3f} "

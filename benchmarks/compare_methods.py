@@ -29,10 +29,10 @@ from aq_brevitas.finetune import adversarial_finetune  # noqa: E402
 from aq_brevitas.layers import quantizable_layers  # noqa: E402
 from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.policy import Budget, LayerSpec, LayerwisePolicy  # noqa: E402
-from aq_brevitas.search import search_policy  # noqa: E402
+from aq_brevitas.search import COMPARE_ORDER, search_policy  # noqa: E402
 from common import header, selection_split  # noqa: E402
 
-METHODS = ("uniform", "hessian", "ans", "lipschitz")
+METHODS = COMPARE_ORDER  # the method registry: baselines first, lipschitz last
 EPS = 0.1
 
 
@@ -76,10 +76,10 @@ def run_model(name: str, seeds, ptq_images, ft_images, ft_eval_images) -> dict:
         for bname, budget in budgets_for(model).items():
             for method in METHODS:
                 t0 = time.perf_counter()
-                pol = search_policy(
+                result = search_policy(
                     model,
                     calib,
-                    budget=budget,
+                    budget,
                     method=method,
                     eps=EPS,
                     val_data=val,
@@ -87,16 +87,17 @@ def run_model(name: str, seeds, ptq_images, ft_images, ft_eval_images) -> dict:
                     table=table,
                     progress=False,
                 )
+                pol = result.policy
                 search_s = time.perf_counter() - t0 + table_s
                 key = json.dumps({n: s.to_dict() for n, s in sorted(pol.layers.items())}, sort_keys=True)
                 if (seed, key) not in evaluated:
                     evaluated[(seed, key)] = _evaluate(model, pol, calib[0], test, ft_train, ft_test, seed)
                 res = evaluated[(seed, key)]
-                rows.append({"model": name, "seed": seed, "budget": bname, "method": method, "winner": pol.meta.get("winner"),
-                             "policy": {n: s.short() for n, s in pol.layers.items()}, "cost": pol.meta["cost"],
-                             "search_s": search_s, "timing": pol.meta.get("timing", {}), **res})  # fmt: skip
+                rows.append({"model": name, "seed": seed, "budget": bname, "method": method, "winner": result.winner,
+                             "policy": {n: s.short() for n, s in pol.layers.items()}, "cost": result.cost.summary(),
+                             "search_s": search_s, "timing": result.timing.to_dict(), **res})  # fmt: skip
                 print(
-                    f"{name} seed={seed} {bname:8s} {method:9s} winner={pol.meta.get('winner')} ptq_pgd={res['ptq_pgd']:.4f} ft_pgd={res['ft_pgd']:.4f}",
+                    f"{name} seed={seed} {bname:8s} {method:9s} winner={result.winner} ptq_pgd={res['ptq_pgd']:.4f} ft_pgd={res['ft_pgd']:.4f}",
                     flush=True,
                 )
     return {
@@ -132,17 +133,16 @@ def search_cost(name: str = "cnn-pgd") -> dict:
     for label, kw in runs.items():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="search_policy ran without val_data")
-            pol = search_policy(
+            result = search_policy(
                 model,
                 calib,
-                budget=Budget(avg_weight_bits=4),
+                Budget(avg_weight_bits=4),
                 seed=0,
                 progress=False,
                 **{"refine": False, **kw},
             )
-        t = pol.meta["timing"]
-        out[label] = {k: v for k, v in t.items()}
-        out["candidates_per_layer"] = pol.meta["candidates"][next(iter(pol.meta["candidates"]))]["given"]
+        out[label] = result.timing.to_dict()
+        out["candidates_per_layer"] = next(iter(result.candidates.values())).given
     pgd = out["pgd20_1k_s"]
     lip, hes = out["lipschitz_jacobian"]["total_s"], out["hessian"]["total_s"]
     out["ratios"] = {

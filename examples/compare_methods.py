@@ -3,7 +3,7 @@
 All four search the PGD-trained zoo CNN ``cnn-pgd`` at an average of 3 weight bits over one shared
 candidate table (built once, passed as ``table=``). Selection uses held-out training images (the
 ``val`` split) only; each policy is then quantized (PTQ, no fine-tuning) and measured on the test
-split: clean and PGD-10 accuracy at eps=0.1. ``meta["winner"]`` says whether the searched policy or the
+split: clean and PGD-10 accuracy at eps=0.1. ``result.winner`` says whether the searched policy or the
 best uniform policy did best on the held-out images.
 For the full comparison (more budgets, seeds, fine-tuning) see benchmarks/compare_methods.py.
 
@@ -17,6 +17,7 @@ import warnings
 import torch
 
 import aq_brevitas as aq
+from aq_brevitas.search import COMPARE_ORDER
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fast", action="store_true", help="tiny subsets, for tests")
@@ -44,9 +45,9 @@ print(f"candidate table: {sum(map(len, table.rows.values()))} rows in {time.perf
 
 measured: dict[str, tuple[float, float]] = {}  # identical policies are evaluated once
 rows = []
-for method in ("uniform", "hessian", "ans", "lipschitz"):
+for method in COMPARE_ORDER:  # the method registry: baselines first, lipschitz last
     t0 = time.perf_counter()
-    policy = aq.search_policy(
+    result = aq.search_policy(
         model,
         calib,
         budget=budget,
@@ -57,6 +58,7 @@ for method in ("uniform", "hessian", "ans", "lipschitz"):
         progress=False,
     )
     search_s = time.perf_counter() - t0
+    policy = result.policy
     short = ", ".join(f"{n}={s.short()}" for n, s in policy.layers.items())
     if short not in measured:
         q = aq.quantize(model, policy, calibration_data=calib[0])
@@ -65,8 +67,8 @@ for method in ("uniform", "hessian", "ans", "lipschitz"):
             aq.attack_accuracy(q, x_test, y_test, "pgd", eps=0.1, steps=10),
         )
     clean, pgd = measured[short]
-    winner = policy.meta["winner"]  # "uniform" for the uniform baseline itself
-    rows.append((method, policy.meta["cost"]["avg_weight_bits"], winner, clean, pgd, search_s))
+    winner = result.winner  # "uniform" for the uniform baseline itself
+    rows.append((method, result.cost.avg_weight_bits, winner, clean, pgd, search_s))
     print(f"{method:9s} {short}")
 
 print(f"\nbudget: avg 3 weight bits; PTQ accuracy on {n_test} test images")

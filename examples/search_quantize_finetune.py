@@ -24,7 +24,7 @@ calib, held_out = (
 )
 candidates = [aq.LayerSpec(b, s, "per_channel") for b in (2, 3, 4, 8) for s in ("max", "mse")]
 
-policy = aq.search_policy(
+result = aq.search_policy(
     model,
     calib,
     budget=aq.Budget(avg_weight_bits=3.5),
@@ -32,8 +32,9 @@ policy = aq.search_policy(
     val_data=held_out,
     progress=False,
 )
+policy = result.policy
 print(policy)
-print("kept:", policy.meta["winner"], "cost:", policy.meta["cost"])
+print("kept:", result.winner, "cost:", result.cost.summary())
 
 qmodel = aq.quantize(model, policy, calibration_data=calib[0])
 aq.adversarial_finetune(

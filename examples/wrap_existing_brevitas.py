@@ -78,7 +78,7 @@ val_x, val_y = aq.load_split("val", seed=0)
 calib = (val_x[:n_calib], val_y[:n_calib])
 held_out = (val_x[n_calib : n_calib + n_val], val_y[n_calib : n_calib + n_val])
 candidates = [aq.LayerSpec(b, s, "per_channel") for b in (2, 3, 4, 8) for s in ("max", "mse")]
-policy = aq.search_policy(
+result = aq.search_policy(
     model,
     calib,
     budget=aq.Budget(avg_weight_bits=3.5),
@@ -87,8 +87,9 @@ policy = aq.search_policy(
     val_images=n_val,
     progress=False,
 )
+policy = result.policy
 print(policy)
-print("kept:", policy.meta["winner"], "cost:", policy.meta["cost"])
+print("kept:", result.winner, "cost:", result.cost.summary())
 
 # 3. Re-bit the existing Brevitas layers (only their weight quantizers change; weights are kept).
 qmodel = aq.apply_policy(model, policy)

@@ -4,8 +4,9 @@ import torch
 from aq_brevitas.candidates import candidate_table, default_candidates
 from aq_brevitas.convert import quantize
 from aq_brevitas.errors import PolicyError
-from aq_brevitas.lipschitz import bn_scale, operator_norm
+from aq_brevitas.lipschitz import operator_norm
 from aq_brevitas.models import build_model
+from aq_brevitas.nnutils import bn_scale
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 
 
@@ -65,7 +66,7 @@ def test_per_layer_candidates_and_errors(vgg_and_x):
 
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_table_matches_the_swap_with_and_without_bn_folding(vgg_and_x, fold_bn):
-    from aq_brevitas.lipschitz import folded_weight
+    from aq_brevitas.nnutils import folded_weight
 
     model, x = vgg_and_x
     spec, name = LayerSpec(3, "max", "per_tensor"), "block2.conv"

@@ -272,3 +272,18 @@ def test_bias_correction_reduces_output_error_on_held_out_images(fmnist_val_512)
         plain = rel_err(quantize(model, policy, calibration_data=calib))
         corrected = rel_err(quantize(model, policy, calibration_data=calib, bias_correction=True))
     assert corrected < 0.95 * plain, (plain, corrected)
+
+
+def test_a_result_carrying_a_policy_quantizes_like_the_policy():
+    """quantize(model, search_policy(...)) keeps working now that search returns a typed result."""
+    from types import SimpleNamespace
+
+    model = build_model("small_cnn")
+    policy = LayerwisePolicy(default=LayerSpec(4))
+    direct = quantize(model, policy)
+    carried = quantize(model, SimpleNamespace(policy=policy))
+    assert carried.aq_policy is policy and [c.new for c in carried.aq_changes] == [
+        c.new for c in direct.aq_changes
+    ]
+    with pytest.raises(PolicyError, match="policy is a SimpleNamespace, not a LayerwisePolicy"):
+        quantize(model, SimpleNamespace(policy={"fc1": 4}))

@@ -10,17 +10,15 @@ import torch
 from torch import nn
 
 from aq_brevitas import evaluate as ev
+from aq_brevitas import report as rep_module
 from aq_brevitas.convert import quantize
 from aq_brevitas.data import load_split
 from aq_brevitas.errors import ConfigError
-from aq_brevitas.evaluate import (
-    RobustnessReport,
-    attack_accuracy,
-    evaluate_robustness,
-    frozen_quant_weights,
-)
+from aq_brevitas.evaluate import attack_accuracy, evaluate_robustness
 from aq_brevitas.models import ZOO_DIR, build_model, load_float_model
+from aq_brevitas.nnutils import frozen_quant_weights
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.report import RobustnessReport
 
 FAST = dict(pgd_steps=5, square_queries=100, gradient_free_images=60, large_eps_images=100, progress=False)
 
@@ -127,7 +125,7 @@ def test_an_attack_leaving_the_ball_is_flagged(robust_model, test_200, monkeypat
 def test_json_markdown_and_plot(report, tmp_path):
     back = RobustnessReport.from_json(report.to_json())
     assert back == report
-    assert json.loads(report.to_json())["schema"] == ev.SCHEMA
+    assert json.loads(report.to_json())["schema"] == rep_module.SCHEMA
     report.save(tmp_path / "r.json")
     assert RobustnessReport.load(tmp_path / "r.json") == report
     md = report.to_markdown()
@@ -214,9 +212,9 @@ def test_checklist_on_a_4bit_brevitas_model(quantized, test_200):
     assert all(c.passed is True for c in rep.checks), rep.to_markdown()
     pgd = [rep.accuracy("pgd", e) for e in (0.05, 0.1, 0.2)]
     fgsm = [rep.accuracy("fgsm", e) for e in (0.05, 0.1, 0.2)]
-    assert all(p <= f + ev.TOLERANCE for p, f in zip(pgd, fgsm, strict=True))
+    assert all(p <= f + rep_module.TOLERANCE for p, f in zip(pgd, fgsm, strict=True))
     assert rep.accuracy("square", 0.2) >= rep.accuracy("pgd-subset", 0.2)
-    assert rep.max_violation <= ev.BALL_TOLERANCE
+    assert rep.max_violation <= rep_module.BALL_TOLERANCE
 
 
 def test_restarts_only_remove_survivors_and_rng_is_untouched(robust_model, test_200):
@@ -308,3 +306,30 @@ def test_normalization_is_applied_for_models_expecting_normalised_inputs(robust_
     assert abs(wrapped - attack_accuracy(robust_model, x, y, "fgsm", eps=0.1)) <= 0.02
     with pytest.raises(ConfigError, match="normalization"):
         evaluate_robustness(robust_model, (x, y), normalization=((0.5,), (0.0,)), progress=False)
+
+
+def test_config_and_data_forms_give_the_same_report(robust_model, test_200):
+    """evaluate_robustness(config=EvalConfig(...)) is the keyword call; every data form is the same data."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from aq_brevitas.config import EvalConfig
+    from aq_brevitas.evaluate import accuracy
+
+    x, y = test_200[0][:60], test_200[1][:60]
+    settings = dict(eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20)
+    by_keywords = evaluate_robustness(robust_model, (x, y), progress=False, **settings)
+    batches = [(x[i : i + 25], y[i : i + 25]) for i in range(0, 60, 25)]
+    by_config = evaluate_robustness(robust_model, batches, EvalConfig(**settings), progress=False)
+    assert [(r.attack, r.eps, r.accuracy) for r in by_config.results] == [
+        (r.attack, r.eps, r.accuracy) for r in by_keywords.results
+    ]
+    assert by_config.settings == by_keywords.settings
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    assert (
+        accuracy(robust_model, loader)
+        == accuracy(robust_model, x, y)
+        == pytest.approx(by_keywords.clean_accuracy)
+    )
+    assert attack_accuracy(robust_model, loader, eps=0.1, steps=3) == attack_accuracy(
+        robust_model, x, y, eps=0.1, steps=3
+    )

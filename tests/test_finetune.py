@@ -48,7 +48,7 @@ def test_finetune_raises_pgd_accuracy_of_a_4bit_zoo_model(fmnist_val_512, fmnist
 
 def test_activation_scales_stay_calibrated_unless_asked(fmnist_val_512):
     """Default fine-tuning trains weights only; learn_act_scales=True also moves the activation scales."""
-    from aq_brevitas.finetune import frozen_activation_scales
+    from aq_brevitas.nnutils import frozen_activation_scales
 
     data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
     spec = LayerSpec(4, "max", "per_channel", act_bit_width=8)

@@ -84,9 +84,10 @@ def test_random_architectures_survive_the_whole_flow(
             aq.search_policy(model, (x, y), **search)
         return
     with pytest.warns(UserWarning, match="without val_data"):
-        policy = aq.search_policy(model, (x, y), **search)
-    assert policy.meta["winner"] == "unchecked"
-    assert policy.meta["cost"]["avg_weight_bits"] <= budget + 1e-9
+        result = aq.search_policy(model, (x, y), **search)
+    policy = result.policy
+    assert result.winner == "unchecked"
+    assert result.cost.avg_weight_bits <= budget + 1e-9
     assert aq.LayerwisePolicy.from_json(policy.to_json()).layers == policy.layers
     q = aq.quantize(model, policy).eval()
     out = tmp_path_factory.mktemp("fuzz") / "m.onnx"

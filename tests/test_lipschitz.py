@@ -14,17 +14,19 @@ from torch.nn import functional as F
 from aq_brevitas.errors import ConfigError, ModelError
 from aq_brevitas.lipschitz import (
     NON_CHAIN_WARNING,
-    QUANTIZABLE_TYPES,
-    bn_scale,
-    find_conv_bn_pairs,
-    folded_weight,
     is_chain,
     lipschitz_scores,
     local_jacobian_norm,
     operator_norm,
-    quantizable_layers,
 )
 from aq_brevitas.models import build_model
+from aq_brevitas.nnutils import (
+    QUANTIZABLE_TYPES,
+    bn_scale,
+    find_conv_bn_pairs,
+    folded_weight,
+    quantizable_layers,
+)
 
 torch.set_num_threads(1)
 

@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aq_brevitas.budget import Budget
 from aq_brevitas.errors import PolicyError
 from aq_brevitas.models import build_model
 from aq_brevitas.policy import (
@@ -14,7 +15,6 @@ from aq_brevitas.policy import (
     SCALINGS,
     SCHEMA,
     VOLATILE_META,
-    Budget,
     LayerSpec,
     LayerwisePolicy,
 )
@@ -255,6 +255,9 @@ def test_budget_parse_and_validation():
             Budget.parse(bad)
     with pytest.raises(PolicyError, match="exactly one"):
         Budget(avg_weight_bits=4, bops=1e6)
+    from aq_brevitas import policy
+
+    assert policy.Budget is Budget and policy.cost_of.__module__ == "aq_brevitas.budget"  # still importable
 
 
 def test_str_is_a_table():

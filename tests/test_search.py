@@ -9,16 +9,18 @@ import math
 import pytest
 import torch
 
+from aq_brevitas.budget import Budget, check_feasible
 from aq_brevitas.candidates import CandidateTable, candidate_table, default_candidates
 from aq_brevitas.convert import quantize
 from aq_brevitas.errors import ConfigError, PolicyError
 from aq_brevitas.layers import layer_geometry
 from aq_brevitas.models import load_float_model
-from aq_brevitas.policy import Budget, LayerSpec, LayerwisePolicy
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.search import (
+    SearchConfig,
+    SearchResult,
     adversarial_calibration,
     best_uniform,
-    check_feasible,
     lipschitz_terms,
     policy_table,
     score_ans,
@@ -186,15 +188,15 @@ def test_search_rejects_bad_settings_in_one_line(cnn, calib):
 
 
 def test_uniform_picks_highest_bits_that_fit(cnn, table, calib, held_out):
-    p = best_uniform(cnn, table, "avg-bits=5", held_out, 0.1, calib_data=calib, val_images=64)
-    specs = set(p.layers.values())
+    u = best_uniform(cnn, table, "avg-bits=5", held_out, 0.1, calib_data=calib, val_images=64)
+    specs = set(u.policy.layers.values())
     assert len(specs) == 1 and next(iter(specs)).weight_bit_width == 4  # 8 does not fit, 4 is the highest
-    accs = p.meta["uniform"]["pgd_accuracy"]
+    accs = u.pgd_accuracy
     assert set(accs) == {"4b max pc", "4b mse pc"}
-    assert accs[next(iter(specs)).short()] == max(accs.values())
+    assert accs[next(iter(specs)).short()] == max(accs.values()) == u.accuracy
     q = search_policy(cnn, calib, budget="avg-bits=3.5", method="uniform", table=table, progress=False)
     assert {s.weight_bit_width for s in q.layers.values()} == {3}
-    assert best_uniform(cnn, table, "bytes=1e9", None, 0.1).meta["uniform"]["spec"]["weight_bit_width"] == 8
+    assert best_uniform(cnn, table, "bytes=1e9", None, 0.1).spec.weight_bit_width == 8
     no_common = CandidateTable(
         table.scores,
         {
@@ -237,44 +239,48 @@ def test_lipschitz_term_with_batchnorm():
 
 
 def test_search_is_deterministic(cnn, table, calib):
-    a = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False)
-    b = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False)
+    a = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False).policy
+    b = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False).policy
     assert a.to_json() == b.to_json()  # timings are kept in memory only, never written
     assert "timing" in a.meta and "timing" not in LayerwisePolicy.from_json(a.to_json()).meta
     assert LayerwisePolicy.from_json(a.to_json()).layers == a.layers
 
 
 def test_search_cnn_avg4_end_to_end(cnn, calib, held_out):
-    p = search_policy(cnn, calib, budget=Budget(avg_weight_bits=4), candidates=CANDS, val_data=held_out,
+    r = search_policy(cnn, calib, budget=Budget(avg_weight_bits=4), candidates=CANDS, val_data=held_out,
                       val_images=64, refine=True, progress=False)  # fmt: skip
-    m = p.meta
-    assert m["cost"]["avg_weight_bits"] <= 4 + 1e-9
-    assert set(p.layers) == {"conv1", "conv2", "fc1", "fc2"}
-    assert m["method"] == "lipschitz" and m["estimate"] == "jacobian" and m["solver"]["status"] == "optimal"
-    assert m["winner"] in ("search", "search-unrefined", "uniform")
-    v = m["validation"]
+    assert isinstance(r, SearchResult) and r.cost.avg_weight_bits <= 4 + 1e-9
+    assert set(r.policy.layers) == {"conv1", "conv2", "fc1", "fc2"}
+    assert r.method == "lipschitz" and r.estimate == "jacobian" and r.solver.status == "optimal"
+    assert r.winner in ("search", "search-unrefined", "uniform")
+    v = r.validation
     accs = {
-        "search": v["search_pgd_accuracy"],
-        "search-unrefined": v["unrefined_pgd_accuracy"],
-        "uniform": v["uniform_pgd_accuracy"],
+        "search": v.search_pgd_accuracy,
+        "search-unrefined": v.unrefined_pgd_accuracy,
+        "uniform": v.uniform_pgd_accuracy,
     }
     best = max(a for a in accs.values() if a is not None)
-    assert (
-        accs[m["winner"]] == best
-    )  # never worse than uniform (or the unrefined solution) on validation images
-    assert m["refine"]["done"] and m["refine"]["bound_final"] <= m["refine"]["bound_milp"] + 1e-12
-    assert set(m["layer_scores"]) == set(p.layers) and m["j_loc"] > 0
-    assert {"solve_s", "scoring_s", "total_s"} <= set(m["timing"])
-    assert m["candidates"]["fc1"] == {"given": 8, "distinct": 7}  # 8b max and 8b mse give the same Ŵ
-    text = policy_table(p, layer_geometry(cnn, calib[0][:1]))
+    assert accs[r.winner] == best  # never worse than uniform (or the unrefined solution) on validation images
+    assert r.refinement.done and r.refinement.bound_final <= r.refinement.bound_milp + 1e-12
+    assert set(r.layer_scores) == set(r.policy.layers) and r.evidence.j_loc > 0
+    assert r.timing.solve_s is not None and r.timing.scoring_s is not None and r.timing.total_s is not None
+    assert r.candidates["fc1"].to_dict() == {"given": 8, "distinct": 7}  # 8b max and 8b mse give the same Ŵ
+    # The policy's JSON meta is the same record, built from the typed fields.
+    m = r.policy.meta
+    assert m["winner"] == r.winner and m["cost"] == r.cost.summary() and m["refine"] == r.refinement.to_dict()
+    assert m["validation"] == v.to_dict() and m["j_loc"] == r.evidence.j_loc
+    text = policy_table(r, layer_geometry(cnn, calib[0][:1]))
     assert "fc1" in text and "avg weight bits" in text and "winner" in text
+    assert text == policy_table(
+        r.policy, layer_geometry(cnn, calib[0][:1])
+    )  # from the typed fields or the meta
 
 
 def test_bytes_and_bops_budgets(cnn, table, calib):
     for budget in ("kib=80", "bops=5e7"):
         b = Budget.parse(budget)
-        p = search_policy(cnn, calib, budget=b, table=table, refine=False, progress=False)
-        assert p.meta["cost"][b.kind] <= b.value * (1 + 1e-9)
+        r = search_policy(cnn, calib, budget=b, table=table, refine=False, progress=False)
+        assert r.cost.value(b.kind) <= b.value * (1 + 1e-9)
 
 
 def test_baseline_scorers_and_spectral(cnn, table, calib):
@@ -292,11 +298,11 @@ def test_baseline_scorers_and_spectral(cnn, table, calib):
         ("ans", {}),
         ("lipschitz", {"estimate": "spectral"}),
     ):
-        p = search_policy(
+        r = search_policy(
             cnn, calib, budget="avg-bits=4", method=method, table=table, refine=True, progress=False, **kw
         )
-        assert p.meta["cost"]["avg_weight_bits"] <= 4 + 1e-9
-        assert p.meta["refine"]["done"] is (method == "lipschitz")
+        assert r.cost.avg_weight_bits <= 4 + 1e-9
+        assert r.refinement.done is (method == "lipschitz")
 
 
 def test_validate_metric_tiny(cnn, table, calib, held_out, tmp_path):
@@ -315,16 +321,15 @@ def test_validate_metric_tiny(cnn, table, calib, held_out, tmp_path):
 
 def test_search_without_val_data_says_unchecked(cnn, table, calib):
     with pytest.warns(UserWarning, match="not compared with the best uniform"):
-        p = search_policy(cnn, calib, budget="avg-bits=4", table=table, refine=False, progress=False)
-    assert p.meta["winner"] == "unchecked" and p.meta["validation"] is None
+        r = search_policy(cnn, calib, budget="avg-bits=4", table=table, refine=False, progress=False)
+    assert r.winner == "unchecked" and r.validation is None
 
 
 def test_uniform_policy_meta_has_scores_and_solver(cnn, table, calib):
-    p = search_policy(cnn, calib, budget="avg-bits=4", method="uniform", table=table, progress=False)
-    m = p.meta
-    assert m["winner"] == "uniform" and m["solver"]["status"] == "not run"
-    assert set(m["layer_scores"]) == set(p.layers) and m["objective"] == sum(m["layer_scores"].values())
-    assert m["layer_scores"]["fc1"] != 0  # a uniform policy's share of the (spectral) bound, not zeros
+    r = search_policy(cnn, calib, budget="avg-bits=4", method="uniform", table=table, progress=False)
+    assert r.winner == "uniform" and r.solver.status == "not run"
+    assert set(r.layer_scores) == set(r.layers) and r.objective == sum(r.layer_scores.values())
+    assert r.layer_scores["fc1"] != 0  # a uniform policy's share of the (spectral) bound, not zeros
 
 
 def test_downstream_replay_equals_full_forward(cnn, table, adv_calib):
@@ -354,6 +359,71 @@ def test_search_costs_less_than_four_pgd20_evaluations(cnn, fmnist_val_512):
     attack_accuracy(cnn, x[:256], y[:256], "pgd", eps=0.1, steps=20)
     pgd_s = time.perf_counter() - t0
     with pytest.warns(UserWarning, match="not compared"):
-        p = search_policy(cnn, (x[:64], y[:64]), budget="avg-bits=4", progress=False)
-    assert p.meta["candidates"]["conv1"]["given"] == 36 and not p.meta["refine"]["done"]  # off by default
-    assert p.meta["timing"]["total_s"] <= 4 * 4 * pgd_s  # 4 × PGD-20 on 256 ≈ PGD-20 on 1,000 images
+        r = search_policy(cnn, (x[:64], y[:64]), budget="avg-bits=4", progress=False)
+    assert r.candidates["conv1"].given == 36 and not r.refinement.done  # off by default
+    assert r.timing.total_s <= 4 * 4 * pgd_s  # 4 × PGD-20 on 256 ≈ PGD-20 on 1,000 images
+
+
+# --------------------------------------------------------------------------- config and registry
+def test_search_config_validates_serialises_and_takes_old_keywords():
+    from aq_brevitas.search import METHODS, SCORERS, HessianSettings, LipschitzSettings
+
+    cfg = SearchConfig(candidates=[LayerSpec(2), LayerSpec(8)]).replace(
+        method="hessian", hessian_samples=4, estimate="spectral", eps=0.05, val_images=None
+    )
+    assert cfg.settings_for(HessianSettings).n_samples == 4 and cfg.method_settings.n_samples == 4
+    assert cfg.settings_for(LipschitzSettings).estimate == "spectral" and cfg.candidates == (
+        LayerSpec(2),
+        LayerSpec(8),
+    )
+    assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    per_layer = SearchConfig(candidates={"*": [LayerSpec(4)], "fc2": [LayerSpec(8)]})
+    assert SearchConfig.from_dict(per_layer.to_dict()) == per_layer
+    for kwargs, text in (
+        ({"method": "greedy"}, "unknown search method"),
+        ({"estimate": "exact"}, "unknown estimate"),
+        ({"eps": float("nan")}, "eps must be a number"),
+        ({"top_k": 0}, "top_k=0 is outside"),
+        ({"n_samples": 0}, "n_samples=0 is outside"),
+        ({"candidates": [4]}, "is not a LayerSpec"),
+    ):
+        with pytest.raises((ConfigError, PolicyError), match=text):
+            SearchConfig().replace(**kwargs)
+    with pytest.raises(TypeError, match="unexpected search setting 'hessain_samples'"):
+        SearchConfig().replace(hessain_samples=4)
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        SearchConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="cannot be written to JSON"):
+        SearchConfig().replace(attack=object()).to_dict()
+    # One list of methods: the scorers cover the scored ones, the CLI offers exactly these.
+    assert set(SCORERS) == {"lipschitz", "hessian", "ans"} and METHODS[-1] == "uniform"
+    from aq_brevitas.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    method = next(a for a in sub.choices["search"]._actions if a.dest == "method")
+    assert tuple(method.choices) == METHODS and not any(
+        a.dest == "no_refine" for a in sub.choices["search"]._actions
+    )
+
+
+def test_search_result_is_typed_and_policy_api_is_deprecated(cnn, table, calib):
+    from aq_brevitas.search import select_policy
+
+    with pytest.warns(UserWarning, match="not compared"):
+        r = search_policy(
+            cnn, calib, "avg-bits=4", config=SearchConfig(method="ans"), table=table, progress=False
+        )
+    assert r.config.method == "ans" and set(r.evidence.sensitivity) == set(table.layers)
+    assert r.policy.meta["ans"] == r.evidence.sensitivity and "avg weight bits" in r.summary()
+    with pytest.warns(DeprecationWarning, match="result.policy"):
+        assert r.meta is r.policy.meta
+    # select_policy and search_policy agree that whole-network refinement is off unless asked for.
+    assert not select_policy(cnn, table, score_ans(cnn, table, calib), "avg-bits=4").refinement.done
+
+
+def test_search_takes_a_list_of_batches(cnn, table, calib):
+    x, y = calib
+    pair = search_policy(cnn, calib, "avg-bits=3", method="ans", table=table, progress=False)
+    batches = search_policy(cnn, [(x[:32], y[:32]), (x[32:], y[32:])], "avg-bits=3", method="ans",
+                            table=table, progress=False)  # fmt: skip
+    assert batches.policy.to_json() == pair.policy.to_json()

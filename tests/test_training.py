@@ -176,3 +176,58 @@ def test_cli_train_writes_sidecar_and_resumes(tmp_path):
     assert meta2["history"]["resumed_from_epoch"] == 1
     assert [e["epoch"] for e in meta2["history"]["epochs"]] == [1, 2]
     assert meta2["history"]["epochs"][0] == e1  # the finished epoch came from the checkpoint
+
+
+def test_trades_adversary_is_torchattacks_tpgd(fmnist_val_512):
+    """TRADES's inner maximisation is torchattacks TPGD through make_attack, with the semantics the
+    loop had when it was written by hand: KL(f(x') ‖ f(x)) summed, start x + 0.001·N(0, 1) clamped to
+    [0, 1], ``steps`` signed steps of ``alpha`` projected on the ε-ball and [0, 1], eval mode inside."""
+    from torch.nn import functional as F
+
+    from aq_brevitas.attacks import make_attack
+
+    def reference(model, x, eps, steps, alpha):
+        model.eval()
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), 1)
+        x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1).detach()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+        model.train()
+        return x_adv.detach()
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn").train()
+    x, y = fmnist_val_512[0][:64], fmnist_val_512[1][:64]
+    torch.manual_seed(1)
+    expect = reference(model, x, 0.1, 5, 0.05)
+    torch.manual_seed(1)
+    got = make_attack("tpgd", model, eps=0.1, steps=5, alpha=0.05)(x, y)
+    assert model.training  # restored after the attack
+    # The projection is written differently (x + clamp(x' - x) vs clamp(x', x - ε, x + ε)): float rounding.
+    assert (got - expect).abs().max() <= 1e-6
+    assert (got - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(got, x)
+
+
+def test_config_and_keywords_are_one_thing(fmnist_val_512):
+    """adversarial_train(config=TrainConfig(...)) and the keyword spelling train identically."""
+    from aq_brevitas.config import TrainConfig
+
+    data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
+    settings = dict(eps=0.1, steps=1, lr=1e-3, optimizer="adam", batch_size=32, progress=False)
+    torch.manual_seed(0)
+    a = build_model("small_cnn")
+    adversarial_train(a, data, **settings)
+    torch.manual_seed(0)
+    b = build_model("small_cnn")
+    cfg = TrainConfig(eps=0.1, steps=3, lr=1e-3, optimizer="adam", batch_size=32)
+    adversarial_train(b, data, cfg, steps=1, progress=False)  # a keyword overrides the config
+    for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    from aq_brevitas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown TrainConfig setting\(s\) 'freeze_quant_weights'"):
+        adversarial_train(b, data, freeze_quant_weights=False, progress=False)

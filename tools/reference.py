@@ -1,8 +1,10 @@
 """Generated reference pages, so the docs cannot drift from the code.
 
-``python -m aq_brevitas.reference`` rewrites docs/cli.md (from the argparse definitions),
-docs/api.md (from the public API's signatures and docstrings) and docs/troubleshooting.md (every
-error the package raises, read from the source, with its fix). A test checks the files are current.
+``python tools/reference.py`` rewrites docs/cli.md (from the argparse definitions), docs/api.md
+(from the public API's signatures and docstrings) and docs/troubleshooting.md (every warning and
+error the package raises, read from the source of every module in ``aq_brevitas`` and its
+subpackages, with its fix). tests/test_reference.py checks the files are current. A development
+tool, not part of the installed package: it imports ``aq_brevitas`` like any user would.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import ast
 import inspect
 from pathlib import Path
 
-PACKAGE = Path(__file__).parent
-DOCS = PACKAGE.parent / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "aq_brevitas"
+DOCS = ROOT / "docs"
+COMMAND = "python tools/reference.py"
 
 
 def cli_reference() -> str:
     import os
 
-    from .cli import build_parser
+    from aq_brevitas.cli import build_parser
 
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100"  # argparse wraps help to the terminal width: fix it for reproducible docs
@@ -36,7 +40,7 @@ def _cli_reference(parser) -> str:
     parts = [
         "# CLI reference",
         "",
-        "Generated from the argparse definitions by `python -m aq_brevitas.reference`.",
+        f"Generated from the argparse definitions by `{COMMAND}`.",
         "",
         "```text",
         parser.format_help().rstrip(),
@@ -55,7 +59,7 @@ def api_reference() -> str:
         "# API reference",
         "",
         "The public API (`aq_brevitas.__all__`), generated from signatures and docstrings by",
-        "`python -m aq_brevitas.reference`.",
+        f"`{COMMAND}`.",
         "",
     ]
     for name in aq_brevitas.__all__:
@@ -126,38 +130,42 @@ def _module_constants(tree: ast.Module) -> dict[str, str]:
     }
 
 
-# Fixes for the package's warnings whose message does not carry its own `` -- fix: ``, keyed by
-# (module, start of the message). tests/test_bad_inputs.py fails if a warning has neither.
+# Fixes for the package's warnings whose message does not carry its own `` -- fix: ``, keyed by the
+# start of the message (not by module, so a warning keeps its fix when its code moves).
+# tests/test_bad_inputs.py fails if a warning has neither.
 WARNING_FIXES = {
-    ("ao", "torch.ao has no observer"): "use scaling max for those layers when deploying through torch.ao, "
+    "torch.ao has no observer": "use scaling max for those layers when deploying through torch.ao, "
     "or deploy through Brevitas/QONNX, which has the exact rule",
-    (
-        "layers",
-        "aq-brevitas leaves these layers in float",
-    ): "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear "
+    "aq-brevitas leaves these layers in float": "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear "
     "if they should be quantized; otherwise nothing to do (their cost counts as 32-bit)",
-    (
-        "lipschitz",
-        "layers never called in forward",
-    ): "delete layers forward never calls; the search gives them no spec, so quantize leaves them float",
-    (
-        "lipschitz",
-        "layers called more than once",
-    ): "if the calls see different inputs, give each call its own "
+    "layers never called in forward": "delete layers forward never calls; the search gives them no spec, "
+    "so quantize leaves them float",
+    "layers called more than once": "if the calls see different inputs, give each call its own "
     "module (copy.deepcopy) so each gets its own score",
-    ("ao", "to_qconfig_mapping: torch.ao FX quantizes"): "use aq_brevitas.ao.prepare_fx_model, which "
+    "to_qconfig_mapping: torch.ao FX quantizes": "use aq_brevitas.ao.prepare_fx_model, which "
     "quantizes each layer's input with its act_bit_width",
-    ("search", "search_policy ran without val_data"): "pass held-out training images as val_data "
+    "search_policy ran without val_data": "pass held-out training images as val_data "
     "(the CLI does unless --val-images 0)",
-    ("lipschitz", "model is not a chain"): "use the jacobian estimate (the default: --estimate jacobian)",
+    "model is not a chain": "use the jacobian estimate (the default: --estimate jacobian)",
 }
+
+
+def package_sources() -> list[tuple[str, ast.Module]]:
+    """``(module, syntax tree)`` for every module of ``aq_brevitas`` and its subpackages, sorted by
+    module name: ``"ao"``, ``"search.mckp"``, ``"search"`` for ``search/__init__.py``."""
+    modules = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if len(parts) > 1 and parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules.append((".".join(parts), ast.parse(path.read_text())))
+    return sorted(modules, key=lambda m: m[0])
 
 
 def warning_catalogue() -> list[tuple[str, str, str]]:
     """``(module, message template, fix)`` for every ``warnings.warn(...)`` in the package."""
     rows = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        tree = ast.parse(path.read_text())
+    for module, tree in package_sources():
         constants = _module_constants(tree)
         for node in ast.walk(tree):
             f = node.func if isinstance(node, ast.Call) else None
@@ -170,15 +178,8 @@ def warning_catalogue() -> list[tuple[str, str, str]]:
                 continue
             message, _, fix = message.partition(" -- fix: ")
             if not fix:
-                fix = next(
-                    (
-                        v
-                        for (m, start), v in WARNING_FIXES.items()
-                        if m == path.stem and message.startswith(start)
-                    ),
-                    "",
-                )
-            rows.append((path.stem, message, fix))
+                fix = next((v for start, v in WARNING_FIXES.items() if message.startswith(start)), "")
+            rows.append((module, message, fix))
     return rows
 
 
@@ -212,7 +213,7 @@ def usage_error(argv: list[str]) -> str:
     import io
     import os
 
-    from .cli import build_parser
+    from aq_brevitas.cli import build_parser
 
     err = io.StringIO()
     old = os.environ.get("COLUMNS")
@@ -230,12 +231,11 @@ def usage_error(argv: list[str]) -> str:
 
 def error_catalogue() -> list[tuple[str, str, str, str]]:
     """``(module, error class, problem template, fix)`` for every ``raise XError(problem, fix)`` in the package."""
-    from . import errors
+    from aq_brevitas import errors
 
     names = {n for n, o in vars(errors).items() if inspect.isclass(o) and issubclass(o, errors.AqError)}
     rows = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        tree = ast.parse(path.read_text())
+    for module, tree in package_sources():
         constants = _module_constants(tree)
         scopes = _local_texts(tree, constants)
         for node in ast.walk(tree):
@@ -249,7 +249,7 @@ def error_catalogue() -> list[tuple[str, str, str, str]]:
                 problem = _template(args[0], texts) if args else None
                 fix = _template(args[1], texts) if len(args) > 1 else ""
                 if problem:
-                    rows.append((path.stem, node.exc.func.id, problem, fix or ""))
+                    rows.append((module, node.exc.func.id, problem, fix or ""))
     return rows
 
 
@@ -259,7 +259,7 @@ def troubleshooting() -> str:
         "",
         "Every error aq-brevitas raises is one line: *what is wrong* `-- fix:` *what to do*. The CLI prints it as",
         "`aq-brevitas: error: …` and exits with code 2 (130 on Ctrl-C); `aq-brevitas --debug COMMAND …` shows the",
-        "traceback instead. This list is generated from the source (`python -m aq_brevitas.reference`); `…` stands",
+        f"traceback instead. This list is generated from the source (`{COMMAND}`); `…` stands",
         "for the value in your run.",
         "",
         "## Known messages that are not errors",
@@ -319,7 +319,7 @@ PAGES = {"cli.md": cli_reference, "api.md": api_reference, "troubleshooting.md":
 
 
 def main() -> None:
-    from .storage import atomic_write_text
+    from aq_brevitas.storage import atomic_write_text
 
     for name, fn in PAGES.items():
         atomic_write_text(DOCS / name, fn() + ("" if fn is troubleshooting else "\n"))

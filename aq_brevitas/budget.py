@@ -1,0 +1,202 @@
+"""Budget arithmetic in one place: what a policy costs and whether it fits.
+
+A :class:`Budget` is a ceiling in exactly one of three units: average weight bits (Σ bits·params /
+Σ params), total weight bytes, or bit-operations (BOPs = Σ MACs · b_w · b_a, the HAWQ-V3 measure).
+Weights only: biases stay at high precision and are not counted. Activations a policy leaves
+unquantized are costed as 8-bit in BOPs (``DEFAULT_ACT_BITS_FOR_BOPS``); layers without a spec count
+as 32-bit float.
+
+The knapsack works in *raw* units: total weight bits for an average-bits budget (so the
+constraint stays linear), bytes or BOPs otherwise; :func:`budget_capacity` converts a budget to them
+and :func:`in_budget_units` back. Every feasibility test allows a relative slack of ``COST_RTOL``
+to absorb float rounding of ``avg · params``.
+
+Torch-free: the functions read only ``params``/``macs`` of layer geometries and candidate rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import PolicyError
+
+if TYPE_CHECKING:
+    from .candidates import CandidateTable
+    from .policy import LayerSpec
+
+BUDGET_KINDS = ("avg_weight_bits", "weight_bytes", "bops")
+DEFAULT_ACT_BITS_FOR_BOPS = 8  # activations the policy leaves unquantized are costed as 8-bit in BOPs
+COST_RTOL = 1e-9  # a policy fits when cost <= budget·(1 + this): absorbs float rounding of avg·params
+UNITS = {"avg_weight_bits": "average weight bits", "weight_bytes": "weight bytes", "bops": "BOPs"}
+_CLI_KEYS = {"avg_weight_bits": "avg-bits", "weight_bytes": "bytes", "bops": "bops"}
+_BUDGET_ALIASES = {"avg-bits": "avg_weight_bits", "avg_bits": "avg_weight_bits", "avg_weight_bits": "avg_weight_bits",
+                   "bytes": "weight_bytes", "weight-bytes": "weight_bytes", "weight_bytes": "weight_bytes",
+                   "kib": "weight_kib", "bops": "bops"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PolicyCost:
+    """A policy's cost under the three budget kinds (weights only; biases stay at high precision)."""
+
+    avg_weight_bits: float
+    weight_bits: int
+    weight_bytes: float
+    bops: int
+    params: int
+
+    def value(self, kind: str) -> float:
+        """The cost in one budget kind's units (``kind`` in ``BUDGET_KINDS``)."""
+        return {
+            "avg_weight_bits": self.avg_weight_bits,
+            "weight_bytes": self.weight_bytes,
+            "bops": float(self.bops),
+        }[kind]
+
+    def summary(self) -> dict[str, float]:
+        """``{avg_weight_bits, weight_bytes, bops}``: one figure per budget kind (what policy meta records)."""
+        return {k: self.value(k) for k in BUDGET_KINDS}
+
+
+def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
+    """``(weight bits, BOPs)`` of one layer under ``spec``: bits·params and MACs·b_w·b_a."""
+    act = spec.act_bit_width or DEFAULT_ACT_BITS_FOR_BOPS
+    return spec.weight_bit_width * params, macs * spec.weight_bit_width * act
+
+
+def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:
+    """Cost of concrete per-layer specs over layer geometries (anything with ``params`` and ``macs``);
+    layers without a spec count as 32-bit float."""
+    bits = bops = params = 0
+    for name, g in geometry.items():
+        spec = specs.get(name)
+        if spec is None:
+            b, o = 32 * g.params, g.macs * 32 * 32
+        else:
+            b, o = layer_cost(spec, g.params, g.macs)
+        bits += b
+        bops += o
+        params += g.params
+    return PolicyCost(bits / max(params, 1), bits, bits / 8, bops, params)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost ceiling: exactly one of average weight bits, total weight bytes, or bit-operations.
+
+    Raises :class:`~aq_brevitas.errors.PolicyError` unless exactly one is given, as a positive number.
+    """
+
+    avg_weight_bits: float | None = None
+    weight_bytes: float | None = None
+    bops: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, getattr(self, k)) for k in BUDGET_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PolicyError(
+                f"a budget needs exactly one of {', '.join(BUDGET_KINDS)}, got {len(given)}",
+                "e.g. Budget(avg_weight_bits=4) or --budget avg-bits=4",
+            )
+        k, v = given[0]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+            raise PolicyError(f"budget {k}={v!r} must be a positive number", "e.g. --budget avg-bits=4")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in BUDGET_KINDS if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse the CLI form ``avg-bits=4``, ``bytes=20000``, ``kib=20`` or ``bops=1e9``."""
+        key, sep, raw = text.partition("=")
+        kind = _BUDGET_ALIASES.get(key.strip().lower())
+        if not sep or kind is None:
+            raise PolicyError(
+                f"cannot parse budget {text!r}", "write avg-bits=4, bytes=20000, kib=20 or bops=1e9"
+            )
+        try:
+            value = float(raw)
+        except ValueError:
+            raise PolicyError(f"budget value {raw!r} is not a number", "write e.g. avg-bits=4") from None
+        if kind == "weight_kib":
+            return cls(weight_bytes=value * 1024)
+        return cls(**{kind: value})
+
+    def to_dict(self) -> dict[str, float]:
+        return {self.kind: self.value}
+
+
+def as_budget(budget: Budget | str | Mapping[str, float]) -> Budget:
+    """A :class:`Budget` from itself, its CLI text (``"avg-bits=4"``) or its dict form."""
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, str):
+        return Budget.parse(budget)
+    if isinstance(budget, Mapping):
+        return Budget(**budget)
+    raise PolicyError(f"budget {budget!r} is not a Budget", "pass Budget(avg_weight_bits=4) or 'avg-bits=4'")
+
+
+# ------------------------------------------------------------------------ a candidate table's costs
+def _params(table: CandidateTable) -> int:
+    return sum(table.scores[n].params for n in table.rows)
+
+
+def candidate_costs(table: CandidateTable, kind: str) -> dict[str, dict[LayerSpec, float]]:
+    """Per-candidate cost in the knapsack's units: weight bits (avg-bits budgets), bytes or BOPs."""
+    if kind not in BUDGET_KINDS:
+        raise PolicyError(f"unknown budget kind {kind!r}", f"use one of {', '.join(BUDGET_KINDS)}")
+    return {n: {r.spec: r.cost(kind) for r in rows} for n, rows in table.rows.items()}
+
+
+def budget_capacity(table: CandidateTable, budget: Budget) -> float:
+    """The budget in the knapsack's units: avg bits × Σ params, or bytes, or BOPs as given."""
+    if budget.kind == "avg_weight_bits":
+        return budget.value * _params(table)
+    return budget.value
+
+
+def in_budget_units(kind: str, raw: float, params: int) -> float:
+    """A raw knapsack cost back in the budget's own units (``params``: Σ params, for average bits)."""
+    if kind == "avg_weight_bits":
+        return raw / max(params, 1)
+    return raw
+
+
+def require_within(budget: Budget, cheapest: float) -> None:
+    """PolicyError naming the minimum when ``cheapest`` (in the budget's units) exceeds the budget."""
+    if cheapest > budget.value * (1 + COST_RTOL):
+        raise PolicyError(
+            f"budget {budget.kind}={budget.value:g} is infeasible: the cheapest policy needs "
+            f"{cheapest:.6g} {UNITS[budget.kind]}",
+            f"use --budget {_CLI_KEYS[budget.kind]}={cheapest:.6g} or more, or add cheaper candidates",
+        )
+
+
+def min_cost(costs: Mapping[str, Mapping[Any, float]]) -> float:
+    """Cost of the cheapest policy: the cheapest candidate in every layer."""
+    return float(sum(min(c.values()) for c in costs.values()))
+
+
+def check_feasible(table: CandidateTable, budget: Budget) -> None:
+    """PolicyError naming the minimum, in the budget's own units, when no policy fits."""
+    cheapest = min_cost(candidate_costs(table, budget.kind))
+    require_within(budget, in_budget_units(budget.kind, cheapest, _params(table)))
+
+
+def fits(table: CandidateTable, budget: Budget, specs: Mapping[str, LayerSpec]) -> bool:
+    """Whether ``specs`` (a candidate per layer of ``table``) costs at most the budget."""
+    cap = budget_capacity(table, budget)
+    return sum(table.row(n, s).cost(budget.kind) for n, s in specs.items()) <= cap * (1 + COST_RTOL)
+
+
+def achieved_cost(table: CandidateTable, specs: Mapping[str, LayerSpec]) -> PolicyCost:
+    """What ``specs`` costs over the table's layer geometries."""
+    return cost_of(specs, table.scores)

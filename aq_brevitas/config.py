@@ -1,0 +1,282 @@
+"""Settings as frozen, validated, JSON-serialisable dataclasses (torchao's ``quantize_(model, config)`` shape).
+
+* :class:`AttackConfig`: one attack, as :func:`~aq_brevitas.attacks.make_attack` builds it.
+* :class:`TrainConfig`: adversarial training and fine-tuning
+  (:func:`~aq_brevitas.training.adversarial_train`, :func:`~aq_brevitas.finetune.adversarial_finetune`).
+* :class:`EvalConfig`: the robustness suite of :func:`~aq_brevitas.evaluate.evaluate_robustness`.
+
+Each validates itself in ``__post_init__`` (a bad value raises a one-line :class:`ConfigError` naming
+it), has ``replace(**changes)``, ``to_dict()`` and ``from_dict()``. This module imports neither torch
+nor Brevitas, so a command-line parser can be built from it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .attacks import ATTACKS, check_eps, default_alpha
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+EVAL_ATTACKS = ("clean", "fgsm", "pgd")  # the per-ε attacks; Square and AutoAttack have their own switches
+_C = TypeVar("_C", bound="_Config")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_step(alpha: Any) -> None:
+    if alpha is not None and not (_is_number(alpha) and 0 < alpha <= 1):
+        raise ConfigError(
+            f"alpha={alpha!r} is not a PGD step in (0, 1]", "pass e.g. --alpha 0.01, or omit it"
+        )
+
+
+def check_normalization(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel as tuples of floats; :class:`ConfigError` unless equal-length,
+    non-empty, with positive stds."""
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in value)
+        ok = bool(mean) and len(mean) == len(std) and all(s > 0 for s in std)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"normalization={value!r} is not a (mean, std) pair with positive stds",
+            "pass e.g. normalization=((0.286,), (0.353,))",
+        )
+    return mean, std
+
+
+class _Config:
+    """Shared behaviour: ``replace``, ``to_dict``/``from_dict`` with unknown names refused."""
+
+    @classmethod
+    def _check_names(cls, names: Any) -> None:
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} setting(s) {', '.join(map(repr, unknown))}",
+                f"use {', '.join(known)}",
+            )
+
+    def replace(self: _C, **changes: Any) -> _C:
+        """A copy with ``changes`` applied (and validated)."""
+        self._check_names(changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (tuples become lists)."""
+        return json_ready(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], d: Mapping[str, Any]) -> _C:
+        """The config ``to_dict`` gave (missing names take their defaults)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(
+                f"{cls.__name__} settings must be a mapping, got {type(d).__name__}", "pass a dict"
+            )
+        cls._check_names(d)
+        return cls(**d)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every tuple turned into a list, recursively (what ``json.loads(json.dumps(...))`` gives)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class AttackConfig(_Config):
+    """One attack: ``name`` (one of :data:`~aq_brevitas.attacks.ATTACKS`), ``eps`` (L-inf budget on
+    [0, 1] images), ``steps``, ``alpha`` (step; None = 2.5·ε/steps) and ``random_start`` (pgd, pgdl2)."""
+
+    name: str = "pgd"
+    eps: float = 0.1
+    steps: int = 10
+    alpha: float | None = None
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name.lower() not in ATTACKS:
+            raise ConfigError(f"unknown attack {self.name!r}", f"use one of {', '.join(ATTACKS)}")
+        object.__setattr__(self, "name", self.name.lower())
+        object.__setattr__(self, "eps", check_eps(self.eps))
+        if not _is_int(self.steps) or self.steps < 0:
+            raise ConfigError(
+                f"attack steps must be an integer >= 0, got {self.steps!r}", "pass e.g. steps=10"
+            )
+        _check_step(self.alpha)
+
+    @property
+    def step_size(self) -> float:
+        """``alpha``, or the default 2.5·ε/steps."""
+        return self.alpha or default_alpha(self.eps, self.steps)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keywords :func:`~aq_brevitas.attacks.make_attack` takes besides the name."""
+        return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha, "random_start": self.random_start}
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Adversarial training settings; the defaults are :func:`~aq_brevitas.training.adversarial_train`'s.
+
+    ``eps`` (L-inf, [0, 1] images) and ``steps`` set the training attack (either 0: plain training);
+    ``alpha`` is its step (None: 2.5·ε/steps); ``random_start`` starts PGD at a uniform point of the
+    ε-ball (TRADES always starts from a small Gaussian). ``epochs``, ``lr`` (cosine-annealed per
+    step), ``optimizer`` (``"sgd"``: Nesterov, momentum 0.9; ``"adam"``), ``weight_decay`` and
+    ``batch_size`` (the global batch under torchrun) set the outer loop. ``clean_weight`` w mixes in
+    the clean loss: (1-w)·CE(adv) + w·CE(clean). ``trades_beta`` β switches to TRADES: CE(clean) +
+    β·KL(f(x_adv) ‖ f(x)). ``seed`` fixes the shuffle and the attack noise of every epoch.
+    ``learn_act_scales=False`` keeps Brevitas activation scales at their calibrated values.
+
+    >>> from aq_brevitas.config import TrainConfig
+    >>> cfg = TrainConfig(eps=0.2, epochs=3)
+    >>> cfg.replace(lr=0.01).to_dict()["lr"], cfg.attack().name, TrainConfig.finetuning().optimizer
+    (0.01, 'pgd', 'adam')
+    >>> TrainConfig(optimizer="lbfgs")
+    Traceback (most recent call last):
+    ...
+    aq_brevitas.errors.ConfigError: unknown optimizer 'lbfgs' -- fix: use 'sgd' or 'adam'
+    """
+
+    eps: float = 0.1
+    steps: int = 7
+    alpha: float | None = None
+    random_start: bool = True
+    epochs: int = 1
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    clean_weight: float = 0.0
+    trades_beta: float | None = None
+    seed: int = 0
+    learn_act_scales: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_eps(self.eps))
+        e, s, lr, b = self.epochs, self.steps, self.lr, self.batch_size
+        if (
+            not (_is_int(e) and _is_int(s) and _is_number(lr) and _is_int(b))
+            or e < 1
+            or s < 0
+            or lr <= 0
+            or b < 1
+        ):
+            raise ConfigError(
+                f"bad training settings (epochs={e}, steps={s}, lr={lr}, batch_size={b})",
+                "use epochs>=1, steps>=0, lr>0, batch_size>=1",
+            )
+        if not (_is_number(self.clean_weight) and 0.0 <= self.clean_weight <= 1.0):
+            raise ConfigError(
+                f"clean_weight={self.clean_weight} is outside [0, 1]", "pass a mixing weight in [0, 1]"
+            )
+        _check_step(self.alpha)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}", "use 'sgd' or 'adam'")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0", "pass e.g. 5e-4, or 0")
+        if self.trades_beta is not None and not (_is_number(self.trades_beta) and self.trades_beta >= 0):
+            raise ConfigError(f"trades_beta={self.trades_beta!r} must be >= 0", "pass e.g. --trades 6")
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}", "pass e.g. --seed 0")
+
+    @classmethod
+    def finetuning(cls, **changes: Any) -> TrainConfig:
+        """The defaults of :func:`~aq_brevitas.finetune.adversarial_finetune`: Adam at 5e-4, no weight
+        decay, calibrated activation scales kept; ``changes`` applied on top."""
+        return cls(lr=5e-4, optimizer="adam", weight_decay=0.0, learn_act_scales=False).replace(**changes)
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether examples are attacked at all (``eps > 0`` and ``steps > 0``)."""
+        return self.eps > 0 and self.steps > 0
+
+    def attack(self) -> AttackConfig:
+        """The inner maximisation: PGD (Madry), or TPGD when ``trades_beta`` is set."""
+        name = "pgd" if self.trades_beta is None else "tpgd"
+        return AttackConfig(name, self.eps, self.steps, self.alpha, self.random_start)
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Config):
+    """The robustness suite; defaults are :func:`~aq_brevitas.evaluate.evaluate_robustness`'s.
+
+    ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of
+    :data:`EVAL_ATTACKS`); PGD with ``pgd_steps`` steps and ``pgd_restarts`` restarts; ``autoattack``
+    and ``gradient_free`` (Square with ``square_queries`` queries) on a seeded subset of
+    ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on ``large_eps_images``
+    images; ``batch_size`` images per attack call; the first ``limit`` images (None: all); ``seed``;
+    ``normalization=(mean, std)`` for a model that expects normalised inputs.
+    """
+
+    eps: tuple[float, ...] = (0.05, 0.1, 0.2)
+    attacks: tuple[str, ...] = EVAL_ATTACKS
+    pgd_steps: int = 20
+    pgd_restarts: int = 1
+    autoattack: bool = False
+    gradient_free: bool = True
+    gradient_free_images: int = 100
+    square_queries: int = 300
+    large_eps: float = 0.5
+    large_eps_images: int = 200
+    batch_size: int = 250
+    limit: int | None = None
+    seed: int = 0
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        eps = [self.eps] if isinstance(self.eps, (int, float, str)) else list(self.eps)
+        if not eps:
+            raise ConfigError("no eps given", "pass e.g. eps=(0.05, 0.1, 0.2)")
+        object.__setattr__(self, "eps", tuple(sorted({check_eps(e) for e in eps})))
+        attacks = [self.attacks] if isinstance(self.attacks, str) else list(self.attacks)
+        names = [str(a).lower() for a in attacks]
+        unknown = [a for a in names if a not in EVAL_ATTACKS]
+        if unknown:
+            raise ConfigError(
+                f"unknown attack(s) {', '.join(map(repr, unknown))}",
+                f"use {', '.join(EVAL_ATTACKS)}; AutoAttack and Square run via autoattack=True / gradient_free=True",
+            )
+        object.__setattr__(self, "attacks", tuple(dict.fromkeys(names)))
+        for key in (
+            "pgd_steps", "pgd_restarts", "gradient_free_images", "square_queries", "large_eps_images", "batch_size"
+        ):  # fmt: skip
+            _check_count(key, getattr(self, key))
+        object.__setattr__(self, "large_eps", check_eps(self.large_eps, "large_eps"))
+        if self.limit is not None and not (_is_int(self.limit) and self.limit >= 1):
+            raise ConfigError(f"limit must be positive, got {self.limit}", "pass limit>=1 or None")
+        if self.normalization is not None:
+            object.__setattr__(self, "normalization", check_normalization(self.normalization))
+
+
+def _check_count(key: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}", f"pass {key}>=1")
+
+
+def with_overrides(config: _C | None, default: _C, overrides: Mapping[str, Any]) -> _C:
+    """``config`` (or ``default``) with ``overrides`` applied: how functions take ``config=`` plus the
+    old keyword spellings."""
+    base = default if config is None else config
+    if not isinstance(base, type(default)):
+        raise ConfigError(
+            f"config is a {type(base).__name__}, not a {type(default).__name__}",
+            f"pass {type(default).__name__}(...)",
+        )
+    return base.replace(**overrides) if overrides else base

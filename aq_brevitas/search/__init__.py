@@ -1,0 +1,65 @@
+"""Policy search (docs/method.md "Scores", "Selection", "Baselines"): score every (layer, candidate),
+pick one candidate per layer under a cost budget with an exact multiple-choice knapsack, optionally
+refine on the whole-network bound, and keep the result only if held-out PGD accuracy says it beats
+the best uniform policy.
+
+=================  ===========================================================================
+module             holds
+=================  ===========================================================================
+``config``         :class:`SearchConfig`, per-method settings and the method registry (torch-free)
+``calibration``    adversarial calibration, :class:`WeightCache`, fx replay, network deviation
+``scorers``        ``lipschitz``/``hessian``/``ans`` behind one signature, the ``SCORERS`` registry
+``mckp``           the knapsack as a MILP (numpy/scipy only)
+``selection``      :func:`select_policy`: knapsack + refinement on ready scores
+``refine``         the whole-network bound B(p), top-K re-ranking, coordinate descent
+``baselines``      the best uniform policy
+``core``           :func:`search_policy`, step by step
+``result``         :class:`SearchResult` and its records
+``validate``       :func:`validate_metric`: does the bound rank policies like robust error?
+``tables``         :func:`policy_table`, :func:`compare_methods`
+=================  ===========================================================================
+
+Names are imported lazily (as in the package root), so reading the method registry
+(``aq_brevitas.search.config``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names by the module that defines them (budget arithmetic lives in aq_brevitas.budget and
+# stays importable from here, as before the split).
+_MODULES: dict[str, tuple[str, ...]] = {
+    ".config": ("SearchConfig", "MethodSettings", "LipschitzSettings", "HessianSettings", "AnsSettings",
+                "UniformSettings", "METHOD_SETTINGS", "METHODS", "SCORED_METHODS", "COMPARE_ORDER",
+                "ESTIMATES"),
+    ".calibration": ("AdversarialCalibration", "adversarial_calibration", "WeightCache", "swapped_weights",
+                     "network_deviation", "equivalent_candidates"),
+    ".scorers": ("SCORERS", "Scores", "Scoring", "ScoringInputs", "LipschitzTerms", "lipschitz_terms",
+                 "hessian_traces", "ans_sensitivity", "score", "score_lipschitz", "score_hessian",
+                 "score_ans"),
+    ".mckp": ("MckpSolution", "solve_top_k", "solve_mckp"),
+    ".selection": ("Selection", "select_policy"),
+    ".refine": ("WholeNetworkBound", "Refinement", "policy_bound"),
+    ".baselines": ("UniformChoice", "best_uniform", "uniform_options"),
+    ".core": ("search_policy",),
+    ".result": ("SearchResult", "SolverReport", "HeldOutCheck", "Timing"),
+    ".validate": ("MetricValidation", "sample_policies", "validate_metric"),
+    ".tables": ("policy_table", "compare_methods", "MethodComparison"),
+    "..budget": ("candidate_costs", "budget_capacity", "check_feasible", "min_cost"),
+}  # fmt: skip
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name``'s module on first use (PEP 562), so ``search.config`` stays torch-free."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

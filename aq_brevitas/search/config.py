@@ -1,0 +1,304 @@
+"""What a search is asked to do: one frozen :class:`SearchConfig` with per-method settings.
+
+``METHOD_SETTINGS`` is the registry of selection methods, the one list of them: each name maps to the
+frozen settings class of that method. The CLI's choices, the pipeline and the benchmarks read the
+names from here, and :mod:`aq_brevitas.search.scorers` attaches a scorer to every scored name. A new
+method is a settings class here and a scorer there.
+
+Torch-free, so the command line can build its options without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from ..errors import ConfigError, PolicyError
+from ..policy import LayerSpec
+
+ESTIMATES = ("jacobian", "spectral")
+DEFAULT_METHOD = "lipschitz"
+
+
+def _number(value: Any, name: str, lo: float, hi: float = math.inf, *, integer: bool = False) -> None:
+    """One-line ConfigError unless ``value`` is a (whole, with ``integer``) number in [lo, hi]."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and math.isnan(value)):
+        raise ConfigError(
+            f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}",
+            f"pass e.g. {name}={max(lo, 1) if integer else 0.1}",
+        )
+    if not lo <= value <= hi:
+        where = f"[{lo:g}, {hi:g}]" if math.isfinite(hi) else f">= {lo:g}"
+        raise ConfigError(f"{name}={value} is outside {where}", f"pass {name} {where}")
+
+
+# ------------------------------------------------------------------------------ per-method settings
+@dataclass(frozen=True)
+class MethodSettings:
+    """Settings of one selection method. ``scored``: it scores (layer, candidate) pairs for the
+    knapsack (``uniform`` enumerates instead); ``refinable``: it has a whole-network measure that
+    refinement can re-rank by (only ``lipschitz``)."""
+
+    scored: ClassVar[bool] = True
+    refinable: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line :class:`ConfigError` for a bad value."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class LipschitzSettings(MethodSettings):
+    """This project's score (docs/method.md "Scores"). ``estimate``: ``jacobian`` (measured deviation
+    on adversarial calibration images) or ``spectral`` (data-free bound); ``attack`` builds the
+    adversarial calibration images (None: PGD-``steps``; a name for :func:`make_attack`; or a ready
+    torchattacks object, which cannot be written to JSON); ``adv_weight`` scales the adversarial
+    term (1 is the bound; other values are for ablations)."""
+
+    refinable: ClassVar[bool] = True
+
+    estimate: str = field(
+        default="jacobian", metadata={"help": "measured (jacobian) or data-free (spectral)"}
+    )
+    attack: Any = field(default=None, metadata={"help": "attack for calibration images (default PGD)"})
+    steps: int = field(default=10, metadata={"help": "PGD steps for the adversarial calibration images"})
+    adv_weight: float = field(
+        default=1.0, metadata={"help": "weight of the adversarial term (1 = the bound)"}
+    )
+
+    def validate(self) -> None:
+        if self.estimate not in ESTIMATES:
+            raise ConfigError(f"unknown estimate {self.estimate!r}", f"use one of {', '.join(ESTIMATES)}")
+        _number(self.steps, "steps", 1, integer=True)
+        _number(self.adv_weight, "adv_weight", 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.attack is not None and not isinstance(self.attack, str):
+            raise ConfigError(
+                f"the attack object {type(self.attack).__name__} cannot be written to JSON",
+                "name the attack instead (e.g. attack='pgd') to save the config",
+            )
+        return super().to_dict()
+
+
+@dataclass(frozen=True)
+class HessianSettings(MethodSettings):
+    """HAWQ-V2 baseline: ``n_samples`` Rademacher vectors for the Hutchinson trace estimate."""
+
+    n_samples: int = field(default=16, metadata={"help": "Hutchinson samples of the Hessian trace"})
+
+    def validate(self) -> None:
+        _number(self.n_samples, "n_samples", 1, integer=True)
+
+
+@dataclass(frozen=True)
+class AnsSettings(MethodSettings):
+    """QUANOS baseline: adversarial noise sensitivity under FGSM at the search's ε (nothing to set)."""
+
+
+@dataclass(frozen=True)
+class UniformSettings(MethodSettings):
+    """The uniform baseline: one spec everywhere, enumerated rather than scored (nothing to set)."""
+
+    scored: ClassVar[bool] = False
+
+
+METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
+    "lipschitz": LipschitzSettings,
+    "hessian": HessianSettings,
+    "ans": AnsSettings,
+    "uniform": UniformSettings,
+}
+METHODS = tuple(METHOD_SETTINGS)
+SCORED_METHODS = tuple(n for n, c in METHOD_SETTINGS.items() if c.scored)
+# Side-by-side order (search --compare, benchmarks): baselines first, this project's method last.
+COMPARE_ORDER = (
+    *(n for n, c in METHOD_SETTINGS.items() if not c.scored),
+    *(n for n in SCORED_METHODS if n != DEFAULT_METHOD),
+    DEFAULT_METHOD,
+)
+_OWNER = {f.name: m for m, cls in METHOD_SETTINGS.items() for f in fields(cls)}  # setting -> method
+_LEGACY = {"hessian_samples": "n_samples"}  # search_policy's keyword -> the settings field
+
+
+def default_settings() -> dict[str, MethodSettings]:
+    """Every method's settings at their defaults."""
+    return {name: cls() for name, cls in METHOD_SETTINGS.items()}
+
+
+S = TypeVar("S", bound=MethodSettings)
+Candidates = Sequence[LayerSpec] | Mapping[str, Sequence[LayerSpec]] | None
+
+
+def _frozen_candidates(candidates: Any) -> Any:
+    """Candidates as tuples (a frozen config holds no list a caller could change), type-checked."""
+    if candidates is None:
+        return None
+    per_layer = candidates if isinstance(candidates, Mapping) else {"": candidates}
+    out = {}
+    for layer, specs in per_layer.items():
+        if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+            raise ConfigError(
+                f"candidates of type {type(specs).__name__} are not a list of LayerSpec",
+                "pass a list of LayerSpec, or a dict of layer name -> list ('*' for the rest)",
+            )
+        bad = next((s for s in specs if not isinstance(s, LayerSpec)), None)
+        if bad is not None:
+            where = f"layer {layer!r}: " if layer else ""
+            raise PolicyError(f"{where}candidate {bad!r} is not a LayerSpec", "pass LayerSpec objects")
+        out[layer] = tuple(specs)
+    return out if isinstance(candidates, Mapping) else out[""]
+
+
+# ----------------------------------------------------------------------------------- the config
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything :func:`~aq_brevitas.search.search_policy` is asked to do, besides the data and budget.
+
+    Validated on construction (one-line :class:`ConfigError`/:class:`PolicyError`), serialisable with
+    :meth:`to_dict`/:meth:`from_dict` (an attack *object* is not), and changed with :meth:`replace`,
+    which also accepts any method setting by name (``estimate=``, ``n_samples=``...).
+
+    ``candidates``: None (the 36 defaults), one list of :class:`LayerSpec`, or per-layer lists
+    (``"*"`` for the rest). ``refine``/``top_k``: re-rank the ``top_k`` knapsack solutions by the
+    whole-network bound and run one pass of coordinate descent (methods with a whole-network measure
+    only; off by default, see docs/method.md "Selection"). ``pgd_steps``/``val_images``: the PGD
+    check against the best uniform policy on held-out images. ``fold_bn``: score the BatchNorm-folded
+    weights that ``quantize(..., fold_bn=True)`` will quantize. ``settings``: per-method settings by
+    method name; missing ones take their defaults.
+
+    >>> from aq_brevitas.search import SearchConfig
+    >>> cfg = SearchConfig(method="hessian").replace(n_samples=4, eps=0.05)
+    >>> cfg.settings_for(HessianSettings).n_samples, cfg.eps
+    (4, 0.05)
+    >>> SearchConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": "selection method"})
+    eps: float = field(default=0.1, metadata={"help": "L-inf radius (images in [0, 1])"})
+    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+    candidates: Candidates = field(default=None, metadata={"help": "candidate LayerSpecs"})
+    fold_bn: bool = field(default=False, metadata={"help": "score BatchNorm-folded weights"})
+    refine: bool = field(default=False, metadata={"help": "refine on the whole-network bound"})
+    top_k: int = field(default=5, metadata={"help": "knapsack solutions refinement re-ranks"})
+    pgd_steps: int = field(default=10, metadata={"help": "PGD steps of the held-out uniform check"})
+    val_images: int | None = field(default=500, metadata={"help": "held-out images for that check"})
+    settings: Mapping[str, MethodSettings] = field(default_factory=default_settings)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_SETTINGS:
+            raise ConfigError(f"unknown search method {self.method!r}", f"use one of {', '.join(METHODS)}")
+        merged = default_settings()
+        for name, s in dict(self.settings).items():
+            if name not in METHOD_SETTINGS or not isinstance(s, METHOD_SETTINGS[name]):
+                raise ConfigError(
+                    f"settings for {name!r} are a {type(s).__name__}",
+                    f"give each method its settings class: {', '.join(c.__name__ for c in METHOD_SETTINGS.values())}",
+                )
+            merged[name] = s
+        object.__setattr__(self, "settings", merged)
+        _number(self.eps, "eps", 0, 1)
+        object.__setattr__(self, "eps", float(self.eps))
+        _number(self.seed, "seed", -(2**63), 2**64 - 1, integer=True)
+        _number(self.top_k, "top_k", 1, integer=True)
+        _number(self.pgd_steps, "pgd_steps", 1, integer=True)
+        if self.val_images is not None:
+            _number(self.val_images, "val_images", 1, integer=True)
+        object.__setattr__(self, "candidates", _frozen_candidates(self.candidates))
+
+    # -- access -------------------------------------------------------------------------------
+    @property
+    def method_settings(self) -> MethodSettings:
+        """The settings of :attr:`method`."""
+        return self.settings[self.method]
+
+    def settings_for(self, cls: type[S]) -> S:
+        """The settings of the method whose settings class is ``cls`` (typed access)."""
+        name = next(n for n, c in METHOD_SETTINGS.items() if c is cls)
+        out = self.settings[name]
+        assert isinstance(out, cls)
+        return out
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        """A copy with ``changes``: config fields, or method settings by field name (``estimate``,
+        ``attack``, ``steps``, ``adv_weight``, ``n_samples``; ``hessian_samples`` is read as
+        ``n_samples``). An unknown name is a ``TypeError``, as for a misspelt keyword."""
+        top, per_method = {}, {n: dict[str, Any]() for n in METHOD_SETTINGS}
+        own = {f.name for f in fields(self)}
+        for key, value in changes.items():
+            key = _LEGACY.get(key, key)
+            if key in own:
+                top[key] = value
+            elif key in _OWNER:
+                per_method[_OWNER[key]][key] = value
+            else:
+                raise TypeError(f"unexpected search setting {key!r}")
+        base = {**self.settings, **dict(top.get("settings", {}))}
+        settings = {n: dataclasses.replace(base[n], **kw) if kw else base[n] for n, kw in per_method.items()}
+        return dataclasses.replace(self, **{**top, "settings": settings})
+
+    # -- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: specs as their dicts, settings per method."""
+
+        def specs(seq: Sequence[LayerSpec]) -> list[dict[str, Any]]:
+            return [s.to_dict() for s in seq]
+
+        c = self.candidates
+        cands = (
+            None if c is None else {n: specs(v) for n, v in c.items()} if isinstance(c, Mapping) else specs(c)
+        )
+        out = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("candidates", "settings")
+        }
+        return {**out, "candidates": cands, "settings": {n: s.to_dict() for n, s in self.settings.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a one-line :class:`ConfigError`."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a search config must be an object, got {type(d).__name__}", "pass a dict")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"search config has unknown key {unknown[0]!r}", f"allowed: {', '.join(known)}")
+        kw = dict(d)
+        raw = kw.get("candidates")
+        if raw is not None:
+
+            def specs(seq: Any) -> tuple[LayerSpec, ...]:
+                return tuple(LayerSpec.from_dict(s, "candidate") for s in seq)
+
+            kw["candidates"] = (
+                {n: specs(v) for n, v in raw.items()} if isinstance(raw, Mapping) else specs(raw)
+            )
+        settings = {}
+        for name, values in dict(kw.get("settings") or {}).items():
+            if name not in METHOD_SETTINGS:
+                raise ConfigError(f"search config has settings for unknown method {name!r}", f"use {METHODS}")
+            try:
+                settings[name] = METHOD_SETTINGS[name](**values)
+            except TypeError as exc:
+                raise ConfigError(
+                    f"settings for {name!r}: {exc}", "use the fields of its settings class"
+                ) from None
+        kw["settings"] = settings
+        return cls(**kw)
+
+
+def build_config(config: SearchConfig | None, overrides: Mapping[str, Any]) -> SearchConfig:
+    """``config`` (default: :class:`SearchConfig`) with keyword ``overrides`` applied on top."""
+    base = config if config is not None else SearchConfig()
+    if not isinstance(base, SearchConfig):
+        raise ConfigError(f"config is a {type(base).__name__}, not a SearchConfig", "pass SearchConfig(...)")
+    return base.replace(**overrides) if overrides else base

@@ -1,0 +1,331 @@
+""":func:`search_policy`: score, solve, (refine,) then keep the better of the result and the best
+uniform policy by PGD accuracy on held-out training images (docs/method.md "Selection").
+
+Each step is one function over a :class:`_Run` that carries the data, the candidate table and the
+timings; :func:`search_policy` only chains them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..budget import Budget, achieved_cost, as_budget, check_feasible, require_within
+from ..candidates import CandidateRow, CandidateTable, candidate_table, folded_copy, per_layer_candidates
+from ..errors import ConfigError
+from ..nnutils import as_xy, eval_mode, layer_geometry
+from ..policy import LayerSpec, layer_cost
+from .baselines import UniformChoice, best_uniform, quantized_pgd_accuracy
+from .calibration import (
+    AdversarialCalibration,
+    Representatives,
+    WeightCache,
+    adversarial_calibration,
+    equivalent_candidates,
+    reuse_calibration,
+)
+from .config import METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
+from .mckp import SOLVER_NAME
+from .refine import Refinement
+from .result import (
+    CandidateCount,
+    Evidence,
+    HeldOutCheck,
+    SearchResult,
+    SolverReport,
+    Timing,
+    UniformEvidence,
+)
+from .scorers import SCORERS, Scores, ScoringInputs, lipschitz_terms
+from .selection import Selection, select_policy
+
+_NO_VAL_DATA = (
+    "search_policy ran without val_data: the result was not compared with the best uniform policy "
+    '(result.winner = "unchecked") -- fix: pass held-out training images as val_data '
+    "(the CLI does unless --val-images 0)"
+)
+
+
+@dataclass
+class _Run:
+    """One search in progress: what every step reads and writes."""
+
+    model: nn.Module  # the BatchNorm-folded copy with fold_bn
+    cfg: SearchConfig
+    budget: Budget
+    x: torch.Tensor
+    y: torch.Tensor
+    calib: AdversarialCalibration | None
+    progress: bool
+    timing: Timing
+    table: CandidateTable = dataclasses.field(init=False)
+    cache: WeightCache = dataclasses.field(init=False)
+
+
+@dataclass
+class _Picked:
+    """A method's choice before the held-out check: the policy, the scores it was judged by, the
+    selection (None for uniform), the refinement record, the method's evidence."""
+
+    choice: dict[str, LayerSpec]
+    scores: Scores
+    selection: Selection | None
+    refinement: Refinement
+    evidence: Evidence
+    reps: Representatives
+
+
+# ------------------------------------------------------------------------------------ the steps
+def _start(model: nn.Module, calib_data: Any, budget: Budget, cfg: SearchConfig, progress: bool) -> _Run:
+    """Calibration data as (x, y) (or a reused adversarial calibration), the folded model if asked."""
+    lip = cfg.settings_for(LipschitzSettings)
+    calib = None
+    if isinstance(calib_data, AdversarialCalibration):
+        calib = reuse_calibration(
+            model, calib_data, eps=cfg.eps, attack=lip.attack, steps=lip.steps, seed=cfg.seed
+        )
+        x, y = calib.x, calib.y
+    else:
+        x, y = as_xy(calib_data, model=model, name="calibration data")
+    if cfg.fold_bn:
+        model = folded_copy(model)  # quantize(folded, fold_bn=False) is quantize(model, fold_bn=True)
+    return _Run(model, cfg, budget, x, y, calib, progress, Timing())
+
+
+def _precheck(run: _Run) -> None:
+    """Budget feasibility from the layer geometry alone (cheap), so an impossible budget fails at once."""
+    geometry = {n: g for n, g in layer_geometry(run.model, run.x[:1]).items() if g.macs > 0}
+    cheapest = 0.0
+    for n, specs in per_layer_candidates(run.cfg.candidates, list(geometry)).items():
+        g = geometry[n]
+        rows = [CandidateRow(s, 0.0, 0.0, *layer_cost(s, g.params, g.macs)) for s in specs]
+        cheapest += min(r.cost(run.budget.kind) for r in rows)
+    if run.budget.kind == "avg_weight_bits":
+        cheapest /= max(sum(g.params for g in geometry.values()), 1)
+    require_within(run.budget, cheapest)
+
+
+def _prepare(run: _Run, table: CandidateTable | None) -> None:
+    """Adversarial calibration (lipschitz) and the candidate table, unless given; then feasibility."""
+    cfg, lip = run.cfg, run.cfg.settings_for(LipschitzSettings)
+    if table is None:
+        _precheck(run)  # before any attack or power iteration
+    t0 = time.perf_counter()
+    if (
+        run.calib is None
+        and cfg.method == "lipschitz"
+        and (lip.estimate == "jacobian" or lip.attack is not None)
+    ):
+        run.calib = adversarial_calibration(
+            run.model, (run.x, run.y), eps=cfg.eps, attack=lip.attack, steps=lip.steps, seed=cfg.seed,
+            jacobian=lip.estimate == "jacobian",
+        )  # fmt: skip
+        run.timing.adversarial_calibration_s = time.perf_counter() - t0
+    if table is None:
+        t0 = time.perf_counter()
+        # A_l (input norms) on adversarial calibration examples when there are some; ‖ΔW‖ only for
+        # what reads it (the spectral estimate, the uniform baseline's spectral share).
+        dw = cfg.method == "uniform" or (cfg.method == "lipschitz" and lip.estimate == "spectral")
+        table = candidate_table(
+            run.model, run.calib.x_adv if run.calib else run.x, cfg.candidates, gains=(), seed=cfg.seed,
+            progress=run.progress, dw_norms=dw,
+        )  # fmt: skip
+        run.timing.candidate_table_s = time.perf_counter() - t0
+    check_feasible(table, run.budget)
+    run.table, run.cache = table, WeightCache(run.model, table)
+
+
+def _uniform(run: _Run, val_data: Any) -> UniformChoice:
+    return best_uniform(
+        run.model, run.table, run.budget, val_data, calib_data=(run.x, run.y), config=run.cfg,
+        cache=run.cache, progress=run.progress,
+    )  # fmt: skip
+
+
+def _pick_uniform(run: _Run, val_data: Any) -> _Picked:
+    """The uniform method: enumerate, nothing solved. Its per-layer scores are its share of the
+    data-free (spectral) bound, for reports."""
+    t0 = time.perf_counter()
+    uni = _uniform(run, val_data)
+    table = run.table
+    has_dw = not any(math.isnan(r.dW_norm) for rows in table.rows.values() for r in rows)
+    scores = (
+        lipschitz_terms(run.model, table, None, eps=run.cfg.eps, estimate="spectral").scores
+        if has_dw
+        else {n: {r.spec: math.nan for r in rows} for n, rows in table.rows.items()}
+    )
+    run.timing.scoring_s = time.perf_counter() - t0
+    record = Refinement(skipped="uniform has no score")
+    evidence = UniformEvidence(uni, "spectral" if has_dw else None)
+    reps = equivalent_candidates(table, run.cache)
+    return _Picked({n: uni.spec for n in table.layers}, scores, None, record, evidence, reps)
+
+
+def _pick_scored(run: _Run) -> _Picked:
+    """Score with the method's registered scorer, then the knapsack (and refinement if asked)."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    inputs = ScoringInputs((run.x, run.y), run.calib, cfg.eps, cfg.seed, run.cache, run.progress)
+    scoring = SCORERS[cfg.method](run.model, run.table, inputs, cfg.method_settings)
+    run.timing.scoring_s = time.perf_counter() - t0
+    sel = select_policy(
+        run.model,
+        run.table,
+        scoring.selectable,
+        run.budget,
+        config=cfg,
+        cache=run.cache,
+        progress=run.progress,
+    )
+    run.timing.solve_s = sel.solve_s
+    record = sel.refinement
+    if record.done:
+        run.timing.refine_s = sel.refine_s
+    if cfg.refine and not METHOD_SETTINGS[cfg.method].refinable:
+        record = dataclasses.replace(
+            record, skipped=f"{cfg.method} is additive by definition; no whole-network measure"
+        )
+    return _Picked(sel.choice, scoring.scores, sel, record, scoring.evidence, sel.reps)
+
+
+def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str, LayerSpec], HeldOutCheck]:
+    """Keep the best of the searched policy, the knapsack's unrefined one (if refinement changed it)
+    and the best uniform policy by PGD accuracy on held-out images; ties keep the earlier."""
+    assert picked.selection is not None
+    cfg, t0, reps, choice = run.cfg, time.perf_counter(), picked.reps, picked.choice
+    uni = _uniform(run, val_data)
+    u_acc = uni.accuracy
+    assert u_acc is not None
+    val = as_xy(val_data, model=run.model, name="validation data")
+    n_val = len(val[0]) if cfg.val_images is None else min(cfg.val_images, len(val[0]))
+    held = (val[0][:n_val], val[1][:n_val])
+
+    def accuracy(specs: dict[str, LayerSpec]) -> float:
+        return quantized_pgd_accuracy(
+            run.model, specs, held, run.x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed
+        )
+
+    same_as_uniform = all(reps[n][s] == reps[n][uni.spec] for n, s in choice.items())
+    s_acc = u_acc if same_as_uniform else accuracy(choice)
+    # The refined policy is judged on held-out data too: if the knapsack's own solution does
+    # better there, refinement over-fitted the calibration images and is dropped.
+    milp = picked.selection.milp_choice
+    changed = picked.refinement.done and any(reps[n][milp[n]] != reps[n][choice[n]] for n in run.table.layers)
+    m_acc = accuracy(milp) if changed else None
+    options = [("search", s_acc, choice)]
+    if m_acc is not None:
+        options.append(("search-unrefined", m_acc, milp))
+    options.append(("uniform", u_acc, dict(uni.policy.layers)))
+    winner, _, final = max(options, key=lambda o: o[1])  # ties keep the earlier option
+    check = HeldOutCheck(
+        n_val, cfg.pgd_steps, s_acc, m_acc, u_acc, uni.spec, dict(uni.pgd_accuracy), dict(choice)
+    )
+    run.timing.validation_s = time.perf_counter() - t0
+    return winner, final, check
+
+
+def _result(
+    run: _Run, picked: _Picked, winner: str, final: dict[str, LayerSpec], check: HeldOutCheck | None
+) -> SearchResult:
+    cfg, table, sel = run.cfg, run.table, picked.selection
+    solver = (
+        SolverReport(SOLVER_NAME, sel.solutions[0].status, tuple(s.objective for s in sel.solutions))
+        if sel is not None
+        else SolverReport("none: uniform policies are enumerated, not solved", "not run")
+    )
+    counts = {
+        n: CandidateCount(len(r), len({picked.reps[n][s.spec] for s in r})) for n, r in table.rows.items()
+    }
+    return SearchResult(
+        layers=final,
+        method=cfg.method,
+        estimate=getattr(cfg.method_settings, "estimate", None),
+        budget=run.budget,
+        cost=achieved_cost(table, final),
+        layer_scores={n: picked.scores[n][s] for n, s in final.items()},
+        solver=solver,
+        candidates=counts,
+        refinement=picked.refinement,
+        winner=winner,
+        validation=check,
+        evidence=picked.evidence,
+        calib_images=len(run.x),
+        config=cfg,
+        timing=run.timing,
+    )
+
+
+# ------------------------------------------------------------------------------------ the search
+def search_policy(
+    model: nn.Module,
+    calib_data: Any,
+    budget: Budget | str,
+    *,
+    config: SearchConfig | None = None,
+    val_data: Any = None,
+    table: CandidateTable | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> SearchResult:
+    """Search a per-layer policy under ``budget`` (docs/method.md "Selection") and say why it won.
+
+    ``calib_data``: training-split images (never the test split) in any form
+    :func:`~aq_brevitas.nnutils.as_xy` accepts (images alone are labelled by the model), or a ready
+    :class:`AdversarialCalibration` (reused across budgets and methods; its eps must be the config's).
+    ``budget``: a :class:`~aq_brevitas.Budget` or its CLI text (``"avg-bits=4"``, ``"kib=20"``...).
+    ``config``: a :class:`SearchConfig`; ``overrides`` are its fields and method settings by name,
+    so the keywords of earlier releases still work (``method``, ``candidates``, ``eps``, ``attack``,
+    ``estimate``, ``refine``, ``top_k``, ``seed``, ``steps``, ``pgd_steps``, ``val_images``,
+    ``hessian_samples``, ``fold_bn``, ``adv_weight``). ``val_data``: held-out training images, e.g.
+    ``load_split("val")``: the result is compared with the best uniform policy by PGD accuracy on its
+    first ``val_images`` and the better one kept; without it no comparison is made, ``winner`` is
+    ``"unchecked"`` and a ``UserWarning`` says so. ``table``: a ready candidate table (its
+    ``fold_bn`` must be the config's). Apply the policy with the same ``fold_bn``.
+
+    Raises :class:`~aq_brevitas.errors.ConfigError` for bad settings or data and
+    :class:`~aq_brevitas.errors.PolicyError` for an infeasible budget (naming the minimum). Same
+    inputs and seed give the same policy; timings live only in ``result.timing``.
+
+    >>> import torch
+    >>> from aq_brevitas import LayerSpec, build_model, search_policy
+    >>> _ = torch.manual_seed(0)
+    >>> model = build_model("small_cnn").eval()  # random weights: a second or two on a CPU
+    >>> x = torch.rand(32, 1, 28, 28)
+    >>> specs = [LayerSpec(2), LayerSpec(4), LayerSpec(8)]
+    >>> result = search_policy(  # without val_data: a UserWarning, and the result is "unchecked"
+    ...     model, (x, model(x).argmax(1)), "avg-bits=4", method="hessian", candidates=specs, progress=False
+    ... )
+    >>> result.winner, result.cost.avg_weight_bits <= 4
+    ('unchecked', True)
+    >>> result.policy.save("policy.json")  # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    cfg = build_config(config, overrides)
+    budget = as_budget(budget)
+    if table is not None and table.fold_bn != cfg.fold_bn:
+        raise ConfigError(
+            f"the candidate table was built with fold_bn={table.fold_bn}, the search asks fold_bn={cfg.fold_bn}",
+            "build the table with the same fold_bn the policy will be applied with",
+        )
+    run = _start(model, calib_data, budget, cfg, progress)
+    check: HeldOutCheck | None = None
+    with eval_mode(run.model):
+        _prepare(run, table)
+        if cfg.method == "uniform":
+            picked = _pick_uniform(run, val_data)
+            winner, final = "uniform", picked.choice
+        else:
+            picked = _pick_scored(run)
+            winner, final = "unchecked", picked.choice
+            if val_data is None:
+                warnings.warn(_NO_VAL_DATA, stacklevel=2)
+            else:
+                winner, final, check = _held_out(run, picked, val_data)
+    run.timing.total_s = time.perf_counter() - t_start
+    return _result(run, picked, winner, final, check)

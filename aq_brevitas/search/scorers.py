@@ -1,0 +1,338 @@
+"""Scores ``s_l(c)`` for every (layer, candidate) of a :class:`~aq_brevitas.candidates.CandidateTable`:
+what the knapsack minimises, lower is better, all behind one signature.
+
+- ``lipschitz`` (this project's formulation, docs/method.md "Scores"), estimate ``jacobian``: with
+  ``x_adv`` = PGD on the float model and ``J_loc`` its local input-output Jacobian norm there,
+  ``s_l(c) = ε·J_loc·(L̂_l(c)/L_l − 1) + mean‖f_{l←c}(x_adv) − f(x_adv)‖₂``, where ``f_{l←c}`` is the
+  float network with only layer l's weight replaced by Ŵ_l(c) from the swap's own Brevitas quantizer.
+  Estimate ``spectral`` (data-free apart from A_l, exact for chains only):
+  ``s = ε·Π·(L̂/L − 1) + Λ_spectral·‖ΔW‖₂·A``.
+- ``hessian`` (HAWQ-V2, Dong et al. 2020): Hutchinson trace of the clean cross-entropy Hessian per
+  weight × ‖ΔW‖_F².
+- ``ans`` (QUANOS, Panda 2020): adversarial noise sensitivity of the layer's output under FGSM ×
+  ‖ΔW‖_F²/‖W‖_F². QUANOS gives more bits to high-ANS layers; scaling the relative weight error by ANS
+  makes that rule a score, so it runs through the same solver and budget as the others.
+
+``SCORERS`` maps each scored method of :data:`~aq_brevitas.search.config.METHOD_SETTINGS` to a
+function ``(model, table, inputs: ScoringInputs, settings) -> Scoring``; :func:`score` dispatches.
+``score_lipschitz``/``score_hessian``/``score_ans`` are the same call with the method fixed,
+returning the scores alone. All scorers use eval mode and training-split calibration images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..attacks import check_eps, make_attack
+from ..candidates import CandidateTable
+from ..errors import ConfigError
+from ..nnutils import as_xy, eval_mode
+from ..policy import LayerSpec
+from .calibration import (
+    AdversarialCalibration,
+    WeightCache,
+    network_deviation,
+    progress_bar,
+    reuse_calibration,
+    seeded,
+)
+from .config import (
+    ESTIMATES,
+    METHOD_SETTINGS,
+    AnsSettings,
+    HessianSettings,
+    LipschitzSettings,
+    SearchConfig,
+)
+from .result import AnsEvidence, HessianEvidence, LipschitzEvidence
+
+Scores = dict[str, dict[LayerSpec, float]]
+
+
+# ----------------------------------------------------------------------------------- lipschitz
+@dataclass
+class LipschitzTerms:
+    """The two parts of the lipschitz score, kept apart for reporting, refinement and ablations."""
+
+    adversarial: Scores
+    quantization: Scores
+    calibration: AdversarialCalibration | None
+    estimate: str
+
+    @property
+    def scores(self) -> Scores:
+        return self.weighted(1.0)
+
+    def weighted(self, adv_weight: float) -> Scores:
+        """``adv_weight``·adversarial + quantization (1 is the bound; other values are for ablations)."""
+        return {
+            n: {s: adv_weight * self.adversarial[n][s] + self.quantization[n][s] for s in specs}
+            for n, specs in self.quantization.items()
+        }
+
+
+def _spectral_terms(table: CandidateTable, eps: float) -> LipschitzTerms:
+    if any(math.isnan(r.dW_norm) for rows in table.rows.values() for r in rows):
+        raise ConfigError(
+            "the candidate table has no ‖ΔW‖ norms (built with dw_norms=False)",
+            "build it with candidate_table(..., dw_norms=True) for the spectral estimate",
+        )
+    pi = math.prod(s.L for s in table.scores.values())
+    downstream, gains = 1.0, {}
+    for name in reversed(list(table.scores)):  # execution order: Π of L after the layer
+        gains[name] = downstream
+        downstream *= table.scores[name].L
+    adv: Scores = {}
+    quant: Scores = {}
+    for name, rows in table.rows.items():
+        sc = table.scores[name]
+        adv[name] = {r.spec: eps * pi * (r.L_hat / sc.L - 1) for r in rows}
+        quant[name] = {r.spec: gains[name] * r.dW_norm * sc.A for r in rows}
+    return LipschitzTerms(adv, quant, None, "spectral")
+
+
+def lipschitz_terms(
+    model: nn.Module,
+    table: CandidateTable,
+    calib_data: Any,
+    *,
+    eps: float = 0.1,
+    estimate: str = "jacobian",
+    attack: Any = None,
+    steps: int = 10,
+    seed: int = 0,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+) -> LipschitzTerms:
+    """Adversarial and quantization terms of the lipschitz score for every (layer, candidate).
+
+    ``calib_data``: an :class:`AdversarialCalibration` made at ``eps``, or images to attack with
+    ``attack``/``steps`` (unused by ``spectral``, which needs a table built with ``dw_norms=True``).
+    One forward pass (downstream part only) per candidate for ``jacobian``.
+    """
+    eps = check_eps(eps)
+    if estimate not in ESTIMATES:
+        raise ConfigError(f"unknown estimate {estimate!r}", f"use one of {', '.join(ESTIMATES)}")
+    if estimate == "spectral":
+        return _spectral_terms(table, eps)
+    calib = reuse_calibration(model, calib_data, eps=eps, attack=attack, steps=steps, seed=seed)
+    cache = cache or WeightCache(model)
+    j_loc = calib.j_loc if calib.j_loc is not None else 0.0
+    adv: Scores = {}
+    quant: Scores = {}
+    bar = progress_bar(
+        total=sum(map(len, table.rows.values())), desc="lipschitz scores", disable=not progress
+    )
+    for name, rows in table.rows.items():
+        sc = table.scores[name]
+        adv[name], quant[name] = {}, {}
+        for r in rows:
+            adv[name][r.spec] = eps * j_loc * (r.L_hat / sc.L - 1)
+            quant[name][r.spec] = network_deviation(model, calib, {name: r.spec}, cache)
+            bar.update()
+    bar.close()
+    return LipschitzTerms(adv, quant, calib, "jacobian")
+
+
+# --------------------------------------------------------------------------------- sensitivities
+def hessian_traces(
+    model: nn.Module, calib_data: Any, layers: Sequence[str], *, n_samples: int = 16, seed: int = 0
+) -> dict[str, float]:
+    """Average Hessian trace per weight, Tr(H_l)/n_l, of the clean cross-entropy (HAWQ-V2).
+
+    Hutchinson: E[vᵀHv] over Rademacher v, Hv by double backward; all layers in one pass per sample.
+    """
+    if n_samples < 1:
+        raise ConfigError(f"n_samples must be >= 1, got {n_samples}", "pass e.g. n_samples=16")
+    x, y = as_xy(calib_data, model=model, name="calibration data")
+    modules = dict(model.named_modules())
+    weights = [modules[n].weight for n in layers]
+    flags = [w.requires_grad for w in weights]
+    gen = torch.Generator().manual_seed(seed)
+    traces = [0.0] * len(weights)
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with eval_mode(model), torch.enable_grad():
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for _ in range(n_samples):
+                vs = [
+                    (torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w.device, w.dtype)
+                    for w in weights
+                ]
+                hvs = torch.autograd.grad(grads, weights, vs, retain_graph=True)
+                for i, (v, hv) in enumerate(zip(vs, hvs)):
+                    traces[i] += float((v * hv).sum()) / n_samples
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+    return {n: t / w.numel() for n, t, w in zip(layers, traces, weights)}
+
+
+def ans_sensitivity(
+    model: nn.Module, calib_data: Any, layers: Sequence[str], *, eps: float = 0.1, seed: int = 0
+) -> dict[str, float]:
+    """QUANOS ANS_l: mean over examples of ‖a_l(x) − a_l(x_fgsm)‖ / ‖a_l(x)‖ at the layer's output."""
+    eps = check_eps(eps)
+    x, y = as_xy(calib_data, model=model, name="calibration data")
+    modules = dict(model.named_modules())
+    with eval_mode(model):
+        atk = make_attack("fgsm", model, eps=eps, seed=seed)
+        with seeded(seed):
+            x_adv = atk(x, y).detach() if eps > 0 else x.clone()
+        acts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        state = {"calls": 0}  # one activation per forward: a layer called twice keeps its first call
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(_m: nn.Module, _a: Any, out: Any) -> None:
+                if len(acts[name]) < state["calls"]:
+                    acts[name].append(getattr(out, "value", out).detach().flatten(1))
+
+            return fn
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+        try:
+            with torch.no_grad():
+                for inp in (x, x_adv):
+                    state["calls"] += 1
+                    model(inp)
+        finally:
+            for h in handles:
+                h.remove()
+    out = {}
+    for n in layers:
+        clean, adv = acts[n]
+        out[n] = float(((clean - adv).norm(dim=1) / clean.norm(dim=1).clamp_min(1e-12)).mean())
+    return out
+
+
+def _weighted_error(
+    cache: WeightCache, table: CandidateTable, weight: Mapping[str, float], relative: bool
+) -> Scores:
+    """``weight_l · ‖Ŵ_l(c) − W_l‖_F²`` per (layer, candidate), divided by ‖W_l‖_F² when ``relative``."""
+    out: Scores = {}
+    for name, rows in table.rows.items():
+        w = cache.modules[name].weight.detach()
+        norm = (float(w.square().sum()) or 1.0) if relative else 1.0
+        out[name] = {
+            r.spec: weight[name] * float((cache(name, r.spec) - w).square().sum()) / norm for r in rows
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------- one signature
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What every scorer gets besides the table: the calibration ``data`` (training-split images and
+    labels, any form :func:`~aq_brevitas.nnutils.as_xy` accepts), the adversarial calibration when one
+    was made, ε, the seed, the Ŵ cache."""
+
+    data: Any
+    calibration: AdversarialCalibration | None
+    eps: float
+    seed: int
+    cache: WeightCache
+    progress: bool = False
+
+
+@dataclass
+class Scoring:
+    """A scorer's answer: ``scores`` (what the knapsack minimises), the lipschitz ``terms`` when the
+    method has a whole-network measure, and ``evidence``: the method's own measurements (``J_loc``,
+    Hessian traces, ANS...), as :class:`~aq_brevitas.search.SearchResult` reports them."""
+
+    scores: Scores
+    terms: LipschitzTerms | None
+    evidence: LipschitzEvidence | HessianEvidence | AnsEvidence
+
+    @property
+    def selectable(self) -> Scores | LipschitzTerms:
+        """What :func:`~aq_brevitas.search.selection.select_policy` takes: the terms when there are some."""
+        return self.terms if self.terms is not None else self.scores
+
+
+Scorer = Callable[[nn.Module, CandidateTable, ScoringInputs, Any], Scoring]
+
+
+def _lipschitz(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: LipschitzSettings) -> Scoring:
+    data = inp.calibration if inp.calibration is not None else inp.data
+    terms = lipschitz_terms(
+        model, table, data, eps=inp.eps, estimate=s.estimate, attack=s.attack, steps=s.steps, seed=inp.seed,
+        cache=inp.cache, progress=inp.progress,
+    )  # fmt: skip
+    calib = inp.calibration
+    evidence = (
+        LipschitzEvidence(s.adv_weight, calib.attack, calib.j_loc)
+        if calib
+        else LipschitzEvidence(s.adv_weight)
+    )
+    return Scoring(terms.weighted(s.adv_weight), terms, evidence)
+
+
+def _hessian(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: HessianSettings) -> Scoring:
+    traces = hessian_traces(model, inp.data, table.layers, n_samples=s.n_samples, seed=inp.seed)
+    scores = _weighted_error(inp.cache, table, {n: max(t, 0.0) for n, t in traces.items()}, relative=False)
+    return Scoring(scores, None, HessianEvidence(traces, s.n_samples))
+
+
+def _ans(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: AnsSettings) -> Scoring:
+    ans = ans_sensitivity(model, inp.data, table.layers, eps=inp.eps, seed=inp.seed)
+    return Scoring(_weighted_error(inp.cache, table, ans, relative=True), None, AnsEvidence(ans))
+
+
+SCORERS: dict[str, Scorer] = {"lipschitz": _lipschitz, "hessian": _hessian, "ans": _ans}
+assert set(SCORERS) == {n for n, c in METHOD_SETTINGS.items() if c.scored}, "a scored method has no scorer"
+
+
+def score(
+    method: str,
+    model: nn.Module,
+    table: CandidateTable,
+    calib_data: Any,
+    *,
+    config: SearchConfig | None = None,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> Scoring:
+    """Score every (layer, candidate) of ``table`` with ``method`` (a name in ``SCORERS``).
+
+    ``calib_data``: an :class:`AdversarialCalibration` (lipschitz reuses it; its eps must be the
+    config's) or training-split images in any form :func:`~aq_brevitas.nnutils.as_xy` accepts.
+    ``config`` / ``overrides`` (``eps``, ``seed`` and the method's settings by name, e.g.
+    ``estimate="spectral"``, ``n_samples=4``) as :class:`SearchConfig`. Raises ConfigError for an
+    unknown method.
+    """
+    if method not in SCORERS:
+        raise ConfigError(f"method {method!r} has no scorer", f"use one of {', '.join(SCORERS)}")
+    cfg = (config or SearchConfig()).replace(method=method, **overrides)
+    calib = calib_data if isinstance(calib_data, AdversarialCalibration) else None
+    data = (calib.x, calib.y) if calib is not None else calib_data
+    inputs = ScoringInputs(data, calib, cfg.eps, cfg.seed, cache or WeightCache(model, table), progress)
+    with eval_mode(model):
+        return SCORERS[method](model, table, inputs, cfg.method_settings)
+
+
+def score_lipschitz(model: nn.Module, table: CandidateTable, calib_data: Any, **kw: Any) -> Scores:
+    """This method's score ``s_l(c)`` (module docstring); keywords as :func:`score`
+    (``eps``, ``seed``, ``estimate``, ``attack``, ``steps``, ``adv_weight``, ``cache``, ``progress``)."""
+    return score("lipschitz", model, table, calib_data, **kw).scores
+
+
+def score_hessian(model: nn.Module, table: CandidateTable, calib_data: Any, **kw: Any) -> Scores:
+    """HAWQ-V2: ``max(Tr(H_l)/n_l, 0) · ‖Ŵ_l(c) − W_l‖_F²`` (a negative trace estimate counts as flat);
+    keywords as :func:`score` (``n_samples``, ``seed``, ``cache``...)."""
+    return score("hessian", model, table, calib_data, **kw).scores
+
+
+def score_ans(model: nn.Module, table: CandidateTable, calib_data: Any, **kw: Any) -> Scores:
+    """QUANOS as a score: ``ANS_l · ‖Ŵ_l(c) − W_l‖_F² / ‖W_l‖_F²``; keywords as :func:`score`."""
+    return score("ans", model, table, calib_data, **kw).scores

@@ -1,0 +1,97 @@
+"""The selection step on ready scores: the exact knapsack over distinct candidates, then (optionally)
+refinement on the whole-network bound.
+
+:func:`~aq_brevitas.search.search_policy` scores and then calls :func:`select_policy`; ablations call
+it directly to try several settings (``adv_weight``, ``refine``) on one set of measured terms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..budget import Budget, as_budget, budget_capacity, candidate_costs
+from ..candidates import CandidateTable
+from ..policy import LayerSpec
+from .calibration import Representatives, WeightCache, distinct_specs, equivalent_candidates
+from .config import LipschitzSettings, SearchConfig, build_config
+from .mckp import MckpSolution, solve_top_k
+from .refine import Refinement, WholeNetworkBound, refine
+from .scorers import LipschitzTerms, Scores
+
+
+@dataclass
+class Selection:
+    """What :func:`select_policy` found: the (refined) ``choice``, the knapsack's own optimum
+    ``milp_choice``, all knapsack ``solutions`` (objective order), the refinement record, the
+    candidate representatives (``reps``: candidate -> first one with an identical Ŵ; ``distinct``:
+    the representatives per layer) and the seconds spent solving and refining."""
+
+    choice: dict[str, LayerSpec]
+    milp_choice: dict[str, LayerSpec]
+    solutions: list[MckpSolution]
+    refinement: Refinement
+    reps: Representatives
+    distinct: dict[str, list[LayerSpec]]
+    solve_s: float
+    refine_s: float
+
+
+def _restrict(values: Mapping[str, Mapping[LayerSpec, float]], reps: Representatives) -> Scores:
+    """Only each layer's representative candidates."""
+    return {n: {s: v for s, v in vals.items() if reps[n][s] == s} for n, vals in values.items()}
+
+
+def select_policy(
+    model: nn.Module,
+    table: CandidateTable,
+    scores: Scores | LipschitzTerms,
+    budget: Budget | str,
+    *,
+    config: SearchConfig | None = None,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> Selection:
+    """Knapsack and, for :class:`LipschitzTerms` with ``refine``, refinement: the selection step alone.
+
+    ``scores``: per (layer, candidate) of ``table``, or the lipschitz terms (then weighted by the
+    config's ``adv_weight``). With ``refine`` the config's ``top_k`` knapsack solutions are re-ranked
+    by the whole-network bound at its ``eps`` and one pass of coordinate descent runs on it (off by
+    default, as in ``search_policy``). ``config``/``overrides`` (``eps``, ``refine``, ``top_k``,
+    ``adv_weight``) as :class:`SearchConfig`. Raises PolicyError when no policy fits ``budget``.
+    """
+    cfg = build_config(config, overrides)
+    eps, adv_weight = cfg.eps, cfg.settings_for(LipschitzSettings).adv_weight
+    budget = as_budget(budget)
+    cache = cache or WeightCache(model, table)
+    terms = scores if isinstance(scores, LipschitzTerms) else None
+    values = terms.weighted(adv_weight) if terms is not None else scores
+    reps = equivalent_candidates(table, cache)
+    distinct = distinct_specs(reps)
+    costs = candidate_costs(table, budget.kind)
+    do_refine = cfg.refine and terms is not None
+    t0 = time.perf_counter()
+    solutions = solve_top_k(
+        _restrict(values, reps),
+        _restrict(costs, reps),
+        budget_capacity(table, budget),
+        cfg.top_k if do_refine else 1,
+    )
+    solve_s = time.perf_counter() - t0
+    choice = dict(solutions[0].choice)
+    record = Refinement()
+    t0 = time.perf_counter()
+    if do_refine:
+        assert terms is not None
+        bound = WholeNetworkBound(model, table, terms.estimate, terms.calibration, cache, adv_weight)
+        choice, record = refine(bound, budget, solutions, eps, distinct, progress=progress)
+    order = table.layers
+    return Selection(
+        {n: choice[n] for n in order}, {n: solutions[0].choice[n] for n in order}, solutions, record, reps,
+        distinct, solve_s, time.perf_counter() - t0,
+    )  # fmt: skip

@@ -1,0 +1,109 @@
+"""The settings dataclasses: defaults, validation with one-line errors, JSON round trips, overrides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from aq_brevitas.config import AttackConfig, EvalConfig, TrainConfig, with_overrides
+from aq_brevitas.errors import ConfigError
+from conftest import REPO
+
+
+@pytest.mark.parametrize("cls", [AttackConfig, TrainConfig, EvalConfig])
+def test_round_trip_through_json(cls):
+    cfg = cls()
+    back = cls.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and hash(back) == hash(cfg)
+    with pytest.raises(ConfigError, match=rf"unknown {cls.__name__} setting\(s\) 'bogus'"):
+        cls.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_config_module_is_light():
+    """The CLI may build its parser from the configs without paying for torch."""
+    code = "import sys, aq_brevitas.config; print([m for m in ('torch', 'brevitas', 'torchattacks') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_config_defaults_and_finetuning_preset():
+    cfg = TrainConfig()
+    assert (cfg.eps, cfg.steps, cfg.lr, cfg.optimizer, cfg.weight_decay, cfg.batch_size) == (
+        0.1, 7, 0.05, "sgd", 5e-4, 128
+    )  # fmt: skip
+    ft = TrainConfig.finetuning(epochs=3)
+    assert (ft.lr, ft.optimizer, ft.weight_decay, ft.learn_act_scales, ft.epochs) == (
+        5e-4,
+        "adam",
+        0.0,
+        False,
+        3,
+    )
+    assert cfg.attack() == AttackConfig("pgd", 0.1, 7, None, True)
+    assert TrainConfig(trades_beta=6.0, alpha=0.02).attack().name == "tpgd"
+    assert not TrainConfig(eps=0.0).adversarial and not TrainConfig(steps=0).adversarial
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"eps": 1.5}, r"eps=1\.5 is outside \[0, 1\]"),
+        ({"eps": float("nan")}, r"eps must be a number, got nan"),
+        ({"epochs": 0}, r"bad training settings \(epochs=0"),
+        ({"lr": "fast"}, r"bad training settings .*lr=fast"),
+        ({"batch_size": 1.5}, r"bad training settings"),
+        ({"clean_weight": 2}, r"clean_weight=2 is outside \[0, 1\]"),
+        ({"alpha": -0.1}, r"alpha=-0\.1 is not a PGD step"),
+        ({"optimizer": "lbfgs"}, r"unknown optimizer 'lbfgs'"),
+        ({"trades_beta": -1}, r"trades_beta=-1 must be >= 0"),
+        ({"weight_decay": -1}, r"weight_decay=-1 must be >= 0"),
+        ({"seed": "0"}, r"seed must be an integer"),
+    ],
+)
+def test_train_config_refuses_bad_values(changes, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        TrainConfig().replace(**changes)
+    assert "\n" not in str(err.value) and "-- fix:" in str(err.value)
+
+
+def test_eval_config_normalises_and_refuses():
+    cfg = EvalConfig(eps=(0.2, 0.05, 0.2), attacks=("PGD", "clean", "pgd"), normalization=([0.5], [0.25]))
+    assert cfg.eps == (0.05, 0.2) and cfg.attacks == ("pgd", "clean")
+    assert cfg.normalization == ((0.5,), (0.25,)) and EvalConfig(eps=0.1).eps == (0.1,)
+    for changes, message in [
+        ({"eps": ()}, "no eps given"),
+        ({"eps": (0.1, "0.1")}, "eps must be a number"),
+        ({"large_eps": 2}, "large_eps=2 is outside"),
+        ({"attacks": ("clean", "cw")}, "unknown attack"),
+        ({"pgd_steps": 0}, "pgd_steps must be an integer >= 1"),
+        ({"limit": 0}, "limit must be positive"),
+        ({"normalization": ((0.5,), (0.0,))}, "normalization"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            EvalConfig().replace(**changes)
+
+
+def test_attack_config_and_overrides():
+    assert AttackConfig("FGSM").name == "fgsm" and AttackConfig(steps=4, eps=0.1).step_size == pytest.approx(
+        0.0625
+    )
+    with pytest.raises(ConfigError, match="unknown attack 'cw'"):
+        AttackConfig("cw")
+    base = TrainConfig(epochs=2)
+    assert with_overrides(None, TrainConfig(), {}) == TrainConfig()
+    assert with_overrides(base, TrainConfig(), {"lr": 0.1}) == TrainConfig(epochs=2, lr=0.1)
+    with pytest.raises(ConfigError, match="config is a EvalConfig, not a TrainConfig"):
+        with_overrides(EvalConfig(), TrainConfig(), {})
+
+
+def test_make_attack_takes_an_attack_config():
+    import torch
+
+    from aq_brevitas.attacks import make_attack
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    atk = make_attack(AttackConfig("pgd", eps=0.2, steps=3, alpha=0.05, random_start=False), model)
+    assert (atk.eps, atk.steps, atk.alpha, atk.random_start) == (0.2, 3, 0.05, False)
