@@ -19,21 +19,12 @@ from torch.nn import functional as F
 
 from aq_brevitas.convert import quantize, save_quantized
 from aq_brevitas.errors import ConfigError, ModelError
-from aq_brevitas.export import (
-    DEFAULT_TOL,
-    _boundary_flips,
-    _check_flips,
-    _enforce,
-    _parity,
-    _QuantCall,
-    export_qcdq,
-    export_qonnx,
-    finn_check,
-    inference_cost,
-)
+from aq_brevitas.export import DEFAULT_TOL, export_qcdq, export_qonnx, finn_check, inference_cost
+from aq_brevitas.export.flips import QuantCall, boundary_flips, check_flips
+from aq_brevitas.export.parity import enforce_bound, measure_parity
 from aq_brevitas.injectors import act_quant_for
-from aq_brevitas.layers import quantizable_layers
 from aq_brevitas.models import build_model, load_float_model
+from aq_brevitas.nnutils import quantizable_layers
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from conftest import run_cli
 
@@ -110,17 +101,17 @@ def test_parity_tolerance_scales_with_logits_but_catches_a_real_mismatch(tmp_pat
     mw = ModelWrapper(str(tmp_path / "m.onnx"))
     images = fmnist_test_1k[0][100:108]
     run = lambda a: execute_onnx(mw, {mw.graph.input[0].name: a})[mw.graph.output[0].name]  # noqa: E731
-    diff, scale, _ = _parity(run, q, x[:1], images)
+    diff, scale, _ = measure_parity(run, q, x[:1], images)
     assert scale > 10  # large logits: an absolute 1e-5 would be a few ulps wide
-    _enforce("QONNX", diff, scale, DEFAULT_TOL)
+    enforce_bound("QONNX", diff, scale, DEFAULT_TOL)
     # a 0.01 % error in one weight scale is a real mismatch, and the relative bound still catches it
     node = next(
         n for n in mw.graph.node if n.op_type == "Quant" and mw.get_initializer(n.input[0]) is not None
     )
     mw.set_initializer(node.input[1], mw.get_initializer(node.input[1]) * np.float32(1 + 1e-4))
-    bad_diff, scale, _ = _parity(run, q, x[:1], images)
+    bad_diff, scale, _ = measure_parity(run, q, x[:1], images)
     with pytest.raises(ModelError, match="differs from PyTorch"):
-        _enforce("QONNX", bad_diff, scale, DEFAULT_TOL)
+        enforce_bound("QONNX", bad_diff, scale, DEFAULT_TOL)
 
 
 def test_weight_memory_must_equal_the_policy(tmp_path, fmnist_test_1k):
@@ -413,30 +404,30 @@ def test_one_step_away_from_a_boundary_fails(tmp_path, monkeypatch, fmnist_test_
 
 
 def test_flip_criterion_on_values_exactly_at_a_boundary():
-    """``_boundary_flips`` on hand-made values: scale 0.25, inputs 0.125 (t = 0.5 exactly), 0.5, 0.3."""
+    """``boundary_flips`` on hand-made values: scale 0.25, inputs 0.125 (t = 0.5 exactly), 0.5, 0.3."""
     params = (np.float32(0.25), np.float32(0.0), np.float32(8.0))
     x_torch = np.array([0.125, 0.5, 0.3], np.float32)  # codes 0 (half to even), 2, 1
-    call = _QuantCall("q.act_quant", x_torch, np.array([0, 0.5, 0.25], np.float32), *params[:2], 8.0)
+    call = QuantCall("q.act_quant", x_torch, np.array([0, 0.5, 0.25], np.float32), *params[:2], 8.0)
     x_onnx = x_torch.copy()
     x_onnx[0] = np.nextafter(x_onnx[0], np.float32(1))  # one ulp above the boundary: code 1
 
     def codes(*c):
         return np.array(c, np.float32) * params[0]
 
-    differs, legit = _boundary_flips(x_onnx, codes(1, 2, 1), params, call, DEFAULT_TOL)
+    differs, legit = boundary_flips(x_onnx, codes(1, 2, 1), params, call, DEFAULT_TOL)
     assert differs.tolist() == [True, False, False] and legit.tolist() == [True, False, False]
-    differs, legit = _boundary_flips(x_onnx, codes(1, 3, 1), params, call, DEFAULT_TOL)  # t = 2.0 -> 3
+    differs, legit = boundary_flips(x_onnx, codes(1, 3, 1), params, call, DEFAULT_TOL)  # t = 2.0 -> 3
     assert differs.tolist() == [True, True, False] and legit.tolist() == [True, False, False]
-    differs, legit = _boundary_flips(x_onnx, codes(2, 2, 1), params, call, DEFAULT_TOL)  # two steps
+    differs, legit = boundary_flips(x_onnx, codes(2, 2, 1), params, call, DEFAULT_TOL)  # two steps
     assert differs.tolist() == [True, False, False] and legit.tolist() == [False, False, False]
 
     class Node:
         name = "Quant_9"
 
     big = np.ones(2000, bool)
-    assert _check_flips(Node, 0, call, big & (np.arange(2000) < 2), big) == 2  # 2 of 2000: 1e-3
+    assert check_flips(Node, 0, call, big & (np.arange(2000) < 2), big) == 2  # 2 of 2000: 1e-3
     with pytest.raises(ModelError, match="3 rounding-boundary flips, more than float32 noise explains"):
-        _check_flips(Node, 0, call, big & (np.arange(2000) < 3), big)
+        check_flips(Node, 0, call, big & (np.arange(2000) < 3), big)
 
 
 # ---- exporter failures ---------------------------------------------------------------------------

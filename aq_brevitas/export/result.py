@@ -1,0 +1,100 @@
+"""What an export produced: :class:`ExportResult` and its per-layer text table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import os
+
+    from torch import nn
+
+    from .graph import GraphLayer
+    from .parity import ParityOutcome
+
+
+@dataclass
+class ExportResult:
+    """What an export produced and how well it matched PyTorch."""
+
+    path: str
+    format: str
+    max_abs_diff: float
+    images_checked: int
+    layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per layer found in the graph
+    bipolar_layers: list[str] = field(default_factory=list)
+    policy: dict[str, Any] | None = None
+    opset: int = 13
+    ort_basic_diff: float | None = None  # QCDQ only: the same check with every BASIC rewrite enabled
+    act_bits: dict[str, int] = field(default_factory=dict)  # input-quantizer bits per layer in the graph
+    output_scale: float = math.nan  # max |PyTorch output| over the checked images
+    allowed_diff: float = math.nan  # tol * max(1, output_scale): the parity bound that was enforced
+    weight_bits: dict[str, dict[str, int]] = field(default_factory=dict)  # per layer: graph vs expected
+    expected_from: str = ""  # "policy" or "quantizers": where the expected weight bits came from
+    cost: dict[str, Any] | None = None  # QONNX only: inference_cost of the written graph
+    # QONNX only: codes that ONNX and PyTorch round to neighbouring levels because the quantizer's
+    # input sits within float32 noise of a rounding boundary, summed over the checked images, and
+    # per "node (quantizer)". max_abs_diff includes their effect and may then exceed allowed_diff;
+    # diff_without_flips (the same difference once they get PyTorch's codes) may not.
+    boundary_flips: int = 0
+    flip_detail: dict[str, int] = field(default_factory=dict)
+    diff_without_flips: float = math.nan  # equals max_abs_diff when nothing flipped
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_graph(
+        cls,
+        path: str | os.PathLike[str],
+        fmt: str,
+        layers: Mapping[str, GraphLayer],
+        model: nn.Module,
+        parity: ParityOutcome,
+        **fields: Any,
+    ) -> ExportResult:
+        """The result of writing ``path`` in format ``fmt`` (``"qonnx"`` or ``"qcdq"``).
+
+        ``layers`` are the model's layers as read back from the written graph (their weight and input
+        bits fill ``layer_bits``, ``bipolar_layers``, ``act_bits``); the policy is the one
+        :func:`aq_brevitas.quantize` attached to ``model``, if any; ``parity`` gives the measured
+        differences and flips; ``fields`` the format's own fields (``opset``, ``cost``, ...).
+        """
+        policy = getattr(model, "aq_policy", None)
+        found = {
+            "layer_bits": {name: gl.weight_bits for name, gl in layers.items()},
+            "bipolar_layers": [name for name, gl in layers.items() if gl.bipolar],
+            "act_bits": {name: gl.act_bits for name, gl in layers.items() if gl.act_bits is not None},
+            "policy": policy.to_dict() if policy else None,
+        }
+        measured = {
+            "max_abs_diff": parity.max_abs_diff,
+            "images_checked": parity.images,
+            "output_scale": parity.output_scale,
+            "allowed_diff": parity.allowed,
+            "boundary_flips": sum(parity.flips.values()),
+            "flip_detail": parity.flips,
+            "diff_without_flips": parity.diff_without_flips,
+        }
+        return cls(path=str(path), format=fmt, **found, **measured, **fields)
+
+
+def layer_table(res: ExportResult) -> str:
+    """Per-layer bit widths read from the graph, and (QONNX) graph-vs-prediction weight memory."""
+    src = res.expected_from or "policy"
+    head = f"{'layer':<24} {'weight bits':>11} {'input bits':>10}"
+    rows = [head + (f" {'weight memory: graph / ' + src:>32}" if res.weight_bits else "")]
+    for name, bits in res.layer_bits.items():
+        w = f"{bits}" + (" (bipolar)" if name in res.bipolar_layers else "")
+        row = f"{name:<24} {w:>11} {res.act_bits.get(name, 'float'):>10}"
+        if name in res.weight_bits:
+            row += f" {res.weight_bits[name]['graph']:>20,} / {res.weight_bits[name][src]:<,}"
+        rows.append(row)
+    if res.weight_bits:
+        g = sum(r["graph"] for r in res.weight_bits.values())
+        e = sum(r[src] for r in res.weight_bits.values())
+        rows.append(f"{'total':<24} {'':>11} {'':>10} {g:>20,} / {e:<,} ({'equal' if g == e else 'DIFFER'})")
+    return "\n".join(rows)
