@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PolicyError
-from .layers import quantizable_layers
+from .nnutils import quantizable_layers
 from .policy import LayerSpec, LayerwisePolicy
 
 DEFAULT_ACT_BITS = 8

@@ -144,7 +144,7 @@ def candidate_table(
     candidates: Sequence[LayerSpec] | Mapping[str, Sequence[LayerSpec]] | None = None,
     *,
     scores: dict[str, LayerScore] | None = None,
-    gains: Sequence[str] = ("spectral", "jacobian"),
+    gains: Sequence[str] = (),
     seed: int = 0,
     tol: float = 1e-5,
     dw_norms: bool = True,
@@ -161,8 +161,8 @@ def candidate_table(
     converged singular vectors (Ŵ ≈ W, so a few steps suffice and L̂/L shares L's residual error);
     ‖ΔW‖₂ starts cold (ΔW of two candidates share no subspace, so a warm start can stall on a lower
     singular value). ``dw_norms=False`` skips ‖ΔW‖₂ (NaN in the rows): only the spectral estimate
-    uses it, and it is half the table's cost. ``gains`` is passed to :func:`lipschitz_scores` when
-    ``scores`` is None. ``example_inputs`` is a float batch ``(N, *input_shape)``.
+    uses it, and it is half the table's cost. ``gains`` (default none: the search reads only
+    L and A from the table's scores) is passed to :func:`lipschitz_scores` when ``scores`` is None. ``example_inputs`` is a float batch ``(N, *input_shape)``.
     """
     from tqdm.auto import tqdm
 

@@ -23,7 +23,7 @@ from .config import EvalConfig, check_normalization, with_overrides
 from .nnutils import (
     as_xy,
     check_forward,
-    frozen_quant_weights,  # also re-exported for benchmarks until they import from nnutils
+    frozen_quant_weights,
 )
 from .report import AttackResult, RobustnessReport, masking_checks
 

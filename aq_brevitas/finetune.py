@@ -22,7 +22,6 @@ from .config import TrainConfig
 from .errors import ConfigError
 
 # re-exported for benchmarks/finetune_speed.py until it imports from nnutils
-from .nnutils import frozen_activation_scales as frozen_activation_scales
 from .training import TrainHistory, adversarial_train
 
 

@@ -19,6 +19,11 @@ INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 
 
+def _classifier_head(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """flatten -> fc1 -> ReLU -> fc2, the head both zoo CNNs share (their checkpoints name fc1, fc2)."""
+    return net.fc2(F.relu(net.fc1(torch.flatten(features, 1))))
+
+
 class SmallCNN(nn.Module):
     """conv16-relu-pool, conv32-relu-pool, fc128, fc10 (the prototype net of docs/method.md)."""
 
@@ -31,9 +36,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(torch.flatten(x, 1)))
-        return self.fc2(x)
+        return _classifier_head(self, F.max_pool2d(F.relu(self.conv2(x)), 2))
 
 
 class ConvBNReLU(nn.Module):
@@ -61,9 +64,7 @@ class VGGBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(self.block1(x), 2)  # 14
         x = F.max_pool2d(self.block3(self.block2(x)), 2)  # 7
-        x = F.max_pool2d(self.block4(x), 2)  # 3
-        x = F.relu(self.fc1(torch.flatten(x, 1)))
-        return self.fc2(x)
+        return _classifier_head(self, F.max_pool2d(self.block4(x), 2))  # 3x3 maps
 
 
 class BasicBlock(nn.Module):

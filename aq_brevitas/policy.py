@@ -128,7 +128,25 @@ class PolicyMatch:
 
 @dataclass(frozen=True)
 class LayerwisePolicy:
-    """Per-layer :class:`LayerSpec` by qualified layer name, an optional default, and free-form meta."""
+    """Per-layer :class:`LayerSpec` by qualified layer name, an optional default, and free-form meta.
+
+    Names are those of ``model.named_modules()``; a layer with no entry takes ``default`` (None: the
+    layer stays float). The policy is plain data: ``to_json``/``from_json`` round-trip it exactly, and
+    ``cost(model, example_input)`` gives its :class:`~aq_brevitas.budget.PolicyCost` (bits, bytes,
+    BOPs) on that model. Raises :class:`~aq_brevitas.errors.PolicyError` for a malformed policy.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy
+    >>> model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    >>> policy = LayerwisePolicy({"0": LayerSpec(8)}, default=LayerSpec(3, "mse"))
+    >>> policy.resolve(["0", "2"])["2"].short()
+    '3b mse pc'
+    >>> round(policy.cost(model, torch.rand(1, 784)).avg_weight_bits, 2)
+    7.94
+    >>> LayerwisePolicy.from_json(policy.to_json()) == policy
+    True
+    """
 
     layers: dict[str, LayerSpec] = field(default_factory=dict)
     default: LayerSpec | None = None
@@ -244,7 +262,7 @@ class LayerwisePolicy:
     # -- fitting a model ------------------------------------------------------------------------------
     def matches(self, model: Any) -> PolicyMatch:
         """Names the policy has that the model lacks, and quantizable layers the policy leaves out."""
-        from .layers import quantizable_layers
+        from .nnutils import quantizable_layers
 
         names = set(quantizable_layers(model))
         unknown = tuple(sorted(set(self.layers) - names))
@@ -255,7 +273,7 @@ class LayerwisePolicy:
         """Raise :class:`PolicyError` if the policy names layers the model does not have."""
         m = self.matches(model)
         if m.unknown:
-            from .layers import quantizable_layers
+            from .nnutils import quantizable_layers
 
             known = ", ".join(list(quantizable_layers(model))[:8])
             raise PolicyError(
@@ -273,7 +291,7 @@ class LayerwisePolicy:
         if isinstance(model_or_geometry, Mapping):
             geometry = model_or_geometry
         else:
-            from .layers import layer_geometry
+            from .nnutils import layer_geometry
 
             x = example_input if example_input is not None else _example_for(model_or_geometry)
             geometry = layer_geometry(model_or_geometry, x)

@@ -66,9 +66,9 @@ def run_model(name: str, budgets: list[float], test_images: int, seed: int, out:
     t0 = time.perf_counter()
     adv = adversarial_calibration(model, calib, eps=EPS, seed=seed)
     clean = _clean_calibration(model, adv)
-    table_adv = candidate_table(model, adv.x_adv, seed=seed, gains=())
+    table_adv = candidate_table(model, adv.x_adv, seed=seed)
     # A_l on clean images for the spectral variant: same candidate rows, other input norms.
-    table_clean = CandidateTable(lipschitz_scores(model, adv.x, gains=(), seed=seed), table_adv.rows)
+    table_clean = CandidateTable(lipschitz_scores(model, adv.x, seed=seed), table_adv.rows)
     cache = WeightCache(model, table_adv)
     terms = {
         ("jacobian", "adv"): lipschitz_terms(model, table_adv, adv, eps=EPS, cache=cache),

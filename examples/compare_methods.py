@@ -40,7 +40,7 @@ x_test, y_test = aq.load_split("test", limit=n_test)
 budget = aq.Budget(avg_weight_bits=3)
 
 t0 = time.perf_counter()
-table = aq.candidate_table(model, calib[0], candidates, gains=())  # shared by all four methods
+table = aq.candidate_table(model, calib[0], candidates)  # shared by all four methods
 print(f"candidate table: {sum(map(len, table.rows.values()))} rows in {time.perf_counter() - t0:.1f} s")
 
 measured: dict[str, tuple[float, float]] = {}  # identical policies are evaluated once

@@ -42,7 +42,7 @@ def test_table_uses_the_swap_quantizer(vgg_and_x):
 
 def test_error_shrinks_with_bits_and_costs_add_up(vgg_and_x):
     model, x = vgg_and_x
-    table = candidate_table(model, x, [LayerSpec(b) for b in (2, 4, 8)], gains=())
+    table = candidate_table(model, x, [LayerSpec(b) for b in (2, 4, 8)])
     for name, rows in table.rows.items():
         errs = [r.dW_norm for r in rows]
         assert errs[0] > errs[1] > errs[2] > 0, name
@@ -54,13 +54,11 @@ def test_error_shrinks_with_bits_and_costs_add_up(vgg_and_x):
 
 def test_per_layer_candidates_and_errors(vgg_and_x):
     model, x = vgg_and_x
-    table = candidate_table(
-        model, x, {"block1.conv": [LayerSpec(8)], "*": [LayerSpec(4), LayerSpec(2)]}, gains=()
-    )
+    table = candidate_table(model, x, {"block1.conv": [LayerSpec(8)], "*": [LayerSpec(4), LayerSpec(2)]})
     assert [r.spec for r in table.rows["block1.conv"]] == [LayerSpec(8)]
     assert len(table.rows["fc2"]) == 2
     with pytest.raises(PolicyError, match="'nope'"):
-        candidate_table(model, x, {"nope": [LayerSpec(8)]}, gains=())
+        candidate_table(model, x, {"nope": [LayerSpec(8)]})
     assert len(default_candidates()) == 36
 
 
@@ -70,7 +68,7 @@ def test_table_matches_the_swap_with_and_without_bn_folding(vgg_and_x, fold_bn):
 
     model, x = vgg_and_x
     spec, name = LayerSpec(3, "max", "per_tensor"), "block2.conv"
-    table = candidate_table(model, x, [spec], gains=(), fold_bn=fold_bn)
+    table = candidate_table(model, x, [spec], fold_bn=fold_bn)
     q = quantize(model, LayerwisePolicy(default=spec), fold_bn=fold_bn)
     layer, bn = model.get_submodule(name), model.get_submodule(name.replace("conv", "bn"))
     shape = table.scores[name].input_shape

@@ -77,7 +77,7 @@ def test_random_architectures_survive_the_whole_flow(
     candidates = [aq.LayerSpec(b, "max", "per_channel") for b in sorted(set(bits) | {8})]
     scores = aq.lipschitz_scores(model, x[:4], seed=seed)
     assert all(s.L >= 0 for s in scores.values())
-    table = candidate_table(model, x[:4], candidates, scores=scores, gains=())
+    table = candidate_table(model, x[:4], candidates, scores=scores)
     search = dict(budget=aq.Budget(avg_weight_bits=budget), table=table, steps=2, seed=seed, progress=False)
     if budget < min(c.weight_bit_width for c in candidates):
         with pytest.raises(PolicyError, match="infeasible"):

@@ -13,7 +13,7 @@ from aq_brevitas.budget import Budget, check_feasible
 from aq_brevitas.candidates import CandidateTable, candidate_table, default_candidates
 from aq_brevitas.convert import quantize
 from aq_brevitas.errors import ConfigError, PolicyError
-from aq_brevitas.layers import layer_geometry
+from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.models import load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.search import (
@@ -154,7 +154,7 @@ def held_out(fmnist_val_512):
 
 @pytest.fixture(scope="module")
 def table(cnn, calib):
-    return candidate_table(cnn, calib[0], CANDS, gains=())
+    return candidate_table(cnn, calib[0], CANDS)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_lipschitz_term_with_batchnorm():
     model, _ = load_float_model("vgg-pgd")
     x = torch.rand(16, 1, 28, 28)
     spec = LayerSpec(3, "mse")
-    tab = candidate_table(model, x, {"*": [LayerSpec(8)], "block2.conv": [spec]}, gains=())
+    tab = candidate_table(model, x, {"*": [LayerSpec(8)], "block2.conv": [spec]})
     cal = adversarial_calibration(model, (x, model(x).argmax(1)), eps=0.05, steps=2)
     terms = lipschitz_terms(model, tab, cal, eps=0.05)
     q = quantize(model, LayerwisePolicy({"block2.conv": spec})).eval()

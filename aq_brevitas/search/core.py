@@ -134,7 +134,7 @@ def _prepare(run: _Run, table: CandidateTable | None) -> None:
         # what reads it (the spectral estimate, the uniform baseline's spectral share).
         dw = cfg.method == "uniform" or (cfg.method == "lipschitz" and lip.estimate == "spectral")
         table = candidate_table(
-            run.model, run.calib.x_adv if run.calib else run.x, cfg.candidates, gains=(), seed=cfg.seed,
+            run.model, run.calib.x_adv if run.calib else run.x, cfg.candidates, seed=cfg.seed,
             progress=run.progress, dw_norms=dw,
         )  # fmt: skip
         run.timing.candidate_table_s = time.perf_counter() - t0

@@ -183,7 +183,7 @@ def validate_metric(
     with eval_mode(model):
         calib = adversarial_calibration(model, (x, y), eps=eps, seed=seed) if estimate == "jacobian" else None
         if table is None:
-            table = candidate_table(model, calib.x_adv if calib else x, cfg.candidates, gains=(), seed=seed)
+            table = candidate_table(model, calib.x_adv if calib else x, cfg.candidates, seed=seed)
         cache = WeightCache(model)
         scores = lipschitz_terms(
             model, table, calib or (x, y), eps=eps, estimate=estimate, seed=seed, cache=cache
