@@ -1,81 +1,89 @@
 """The whole job as resumable stages: score → search → quantize → fine-tune → evaluate → export → report.
 
-Each stage writes its outputs atomically into ``out/`` and records in ``out/stages.json`` the settings
-and input files it used plus a digest of each output. The next run skips a stage only when its
-recorded settings and inputs are the current ones and its outputs are still byte-identical; otherwise
-it says why and redoes it (a redone stage rewrites its outputs, so the stages that read them are redone
-too). ``force=True`` redoes everything. The same stages run for the searched policy and for the best
-uniform policy of the same budget, so the report compares them on the same data.
+Each stage is one function over a :class:`RunContext`. It writes its outputs atomically into
+``out/`` and records in ``out/stages.json`` the settings and input files it used plus a digest of
+each output. The next run skips a stage only when its recorded settings and inputs are the current
+ones and its outputs are still byte-identical; otherwise it says why and redoes it (a redone stage
+rewrites its outputs, so the stages that read them are redone too). ``force=True`` redoes
+everything. The same stages run for the searched policy and for the best uniform policy of the same
+budget, so the report compares them on the same data. Quantized models are saved and loaded with
+:func:`~aq_brevitas.save_quantized` / :func:`~aq_brevitas.load_quantized`.
+
+Importing this module does not import torch, so the CLI can build ``aq-brevitas run``'s options
+from :class:`RunConfig`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from .data import selection_data
 from .errors import ConfigError, ModelError
-from .search.config import SCORED_METHODS
-from .storage import (
-    atomic_write_json,
-    atomic_write_text,
-    check_output_file,
-    load_checkpoint,
-    read_json,
-    save_checkpoint,
-)
+from .search.config import DEFAULT_METHOD, SCORED_METHODS
+from .stagelog import StageLog, model_digest
+from .storage import atomic_write_json, atomic_write_text, check_output_file, read_json
+from .texttable import text_table
 
 if TYPE_CHECKING:
-    from .policy import Budget
+    from torch import nn
+
+    from .budget import Budget
+    from .policy import LayerwisePolicy
+    from .search.result import HeldOutCheck
 
 STAGES = ("score", "search", "quantize", "finetune", "evaluate", "export", "report")
 RUN_METHODS = SCORED_METHODS  # the run compares against uniform itself, so every scored method
-# RunConfig field -> the `aq-brevitas run` option that sets it (0 means "all" where None is allowed).
-_FLAGS = {
-    "calib_images": "--calib",
-    "val_images": "--val-images",
-    "finetune_images": "--finetune-images",
-    "finetune_epochs": "--epochs",
-    "finetune_steps": "--finetune-steps",
-    "test_images": "--test-images",
-    "pgd_steps": "--steps",
-    "seed": "--seed",
-}
-_FILES = {"aq-brevitas": "searched", "uniform": "uniform"}  # policy key -> file stem
+
+
+def _setting(default: Any, flag: str, help: str, *, minimum: int | None = None, **argparse: Any) -> Any:
+    """A RunConfig field with the ``aq-brevitas run`` option that sets it (read by the CLI and by the
+    error messages here) and, for a count, its smallest allowed value."""
+    return field(default=default, metadata={"flag": flag, "help": help, "minimum": minimum, **argparse})
 
 
 @dataclass
 class RunConfig:
-    """Settings of one pipeline run (all JSON-serialisable); the CLI flags of ``aq-brevitas run``.
+    """Settings of one pipeline run (all JSON-serialisable); each field's metadata names the option
+    of ``aq-brevitas run`` that sets it.
 
     Selection (scores, search, calibration) uses ``calib_images`` + ``val_images`` held-out training
-    images; fine-tuning a ``finetune_images`` training subset (None = all); the report
-    ``test_images`` test images (None = all). ``eps`` is also evaluated when ``eval_eps`` lacks it.
+    images; fine-tuning a ``finetune_images`` training subset (None = all) for ``finetune_epochs``
+    epochs of PGD-``finetune_steps``; the report ``test_images`` test images (None = all) under
+    PGD-``pgd_steps``. ``eps`` (L-inf, images in [0, 1]) is also evaluated when ``eval_eps`` lacks it.
     """
 
-    budget: str = "avg-bits=3"
-    eps: float = 0.1
-    method: str = "lipschitz"
-    calib_images: int = 256
-    val_images: int = 500
-    finetune_images: int | None = 4096
-    finetune_epochs: int = 1
-    finetune_steps: int = 7
-    test_images: int | None = 2000
-    pgd_steps: int = 20
-    eval_eps: tuple[float, ...] = (0.05, 0.1, 0.2)
-    seed: int = 0
-    data_dir: str | None = None
+    budget: str = _setting("avg-bits=3", "--budget", "avg-bits=N, bytes=N, kib=N or bops=N")
+    eps: float = _setting(0.1, "--eps", "L-inf radius the policy is searched, fine-tuned and evaluated for")
+    method: str = _setting(DEFAULT_METHOD, "--method", "search method", choices=RUN_METHODS)
+    calib_images: int = _setting(256, "--calib-images", "held-out (val) images for scoring", minimum=1)
+    val_images: int = _setting(
+        500, "--val-images", "other held-out images for the comparison with uniform", minimum=1
+    )
+    finetune_images: int | None = _setting(
+        4096, "--train-images", "training subset for fine-tuning (0 = all)", minimum=1
+    )
+    finetune_epochs: int = _setting(1, "--epochs", "fine-tuning epochs", minimum=1)
+    finetune_steps: int = _setting(7, "--train-steps", "PGD steps of the fine-tuning attack", minimum=1)
+    # One export input plus at least one parity image.
+    test_images: int | None = _setting(
+        2000, "--test-images", "test images for the report (0 = all 10k)", minimum=2
+    )
+    pgd_steps: int = _setting(20, "--pgd-steps", "PGD steps of the evaluation", minimum=1)
+    eval_eps: tuple[float, ...] = _setting(
+        (0.05, 0.1, 0.2), "--eval-eps", "L-inf radii evaluated besides --eps"
+    )
+    seed: int = _setting(0, "--seed", "seed of every random draw", minimum=0)
+    data_dir: str | None = _setting(None, "--data-dir", "directory of the IDX files")
+
+
+def flag_of(name: str) -> str:
+    """The ``aq-brevitas run`` option that sets RunConfig field ``name``."""
+    return next(f.metadata["flag"] for f in fields(RunConfig) if f.name == name)
 
 
 @dataclass
@@ -91,151 +99,17 @@ class RunResult:
         """The rows as a plain-text table whose columns are as wide as their longest cell."""
         head = ("model", "avg bits", "weight KiB", "clean", "PGD", "export parity")
         cells = [
-            (
-                r["name"],
-                f"{r['avg_bits']:.2f}",
-                f"{r['kib']:.1f}",
-                f"{r['clean']:.4f}",
-                f"{r['pgd']:.4f}",
-                "-" if r.get("parity") is None else f"{r['parity']:.1e}",
-            )
+            (r["name"], f"{r['avg_bits']:.2f}", f"{r['kib']:.1f}", f"{r['clean']:.4f}", f"{r['pgd']:.4f}",
+             "-" if r.get("parity") is None else f"{r['parity']:.1e}")
             for r in self.rows
-        ]
-        widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
-
-        def line(c: tuple[str, ...]) -> str:
-            return " ".join(
-                [c[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(c[1:], widths[1:], strict=True)]
-            )
-
-        top = line(head)
-        return "\n".join([top, "-" * len(top), *map(line, cells)])
+        ]  # fmt: skip
+        return text_table(head, cells)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _model_digest(model: nn.Module) -> str:
-    """Identity of a float model's weights, so a changed model (same name or not) redoes the stages."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        if torch.is_tensor(value):
-            t = value.detach().cpu().contiguous().flatten()
-            h.update(f"{t.dtype}{tuple(value.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(value).encode())
-    return h.hexdigest()
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-class _Stages:
-    """Bookkeeping: which stages are done with which inputs, skipping them, recording them."""
-
-    def __init__(self, out: Path, force: bool) -> None:
-        self.out, self.manifest = out, out / "stages.json"
-        self.done: dict[str, Any] = {} if force else self._read()
-        self.skipped: list[str] = []
-        self.interrupted = False  # the running stage was cut off last time with the same inputs
-
-    def _read(self) -> dict[str, Any]:
-        if not self.manifest.is_file():
-            return {}
-        try:
-            done = read_json(self.manifest, "stage manifest")
-        except ConfigError as exc:
-            print(f"[run] {exc.problem}; redoing every stage", flush=True)
-            return {}
-        if not isinstance(done, dict) or not all(isinstance(r, dict) for r in done.values()):
-            print(f"[run] stage manifest {self.manifest} is not a map of stage records; redoing every stage")
-            return {}
-        return done
-
-    def files(self, *names: str) -> dict[str, str]:
-        """Input files of a stage as ``{"file:name": digest}`` (they exist: an earlier stage wrote them)."""
-        return {f"file:{n}": _file_digest(self.out / n) for n in names}
-
-    def _why_redo(self, name: str, inputs: dict[str, Any], outputs: list[str]) -> str | None:
-        rec = self.done.get(name)
-        if rec is None:
-            return "not done yet"
-        old = rec.get("inputs")
-        if not isinstance(old, dict):
-            return "its record names no inputs"
-        changed = [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
-        if changed:
-            files = [k[5:] for k in changed if k.startswith("file:")]
-            parts = [
-                "the model's weights"
-                if k == "model"
-                else f"{k} {_short(old.get(k))} -> {_short(inputs.get(k))}"
-                for k in changed
-                if not k.startswith("file:")
-            ] + ([f"input file(s) {', '.join(files)}"] if files else [])
-            return "changed: " + "; ".join(parts)
-        if rec.get("status") != "done" or not isinstance(rec.get("outputs"), dict):
-            return "it did not finish last time"
-        for o in outputs:
-            path = self.out / o
-            if not path.is_file():
-                return f"{o} is missing"
-            if _file_digest(path) != rec["outputs"].get(o):
-                return f"{o} changed or is corrupt since it was written"
-        return None
-
-    def run(self, name: str, inputs: dict[str, Any], outputs: list[str], fn: Callable[[], Any]) -> Any:
-        inputs = json.loads(json.dumps(inputs))  # compare as stored (tuples become lists)
-        reason = self._why_redo(name, inputs, outputs)
-        if reason is None:
-            self.skipped.append(name)
-            print(f"[{name}] done already with these settings ({', '.join(outputs)}); skipping", flush=True)
-            return self.done[name].get("value")
-        prev = self.done.get(name) or {}
-        self.interrupted = prev.get("status") == "running" and prev.get("inputs") == inputs
-        print(f"[{name}] ..." if name not in self.done else f"[{name}] redoing: {reason}", flush=True)
-        self.done[name] = {"status": "running", "inputs": inputs}
-        atomic_write_json(self.manifest, self.done)
-        t0 = time.perf_counter()
-        value = fn()
-        self.done[name] = {
-            "status": "done",
-            "inputs": inputs,
-            "outputs": {o: _file_digest(self.out / o) for o in outputs},
-            "seconds": time.perf_counter() - t0,
-            "value": value,
-        }
-        atomic_write_json(self.manifest, self.done)
-        return value
-
-
-def _load_state(model: nn.Module, path: Path) -> nn.Module:
-    import brevitas.config
-
-    state = load_checkpoint(path)
-    old = brevitas.config.IGNORE_MISSING_KEYS
-    brevitas.config.IGNORE_MISSING_KEYS = True
-    try:
-        model.load_state_dict(state["state_dict"])
-    finally:
-        brevitas.config.IGNORE_MISSING_KEYS = old
-    return model.eval()
-
-
-def _check_count(cfg: RunConfig, name: str, minimum: int, none_ok: bool = False) -> None:
-    value = getattr(cfg, name)
+# -- checks before any work ----------------------------------------------------------------------------
+def _check_count(name: str, value: Any, flag: str, minimum: int, none_ok: bool) -> None:
     if value is None and none_ok:
         return
-    flag = _FLAGS[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         fix = f"pass {flag} N with N >= {minimum}" + (f" ({flag} 0 = all)" if none_ok else "")
         raise ConfigError(f"{flag} (RunConfig.{name}) must be an integer >= {minimum}, got {value!r}", fix)
@@ -244,7 +118,7 @@ def _check_count(cfg: RunConfig, name: str, minimum: int, none_ok: bool = False)
 def check_config(cfg: RunConfig) -> Budget:
     """Refuse a bad setting before any work or any file is written; returns the parsed Budget."""
     from .attacks import check_eps
-    from .policy import Budget
+    from .budget import Budget
 
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"config is a {type(cfg).__name__}, not a RunConfig", "pass RunConfig(...)")
@@ -256,17 +130,10 @@ def check_config(cfg: RunConfig) -> Budget:
         check_eps(e, "eval_eps")
     if cfg.method not in RUN_METHODS:
         raise ConfigError(f"unknown search method {cfg.method!r}", f"use one of {', '.join(RUN_METHODS)}")
-    for name, minimum, none_ok in (
-        ("calib_images", 1, False),
-        ("val_images", 1, False),
-        ("finetune_images", 1, True),
-        ("finetune_epochs", 1, False),
-        ("finetune_steps", 1, False),
-        ("test_images", 2, True),  # one export input plus at least one parity image
-        ("pgd_steps", 1, False),
-        ("seed", 0, False),
-    ):
-        _check_count(cfg, name, minimum, none_ok)
+    for f in fields(RunConfig):
+        if f.metadata["minimum"] is not None:
+            none_ok = "None" in str(f.type)
+            _check_count(f.name, getattr(cfg, f.name), f.metadata["flag"], f.metadata["minimum"], none_ok)
     return budget
 
 
@@ -285,43 +152,88 @@ def _check_out_dir(out: Path) -> None:
         )
 
 
-def run(
-    model: nn.Module | str,
-    out: str | Path,
-    config: RunConfig | None = None,
-    *,
-    force: bool = False,
-    progress: bool = True,
-) -> RunResult:
-    """Run (or resume) the whole job for ``model`` (an nn.Module, a zoo name or a float checkpoint).
+# -- the run context ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One quantized model of the run: its summary label and the names of its files."""
 
-    Every setting, the model and the data are checked before ``out`` is touched, so a bad setting
-    costs nothing and leaves an existing run folder as it was. Re-running with the same ``out``
-    skips the stages whose settings, inputs and outputs are unchanged (see the module docstring);
-    ``force=True`` redoes every stage, fine-tuning included, from scratch.
-    """
-    from tqdm.auto import tqdm
+    key: str  # "aq-brevitas" or "uniform": the label in the summary
+    stem: str  # of its checkpoints and robustness report: searched_ptq.pt, robustness_searched.json
+    suffix: str  # of its policy, ONNX and export record: policy_uniform.json, model_uniform.onnx
 
-    from .convert import quantize
-    from .data import load_split, resolve_data_dir
-    from .evaluate import RobustnessReport, evaluate_robustness
-    from .export import export_qonnx
-    from .finetune import adversarial_finetune
-    from .layers import layer_geometry
-    from .lipschitz import lipschitz_scores
+    @property
+    def policy_file(self) -> str:
+        return f"policy{self.suffix}.json"
+
+    def checkpoint(self, stage: str) -> list[str]:
+        """The checkpoint of ``stage`` ("ptq" or "finetuned") and its sidecar (save_quantized's pair)."""
+        return [f"{self.stem}_{stage}.pt", f"{self.stem}_{stage}.json"]
+
+    @property
+    def export_files(self) -> tuple[str, str]:
+        return f"model{self.suffix}.onnx", f"export{self.suffix}.json"
+
+
+VARIANTS = (Variant("aq-brevitas", "searched", ""), Variant("uniform", "uniform", "_uniform"))
+
+
+@dataclass
+class RunContext:
+    """What every stage reads: the settings, the float model and its data, the run folder and its
+    stage log. ``calib``/``held_out``/``test`` are ``(images, labels)`` tensor pairs."""
+
+    cfg: RunConfig
+    out: Path
+    name: str
+    model: nn.Module
+    budget: Budget
+    calib: tuple[Any, Any]
+    held_out: tuple[Any, Any]
+    test: tuple[Any, Any]
+    geometry: dict[str, Any]
+    log: StageLog
+    progress: bool
+    identity: dict[str, Any]  # the float model's digest and the data actually read
+
+    @property
+    def eval_eps(self) -> tuple[float, ...]:
+        return tuple(sorted({*map(float, self.cfg.eval_eps), float(self.cfg.eps)}))
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        return {**self.identity, "calib_images": self.cfg.calib_images}
+
+    @cached_property
+    def policies(self) -> dict[str, LayerwisePolicy]:
+        """The searched and the uniform policy, as the search stage wrote them."""
+        from .policy import LayerwisePolicy
+
+        return {v.key: LayerwisePolicy.load(self.out / v.policy_file) for v in VARIANTS}
+
+    def quantized(self, variant: Variant, stage: str) -> nn.Module:
+        """The ``stage`` checkpoint ("ptq" or "finetuned") of ``variant``, rebuilt on the float model."""
+        from .convert import load_quantized
+
+        return load_quantized(self.out / variant.checkpoint(stage)[0], float_model=self.model)[0]
+
+    def checkpoint_files(self, stage: str) -> dict[str, str]:
+        """Every policy file and every ``stage`` checkpoint, as stage inputs."""
+        names = [v.policy_file for v in VARIANTS] + [f for v in VARIANTS for f in v.checkpoint(stage)]
+        return self.log.files(*names)
+
+
+def _context(model: nn.Module | str, out: Path, cfg: RunConfig, force: bool, progress: bool) -> RunContext:
+    """Check everything, load the model and the data; only then create ``out``."""
+    from torch import nn
+
+    from .data import load_split, resolve_data_dir, selection_data
     from .models import load_float_model
-    from .plots import plot_layer_scores, plot_policy
-    from .policy import LayerwisePolicy
-    from .search import search_policy
+    from .nnutils import layer_geometry
 
-    cfg = config or RunConfig()
-    t_start = time.perf_counter()
     budget = check_config(cfg)
-    out = Path(out)
     _check_out_dir(out)
     if isinstance(model, str):
-        float_model = load_float_model(model)[0]
-        name = model
+        float_model, name = load_float_model(model)[0], model
     elif isinstance(model, nn.Module):
         float_model, name = model.eval(), type(model).__name__
     else:
@@ -331,277 +243,350 @@ def run(
     calib, held_out = selection_data(cfg.calib_images, cfg.val_images, cfg.seed, cfg.data_dir)
     test = load_split("test", cfg.data_dir, limit=cfg.test_images, seed=cfg.seed)
     geometry = layer_geometry(float_model, calib[0][:1])
-    eval_eps = tuple(sorted({*map(float, cfg.eval_eps), float(cfg.eps)}))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out"
         ) from None
-    stages = _Stages(out, force)
-    model_id = {"model": _model_digest(float_model)}
     # The directory actually read (AQ_DATA_DIR included), so pointing at other data redoes the stages.
     data = {"seed": cfg.seed, "data_dir": str(resolve_data_dir(cfg.data_dir).resolve())}
-    selection = {**model_id, **data, "calib_images": cfg.calib_images}
-
-    def score() -> None:
-        with tqdm(total=2, desc="score", disable=not progress, leave=False) as bar:
-            scores = lipschitz_scores(float_model, calib[0], seed=cfg.seed)
-            bar.update()
-            atomic_write_json(out / "scores.json", {n: s.to_dict() for n, s in scores.items()})
-            plot_layer_scores(scores, out / "scores.png")
-            bar.update()
-
-    stages.run("score", selection, ["scores.json", "scores.png"], score)
-
-    def search() -> None:
-        result = search_policy(
-            float_model,
-            calib,
-            budget,
-            method=cfg.method,
-            eps=cfg.eps,
-            val_data=held_out,
-            val_images=cfg.val_images,
-            seed=cfg.seed,
-            progress=progress,
-        )
-        policy = result.policy
-        policy.save(out / "policy.json")
-        assert result.validation is not None  # held-out data was given
-        uniform = LayerwisePolicy.uniform(
-            geometry, result.validation.uniform_spec, method="uniform", budget=budget.to_dict()
-        )
-        uniform.save(out / "policy_uniform.json")
-        names = list(geometry)
-        specs = [policy.spec_for(n) for n in names]
-        plot_policy(
-            names,
-            [s.weight_bit_width for s in specs],
-            [f"{s.scaling} {'pc' if s.granularity == 'per_channel' else 'pt'}" for s in specs],
-            [geometry[n].params for n in names],
-            out / "policy.png",
-            title=f"{cfg.method} policy at {cfg.budget} (kept: {result.winner})",
-        )
-
-    search_inputs = {
-        **selection,
-        "budget": cfg.budget,
-        "eps": cfg.eps,
-        "method": cfg.method,
-        "val_images": cfg.val_images,
-    }
-    stages.run("search", search_inputs, ["policy.json", "policy_uniform.json", "policy.png"], search)
-    policy_files = [f"policy{'' if f == 'searched' else '_' + f}.json" for f in _FILES.values()]
-    policies = {
-        "aq-brevitas": LayerwisePolicy.load(out / "policy.json"),
-        "uniform": LayerwisePolicy.load(out / "policy_uniform.json"),
-    }
-
-    def quantize_all() -> None:
-        for key, pol in tqdm(policies.items(), desc="quantize+calibrate", disable=not progress, leave=False):
-            q = quantize(float_model, pol, calibration_data=calib[0])
-            save_checkpoint(out / f"{_FILES[key]}_ptq.pt", {"state_dict": q.state_dict()})
-
-    stages.run(
-        "quantize",
-        {**selection, **stages.files(*policy_files)},
-        [f"{f}_ptq.pt" for f in _FILES.values()],
-        quantize_all,
+    identity = {"model": model_digest(float_model), **data}
+    log = StageLog(out, force)
+    return RunContext(
+        cfg, out, name, float_model, budget, calib, held_out, test, geometry, log, progress, identity
     )
 
-    def quantized(key: str, stage: str) -> nn.Module:
-        return _load_state(quantize(float_model, policies[key]), out / f"{_FILES[key]}_{stage}.pt")
 
-    def finetune_all() -> None:
-        states = [out / f"{f}_finetune_state{s}" for f in _FILES.values() for s in (".pt", ".json")]
-        resume = stages.interrupted
-        if resume:
-            print("[finetune] resuming the interrupted fine-tuning (same settings)", flush=True)
-        else:  # another policy or setting, or --force: an old epoch state must not leak in
-            for p in states:
-                p.unlink(missing_ok=True)
-        train = load_split("train", cfg.data_dir, limit=cfg.finetune_images, seed=cfg.seed)
-        for key in policies:
-            q = quantized(key, "ptq")
-            adversarial_finetune(
-                q,
-                train,
-                eps=cfg.eps,
-                steps=cfg.finetune_steps,
-                epochs=cfg.finetune_epochs,
-                seed=cfg.seed,
-                checkpoint=out / f"{_FILES[key]}_finetune_state.pt",
-                resume=resume,
-                progress=progress,
-            )
-            save_checkpoint(out / f"{_FILES[key]}_finetuned.pt", {"state_dict": q.state_dict()})
-        for p in states:  # both models are saved; the epoch states are spent
+# -- the stages ----------------------------------------------------------------------------------------------
+def score(ctx: RunContext) -> None:
+    """Per-layer Lipschitz scores of the float model on the calibration images: scores.json, scores.png."""
+    outputs = ["scores.json", "scores.png"]
+    if not ctx.log.start("score", ctx.selection, outputs):
+        return
+    from tqdm.auto import tqdm
+
+    from .lipschitz import lipschitz_scores
+    from .plots import plot_layer_scores
+
+    with tqdm(total=2, desc="score", disable=not ctx.progress, leave=False) as bar:
+        scores = lipschitz_scores(ctx.model, ctx.calib[0], seed=ctx.cfg.seed)
+        bar.update()
+        atomic_write_json(ctx.out / "scores.json", {n: s.to_dict() for n, s in scores.items()})
+        plot_layer_scores(scores, ctx.out / "scores.png")
+        bar.update()
+    ctx.log.finish("score")
+
+
+def search(ctx: RunContext) -> None:
+    """The searched policy and the best uniform one of the same budget (policy.json,
+    policy_uniform.json) and the policy chart (policy.png)."""
+    cfg = ctx.cfg
+    inputs = {**ctx.selection, "budget": cfg.budget, "eps": cfg.eps, "method": cfg.method,
+              "val_images": cfg.val_images}  # fmt: skip
+    if not ctx.log.start("search", inputs, [v.policy_file for v in VARIANTS] + ["policy.png"]):
+        return
+    from .plots import plot_policy
+    from .policy import LayerwisePolicy
+    from .search import SearchConfig, search_policy
+
+    config = SearchConfig(method=cfg.method, eps=cfg.eps, seed=cfg.seed, val_images=cfg.val_images)
+    result = search_policy(
+        ctx.model, ctx.calib, ctx.budget, config=config, val_data=ctx.held_out, progress=ctx.progress
+    )
+    result.policy.save(ctx.out / "policy.json")
+    assert result.validation is not None  # held-out data was given
+    uniform = LayerwisePolicy.uniform(
+        ctx.geometry, result.validation.uniform_spec, method="uniform", budget=ctx.budget.to_dict()
+    )
+    uniform.save(ctx.out / "policy_uniform.json")
+    title = f"{cfg.method} policy at {cfg.budget} (kept: {result.winner})"
+    plot_policy(result.policy, ctx.geometry, ctx.out / "policy.png", title)
+    ctx.log.finish("search")
+
+
+def quantize(ctx: RunContext) -> None:
+    """Both policies applied to the float model and calibrated: {searched,uniform}_ptq.pt (+ sidecars)."""
+    inputs = ctx.selection | ctx.log.files(*(v.policy_file for v in VARIANTS))
+    if not ctx.log.start("quantize", inputs, [f for v in VARIANTS for f in v.checkpoint("ptq")]):
+        return
+    from tqdm.auto import tqdm
+
+    from . import convert
+
+    for v in tqdm(VARIANTS, desc="quantize+calibrate", disable=not ctx.progress, leave=False):
+        q = convert.quantize(ctx.model, ctx.policies[v.key], calibration_data=ctx.calib[0])
+        convert.save_quantized(q, ctx.out / v.checkpoint("ptq")[0])
+    ctx.log.finish("quantize")
+
+
+def finetune(ctx: RunContext) -> None:
+    """PGD fine-tuning of both quantized models: {searched,uniform}_finetuned.pt (+ sidecars). An
+    interrupted fine-tuning with the same inputs resumes from its last finished epoch."""
+    cfg = ctx.cfg
+    inputs = {**ctx.identity, "eps": cfg.eps, "finetune_images": cfg.finetune_images,
+              "finetune_epochs": cfg.finetune_epochs, "finetune_steps": cfg.finetune_steps}  # fmt: skip
+    outputs = [f for v in VARIANTS for f in v.checkpoint("finetuned")]
+    if not ctx.log.start("finetune", inputs | ctx.checkpoint_files("ptq"), outputs):
+        return
+    from .config import TrainConfig
+    from .convert import save_quantized
+    from .data import load_split
+    from .finetune import adversarial_finetune  # looked up now: tests replace it
+
+    states = [ctx.out / f"{v.stem}_finetune_state{s}" for v in VARIANTS for s in (".pt", ".json")]
+    resume = ctx.log.interrupted
+    if resume:
+        print("[finetune] resuming the interrupted fine-tuning (same settings)", flush=True)
+    else:  # another policy or setting, or --force: an old epoch state must not leak in
+        for p in states:
             p.unlink(missing_ok=True)
-
-    stages.run(
-        "finetune",
-        {
-            **model_id,
-            **data,
-            "eps": cfg.eps,
-            "finetune_images": cfg.finetune_images,
-            "finetune_epochs": cfg.finetune_epochs,
-            "finetune_steps": cfg.finetune_steps,
-            **stages.files(*policy_files, *(f"{f}_ptq.pt" for f in _FILES.values())),
-        },
-        [f"{f}_finetuned.pt" for f in _FILES.values()],
-        finetune_all,
+    train = load_split("train", cfg.data_dir, limit=cfg.finetune_images, seed=cfg.seed)
+    settings = TrainConfig.finetuning(
+        eps=cfg.eps, steps=cfg.finetune_steps, epochs=cfg.finetune_epochs, seed=cfg.seed
     )
-    finetuned = stages.files(*policy_files, *(f"{f}_finetuned.pt" for f in _FILES.values()))
+    for v in VARIANTS:
+        q = ctx.quantized(v, "ptq")
+        state = ctx.out / f"{v.stem}_finetune_state.pt"
+        adversarial_finetune(q, train, settings, checkpoint=state, resume=resume, progress=ctx.progress)
+        save_quantized(q, ctx.out / v.checkpoint("finetuned")[0])
+    for p in states:  # both models are saved; the epoch states are spent
+        p.unlink(missing_ok=True)
+    ctx.log.finish("finetune")
 
-    def evaluate_all() -> None:
-        models = {"float": copy.deepcopy(float_model)} | {k: quantized(k, "finetuned") for k in policies}
-        for key, m in models.items():
-            report = evaluate_robustness(
-                m, test, eps=eval_eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed, name=key, progress=progress
-            )
-            report.save(out / f"robustness_{_FILES.get(key, key)}.json")
-        RobustnessReport.load(out / "robustness_searched.json").plot(out / "robustness.png")
 
-    stages.run(
-        "evaluate",
-        {**model_id, **data, "test_images": cfg.test_images, "pgd_steps": cfg.pgd_steps, "eval_eps": eval_eps}
-        | finetuned,
-        [f"robustness_{f}.json" for f in ("float", *_FILES.values())] + ["robustness.png"],
-        evaluate_all,
-    )
-    onnx_files = {
-        "aq-brevitas": ("model.onnx", "export.json"),
-        "uniform": ("model_uniform.onnx", "export_uniform.json"),
+def evaluate(ctx: RunContext) -> None:
+    """Robustness reports of the float and both fine-tuned models on the test images:
+    robustness_{float,searched,uniform}.json and the searched model's robustness.png."""
+    cfg = ctx.cfg
+    inputs = {**ctx.identity, "test_images": cfg.test_images, "pgd_steps": cfg.pgd_steps,
+              "eval_eps": ctx.eval_eps} | ctx.checkpoint_files("finetuned")  # fmt: skip
+    outputs = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))] + ["robustness.png"]
+    if not ctx.log.start("evaluate", inputs, outputs):
+        return
+    from .config import EvalConfig
+    from .evaluate import evaluate_robustness
+    from .report import RobustnessReport
+
+    settings = EvalConfig(eps=ctx.eval_eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed)
+    models = [("float", "float", copy.deepcopy(ctx.model))]
+    models += [(v.key, v.stem, ctx.quantized(v, "finetuned")) for v in VARIANTS]
+    for key, stem, m in models:
+        report = evaluate_robustness(m, ctx.test, settings, name=key, progress=ctx.progress)
+        report.save(ctx.out / f"robustness_{stem}.json")
+    RobustnessReport.load(ctx.out / "robustness_searched.json").plot(ctx.out / "robustness.png")
+    ctx.log.finish("evaluate")
+
+
+def export(ctx: RunContext) -> None:
+    """QONNX of both fine-tuned models (model.onnx, model_uniform.onnx), each parity-checked on test
+    images, with its :class:`~aq_brevitas.export.ExportResult` (export.json, export_uniform.json)."""
+    inputs = {**ctx.identity, "test_images": ctx.cfg.test_images} | ctx.checkpoint_files("finetuned")
+    if not ctx.log.start("export", inputs, [f for v in VARIANTS for f in v.export_files]):
+        return
+    from tqdm.auto import tqdm
+
+    from .export import export_qonnx
+
+    x = ctx.test[0]
+    for v in tqdm(VARIANTS, desc="export", disable=not ctx.progress, leave=False):
+        onnx_name, json_name = v.export_files
+        res = export_qonnx(ctx.quantized(v, "finetuned"), ctx.out / onnx_name, x[:1], images=x[1:9])
+        atomic_write_json(ctx.out / json_name, res.to_dict())
+    ctx.log.finish("export")
+
+
+def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
+    """Per model (float, uniform, aq-brevitas): average weight bits, weight KiB, clean and PGD accuracy
+    at ``eps``, whether gradient masking is suspected, and for the quantized models the export parity
+    (max |QONNX − PyTorch|, the same without rounding-boundary flips, the flips per node)."""
+    from .report import RobustnessReport
+
+    rows = []
+    for key, stem in (("float", "float"), *((v.key, v.stem) for v in reversed(VARIANTS))):
+        rep = RobustnessReport.load(ctx.out / f"robustness_{stem}.json")
+        cost = ctx.policies[key].cost(ctx.geometry) if key in ctx.policies else None
+        float_bytes = 4 * sum(g.params for g in ctx.geometry.values())
+        row = {
+            "name": key if key == "float" else f"{key} ({ctx.cfg.budget})",
+            "avg_bits": cost.avg_weight_bits if cost else 32.0,
+            "kib": (cost.weight_bytes if cost else float_bytes) / 1024,
+            "clean": rep.clean_accuracy,
+            "pgd": rep.accuracy("pgd", ctx.cfg.eps),
+            "parity": None,
+            "masking_suspected": rep.masking_suspected,
+        }
+        variant = next((v for v in VARIANTS if v.key == key), None)
+        if variant is not None:
+            row.update(_parity(read_json(ctx.out / variant.export_files[1], "export record")))
+        rows.append(row)
+    return rows
+
+
+def _parity(export: dict[str, Any]) -> dict[str, Any]:
+    """The parity figures of an :class:`~aq_brevitas.export.ExportResult` record, as summary fields."""
+    return {
+        "parity": export["max_abs_diff"],
+        "parity_allowed": export.get("allowed_diff"),
+        "parity_without_flips": export.get("diff_without_flips", export["max_abs_diff"]),
+        "boundary_flips": export.get("boundary_flips", 0),
+        "flip_detail": export.get("flip_detail", {}),
+        "parity_images": export.get("images_checked"),
     }
 
-    def export() -> None:
-        for key, (onnx_name, json_name) in tqdm(
-            onnx_files.items(), desc="export", disable=not progress, leave=False
-        ):
-            q = quantized(key, "finetuned")
-            res = export_qonnx(q, out / onnx_name, test[0][:1], images=test[0][1:9])
-            atomic_write_json(out / json_name, res.to_dict())
 
-    stages.run(
-        "export",
-        {**model_id, **data, "test_images": cfg.test_images} | finetuned,
-        [f for pair in onnx_files.values() for f in pair],
-        export,
+def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
+    """report.md, report.json (settings, summary rows, the searched policy) and comparison.png."""
+    cfg = ctx.cfg
+    upstream = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))]
+    upstream += [v.policy_file for v in VARIANTS] + [v.export_files[1] for v in VARIANTS]
+    inputs = {"model": ctx.identity["model"], "name": ctx.name, **asdict(cfg)} | ctx.log.files(*upstream)
+    if not ctx.log.start("report", inputs, ["report.md", "report.json", "comparison.png"]):
+        return
+    from .plots import plot_comparison
+
+    title = f"{ctx.name}: {cfg.budget}, PGD-{cfg.pgd_steps} at ε={cfg.eps}"
+    plot_comparison(rows, ctx.out / "comparison.png", title=title)
+    policy = ctx.policies["aq-brevitas"]
+    document = {"model": ctx.name, "config": asdict(cfg), "rows": rows, "policy": policy.to_dict()}
+    atomic_write_json(ctx.out / "report.json", document)
+    atomic_write_text(ctx.out / "report.md", _markdown(ctx, rows))
+    ctx.log.finish("report")
+
+
+def held_out_check(policy: LayerwisePolicy) -> HeldOutCheck | None:
+    """The searched policy's held-out comparison with uniform, read back from its saved meta as a
+    :class:`~aq_brevitas.search.result.HeldOutCheck` (None when no comparison was made)."""
+    from .policy import LayerSpec
+    from .search.result import HeldOutCheck
+
+    v = policy.meta.get("validation")
+    if not v:
+        return None
+    layers = {n: LayerSpec.from_dict(s) for n, s in v["search_layers"].items()}
+    return HeldOutCheck(
+        **{**v, "uniform_spec": LayerSpec.from_dict(v["uniform_spec"]), "search_layers": layers}
     )
 
-    result = RunResult(str(out))
-    for key, label in (("float", "float"), ("uniform", "uniform"), ("aq-brevitas", "aq-brevitas")):
-        rep = RobustnessReport.load(out / f"robustness_{_FILES.get(key, key)}.json")
-        cost = policies[key].cost(geometry) if key in policies else None
-        result.rows.append({
-            "name": label if key == "float" else f"{label} ({cfg.budget})",
-            "avg_bits": cost.avg_weight_bits if cost else 32.0,
-            "kib": (cost.weight_bytes if cost else 4 * sum(g.params for g in geometry.values())) / 1024,
-            "clean": rep.clean_accuracy,
-            "pgd": rep.accuracy("pgd", cfg.eps),
-            "parity": read_json(out / onnx_files[key][1])["max_abs_diff"] if key in onnx_files else None,
-            "masking_suspected": rep.masking_suspected,
-        })  # fmt: skip
 
-    def report() -> None:
-        from .plots import plot_comparison
-
-        plot_comparison(
-            result.rows,
-            out / "comparison.png",
-            title=f"{name}: {cfg.budget}, PGD-{cfg.pgd_steps} at ε={cfg.eps}",
-        )
-        atomic_write_json(
-            out / "report.json",
-            {
-                "model": name,
-                "config": asdict(cfg),
-                "rows": result.rows,
-                "policy": policies["aq-brevitas"].to_dict(),
-            },
-        )
-        atomic_write_text(
-            out / "report.md", _markdown(name, cfg, result, policies["aq-brevitas"], len(test[1]), out)
-        )
-
-    upstream = [f"robustness_{f}.json" for f in ("float", *_FILES.values())]
-    stages.run(
-        "report",
-        {**model_id, "name": name, **asdict(cfg)}
-        | stages.files(*policy_files, *upstream, *(j for _, j in onnx_files.values())),
-        ["report.md", "report.json", "comparison.png"],
-        report,
-    )
-    # Written last, so a run that fails leaves the previous run's config.json in place.
-    atomic_write_json(out / "config.json", {"model": name, **asdict(cfg)})
-    result.skipped = stages.skipped
-    result.seconds = time.perf_counter() - t_start
-    return result
+def _held_out_line(policy: LayerwisePolicy) -> str:
+    check = held_out_check(policy)
+    measured = [] if check is None else [
+        f"{label} {acc:.3f}"
+        for label, acc in (("searched", check.search_pgd_accuracy),
+                           ("unrefined knapsack", check.unrefined_pgd_accuracy),
+                           ("best uniform", check.uniform_pgd_accuracy))
+        if acc is not None
+    ]  # fmt: skip
+    if not measured:
+        return "No held-out comparison with uniform was made."
+    return f"Held-out PGD accuracy: {', '.join(measured)} ({check.images} images)."
 
 
-def _markdown(name: str, cfg: RunConfig, result: RunResult, policy: Any, n_test: int, out: Path) -> str:
-    from .evaluate import RobustnessReport
-
-    meta = policy.meta
-    v = meta.get("validation") or {}
-    measured = [
-        f"{label} {v[key]:.3f}"
-        for label, key in (
-            ("searched", "search_pgd_accuracy"),
-            ("unrefined knapsack", "unrefined_pgd_accuracy"),
-            ("best uniform", "uniform_pgd_accuracy"),
-        )
-        if v.get(key) is not None
+def _parity_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Export parity",
+        "",
+        "Largest |QONNX − PyTorch| logit difference over each exported model's check images and the bound it",
+        "was held to. A rounding-boundary flip is a code that ONNX and PyTorch round to neighbouring levels",
+        "because the quantizer's input lies within float32 noise of a rounding boundary; the check allows",
+        'those, and "without flips" is the difference once they get PyTorch\'s codes.',
+        "",
+        "| model | max abs diff | allowed | boundary flips | without flips | flips per node |",
+        "|---|---|---|---|---|---|",
     ]
-    held_out_line = (
-        f"Held-out PGD accuracy: {', '.join(measured)} ({v.get('images')} images)."
-        if measured
-        else "No held-out comparison with uniform was made."
+    for r in rows:
+        if r.get("parity") is None:
+            continue
+        detail = ", ".join(f"{k}: {n}" for k, n in sorted(r["flip_detail"].items())) or "-"
+        allowed = "-" if r["parity_allowed"] is None else f"{r['parity_allowed']:.1e}"
+        lines.append(
+            f"| {r['name']} | {r['parity']:.1e} | {allowed} | {r['boundary_flips']} | "
+            f"{r['parity_without_flips']:.1e} | {detail} |"
+        )
+    return lines
+
+
+def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
+    from .report import RobustnessReport
+
+    cfg, policy = ctx.cfg, ctx.policies["aq-brevitas"]
+    finetuned_on = (
+        f"a {cfg.finetune_images}-image subset of the training split"
+        if cfg.finetune_images
+        else "the training split"
     )
     lines = [
-        f"# aq-brevitas run: `{name}` at {cfg.budget}, ε = {cfg.eps}",
+        f"# aq-brevitas run: `{ctx.name}` at {cfg.budget}, ε = {cfg.eps}",
         "",
-        f"Selection used {cfg.calib_images} held-out training images (scores) and {cfg.val_images} others (the",
-        "never-worse-than-uniform check); fine-tuning used "
-        + (
-            f"a {cfg.finetune_images}-image subset of the training split"
-            if cfg.finetune_images
-            else "the training split"
-        )
-        + f" for {cfg.finetune_epochs} epoch(s) of PGD-{cfg.finetune_steps}; accuracy is on {n_test} test images, PGD-{cfg.pgd_steps}.",
-        "Export parity is the largest |QONNX − PyTorch| logit difference over the exported model's check images.",
+        f"Selection used {cfg.calib_images} held-out training images (scores) and {cfg.val_images} "
+        "others (the",
+        f"never-worse-than-uniform check); fine-tuning used {finetuned_on} for {cfg.finetune_epochs} "
+        f"epoch(s) of PGD-{cfg.finetune_steps}; accuracy is on {len(ctx.test[1])} test images, "
+        f"PGD-{cfg.pgd_steps}.",
+        "Export parity is the largest |QONNX − PyTorch| logit difference over the exported model's check "
+        "images.",
         "",
         "## Summary",
         "",
-        "| model | avg weight bits | weight KiB | clean | PGD | export parity |",
-        "|---|---|---|---|---|---|",
+        "| model | avg weight bits | weight KiB | clean | PGD | export parity | boundary flips |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in result.rows:
+    for r in rows:
         parity = "-" if r.get("parity") is None else f"{r['parity']:.1e}"
         lines.append(
-            f"| {r['name']} | {r['avg_bits']:.2f} | {r['kib']:.1f} | {100 * r['clean']:.1f} | {100 * r['pgd']:.1f} | {parity} |"
+            f"| {r['name']} | {r['avg_bits']:.2f} | {r['kib']:.1f} | {100 * r['clean']:.1f} | "
+            f"{100 * r['pgd']:.1f} | {parity} | {r.get('boundary_flips', '-')} |"
         )
+    lines += ["", "![comparison](comparison.png)", "", *_parity_lines(rows), ""]
     lines += [
-        "",
-        "![comparison](comparison.png)",
-        "",
-        f"## Policy ({meta.get('method')}, kept: **{meta.get('winner')}**)",
+        f"## Policy ({policy.meta.get('method')}, kept: **{policy.meta.get('winner')}**)",
         "",
         "```",
         str(policy),
         "```",
         "",
-        held_out_line,
+        _held_out_line(policy),
         "",
         "![policy](policy.png) ![scores](scores.png)",
         "",
         "## Robustness of the fine-tuned aq-brevitas model",
         "",
-        RobustnessReport.load(out / "robustness_searched.json").to_markdown(),
+        RobustnessReport.load(ctx.out / "robustness_searched.json").to_markdown(),
         "",
         "![robustness](robustness.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def run(
+    model: nn.Module | str,
+    out: str | os.PathLike[str],
+    config: RunConfig | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Run (or resume) the whole job for ``model`` (an nn.Module, a zoo name or a float checkpoint).
+
+    Every setting, the model and the data are checked before ``out`` is touched, so a bad setting
+    (:class:`ConfigError`, :class:`~aq_brevitas.errors.PolicyError` for the budget), a bad model
+    (:class:`ModelError`, :class:`~aq_brevitas.errors.CheckpointError`) or missing data
+    (:class:`~aq_brevitas.errors.DataError`) costs nothing and leaves an existing run folder as it
+    was. Re-running with the same ``out`` skips the stages whose settings, inputs and outputs are
+    unchanged (see the module docstring); ``force=True`` redoes every stage, fine-tuning included,
+    from scratch. Returns the :class:`RunResult`; ``out/report.md`` and ``out/report.json`` hold the
+    full report.
+    """
+    t_start = time.perf_counter()
+    ctx = _context(model, Path(out), config or RunConfig(), force, progress)
+    for stage in (score, search, quantize, finetune, evaluate, export):
+        stage(ctx)
+    result = RunResult(str(ctx.out), summary_rows(ctx))
+    report(ctx, result.rows)
+    # Written last, so a run that fails leaves the previous run's config.json in place.
+    atomic_write_json(ctx.out / "config.json", {"model": ctx.name, **asdict(ctx.cfg)})
+    result.skipped = ctx.log.skipped
+    result.seconds = time.perf_counter() - t_start
+    return result

@@ -63,28 +63,28 @@ def plot_layer_scores(scores: Mapping[str, Any], path: str | os.PathLike[str]) -
 
 
 def plot_policy(
-    layers: Sequence[str],
-    bits: Sequence[int],
-    labels: Sequence[str],
-    params: Sequence[int],
-    path: str | os.PathLike[str],
-    title: str = "Per-layer policy",
+    policy: Any, geometry: Mapping[str, Any], path: str | os.PathLike[str], title: str = "Per-layer policy"
 ) -> None:
-    """Bit width per layer (bars, labelled with scaling/granularity); bar width ∝ log(parameters)."""
+    """The per-layer chart of ``policy`` (a :class:`~aq_brevitas.LayerwisePolicy`) over the layers of
+    ``geometry`` (layer name -> anything with ``params``: a ``LayerGeometry``, a ``LayerScore``): one
+    bar per layer at its weight bits, labelled with scaling, granularity and weight count."""
     import numpy as np
 
-    plt, fig, ax = _figure(max(6.0, 0.9 * len(layers) + 2))
-    x = np.arange(len(layers))
+    names = list(geometry)
+    specs = [policy.spec_for(n) for n in names]
+    plt, fig, ax = _figure(max(6.0, 0.9 * len(names) + 2))
+    x = np.arange(len(names))
+    bits = [s.weight_bit_width for s in specs]
     bars = ax.bar(x, bits, color=[plt.cm.viridis(b / 8) for b in bits])
-    for bar, lab, p in zip(bars, labels, params, strict=True):
+    for bar, s, n in zip(bars, specs, names, strict=True):
         ax.annotate(
-            f"{lab}\n{p:,} w",
+            f"{s.scaling} {'pc' if s.granularity == 'per_channel' else 'pt'}\n{geometry[n].params:,} w",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
             fontsize=7,
         )
-    ax.set_xticks(x, layers, rotation=30, ha="right")
+    ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("weight bits")
     ax.set_ylim(0, 9.5)
     ax.set_title(title)

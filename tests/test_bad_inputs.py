@@ -77,7 +77,7 @@ def _data_dir(tmp_path, kind) -> str:
 def _quantize(tmp_path, policy, out=None):
     """`aq-brevitas quantize` of cnn-pgd with ``policy`` (a path) into ``out`` (default tmp/out.pt)."""
     out = str(tmp_path / "out.pt") if out is None else out
-    return ["quantize", "--model", "cnn-pgd", "--policy", policy, "--out", out, "--calibrate", "0"]
+    return ["quantize", "--model", "cnn-pgd", "--policy", policy, "--out", out, "--calib-images", "0"]
 
 
 def _good_policy(tmp_path) -> str:
@@ -156,7 +156,7 @@ CLI_CASES = {
             "--bits",
             "2",
             "4",
-            "--calib",
+            "--calib-images",
             "16",
             "--val-images",
             "0",
@@ -170,7 +170,7 @@ CLI_CASES = {
             "cnn-pgd",
             "--budget",
             "avg-bits=0",
-            "--calib",
+            "--calib-images",
             "16",
             "--val-images",
             "0",
@@ -184,7 +184,7 @@ CLI_CASES = {
             "cnn-pgd",
             "--budget",
             "four-bits",
-            "--calib",
+            "--calib-images",
             "16",
             "--val-images",
             "0",
@@ -192,48 +192,48 @@ CLI_CASES = {
         r"cannot parse budget 'four-bits'",
     ),
     "eps negative": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--eps", "-0.1", "--limit", "8"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--eps", "-0.1", "--images", "8"],
         r"eps=-0\.1 is outside \[0, 1\]",
     ),
     "eps above one": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--eps", "1.5", "--limit", "8"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--eps", "1.5", "--images", "8"],
         r"eps=1\.5 is outside \[0, 1\]",
     ),
     "eps NaN": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--eps", "nan", "--limit", "8"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--eps", "nan", "--images", "8"],
         r"eps must be a number, got nan",
     ),
     "missing checkpoint": (
-        lambda t: ["evaluate", "--model", str(t / "none.pt"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", str(t / "none.pt"), "--images", "8"],
         r"{tmp}/none\.pt\b.*does not exist",
     ),
     "empty checkpoint": (
-        lambda t: ["evaluate", "--model", _ckpt(t, "empty"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", _ckpt(t, "empty"), "--images", "8"],
         r"checkpoint {tmp}/model\.pt is empty",
     ),
     "truncated checkpoint": (
-        lambda t: ["evaluate", "--model", _ckpt(t, "truncated"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", _ckpt(t, "truncated"), "--images", "8"],
         r"checkpoint {tmp}/model\.pt is truncated or not a torch checkpoint",
     ),
     "foreign checkpoint": (
-        lambda t: ["evaluate", "--model", _ckpt(t, "foreign"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", _ckpt(t, "foreign"), "--images", "8"],
         # Random bytes: refused as an unsafe or unreadable pickle, depending on the bytes.
         r"checkpoint {tmp}/model\.pt (is truncated|is not a readable|contains pickled Python objects)",
     ),
     "pickle payload checkpoint": (
-        lambda t: ["evaluate", "--model", _ckpt(t, "pickle"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", _ckpt(t, "pickle"), "--images", "8"],
         r"checkpoint {tmp}/model\.pt contains pickled Python objects and was refused",
     ),
     "NaN/Inf weights": (
-        lambda t: ["evaluate", "--model", _ckpt(t, "nan"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", _ckpt(t, "nan"), "--images", "8"],
         r"{tmp}/model\.pt: tensor conv1\.weight holds NaN/Inf values",
     ),
     "checkpoint of another architecture": (
-        lambda t: ["evaluate", "--model", _ckpt(t, "wrong-arch"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", _ckpt(t, "wrong-arch"), "--images", "8"],
         r"{tmp}/model\.pt does not fit .*vgg_bn",
     ),
     "unknown zoo name": (
-        lambda t: ["evaluate", "--model", "resnet-huge", "--limit", "8"],
+        lambda t: ["evaluate", "--model", "resnet-huge", "--images", "8"],
         r"'?resnet-huge'? is neither a zoo model nor a file",
     ),
     "unknown architecture": (
@@ -241,19 +241,19 @@ CLI_CASES = {
         r"unknown architecture 'resnet50'",
     ),
     "data dir without IDX files": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--data-dir", _data_dir(t, "empty"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--data-dir", _data_dir(t, "empty"), "--images", "8"],
         r"no IDX file matching \S+ in {tmp}/data",
     ),
     "corrupt IDX file": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--data-dir", _data_dir(t, "corrupt"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--data-dir", _data_dir(t, "corrupt"), "--images", "8"],
         r"IDX file {tmp}/data/t10k-images\S+ holds \d+ data bytes but its header",
     ),
     "missing data dir": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--data-dir", str(t / "nowhere"), "--limit", "8"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--data-dir", str(t / "nowhere"), "--images", "8"],
         r"data directory {tmp}/nowhere does not exist .*apt-get install",
     ),
     "non-positive limit": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--limit", "0"],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--images", "0"],
         r"limit must be positive, got 0",
     ),
     "output dir missing": (
@@ -297,15 +297,15 @@ CLI_CASES = {
         r"output directory {tmp}/no of --plot {tmp}/no/p\.png does not exist",
     ),
     "train --out in a missing directory": (
-        lambda t: ["train", "--arch", "small_cnn", "--out", str(t / "no" / "x.pt"), "--limit", "64"],
+        lambda t: ["train", "--arch", "small_cnn", "--out", str(t / "no" / "x.pt"), "--train-images", "64"],
         r"output directory {tmp}/no of --out {tmp}/no/x\.pt does not exist",
     ),
     "evaluate --report in a missing directory": (
-        lambda t: ["evaluate", "--model", "cnn-pgd", "--limit", "8", "--report", str(t / "no" / "r.json")],
+        lambda t: ["evaluate", "--model", "cnn-pgd", "--images", "8", "--report", str(t / "no" / "r.json")],
         r"output directory {tmp}/no of --report {tmp}/no/r\.json does not exist",
     ),
     "study --out prefix in a missing directory": (
-        lambda t: ["study", "--limit", "8", "--out", str(t / "no" / "study")],
+        lambda t: ["study", "--test-images", "8", "--out", str(t / "no" / "study")],
         r"output directory {tmp}/no of --out {tmp}/no/study\.json does not exist",
     ),
     "validate-metric --out whose .json is a directory": (

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def test_missing_model_is_one_line(tmp_path):
 
 def test_missing_data_dir_is_one_line(tmp_path):
     msg = _one_line_error(
-        run_cli("evaluate", "--model", "cnn-pgd", "--data-dir", str(tmp_path / "x"), "--limit", "10")
+        run_cli("evaluate", "--model", "cnn-pgd", "--data-dir", str(tmp_path / "x"), "--images", "10")
     )
     assert "apt-get install" in msg
 
@@ -59,7 +60,7 @@ def test_score_and_quantize_end_to_end(tmp_path):
         "score",
         "--model",
         "cnn-pgd",
-        "--limit",
+        "--images",
         "32",
         "--json",
         str(tmp_path / "s.json"),
@@ -87,7 +88,7 @@ def test_score_and_quantize_end_to_end(tmp_path):
         str(policy),
         "--out",
         str(tmp_path / "q.pt"),
-        "--calibrate",
+        "--calib-images",
         "64",
     )
     assert res.returncode == 0, res.stderr
@@ -96,9 +97,9 @@ def test_score_and_quantize_end_to_end(tmp_path):
         "evaluate",
         "--model",
         str(tmp_path / "q.pt"),
-        "--limit",
+        "--images",
         "100",
-        "--steps",
+        "--pgd-steps",
         "3",
         "--eps",
         "0.1",
@@ -115,9 +116,9 @@ def test_zoo_listing():
 
 def test_search_cli_writes_policy_and_chart(tmp_path):
     res = run_cli(
-        "search", "--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8", "--scalings", "max",
-        "--granularities", "per_channel", "--calib", "64", "--val-images", "100", "--out", str(tmp_path / "p.json"),
-        "--plot", str(tmp_path / "p.png"),
+        "search", "--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8",
+        "--scalings", "max", "--granularities", "per_channel", "--calib-images", "64", "--val-images", "100",
+        "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png"),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     from aq_brevitas.policy import LayerwisePolicy
@@ -132,8 +133,9 @@ def test_search_cli_writes_policy_and_chart(tmp_path):
 
 
 def test_run_pipeline_end_to_end_and_resume(tmp_path):
-    args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "new" / "r"), "--calib", "64", "--val-images", "100",
-            "--finetune-images", "128", "--finetune-steps", "2", "--test-images", "100", "--steps", "3"]  # fmt: skip
+    args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "new" / "r"), "--calib-images", "64",
+            "--val-images", "100", "--train-images", "128", "--train-steps", "2", "--test-images", "100",
+            "--pgd-steps", "3"]  # fmt: skip
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     for f in (
@@ -155,7 +157,7 @@ def test_run_pipeline_end_to_end_and_resume(tmp_path):
 
 
 SMALL_SEARCH = ("--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8", "--scalings", "max",
-                "--granularities", "per_channel", "--calib", "64", "--val-images", "100")  # fmt: skip
+                "--granularities", "per_channel", "--calib-images", "64", "--val-images", "100")  # fmt: skip
 
 
 def test_search_compare_prints_every_method_with_its_bound():
@@ -180,3 +182,85 @@ def test_validate_metric_cli_writes_report_and_scatter(tmp_path):
     assert len(report["policies"]) == 4 and report["images"] == 100 and report["pgd_steps"] == 2
     assert -1 <= report["rho"] <= 1 and 0 <= report["p_value"] <= 1
     assert f"{report['rho']:+.3f}" in res.stdout  # the printed ρ is the saved one
+
+
+# ---- one option word, one meaning; defaults from the API; old spellings for one release -------------
+AMBIGUOUS = ("--steps", "--limit", "--calib", "--calibrate", "--eval-limit", "--eval-steps",
+             "--finetune-steps", "--finetune-images", "--restarts", "--trades")  # fmt: skip
+
+
+def _subparsers():
+    from aq_brevitas.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices
+
+
+def test_old_ambiguous_spellings_are_hidden_and_each_deprecation_names_a_current_option():
+    import argparse
+
+    from aq_brevitas.cli_options import DEPRECATED
+
+    for command, parser in _subparsers().items():
+        visible = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+        assert not visible & set(AMBIGUOUS), command
+        for old, new in DEPRECATED.get(command, {}).items():
+            assert new in visible and old not in visible, (command, old)
+
+
+def test_a_deprecated_spelling_still_works_with_one_warning_naming_the_new_option(capsys):
+    from aq_brevitas.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["train", "--arch", "small_cnn", "--out", "m.pt", "--steps", "3", "--limit", "64"])
+    assert (args.steps, args.train_images) == (3, 64)
+    warned = capsys.readouterr().err.splitlines()
+    tail = "(the old spelling goes in the next release)"
+    assert warned == [
+        f"aq-brevitas: warning: --steps is deprecated, use --train-steps {tail}",
+        f"aq-brevitas: warning: --limit is deprecated, use --train-images {tail}",
+    ]
+    # The same old word stood for another option in `evaluate`: the warning says which.
+    assert parse(["evaluate", "--model", "m.pt", "--steps", "5"]).pgd_steps == 5
+    assert "use --pgd-steps" in capsys.readouterr().err
+    run = parse(["run", "--model", "m", "--out", "o", "--calib", "32", "--finetune-images", "0"])
+    assert (run.calib_images, run.finetune_images) == (32, 0)
+
+
+def test_cli_defaults_are_the_api_defaults():
+    from aq_brevitas.candidates import DEFAULT_BITS, DEFAULT_GRANULARITIES, DEFAULT_SCALINGS
+    from aq_brevitas.cli import build_parser
+    from aq_brevitas.cli_options import search_config, train_config, values_for
+    from aq_brevitas.config import EvalConfig, TrainConfig
+    from aq_brevitas.pipeline import RunConfig
+    from aq_brevitas.search import SearchConfig
+
+    parse = build_parser().parse_args
+    assert train_config(parse(["train", "--arch", "a", "--out", "o.pt"]), TrainConfig()) == TrainConfig()
+    tuned = parse(["finetune", "--model", "q.pt", "--out", "o.pt"])
+    assert (
+        train_config(tuned, TrainConfig.finetuning())
+        == TrainConfig.finetuning()
+        == train_config(tuned, TrainConfig())
+    )
+    assert EvalConfig(**values_for(parse(["evaluate", "--model", "m"]), EvalConfig)) == EvalConfig()
+    assert RunConfig(**values_for(parse(["run", "--model", "m", "--out", "o"]), RunConfig)) == RunConfig()
+    assert search_config(parse(["search", "--model", "m", "--budget", "avg-bits=3"])) == SearchConfig()
+    # Candidates default to the library's (None on the command line); the help states those values.
+    text = " ".join(_subparsers()["search"].format_help().split())
+    for values in (DEFAULT_BITS, DEFAULT_SCALINGS, DEFAULT_GRANULARITIES):
+        assert f"(default {' '.join(map(str, values))})" in text
+
+
+def test_export_prints_parity_and_rounding_boundary_flips(tmp_path):
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"schema": "aq-brevitas/policy/v1", "default": {"weight_bit_width": 4}}))
+    q = tmp_path / "q.pt"
+    res = run_cli(
+        "quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(q), "--calib-images", "0"
+    )
+    assert res.returncode == 0, res.stderr
+    res = run_cli("export", "--model", str(q), "--out", str(tmp_path / "q.onnx"), "--images", "2")
+    assert res.returncode == 0, res.stderr
+    assert "max |ONNX - PyTorch| = " in res.stdout
+    assert re.search(r"rounding-boundary flips allowed by the check: \d+", res.stdout), res.stdout

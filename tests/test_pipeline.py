@@ -76,6 +76,35 @@ def test_run_writes_both_exports_and_an_aligned_summary(done_run):
     assert json.loads((out / "config.json").read_text())["calib_images"] == TINY.calib_images
 
 
+def test_report_shows_export_parity_and_flips(done_run):
+    """report.md/report.json carry each export's max |QONNX - PyTorch|, the rounding-boundary flips the
+    parity check allowed, and the difference without them, as the export records hold them."""
+    out, result = done_run
+    document = json.loads((out / "report.json").read_text())
+    text = (out / "report.md").read_text()
+    assert "## Export parity" in text and "boundary flips" in text
+    for row, v in zip(document["rows"][1:], ("uniform", "searched"), strict=True):
+        export = json.loads((out / f"export{'' if v == 'searched' else '_uniform'}.json").read_text())
+        assert row["parity"] == export["max_abs_diff"] and row["boundary_flips"] == export["boundary_flips"]
+        assert row["parity_without_flips"] == export["diff_without_flips"] <= row["parity_allowed"]
+        assert row["flip_detail"] == export["flip_detail"]
+        assert (
+            f"| {row['name']} | {row['parity']:.1e} | {row['parity_allowed']:.1e} | {row['boundary_flips']} |"
+            in text
+        )
+
+
+def test_quantized_models_are_save_quantized_checkpoints(done_run):
+    """The run keeps its quantized models as save_quantized writes them: load_quantized rebuilds them."""
+    out, _ = done_run
+    for stage in ("ptq", "finetuned"):
+        q, meta = aq_brevitas.load_quantized(out / f"searched_{stage}.pt", float_model=_model())
+        assert (
+            meta["kind"] == "brevitas"
+            and q.aq_policy.layers == aq_brevitas.LayerwisePolicy.load(out / "policy.json").layers
+        )
+
+
 def test_summary_table_sizes_columns_from_a_long_label():
     row = {"avg_bits": 3.0, "kib": 1.5, "clean": 0.5, "pgd": 0.25, "parity": 1e-7}
     table = RunResult("x", [{**row, "name": "n"}, {**row, "name": "a-very-long-model-label (avg-bits=3)"}])
@@ -158,7 +187,7 @@ BAD = {
     "budget typo": (dict(budget="avg-bit3"), PolicyError, "cannot parse budget"),
     "eps negative": (dict(eps=-1.0), ConfigError, "outside [0, 1]"),
     "eps NaN": (dict(eps=math.nan), ConfigError, "must be a number"),
-    "calib zero": (dict(calib_images=0), ConfigError, "--calib"),
+    "calib zero": (dict(calib_images=0), ConfigError, "--calib-images"),
     "calib+val too many": (dict(calib_images=4000, val_images=2000), ConfigError, "exceed the 5000"),
     "one test image": (dict(test_images=1), ConfigError, "--test-images"),
     "unknown method": (dict(method="magic"), ConfigError, "unknown search method"),
@@ -189,10 +218,10 @@ def test_bad_model_or_out_fails_before_writing(tmp_path):
 
 
 def test_cli_bad_calib_is_one_line_and_writes_nothing(tmp_path):
-    res = run_cli("run", "--model", "cnn-pgd", "--calib", "0", "--out", str(tmp_path / "r"))
+    res = run_cli("run", "--model", "cnn-pgd", "--calib-images", "0", "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("aq-brevitas: error:")]
-    assert len(errors) == 1 and "--calib" in errors[0] and ">= 1" in errors[0]
+    assert len(errors) == 1 and "--calib-images" in errors[0] and ">= 1" in errors[0]
     assert not (tmp_path / "r").exists()
 
 
