@@ -4,7 +4,12 @@ How each :class:`LayerSpec` field is honoured (see docs/torch_ao.md):
 
 * ``weight_bit_width`` 2..8: narrow signed range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` on (q)int8, kept
   by ``convert_fx`` and ``convert_pt2e``. 1 bit cannot be expressed (no binary dtype) and is refused.
-* ``granularity``: per-channel (axis 0) or per-tensor symmetric observers.
+* ``granularity``: per-channel or per-tensor symmetric observers. Per-channel scales sit on the
+  weight axis of the output channels: 0, or 1 for a transposed conv (``(in, out/groups, *k)``).
+  Where torch.ao cannot hold them the layer gets per-tensor weights, with a warning naming it: FX
+  has no per-channel transposed conv (its ``QConfig`` check and fbgemm/qnnpack refuse one), and
+  with ``groups > 1`` a transposed conv's output channels span two weight axes, which one
+  per-channel axis cannot hold (PT2E too).
 * ``scaling``: ``max`` → MinMax observers (exact). PT2E, per-tensor ``mse``/``percentile`` →
   ``HistogramObserver`` (torch.ao's clipping search minimising quantization error: the nearest
   torch.ao has to both; ``convert_pt2e`` clamps to the narrow range). FX gets MinMax there, because
@@ -24,15 +29,17 @@ torchao is an optional extra (``pip install aq-brevitas[pt2e]``); only :class:`P
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, PolicyError
-from .nnutils import quantizable_layers
+from .errors import ConfigError, ModelError, PolicyError
+from .nnutils import eval_mode, find_conv_bn_pairs, quantizable_layers
 from .policy import LayerSpec, LayerwisePolicy
 
 DEFAULT_ACT_BITS = 8
@@ -80,15 +87,76 @@ def _warn_approximations(specs: dict[str, LayerSpec], pt2e: bool) -> None:
         )
 
 
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def weight_channel_axis(transposed: bool, groups: int = 1, *, pt2e: bool) -> int | None:
+    """The weight axis on which torch.ao puts a layer's per-output-channel scales, or None where it
+    cannot put them anywhere.
+
+    0 for conv/linear (weight ``(out, in/groups, *k)``); 1 for a transposed conv (weight
+    ``(in, out/groups, *k)``) through PT2E. None for a transposed conv through FX (torch.ao has no
+    per-channel ``ConvTranspose``: ``prepare_fx`` asserts, fbgemm/qnnpack refuse the weight) and for
+    a transposed conv with ``groups > 1`` (output channel ``g·(out/groups) + j`` is block ``g`` of
+    axis 0 times column ``j`` of axis 1: no single axis holds it).
+    """
+    if not transposed:
+        return 0
+    return 1 if pt2e and groups == 1 else None
+
+
+def _expressible(
+    name: str, spec: LayerSpec, transposed: bool, groups: int, pt2e: bool, fallback: dict[str, str]
+) -> tuple[LayerSpec, int]:
+    """The spec torch.ao runs for a layer and its per-channel axis: per-tensor where
+    :func:`weight_channel_axis` has none (recorded in ``fallback`` by name, with the reason)."""
+    axis = weight_channel_axis(transposed, groups, pt2e=pt2e)
+    if spec.granularity != "per_channel" or axis is not None:
+        return spec, axis or 0
+    fallback[name] = f"groups={groups}" if pt2e else "FX has no per-channel ConvTranspose"
+    return dataclasses.replace(spec, granularity="per_tensor"), 0
+
+
+def check_transposed_bn(model: nn.Module, *, fx: bool, qat: bool = False) -> None:
+    """Refuse, in one line (:class:`ModelError`), a transposed conv whose BatchNorm torch.ao cannot fuse.
+
+    Preparing fuses each conv's BatchNorm into it. torch's fusion of a transposed conv breaks with
+    ``groups > 1`` (a shape error in ``fuse_conv_bn_weights``, FX and PT2E alike), and FX refuses it
+    in QAT. ``fx`` and ``qat`` say which preparation follows.
+    """
+    for conv_name, bn_name in find_conv_bn_pairs(model).items():
+        conv = model.get_submodule(conv_name)
+        if not isinstance(conv, _TRANSPOSED_TYPES):
+            continue
+        why = f"groups={conv.groups}" if conv.groups > 1 else ("FX, in QAT" if fx and qat else None)
+        if why:
+            raise ModelError(
+                f"torch.ao cannot fuse BatchNorm {bn_name} into transposed conv {conv_name} ({why}), "
+                "which it does while preparing",
+                "fold it into the conv first: aq_brevitas.nnutils.fold_batchnorm(model) (eval statistics)",
+            )
+
+
+def _warn_per_tensor(fallback: dict[str, str]) -> None:
+    if fallback:
+        listed = ", ".join(f"{n} ({why})" for n, why in fallback.items())
+        warnings.warn(
+            f"torch.ao cannot hold per-output-channel weight scales for these transposed convs; they get "
+            f"per-tensor weights: {listed} -- fix: give them granularity='per_tensor' to silence this, or "
+            "quantize them per channel through Brevitas (aq_brevitas.quantize)",
+            stacklevel=3,
+        )
+
+
 def _weight_observer(
-    spec: LayerSpec, observers: Any, pt2e: bool
+    spec: LayerSpec, observers: Any, pt2e: bool, axis: int = 0
 ) -> tuple[Any, torch.qscheme, dict[str, Any]]:
     qmin, qmax = weight_range(spec.weight_bit_width)
     if spec.granularity == "per_channel":
         return (
             observers.PerChannelMinMaxObserver,
             torch.per_channel_symmetric,
-            {"ch_axis": 0, "quant_min": qmin, "quant_max": qmax},
+            {"ch_axis": axis, "quant_min": qmin, "quant_max": qmax},
         )
     cls = observers.HistogramObserver if _clipping_observer(spec, pt2e) else observers.MinMaxObserver
     return cls, torch.per_tensor_symmetric, {"quant_min": qmin, "quant_max": qmax}
@@ -118,15 +186,34 @@ def _fx_qconfig(spec: LayerSpec, qat: bool) -> Any:
     return QConfig(activation=_fx_act(spec.act_bit_width, qat), weight=weight)
 
 
-def _mapping(policy: LayerwisePolicy, qat: bool, layers: Iterable[str] | None) -> tuple[Any, list[LayerSpec]]:
+def _mapping(
+    policy: LayerwisePolicy, qat: bool, layers: Iterable[str] | Mapping[str, nn.Module] | None
+) -> tuple[Any, list[LayerSpec]]:
     from torch.ao.quantization import QConfigMapping
 
-    specs = dict(policy.layers) if layers is None else policy.resolve(layers)
+    modules = dict(layers) if isinstance(layers, Mapping) else {}
+    fallback: dict[str, str] = {}
+    specs = {
+        name: _expressible(
+            name,
+            spec,
+            isinstance(modules.get(name), _TRANSPOSED_TYPES),
+            getattr(modules.get(name), "groups", 1),
+            pt2e=False,
+            fallback=fallback,
+        )[0]
+        for name, spec in (dict(policy.layers) if layers is None else policy.resolve(layers)).items()
+    }
     _warn_approximations(specs, pt2e=False)
+    _warn_per_tensor(fallback)
     mapping = QConfigMapping()
     used = list(specs.values())
     if policy.default is not None and layers is None:
         mapping.set_global(_fx_qconfig(policy.default, qat))
+        # a transposed conv under the default gets per-tensor weights (torch.ao has no per-channel one)
+        per_tensor = dataclasses.replace(policy.default, granularity="per_tensor")
+        for kind in _TRANSPOSED_TYPES:
+            mapping.set_object_type(kind, _fx_qconfig(per_tensor, qat))
         used.append(policy.default)
     for name, spec in specs.items():
         mapping.set_module_name(name, _fx_qconfig(spec, qat))
@@ -134,12 +221,19 @@ def _mapping(policy: LayerwisePolicy, qat: bool, layers: Iterable[str] | None) -
 
 
 def to_qconfig_mapping(
-    policy: LayerwisePolicy, *, qat: bool = False, layers: Iterable[str] | None = None
+    policy: LayerwisePolicy,
+    *,
+    qat: bool = False,
+    layers: Iterable[str] | Mapping[str, nn.Module] | None = None,
 ) -> Any:
     """A ``QConfigMapping`` with one ``set_module_name`` entry per layer of the policy.
 
-    The policy's default (if any) becomes the mapping's global qconfig when ``layers`` is not given;
-    pass ``layers`` (e.g. ``quantizable_layers(model)``) to expand the default per layer instead.
+    The policy's default (if any) becomes the mapping's global qconfig when ``layers`` is not given
+    (transposed convs under it get per-tensor weights); pass ``layers`` to expand the default per
+    layer instead. Given as a name -> module mapping (``quantizable_layers(model)``), it also tells
+    which layers are transposed convs: those get per-tensor weights where the policy asks per-channel
+    (torch.ao has none for them), with a warning naming them. With bare names it cannot tell, and
+    ``prepare_fx`` asserts on a transposed conv named with a per-channel spec.
     Use it with ``prepare_fx`` / ``prepare_qat_fx`` and ``convert_fx`` (conv-relu fusion included).
     torch.ao FX applies a QConfig's activation to the layer's OUTPUT, so when layers ask for
     different ``act_bit_width`` this warns: use :func:`prepare_fx_model`, which puts each on the
@@ -240,6 +334,53 @@ def place_input_activations(prepared: torch.fx.GraphModule, policy: LayerwisePol
             prepared.add_submodule(node.target, observer)
 
 
+@functools.cache
+def transposed_kernel_error(engine: str) -> float:
+    """Max error of torch's quantized ``conv_transpose2d`` on ``engine`` (the current
+    ``torch.backends.quantized.engine``, which ``convert_fx``'s modules run on) against the float
+    op on the same integers, on a fixed probe whose output step is 0.02: above that the kernel is wrong.
+
+    torch 2.13's ``x86``/``onednn`` kernels were measured wrong (error ~1 on outputs of range 1)
+    where ``fbgemm``/``qnnpack`` are right; the probe tells on the machine at hand. Cached per engine.
+    """
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(4, 6, 2, 2, generator=g) * 0.3, torch.rand(2, 4, 3, 3, generator=g)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates creating quantized tensors; the probe needs them, as convert_fx does
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qw = torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8)
+        qx = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+        packed = torch.ops.quantized.conv_transpose2d_prepack(qw, None, [2, 2], [0, 0], [0, 0], [1, 1], 1)
+        y = torch.ops.quantized.conv_transpose2d(qx, packed, 0.02, 128).dequantize()
+    return float((y - F.conv_transpose2d(qx.dequantize(), qw.dequantize(), stride=2)).abs().max())
+
+
+def _warn_fx_transposed(layers: dict[str, nn.Module], policy: LayerwisePolicy, qat: bool) -> None:
+    """The two FX limits a policy's transposed convs meet besides per-channel weights, one line each."""
+    names = [n for n, m in layers.items() if isinstance(m, _TRANSPOSED_TYPES) and policy.spec_for(n)]
+    if not names:
+        return
+    listed = ", ".join(names)
+    if qat:
+        warnings.warn(
+            f"torch.ao FX has no QAT ConvTranspose: {listed} compute with float weights in the prepared "
+            "model (convert_fx quantizes them) -- fix: use prepare_pt2e_model(..., qat=True), which "
+            "fake-quantizes them",
+            stacklevel=3,
+        )
+    engine = torch.backends.quantized.engine
+    error = transposed_kernel_error(engine)
+    if error > 0.02:
+        warnings.warn(
+            f"torch's quantized ConvTranspose kernel is wrong on engine {engine!r} here (error {error:.2g} on "
+            f"a probe whose output step is 0.02): convert_fx would give wrong outputs for {listed} -- fix: "
+            "torch.backends.quantized.engine = 'fbgemm' (or 'qnnpack') before convert_fx",
+            stacklevel=3,
+        )
+
+
 def prepare_fx_model(
     model: nn.Module, policy: LayerwisePolicy, example_inputs: torch.Tensor, *, qat: bool = False
 ) -> torch.fx.GraphModule:
@@ -247,11 +388,21 @@ def prepare_fx_model(
     :func:`place_input_activations` so each layer's ``act_bit_width`` quantizes its input.
 
     The policy's default is expanded over the model's conv/linear layers (functional ops stay float
-    between quantized layers). Parameters are shared with ``model``: pass a copy to keep it float.
+    between quantized layers); transposed convs get per-tensor weights where the policy asks
+    per-channel (with a warning naming them: torch.ao has no per-channel ``ConvTranspose``).
+    ``model`` becomes part of the result: its modules and parameters are shared with it, and it is
+    left in the mode ``prepare_fx`` needs (eval, or train with ``qat``). Pass a copy to keep it.
+    A transposed conv followed by a BatchNorm FX cannot fuse is refused (:func:`check_transposed_bn`).
+    Transposed convs also warn, naming them, when ``qat`` (FX has no QAT ``ConvTranspose``: float
+    weights until ``convert_fx``) and when the current quantized engine's ConvTranspose kernel is
+    wrong (:func:`transposed_kernel_error`).
     """
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
-    mapping, _ = _mapping(policy, qat, list(quantizable_layers(model)))
+    check_transposed_bn(model, fx=True, qat=qat)
+    layers = quantizable_layers(model)
+    mapping, _ = _mapping(policy, qat, layers)
+    _warn_fx_transposed(layers, policy, qat)
     prepare = prepare_qat_fx if qat else prepare_fx
     prepared = prepare(model.train() if qat else model.eval(), mapping, (example_inputs,))
     place_input_activations(prepared, policy, qat=qat)
@@ -277,15 +428,16 @@ def _layer_name(node: Any) -> str | None:
     return path.replace("L['self'].", "").replace("L__self___", "") or None
 
 
-_LAYER_OPS = ("conv1d", "conv2d", "conv_transpose2d", "linear")
+_LAYER_OPS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear")
+_GROUPS_ARG = 6  # aten.conv_transpose*d(input, weight, bias, stride, padding, output_padding, groups, ...)
 
 
-def _pt2e_specs(spec: LayerSpec, qat: bool) -> tuple[Any, Any]:
+def _pt2e_specs(spec: LayerSpec, qat: bool, axis: int = 0) -> tuple[Any, Any]:
     pt2e = _torchao()
     from torchao.quantization.pt2e import observer as obs
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
-    w_cls, w_scheme, w_kw = _weight_observer(spec, obs, pt2e=True)
+    w_cls, w_scheme, w_kw = _weight_observer(spec, obs, pt2e=True, axis=axis)
     qmin, qmax = w_kw.pop("quant_min"), w_kw.pop("quant_max")
     w_ctor = pt2e.FakeQuantize.with_args(observer=w_cls, **w_kw) if qat else w_cls.with_args(**w_kw)
     weight = QuantizationSpec(
@@ -335,25 +487,32 @@ class PolicyQuantizer:
         return model
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        """Annotate the input activation and weight of every conv/linear node the policy names."""
+        """Annotate the input activation and weight of every conv/linear node the policy names.
+
+        Per-channel weight scales go on the output-channel axis (1 for a transposed conv); a
+        transposed conv with ``groups > 1`` gets per-tensor weights, with a warning naming it.
+        ``annotated`` records the spec each layer got."""
         from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
+        fallback: dict[str, str] = {}
         for node in model.graph.nodes:
-            if (
-                node.op != "call_function"
-                or getattr(node.target, "__name__", "").split(".")[0] not in _LAYER_OPS
-            ):
+            op = getattr(node.target, "__name__", "").split(".")[0]
+            if node.op != "call_function" or op not in _LAYER_OPS:
                 continue
             name = _layer_name(node)
             spec = self.policy.spec_for(name) if name else None
             if spec is None:
                 continue
-            act, weight = _pt2e_specs(spec, self.qat)
+            transposed = op.startswith("conv_transpose")
+            groups = node.args[_GROUPS_ARG] if transposed and len(node.args) > _GROUPS_ARG else 1
+            spec, axis = _expressible(name, spec, transposed, groups, pt2e=True, fallback=fallback)
+            act, weight = _pt2e_specs(spec, self.qat, axis)
             node.meta["quantization_annotation"] = QuantizationAnnotation(
                 input_qspec_map={node.args[0]: act, node.args[1]: weight}, _annotated=True
             )
             self.annotated[name] = spec
         _warn_approximations(self.annotated, pt2e=True)
+        _warn_per_tensor(fallback)
         return model
 
     def validate(self, model: torch.fx.GraphModule) -> None:
@@ -377,7 +536,10 @@ def prepare_pt2e_model(
     """``torch.export`` + ``prepare_pt2e``/``prepare_qat_pt2e`` with :class:`PolicyQuantizer`.
 
     The result can be calibrated, fine-tuned, attacked and evaluated like any module
-    (``allow_exported_model_train_eval`` is applied so ``.train()``/``.eval()`` work).
+    (``allow_exported_model_train_eval`` is applied so ``.train()``/``.eval()`` work). ``model`` is
+    exported in eval mode (train mode with ``qat``) and given back in the mode it came in, every
+    module's flag restored; export traces it without running it, so BatchNorm statistics are untouched.
+    A grouped transposed conv followed by a BatchNorm is refused (:func:`check_transposed_bn`).
     """
     pt2e = _torchao()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
@@ -387,10 +549,10 @@ def prepare_pt2e_model(
         if len(example_inputs) > 1
         else example_inputs.repeat(2, *[1] * (example_inputs.dim() - 1))
     )
+    check_transposed_bn(model, fx=False, qat=qat)
     batch = torch.export.Dim("batch")  # keep the batch size dynamic (export would specialise it)
-    exported = torch.export.export(
-        model.eval() if not qat else model.train(), (x,), dynamic_shapes=({0: batch},)
-    ).module()
+    with eval_mode(model):  # restores every module's own train/eval flag on exit
+        exported = torch.export.export(model.train(qat), (x,), dynamic_shapes=({0: batch},)).module()
     prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(exported, PolicyQuantizer(policy, qat=qat))
     pt2e.allow_exported_model_train_eval(prepared)
     return prepared

@@ -4,7 +4,11 @@ A :class:`Budget` is a ceiling in exactly one of three units: average weight bit
 Σ params), total weight bytes, or bit-operations (BOPs = Σ MACs · b_w · b_a, the HAWQ-V3 measure).
 Weights only: biases stay at high precision and are not counted. Activations a policy leaves
 unquantized are costed as 8-bit in BOPs (``DEFAULT_ACT_BITS_FOR_BOPS``); layers without a spec count
-as 32-bit float.
+as 32-bit float. The geometry says what runs: a layer's MACs are summed over every call in one
+forward, and a weight shared by several layers has its ``params`` under one of them only (0 under
+the others), so bits and bytes count each stored weight once and BOPs count every use. Weights
+used outside a quantizable layer are not in the geometry, hence not in any cost (they stay float;
+:func:`aq_brevitas.nnutils.warn_unsupported` names them).
 
 The knapsack works in *raw* units: total weight bits for an average-bits budget (so the
 constraint stays linear), bytes or BOPs otherwise; :func:`budget_capacity` converts a budget to them
@@ -67,8 +71,9 @@ def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
 
 
 def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:
-    """Cost of concrete per-layer specs over layer geometries (anything with ``params`` and ``macs``);
-    layers without a spec count as 32-bit float."""
+    """Cost of concrete per-layer specs over layer geometries (anything with ``params`` and ``macs``:
+    ``params`` stored once, ``macs`` over every call, as :func:`~aq_brevitas.nnutils.layer_geometry`
+    gives them); layers without a spec count as 32-bit float."""
     bits = bops = params = 0
     for name, g in geometry.items():
         spec = specs.get(name)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .attacks import ATTACKS, check_eps, default_alpha
+from .attacks import ATTACKS, Normalization, check_eps, check_normalization, default_alpha
 from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -39,22 +39,6 @@ def _check_step(alpha: Any) -> None:
         raise ConfigError(
             f"alpha={alpha!r} is not a PGD step in (0, 1]", "pass e.g. --alpha 0.01, or omit it"
         )
-
-
-def check_normalization(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` per channel as tuples of floats; :class:`ConfigError` unless equal-length,
-    non-empty, with positive stds."""
-    try:
-        mean, std = (tuple(float(v) for v in part) for part in value)
-        ok = bool(mean) and len(mean) == len(std) and all(s > 0 for s in std)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(
-            f"normalization={value!r} is not a (mean, std) pair with positive stds",
-            "pass e.g. normalization=((0.286,), (0.353,))",
-        )
-    return mean, std
 
 
 class _Config:
@@ -102,13 +86,16 @@ def json_ready(value: Any) -> Any:
 @dataclass(frozen=True)
 class AttackConfig(_Config):
     """One attack: ``name`` (one of :data:`~aq_brevitas.attacks.ATTACKS`), ``eps`` (L-inf budget on
-    [0, 1] images), ``steps``, ``alpha`` (step; None = 2.5·ε/steps) and ``random_start`` (pgd, pgdl2)."""
+    [0, 1] images), ``steps``, ``alpha`` (step; None = 2.5·ε/steps), ``random_start`` (pgd, pgdl2) and
+    ``normalization=(mean, std)`` for a model that expects normalised inputs (ε stays in [0, 1] pixel
+    space; see :func:`~aq_brevitas.attacks.normalized_inputs`)."""
 
     name: str = "pgd"
     eps: float = 0.1
     steps: int = 10
     alpha: float | None = None
     random_start: bool = True
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name.lower() not in ATTACKS:
@@ -120,6 +107,7 @@ class AttackConfig(_Config):
                 f"attack steps must be an integer >= 0, got {self.steps!r}", "pass e.g. steps=10"
             )
         _check_step(self.alpha)
+        _set_normalization(self)
 
     @property
     def step_size(self) -> float:
@@ -128,7 +116,7 @@ class AttackConfig(_Config):
 
     def kwargs(self) -> dict[str, Any]:
         """The keywords :func:`~aq_brevitas.attacks.make_attack` takes besides the name."""
-        return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha, "random_start": self.random_start}
+        return {k: getattr(self, k) for k in ("eps", "steps", "alpha", "random_start", "normalization")}
 
 
 @dataclass(frozen=True)
@@ -143,6 +131,8 @@ class TrainConfig(_Config):
     the clean loss: (1-w)·CE(adv) + w·CE(clean). ``trades_beta`` β switches to TRADES: CE(clean) +
     β·KL(f(x_adv) ‖ f(x)). ``seed`` fixes the shuffle and the attack noise of every epoch.
     ``learn_act_scales=False`` keeps Brevitas activation scales at their calibrated values.
+    ``normalization=(mean, std)``: the model expects normalised inputs; data and ε stay in [0, 1]
+    pixel space and the model is fed ``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`).
 
     >>> from aq_brevitas.config import TrainConfig
     >>> cfg = TrainConfig(eps=0.2, epochs=3)
@@ -167,6 +157,7 @@ class TrainConfig(_Config):
     trades_beta: float | None = None
     seed: int = 0
     learn_act_scales: bool = True
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
@@ -195,6 +186,7 @@ class TrainConfig(_Config):
             raise ConfigError(f"trades_beta={self.trades_beta!r} must be >= 0", "pass e.g. --trades 6")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}", "pass e.g. --seed 0")
+        _set_normalization(self)
 
     @classmethod
     def finetuning(cls, **changes: Any) -> TrainConfig:
@@ -210,7 +202,7 @@ class TrainConfig(_Config):
     def attack(self) -> AttackConfig:
         """The inner maximisation: PGD (Madry), or TPGD when ``trades_beta`` is set."""
         name = "pgd" if self.trades_beta is None else "tpgd"
-        return AttackConfig(name, self.eps, self.steps, self.alpha, self.random_start)
+        return AttackConfig(name, self.eps, self.steps, self.alpha, self.random_start, self.normalization)
 
 
 @dataclass(frozen=True)
@@ -238,7 +230,7 @@ class EvalConfig(_Config):
     batch_size: int = 250
     limit: int | None = None
     seed: int = 0
-    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         eps = [self.eps] if isinstance(self.eps, (int, float, str)) else list(self.eps)
@@ -261,8 +253,13 @@ class EvalConfig(_Config):
         object.__setattr__(self, "large_eps", check_eps(self.large_eps, "large_eps"))
         if self.limit is not None and not (_is_int(self.limit) and self.limit >= 1):
             raise ConfigError(f"limit must be positive, got {self.limit}", "pass limit>=1 or None")
-        if self.normalization is not None:
-            object.__setattr__(self, "normalization", check_normalization(self.normalization))
+        _set_normalization(self)
+
+
+def _set_normalization(config: Any) -> None:
+    """A config's ``normalization`` checked and stored as tuples (None stays None)."""
+    if config.normalization is not None:
+        object.__setattr__(config, "normalization", check_normalization(config.normalization))
 
 
 def _check_count(key: str, value: Any) -> None:

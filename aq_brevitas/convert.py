@@ -1,22 +1,34 @@
 """The layer swap: apply a :class:`LayerwisePolicy` to a model.
 
-* :func:`quantize` turns a float model's ``Conv1d/Conv2d/ConvTranspose2d/Linear`` into Brevitas
-  ``QuantConv1d/QuantConv2d/QuantConvTranspose2d/QuantLinear`` carrying the spec's weight quantizer
-  (and, with ``act_bit_width``, an input quantizer on the layer), with the trained weights.
+* :func:`quantize` turns a float model's quantizable layers (``Conv1d/Conv2d/ConvTranspose1d/2d/Linear``,
+  as :data:`~aq_brevitas.nnutils.QUANTIZABLE_TYPES` lists them) into their Brevitas twins carrying the
+  spec's weight quantizer (and, with ``act_bit_width``, an input quantizer on the layer), with the
+  trained weights.
 * :func:`apply_policy` re-bits a model that already uses Brevitas layers, keeping its float weights.
+
+Per-channel scales are per output channel: weight axis 0, axis 1 for a transposed conv. A transposed
+conv with ``groups > 1`` becomes a :class:`GroupedQuantConvTranspose2d` (or ``1d``) holding one scale
+per output channel (see :mod:`aq_brevitas.injectors`).
 
 Both leave the original model untouched unless ``inplace=True`` and attach ``aq_policy`` and
 ``aq_changes`` (a list of :class:`LayerChange`) to the returned model.
 
 A module registered under several names is one object: the specs for those names must agree. A
-module called several times in ``forward`` is quantized once and used quantized at every call.
+module called several times in ``forward`` is quantized once and used quantized at every call. A
+weight ``Parameter`` shared by several layers stays shared (the Brevitas layers hold the same
+``Parameter``); each layer quantizes it with its own spec, and a ``UserWarning`` names the layers
+when their specs differ (the deployed model then stores that weight once per spec).
+
+Inputs may be Brevitas ``QuantTensor`` s (a ``QuantIdentity``/``QuantReLU`` with
+``return_quant_tensor=True`` in front of a layer): their values decide input signedness. A model whose
+forward takes several inputs is calibrated on tuples of them (``model(*batch)``).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,12 +38,14 @@ from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIO
 from torch import nn
 
 from .errors import CheckpointError, PolicyError
-from .injectors import act_quant_for, weight_quant_for
+from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
 from .nnutils import (
     eval_mode,
     fold_batchnorm,
     iter_x_batches,
+    plain_tensor,
     quantizable_layers,
+    reported_forward,
     shared_layer_names,
     warn_unsupported,
 )
@@ -56,15 +70,60 @@ def _input_quant(spec: LayerSpec, signed: bool) -> type | None:
     return act_quant_for(spec.act_bit_width, signed=signed, po2=spec.scaling == "po2")
 
 
-def brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool = True) -> nn.Module:
-    """A Brevitas twin of a float layer: same geometry, weights, bias, mode and device, with the weight
-    quantizer of ``spec`` (and, when ``spec.act_bit_width`` is set, an input quantizer, signed or not).
+class _WeightValueInForward:
+    """Mixin for a transposed conv with ``groups > 1`` and per-output-channel weight scales.
 
-    This is the quantizer :func:`quantize` installs, so ``brevitas_layer(layer, spec).quant_weight()``
-    is exactly the Ŵ that will run.
+    Brevitas forms the output scale ``s_in·s_w`` of a quantized conv by viewing the weight scale along
+    weight axis 1; the ``(in, out/groups, 1, ...)`` scale such a layer needs does not fit that view,
+    and the first forward with a quantized input fails. The convolution is therefore fed the
+    dequantized weight (the same numbers), and the layer returns a plain tensor.
     """
+
+    def inner_forward_impl(self, x: Any, quant_weight: Any, quant_bias: Any) -> Any:
+        return super().inner_forward_impl(x, plain_tensor(quant_weight), quant_bias)
+
+
+class GroupedQuantConvTranspose1d(_WeightValueInForward, qnn.QuantConvTranspose1d):
+    """``QuantConvTranspose1d`` with ``groups > 1`` and per-output-channel weight scales."""
+
+
+class GroupedQuantConvTranspose2d(_WeightValueInForward, qnn.QuantConvTranspose2d):
+    """``QuantConvTranspose2d`` with ``groups > 1`` and per-output-channel weight scales."""
+
+
+# float/Brevitas transposed conv -> (plain Brevitas class, the class for grouped per-channel weights)
+_TRANSPOSED = {
+    nn.ConvTranspose1d: (qnn.QuantConvTranspose1d, GroupedQuantConvTranspose1d),
+    nn.ConvTranspose2d: (qnn.QuantConvTranspose2d, GroupedQuantConvTranspose2d),
+}
+
+
+def _grouped_per_channel(layer: nn.Module, spec: LayerSpec) -> bool:
+    return spec.granularity == "per_channel" and is_grouped_transposed(layer)
+
+
+def _transposed_class(layer: nn.Module, spec: LayerSpec) -> type | None:
+    """The Brevitas class a transposed conv gets under ``spec`` (None for other layers)."""
+    for kind, (plain, grouped) in _TRANSPOSED.items():
+        if isinstance(layer, kind):
+            return grouped if _grouped_per_channel(layer, spec) else plain
+    return None
+
+
+def brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool = True) -> nn.Module:
+    """A Brevitas twin of a float layer: same geometry, mode and device, holding the layer's own weight
+    and bias ``Parameter`` s (so weights tied between layers stay tied), with the weight quantizer of
+    ``spec`` (and, when ``spec.act_bit_width`` is set, an input quantizer, signed or not).
+
+    ``layer`` is a ``Linear``, ``Conv1d``/``Conv2d`` or ``ConvTranspose1d``/``ConvTranspose2d``. A
+    per-channel spec gives one scale per output channel: weight axis 0, or axis 1 for a transposed
+    conv (with ``groups > 1`` a ``(in, out/groups, 1, ...)`` scale holding each output channel's
+    value, see :mod:`aq_brevitas.injectors`). This is the quantizer :func:`quantize` installs, so
+    ``brevitas_layer(layer, spec).quant_weight()`` is exactly the Ŵ that will run.
+    """
+    injector = weight_quant_for(spec, layer)
     common: dict[str, Any] = {
-        "weight_quant": weight_quant_for(spec),
+        "weight_quant": injector,
         "input_quant": _input_quant(spec, signed_input),
         "return_quant_tensor": False,
     }
@@ -83,27 +142,55 @@ def brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool = True)
             "padding_mode": layer.padding_mode,
             "bias": bias,
         }
-        if isinstance(layer, nn.ConvTranspose2d):
-            q = qnn.QuantConvTranspose2d(output_padding=layer.output_padding, **geometry, **common)
-        elif isinstance(layer, nn.Conv2d):
-            q = qnn.QuantConv2d(**geometry, **common)
+        transposed = _transposed_class(layer, spec)
+        if transposed is not None:
+            q = transposed(output_padding=layer.output_padding, **geometry, **common)
         else:
-            q = qnn.QuantConv1d(**geometry, **common)
-    with torch.no_grad():
-        q.weight.copy_(layer.weight)
-        if bias:
-            q.bias.copy_(layer.bias)
+            q = (qnn.QuantConv2d if isinstance(layer, nn.Conv2d) else qnn.QuantConv1d)(**geometry, **common)
+    q.weight = layer.weight  # the same Parameter: a tie between layers survives the swap
+    if bias:
+        q.bias = layer.bias
+    _install_weight_quant(q, injector)  # the quantizer tracks the Parameter it was built on
     q.train(layer.training)
-    return q.to(layer.weight.device)
+    return q.to(layer.weight.device)  # the activation quantizers too
 
 
-def _rebit(layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) -> None:
-    """Swap a Brevitas layer's weight (and, if asked, input) quantizer in place; float weights untouched."""
-    injector = weight_quant_for(spec)
+def _install_weight_quant(layer: QuantWBIOL, injector: type) -> None:
     layer.weight_quant = injector.proxy_class(layer, injector)
+
+
+def _rebit(name: str, layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) -> None:
+    """Swap a Brevitas layer's weight (and, if asked, input) quantizer in place; float weights untouched.
+
+    A Brevitas ``QuantConvTranspose1d/2d`` with ``groups > 1`` switches to (or back from) its
+    ``GroupedQuantConvTranspose`` class with the granularity. Per-channel weights are refused
+    (:class:`PolicyError`) for one whose bias quantizer or QuantTensor output needs the output scale
+    ``s_in·s_w``, or whose class is a subclass we cannot switch."""
+    _switch_transposed_class(name, layer, spec)
+    _install_weight_quant(layer, weight_quant_for(spec, layer))
     act = _input_quant(spec, signed_input)
     if act is not None:
         layer.input_quant = act.proxy_class(layer, act)
+
+
+def _switch_transposed_class(name: str, layer: QuantWBIOL, spec: LayerSpec) -> None:
+    target = _transposed_class(layer, spec)
+    if target is None or type(layer) is target:
+        return
+    switchable = {c for pair in _TRANSPOSED.values() for c in pair}
+    bias_quant = getattr(layer, "bias_quant", None)
+    needs_output_scale = layer.return_quant_tensor or (
+        getattr(bias_quant, "requires_input_scale", False) and bias_quant.is_quant_enabled
+    )
+    if _grouped_per_channel(layer, spec) and (needs_output_scale or type(layer) not in switchable):
+        raise PolicyError(
+            f"layer {name} ({type(layer).__name__}, groups={layer.groups}) cannot take per-channel weights in "
+            "place: Brevitas forms no per-channel output scale for a grouped transposed conv, and its bias "
+            "quantizer, QuantTensor output or class needs one",
+            f"give {name} granularity='per_tensor', or use a float bias and return_quant_tensor=False",
+        )
+    if type(layer) in switchable:
+        layer.__class__ = target  # the two classes differ only in how forward feeds the weight
 
 
 def _describe(layer: nn.Module) -> str:
@@ -116,20 +203,29 @@ def _describe(layer: nn.Module) -> str:
     return f"{type(layer).__name__} float"
 
 
+def _inputs(batch: Any) -> tuple[Any, ...]:
+    """The positional arguments of one batch of :func:`~aq_brevitas.nnutils.iter_x_batches`: a tensor
+    for a single-input model, a tuple of tensors for a model whose forward takes several."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
 @torch.no_grad()
-def _nonnegative_inputs(model: nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, bool]:
-    """Whether each layer's input is non-negative on ``x`` (then an unsigned quantizer wastes no level)."""
+def _nonnegative_inputs(model: nn.Module, names: Iterable[str], args: tuple[Any, ...]) -> dict[str, bool]:
+    """Whether each layer's input is non-negative on ``model(*args)`` (then an unsigned quantizer
+    wastes no level).
+
+    A layer fed a Brevitas ``QuantTensor`` is judged on its values."""
     layers = {n: model.get_submodule(n) for n in names}
     out: dict[str, bool] = {}
-    hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, inp, n=n: out.__setitem__(n, out.get(n, True) and bool(inp[0].min() >= 0))
-        )
-        for n, m in layers.items()
-    ]
+
+    def record(name: str, inputs: tuple[Any, ...]) -> None:
+        x = plain_tensor(inputs[0]) if inputs else None
+        out[name] = out.get(name, True) and (x is None or bool(x.min() >= 0))
+
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: record(n, inp)) for n, m in layers.items()]
     try:
-        with eval_mode(model):
-            model(x)
+        with eval_mode(model), reported_forward(args):
+            model(*args)
     finally:
         for h in hooks:
             h.remove()
@@ -141,23 +237,24 @@ def calibrate(
 ) -> None:
     """Brevitas calibration (activation scales from data), optionally followed by bias correction.
 
-    ``data`` is any form :func:`~aq_brevitas.nnutils.iter_x_batches` streams (images, an
+    ``data`` is any form :func:`~aq_brevitas.nnutils.iter_x_batches` streams for ``model`` (images, an
     ``(images, labels)`` pair, a Dataset, a DataLoader, an iterable of batches); labels are unused.
-    ``max_batches`` stops each pass early. The model's train/eval flag is restored afterwards.
+    For a model whose forward takes k > 1 inputs it is a tuple of k tensors (then anything else, such as
+    labels), or an iterable of such tuples; a wrong number of inputs is a one-line error.
+    ``max_batches`` stops each pass early. The passes run in eval mode, so BatchNorm statistics are
+    untouched; every module's train/eval flag is restored afterwards. A failing forward is the one-line
+    :class:`~aq_brevitas.errors.ModelError` of :func:`~aq_brevitas.nnutils.reported_forward`.
     """
     from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        with calibration_mode(model):
-            for x in iter_x_batches(data, limit_batches=max_batches):
-                model(x)
-        if bias_correction:
-            with bias_correction_mode(model):
-                for x in iter_x_batches(data, limit_batches=max_batches):
-                    model(x)
-    model.train(was_training)
+    modes = [calibration_mode] + ([bias_correction_mode] if bias_correction else [])
+    with torch.no_grad(), eval_mode(model):
+        for mode in modes:  # one pass over the data per mode, in order
+            with mode(model):
+                for batch in iter_x_batches(data, limit_batches=max_batches, model=model):
+                    args = _inputs(batch)
+                    with reported_forward(args):
+                        model(*args)
 
 
 def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncovered: bool) -> list[str]:
@@ -189,7 +286,34 @@ def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncove
                 f"layers {' and '.join(names)} are one shared module but the policy gives them different specs",
                 "give them the same spec, or copy.deepcopy the module so each name has its own",
             )
+    _warn_shared_weights(model, policy)
     return uncovered
+
+
+def shared_weight_layers(model: nn.Module) -> list[list[str]]:
+    """Groups of distinct quantizable layers that hold the same weight ``Parameter`` (tied weights),
+    by name, in registration order. One module registered under several names is not a group here
+    (see :func:`~aq_brevitas.nnutils.shared_layer_names`)."""
+    by_weight: dict[int, list[str]] = {}
+    for name, layer in quantizable_layers(model).items():
+        by_weight.setdefault(id(layer.weight), []).append(name)
+    return [names for names in by_weight.values() if len(names) > 1]
+
+
+def _warn_shared_weights(model: nn.Module, policy: LayerwisePolicy) -> None:
+    """One ``UserWarning`` per tied weight whose layers quantize it differently (weight bits, scaling,
+    granularity, or float for a layer the policy leaves out; input bits do not matter here)."""
+    for names in shared_weight_layers(model):
+        specs = [policy.spec_for(n) for n in names]
+        if len({(s.weight_bit_width, s.scaling, s.granularity) if s else None for s in specs}) > 1:
+            listed = ", ".join(f"{n} ({s.short() if s else 'float'})" for n, s in zip(names, specs))
+            warnings.warn(
+                f"layers {listed} share one weight Parameter but the policy quantizes it differently in each: "
+                "each layer uses its own spec (the float weight stays shared, the deployed model stores it "
+                "once per spec) -- fix: give them the same weight spec to quantize it one way",
+                UserWarning,
+                stacklevel=5,
+            )
 
 
 def _convert(
@@ -213,21 +337,22 @@ def _convert(
         fold_batchnorm(target)
     specs = policy.resolve(quantizable_layers(target))
     signed = {n: True for n in specs}
-    first_batch = (
-        next(iter_x_batches(calibration_data, limit_batches=1), None)
-        if calibration_data is not None
-        else None
-    )
+    if isinstance(calibration_data, Iterator):  # a one-shot stream: read it once, use it for every pass
+        calibration_data = list(calibration_data)
     if input_signed is not None:
         signed.update(input_signed)
-    elif first_batch is not None and any(s.act_bit_width for s in specs.values()):
-        signed = {n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, first_batch).items()}
+    elif calibration_data is not None and any(s.act_bit_width for s in specs.values()):
+        first = next(iter_x_batches(calibration_data, limit_batches=1, model=target), None)
+        if first is not None:
+            signed = {
+                n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, _inputs(first)).items()
+            }
     changes = []
     for name, spec in specs.items():
         layer = target.get_submodule(name)
         before = _describe(layer)
         if isinstance(layer, QuantWBIOL):
-            _rebit(layer, spec, signed.get(name, True))
+            _rebit(name, layer, spec, signed.get(name, True))
         elif swap_float:
             target.set_submodule(name, brevitas_layer(layer, spec, signed.get(name, True)))
         else:
@@ -261,8 +386,10 @@ def quantize(
     """Swap every layer the policy covers for its Brevitas twin; calibrate if data is given.
 
     ``policy`` is a :class:`LayerwisePolicy`, or a search result carrying one as ``.policy``.
-    ``calibration_data`` is any form :func:`calibrate` accepts; its first batch also decides whether
-    each input quantizer is signed (a layer whose input is non-negative gets an unsigned one).
+    ``calibration_data`` is any form :func:`calibrate` accepts (for a model whose forward takes two
+    inputs, a tuple ``(images, vectors)`` or an iterable of such tuples); with ``act_bit_width`` in the
+    policy its first batch also decides whether each input quantizer is signed (a layer whose input is
+    non-negative gets an unsigned one). A one-shot iterator (a generator) is read once into a list.
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``

@@ -1,12 +1,19 @@
-"""IDX datasets (Fashion-MNIST, MNIST) from any directory, as tensors in [0, 1] and DataLoaders.
+"""IDX datasets (Fashion-MNIST, MNIST or your own, of any sample shape) as float tensors and DataLoaders.
 
 The directory is, in order: the ``data_dir`` argument, the ``AQ_DATA_DIR`` environment variable,
-then Debian's ``dataset-fashion-mnist`` location. Splits:
+then Debian's ``dataset-fashion-mnist`` location (the default data). It holds a training and a test
+pair of IDX files named like Fashion-MNIST's: ``train-images-idx3-ubyte[.gz]`` and
+``train-labels-idx1-ubyte[.gz]``, ``t10k-…`` or ``test-…`` for the test pair (any ``idxN``; a dot
+before it, ``train-images.idx3-ubyte``, works too). Samples keep the shape stored after N, channels
+first, except that N×H×W files (one-channel images, as Fashion-MNIST's 28×28) come back as N×1×H×W:
+N×C×H×W images (e.g. 3×32×32), N×F vectors and so on as stored. Pixel bytes (``uint8``) are scaled
+to [0, 1]; float files are taken as they are. Splits:
 
-* ``train``: the first 55,000 training images -- what the zoo models were trained on;
+* ``train``: all but the last 5,000 training images (Fashion-MNIST's first 55,000) -- what the zoo
+  models were trained on;
 * ``val``: the last 5,000 training images, never trained on -- for selection and calibration checks;
-* ``train-full``: all 60,000 training images;
-* ``test``: the 10,000 test images -- for reporting only.
+* ``train-full``: all the training images;
+* ``test``: the test images -- for reporting only.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(
             f"IDX file {p} is unreadable or a truncated gzip ({type(exc).__name__})", _FIX
         ) from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or not 1 <= raw[3] <= 4:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] < 1:
         raise DataError(f"IDX file {p} has a wrong magic number ({raw[:4].hex() or 'empty file'})", _FIX)
     ndim = raw[3]
     header = 4 + 4 * ndim
@@ -67,11 +74,12 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _find(directory: Path, prefixes: tuple[str, ...], kind: str) -> Path:
+    """The first ``*PREFIX*KIND-idxN-ubyte[.gz]`` (or ``KIND.idxN``) file of ``directory``."""
     for prefix in prefixes:
-        hits = sorted(directory.glob(f"*{prefix}*{kind}*-ubyte*"))
+        hits = sorted(directory.glob(f"*{prefix}*{kind}[-.]idx[0-9]-ubyte*"))
         if hits:
             return hits[0]
-    want = f"{prefixes[0]}-{kind}-ubyte[.gz]"
+    want = f"{prefixes[0]}-{kind}-idxN-ubyte[.gz]"
     raise DataError(f"no IDX file matching *{want} in {directory}", _FIX)
 
 
@@ -79,14 +87,41 @@ def _find(directory: Path, prefixes: tuple[str, ...], kind: str) -> Path:
 def _load_raw(directory: str, which: str) -> tuple[np.ndarray, np.ndarray]:
     d = Path(directory)
     prefixes = ("train",) if which == "train" else ("t10k", "test")
-    images = read_idx(_find(d, prefixes, "images-idx3"))
-    labels = read_idx(_find(d, prefixes, "labels-idx1"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    images = read_idx(_find(d, prefixes, "images"))
+    labels = read_idx(_find(d, prefixes, "labels"))
+    if images.ndim < 2 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
             f"IDX files in {d} disagree: images {images.shape} vs labels {labels.shape}",
-            "use image/label files from the same dataset",
+            "use image/label files from the same dataset: N samples and N labels",
+        )
+    if images.dtype != np.uint8 and images.dtype.kind != "f":
+        raise DataError(
+            f"IDX images in {d} hold {images.dtype} values, neither pixel bytes nor floats",
+            "store pixel bytes (0-255, type 0x08) or floats in [0, 1] (type 0x0D/0x0E)",
         )
     return images, labels
+
+
+def as_float_samples(images: np.ndarray) -> Any:
+    """An IDX array as a float32 tensor: pixel bytes divided by 255, floats as stored; N×H×W arrays
+    get a channel dimension (N×1×H×W), other shapes stay as stored."""
+    import torch
+
+    x = torch.from_numpy(np.array(images, dtype=np.float32, copy=True))
+    if images.dtype == np.uint8:
+        x.div_(255.0)
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def seeded_subset(x: Any, y: Any, limit: int | None, seed: int = 0) -> tuple[Any, Any]:
+    """``limit`` samples of ``(x, y)`` drawn at random with ``seed``, kept in their order (all of them
+    when ``limit`` is None or at least their number): how every ``limit``/``--…-images N`` subsets."""
+    import torch
+
+    if limit is None or limit >= len(x):
+        return x, y
+    idx, _ = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].sort()
+    return x[idx], y[idx]
 
 
 def load_split(
@@ -96,7 +131,7 @@ def load_split(
     limit: int | None = None,
     seed: int = 0,
 ):
-    """Return ``(images, labels)``: float32 N×1×H×W in [0, 1] and int64 labels.
+    """Return ``(images, labels)``: float32 samples (N×1×H×W for Fashion-MNIST, in [0, 1]) and int64 labels.
 
     ``limit`` draws a seeded random subset (the same ``seed`` gives the same images).
     """
@@ -110,16 +145,12 @@ def load_split(
         images, labels = images[:-VAL_SIZE], labels[:-VAL_SIZE]
     elif split == "val":
         images, labels = images[-VAL_SIZE:], labels[-VAL_SIZE:]
-    x = torch.from_numpy(np.array(images, copy=True)).float().div_(255.0).unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64))
-    if limit is not None:
-        if limit <= 0:
-            raise DataError(f"limit must be positive, got {limit}", "pass --limit N with N >= 1")
-        if limit < len(x):
-            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
-            idx, _ = idx.sort()
-            x, y = x[idx], y[idx]
-    return x, y
+    if limit is not None and limit <= 0:
+        raise DataError(
+            f"limit must be positive, got {limit}",
+            "pass a positive number of images (--images, --train-images or --test-images N)",
+        )
+    return seeded_subset(as_float_samples(images), torch.from_numpy(labels.astype(np.int64)), limit, seed)
 
 
 def make_loader(
@@ -142,21 +173,32 @@ def make_loader(
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+def draw_selection(
+    data: tuple[Any, Any], calib_images: int, val_images: int, seed: int = 0, *, pool: str = "val images"
+) -> tuple[tuple[Any, Any], tuple[Any, Any], Any]:
+    """Disjoint seeded calibration and validation draws from ``data`` (an ``(x, y)`` pair), and the
+    sorted indices of the samples neither drew. ``pool`` names ``data`` in the error when
+    ``calib_images + val_images`` exceed it."""
+    import torch
+
+    x, y = data
+    if calib_images + val_images > len(y):
+        raise ConfigError(
+            f"--calib-images {calib_images} + --val-images {val_images} exceed the {len(y)} {pool}",
+            "lower them",
+        )
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    calib, val = perm[:calib_images], perm[calib_images : calib_images + val_images]
+    return (x[calib], y[calib]), (x[val], y[val]), perm[calib_images + val_images :].sort()[0]
+
+
 def selection_data(
     calib_images: int, val_images: int, seed: int = 0, data_dir: str | os.PathLike[str] | None = None
 ) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """Disjoint calibration and validation images, both from the held-out ``val`` split (never test).
 
-    The one place that draws selection data, so the CLI, ``run`` and the benchmarks select alike.
+    The one place that draws selection data from an IDX directory, so the CLI and the benchmarks
+    select alike (``aq.run`` draws with :func:`draw_selection` too).
     """
-    import torch
-
-    x, y = load_split("val", data_dir)
-    if calib_images + val_images > len(y):
-        raise ConfigError(
-            f"--calib {calib_images} + --val-images {val_images} exceed the {len(y)} val images",
-            "lower them",
-        )
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    calib, val = perm[:calib_images], perm[calib_images : calib_images + val_images]
-    return (x[calib], y[calib]), (x[val], y[val])
+    calib, val, _ = draw_selection(load_split("val", data_dir), calib_images, val_images, seed)
+    return calib, val

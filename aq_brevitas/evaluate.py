@@ -6,25 +6,33 @@ AutoAttack, a gradient-free Square attack, and a checklist of sanity checks that
 -- the signs of gradient masking. The result is a :class:`~aq_brevitas.report.RobustnessReport`.
 Attacks on Brevitas models run with their (constant) weights quantized once
 (:func:`~aq_brevitas.nnutils.frozen_quant_weights`) instead of at every forward.
+
+Every function here measures in eval mode and gives the model back in the mode it came in (each
+module's own flag), with BatchNorm statistics and fake-quant observer ranges untouched. Inputs are in
+[0, 1] and ε is measured there; ``normalization=(mean, std)`` is for a model that expects normalised
+inputs (:func:`~aq_brevitas.attacks.normalized_inputs`, the package's one mechanism for it).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attacks import make_attack
-from .config import EvalConfig, check_normalization, with_overrides
-from .nnutils import (
-    as_xy,
-    check_forward,
-    frozen_quant_weights,
+from .attacks import (
+    AdaptedAttack,
+    check_input_gradient,
+    image_grid,
+    make_attack,
+    needs_input_gradient,
+    normalized_inputs,
 )
+from .config import EvalConfig, with_overrides
+from .nnutils import as_xy, check_forward, eval_mode, frozen_quant_weights
 from .report import AttackResult, RobustnessReport, masking_checks
 
 
@@ -42,19 +50,27 @@ def _data(x: Any, y: torch.Tensor | None) -> Any:
 
 # -- building blocks --------------------------------------------------------------------------------------
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, batch_size: int = 500) -> float:
-    """Clean top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on images ``x`` with labels ``y``.
+def accuracy(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor | None = None,
+    *,
+    batch_size: int = 500,
+    normalization: Any = None,
+) -> float:
+    """Clean top-1 accuracy in [0, 1] of ``model`` (measured in eval mode) on images ``x`` with labels ``y``.
 
     Without ``y``, ``x`` is any data form :func:`~aq_brevitas.nnutils.as_xy` accepts (an ``(images,
     labels)`` pair, a Dataset, a DataLoader, an iterable of batches). Images are float, in [0, 1];
-    anything else raises a one-line :class:`ConfigError`, a model that cannot run them a
-    :class:`ModelError`.
+    ``normalization=(mean, std)`` feeds a model that expects normalised inputs ``(x - mean) / std``.
+    The model comes back in the train/eval mode it came in. Bad data raises a one-line
+    :class:`ConfigError`, a model that cannot run them a :class:`ModelError`.
     """
     x, y = as_xy(_data(x, y), name="inputs")
-    check_forward(model, x)
-    model.eval()
-    with frozen_quant_weights(model):
-        correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in _batches(x, y, batch_size))
+    with normalized_inputs(model, normalization):
+        check_forward(model, x)
+        with eval_mode(model), frozen_quant_weights(model):
+            correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in _batches(x, y, batch_size))
     return correct / len(y)
 
 
@@ -69,40 +85,46 @@ def attack_accuracy(
     batch_size: int = 250,
     seed: int = 0,
     progress: bool = False,
+    normalization: Any = None,
     **attack_kwargs: Any,
 ) -> float:
     """Accuracy in [0, 1] on adversarial examples made by ``attack`` (a name for :func:`make_attack`
-    with ``eps``, ``steps``, ``seed`` and ``attack_kwargs``, or a built torchattacks attack).
+    with ``eps``, ``steps``, ``seed`` and ``attack_kwargs``, or a built attack).
 
     ``x``, ``y`` are as for :func:`accuracy`. ``normalization=(mean, std)`` is for a model that expects
     normalised inputs: ``x`` stays in [0, 1] (where ε is measured) and the model is fed
-    ``(x - mean) / std``. The torch RNG is seeded with ``seed`` (the attack's random start).
+    ``(x - mean) / std`` (default: that of an attack built with it). The torch RNG is seeded with
+    ``seed`` (the attack's random start). The model is attacked in eval mode and comes back in the
+    mode it came in. A model without input gradient (a converted integer torch.ao model) is refused
+    by gradient attacks with a one-line :class:`ModelError`; so is a model that cannot run ``x``.
     """
     from tqdm.auto import tqdm
 
     x, y = as_xy(_data(x, y), name="inputs")
-    normalization = attack_kwargs.pop("normalization", None)
-    if normalization is not None:
-        model = _Normalized(model, check_normalization(normalization))
-    check_forward(model, x)
-    model.eval()
-    atk = (
-        make_attack(attack, model, eps=eps, steps=steps, seed=seed, **attack_kwargs)
-        if isinstance(attack, str)
-        else attack
-    )
-    torch.manual_seed(seed)
-    correct = 0
-    with frozen_quant_weights(model):
-        for xb, yb in tqdm(
-            list(_batches(x, y, batch_size)),
-            desc=f"{attack if isinstance(attack, str) else type(attack).__name__} eps={eps}",
-            disable=not progress,
-            leave=False,
-        ):
-            adv = atk(xb, yb)
-            with torch.no_grad():
-                correct += (model(adv).argmax(1) == yb).sum().item()
+    if normalization is None and isinstance(attack, AdaptedAttack):  # classify as the attack saw it
+        normalization = attack.normalization
+    with normalized_inputs(model, normalization):
+        check_forward(model, x)
+        if needs_input_gradient(attack):
+            check_input_gradient(model, x)
+        with eval_mode(model):
+            atk = (
+                make_attack(attack, model, eps=eps, steps=steps, seed=seed, **attack_kwargs)
+                if isinstance(attack, str)
+                else attack
+            )
+            torch.manual_seed(seed)
+            correct = 0
+            with frozen_quant_weights(model):
+                for xb, yb in tqdm(
+                    list(_batches(x, y, batch_size)),
+                    desc=f"{attack if isinstance(attack, str) else type(attack).__name__} eps={eps}",
+                    disable=not progress,
+                    leave=False,
+                ):
+                    adv = atk(xb, yb)
+                    with torch.no_grad():
+                        correct += (model(adv).argmax(1) == yb).sum().item()
     return correct / len(y)
 
 
@@ -112,24 +134,6 @@ def _subset(n: int, k: int, seed: int) -> torch.Tensor:
     if k >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-
-
-class _Normalized(nn.Module):
-    """``model((x - mean) / std)``: lets every attack work on [0, 1] images, where ε and the ball check live.
-
-    (torchattacks' own ``set_normalization_used`` expects *normalised* inputs and returns normalised
-    adversarial examples, which is not this module's [0, 1] contract.)
-    """
-
-    def __init__(self, model: nn.Module, normalization: tuple[Sequence[float], Sequence[float]]) -> None:
-        super().__init__()
-        self.model = model
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.register_buffer("mean", torch.tensor(list(normalization[0]), device=device).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(normalization[1]), device=device).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
 
 
 class _Runner:
@@ -145,10 +149,13 @@ class _Runner:
         self.checked = 0
         self.clean_correct = torch.zeros(0, dtype=torch.bool)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.n_classes = 10  # the width of the logits, known after the first prediction
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).argmax(1)
+        logits = self.model(x)
+        self.n_classes = logits.shape[1]
+        return logits.argmax(1)
 
     def clean(self) -> torch.Tensor:
         self.clean_correct = torch.cat(
@@ -208,23 +215,44 @@ class _Runner:
             steps = cfg.square_queries
             left = self.robust("square", eps, idx, seed=cfg.seed, n_queries=cfg.square_queries)
         else:
-            steps, left = None, self.robust("autoattack", eps, idx, seed=cfg.seed)
+            # APGD-T targets each of the other classes: it needs the model's class count
+            steps, left = None, self.robust("autoattack", eps, idx, seed=cfg.seed, n_classes=self.n_classes)
         seconds = time.perf_counter() - t0
         return AttackResult(attack, eps, len(left) / len(idx), len(idx), seconds, steps, restarts)
 
 
-def _jobs(cfg: EvalConfig, n: int) -> list[tuple[str, float, torch.Tensor]]:
-    """The suite's ``(attack, ε, image indices)`` after the clean pass, in report order."""
+def _jobs(cfg: EvalConfig, n: int, skipped: Mapping[str, str]) -> list[tuple[str, float, torch.Tensor]]:
+    """The suite's ``(attack, ε, image indices)`` after the clean pass, in report order (``skipped``
+    attacks left out; PGD on the Square subset only runs next to Square)."""
     everyone, top = torch.arange(n), cfg.eps[-1]
     gf_idx = _subset(n, cfg.gradient_free_images, cfg.seed)
     jobs = [(attack, e, everyone) for attack in cfg.attacks if attack != "clean" for e in cfg.eps]
-    if cfg.gradient_free:
+    if cfg.gradient_free and "square" not in skipped:
         jobs += [("square", top, gf_idx), ("pgd-subset", top, gf_idx)]
-    if cfg.autoattack:
+    if cfg.autoattack and "autoattack" not in skipped:
         jobs.append(("autoattack", top, gf_idx))
     if not ("pgd" in cfg.attacks and cfg.large_eps in cfg.eps):
         jobs.append(("pgd-large-eps", cfg.large_eps, _subset(n, cfg.large_eps_images, cfg.seed + 1)))
     return jobs
+
+
+def _grid_attacks(cfg: EvalConfig, sample_shape: tuple[int, ...]) -> tuple[dict[str, str], list[str]]:
+    """Square and AutoAttack on samples of ``sample_shape``: ``(skipped, notes)``. torchattacks runs
+    them on N×C×H×W images only; other samples are attacked through their :func:`image_grid` view,
+    or, when they have none, the two attacks are skipped and the report says why."""
+    wanted = [a for a, on in (("square", cfg.gradient_free), ("autoattack", cfg.autoattack)) if on]
+    grid = image_grid(sample_shape)
+    if not wanted or grid == sample_shape:
+        return {}, []
+    shape = "×".join(map(str, sample_shape)) or "scalar"
+    if grid is None:
+        why = f"torchattacks runs it on C×H×W images only, and {shape} samples have no view with H, W >= 2"
+        extra = {"square": "; PGD on its subset (the comparison) is skipped too", "autoattack": ""}
+        return {a: why + extra[a] for a in wanted}, []
+    view = "×".join(map(str, grid))
+    return {}, [
+        f"{' and '.join(wanted)} ran on a {view} view of the {shape} samples (the model sees its own shape)"
+    ]
 
 
 def _settings(cfg: EvalConfig, n: int) -> dict[str, Any]:
@@ -269,9 +297,14 @@ def evaluate_robustness(
     random start; with ``pgd_restarts > 1`` an example must survive every restart. Square, PGD on
     its subset and AutoAttack run on a seeded subset of ``gradient_free_images`` images at the
     largest ε; PGD at ``large_eps`` runs on a seeded subset of ``large_eps_images`` images.
-    The caller's torch RNG state and the model's train/eval mode are left as they were.
-    Raises :class:`ConfigError` for bad settings or data, :class:`ModelError` for a model that
-    cannot run the images.
+    Inputs need not be images: Square and AutoAttack (torchattacks code for N×C×H×W images) run on
+    the C×H×W view :func:`~aq_brevitas.attacks.image_grid` gives other samples (``report.notes`` says
+    so), and are skipped with the reason in ``report.skipped`` when there is none. ``normalization``
+    (in ``config``) is for a model that expects normalised inputs: data and ε stay in [0, 1].
+    The caller's torch RNG state, the model's train/eval mode (each module's own flag) and its
+    BatchNorm statistics are left as they were. Raises :class:`ConfigError` for bad settings or data,
+    :class:`ModelError` for a model that cannot run the images or has no input gradient (a converted
+    integer torch.ao model: attack the prepared one).
 
     >>> import torch
     >>> from torch import nn
@@ -293,21 +326,17 @@ def evaluate_robustness(
     t_start = time.perf_counter()
     cfg = with_overrides(config, EvalConfig(), overrides)
     x, y = as_xy(data, limit=cfg.limit, name="inputs")
-    target = model if cfg.normalization is None else _Normalized(model, cfg.normalization)
-    check_forward(target, x)
-    was_training = model.training
-    model.eval()  # not ``target.eval()``'s value: an exported (PT2E) model's eval() returns None
-    target.eval()
-    run = _Runner(target, x, y, batch_size=cfg.batch_size, progress=progress)
-    try:
-        with torch.random.fork_rng(devices=[]), frozen_quant_weights(model) as n_frozen:
+    skipped, notes = _grid_attacks(cfg, tuple(x.shape[1:]))
+    with normalized_inputs(model, cfg.normalization):
+        check_forward(model, x)
+        check_input_gradient(model, x)  # every suite runs PGD: refuse a converted model before the clean pass
+        run = _Runner(model, x, y, batch_size=cfg.batch_size, progress=progress)
+        with eval_mode(model), torch.random.fork_rng(devices=[]), frozen_quant_weights(model) as n_frozen:
             t0 = time.perf_counter()
             clean_acc = run.clean().float().mean().item()
             results = [AttackResult("clean", 0.0, clean_acc, len(x), time.perf_counter() - t0)]
-            jobs = _jobs(cfg, len(x))
+            jobs = _jobs(cfg, len(x), skipped)
             results += [run.job(cfg, *job) for job in tqdm(jobs, desc="robustness", disable=not progress)]
-    finally:
-        model.train(was_training)
     report = RobustnessReport(
         model=name or str((meta or {}).get("name", type(model).__name__)),
         images=len(x),
@@ -316,6 +345,8 @@ def evaluate_robustness(
         max_violation=run.max_violation,
         meta={**dict(meta or {}), "frozen_quant_layers": n_frozen},
         settings=_settings(cfg, len(x)),
+        skipped=skipped,
+        notes=notes,
     )
     report.checks = masking_checks(report, checked=run.checked, worst=run.worst)
     report.seconds = time.perf_counter() - t_start

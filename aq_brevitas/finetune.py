@@ -58,7 +58,12 @@ def init_distributed() -> tuple[int, int]:
 
 
 def adversarial_finetune(
-    model: nn.Module, train_data: Any, config: TrainConfig | None = None, **kwargs: Any
+    model: nn.Module,
+    train_data: Any,
+    config: TrainConfig | None = None,
+    *,
+    normalization: Any = None,
+    **kwargs: Any,
 ) -> TrainHistory:
     """PGD fine-tuning (quantization-aware for Brevitas models) of ``model`` in place.
 
@@ -68,7 +73,10 @@ def adversarial_finetune(
     train; ``learn_act_scales=True`` learns them too, LSQ-style). ``kwargs`` are
     :func:`~aq_brevitas.training.adversarial_train`'s: ``checkpoint``, ``resume``,
     ``checkpoint_meta``, ``progress``, and TrainConfig fields (``eps``, ``steps``, ``epochs``,
-    ``trades_beta``...) applied on top of ``config``. Returns the :class:`TrainHistory`.
+    ``trades_beta``...) applied on top of ``config``. ``normalization=(mean, std)`` is for a model
+    that expects normalised inputs: data and ε stay in [0, 1] pixel space and the model is fed
+    ``(x - mean) / std``. Returns the :class:`TrainHistory`; the model comes back in the train/eval
+    mode it came in.
 
     Works on models from :func:`aq_brevitas.quantize`, on float models, and on torch.ao prepared
     (fake-quant) models. Call :func:`init_distributed` first under ``torchrun``; then each process
@@ -85,4 +93,6 @@ def adversarial_finetune(
     >>> [e.epoch for e in history.epochs], history.epochs[-1].images, history.epochs[-1].adv_acc is not None
     ([1, 2], 64, True)
     """
-    return adversarial_train(model, train_data, config or TrainConfig.finetuning(), **kwargs)
+    return adversarial_train(
+        model, train_data, config or TrainConfig.finetuning(), normalization=normalization, **kwargs
+    )

@@ -11,14 +11,15 @@ For every quantizable layer l this module measures
   Jacobian of the output with respect to the layer's output, on the example inputs).
 
 The list of quantizable layer types, the MAC count, fx tracing and BatchNorm folding live in
-:mod:`aq_brevitas.nnutils`.
+:mod:`aq_brevitas.nnutils`; running the model (inputs, errors, mode guards) lives in
+:mod:`aq_brevitas.forward`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,18 +28,18 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .errors import ConfigError, ModelError
+from .forward import check_images, eval_mode, example_args, paused_observers, require_single_input
 from .nnutils import (
     QUANTIZABLE_TYPES,
-    check_forward,
-    check_images,
-    eval_mode,
-    find_conv_bn_pairs,
+    LayerCalls,
     folded_weight,
-    layer_macs,
+    norm_folding,
+    observe_layers,
     out_channels,
     plain_tensor,
     quantizable_layers,
     trace_leaves,
+    weight_owners,
 )
 
 _BLOCK = 4  # vectors per power iteration: convergence at rate (σ₅/σ₁)² instead of (σ₂/σ₁)²
@@ -47,8 +48,7 @@ NON_CHAIN_WARNING = (
     "model is not a chain (residual or branching graph): gain_spectral, the product of downstream "
     "operator norms in execution order, is only a heuristic upper-bound estimate there; prefer gain_jacobian"
 )
-_NO_LAYERS = "model has no quantizable layers (Conv1d/Conv2d/Linear)"
-_Seen = tuple[tuple[int, ...], tuple[int, ...], float]  # input shape, output shape, A
+_NO_LAYERS = "model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)"
 
 
 # ------------------------------------------------------------------------------------ operator norm
@@ -241,18 +241,20 @@ class _TensorFlags(fx.Interpreter):
 def is_chain(model: nn.Module, example_inputs: torch.Tensor) -> bool:
     """True when the data path is a single chain: no forks, no merges (residual adds, concats).
 
+    ``example_inputs``: a tensor, or a tuple for a multi-input model (never a chain).
+
     Traces with torch.fx and runs the graph on ``example_inputs`` to tell tensors from metadata (so
     ``x.view(x.size(0), -1)`` is not a fork). Every data-carrying node must have at most one data input
     and one data user, and each quantizable layer must be called once. Untraceable models -> False.
     """
-    check_images(example_inputs, "example_inputs", unit_range=False)
+    args = example_args(model, example_inputs, "example_inputs")
     gm = trace_leaves(model)
-    if gm is None:
+    if gm is None or len(args) > 1:  # several inputs merge somewhere: no chain
         return False
     flags = _TensorFlags(gm)
     try:
-        with eval_mode(gm), torch.no_grad():
-            flags.run(example_inputs)
+        with eval_mode(gm), paused_observers(gm), torch.no_grad():
+            flags.run(*args)
     except Exception:  # a graph that traces but does not run as traced is no chain we can vouch for
         return False
     nodes = list(gm.graph.nodes)
@@ -357,9 +359,10 @@ def local_jacobian_norm(
     The float network's local amplification of a small input perturbation at ``x`` (model in eval mode),
     used by the data-driven adversarial term of the score.
     """
+    require_single_input(model, "local_jacobian_norm")
     check_images(x, "x", unit_range=False)
     x = x.detach()
-    with eval_mode(model):
+    with eval_mode(model), paused_observers(model):
         sig, _ = _jacobian_sigmas(
             lambda d: _output_tensor(model(x + d)),
             tuple(x.shape),
@@ -373,7 +376,7 @@ def local_jacobian_norm(
 
 
 def _layer_jacobian(
-    model: nn.Module, target: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...], **kw: Any
+    model: nn.Module, target: nn.Module, args: tuple[torch.Tensor, ...], out_shape: tuple[int, ...], **kw: Any
 ) -> tuple[float, int]:
     """Λ_l by the Jacobian of the model output w.r.t. ``target``'s output (its first call per forward)."""
     holder: dict[str, Any] = {}
@@ -388,7 +391,7 @@ def _layer_jacobian(
         holder["delta"], holder["done"] = delta, False
         handle = target.register_forward_hook(hook)
         try:
-            return _output_tensor(model(x))
+            return _output_tensor(model(*args))
         finally:
             handle.remove()
 
@@ -404,17 +407,19 @@ class LayerScore:
     name: str
     type: str
     weight_shape: tuple[int, ...]
-    input_shape: tuple[int, ...]  # per sample
-    output_shape: tuple[int, ...]  # per sample
-    params: int  # weight elements (the bias is not quantized to low bits)
-    macs: int  # multiply-accumulates per sample
+    input_shape: tuple[int, ...]  # per sample, at the first call
+    output_shape: tuple[int, ...]  # per sample, at the first call
+    params: int  # weight elements it stores (not the bias); 0 when it uses an earlier layer's weight
+    macs: int  # multiply-accumulates per sample, summed over every call in one forward
     L: float  # operator norm of the (BN-folded) linear map
     bn: str | None  # the BatchNorm folded into L, if any
-    A: float  # mean per-sample L2 norm of the layer's input
+    A: float  # mean per-sample L2 norm of the layer's input (first call)
     gain_spectral: float | None  # Π of L over the quantizable layers after this one (execution order)
     gain_jacobian: float | None  # RMS over examples of ‖∂y/∂h_l‖₂ (h_l after the BN, if folded)
     iterations: int  # power iterations spent on L
     jacobian_iterations: int | None = None
+    calls: int = 1  # calls per forward
+    weight_of: str | None = None  # the layer whose weight it uses (tied weights), whose params count it
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -423,39 +428,22 @@ class LayerScore:
         return d
 
 
-def _observe(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, _Seen]:
-    """One hooked no-grad forward (the caller holds eval mode): per layer called, in execution order,
-    its per-sample input/output shapes and ``A``; warns about layers never called or called twice."""
-    seen: dict[str, _Seen] = {}
-    shared: list[str] = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if name in seen:
-                shared.append(name)
-                return
-            inp, o = plain_tensor(args[0]) if args else None, plain_tensor(out)
-            if inp is None or o is None:
-                return
-            a = float(inp.detach().flatten(1).to(torch.float64).norm(dim=1).mean())
-            seen[name] = (tuple(inp.shape[1:]), tuple(o.shape[1:]), a)
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            _output_tensor(model(x))
-    finally:
-        for h in handles:
-            h.remove()
+def _observe(
+    model: nn.Module, layers: dict[str, nn.Module], args: tuple[torch.Tensor, ...]
+) -> dict[str, LayerCalls]:
+    """One hooked no-grad forward: per layer called, in execution order, what :func:`observe_layers`
+    records; warns about layers never called or called more than once."""
+    seen, out = observe_layers(model, args, layers)
+    _output_tensor(out)
     missing = [n for n in layers if n not in seen]
     if missing:
         warnings.warn(f"layers never called in forward are not scored: {', '.join(missing)}", stacklevel=3)
-    if shared:
+    repeated = [f"{n} ({c.calls} calls)" for n, c in seen.items() if c.calls > 1]
+    if repeated:
         warnings.warn(
-            f"layers called more than once per forward are scored on their first call: "
-            f"{', '.join(sorted(set(shared)))}",
+            f"layers called more than once per forward: {', '.join(repeated)}; their cost (MACs, BOPs) "
+            "counts every call, their L, A and gain are measured at the first call -- fix: if the calls "
+            "see different inputs, give each call its own module (copy.deepcopy) so each gets its own score",
             stacklevel=3,
         )
     if not seen:
@@ -463,33 +451,36 @@ def _observe(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) ->
     return seen
 
 
+def _warn_norms_left_out(unfolded: dict[str, str], after: dict[str, str], scored: Iterable[str]) -> None:
+    """One line naming each scored layer whose output goes through a normalisation L leaves out."""
+    scored = set(scored)
+    left = [f"{layer} ({norm}: {unfolded[norm]})" for norm, layer in after.items() if layer in scored]
+    if left:
+        warnings.warn(
+            f"L of these layers leaves out the normalisation applied to their output, which does not fold: "
+            f"{'; '.join(left)} -- fix: nothing to do with gain_jacobian, which includes it; to have L "
+            "include a BatchNorm, give it running statistics and apply it to the layer's output alone",
+            stacklevel=3,
+        )
+
+
 def _float_score(
-    name: str, layer: nn.Module, bn_name: str | None, modules: dict[str, nn.Module], seen: _Seen, **kw: Any
+    name: str, layer: nn.Module, bn: nn.Module | None, bn_name: str | None, seen: LayerCalls, **kw: Any
 ) -> LayerScore:
     """The :class:`LayerScore` of one layer, gains not yet set; ``kw`` goes to :func:`operator_norm`."""
-    in_shape, out_shape, a = seen
-    weight = folded_weight(layer, modules[bn_name])[0] if bn_name else None
-    L, iters = operator_norm(layer, in_shape, weight=weight, **kw)
+    weight = folded_weight(layer, bn)[0] if bn is not None else None
+    L, iters = operator_norm(layer, seen.input_shape, weight=weight, **kw)
     return LayerScore(
-        name=name,
-        type=type(layer).__name__,
-        weight_shape=tuple(layer.weight.shape),
-        input_shape=in_shape,
-        output_shape=out_shape,
-        params=layer.weight.numel(),
-        macs=layer_macs(layer, in_shape, out_shape),
-        L=L,
-        bn=bn_name,
-        A=a,
-        gain_spectral=None,
-        gain_jacobian=None,
-        iterations=iters,
-    )
+        name=name, type=type(layer).__name__, weight_shape=tuple(layer.weight.shape),
+        input_shape=seen.input_shape, output_shape=seen.output_shape, calls=seen.calls,
+        params=layer.weight.numel(), macs=seen.macs, A=seen.input_norm,
+        L=L, bn=bn_name, iterations=iters, gain_spectral=None, gain_jacobian=None,
+    )  # fmt: skip
 
 
 def lipschitz_scores(
     model: nn.Module,
-    example_inputs: torch.Tensor,
+    example_inputs: Any,
     *,
     gains: Sequence[str] = GAINS,
     max_iter: int = 500,
@@ -499,12 +490,19 @@ def lipschitz_scores(
 ) -> dict[str, LayerScore]:
     """Score every quantizable layer the forward pass calls, in execution order.
 
-    ``example_inputs`` is a float batch ``(N, *input_shape)``. One hooked forward on it (eval mode,
-    no grad) gives shapes, ``A`` and the order; ``L`` is the operator norm of the BN-folded weight on
-    the real input shape; ``gains`` picks which of ``gain_spectral`` / ``gain_jacobian`` to compute
-    (the other stays None). Layers never called are left out with a warning. Warns once when the
-    spectral gain is asked for on a non-chain graph. Raises :class:`ConfigError` for bad inputs or
-    gains, :class:`ModelError` for a model without quantizable layers or a failing forward.
+    ``example_inputs`` is a float batch ``(N, *input_shape)``, or for a model whose forward takes
+    several inputs a tuple of such batches (same N), see :func:`~aq_brevitas.nnutils.example_args`.
+    One hooked forward on it (eval mode, no grad) gives shapes, ``A``, MACs (summed over every call of
+    a layer) and the order; ``L`` is the operator norm on the real input shape of the layer's map with
+    the BatchNorm applied to its output folded in (Conv/ConvTranspose/Linear, see
+    :func:`~aq_brevitas.nnutils.norm_folding`; a normalisation that cannot fold is named in a warning);
+    ``gains`` picks which of ``gain_spectral`` / ``gain_jacobian`` to compute (the other stays None).
+    A layer whose weight is an earlier layer's (tied) has ``params`` 0 and ``weight_of`` set. Layers
+    never called are left out with a warning; layers called several times are scored at their first
+    call, with a warning. Warns once when the spectral gain is asked for on a non-chain graph. The
+    model comes back in its own mode, BatchNorm statistics untouched. Raises :class:`ConfigError`
+    for bad inputs or gains, :class:`ModelError` for a model without quantizable layers or a failing
+    forward (with the forward's own error, see :func:`~aq_brevitas.nnutils.reported_forward`).
 
     >>> import torch
     >>> from torch import nn
@@ -517,7 +515,7 @@ def lipschitz_scores(
     >>> scores["3"].gain_spectral, scores["3"].gain_jacobian  # the logits layer: nothing downstream
     (1.0, 1.0)
     """
-    check_images(example_inputs, "example_inputs", unit_range=False)
+    args = tuple(a.detach() for a in example_args(model, example_inputs, "example_inputs"))
     gains = tuple(gains)
     bad = [g for g in gains if g not in GAINS]
     if bad:
@@ -528,29 +526,33 @@ def lipschitz_scores(
             _NO_LAYERS,
             f"pass a model with {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)} layers (Brevitas ones count)",
         )
-    check_forward(model, example_inputs)
     modules = dict(model.named_modules())
-    x = example_inputs.detach()
-    with eval_mode(model):
-        pairs = find_conv_bn_pairs(model)
-        scores = {
-            name: _float_score(
-                name, layers[name], pairs.get(name), modules, seen, tol=tol, max_iter=max_iter, seed=seed
-            )
-            for name, seen in _observe(model, layers, x).items()
-        }
+    owners = weight_owners(model)
+    with eval_mode(model), paused_observers(model):
+        seen = _observe(model, layers, args)
+        folding = norm_folding(model, {n: c.output_shape for n, c in seen.items()})
+        _warn_norms_left_out(folding.unfolded, folding.after, seen)
+        scores = {}
+        for name, calls in seen.items():
+            bn_name = folding.pairs.get(name)
+            bn = modules[bn_name] if bn_name else None
+            s = _float_score(name, layers[name], bn, bn_name, calls, tol=tol, max_iter=max_iter, seed=seed)
+            if owners.get(name, name) != name:  # a tied weight is stored, and costed in bits, once
+                s.params, s.weight_of = 0, owners[name]
+            scores[name] = s
         if "spectral" in gains:
             downstream = 1.0
             for s in reversed(list(scores.values())):
                 s.gain_spectral = downstream
                 downstream *= s.L
-            if not is_chain(model, x):
+            if not is_chain(model, args):
                 warnings.warn(NON_CHAIN_WARNING, stacklevel=2)
         if "jacobian" in gains:
+            x0 = args[0]
             for s in scores.values():
                 target = modules[s.bn] if s.bn else layers[s.name]
                 s.gain_jacobian, s.jacobian_iterations = _layer_jacobian(
-                    model, target, x, (x.shape[0], *s.output_shape), dtype=x.dtype, device=x.device,
+                    model, target, args, (x0.shape[0], *s.output_shape), dtype=x0.dtype, device=x0.device,
                     tol=jacobian_tol, max_iter=max_iter, seed=seed,
                 )  # fmt: skip
     return scores

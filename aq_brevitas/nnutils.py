@@ -1,27 +1,59 @@
-"""Torch utilities every stage shares: which layers are quantizable and their geometry, fx leaf
-tracing, conv→BatchNorm pairing and folding, mode guards, frozen quantized weights, and the one
-data convention (:func:`as_xy`, :func:`iter_x_batches`, :func:`as_dataset`) with its image check.
+"""Torch utilities every stage shares: which layers are quantizable, their geometry on a forward
+pass, fx leaf tracing, the weights a forward uses outside them, and normalisation pairing and folding.
 
 The single list of quantizable layer types lives here. Brevitas ``QuantConv*``/``QuantLinear``
 subclass the torch layers, so the same test finds them in models that are already quantized.
-Nothing here imports another module of the package except :mod:`aq_brevitas.errors`.
+How a model is run (its forward signature and errors, mode guards, the one data convention
+:func:`as_xy`/:func:`iter_x_batches`/:func:`as_dataset`) lives in :mod:`aq_brevitas.forward`, whose
+public names are re-exported here, as are those of :mod:`aq_brevitas.folding` (the arithmetic of
+folding a BatchNorm into a layer). Nothing here imports another module of the package except
+:mod:`aq_brevitas.errors`, :mod:`aq_brevitas.folding` and :mod:`aq_brevitas.forward`.
+
+Coverage: a weight the forward uses outside a quantizable layer (an unsupported layer type, or
+``F.linear``/``F.conv2d``/``@`` on a bare Parameter) stays float and is left out of a policy's cost;
+:func:`warn_unsupported` names every such weight in one line. A layer called several times costs its
+MACs at every call; a weight shared by several layers is stored (and costed in bits) once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import operator
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .errors import ConfigError, ModelError
+from .errors import ModelError
+from .folding import (  # noqa: F401 -- re-exported: the folding arithmetic lives there
+    BN_PAIRED_TYPES,
+    bn_scale,
+    folded_weight,
+    parameter_holders,
+    write_folded,
+)
+from .forward import (  # noqa: F401 -- re-exported: every stage imports these from nnutils
+    as_dataset,
+    as_xy,
+    check_forward,
+    check_images,
+    eval_mode,
+    example_args,
+    forward_arity,
+    frozen_activation_scales,
+    frozen_quant_weights,
+    iter_x_batches,
+    paused_observers,
+    predicted_labels,
+    reported_forward,
+    require_single_input,
+)
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 # Layers that hold weights a user may expect us to quantize, but which we do not support.
@@ -34,10 +66,11 @@ UNSUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
     nn.Embedding,
 )
-# Layers whose output may feed a BatchNorm that folds into them (Linear folds too, see folded_weight,
-# but pairing looks for convs only).
-BN_PAIRED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
-_BATCH = 256  # images per forward when a helper runs the model over in-memory data
+# Normalisations whose gain matters to a layer's map: only a BatchNorm (fixed running statistics)
+# is a per-channel affine map that folds; the others normalise each sample by its own statistics.
+NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -60,15 +93,46 @@ def shared_layer_names(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in seen.items() if len(v) > 1}
 
 
+def shared_weights(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Weights that several quantizable layers (distinct modules) use: first layer name -> all of them.
+
+    Tied weights (``fc2.weight = fc1.weight``) are stored once, so their bits count once (under the
+    first layer, in registration order); their MACs count at every layer that uses them. A policy must
+    give the layers of one group one spec: they quantize the same tensor.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, m in quantizable_layers(model).items():
+        groups.setdefault(id(m.weight), []).append(name)
+    return {names[0]: tuple(names) for names in groups.values() if len(names) > 1}
+
+
+def weight_owners(model: nn.Module) -> dict[str, str]:
+    """Each quantizable layer that shares its weight -> the first layer of its :func:`shared_weights`
+    group, under which the weight's bits are counted (the first maps to itself)."""
+    return {n: first for first, names in shared_weights(model).items() for n in names}
+
+
 def warn_unsupported(model: nn.Module) -> None:
-    """Warn (``UserWarning``) naming every layer of an unsupported type: it stays float."""
+    """Warn (``UserWarning``, one line each) naming every weight that is not quantized nor costed.
+
+    That is every layer of an unsupported type, and every Parameter the forward uses through a
+    functional op outside a quantizable layer (see :func:`unquantized_weight_uses`).
+    """
     bad = unsupported_layers(model)
     if bad:
         listed = ", ".join(f"{n} ({t})" for n, t in bad.items())
         warnings.warn(
             f"aq-brevitas leaves these layers in float, their type is not supported: {listed} -- fix: "
             "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear if they should be quantized; "
-            "otherwise nothing to do (their cost counts as 32-bit)",
+            "otherwise nothing to do (they stay float and are left out of the policy's cost)",
+            stacklevel=3,
+        )
+    uses = unquantized_weight_uses(model)
+    if uses:
+        warnings.warn(
+            f"these weights are used outside a quantizable layer, so they stay float and are left out of "
+            f"the policy's cost: {', '.join(f'{n} ({how})' for n, how in uses.items())} -- fix: apply them through an nn.Linear/nn.Conv2d module (a "
+            "layer called several times is fine) if they should be quantized; otherwise nothing to do",
             stacklevel=3,
         )
 
@@ -92,188 +156,114 @@ class LayerGeometry:
 
     name: str
     type: str
-    params: int  # weight elements (biases are kept at higher precision and not counted)
-    macs: int  # multiply-accumulates per sample
-    input_shape: tuple[int, ...]  # per sample
-    output_shape: tuple[int, ...]  # per sample
+    params: int  # weight elements it stores: 0 when it uses an earlier layer's weight (counted there)
+    macs: int  # multiply-accumulates per sample, summed over every call in one forward
+    input_shape: tuple[int, ...]  # per sample, at the first call
+    output_shape: tuple[int, ...]  # per sample, at the first call
+    calls: int = 1  # calls per forward (0: never called)
+    weight_of: str | None = None  # the layer whose weight it uses, when it is another layer's
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def layer_macs(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample: every weight is used once per output (or, transposed, input) position."""
+    """Multiply-accumulates of one call per sample: every weight is used once per output (or, for a
+    transposed conv, input) position."""
     w = layer.weight
     if isinstance(layer, nn.Linear):
         return math.prod(out_shape[:-1]) * w.numel()
-    if isinstance(layer, nn.ConvTranspose2d):
+    if getattr(layer, "transposed", False):
         return math.prod(in_shape[1:]) * w.numel()
     return math.prod(out_shape[1:]) * w.numel()
 
 
-@torch.no_grad()
-def check_forward(model: nn.Module, example_input: torch.Tensor) -> None:
-    """One forward on a single sample: a shape/dtype mismatch becomes a one-line :class:`ModelError`."""
-    check_images(example_input, "example inputs", unit_range=False, batch=False)
-    try:
-        with eval_mode(model), paused_observers(model):
-            model(example_input[:1])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ModelError(
-            f"model forward failed on inputs of shape {tuple(example_input.shape)} ({str(exc).splitlines()[0][:120]})",
-            "pass inputs of the shape and dtype the model expects (N x C x H x W images in [0, 1])",
-        ) from None
+# --------------------------------------------------------------------------- the model's forward
 
 
-@torch.no_grad()
-def layer_geometry(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerGeometry]:
-    """Run one forward pass (eval mode) with hooks and record every quantizable layer's geometry.
+@dataclass(frozen=True)
+class LayerCalls:
+    """What one forward showed of a quantizable layer: shapes and input norm at its first call,
+    how many times it was called and its MACs per sample summed over the calls."""
 
-    Layers the forward never reaches still cost parameters: they get 0 MACs and empty shapes.
-    Raises :class:`ModelError` for a model without quantizable layers or a failing forward.
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    calls: int
+    macs: int
+    input_norm: float  # mean over samples of the L2 norm of the input at the first call
+
+
+def observe_layers(
+    model: nn.Module, args: tuple[torch.Tensor, ...], layers: Mapping[str, nn.Module] | None = None
+) -> tuple[dict[str, LayerCalls], Any]:
+    """One hooked forward ``model(*args)`` (eval mode, observers paused, no grad): every call of each
+    of ``layers`` (default: all quantizable ones), in the order of their first call, and the output.
+
+    Layers the forward never calls are absent. The model comes back in its own mode, its BatchNorm
+    statistics untouched. A failing forward is the one-line error of :func:`reported_forward`.
     """
-    check_images(example_input, "example inputs", unit_range=False, batch=False)
-    layers = quantizable_layers(model)
-    if not layers:
-        raise ModelError(
-            "model has no quantizable layers (Conv1d/Conv2d/Linear)",
-            "pass a model with at least one such layer",
-        )
-    found: dict[str, LayerGeometry] = {}
+    layers = quantizable_layers(model) if layers is None else layers
+    first: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {}
+    calls: dict[str, int] = {}
+    macs: dict[str, int] = {}
 
-    def hook(name: str):
-        def fn(mod, inputs, output):
-            x = getattr(inputs[0], "value", inputs[0])
-            out = getattr(output, "value", output)
-            if name not in found:
-                i, o = tuple(x.shape[1:]), tuple(out.shape[1:])
-                found[name] = LayerGeometry(
-                    name, type(mod).__name__, int(mod.weight.numel()), layer_macs(mod, i, o), i, o
+    def make_hook(name: str):
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            x, y = plain_tensor(inputs[0]) if inputs else None, plain_tensor(output)
+            if x is None or y is None:
+                return
+            i, o = tuple(x.shape[1:]), tuple(y.shape[1:])
+            calls[name] = calls.get(name, 0) + 1
+            macs[name] = macs.get(name, 0) + layer_macs(mod, i, o)
+            if name not in first:
+                norm = (
+                    float(x.detach().flatten(1).to(torch.float64).norm(dim=1).mean()) if x.dim() > 1 else 0.0
                 )
+                first[name] = (i, o, norm)
 
-        return fn
+        return hook
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
     try:
-        with eval_mode(model):
-            model(example_input[:1])
-    except (RuntimeError, ValueError) as exc:
-        raise ModelError(
-            f"model forward failed on an input of shape {tuple(example_input.shape)} ({str(exc).splitlines()[0][:120]})",
-            "pass an example input of the shape the model expects",
-        ) from None
+        with eval_mode(model), paused_observers(model), torch.no_grad(), reported_forward(args):
+            out = model(*args)
     finally:
         for h in handles:
             h.remove()
-    for n in [n for n in layers if n not in found]:  # dead branches still cost parameters
-        found[n] = LayerGeometry(n, type(layers[n]).__name__, int(layers[n].weight.numel()), 0, (), ())
-    return {n: found[n] for n in layers}
+    return {n: LayerCalls(i, o, calls[n], macs[n], a) for n, (i, o, a) in first.items()}, out
 
 
-# ------------------------------------------------------------------------------------ mode guards
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm on running stats, examples independent), restoring each module's own flag."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+def layer_geometry(model: nn.Module, example_input: Any) -> dict[str, LayerGeometry]:
+    """Run one forward pass (eval mode) on the first sample with hooks and record every quantizable
+    layer's geometry, in registration order.
 
-
-def _has_observed(fake_quant: nn.Module) -> bool:
-    """Whether a fake-quant module's observer has seen data (before that its qparams have no shape yet)."""
-    mv = getattr(getattr(fake_quant, "activation_post_process", None), "min_val", None)
-    return mv is None or (mv.numel() > 0 and bool(torch.isfinite(mv).all()))
-
-
-@contextlib.contextmanager
-def paused_observers(model: nn.Module) -> Iterator[None]:
-    """Stop torch.ao/torchao fake-quant observers until exit (they keep observing in eval mode).
-
-    Checking, evaluating or attacking a QAT-prepared model must not move its activation ranges.
-    Observers that have not seen data yet are left on: their qparams have no shape before that.
+    ``example_input``: a tensor, or a tuple of tensors for a multi-input model (:func:`example_args`).
+    MACs count every call of a layer in the forward; a weight shared by several layers has its
+    ``params`` under the first of them only (the others have 0 and name it in ``weight_of``).
+    Layers the forward never reaches still cost parameters: they get 0 MACs, 0 calls and empty shapes.
+    Warns (:func:`warn_unsupported`) about weights the forward uses that are not quantized nor costed.
+    Raises :class:`ModelError` for a model without quantizable layers or a failing forward.
     """
-    observers = [
-        (m, m.observer_enabled.clone())
-        for m in model.modules()
-        if isinstance(getattr(m, "observer_enabled", None), torch.Tensor) and _has_observed(m)
-    ]
-    try:
-        for m, _ in observers:
-            m.observer_enabled.fill_(0)
-        yield
-    finally:
-        for m, flag in observers:
-            m.observer_enabled.copy_(flag)
-
-
-def _constant(value: Any):
-    return lambda *args, **kwargs: value
-
-
-@contextlib.contextmanager
-def frozen_quant_weights(model: nn.Module) -> Iterator[int]:
-    """Quantize each Brevitas layer's weights once and reuse them until exit; yields how many layers.
-
-    Also stops torch.ao/torchao fake-quant observers until exit (they keep observing in eval mode).
-    Weights do not change during an attack, yet every forward re-quantizes them (stats, scale, round).
-    Inside the block the quantized weights are constants, so outputs and input gradients are
-    unchanged but **weights get no gradient** -- use it around attacks, not around training steps.
-    Enter it in the mode the attack runs the model in (attacks run in eval mode). Layers whose weight
-    quantizer needs the quantized input are left alone. The original ``quant_weight`` is restored on
-    exit, also on exceptions. Float models pass through untouched (yields 0).
-    """
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
-
-    missing = object()
-    frozen: list[tuple[nn.Module, Any]] = []
-    with paused_observers(model):
-        try:
-            for m in model.modules():
-                if not isinstance(m, QuantWBIOL):
-                    continue
-                wq = m.weight_quant
-                if not wq.is_quant_enabled or wq.requires_quant_input:
-                    continue
-                with torch.no_grad():
-                    qw = m.quant_weight()
-                previous = m.__dict__.get("quant_weight", missing)
-                m.quant_weight = _constant(qw)
-                frozen.append((m, previous))
-            yield len(frozen)
-        finally:
-            for m, previous in reversed(frozen):
-                if previous is missing:
-                    m.__dict__.pop("quant_weight", None)
-                else:
-                    m.quant_weight = previous
-
-
-@contextlib.contextmanager
-def frozen_activation_scales(model: nn.Module) -> Iterator[int]:
-    """Stop gradients to Brevitas activation-quantizer parameters until exit; yields how many.
-
-    Their ``requires_grad`` flags are restored on exit, also on exceptions.
-    """
-    from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
-
-    params = {
-        id(p): p
-        for m in model.modules()
-        if isinstance(m, ActQuantProxyFromInjector)
-        for p in m.parameters()
-        if p.requires_grad
-    }
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-        yield len(params)
-    finally:
-        for p in params.values():
-            p.requires_grad_(True)
+    args = example_args(model, example_input)
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ModelError(
+            "model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)",
+            "pass a model with at least one such layer",
+        )
+    warn_unsupported(model)
+    seen, _ = observe_layers(model, tuple(a[:1] for a in args), layers)
+    owners = weight_owners(model)
+    found = {}
+    for n, layer in layers.items():
+        owner = owners.get(n, n)
+        params = int(layer.weight.numel()) if owner == n else 0
+        c = seen.get(n)
+        i, o, calls, macs = (c.input_shape, c.output_shape, c.calls, c.macs) if c else ((), (), 0, 0)
+        found[n] = LayerGeometry(
+            n, type(layer).__name__, params, macs, i, o, calls, None if owner == n else owner
+        )
+    return found
 
 
 # ------------------------------------------------------------------------------------- fx tracing
@@ -297,274 +287,264 @@ def trace_leaves(model: nn.Module) -> fx.GraphModule | None:
         return None
 
 
-# ------------------------------------------------------------------------------------- BN folding
-def _bn_fits(layer: nn.Module, bn: nn.Module | None) -> bool:
-    return isinstance(bn, _BatchNorm) and bn.num_features == out_channels(layer)
+# Functional ops that multiply by a weight, and the positions of their weight operand(s).
+_WEIGHT_OPS: dict[Any, tuple[int, ...]] = {
+    F.linear: (1,),
+    F.bilinear: (2,),
+    F.conv1d: (1,),
+    F.conv2d: (1,),
+    F.conv3d: (1,),
+    F.conv_transpose1d: (1,),
+    F.conv_transpose2d: (1,),
+    F.conv_transpose3d: (1,),
+    F.embedding: (1,),
+    torch.matmul: (0, 1),
+    torch.mm: (0, 1),
+    torch.bmm: (0, 1),
+    torch.addmm: (1, 2),
+    operator.matmul: (0, 1),
+    torch.einsum: (1, 2, 3, 4),
+}
+_WEIGHT_METHODS = {"matmul": (0, 1), "mm": (0, 1), "bmm": (0, 1), "__matmul__": (0, 1), "__rmatmul__": (0, 1)}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.target is operator.matmul:
+        return "@"
+    name = getattr(node.target, "__name__", str(node.target))
+    return ("F." if getattr(F, name, None) is node.target else "torch.") + name
+
+
+def _source_parameter(gm: fx.GraphModule, node: Any, depth: int = 8) -> str | None:
+    """The get_attr target of the Parameter ``node`` is computed from through one-input ops (``w.t()``,
+    ``w * 2``, ``w.view(...)``), or None."""
+    while isinstance(node, fx.Node) and depth > 0:
+        if node.op == "get_attr":
+            try:
+                gm.get_parameter(str(node.target))
+            except AttributeError:  # a buffer or a plain tensor attribute: not a trained weight
+                return None
+            return str(node.target)
+        ins = node.all_input_nodes
+        if node.op not in ("call_method", "call_function") or len(ins) != 1:
+            return None
+        node, depth = ins[0], depth - 1
+    return None
+
+
+def unquantized_weight_uses(model: nn.Module) -> dict[str, str]:
+    """Parameters the forward multiplies by through a functional op outside any quantizable layer.
+
+    ``name -> op`` (e.g. ``{"proj": "F.linear"}``), read from the fx graph (:func:`trace_leaves`):
+    every ``F.linear``/``F.conv*``/``F.embedding``/``matmul``/``@``/``einsum`` whose weight operand is
+    (derived through one-input ops from) a Parameter. Such a use is never quantized, even when the
+    Parameter is a quantizable layer's own weight used outside that layer (named with ``outside``),
+    and its MACs are not in the cost. Empty for models fx cannot trace (nothing can be said).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing user code may warn (TracerWarning...): not ours to show
+        gm = trace_leaves(model)
+    if gm is None:
+        return {}
+    layers = quantizable_layers(model)
+    owned = {id(m.weight): n for n, m in layers.items()}
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            positions = _WEIGHT_OPS.get(node.target, ())
+        elif node.op == "call_method":
+            positions = _WEIGHT_METHODS.get(str(node.target), ())
+        else:
+            continue
+        operands = [node.args[i] for i in positions if i < len(node.args)] + [node.kwargs.get("weight")]
+        for arg in operands:
+            target = _source_parameter(gm, arg)
+            if target is None or target in found:
+                continue
+            owner = owned.get(id(gm.get_parameter(target)))
+            found[target] = _op_name(node) + (f", outside {owner}" if owner else "")
+    return found
+
+
+# --------------------------------------------------------------------------- normalisation folding
+@dataclass(frozen=True)
+class NormFolding:
+    """Which normalisations fold into the layer before them, and why the others do not.
+
+    ``pairs``: layer name -> the BatchNorm applied directly (and only) to its output, which folds
+    into it. ``unfolded``: every other normalisation the forward calls -> why it does not fold (a
+    phrase). ``after``: for those of ``unfolded`` applied directly to a Conv/ConvTranspose/Linear's
+    output, that layer (its map, hence its ``L``, leaves the normalisation out).
+    """
+
+    pairs: dict[str, str]
+    unfolded: dict[str, str]
+    after: dict[str, str]
+
+
+def _producer(node: Any) -> str:
+    """How a warning names the node a normalisation is applied to."""
+    if not isinstance(node, fx.Node):
+        return "a constant"
+    if node.op == "placeholder":
+        return "the model input"
+    if node.op == "call_module":
+        return str(node.target)
+    return _op_name(node)
+
+
+def _unfoldable(norm: nn.Module) -> str | None:
+    """Why a normalisation cannot fold into any layer, whatever it follows; None for a foldable one."""
+    if not isinstance(norm, _BatchNorm):
+        return f"{type(norm).__name__} normalises each sample by its own statistics, which no weight can fold"
+    if norm.running_var is None:
+        return "it has no running statistics (track_running_stats=False)"
+    return None
+
+
+def _why_not_paired(
+    gm: fx.GraphModule, norm: nn.Module, norm_nodes: list[fx.Node], layer_nodes: dict[str, list[fx.Node]]
+) -> tuple[str | None, str | None]:
+    """``(layer it follows, why it does not fold into it or None)`` for one normalisation module."""
+    modules = dict(gm.named_modules())
+    producers = [n.args[0] if n.args else None for n in norm_nodes]
+    first = producers[0]
+    layer = (
+        str(first.target)
+        if isinstance(first, fx.Node)
+        and first.op == "call_module"
+        and isinstance(modules.get(str(first.target)), BN_PAIRED_TYPES)
+        else None
+    )
+    reason = _unfoldable(norm)
+    if reason is not None:
+        return layer, reason
+    if layer is None:
+        return None, f"it follows {_producer(first)}, not a Conv/ConvTranspose/Linear directly"
+    if any(not isinstance(p, fx.Node) or p.target != layer for p in producers):
+        return layer, "it is also applied to something else than the output of " + layer
+    for call in layer_nodes[layer]:
+        if len(call.users) != 1 or next(iter(call.users)) not in norm_nodes:
+            return layer, f"{layer}'s output also feeds other operations"
+    if norm.num_features != out_channels(modules[layer]):
+        return (
+            layer,
+            f"it has {norm.num_features} features and {layer} {out_channels(modules[layer])} outputs",
+        )
+    return layer, None
+
+
+def norm_folding(model: nn.Module, layer_outputs: Mapping[str, tuple[int, ...]] | None = None) -> NormFolding:
+    """Pair every BatchNorm that folds with the Conv/ConvTranspose/Linear whose output it normalises.
+
+    A BatchNorm (with running statistics) folds into a layer when every call of the layer feeds only
+    it and every call of it normalises that layer's output, its features matching the layer's output
+    channels. Read from the fx graph (:func:`trace_leaves`). ``layer_outputs`` (layer name -> per-sample
+    output shape, e.g. from :func:`layer_geometry`) rules out a Linear whose output is not ``(N, C)``:
+    a BatchNorm1d normalises dim 1, which is then not the Linear's features. Without it a Linear
+    feeding a BatchNorm is taken to output ``(N, C)``. Where tracing fails, a layer pairs with the
+    BatchNorm registered right after it (leaf modules in ``named_modules()`` order) when the channels
+    match, and every other normalisation is reported unfolded.
+    """
+    named = dict(model.named_modules())
+    norms = {n: m for n, m in named.items() if isinstance(m, NORM_TYPES)}
+    gm = trace_leaves(model)
+    if gm is None:
+        leaves = [(n, m) for n, m in named.items() if n and not any(True for _ in m.children())]
+        pairs = {
+            name: nxt_name
+            for (name, m), (nxt_name, nxt) in zip(leaves, leaves[1:])
+            if isinstance(m, BN_PAIRED_TYPES)
+            and isinstance(nxt, _BatchNorm)
+            and _unfoldable(nxt) is None
+            and nxt.num_features == out_channels(m)
+        }
+        folded = set(pairs.values())
+        unfolded = {
+            n: _unfoldable(m)
+            or "the model does not trace with torch.fx and it is not registered right after "
+            "a Conv/ConvTranspose/Linear of matching channels"
+            for n, m in norms.items()
+            if n not in folded
+        }
+        return NormFolding(pairs, unfolded, {})
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
+    params = dict(gm.named_parameters())  # a get_attr node reads a Parameter outside its module
+    read = {
+        id(params[str(n.target)]) for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) in params
+    }
+    pairs, unfolded, after = {}, {}, {}
+    for name, norm in norms.items():
+        if name not in calls:
+            continue  # never called: it changes nothing
+        layer, reason = _why_not_paired(gm, norm, calls[name], calls)
+        shape = (layer_outputs or {}).get(layer or "")
+        if reason is None and isinstance(named[layer], nn.Linear) and shape is not None and len(shape) != 1:
+            reason = f"it normalises dim 1 of {layer}'s {tuple(shape)} output per sample, not its features"
+        if reason is None and any(id(p) in read for p in named[layer].parameters(recurse=False)):
+            reason = f"the forward also uses {layer}'s weight or bias outside it, which folding would change"
+        if reason is None:
+            pairs[layer] = name
+        else:
+            unfolded[name] = reason
+            if layer is not None:
+                after[name] = layer
+    return NormFolding(pairs, unfolded, after)
 
 
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """Map conv name -> BatchNorm name for each Conv/ConvTranspose whose output feeds only a BatchNorm.
+    """Map layer name -> BatchNorm name for each Conv/ConvTranspose/Linear whose output feeds only a
+    BatchNorm that folds into it: the ``pairs`` of :func:`norm_folding`."""
+    return norm_folding(model).pairs
 
-    Uses the fx graph where the model traces: every call of the conv must have exactly one user, a call
-    of the same BatchNorm. Where tracing fails, falls back to module order: a conv immediately followed
-    (among leaf modules, in ``named_modules()`` order) by a BatchNorm with matching ``num_features``.
+
+def fold_batchnorm(model: nn.Module, example_input: Any = None) -> dict[str, str]:
+    """Fold, in place, every BatchNorm that directly follows a Conv/ConvTranspose/Linear into it
+    (eval semantics) and warn, in one line, naming each normalisation left unfolded and why.
+
+    Each folded BatchNorm is replaced by ``nn.Identity``; returns the pairs, layer name -> bn name.
+    A layer whose weight (or bias) ``Parameter`` another module also holds (tied weights) gets its own
+    folded copy, the others keep the unfolded one (:func:`write_folded`), named in one warning: the
+    model's function is kept, the tie is not. A BatchNorm after a layer whose weight the forward also
+    uses outside it (``F.linear(x, self.fc.weight)``) is left unfolded, with the reason in the warning.
+    ``example_input`` (optional, what :func:`example_args` accepts) lets :func:`norm_folding` check
+    that a Linear's output is ``(N, C)`` before folding a BatchNorm1d into it.
     """
-    modules = dict(model.named_modules())
-    gm = trace_leaves(model)
-    if gm is None:
-        leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-        return {
-            name: next_name
-            for (name, m), (next_name, nxt) in zip(leaves, leaves[1:])
-            if isinstance(m, BN_PAIRED_TYPES) and _bn_fits(m, nxt)
-        }
-    found: dict[str, str | None] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), BN_PAIRED_TYPES):
-            continue
-        users = list(node.users)
-        bn_name = None
-        if len(users) == 1 and users[0].op == "call_module" and len(users[0].all_input_nodes) == 1:
-            cand = users[0].target
-            if _bn_fits(modules[node.target], modules.get(cand)):
-                bn_name = cand
-        prev = found.get(node.target, bn_name)
-        found[node.target] = bn_name if prev == bn_name else None  # a shared conv must always feed it
-    return {conv: bn for conv, bn in found.items() if bn is not None}
-
-
-def bn_scale(bn: nn.Module) -> torch.Tensor:
-    """Per-channel factor gamma/sqrt(running_var + eps) of a BatchNorm in eval mode (detached, float).
-
-    The linear part of the BatchNorm: pass it as ``operator_norm(..., out_scale=bn_scale(bn))`` to score
-    an unfolded (e.g. quantized) conv weight as if the BatchNorm were folded into it.
-    Raises :class:`ModelError` for a non-BatchNorm or one without running statistics.
-    """
-    if not isinstance(bn, _BatchNorm):
-        raise ModelError(
-            f"{type(bn).__name__} is not a BatchNorm", "pass the BatchNorm that follows the layer"
-        )
-    if bn.running_var is None:
-        raise ModelError(
-            "BatchNorm has no running statistics (track_running_stats=False), so it cannot be folded",
-            "use track_running_stats=True, or leave the BatchNorm out of the pairs",
-        )
-    var = bn.running_var.detach()
-    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
-    return gamma / torch.sqrt(var + bn.eps)
-
-
-def folded_weight(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, b)`` of ``bn(conv(x))`` as one conv, with the BatchNorm in eval semantics (running stats).
-
-    W is scaled per output channel by gamma/sqrt(var + eps); b = (b_conv - mean) * scale + beta.
-    Handles Conv1d/Conv2d/Linear (weight dim 0 is out) and ConvTranspose2d (out is dim 1, per group).
-    """
-    if not isinstance(conv, QUANTIZABLE_TYPES) or not isinstance(bn, _BatchNorm):
-        raise ModelError(
-            f"cannot fold {type(bn).__name__} into {type(conv).__name__}",
-            "pass a Conv1d/Conv2d/ConvTranspose2d/Linear and the BatchNorm that follows it",
-        )
-    out = out_channels(conv)
-    if bn.num_features != out:
-        raise ModelError(
-            f"BatchNorm has {bn.num_features} features but the layer {out} output channels",
-            "pair each conv with the BatchNorm applied to its output",
-        )
-    w = conv.weight.detach()
-    scale = bn_scale(bn).to(w.dtype)
-    mean = bn.running_mean.detach().to(w.dtype)
-    beta = bn.bias.detach().to(w.dtype) if bn.bias is not None else torch.zeros_like(mean)
-    if isinstance(conv, nn.ConvTranspose2d):
-        g = conv.groups
-        cin, cout_g = w.shape[0], w.shape[1]
-        w_f = (w.reshape(g, cin // g, cout_g, *w.shape[2:]) * scale.reshape(g, 1, cout_g, 1, 1)).reshape(
-            w.shape
-        )
-    else:
-        w_f = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
-    return w_f, (b - mean) * scale + beta
-
-
-def fold_batchnorm(model: nn.Module) -> dict[str, str]:
-    """Fold, in place, every BatchNorm that directly follows a conv into it (eval semantics).
-
-    Each folded BatchNorm is replaced by ``nn.Identity``; returns the pairs, conv name -> bn name.
-    """
-    pairs = find_conv_bn_pairs(model)
-    for conv_name, bn_name in pairs.items():
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        w, b = folded_weight(conv, bn)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if conv.bias is None:
-                conv.bias = nn.Parameter(b.detach().clone())
-            else:
-                conv.bias.copy_(b)
+    outputs = None
+    if example_input is not None:
+        args = example_args(model, example_input)
+        outputs = {n: c.output_shape for n, c in observe_layers(model, tuple(a[:1] for a in args))[0].items()}
+    folding = norm_folding(model, outputs)
+    untied: dict[str, list[str]] = {}
+    for conv_name, bn_name in folding.pairs.items():
+        w, b = folded_weight(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        others = write_folded(model, conv_name, w, b)
+        if others:
+            untied[conv_name] = others
         model.set_submodule(bn_name, nn.Identity())
-    return pairs
-
-
-# ------------------------------------------------------------------------------------------- data
-_DATA_FIX = (
-    "pass image and label tensors, an (images, labels) pair, a Dataset, a DataLoader "
-    "or an iterable of (images, labels) batches"
-)
-_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-def check_images(x: Any, name: str = "inputs", *, unit_range: bool = True, batch: bool = True) -> None:
-    """Refuse anything but a floating-point image tensor, with a one-line :class:`ConfigError`.
-
-    ``batch``: the tensor is shaped ``(N, *sample_shape)`` with N >= 1. ``unit_range``: its values
-    are finite and in [0, 1] (un-normalised images: the convention of every attack and of ε).
-    ``name`` is how the messages call ``x``.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"have dtype {x.dtype}" if isinstance(x, torch.Tensor) else f"is a {type(x).__name__}"
-        raise ConfigError(
-            f"{name} {got}, expected a floating-point tensor of images",
-            "pass float images, e.g. x.float() / 255, shaped (N, *input_shape)",
+    if untied:
+        listed = "; ".join(
+            f"{n} from {', '.join(o or 'the model' for o in others)}" for n, others in untied.items()
         )
-    if batch and x.dim() < 2:
-        raise ConfigError(
-            f"{name} of shape {tuple(x.shape)} has no batch dimension",
-            "pass a batch shaped (N, *input_shape) with N >= 1",
+        warnings.warn(
+            f"BatchNorm folding unties weights shared between layers: {listed} (the folded layer gets its own "
+            "folded copy, the others keep the unfolded weight: the model computes the same, but that weight is "
+            "now stored, quantized and costed twice) -- fix: nothing to do if that is intended; to keep the "
+            "weights tied, leave BatchNorm unfolded (fold_bn=False)",
+            stacklevel=3,
         )
-    if batch and x.shape[0] == 0:
-        raise ConfigError(f"{name} is empty", "pass at least one image, e.g. load_split('val', limit=256)")
-    if unit_range and x.numel() and not torch.isfinite(x).all():
-        raise ConfigError(f"{name} contain NaN or Inf", "pass finite images in [0, 1]")
-    if unit_range and x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ConfigError(
-            f"{name} span [{x.min().item():.3g}, {x.max().item():.3g}], outside [0, 1]",
-            "pass un-normalised images in [0, 1]; normalise inside the model",
+    if folding.unfolded:
+        listed = "; ".join(f"{n} ({why})" for n, why in folding.unfolded.items())
+        warnings.warn(
+            f"BatchNorm folding leaves these normalisations in float, unfolded: {listed} -- fix: apply each "
+            "BatchNorm (with running statistics) directly to its Conv/ConvTranspose/Linear's output, before "
+            "the activation, and use that layer's weight only through the layer, to have it folded; a "
+            "LayerNorm/GroupNorm/InstanceNorm cannot be folded",
+            stacklevel=3,
         )
-
-
-def _is_pair(data: Any) -> bool:
-    """An ``(images, labels)`` pair: two tensors, the second 1-D (so two image batches are not one)."""
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
-        and data[1].dim() == 1
-    )
-
-
-def _pieces(data: Any, name: str, split: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Every accepted form of data as a stream of ``(images, labels or None)`` pieces.
-
-    In-memory tensors come as one piece, or in chunks of ``split``; a Dataset is read through a
-    DataLoader; a DataLoader or any other iterable is read batch by batch, as it yields them.
-    """
-    if isinstance(data, TensorDataset) and 1 <= len(data.tensors) <= 2:
-        data = data.tensors[0] if len(data.tensors) == 1 else tuple(data.tensors)
-    if isinstance(data, torch.Tensor) or _is_pair(data):
-        x, y = (data, None) if isinstance(data, torch.Tensor) else data
-        chunks = x.split(split) if split else (x,)
-        labels = (y.split(split) if split else (y,)) if y is not None else (None,) * len(chunks)
-        yield from zip(chunks, labels)
-        return
-    if isinstance(data, Dataset):  # map-style or iterable: let torch batch it
-        data = DataLoader(data, batch_size=split or _BATCH)
-    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
-        raise ConfigError(f"{name} of type {type(data).__name__} is not supported", _DATA_FIX)
-    for i, b in enumerate(data):
-        if isinstance(b, torch.Tensor):
-            yield b, None
-        elif isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) for t in b[:2]):
-            yield b[0], (b[1] if len(b) > 1 else None)
-        else:
-            raise ConfigError(f"{name}: batch {i} is a {type(b).__name__}, not (images, labels)", _DATA_FIX)
-
-
-def _cat(parts: list[torch.Tensor], name: str) -> torch.Tensor:
-    if len(parts) == 1:
-        return parts[0]
-    try:
-        return torch.cat(parts)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"{name}: its batches cannot be joined ({str(exc).splitlines()[0][:100]})",
-            "make every batch hold images of one shape",
-        ) from None
-
-
-@torch.no_grad()
-def predicted_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model``'s top-1 class for each image of ``x`` (eval mode, batches of 256), shape (N,)."""
-    with eval_mode(model):
-        return torch.cat([model(b).argmax(1) for b in x.split(_BATCH)])
-
-
-def as_xy(
-    data: Any, *, model: nn.Module | None = None, limit: int | None = None, name: str = "data"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` tensors from any accepted form of data: the package's one data convention.
-
-    Accepted: an image tensor (then the labels are ``model``'s predictions, so ``model`` is needed),
-    an ``(images, labels)`` pair, a torch ``Dataset``, a ``DataLoader``, or any iterable of
-    ``(images, labels)`` batches (a list of them, a generator...). ``limit`` keeps the first ``limit``
-    images (a DataLoader is read no further). Images are checked by :func:`check_images` (float,
-    (N, ...), finite, in [0, 1]); labels must be 1-D integers, one per image; they come back as int64.
-    Anything else raises a one-line :class:`ConfigError` whose subject is ``name``.
-    """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"limit must be positive, got {limit}", "pass limit>=1 or None")
-    xs, ys, n = [], [], 0
-    for xb, yb in _pieces(data, name, None):
-        xs.append(xb)
-        ys.append(yb)
-        n += len(xb)
-        if limit is not None and n >= limit:
-            break
-    if not xs:
-        raise ConfigError(f"{name} is empty", "pass at least one image, e.g. load_split('val', limit=256)")
-    if len({yb is None for yb in ys}) > 1:
-        raise ConfigError(f"{name} mixes batches with and without labels", "give every batch its labels")
-    x = _cat(xs, name)[:limit]
-    check_images(x, name)
-    if ys[0] is None:
-        if model is None:
-            raise ConfigError(f"{name} has no labels", "pass (images, labels)")
-        y = predicted_labels(model, x)
-    else:
-        y = _cat(ys, name)[:limit]
-    if y.dtype not in _LABEL_DTYPES or y.dim() != 1:
-        raise ConfigError(
-            f"labels have dtype {y.dtype} and shape {tuple(y.shape)}", "pass 1-D integer labels"
-        )
-    if len(y) != len(x):
-        raise ConfigError(f"{len(x)} images but {len(y)} labels", "pass matching images and labels")
-    return x.detach(), y.long().detach()
-
-
-def iter_x_batches(
-    data: Any, *, limit_batches: int | None = None, batch_size: int = _BATCH, name: str = "calibration data"
-) -> Iterator[torch.Tensor]:
-    """The image batches of any form :func:`as_xy` accepts, streamed (labels, if any, are dropped).
-
-    In-memory tensors are split into batches of ``batch_size``; a DataLoader's batches are used as it
-    yields them. Stops after ``limit_batches`` batches. Each batch must be a float tensor with a
-    batch dimension (values are not range-checked: calibration sees what the model will see).
-    """
-    for i, (xb, _) in enumerate(_pieces(data, name, batch_size)):
-        if limit_batches is not None and i >= limit_batches:
-            return
-        check_images(xb, name, unit_range=False)
-        yield xb
-
-
-def as_dataset(data: Any, *, name: str = "training data") -> Dataset:
-    """A map-style Dataset (indexable, sized) of ``(image, label)`` from any form :func:`as_xy` accepts.
-
-    A map-style Dataset is used as it is (a DataLoader's own dataset too: sampling is the caller's);
-    anything else is read by :func:`as_xy` (and checked) into a ``TensorDataset``.
-    """
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    if isinstance(data, Dataset) and not isinstance(data, (IterableDataset, TensorDataset)):
-        return data
-    return TensorDataset(*as_xy(data, name=name))
+    return folding.pairs

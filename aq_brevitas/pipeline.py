@@ -1,9 +1,14 @@
 """The whole job as resumable stages: score → search → quantize → fine-tune → evaluate → export → report.
 
-Each stage is one function over a :class:`RunContext`. It writes its outputs atomically into
+It runs on the user's model and data (:class:`~aq_brevitas.rundata.RunData`: tensors, a Dataset or
+DataLoader, or a directory of IDX files of any sample shape; Fashion-MNIST by default); every stage
+reads the draws :func:`~aq_brevitas.rundata.prepare_data` makes from it. A model that expects
+normalised inputs gets ``RunConfig.normalization=(mean, std)``: every stage feeds it
+``(x - mean) / std`` while data and ε stay in [0, 1]. Each stage is one function over a :class:`RunContext`. It writes its outputs atomically into
 ``out/`` and records in ``out/stages.json`` the settings and input files it used plus a digest of
 each output. The next run skips a stage only when its recorded settings and inputs are the current
-ones and its outputs are still byte-identical; otherwise it says why and redoes it (a redone stage
+ones (the model's weights and a digest of the data it reads included) and its outputs are still
+byte-identical; otherwise it says why and redoes it (a redone stage
 rewrites its outputs, so the stages that read them are redone too). ``force=True`` redoes
 everything. The same stages run for the searched policy and for the best uniform policy of the same
 budget, so the report compares them on the same data. Quantized models are saved and loaded with
@@ -24,9 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ModelError
+from .rundata import RunData, RunInputs, prepare_data
+from .runreport import VARIANTS, report, summary_rows
 from .search.config import DEFAULT_METHOD, SCORED_METHODS
 from .stagelog import StageLog, model_digest
-from .storage import atomic_write_json, atomic_write_text, check_output_file, read_json
+from .storage import atomic_write_json, check_output_file
 from .texttable import text_table
 
 if TYPE_CHECKING:
@@ -34,10 +41,10 @@ if TYPE_CHECKING:
 
     from .budget import Budget
     from .policy import LayerwisePolicy
-    from .search.result import HeldOutCheck
 
 STAGES = ("score", "search", "quantize", "finetune", "evaluate", "export", "report")
 RUN_METHODS = SCORED_METHODS  # the run compares against uniform itself, so every scored method
+__all__ = ["STAGES", "RunConfig", "RunData", "RunResult", "run"]
 
 
 def _setting(default: Any, flag: str, help: str, *, minimum: int | None = None, **argparse: Any) -> Any:
@@ -51,10 +58,15 @@ class RunConfig:
     """Settings of one pipeline run (all JSON-serialisable); each field's metadata names the option
     of ``aq-brevitas run`` that sets it.
 
-    Selection (scores, search, calibration) uses ``calib_images`` + ``val_images`` held-out training
-    images; fine-tuning a ``finetune_images`` training subset (None = all) for ``finetune_epochs``
-    epochs of PGD-``finetune_steps``; the report ``test_images`` test images (None = all) under
-    PGD-``pgd_steps``. ``eps`` (L-inf, images in [0, 1]) is also evaluated when ``eval_eps`` lacks it.
+    Selection (scores, search, calibration) uses ``calib_images`` + ``val_images`` held-out images
+    (see :class:`~aq_brevitas.rundata.RunData`); fine-tuning a ``finetune_images`` training subset
+    (None = all) for ``finetune_epochs`` epochs of PGD-``finetune_steps``; the report ``test_images``
+    test images (None = all) under PGD-``pgd_steps``. ``eps`` (L-inf, inputs in [0, 1]) is also
+    evaluated when ``eval_eps`` lacks it. ``data_dir``: the IDX directory to read when ``run`` is
+    given no data (None: ``$AQ_DATA_DIR`` or Fashion-MNIST). ``normalization=(mean, std)`` (one value,
+    or one per input channel, dim 1) for a model that expects ``(x - mean) / std``: the search,
+    calibration, fine-tuning and evaluation feed it that while the data and ε stay in [0, 1] (the
+    export's ONNX takes normalised inputs, as the model does).
     """
 
     budget: str = _setting("avg-bits=3", "--budget", "avg-bits=N, bytes=N, kib=N or bops=N")
@@ -79,6 +91,9 @@ class RunConfig:
     )
     seed: int = _setting(0, "--seed", "seed of every random draw", minimum=0)
     data_dir: str | None = _setting(None, "--data-dir", "directory of the IDX files")
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = _setting(
+        None, "--mean/--std", "per-channel mean and std the model expects its inputs normalised with"
+    )
 
 
 def flag_of(name: str) -> str:
@@ -117,7 +132,7 @@ def _check_count(name: str, value: Any, flag: str, minimum: int, none_ok: bool) 
 
 def check_config(cfg: RunConfig) -> Budget:
     """Refuse a bad setting before any work or any file is written; returns the parsed Budget."""
-    from .attacks import check_eps
+    from .attacks import check_eps, check_normalization
     from .budget import Budget
 
     if not isinstance(cfg, RunConfig):
@@ -130,6 +145,8 @@ def check_config(cfg: RunConfig) -> Budget:
         check_eps(e, "eval_eps")
     if cfg.method not in RUN_METHODS:
         raise ConfigError(f"unknown search method {cfg.method!r}", f"use one of {', '.join(RUN_METHODS)}")
+    if cfg.normalization is not None:
+        cfg.normalization = check_normalization(cfg.normalization)
     for f in fields(RunConfig):
         if f.metadata["minimum"] is not None:
             none_ok = "None" in str(f.type)
@@ -153,30 +170,6 @@ def _check_out_dir(out: Path) -> None:
 
 
 # -- the run context ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Variant:
-    """One quantized model of the run: its summary label and the names of its files."""
-
-    key: str  # "aq-brevitas" or "uniform": the label in the summary
-    stem: str  # of its checkpoints and robustness report: searched_ptq.pt, robustness_searched.json
-    suffix: str  # of its policy, ONNX and export record: policy_uniform.json, model_uniform.onnx
-
-    @property
-    def policy_file(self) -> str:
-        return f"policy{self.suffix}.json"
-
-    def checkpoint(self, stage: str) -> list[str]:
-        """The checkpoint of ``stage`` ("ptq" or "finetuned") and its sidecar (save_quantized's pair)."""
-        return [f"{self.stem}_{stage}.pt", f"{self.stem}_{stage}.json"]
-
-    @property
-    def export_files(self) -> tuple[str, str]:
-        return f"model{self.suffix}.onnx", f"export{self.suffix}.json"
-
-
-VARIANTS = (Variant("aq-brevitas", "searched", ""), Variant("uniform", "uniform", "_uniform"))
-
-
 @dataclass
 class RunContext:
     """What every stage reads: the settings, the float model and its data, the run folder and its
@@ -394,170 +387,6 @@ def export(ctx: RunContext) -> None:
         res = export_qonnx(ctx.quantized(v, "finetuned"), ctx.out / onnx_name, x[:1], images=x[1:9])
         atomic_write_json(ctx.out / json_name, res.to_dict())
     ctx.log.finish("export")
-
-
-def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
-    """Per model (float, uniform, aq-brevitas): average weight bits, weight KiB, clean and PGD accuracy
-    at ``eps``, whether gradient masking is suspected, and for the quantized models the export parity
-    (max |QONNX − PyTorch|, the same without rounding-boundary flips, the flips per node)."""
-    from .report import RobustnessReport
-
-    rows = []
-    for key, stem in (("float", "float"), *((v.key, v.stem) for v in reversed(VARIANTS))):
-        rep = RobustnessReport.load(ctx.out / f"robustness_{stem}.json")
-        cost = ctx.policies[key].cost(ctx.geometry) if key in ctx.policies else None
-        float_bytes = 4 * sum(g.params for g in ctx.geometry.values())
-        row = {
-            "name": key if key == "float" else f"{key} ({ctx.cfg.budget})",
-            "avg_bits": cost.avg_weight_bits if cost else 32.0,
-            "kib": (cost.weight_bytes if cost else float_bytes) / 1024,
-            "clean": rep.clean_accuracy,
-            "pgd": rep.accuracy("pgd", ctx.cfg.eps),
-            "parity": None,
-            "masking_suspected": rep.masking_suspected,
-        }
-        variant = next((v for v in VARIANTS if v.key == key), None)
-        if variant is not None:
-            row.update(_parity(read_json(ctx.out / variant.export_files[1], "export record")))
-        rows.append(row)
-    return rows
-
-
-def _parity(export: dict[str, Any]) -> dict[str, Any]:
-    """The parity figures of an :class:`~aq_brevitas.export.ExportResult` record, as summary fields."""
-    return {
-        "parity": export["max_abs_diff"],
-        "parity_allowed": export.get("allowed_diff"),
-        "parity_without_flips": export.get("diff_without_flips", export["max_abs_diff"]),
-        "boundary_flips": export.get("boundary_flips", 0),
-        "flip_detail": export.get("flip_detail", {}),
-        "parity_images": export.get("images_checked"),
-    }
-
-
-def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
-    """report.md, report.json (settings, summary rows, the searched policy) and comparison.png."""
-    cfg = ctx.cfg
-    upstream = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))]
-    upstream += [v.policy_file for v in VARIANTS] + [v.export_files[1] for v in VARIANTS]
-    inputs = {"model": ctx.identity["model"], "name": ctx.name, **asdict(cfg)} | ctx.log.files(*upstream)
-    if not ctx.log.start("report", inputs, ["report.md", "report.json", "comparison.png"]):
-        return
-    from .plots import plot_comparison
-
-    title = f"{ctx.name}: {cfg.budget}, PGD-{cfg.pgd_steps} at ε={cfg.eps}"
-    plot_comparison(rows, ctx.out / "comparison.png", title=title)
-    policy = ctx.policies["aq-brevitas"]
-    document = {"model": ctx.name, "config": asdict(cfg), "rows": rows, "policy": policy.to_dict()}
-    atomic_write_json(ctx.out / "report.json", document)
-    atomic_write_text(ctx.out / "report.md", _markdown(ctx, rows))
-    ctx.log.finish("report")
-
-
-def held_out_check(policy: LayerwisePolicy) -> HeldOutCheck | None:
-    """The searched policy's held-out comparison with uniform, read back from its saved meta as a
-    :class:`~aq_brevitas.search.result.HeldOutCheck` (None when no comparison was made)."""
-    from .policy import LayerSpec
-    from .search.result import HeldOutCheck
-
-    v = policy.meta.get("validation")
-    if not v:
-        return None
-    layers = {n: LayerSpec.from_dict(s) for n, s in v["search_layers"].items()}
-    return HeldOutCheck(
-        **{**v, "uniform_spec": LayerSpec.from_dict(v["uniform_spec"]), "search_layers": layers}
-    )
-
-
-def _held_out_line(policy: LayerwisePolicy) -> str:
-    check = held_out_check(policy)
-    measured = [] if check is None else [
-        f"{label} {acc:.3f}"
-        for label, acc in (("searched", check.search_pgd_accuracy),
-                           ("unrefined knapsack", check.unrefined_pgd_accuracy),
-                           ("best uniform", check.uniform_pgd_accuracy))
-        if acc is not None
-    ]  # fmt: skip
-    if not measured:
-        return "No held-out comparison with uniform was made."
-    return f"Held-out PGD accuracy: {', '.join(measured)} ({check.images} images)."
-
-
-def _parity_lines(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Export parity",
-        "",
-        "Largest |QONNX − PyTorch| logit difference over each exported model's check images and the bound it",
-        "was held to. A rounding-boundary flip is a code that ONNX and PyTorch round to neighbouring levels",
-        "because the quantizer's input lies within float32 noise of a rounding boundary; the check allows",
-        'those, and "without flips" is the difference once they get PyTorch\'s codes.',
-        "",
-        "| model | max abs diff | allowed | boundary flips | without flips | flips per node |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r.get("parity") is None:
-            continue
-        detail = ", ".join(f"{k}: {n}" for k, n in sorted(r["flip_detail"].items())) or "-"
-        allowed = "-" if r["parity_allowed"] is None else f"{r['parity_allowed']:.1e}"
-        lines.append(
-            f"| {r['name']} | {r['parity']:.1e} | {allowed} | {r['boundary_flips']} | "
-            f"{r['parity_without_flips']:.1e} | {detail} |"
-        )
-    return lines
-
-
-def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
-    from .report import RobustnessReport
-
-    cfg, policy = ctx.cfg, ctx.policies["aq-brevitas"]
-    finetuned_on = (
-        f"a {cfg.finetune_images}-image subset of the training split"
-        if cfg.finetune_images
-        else "the training split"
-    )
-    lines = [
-        f"# aq-brevitas run: `{ctx.name}` at {cfg.budget}, ε = {cfg.eps}",
-        "",
-        f"Selection used {cfg.calib_images} held-out training images (scores) and {cfg.val_images} "
-        "others (the",
-        f"never-worse-than-uniform check); fine-tuning used {finetuned_on} for {cfg.finetune_epochs} "
-        f"epoch(s) of PGD-{cfg.finetune_steps}; accuracy is on {len(ctx.test[1])} test images, "
-        f"PGD-{cfg.pgd_steps}.",
-        "Export parity is the largest |QONNX − PyTorch| logit difference over the exported model's check "
-        "images.",
-        "",
-        "## Summary",
-        "",
-        "| model | avg weight bits | weight KiB | clean | PGD | export parity | boundary flips |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        parity = "-" if r.get("parity") is None else f"{r['parity']:.1e}"
-        lines.append(
-            f"| {r['name']} | {r['avg_bits']:.2f} | {r['kib']:.1f} | {100 * r['clean']:.1f} | "
-            f"{100 * r['pgd']:.1f} | {parity} | {r.get('boundary_flips', '-')} |"
-        )
-    lines += ["", "![comparison](comparison.png)", "", *_parity_lines(rows), ""]
-    lines += [
-        f"## Policy ({policy.meta.get('method')}, kept: **{policy.meta.get('winner')}**)",
-        "",
-        "```",
-        str(policy),
-        "```",
-        "",
-        _held_out_line(policy),
-        "",
-        "![policy](policy.png) ![scores](scores.png)",
-        "",
-        "## Robustness of the fine-tuned aq-brevitas model",
-        "",
-        RobustnessReport.load(ctx.out / "robustness_searched.json").to_markdown(),
-        "",
-        "![robustness](robustness.png)",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def run(

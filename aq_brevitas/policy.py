@@ -285,15 +285,20 @@ class LayerwisePolicy:
         """Cost under all budget kinds: of a ``layer_geometry`` dict, or of a model run on ``example_input``.
 
         MACs (hence BOPs) depend on the input size, so a model needs an example input (one image is
-        enough) unless its input shape is known: the reference architectures' 1×28×28, or a model
-        attribute ``input_shape`` (per sample, e.g. ``(3, 32, 32)``).
+        enough; a tuple of tensors for a model whose forward takes several inputs) unless its input
+        shape is known: the reference architectures' 1×28×28, a model attribute ``input_shape``
+        (per sample, e.g. ``(3, 32, 32)``), or the ``input_shape`` a searched policy's meta recorded
+        from its calibration data. The cost is that of what runs
+        (:func:`~aq_brevitas.nnutils.layer_geometry`): a layer called several times costs BOPs at
+        every call, a weight shared by several layers costs its bits once; weights used outside a
+        quantizable layer stay float, are not in the cost, and are named in a warning.
         """
         if isinstance(model_or_geometry, Mapping):
             geometry = model_or_geometry
         else:
             from .nnutils import layer_geometry
 
-            x = example_input if example_input is not None else _example_for(model_or_geometry)
+            x = example_input if example_input is not None else _example_for(model_or_geometry, self.meta.get("input_shape"))
             geometry = layer_geometry(model_or_geometry, x)
         return cost_of(self.resolve(geometry), geometry)
 
@@ -311,13 +316,13 @@ class LayerwisePolicy:
         return "\n".join(rows)
 
 
-def _example_for(model: Any) -> Any:
-    """One random input of the model's recorded input shape, or a PolicyError saying how to give one."""
+def _example_for(model: Any, recorded: Any = None) -> Any:
+    """One random input of the model's (or the search's ``recorded``) input shape, or a PolicyError."""
     import torch
 
     from .models import ARCHITECTURES, INPUT_SHAPE
 
-    shape = getattr(model, "input_shape", None)
+    shape = getattr(model, "input_shape", None) or recorded
     if shape is None and type(model) in set(ARCHITECTURES.values()):
         shape = INPUT_SHAPE
     if shape is None:

@@ -50,7 +50,9 @@ class MaskingCheck:
 @dataclass
 class RobustnessReport:
     """What :func:`~aq_brevitas.evaluate.evaluate_robustness` measured (accuracies in [0, 1], ε on [0, 1]
-    images, seconds of wall time), the masking checklist, and the settings it ran with."""
+    images, seconds of wall time), the masking checklist, and the settings it ran with. ``skipped``:
+    attacks that could not run on these inputs, with the reason; ``notes``: how the suite adapted
+    to them (e.g. Square on a C×H×W view of signals)."""
 
     model: str
     images: int
@@ -61,6 +63,8 @@ class RobustnessReport:
     max_violation: float = 0.0  # worst excursion of any adversarial example outside its ε-ball or [0, 1]
     meta: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def masking_suspected(self) -> bool:
@@ -106,6 +110,8 @@ class RobustnessReport:
                 max_violation=float(d.get("max_violation", 0.0)),
                 meta=dict(d.get("meta", {})),
                 settings=dict(d.get("settings", {})),
+                skipped={str(k): str(v) for k, v in dict(d.get("skipped", {})).items()},
+                notes=[str(n) for n in d.get("notes", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed robustness report ({exc})", "re-create it") from None
@@ -133,7 +139,8 @@ class RobustnessReport:
         return list(dict.fromkeys(r.attack for r in self.results))
 
     def to_markdown(self) -> str:
-        """A table attacks × ε (robust accuracy), then the gradient-masking checklist."""
+        """A table attacks × ε (robust accuracy), notes and skipped attacks, then the gradient-masking
+        checklist."""
         eps_cols = sorted({r.eps for r in self.results})
         head = ["attack", "images", "steps", *[f"ε={e:g}" for e in eps_cols], "seconds"]
         lines = [
@@ -161,6 +168,10 @@ class RobustnessReport:
                 )
                 + " |"
             )
+        if self.notes:
+            lines += ["", "Notes:", "", *[f"- {n}" for n in self.notes]]
+        if self.skipped:
+            lines += ["", "Skipped attacks:", "", *[f"- `{a}`: {why}" for a, why in self.skipped.items()]]
         lines += ["", "Gradient-masking checks:", ""]
         mark = {True: "✅", False: "⚠️", None: "–"}
         lines += [f"- {mark[c.passed]} `{c.name}`: {c.detail}" for c in self.checks]
@@ -263,7 +274,8 @@ def _gradient_free_not_stronger(report: RobustnessReport) -> MaskingCheck:
     sq = [r for r in report.results if r.attack == "square"]
     ps = [r for r in report.results if r.attack == "pgd-subset"]
     if not (sq and ps):
-        return MaskingCheck("gradient_free_not_stronger", None, "not run: gradient_free=False")
+        why = "square was skipped on these inputs" if "square" in report.skipped else "gradient_free=False"
+        return MaskingCheck("gradient_free_not_stronger", None, f"not run: {why}")
     ok = sq[0].accuracy >= ps[0].accuracy - GRADIENT_FREE_TOLERANCE
     detail = (
         f"Square ({sq[0].steps} queries) {_pct(sq[0].accuracy)} vs PGD {_pct(ps[0].accuracy)} "

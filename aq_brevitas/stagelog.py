@@ -28,6 +28,15 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_tensor(h: Any, value: Any) -> None:
+    """Feed a tensor's dtype, shape and bytes to hash ``h``."""
+    import torch
+
+    t = value.detach().cpu().contiguous().flatten()
+    h.update(f"{t.dtype}{tuple(value.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+
+
 def model_digest(model: nn.Module) -> str:
     """Identity of a float model's weights, so a changed model (same name or not) redoes the stages."""
     import torch
@@ -36,17 +45,33 @@ def model_digest(model: nn.Module) -> str:
     for key, value in model.state_dict().items():
         h.update(key.encode())
         if torch.is_tensor(value):
-            t = value.detach().cpu().contiguous().flatten()
-            h.update(f"{t.dtype}{tuple(value.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            _hash_tensor(h, value)
         else:
             h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def data_digest(*tensors: Any) -> str:
+    """Identity of data (tensors such as ``(images, labels)``: dtypes, shapes and values), so a run
+    given other data, of the same shape or not, redoes the stages that read it."""
+    h = hashlib.sha256()
+    for t in tensors:
+        _hash_tensor(h, t)
     return h.hexdigest()
 
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """How a changed stage input is named in "redoing: changed: …" (digests by what they identify)."""
+    if key == "model":
+        return "the model's weights"
+    if key.startswith("data:"):
+        return f"the {key[5:].replace('_', '-')} data"
+    return f"{key} {_short(old)} -> {_short(new)}"
 
 
 class StageLog:
@@ -91,13 +116,8 @@ class StageLog:
         changed = [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)]
         if changed:
             files = [k[5:] for k in changed if k.startswith("file:")]
-            parts = [
-                "the model's weights"
-                if k == "model"
-                else f"{k} {_short(old.get(k))} -> {_short(inputs.get(k))}"
-                for k in changed
-                if not k.startswith("file:")
-            ] + ([f"input file(s) {', '.join(files)}"] if files else [])
+            parts = [_change(k, old.get(k), inputs.get(k)) for k in changed if not k.startswith("file:")]
+            parts += [f"input file(s) {', '.join(files)}"] if files else []
             return "changed: " + "; ".join(parts)
         if rec.get("status") != "done" or not isinstance(rec.get("outputs"), dict):
             return "it did not finish last time"

@@ -7,6 +7,10 @@ The attack runs with the model in eval mode
 so the attack sees the same function evaluation will see, and the k extra forward passes do not
 pollute the running statistics. The outer step is in ``train()`` mode as usual.
 
+The model comes back in the train/eval mode it came in (each module's own flag). With
+``normalization=(mean, std)`` the data and ε stay in [0, 1] pixel space and the model is fed
+``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`), in the attack and the step alike.
+
 Resuming is exact: each epoch's shuffle and attack noise are seeded from ``(seed, epoch)``, so a run
 resumed from the epoch-``e`` checkpoint replays epochs ``e+1..`` as the uninterrupted run would.
 """
@@ -25,10 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 
-from .attacks import make_attack
+from .attacks import make_attack, normalized_inputs
 from .config import TrainConfig, with_overrides
 from .errors import CheckpointError, ConfigError
-from .nnutils import as_dataset, frozen_activation_scales, frozen_quant_weights
+from .nnutils import as_dataset, eval_mode, frozen_activation_scales, frozen_quant_weights
 from .storage import load_checkpoint, save_checkpoint
 
 
@@ -120,6 +124,7 @@ def adversarial_train(
     resume: bool = False,
     checkpoint_meta: dict[str, Any] | None = None,
     progress: bool = True,
+    normalization: Any = None,
     **overrides: Any,
 ) -> TrainHistory:
     """Train ``model`` in place on adversarial examples (``eps=0`` or ``steps=0``: plain training).
@@ -136,12 +141,23 @@ def adversarial_train(
     wrapped in DDP, each rank takes its slice of every global batch, and only rank 0 writes
     checkpoints and shows progress. The progress bar and :class:`EpochStats` report clean accuracy in
     every mode; in plain Madry mode it comes from one extra no-grad eval-mode forward of the clean
-    batch. Returns the per-epoch :class:`TrainHistory`; leaves ``model`` in eval mode.
-    Raises :class:`ConfigError` for bad settings or data, :class:`CheckpointError` for a checkpoint
-    that does not fit.
+    batch. ``normalization=(mean, std)`` (or the config's) is for a model that expects normalised
+    inputs: data and ε stay in [0, 1] and the model is fed ``(x - mean) / std``.
+    Returns the per-epoch :class:`TrainHistory`; ``model`` comes back in the train/eval mode it came
+    in (each module's own flag; its BatchNorm statistics are trained, as training does).
+    Raises :class:`ConfigError` for bad settings or data (a mean/std of the wrong length too),
+    :class:`CheckpointError` for a checkpoint that does not fit, :class:`ModelError` for a model
+    without input gradient when the training attacks it.
     """
+    if normalization is not None:
+        overrides = {**overrides, "normalization": normalization}
     cfg = with_overrides(config, TrainConfig(), overrides)
-    with contextlib.nullcontext() if cfg.learn_act_scales else frozen_activation_scales(model):
+    # eval_mode restores every module's own train/eval flag on exit; the epochs set train() themselves.
+    with (
+        eval_mode(model),
+        normalized_inputs(model, cfg.normalization),
+        contextlib.nullcontext() if cfg.learn_act_scales else frozen_activation_scales(model),
+    ):
         run = _Run.build(model, train_data, cfg)  # the optimizer sees only what still trains
         history = TrainHistory()
         ckpt_path = Path(checkpoint) if checkpoint is not None else None
@@ -153,7 +169,6 @@ def adversarial_train(
                 run.save(ckpt_path, epoch + 1, history, checkpoint_meta)
             if run.world > 1:
                 torch.distributed.barrier()
-    model.eval()
     return history
 
 

@@ -22,8 +22,8 @@ from aq_brevitas.ao import FX_DEPRECATION_MESSAGE, convert_pt2e_model, prepare_f
 from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.evaluate import accuracy  # noqa: E402
-from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
 from common import header  # noqa: E402
 

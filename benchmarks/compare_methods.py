@@ -26,8 +26,8 @@ from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.evaluate import accuracy, attack_accuracy  # noqa: E402
 from aq_brevitas.finetune import adversarial_finetune  # noqa: E402
-from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.policy import Budget, LayerSpec, LayerwisePolicy  # noqa: E402
 from aq_brevitas.search import COMPARE_ORDER, search_policy  # noqa: E402
 from common import header, selection_split  # noqa: E402

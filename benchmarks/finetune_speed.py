@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.attacks import make_attack  # noqa: E402
 from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
-from aq_brevitas.nnutils import frozen_activation_scales, frozen_quant_weights  # noqa: E402
 from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.nnutils import frozen_activation_scales, frozen_quant_weights  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
 from common import header, interleaved_times  # noqa: E402
 
@@ -125,7 +125,7 @@ def ddp_scaling(images: int = 2048) -> dict:
                 str(pol),
                 "--out",
                 f"{tmp}/q.pt",
-                "--calibrate",
+                "--calib-images",
                 "0",
             ],
             check=True,
@@ -140,9 +140,9 @@ def ddp_scaling(images: int = 2048) -> dict:
                 f"{tmp}/q.pt",
                 "--out",
                 f"{tmp}/ft{n}.pt",
-                "--limit",
+                "--train-images",
                 str(images),
-                "--steps",
+                "--train-steps",
                 "3",
                 "--batch-size",
                 "128",

@@ -3,7 +3,7 @@
 from conftest import run_cli
 
 SEARCH = ["search", "--model", "cnn-pgd", "--budget", "avg-bits=3", "--bits", "2", "3", "8", "--scalings", "max", "mse",
-          "--granularities", "per_channel", "--calib", "64", "--val-images", "64", "--seed", "3"]  # fmt: skip
+          "--granularities", "per_channel", "--calib-images", "64", "--val-images", "64", "--seed", "3"]  # fmt: skip
 
 
 def test_policy_json_is_byte_identical_across_processes(tmp_path):
@@ -15,6 +15,6 @@ def test_policy_json_is_byte_identical_across_processes(tmp_path):
 
 def test_lipschitz_scores_identical_across_processes(tmp_path):
     for name in ("a.json", "b.json"):
-        res = run_cli("score", "--model", "vgg-pgd", "--limit", "32", "--json", str(tmp_path / name))
+        res = run_cli("score", "--model", "vgg-pgd", "--images", "32", "--json", str(tmp_path / name))
         assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()

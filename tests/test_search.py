@@ -13,8 +13,8 @@ from aq_brevitas.budget import Budget, check_feasible
 from aq_brevitas.candidates import CandidateTable, candidate_table, default_candidates
 from aq_brevitas.convert import quantize
 from aq_brevitas.errors import ConfigError, PolicyError
-from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.models import load_float_model
+from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.search import (
     SearchConfig,
@@ -427,3 +427,24 @@ def test_search_takes_a_list_of_batches(cnn, table, calib):
     batches = search_policy(cnn, [(x[:32], y[:32]), (x[32:], y[32:])], "avg-bits=3", method="ans",
                             table=table, progress=False)  # fmt: skip
     assert batches.policy.to_json() == pair.policy.to_json()
+
+
+def test_result_cost_is_a_policy_cost_and_still_callable_like_the_old_policy():
+    """Code written when search_policy returned the LayerwisePolicy called ``policy.cost(model)``."""
+    import dataclasses
+
+    import pytest
+
+    from aq_brevitas.budget import PolicyCost
+    from aq_brevitas.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn").eval()
+    x = torch.rand(16, 1, 28, 28)
+    result = search_policy(model, (x, model(x).argmax(1)), "avg-bits=4", candidates=[LayerSpec(2), LayerSpec(8)],
+                           progress=False)  # fmt: skip
+    plain = PolicyCost(**{f.name: getattr(result.cost, f.name) for f in dataclasses.fields(PolicyCost)})
+    assert result.cost == plain and plain == result.cost
+    with pytest.warns(DeprecationWarning, match="result.policy.cost"):
+        old_style = result.cost(model, x[:1])
+    assert old_style == result.policy.cost(model, x[:1]) == plain

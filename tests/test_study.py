@@ -58,8 +58,8 @@ def test_numbers_are_real_accuracies(study):
 def test_cli_study_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "s"
     res = run_cli(
-        "study", "--models", "cnn-plain", "--bits", "4", "--limit", "30", "--steps", "2",
-        "--calibrate", "32", "--out", str(out),
+        "study", "--models", "cnn-plain", "--bits", "4", "--test-images", "30", "--pgd-steps", "2",
+        "--calib-images", "32", "--out", str(out),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((tmp_path / "s.json").read_text())

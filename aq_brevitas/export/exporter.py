@@ -47,9 +47,10 @@ def check_model(model: nn.Module) -> None:
 def check_example_input(x: Any) -> torch.Tensor:
     """``x[:1]`` detached, for a float tensor ``x`` with a batch dimension; else :class:`ConfigError`."""
     if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() < 2:
+        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
         raise ConfigError(
-            "example input must be a float tensor with a batch dimension",
-            "pass e.g. images[:1] of shape 1x1x28x28",
+            f"example input must be a float tensor with a batch dimension, got {got}",
+            "pass one batch-first example, e.g. x[:1] (shape 1 x ...), or x[None] for a single sample",
         )
     return x[:1].detach()
 

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
-from .graph import graph_layers, load_qonnx
+from .graph import load_qonnx, map_layers
 
 # Op types a cleaned QONNX graph of a CNN/MLP may contain for FINN's flow, read from FINN's sources
 # (github.com/Xilinx/finn, commit 39f0c9a, src/finn/...; no FINN code is used here):
@@ -27,14 +27,23 @@ from .graph import graph_layers, load_qonnx
 #   transformation/fpgadataflow/convert_to_hw_layers.py  hardware layers: MatMul (MVAU), MaxPool,
 #       AveragePool (as QuantAvgPool2d, via Trunc), GlobalAveragePool, Add, Mul, Concat, Resize,
 #       Upsample, Gather, TopK
-# Left out on purpose: ConvTranspose (foldable, but no hardware layer in convert_to_hw_layers),
-# Sigmoid, Squeeze/Unsqueeze, Pad and Identity (cleanup_model removes the latter).
+# Left out on purpose: ConvTranspose (foldable, but no hardware layer in convert_to_hw_layers and
+# not lowered by FINN's default build steps; see FINN_OP_NOTES), Sigmoid, Squeeze/Unsqueeze, Pad and
+# Identity (cleanup_model removes the latter).
 FINN_OP_TYPES = frozenset(
     {"Quant", "BipolarQuant", "Trunc", "Conv", "Gemm", "MatMul", "Relu", "Selu", "MaxPool", "AveragePool",
      "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Add", "Sub", "Mul", "Div", "BatchNormalization",
      "Concat", "Resize", "Upsample", "Gather", "TopK"}
 )  # fmt: skip
 FINN_MAX_BITS = 8  # ConvertQONNXtoFINN's default max_multithreshold_bit_width
+# What an unsupported op needs, where FINN has a way that its default flow does not take. FINN's
+# transformation/fpgadataflow/infer_pixel_padding_deconv.py (InferPixelPaddingDeconv) lowers a
+# group=1, 2-D ConvTranspose to FMPadding_Pixel + Im2Col + MatMul; builder/build_dataflow_steps.py
+# never applies it (FINN's tests and finn-examples' custom build steps do).
+FINN_OP_NOTES = {
+    "ConvTranspose": "FINN's default build steps do not lower it; a custom step applying FINN's "
+    "InferPixelPaddingDeconv handles group=1 2-D ones",
+}
 
 
 @dataclass
@@ -60,11 +69,12 @@ def finn_check(
     """
     mw = load_qonnx(path)
     unsupported = sorted({n.op_type for n in mw.graph.node} - FINN_OP_TYPES)
+    named = [f"{op} ({FINN_OP_NOTES[op]})" if op in FINN_OP_NOTES else op for op in unsupported]
     checks = [
         FinnCheck(
             "supported_op_types",
             not unsupported,
-            "all supported" if not unsupported else f"unsupported: {', '.join(unsupported)}",
+            "all supported" if not unsupported else f"unsupported: {', '.join(named)}",
         ),
         *_quant_node_checks(mw, model),
         _input_check(mw),
@@ -78,8 +88,8 @@ def finn_check(
 def _quant_node_checks(mw: Any, model: nn.Module | None) -> list[FinnCheck]:
     """Bit widths in 2..FINN_MAX_BITS and zero zero-points at every Quant node, failures named by layer."""
     layer_of: dict[str, str] = {}
-    if model is not None:
-        layer_of = {gl.node: n for n, gl in graph_layers(mw.model, model, "qonnx").items()}
+    if model is not None:  # names only: a node that cannot be mapped is named by itself
+        layer_of = {gl.node: n for n, gl in map_layers(mw.model, model, "qonnx").layers.items()}
 
     def where(q: Any) -> str:
         consumer = mw.find_consumer(q.output[0])
@@ -137,7 +147,15 @@ def _po2_check(mw: Any, policy: Any, model: nn.Module | None) -> FinnCheck:
             "the po2 check needs the model to map graph nodes to the policy's layers",
             "pass model= (the Brevitas model the file was exported from)",
         )
-    layers = graph_layers(mw.model, model, "qonnx")
+    graph = map_layers(mw.model, model, "qonnx")
+    layers, problem = graph.layers, graph.problem
+    if problem:
+        return FinnCheck(
+            "po2_scales",
+            False,
+            f"not checked: cannot map the graph to the model's layers ({problem}); pass the model the file "
+            "was exported from (if it is, this is an aq-brevitas bug: please report it)",
+        )
     resolved = policy.resolve(layers)
     bad = [
         name

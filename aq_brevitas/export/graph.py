@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from ..errors import ConfigError, ModelError
 from ..nnutils import quantizable_layers
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Ops that only move a tensor's elements: the read-back follows them between a quantizer and its layer.
+LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Identity")
 
 # (weight bits, bipolar, scale, zero_point) of a weight input, as found in the graph
 WeightInfo = tuple[int, bool, Any, Any]
@@ -36,6 +38,18 @@ class GraphLayer:
     act_bits: int | None  # the input quantizer's bit width; None for a float input
     weight_scale: Any = None  # the weight quantizer's scale (numpy), None for float weights
     weight_zero_point: Any = None
+    more_nodes: tuple[str, ...] = ()  # the nodes of further calls of the layer in the forward
+
+
+@dataclass
+class GraphMap:
+    """A graph read back against its model (:func:`match_layers`)."""
+
+    layers: dict[str, GraphLayer]  # the quantizable layers found, in the model's order
+    # a Parameter the forward uses outside the quantizable layers (F.linear/F.conv2d on it) -> the node
+    # that uses it: it stays float in the graph, as nnutils.warn_unsupported told the user
+    float_weights: dict[str, str] = field(default_factory=dict)
+    problem: str = ""  # "" when every weight node and every layer was accounted for; else what was not
 
 
 def load_qonnx(path: str | os.PathLike[str]) -> Any:
@@ -63,18 +77,74 @@ def example_input_for(mw: Any) -> torch.Tensor:
 def graph_layers(proto: Any, model: nn.Module, fmt: str) -> dict[str, GraphLayer]:
     """Map every weight node of a QONNX or QCDQ graph (``fmt``) to the model layer whose weights it carries.
 
+    :func:`strict_map`'s layers, in the model's order.
+    """
+    return strict_map(proto, model, fmt).layers
+
+
+def strict_map(proto: Any, model: nn.Module, fmt: str) -> GraphMap:
+    """:func:`match_layers`, strict: a weight node that matches nothing of the model, or a layer found
+    in no node, is a :class:`ModelError` (the model is not the one the file was exported from, or the
+    read-back has a bug): no layer is silently left out of the bit-width and cost checks.
+    """
+    graph = match_layers(proto, model, fmt)
+    if graph.problem:
+        raise ModelError(
+            f"cannot map the graph to the model's layers: {graph.problem}",
+            "pass the model the file was exported from; if it is that model, this is an aq-brevitas bug: "
+            "please report it",
+        )
+    return graph
+
+
+def map_layers(proto: Any, model: nn.Module, fmt: str) -> GraphMap:
+    """:func:`match_layers`, whose own failures become its ``problem`` too (no layers found then).
+
+    An export calls this after its parity check passed: whatever goes wrong in the read-back is then
+    this package's bug, reported with the file written, never a reason to throw the file away.
+    """
+    try:
+        return match_layers(proto, model, fmt)
+    except Exception as exc:  # the boundary: a read-back bug on a graph that computes what the model does
+        return GraphMap({}, problem=failure_note("the read-back", exc))
+
+
+def failure_note(what: str, exc: Exception) -> str:
+    """``"<what> failed (<type>: <first line of the message>)"``: an internal failure, as a read-back problem."""
+    first = (str(exc).splitlines() or [""])[0][:160]
+    return f"{what} failed ({type(exc).__name__}: {first})"
+
+
+def match_layers(proto: Any, model: nn.Module, fmt: str) -> GraphMap:
+    """The model's layers found in a QONNX or QCDQ graph (``fmt``), and what could not be matched.
+
     Layers are matched by weight values (QONNX keeps the float weights in front of its ``Quant``
     node; QCDQ's ``DequantizeLinear`` gives back the quantized weights), so the mapping does not
-    depend on node names or order. A weight node that matches no layer, or a layer found in no
-    node, is a :class:`ModelError`: no layer is silently left out of the bit-width and cost checks.
-    Returns the layers in the model's order.
+    depend on node names or order. Between the weight's quantizer and the Conv/Gemm/MatMul/
+    ConvTranspose node the exporters may put layout ops (:data:`LAYOUT_OPS`; Brevitas writes
+    ``DequantizeLinear -> Transpose -> MatMul`` for a bias-free ``nn.Linear`` in QCDQ): they are
+    followed and applied to the weight before matching. The same ops between a layer's input
+    quantizer and the layer are followed for ``act_bits`` (quantization is elementwise, so it
+    commutes with them).
+
+    A layer the forward calls again appears as further nodes with its weights (``more_nodes``).
+    Layers sharing one Parameter have equal float weights in QONNX; a node goes to the first such
+    layer whose weight quantizer has the node's bit width. A node whose float weight is a Parameter
+    the forward uses outside the quantizable layers goes to ``float_weights``. ``problem`` names every
+    weight node that matches none of these and every layer found in no node (``""`` when there are
+    none); the layers found are returned either way, in the model's order.
     """
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
-    todo = {n: _match_weight(m, fmt) for n, m in quantizable_layers(model).items()}
+    layers = quantizable_layers(model)
+    todo = {n: _match_weight(m, fmt) for n, m in layers.items()}
+    seen: dict[str, np.ndarray] = {}  # weights of the layers found, for their further calls
+    outside = _outside_weights(model, layers)
     found: dict[str, GraphLayer] = {}
+    graph = GraphMap(found)
+    unmatched: list[str] = []
     for node in proto.graph.node:
         if node.op_type not in WEIGHT_OPS:
             continue
@@ -82,28 +152,97 @@ def graph_layers(proto: Any, model: nn.Module, fmt: str) -> dict[str, GraphLayer
         if values is None:
             continue  # both operands computed at run time: not a layer's weight
         cands = [values, values.T] if node.op_type == "MatMul" and values.ndim == 2 else [values]
-        name = next(
-            (
-                n
-                for n, w in todo.items()
-                if any(c.shape == w.shape and np.allclose(c, w, rtol=1e-6, atol=0) for c in cands)
-            ),
-            None,
-        )
-        if name is None:
-            raise ModelError(
-                f"graph node {node.name or node.op_type} has weights that match no layer of the model",
-                "report this model (the export changed a weight tensor)",
-            )
-        del todo[name]
-        found[name] = GraphLayer(node.name, *info[:2], _act_bits(node.input[0], producer, inits), *info[2:])
+        # a new layer or a further call of one found: at the node's bit width first (layers sharing
+        # a Parameter have equal float weights), then a new layer before a further call
+        hits = [(n, n in todo) for n in _matching(todo, cands) + _matching(seen, cands)]
+        if hits:
+            name, new = min(hits, key=lambda h: (quantizer_bits(layers[h[0]]) != info[0], not h[1]))
+            if new:
+                seen[name] = todo.pop(name)
+                act = _act_bits(node.input[0], producer, inits)
+                found[name] = GraphLayer(node.name, *info[:2], act, *info[2:])
+            else:
+                found[name].more_nodes += (node.name,)
+        elif param := _matching(outside, cands):
+            graph.float_weights[param[0]] = node.name
+        else:
+            unmatched.append(node.name or node.op_type)
+    problems = []
+    if unmatched:
+        problems.append(f"graph node(s) {', '.join(unmatched)} have weights that match no layer of the model")
     if todo:
-        raise ModelError(
-            f"layer(s) {', '.join(sorted(todo))} not found in the exported graph",
-            "report this model; every quantizable layer must appear as a Conv/Gemm/MatMul node",
-        )
-    order = list(quantizable_layers(model))
-    return dict(sorted(found.items(), key=lambda kv: order.index(kv[0])))
+        problems.append(f"layer(s) {', '.join(sorted(todo))} not found as a {'/'.join(WEIGHT_OPS)} node")
+    order = list(layers)
+    graph.layers = dict(sorted(found.items(), key=lambda kv: order.index(kv[0])))
+    graph.problem = "; ".join(problems)
+    return graph
+
+
+def _matching(pool: dict[str, np.ndarray], cands: list[np.ndarray]) -> list[str]:
+    """The names in ``pool`` whose tensor equals one of ``cands`` (shape and values, to float32 rounding)."""
+    return [
+        n
+        for n, w in pool.items()
+        if any(c.shape == w.shape and np.allclose(c, w, rtol=1e-6, atol=0) for c in cands)
+    ]
+
+
+def quantizer_bits(layer: nn.Module) -> int:
+    """The bit width of a layer's enabled weight quantizer; 32 for a float weight."""
+    quant = getattr(layer, "weight_quant", None)
+    return int(quant.bit_width()) if quant is not None and quant.is_quant_enabled else 32
+
+
+def _outside_weights(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, np.ndarray]:
+    """Matrices and kernels (2-D and up) among the model's Parameters that no quantizable layer holds."""
+    inside = {id(p) for m in layers.values() for p in m.parameters()}
+    return {
+        n: p.detach().cpu().numpy()
+        for n, p in model.named_parameters()
+        if id(p) not in inside and p.dim() >= 2
+    }
+
+
+def _through_layout(tensor: str, producer: dict) -> tuple[str, list[Any]]:
+    """The tensor in front of the layout ops (:data:`LAYOUT_OPS`) that produce ``tensor``, and those ops
+    in the order they run."""
+    ops: list[Any] = []
+    node = producer.get(tensor)
+    while node is not None and node.op_type in LAYOUT_OPS:
+        ops.append(node)
+        tensor = node.input[0]
+        node = producer.get(tensor)
+    return tensor, ops[::-1]
+
+
+def _apply_layout(values: np.ndarray, ops: list[Any], inits: dict) -> np.ndarray | None:
+    """``values`` after the layout ops ``ops`` (ONNX semantics); ``None`` if a shape is not a constant."""
+    from onnx import helper
+
+    for op in ops:
+        attrs = {a.name: helper.get_attribute_value(a) for a in op.attribute}
+        arg = inits.get(op.input[1]) if len(op.input) > 1 and op.input[1] else None
+        if op.op_type == "Transpose":
+            values = np.transpose(values, attrs.get("perm"))
+        elif op.op_type == "Reshape":
+            if arg is None:
+                return None
+            shape = [
+                values.shape[i] if d == 0 and not attrs.get("allowzero") else d for i, d in enumerate(arg)
+            ]
+            values = values.reshape(shape)
+        elif op.op_type == "Flatten":
+            axis = attrs.get("axis", 1) % max(values.ndim, 1)
+            values = values.reshape(math.prod(values.shape[:axis]), -1)
+        elif op.op_type in ("Unsqueeze", "Squeeze"):
+            axes = attrs.get("axes", arg)  # an attribute up to opset 12, an input from opset 13
+            if op.op_type == "Squeeze":
+                values = np.squeeze(values, axis=None if axes is None else tuple(int(a) for a in axes))
+            elif axes is None:
+                return None
+            else:
+                values = np.expand_dims(values, tuple(int(a) for a in axes))
+    return values
 
 
 def _int_range_bits(lo: Any, hi: Any) -> int:
@@ -126,7 +265,22 @@ def _match_weight(layer: nn.Module, fmt: str) -> np.ndarray:
 
 
 def _weight_source(tensor: str, producer: dict, inits: dict) -> tuple[Any, WeightInfo | tuple[()]]:
-    """``(values to match, (bits, bipolar, scale, zero_point))`` of a weight input, or ``(None, ())``."""
+    """``(values to match, (bits, bipolar, scale, zero_point))`` of a weight input, or ``(None, ())``.
+
+    The values are those the weight node consumes: layout ops between the quantizer and the node
+    are applied to them.
+    """
+    tensor, layout = _through_layout(tensor, producer)
+    values, info = _quantized_source(tensor, producer, inits)
+    if values is None or not layout:
+        return values, info
+    values = _apply_layout(values, layout, inits)
+    return (values, info) if values is not None else (None, ())
+
+
+def _quantized_source(tensor: str, producer: dict, inits: dict) -> tuple[Any, WeightInfo | tuple[()]]:
+    """A weight initializer, or the weight behind its QONNX ``Quant``/``BipolarQuant`` or QCDQ
+    ``[Clip ->] DequantizeLinear``: ``(values, (bits, bipolar, scale, zero_point))``, or ``(None, ())``."""
     if tensor in inits:
         return inits[tensor], FLOAT_WEIGHT
     q = producer.get(tensor)
@@ -171,8 +325,9 @@ def _dequantized_weight(dq: Any, producer: dict, inits: dict) -> tuple[Any, Weig
 
 
 def _act_bits(tensor: str, producer: dict, inits: dict) -> int | None:
-    """Bit width of the quantizer directly feeding a layer's input (QONNX Quant or QCDQ Q[-Clip]-DQ)."""
-    q = producer.get(tensor)
+    """Bit width of the quantizer feeding a layer's input (QONNX Quant or QCDQ Q[-Clip]-DQ), directly or
+    through layout ops."""
+    q = producer.get(_through_layout(tensor, producer)[0])
     if q is None:
         return None
     if q.op_type == "BipolarQuant":

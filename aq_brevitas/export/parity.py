@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..nnutils import eval_mode
 
 DEFAULT_TOL = 1e-5
 
@@ -36,9 +37,9 @@ class ParityOutcome:
 
 
 def torch_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """The model's output for ``x`` in eval mode, as a numpy array (a QuantTensor's value)."""
-    model.eval()
-    with torch.no_grad():
+    """The model's output for ``x`` in eval mode, as a numpy array (a QuantTensor's value); the model's
+    train/eval flags are restored afterwards."""
+    with eval_mode(model), torch.no_grad():
         out = model(x)
     return getattr(out, "value", out).detach().cpu().numpy()
 

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..nnutils import eval_mode, quantizable_layers
 from ..storage import atomic_write_with
 from .exporter import check_example_input, check_model, onnx_check, run_exporter, scratch_dir
-from .graph import graph_layers
+from .graph import map_layers
 from .parity import DEFAULT_TOL, ParityOutcome, Runner, enforce_bound, measure_parity
-from .result import ExportResult
+from .result import ExportResult, warn_read_back
 
 # onnxruntime BASIC-level rewrites left out of the QCDQ check: each changes what the graph computes.
 # WeightBiasQuantization (onnxruntime/core/optimizer/qdq_transformer/weight_bias_quantization.h)
@@ -59,8 +60,14 @@ def export_qcdq(
     check runs onnxruntime at ``ORT_ENABLE_BASIC`` without ``WeightBiasQuantization`` (the one
     BASIC rewrite that changes results: it rounds float biases to int32); ``ort_basic_diff`` reports
     the difference with every BASIC rewrite on. Raises :class:`ConfigError` for quantizers outside
-    2..8 bits, :class:`ModelError` when torch's ONNX exporter fails or when the outputs differ by more
-    than ``tol * max(1, max |PyTorch|)``; nothing is written then.
+    2..8 bits or a weight scale that varies along two axes (per-channel grouped ConvTranspose),
+    :class:`ModelError` when torch's ONNX exporter fails or when the outputs differ by more than
+    ``tol * max(1, max |PyTorch|)``; nothing is written then. The per-layer weight and input bits
+    are read back from the graph, through the layout ops Brevitas puts between a weight's
+    ``DequantizeLinear`` and its layer (``Transpose -> MatMul`` for a bias-free ``nn.Linear``); a
+    graph that passed parity but cannot be mapped back is still written, with a ``RuntimeWarning``
+    (an aq-brevitas bug) and ``layer_table_available=False``. The model comes back in the
+    train/eval mode it came in; the export runs in eval mode (BatchNorm statistics untouched).
 
     Unlike :func:`export_qonnx` this check does not account for rounding-boundary flips: onnxruntime
     runs the graph as one session, so an input it quantizes cannot be compared and corrected node by
@@ -73,16 +80,17 @@ def export_qcdq(
     check_model(model)
     x = check_example_input(example_input)
     _check_qcdq_bits(model)
-    model.eval()
-    with scratch_dir() as d:
+    _check_qcdq_scales(model)
+    with eval_mode(model), scratch_dir() as d:
         raw = d / "qcdq.onnx"
         run_exporter("QCDQ", export_onnx_qcdq, model, x, raw, opset)
         parity, basic = _ort_parity(raw, model, x, images, tol) if check else (ParityOutcome(), None)
         proto = onnx.load(str(raw))
-        layers = graph_layers(proto, model, "qcdq")
+        graph = map_layers(proto, model, "qcdq")
         onnx_check(proto)
         atomic_write_with(path, lambda tmp: tmp.write_bytes(raw.read_bytes()))
-    return ExportResult.from_graph(path, "qcdq", layers, model, parity, opset=opset, ort_basic_diff=basic)
+    warn_read_back("QCDQ", path, graph.problem)
+    return ExportResult.from_graph(path, "qcdq", graph, model, parity, opset=opset, ort_basic_diff=basic)
 
 
 def _ort_parity(
@@ -111,6 +119,24 @@ def _check_qcdq_bits(model: nn.Module) -> None:
                     f"QCDQ cannot express the {bits:g}-bit quantizer {name}",
                     "use export_qonnx (FINN) for 1-bit (binary) or wider-than-8-bit layers, or give them 2..8 bits",
                 )
+
+
+def _check_qcdq_scales(model: nn.Module) -> None:
+    """QCDQ's ``DequantizeLinear`` takes one scale, or one per channel along one axis: a weight scale
+    that varies along two axes (per output channel of a grouped ConvTranspose: input channel x
+    output channel in its group) cannot be written."""
+    for name, layer in quantizable_layers(model).items():
+        quant = getattr(layer, "weight_quant", None)
+        if quant is None or not quant.is_quant_enabled:
+            continue
+        with torch.no_grad():
+            shape = tuple(layer.quant_weight().scale.shape)
+        if sum(d > 1 for d in shape) > 1:
+            raise ConfigError(
+                f"QCDQ cannot express the weight scale of {name} ({type(layer).__name__}): it varies along "
+                f"two axes (shape {'x'.join(map(str, shape))}), DequantizeLinear takes one scale per channel of one axis",
+                "use export_qonnx (FINN) for this model, or give that layer per_tensor weights",
+            )
 
 
 def _ort_runner(sess: Any) -> Runner:

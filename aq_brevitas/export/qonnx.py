@@ -4,17 +4,19 @@ PyTorch (flip-aware parity), the policy's cost (weight memory per layer) and ``o
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..nnutils import eval_mode
 from ..storage import atomic_write_with
-from .cost import check_weight_memory, expected_weight_bits, qonnx_cost
+from .cost import check_weight_memory, expected_weight_bits, qonnx_cost, unexplained_weight_bits
 from .exporter import check_example_input, check_model, onnx_check, run_exporter, scratch_dir
 from .flips import flip_aware_parity
-from .graph import graph_layers
+from .graph import GraphMap, failure_note, map_layers
 from .parity import DEFAULT_TOL, ParityOutcome
-from .result import ExportResult
+from .result import ExportResult, warn_read_back
 
 
 def export_qonnx(
@@ -44,9 +46,13 @@ def export_qonnx(
     ``inference_cost`` finds must equal the policy's predicted cost exactly (``weight_bits``, ``cost``).
 
     Raises :class:`ModelError` (and writes nothing) when torch's ONNX exporter fails (one line naming
-    the op and where it is called), when the parity check fails, when a layer cannot be found in the
-    graph, or when the graph's weight memory differs from the policy's predicted cost in any layer.
-    The file is written to a temporary path and renamed into place only after its checks passed.
+    the op and where it is called), when the parity check fails, or when the graph's weight memory
+    differs from the policy's predicted cost in any layer. The file is written to a temporary path
+    and renamed into place only after its checks passed. A graph that passed parity but cannot be
+    mapped back to the model's layers (or costed per layer) is still written: that is this package's
+    bug, reported as a ``RuntimeWarning`` with ``layer_table_available=False`` and
+    ``readback_problem`` in the result, and weight memory is then not checked. The model comes back
+    in the train/eval mode it came in; the export runs in eval mode (BatchNorm statistics untouched).
 
     >>> import torch
     >>> from aq_brevitas import LayerSpec, LayerwisePolicy, build_model, export_qonnx, quantize
@@ -63,18 +69,51 @@ def export_qonnx(
 
     check_model(model)
     x = check_example_input(example_input)
-    model.eval()
-    with scratch_dir() as d:
+    with eval_mode(model), scratch_dir() as d:
         raw = d / "raw.onnx"
         run_exporter("QONNX", brevitas_export_qonnx, model, x, raw, opset)
         mw = cleanup_model(ModelWrapper(str(raw))).transform(GiveUniqueNodeNames())
         parity = flip_aware_parity(mw, model, x, images, tol) if check else ParityOutcome()
-        layers = graph_layers(mw.model, model, "qonnx")
-        cost = qonnx_cost(mw, layers)
-        expected, source = expected_weight_bits(model, x)
-        table = check_weight_memory(cost, layers, expected, source)
+        graph, cost = _read_back(mw, model)
+        table, source = {}, ""
+        if cost is not None and not graph.problem:
+            expected, source = expected_weight_bits(model, x)
+            table = check_weight_memory(cost, graph, expected, source)
+            graph.problem = unexplained_weight_bits(cost, graph, expected, source)
         onnx_check(mw.model)
         atomic_write_with(path, lambda tmp: mw.save(str(tmp)))
+    warn_read_back("QONNX", path, graph.problem)
     return ExportResult.from_graph(
-        path, "qonnx", layers, model, parity, opset=opset, weight_bits=table, expected_from=source, cost=cost
+        path,
+        "qonnx",
+        graph,
+        model,
+        parity,
+        opset=opset,
+        weight_bits=table,
+        expected_from=source,
+        cost=cost,
     )
+
+
+def _read_back(mw: Any, model: nn.Module) -> tuple[GraphMap, dict[str, Any] | None]:
+    """The graph mapped to the model's layers, and its inference cost; what failed is in ``problem``.
+
+    ``problem`` is ``""`` when every layer was found and has a cost row; otherwise it says what was
+    not mapped (an aq-brevitas bug on a graph whose parity passed: reported, not raised). The cost
+    is ``None`` when qonnx's cost analysis itself failed.
+    """
+    graph = map_layers(mw.model, model, "qonnx")
+    problems = [graph.problem] if graph.problem else []
+    cost = None
+    try:
+        cost = qonnx_cost(mw, graph)
+    except Exception as exc:  # the boundary: qonnx's analysis of a graph that computes what the model does
+        problems.append(failure_note("qonnx inference_cost", exc))
+    uncosted = [
+        f"{n} ({gl.node})" for n, gl in graph.layers.items() if cost and gl.node not in cost["layers"]
+    ]
+    if uncosted:
+        problems.append(f"no inference_cost row for layer(s) {', '.join(uncosted)}")
+    graph.problem = "; ".join(problems)
+    return graph, cost

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import os
-
     from torch import nn
 
-    from .graph import GraphLayer
+    from .graph import GraphLayer, GraphMap
     from .parity import ParityOutcome
 
 
@@ -42,6 +42,16 @@ class ExportResult:
     boundary_flips: int = 0
     flip_detail: dict[str, int] = field(default_factory=dict)
     diff_without_flips: float = math.nan  # equals max_abs_diff when nothing flipped
+    # False when the written graph (parity passed) could not be mapped back to the model's layers or
+    # costed per layer: an aq-brevitas bug, named in readback_problem; layer_bits, bipolar_layers,
+    # act_bits and weight_bits are then empty and weight memory was not checked against the policy.
+    layer_table_available: bool = True
+    readback_problem: str = ""
+    # Parameters the forward uses outside the quantizable layers (F.linear/F.conv2d on them, layers of
+    # unsupported types) -> the graph node that uses them: float in the graph, in no policy's cost
+    float_weights: dict[str, str] = field(default_factory=dict)
+    # layers the forward calls more than once -> the number of graph nodes carrying their weights
+    layer_calls: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,23 +61,28 @@ class ExportResult:
         cls,
         path: str | os.PathLike[str],
         fmt: str,
-        layers: Mapping[str, GraphLayer],
+        graph: GraphMap,
         model: nn.Module,
         parity: ParityOutcome,
         **fields: Any,
     ) -> ExportResult:
         """The result of writing ``path`` in format ``fmt`` (``"qonnx"`` or ``"qcdq"``).
 
-        ``layers`` are the model's layers as read back from the written graph (their weight and input
-        bits fill ``layer_bits``, ``bipolar_layers``, ``act_bits``); the policy is the one
-        :func:`aq_brevitas.quantize` attached to ``model``, if any; ``parity`` gives the measured
-        differences and flips; ``fields`` the format's own fields (``opset``, ``cost``, ...).
+        ``graph`` is the written graph read back against ``model``: its layers' weight and input bits
+        fill ``layer_bits``, ``bipolar_layers``, ``act_bits``, ``layer_calls``, ``float_weights``; when
+        it has a ``problem`` (what the read-back could not map) those are left empty and
+        ``layer_table_available`` is False. The policy is the one :func:`aq_brevitas.quantize`
+        attached to ``model``, if any; ``parity`` gives the measured differences and flips;
+        ``fields`` the format's own fields (``opset``, ``cost``, ...).
         """
         policy = getattr(model, "aq_policy", None)
+        layers: Mapping[str, GraphLayer] = {} if graph.problem else graph.layers
         found = {
             "layer_bits": {name: gl.weight_bits for name, gl in layers.items()},
             "bipolar_layers": [name for name, gl in layers.items() if gl.bipolar],
             "act_bits": {name: gl.act_bits for name, gl in layers.items() if gl.act_bits is not None},
+            "layer_calls": {name: 1 + len(gl.more_nodes) for name, gl in layers.items() if gl.more_nodes},
+            "float_weights": {} if graph.problem else dict(graph.float_weights),
             "policy": policy.to_dict() if policy else None,
         }
         measured = {
@@ -79,17 +94,38 @@ class ExportResult:
             "flip_detail": parity.flips,
             "diff_without_flips": parity.diff_without_flips,
         }
-        return cls(path=str(path), format=fmt, **found, **measured, **fields)
+        read_back = {"layer_table_available": not graph.problem, "readback_problem": graph.problem}
+        return cls(path=str(path), format=fmt, **found, **measured, **read_back, **fields)
+
+
+def warn_read_back(fmt: str, path: str | os.PathLike[str], problem: str) -> None:
+    """Warn (``RuntimeWarning``) that ``path`` was written (its parity passed) but not read back per layer.
+
+    The caller of the export sees the warning at its own line (``stacklevel`` 3: export -> here).
+    """
+    if problem:
+        warnings.warn(
+            f"{fmt} export wrote {path} (parity passed), but could not read it back per layer: {problem}; "
+            "the per-layer bit table is unavailable -- this is an aq-brevitas bug: please report it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def layer_table(res: ExportResult) -> str:
     """Per-layer bit widths read from the graph, and (QONNX) graph-vs-prediction weight memory."""
+    if not res.layer_table_available:
+        return (
+            f"per-layer bit table unavailable: {res.readback_problem} "
+            "(an aq-brevitas bug: please report it; the file's parity check passed)"
+        )
     src = res.expected_from or "policy"
     head = f"{'layer':<24} {'weight bits':>11} {'input bits':>10}"
     rows = [head + (f" {'weight memory: graph / ' + src:>32}" if res.weight_bits else "")]
     for name, bits in res.layer_bits.items():
         w = f"{bits}" + (" (bipolar)" if name in res.bipolar_layers else "")
-        row = f"{name:<24} {w:>11} {res.act_bits.get(name, 'float'):>10}"
+        shown = f"{name} (x{res.layer_calls[name]} calls)" if name in res.layer_calls else name
+        row = f"{shown:<24} {w:>11} {res.act_bits.get(name, 'float'):>10}"
         if name in res.weight_bits:
             row += f" {res.weight_bits[name]['graph']:>20,} / {res.weight_bits[name][src]:<,}"
         rows.append(row)
@@ -97,4 +133,7 @@ def layer_table(res: ExportResult) -> str:
         g = sum(r["graph"] for r in res.weight_bits.values())
         e = sum(r[src] for r in res.weight_bits.values())
         rows.append(f"{'total':<24} {'':>11} {'':>10} {g:>20,} / {e:<,} ({'equal' if g == e else 'DIFFER'})")
+    if res.float_weights:
+        listed = ", ".join(f"{p} ({node})" for p, node in res.float_weights.items())
+        rows.append(f"float weights outside the quantizable layers (in no policy's cost): {listed}")
     return "\n".join(rows)

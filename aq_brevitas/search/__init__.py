@@ -44,7 +44,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".refine": ("WholeNetworkBound", "Refinement", "policy_bound"),
     ".baselines": ("UniformChoice", "best_uniform", "uniform_options"),
     ".core": ("search_policy",),
-    ".result": ("SearchResult", "SolverReport", "HeldOutCheck", "Timing"),
+    ".result": ("SearchResult", "AchievedCost", "SolverReport", "HeldOutCheck", "Timing"),
     ".validate": ("MetricValidation", "sample_policies", "validate_metric"),
     ".tables": ("policy_table", "compare_methods", "MethodComparison"),
     "..budget": ("candidate_costs", "budget_capacity", "check_feasible", "min_cost"),

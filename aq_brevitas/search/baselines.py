@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attacks import normalized_inputs
 from ..budget import Budget, PolicyCost, achieved_cost, as_budget, fits
 from ..candidates import CandidateTable
 from ..errors import PolicyError
@@ -146,7 +147,7 @@ def best_uniform(
     ``calib_data`` calibrates the activation quantizers, default the same images). Without
     ``val_data`` the tie is broken data-free by the smallest Σ relative weight error ‖ΔW‖_F/‖W‖_F.
     ``eps`` (default: the config's), ``config``/``overrides`` (``seed``, ``pgd_steps``,
-    ``val_images``) as :class:`SearchConfig`. PolicyError when no uniform policy fits.
+    ``val_images``, ``normalization``) as :class:`SearchConfig`. PolicyError when no uniform policy fits.
     """
     cfg = build_config(config, {**overrides, **({} if eps is None else {"eps": eps})})
     budget = as_budget(budget)
@@ -155,16 +156,27 @@ def best_uniform(
     layers = table.layers
     results: dict[str, float] = {}
     if val_data is not None:
-        val = as_xy(val_data, model=model, name="validation data")
-        if cfg.val_images is not None:
-            val = (val[0][: cfg.val_images], val[1][: cfg.val_images])
-        calib_x = (
-            as_xy(calib_data, model=model, name="calibration data")[0] if calib_data is not None else val[0]
-        )
-        for s in progress_bar(options, desc="uniform candidates", disable=not progress or len(options) < 2):
-            results[s.short()] = quantized_pgd_accuracy(
-                model, {n: s for n in layers}, val, calib_x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed
+        with normalized_inputs(model, cfg.normalization):
+            val = as_xy(val_data, model=model, name="validation data")
+            if cfg.val_images is not None:
+                val = (val[0][: cfg.val_images], val[1][: cfg.val_images])
+            calib_x = (
+                as_xy(calib_data, model=model, name="calibration data")[0]
+                if calib_data is not None
+                else val[0]
             )
+            for s in progress_bar(
+                options, desc="uniform candidates", disable=not progress or len(options) < 2
+            ):
+                results[s.short()] = quantized_pgd_accuracy(
+                    model,
+                    {n: s for n in layers},
+                    val,
+                    calib_x,
+                    eps=cfg.eps,
+                    steps=cfg.pgd_steps,
+                    seed=cfg.seed,
+                )
         best = max(options, key=lambda s: (results[s.short()], -options.index(s)))
         rule = "pgd_accuracy"
     else:

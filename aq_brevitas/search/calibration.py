@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..attacks import check_eps, make_attack
+from ..attacks import check_eps, forward_input, make_attack
 from ..candidates import CandidateRow, CandidateTable, quantized_weight
 from ..errors import ConfigError
 from ..nnutils import as_xy, eval_mode, trace_leaves
@@ -127,6 +127,7 @@ class _Downstream:
     def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
         self.model, self.x = model, x
         self.gm = trace_leaves(model)
+        self.gm_x = forward_input(model, x)  # the graph is model.forward's: no normalising hook on it
         self.cache: dict[Any, Any] | None = None
         if self.gm is None:
             return
@@ -139,7 +140,7 @@ class _Downstream:
 
         try:
             with torch.no_grad():
-                _Record(self.gm).run(x)
+                _Record(self.gm).run(self.gm_x)
         except Exception:  # a graph that traces but does not run as traced: use the model itself
             self.gm = None
             return
@@ -160,7 +161,7 @@ class _Downstream:
                 return super().run_node(n) if n in dirty or n.op == "output" else cache[n]
 
         with torch.no_grad():
-            return _Replay(self.gm).run(self.x)
+            return _Replay(self.gm).run(self.gm_x)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
+from ..attacks import Normalization, check_normalization
 from ..errors import ConfigError, PolicyError
 from ..policy import LayerSpec
 
@@ -173,8 +174,10 @@ class SearchConfig:
     whole-network bound and run one pass of coordinate descent (methods with a whole-network measure
     only; off by default, see docs/method.md "Selection"). ``pgd_steps``/``val_images``: the PGD
     check against the best uniform policy on held-out images. ``fold_bn``: score the BatchNorm-folded
-    weights that ``quantize(..., fold_bn=True)`` will quantize. ``settings``: per-method settings by
-    method name; missing ones take their defaults.
+    weights that ``quantize(..., fold_bn=True)`` will quantize. ``normalization=(mean, std)``: the
+    model expects normalised inputs; data and ε stay in [0, 1] pixel space and the model is fed
+    ``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`). ``settings``: per-method
+    settings by method name; missing ones take their defaults.
 
     >>> from aq_brevitas.search import SearchConfig
     >>> cfg = SearchConfig(method="hessian").replace(n_samples=4, eps=0.05)
@@ -193,6 +196,9 @@ class SearchConfig:
     top_k: int = field(default=5, metadata={"help": "knapsack solutions refinement re-ranks"})
     pgd_steps: int = field(default=10, metadata={"help": "PGD steps of the held-out uniform check"})
     val_images: int | None = field(default=500, metadata={"help": "held-out images for that check"})
+    normalization: Normalization | None = field(
+        default=None, metadata={"help": "(mean, std) of a model that expects normalised inputs"}
+    )
     settings: Mapping[str, MethodSettings] = field(default_factory=default_settings)
 
     def __post_init__(self) -> None:
@@ -215,6 +221,8 @@ class SearchConfig:
         if self.val_images is not None:
             _number(self.val_images, "val_images", 1, integer=True)
         object.__setattr__(self, "candidates", _frozen_candidates(self.candidates))
+        if self.normalization is not None:
+            object.__setattr__(self, "normalization", check_normalization(self.normalization))
 
     # -- access -------------------------------------------------------------------------------
     @property

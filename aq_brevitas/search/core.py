@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attacks import normalized_inputs
 from ..budget import Budget, achieved_cost, as_budget, check_feasible, require_within
 from ..candidates import CandidateRow, CandidateTable, candidate_table, folded_copy, per_layer_candidates
 from ..errors import ConfigError
@@ -258,6 +259,7 @@ def _result(
         calib_images=len(run.x),
         config=cfg,
         timing=run.timing,
+        input_shape=tuple(run.x.shape[1:]) if torch.is_tensor(run.x) else None,
     )
 
 
@@ -271,6 +273,7 @@ def search_policy(
     val_data: Any = None,
     table: CandidateTable | None = None,
     progress: bool = True,
+    normalization: Any = None,
     **overrides: Any,
 ) -> SearchResult:
     """Search a per-layer policy under ``budget`` (docs/method.md "Selection") and say why it won.
@@ -287,6 +290,10 @@ def search_policy(
     first ``val_images`` and the better one kept; without it no comparison is made, ``winner`` is
     ``"unchecked"`` and a ``UserWarning`` says so. ``table``: a ready candidate table (its
     ``fold_bn`` must be the config's). Apply the policy with the same ``fold_bn``.
+    ``normalization=(mean, std)`` (or the config's): the model expects normalised inputs; the data
+    and ε stay in [0, 1] pixel space and every forward -- adversarial calibration, scores,
+    quantizer calibration, the held-out PGD check -- feeds it ``(x - mean) / std``. A ready ``table``
+    must have been built the same way (inside :func:`~aq_brevitas.attacks.normalized_inputs`).
 
     Raises :class:`~aq_brevitas.errors.ConfigError` for bad settings or data and
     :class:`~aq_brevitas.errors.PolicyError` for an infeasible budget (naming the minimum). Same
@@ -306,6 +313,8 @@ def search_policy(
     >>> result.policy.save("policy.json")  # doctest: +SKIP
     """
     t_start = time.perf_counter()
+    if normalization is not None:
+        overrides = {**overrides, "normalization": normalization}
     cfg = build_config(config, overrides)
     budget = as_budget(budget)
     if table is not None and table.fold_bn != cfg.fold_bn:
@@ -313,8 +322,18 @@ def search_policy(
             f"the candidate table was built with fold_bn={table.fold_bn}, the search asks fold_bn={cfg.fold_bn}",
             "build the table with the same fold_bn the policy will be applied with",
         )
-    run = _start(model, calib_data, budget, cfg, progress)
-    check: HeldOutCheck | None = None
+    with normalized_inputs(model, cfg.normalization):  # copies made inside (fold_bn, quantize) inherit it
+        run = _start(model, calib_data, budget, cfg, progress)
+        picked, winner, final, check = _search(run, table, val_data)
+    run.timing.total_s = time.perf_counter() - t_start
+    return _result(run, picked, winner, final, check)
+
+
+def _search(
+    run: _Run, table: CandidateTable | None, val_data: Any
+) -> tuple[_Picked, str, dict[str, LayerSpec], HeldOutCheck | None]:
+    """Prepare, pick and (with ``val_data``) check: the steps of :func:`search_policy` after :func:`_start`."""
+    cfg, check = run.cfg, None
     with eval_mode(run.model):
         _prepare(run, table)
         if cfg.method == "uniform":
@@ -324,8 +343,7 @@ def search_policy(
             picked = _pick_scored(run)
             winner, final = "unchecked", picked.choice
             if val_data is None:
-                warnings.warn(_NO_VAL_DATA, stacklevel=2)
+                warnings.warn(_NO_VAL_DATA, stacklevel=3)
             else:
                 winner, final, check = _held_out(run, picked, val_data)
-    run.timing.total_s = time.perf_counter() - t_start
-    return _result(run, picked, winner, final, check)
+    return picked, winner, final, check

@@ -163,6 +163,32 @@ class Timing:
 _POLICY_API = ("meta", "default", "save", "to_json", "to_dict", "resolve", "spec_for", "check", "matches")
 
 
+@dataclass(frozen=True, eq=False)
+class AchievedCost(PolicyCost):
+    """The searched policy's :class:`~aq_brevitas.budget.PolicyCost`, equal to a plain one with the
+    same figures. Calling it, ``result.cost(model, example_input)``, is the ``LayerwisePolicy.cost``
+    of the code written before ``search_policy`` returned a :class:`SearchResult`: kept for one
+    release, with a ``DeprecationWarning``."""
+
+    of_policy: LayerwisePolicy | None = field(default=None, repr=False, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PolicyCost):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(PolicyCost))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to plain PolicyCosts, so not hashable like them
+
+    def __call__(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
+        warnings.warn(
+            "search_policy returns a SearchResult: result.cost is the achieved cost; for the cost on a "
+            "model call result.policy.cost(model, example_input)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.of_policy.cost(model_or_geometry, example_input)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """A searched policy and the evidence for it.
@@ -205,10 +231,13 @@ class SearchResult:
     calib_images: int
     config: SearchConfig
     timing: Timing = field(default_factory=Timing, compare=False)
+    input_shape: tuple[int, ...] | None = None  # per sample, of the calibration data (single-input models)
     policy: LayerwisePolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", LayerwisePolicy(dict(self.layers), None, plain(self.to_meta())))
+        figures = {f.name: getattr(self.cost, f.name) for f in fields(PolicyCost)}
+        object.__setattr__(self, "cost", AchievedCost(**figures, of_policy=self.policy))
 
     @property
     def objective(self) -> float:
@@ -236,7 +265,11 @@ class SearchResult:
             "eps": self.config.eps,
             "seed": self.config.seed,
             "fold_bn": self.config.fold_bn,
+            # only when set, so the policy JSON of a model without normalisation stays as it was
+            **({"normalization": self.config.normalization} if self.config.normalization else {}),
             "calib_images": self.calib_images,
+            # lets policy.cost(model) run the model when its input shape is not otherwise known
+            **({"input_shape": list(self.input_shape)} if self.input_shape else {}),
             "candidates": {n: c.to_dict() for n, c in self.candidates.items()},
             "refine": self.refinement.to_dict(),
             "winner": self.winner,

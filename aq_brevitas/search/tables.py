@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..attacks import normalized_inputs
 from ..budget import Budget, PolicyCost, as_budget, cost_of
 from ..candidates import CandidateTable, candidate_table, folded_copy
 from ..nnutils import as_xy
@@ -157,36 +158,38 @@ def compare_methods(
     """:func:`search_policy` with each of ``methods`` on the same data, config and candidate table
     (built once from ``calib_data`` when not given), then every method's final policy under the
     config's lipschitz estimate (``jacobian``: on one adversarial calibration of ``calib_data``), so
-    the methods are compared on one measure. Arguments and errors as :func:`search_policy`.
+    the methods are compared on one measure. Arguments and errors as :func:`search_policy`
+    (``normalization`` in the config too).
     """
     cfg = build_config(config, overrides)
     budget = as_budget(budget)
-    if table is None:
-        x = (
-            calib_data.x
-            if isinstance(calib_data, AdversarialCalibration)
-            else as_xy(calib_data, model=model)[0]
-        )
-        table = candidate_table(
-            model, x, cfg.candidates, seed=cfg.seed, progress=progress, fold_bn=cfg.fold_bn
-        )
-    results = {
-        m: search_policy(
-            model,
-            calib_data,
-            budget,
-            config=cfg.replace(method=m),
-            val_data=val_data,
-            table=table,
-            progress=progress,
-        )  # fmt: skip
-        for m in methods
-    }
-    bound_model, adv = _bound_inputs(model, calib_data, cfg)
-    estimate = cfg.settings_for(LipschitzSettings).estimate
-    rows = []
-    for m, res in results.items():
-        b = policy_bound(bound_model, table, res.layers, adv, eps=cfg.eps, estimate=estimate)
-        searched, uniform = _held_out_accuracies(res)
-        rows.append(ComparisonRow(m, res.cost, b["score_sum"], b["bound"], searched, uniform, res.winner))
+    with normalized_inputs(model, cfg.normalization):
+        if table is None:
+            x = (
+                calib_data.x
+                if isinstance(calib_data, AdversarialCalibration)
+                else as_xy(calib_data, model=model)[0]
+            )
+            table = candidate_table(
+                model, x, cfg.candidates, seed=cfg.seed, progress=progress, fold_bn=cfg.fold_bn
+            )
+        results = {
+            m: search_policy(
+                model,
+                calib_data,
+                budget,
+                config=cfg.replace(method=m),
+                val_data=val_data,
+                table=table,
+                progress=progress,
+            )  # fmt: skip
+            for m in methods
+        }
+        bound_model, adv = _bound_inputs(model, calib_data, cfg)
+        estimate = cfg.settings_for(LipschitzSettings).estimate
+        rows = []
+        for m, res in results.items():
+            b = policy_bound(bound_model, table, res.layers, adv, eps=cfg.eps, estimate=estimate)
+            searched, uniform = _held_out_accuracies(res)
+            rows.append(ComparisonRow(m, res.cost, b["score_sum"], b["bound"], searched, uniform, res.winner))
     return MethodComparison(estimate, budget, tuple(rows), results)

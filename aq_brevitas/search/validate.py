@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..attacks import normalized_inputs
 from ..budget import Budget, achieved_cost, as_budget, budget_capacity, candidate_costs
 from ..candidates import CandidateTable, candidate_table
 from ..errors import ConfigError
@@ -168,7 +169,7 @@ def validate_metric(
     PGD-``pgd_steps`` accuracy on ``eval_data`` measured on the real Brevitas model
     (:func:`~aq_brevitas.quantize` + :func:`~aq_brevitas.attack_accuracy`: one number per policy is
     all a rank correlation needs). ``config``/``overrides`` (``eps``, ``seed``, ``pgd_steps``,
-    ``candidates``, ``estimate``) as :class:`SearchConfig`; data in any form
+    ``candidates``, ``estimate``, ``normalization``) as :class:`SearchConfig`; data in any form
     :func:`~aq_brevitas.nnutils.as_xy` accepts.
     """
     from ..convert import quantize
@@ -178,9 +179,9 @@ def validate_metric(
     cfg = build_config(config, overrides)
     eps, seed, estimate = cfg.eps, cfg.seed, cfg.settings_for(LipschitzSettings).estimate
     budget = as_budget(budget)
-    x, y = as_xy(calib_data, model=model, name="calibration data")
-    ex, ey = as_xy(eval_data, model=model, name="evaluation data")
-    with eval_mode(model):
+    with normalized_inputs(model, cfg.normalization), eval_mode(model):
+        x, y = as_xy(calib_data, model=model, name="calibration data")
+        ex, ey = as_xy(eval_data, model=model, name="evaluation data")
         calib = adversarial_calibration(model, (x, y), eps=eps, seed=seed) if estimate == "jacobian" else None
         if table is None:
             table = candidate_table(model, calib.x_adv if calib else x, cfg.candidates, seed=seed)
