@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "accuracy": "evaluate",
     "attack_accuracy": "evaluate",
     "make_attack": "attacks",
+    "normalized_inputs": "attacks",
     "LayerSpec": "policy",
     "LayerwisePolicy": "policy",
     "Budget": "budget",

@@ -29,6 +29,7 @@ torchao is an optional extra (``pip install aq-brevitas[pt2e]``); only :class:`P
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import warnings
@@ -559,10 +560,14 @@ def prepare_pt2e_model(
 
 
 def convert_pt2e_model(prepared: Any) -> Any:
-    """``convert_pt2e`` (integer weights in the graph, quantize/dequantize around them)."""
+    """``convert_pt2e`` (integer weights in the graph, quantize/dequantize around them).
+
+    ``prepared`` is left as it was: ``convert_pt2e`` rewrites its graph in place, and the prepared
+    (fake-quant) model is the one to attack, since the converted one has no input gradient.
+    """
     pt2e = _torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    converted = convert_pt2e(prepared)
+    converted = convert_pt2e(copy.deepcopy(prepared))
     pt2e.allow_exported_model_train_eval(converted)
     return converted

@@ -448,3 +448,28 @@ def test_result_cost_is_a_policy_cost_and_still_callable_like_the_old_policy():
     with pytest.warns(DeprecationWarning, match="result.policy.cost"):
         old_style = result.cost(model, x[:1])
     assert old_style == result.policy.cost(model, x[:1]) == plain
+
+
+def test_layers_sharing_a_weight_get_one_spec_and_its_bits_count_once():
+    """A tied weight is stored once, so the search gives both layers one spec (one knapsack item)."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    x = torch.rand(32, 32)
+    y = model(x).argmax(1)
+    result = search_policy(model, (x, y), "avg-bits=5", candidates=[LayerSpec(2), LayerSpec(4), LayerSpec(8)],
+                           progress=False)  # fmt: skip
+    assert result.layers["a"] == result.layers["b"]
+    assert result.cost.avg_weight_bits <= 5
+    geometry = layer_geometry(model, x[:1])
+    assert geometry["b"].params == 0 and result.cost.params == geometry["a"].params + geometry["head"].params

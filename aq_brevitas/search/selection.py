@@ -46,6 +46,28 @@ def _restrict(values: Mapping[str, Mapping[LayerSpec, float]], reps: Representat
     return {n: {s: v for s, v in vals.items() if reps[n][s] == s} for n, vals in values.items()}
 
 
+def tied_layers(table: CandidateTable) -> dict[str, str]:
+    """Layer -> the earlier layer whose weight Parameter it uses (tied weights, ``LayerScore.weight_of``)."""
+    return {
+        n: sc.weight_of for n, sc in table.scores.items() if sc.weight_of in table.rows and n in table.rows
+    }
+
+
+def _merge_tied(values: Scores, ties: Mapping[str, str], full: Scores) -> Scores:
+    """One knapsack item per tied group: a weight stored once is quantized once, with one spec, so the
+    owner's options (its representative candidates in ``values``) carry the sum of both layers'
+    scores, or costs (bits once, MACs at every use), the tied layer's taken from ``full``."""
+    merged = {n: dict(v) for n, v in values.items() if n not in ties}
+    for layer, owner in ties.items():
+        merged[owner] = {s: v + full[layer][s] for s, v in merged[owner].items() if s in full[layer]}
+    return merged
+
+
+def _untie(solution: MckpSolution, ties: Mapping[str, str]) -> MckpSolution:
+    choice = {**solution.choice, **{layer: solution.choice[owner] for layer, owner in ties.items()}}
+    return MckpSolution(choice, solution.objective, solution.cost, solution.status)
+
+
 def select_policy(
     model: nn.Module,
     table: CandidateTable,
@@ -63,7 +85,9 @@ def select_policy(
     config's ``adv_weight``). With ``refine`` the config's ``top_k`` knapsack solutions are re-ranked
     by the whole-network bound at its ``eps`` and one pass of coordinate descent runs on it (off by
     default, as in ``search_policy``). ``config``/``overrides`` (``eps``, ``refine``, ``top_k``,
-    ``adv_weight``) as :class:`SearchConfig`. Raises PolicyError when no policy fits ``budget``.
+    ``adv_weight``) as :class:`SearchConfig`. Layers that share one weight Parameter get one spec
+    (one knapsack item; refinement is skipped for such models, as it moves one layer at a time).
+    Raises PolicyError when no policy fits ``budget``.
     """
     cfg = build_config(config, overrides)
     eps, adv_weight = cfg.eps, cfg.settings_for(LipschitzSettings).adv_weight
@@ -74,14 +98,16 @@ def select_policy(
     reps = equivalent_candidates(table, cache)
     distinct = distinct_specs(reps)
     costs = candidate_costs(table, budget.kind)
-    do_refine = cfg.refine and terms is not None
+    ties = tied_layers(table)
+    do_refine = cfg.refine and terms is not None and not ties
     t0 = time.perf_counter()
     solutions = solve_top_k(
-        _restrict(values, reps),
-        _restrict(costs, reps),
+        _merge_tied(_restrict(values, reps), ties, values),
+        _merge_tied(_restrict(costs, reps), ties, costs),
         budget_capacity(table, budget),
         cfg.top_k if do_refine else 1,
     )
+    solutions = [_untie(sol, ties) for sol in solutions]
     solve_s = time.perf_counter() - t0
     choice = dict(solutions[0].choice)
     record = Refinement()
