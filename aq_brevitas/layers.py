@@ -16,7 +16,7 @@ def __getattr__(name: str) -> Any:
     if name.startswith("__") or not hasattr(nnutils, name):
         raise AttributeError(f"module 'aq_brevitas.layers' has no attribute {name!r}")
     warnings.warn(
-        f"aq_brevitas.layers is deprecated: import {name} from aq_brevitas.nnutils",
+        f"aq_brevitas.layers is deprecated -- fix: import {name} from aq_brevitas.nnutils",
         DeprecationWarning,
         stacklevel=2,
     )

@@ -445,7 +445,7 @@ def test_result_cost_is_a_policy_cost_and_still_callable_like_the_old_policy():
                            progress=False)  # fmt: skip
     plain = PolicyCost(**{f.name: getattr(result.cost, f.name) for f in dataclasses.fields(PolicyCost)})
     assert result.cost == plain and plain == result.cost
-    with pytest.warns(DeprecationWarning, match="result.policy.cost"):
+    with pytest.warns(DeprecationWarning, match=r"result\.policy\.cost"):
         old_style = result.cost(model, x[:1])
     assert old_style == result.policy.cost(model, x[:1]) == plain
 

@@ -136,12 +136,8 @@ def _module_constants(tree: ast.Module) -> dict[str, str]:
 WARNING_FIXES = {
     "torch.ao has no observer": "use scaling max for those layers when deploying through torch.ao, "
     "or deploy through Brevitas/QONNX, which has the exact rule",
-    "aq-brevitas leaves these layers in float": "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear "
-    "if they should be quantized; otherwise nothing to do (their cost counts as 32-bit)",
     "layers never called in forward": "delete layers forward never calls; the search gives them no spec, "
     "so quantize leaves them float",
-    "layers called more than once": "if the calls see different inputs, give each call its own "
-    "module (copy.deepcopy) so each gets its own score",
     "to_qconfig_mapping: torch.ao FX quantizes": "use aq_brevitas.ao.prepare_fx_model, which "
     "quantizes each layer's input with its act_bit_width",
     "search_policy ran without val_data": "pass held-out training images as val_data "

@@ -106,7 +106,8 @@ def warn_read_back(fmt: str, path: str | os.PathLike[str], problem: str) -> None
     if problem:
         warnings.warn(
             f"{fmt} export wrote {path} (parity passed), but could not read it back per layer: {problem}; "
-            "the per-layer bit table is unavailable -- this is an aq-brevitas bug: please report it",
+            "the per-layer bit table is unavailable (an aq-brevitas bug) -- fix: use the file as it is (its "
+            "outputs match PyTorch), and please report the model so the read-back can be fixed",
             RuntimeWarning,
             stacklevel=3,
         )

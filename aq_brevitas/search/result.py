@@ -181,8 +181,8 @@ class AchievedCost(PolicyCost):
 
     def __call__(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
         warnings.warn(
-            "search_policy returns a SearchResult: result.cost is the achieved cost; for the cost on a "
-            "model call result.policy.cost(model, example_input)",
+            "search_policy returns a SearchResult, whose cost is the achieved cost -- fix: for the cost "
+            "on a model call result.policy.cost(model, example_input)",
             DeprecationWarning,
             stacklevel=2,
         )
