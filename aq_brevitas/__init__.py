@@ -71,6 +71,12 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("_"):  # a submodule named as an attribute: aq_brevitas.layers.<name>
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'aq_brevitas' has no attribute {name!r}")
 
 

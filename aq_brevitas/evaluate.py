@@ -32,7 +32,7 @@ from .attacks import (
     normalized_inputs,
 )
 from .config import EvalConfig, with_overrides
-from .nnutils import as_xy, check_forward, eval_mode, frozen_quant_weights
+from .nnutils import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 from .report import AttackResult, RobustnessReport, masking_checks
 
 
@@ -66,6 +66,7 @@ def accuracy(
     The model comes back in the train/eval mode it came in. Bad data raises a one-line
     :class:`ConfigError`, a model that cannot run them a :class:`ModelError`.
     """
+    require_single_input(model, "accuracy")
     x, y = as_xy(_data(x, y), name="inputs")
     with normalized_inputs(model, normalization):
         check_forward(model, x)
@@ -100,6 +101,7 @@ def attack_accuracy(
     """
     from tqdm.auto import tqdm
 
+    require_single_input(model, "attack_accuracy")
     x, y = as_xy(_data(x, y), name="inputs")
     if normalization is None and isinstance(attack, AdaptedAttack):  # classify as the attack saw it
         normalization = attack.normalization
@@ -325,6 +327,7 @@ def evaluate_robustness(
 
     t_start = time.perf_counter()
     cfg = with_overrides(config, EvalConfig(), overrides)
+    require_single_input(model, "evaluate_robustness")
     x, y = as_xy(data, limit=cfg.limit, name="inputs")
     skipped, notes = _grid_attacks(cfg, tuple(x.shape[1:]))
     with normalized_inputs(model, cfg.normalization):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import AqError, ConfigError, ModelError
+from ..forward import require_single_input
 
 # Ops whose failure has a known fix: adaptive pools export only when the output size divides the input.
 ADAPTIVE_POOLS = frozenset(
@@ -29,8 +30,9 @@ ADAPTIVE_POOLS = frozenset(
 _EXPORTER_NOISE = re.compile(r"\s+(Please feel free to request support|\[Caused by)")
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise :class:`ModelError` unless ``model`` is an ``nn.Module`` with Brevitas quantized layers."""
+def check_model(model: nn.Module, what: str = "export") -> None:
+    """Raise :class:`ModelError` unless ``model`` is a single-input ``nn.Module`` with Brevitas
+    quantized layers (``what`` names the export in the message)."""
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 
     if not isinstance(model, nn.Module):
@@ -42,6 +44,7 @@ def check_model(model: nn.Module) -> None:
             "model has no Brevitas quantized layers to export",
             "quantize it first: aq_brevitas.quantize(model, policy)",
         )
+    require_single_input(model, what)
 
 
 def check_example_input(x: Any) -> torch.Tensor:

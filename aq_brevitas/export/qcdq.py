@@ -77,7 +77,7 @@ def export_qcdq(
     import onnx
     from brevitas.export import export_onnx_qcdq
 
-    check_model(model)
+    check_model(model, "QCDQ export")
     x = check_example_input(example_input)
     _check_qcdq_bits(model)
     _check_qcdq_scales(model)

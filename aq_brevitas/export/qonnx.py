@@ -67,7 +67,7 @@ def export_qonnx(
     from qonnx.transformation.general import GiveUniqueNodeNames
     from qonnx.util.cleanup import cleanup_model
 
-    check_model(model)
+    check_model(model, "QONNX export")
     x = check_example_input(example_input)
     with eval_mode(model), scratch_dir() as d:
         raw = d / "raw.onnx"
