@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "run": "pipeline",
     "RunConfig": "pipeline",
     "RunResult": "pipeline",
+    "RunData": "rundata",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli_options import add_options, command_options, search_config, train_config, values_for
+from .cli_options import (
+    add_options,
+    command_options,
+    normalization_of,
+    search_config,
+    train_config,
+    values_for,
+)
 from .config import EvalConfig, TrainConfig
 from .errors import AqError, ModelError, PolicyError
 from .pipeline import RunConfig
@@ -326,7 +333,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_torch(args)
     from .pipeline import run
 
-    result = run(args.model, args.out, RunConfig(**values_for(args, RunConfig)), force=args.force)
+    cfg = RunConfig(**values_for(args, RunConfig), normalization=normalization_of(args))
+    result = run(args.model, args.out, cfg, force=args.force)
     skipped = f"; skipped done stages: {', '.join(result.skipped)}" if result.skipped else ""
     print(f"\n{result.summary_table()}\n\nreport: {result.out}/report.md ({result.seconds:.0f} s{skipped})")
     return 0

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import OPTIMIZERS, EvalConfig, TrainConfig
+from .errors import ConfigError
 from .pipeline import RunConfig
 from .search.config import ESTIMATES, METHOD_SETTINGS, METHODS, LipschitzSettings, SearchConfig
 
@@ -141,7 +142,9 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
 # -- the option tables --------------------------------------------------------------------------------
 DATA = (
     plain(
-        "--data-dir", "directory of IDX files (default: $AQ_DATA_DIR or /usr/share/datasets/fashion-mnist)"
+        "--data-dir",
+        "directory of IDX files, samples of any shape (default: $AQ_DATA_DIR or "
+        "/usr/share/datasets/fashion-mnist)",
     ),
     plain("--threads", "torch intra-op threads (default 1: fastest on small shared machines)", 1, type=int),
 )
@@ -298,6 +301,27 @@ def _search_commands() -> dict[str, list[Option]]:
     }  # fmt: skip
 
 
+# RunConfig fields set by other options: --data-dir (in DATA), --mean/--std (normalization).
+NOT_OPTIONS = ("data_dir", "normalization")
+
+
+def normalization_of(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` from ``--mean``/``--std`` (None when neither is given); :class:`ConfigError`
+    when only one is given or their lengths differ."""
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        given, missing = ("--mean", "--std") if std is None else ("--std", "--mean")
+        raise ConfigError(f"{given} is given without {missing}", "pass both, e.g. --mean 0.286 --std 0.353")
+    if len(mean) != len(std):
+        raise ConfigError(
+            f"--mean has {len(mean)} value(s) but --std {len(std)}",
+            "give as many --std values as --mean values (one, or one per input channel)",
+        )
+    return tuple(mean), tuple(std)
+
+
 def _delivery_commands() -> dict[str, list[Option]]:
     """Exporting, the whole job, the shipped models."""
     run = RunConfig()
@@ -316,7 +340,10 @@ def _delivery_commands() -> dict[str, list[Option]]:
             plain("--model", "float zoo name or checkpoint", required=True),
             plain("--out", "output directory (created; re-running skips stages whose settings, inputs and "
                   "outputs are unchanged)", required=True),
-            *(setting(run, f.name) for f in dataclasses.fields(RunConfig) if f.name != "data_dir"),
+            *(setting(run, f.name) for f in dataclasses.fields(RunConfig) if f.name not in NOT_OPTIONS),
+            plain("--mean", "the model expects inputs normalised as (x - mean) / std: one mean, or one per "
+                  "input channel (dim 1); data and --eps stay in [0, 1]", type=float, nargs="+"),
+            plain("--std", "the std of that normalisation, as many values as --mean", type=float, nargs="+"),
             plain("--force", "redo every stage, fine-tuning from scratch", action="store_true"),
             *DATA,
         ],

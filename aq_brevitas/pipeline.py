@@ -4,15 +4,17 @@ It runs on the user's model and data (:class:`~aq_brevitas.rundata.RunData`: ten
 DataLoader, or a directory of IDX files of any sample shape; Fashion-MNIST by default); every stage
 reads the draws :func:`~aq_brevitas.rundata.prepare_data` makes from it. A model that expects
 normalised inputs gets ``RunConfig.normalization=(mean, std)``: every stage feeds it
-``(x - mean) / std`` while data and ε stay in [0, 1]. Each stage is one function over a :class:`RunContext`. It writes its outputs atomically into
+``(x - mean) / std`` while data and ε stay in [0, 1].
+
+Each stage is one function over a :class:`RunContext`. It writes its outputs atomically into
 ``out/`` and records in ``out/stages.json`` the settings and input files it used plus a digest of
 each output. The next run skips a stage only when its recorded settings and inputs are the current
 ones (the model's weights and a digest of the data it reads included) and its outputs are still
-byte-identical; otherwise it says why and redoes it (a redone stage
-rewrites its outputs, so the stages that read them are redone too). ``force=True`` redoes
-everything. The same stages run for the searched policy and for the best uniform policy of the same
-budget, so the report compares them on the same data. Quantized models are saved and loaded with
-:func:`~aq_brevitas.save_quantized` / :func:`~aq_brevitas.load_quantized`.
+byte-identical; otherwise it says why and redoes it (a redone stage rewrites its outputs, so the
+stages that read them are redone too). ``force=True`` redoes everything. The same stages run for the
+searched policy and for the best uniform policy of the same budget, so the report compares them on
+the same data. Quantized models are saved and loaded with :func:`~aq_brevitas.save_quantized` /
+:func:`~aq_brevitas.load_quantized`; the summary and the report are :mod:`~aq_brevitas.runreport`'s.
 
 Importing this module does not import torch, so the CLI can build ``aq-brevitas run``'s options
 from :class:`RunConfig`.
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ModelError
-from .rundata import RunData, RunInputs, prepare_data
+from .rundata import RunData, RunInputs, prepare_data  # RunData: importable from here, with run
 from .runreport import VARIANTS, report, summary_rows
 from .search.config import DEFAULT_METHOD, SCORED_METHODS
 from .stagelog import StageLog, model_digest
@@ -41,10 +43,10 @@ if TYPE_CHECKING:
 
     from .budget import Budget
     from .policy import LayerwisePolicy
+    from .runreport import Variant
 
 STAGES = ("score", "search", "quantize", "finetune", "evaluate", "export", "report")
 RUN_METHODS = SCORED_METHODS  # the run compares against uniform itself, so every scored method
-__all__ = ["STAGES", "RunConfig", "RunData", "RunResult", "run"]
 
 
 def _setting(default: Any, flag: str, help: str, *, minimum: int | None = None, **argparse: Any) -> Any:
@@ -146,7 +148,7 @@ def check_config(cfg: RunConfig) -> Budget:
     if cfg.method not in RUN_METHODS:
         raise ConfigError(f"unknown search method {cfg.method!r}", f"use one of {', '.join(RUN_METHODS)}")
     if cfg.normalization is not None:
-        cfg.normalization = check_normalization(cfg.normalization)
+        check_normalization(cfg.normalization)  # its length is checked against the data's channels later
     for f in fields(RunConfig):
         if f.metadata["minimum"] is not None:
             none_ok = "None" in str(f.type)
@@ -172,29 +174,35 @@ def _check_out_dir(out: Path) -> None:
 # -- the run context ----------------------------------------------------------------------------------------
 @dataclass
 class RunContext:
-    """What every stage reads: the settings, the float model and its data, the run folder and its
-    stage log. ``calib``/``held_out``/``test`` are ``(images, labels)`` tensor pairs."""
+    """What every stage reads: the settings, the float model and the draws of its data
+    (:class:`~aq_brevitas.rundata.RunInputs`), the run folder and its stage log."""
 
     cfg: RunConfig
     out: Path
     name: str
     model: nn.Module
     budget: Budget
-    calib: tuple[Any, Any]
-    held_out: tuple[Any, Any]
-    test: tuple[Any, Any]
+    data: RunInputs
     geometry: dict[str, Any]
     log: StageLog
     progress: bool
-    identity: dict[str, Any]  # the float model's digest and the data actually read
+    identity: dict[str, Any]  # the float model's digest, the seed and the normalisation
 
     @property
     def eval_eps(self) -> tuple[float, ...]:
         return tuple(sorted({*map(float, self.cfg.eval_eps), float(self.cfg.eps)}))
 
+    def reading(self, *parts: str) -> dict[str, Any]:
+        """The identity plus the digest of each data ``part`` a stage reads ("calib", "test"...)."""
+        return {**self.identity, **{f"data:{p}": self.data.digests[p] for p in parts}}
+
     @property
     def selection(self) -> dict[str, Any]:
-        return {**self.identity, "calib_images": self.cfg.calib_images}
+        return {**self.reading("calib"), "calib_images": self.cfg.calib_images}
+
+    @property
+    def normalization(self) -> Any:
+        return self.cfg.normalization
 
     @cached_property
     def policies(self) -> dict[str, LayerwisePolicy]:
@@ -215,11 +223,12 @@ class RunContext:
         return self.log.files(*names)
 
 
-def _context(model: nn.Module | str, out: Path, cfg: RunConfig, force: bool, progress: bool) -> RunContext:
+def _context(
+    model: nn.Module | str, out: Path, cfg: RunConfig, data: Any, force: bool, progress: bool
+) -> RunContext:
     """Check everything, load the model and the data; only then create ``out``."""
     from torch import nn
 
-    from .data import load_split, resolve_data_dir, selection_data
     from .models import load_float_model
     from .nnutils import layer_geometry
 
@@ -228,26 +237,22 @@ def _context(model: nn.Module | str, out: Path, cfg: RunConfig, force: bool, pro
     if isinstance(model, str):
         float_model, name = load_float_model(model)[0], model
     elif isinstance(model, nn.Module):
-        float_model, name = model.eval(), type(model).__name__
+        float_model, name = model, type(model).__name__  # in eval mode: run() holds it there
     else:
         raise ModelError(
             f"model is a {type(model).__name__}", "pass an nn.Module, a zoo name or a float checkpoint path"
         )
-    calib, held_out = selection_data(cfg.calib_images, cfg.val_images, cfg.seed, cfg.data_dir)
-    test = load_split("test", cfg.data_dir, limit=cfg.test_images, seed=cfg.seed)
-    geometry = layer_geometry(float_model, calib[0][:1])
+    inputs = prepare_data(float_model, data, cfg)
+    geometry = layer_geometry(float_model, inputs.calib[0][:1])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out"
         ) from None
-    # The directory actually read (AQ_DATA_DIR included), so pointing at other data redoes the stages.
-    data = {"seed": cfg.seed, "data_dir": str(resolve_data_dir(cfg.data_dir).resolve())}
-    identity = {"model": model_digest(float_model), **data}
-    log = StageLog(out, force)
+    identity = {"model": model_digest(float_model), "seed": cfg.seed, "normalization": cfg.normalization}
     return RunContext(
-        cfg, out, name, float_model, budget, calib, held_out, test, geometry, log, progress, identity
+        cfg, out, name, float_model, budget, inputs, geometry, StageLog(out, force), progress, identity
     )
 
 
@@ -259,11 +264,13 @@ def score(ctx: RunContext) -> None:
         return
     from tqdm.auto import tqdm
 
+    from .attacks import normalized_inputs
     from .lipschitz import lipschitz_scores
     from .plots import plot_layer_scores
 
     with tqdm(total=2, desc="score", disable=not ctx.progress, leave=False) as bar:
-        scores = lipschitz_scores(ctx.model, ctx.calib[0], seed=ctx.cfg.seed)
+        with normalized_inputs(ctx.model, ctx.normalization):
+            scores = lipschitz_scores(ctx.model, ctx.data.calib[0], seed=ctx.cfg.seed)
         bar.update()
         atomic_write_json(ctx.out / "scores.json", {n: s.to_dict() for n, s in scores.items()})
         plot_layer_scores(scores, ctx.out / "scores.png")
@@ -275,17 +282,28 @@ def search(ctx: RunContext) -> None:
     """The searched policy and the best uniform one of the same budget (policy.json,
     policy_uniform.json) and the policy chart (policy.png)."""
     cfg = ctx.cfg
-    inputs = {**ctx.selection, "budget": cfg.budget, "eps": cfg.eps, "method": cfg.method,
-              "val_images": cfg.val_images}  # fmt: skip
+    inputs = {**ctx.selection, **ctx.reading("held_out"), "budget": cfg.budget, "eps": cfg.eps,
+              "method": cfg.method, "val_images": cfg.val_images}  # fmt: skip
     if not ctx.log.start("search", inputs, [v.policy_file for v in VARIANTS] + ["policy.png"]):
         return
     from .plots import plot_policy
     from .policy import LayerwisePolicy
     from .search import SearchConfig, search_policy
 
-    config = SearchConfig(method=cfg.method, eps=cfg.eps, seed=cfg.seed, val_images=cfg.val_images)
+    config = SearchConfig(
+        method=cfg.method,
+        eps=cfg.eps,
+        seed=cfg.seed,
+        val_images=cfg.val_images,
+        normalization=ctx.normalization,
+    )
     result = search_policy(
-        ctx.model, ctx.calib, ctx.budget, config=config, val_data=ctx.held_out, progress=ctx.progress
+        ctx.model,
+        ctx.data.calib,
+        ctx.budget,
+        config=config,
+        val_data=ctx.data.held_out,
+        progress=ctx.progress,
     )
     result.policy.save(ctx.out / "policy.json")
     assert result.validation is not None  # held-out data was given
@@ -306,10 +324,12 @@ def quantize(ctx: RunContext) -> None:
     from tqdm.auto import tqdm
 
     from . import convert
+    from .attacks import normalized_inputs
 
     for v in tqdm(VARIANTS, desc="quantize+calibrate", disable=not ctx.progress, leave=False):
-        q = convert.quantize(ctx.model, ctx.policies[v.key], calibration_data=ctx.calib[0])
-        convert.save_quantized(q, ctx.out / v.checkpoint("ptq")[0])
+        with normalized_inputs(ctx.model, ctx.normalization):  # calibrate on what the model is fed
+            q = convert.quantize(ctx.model, ctx.policies[v.key], calibration_data=ctx.data.calib[0])
+        convert.save_quantized(q, ctx.out / v.checkpoint("ptq")[0])  # weights only: no input hook
     ctx.log.finish("quantize")
 
 
@@ -317,14 +337,13 @@ def finetune(ctx: RunContext) -> None:
     """PGD fine-tuning of both quantized models: {searched,uniform}_finetuned.pt (+ sidecars). An
     interrupted fine-tuning with the same inputs resumes from its last finished epoch."""
     cfg = ctx.cfg
-    inputs = {**ctx.identity, "eps": cfg.eps, "finetune_images": cfg.finetune_images,
+    inputs = {**ctx.reading("train"), "eps": cfg.eps, "finetune_images": cfg.finetune_images,
               "finetune_epochs": cfg.finetune_epochs, "finetune_steps": cfg.finetune_steps}  # fmt: skip
     outputs = [f for v in VARIANTS for f in v.checkpoint("finetuned")]
     if not ctx.log.start("finetune", inputs | ctx.checkpoint_files("ptq"), outputs):
         return
     from .config import TrainConfig
     from .convert import save_quantized
-    from .data import load_split
     from .finetune import adversarial_finetune  # looked up now: tests replace it
 
     states = [ctx.out / f"{v.stem}_finetune_state{s}" for v in VARIANTS for s in (".pt", ".json")]
@@ -334,10 +353,11 @@ def finetune(ctx: RunContext) -> None:
     else:  # another policy or setting, or --force: an old epoch state must not leak in
         for p in states:
             p.unlink(missing_ok=True)
-    train = load_split("train", cfg.data_dir, limit=cfg.finetune_images, seed=cfg.seed)
+    train = ctx.data.train
     settings = TrainConfig.finetuning(
-        eps=cfg.eps, steps=cfg.finetune_steps, epochs=cfg.finetune_epochs, seed=cfg.seed
-    )
+        eps=cfg.eps, steps=cfg.finetune_steps, epochs=cfg.finetune_epochs, seed=cfg.seed,
+        normalization=ctx.normalization,
+    )  # fmt: skip
     for v in VARIANTS:
         q = ctx.quantized(v, "ptq")
         state = ctx.out / f"{v.stem}_finetune_state.pt"
@@ -352,7 +372,7 @@ def evaluate(ctx: RunContext) -> None:
     """Robustness reports of the float and both fine-tuned models on the test images:
     robustness_{float,searched,uniform}.json and the searched model's robustness.png."""
     cfg = ctx.cfg
-    inputs = {**ctx.identity, "test_images": cfg.test_images, "pgd_steps": cfg.pgd_steps,
+    inputs = {**ctx.reading("test"), "test_images": cfg.test_images, "pgd_steps": cfg.pgd_steps,
               "eval_eps": ctx.eval_eps} | ctx.checkpoint_files("finetuned")  # fmt: skip
     outputs = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))] + ["robustness.png"]
     if not ctx.log.start("evaluate", inputs, outputs):
@@ -361,27 +381,33 @@ def evaluate(ctx: RunContext) -> None:
     from .evaluate import evaluate_robustness
     from .report import RobustnessReport
 
-    settings = EvalConfig(eps=ctx.eval_eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed)
+    settings = EvalConfig(
+        eps=ctx.eval_eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed, normalization=ctx.normalization
+    )
     models = [("float", "float", copy.deepcopy(ctx.model))]
     models += [(v.key, v.stem, ctx.quantized(v, "finetuned")) for v in VARIANTS]
     for key, stem, m in models:
-        report = evaluate_robustness(m, ctx.test, settings, name=key, progress=ctx.progress)
-        report.save(ctx.out / f"robustness_{stem}.json")
+        robustness = evaluate_robustness(m, ctx.data.test, settings, name=key, progress=ctx.progress)
+        robustness.save(ctx.out / f"robustness_{stem}.json")
     RobustnessReport.load(ctx.out / "robustness_searched.json").plot(ctx.out / "robustness.png")
     ctx.log.finish("evaluate")
 
 
 def export(ctx: RunContext) -> None:
     """QONNX of both fine-tuned models (model.onnx, model_uniform.onnx), each parity-checked on test
-    images, with its :class:`~aq_brevitas.export.ExportResult` (export.json, export_uniform.json)."""
-    inputs = {**ctx.identity, "test_images": ctx.cfg.test_images} | ctx.checkpoint_files("finetuned")
+    images, with its :class:`~aq_brevitas.export.ExportResult` (export.json, export_uniform.json).
+    The ONNX graph is the model's own: with ``normalization`` it takes normalised inputs, and its
+    example and parity inputs are the test images normalised."""
+    inputs = {**ctx.reading("test"), "test_images": ctx.cfg.test_images} | ctx.checkpoint_files("finetuned")
     if not ctx.log.start("export", inputs, [f for v in VARIANTS for f in v.export_files]):
         return
     from tqdm.auto import tqdm
 
+    from .attacks import normalize
     from .export import export_qonnx
 
-    x = ctx.test[0]
+    x = ctx.data.test[0][:9]
+    x = x if ctx.normalization is None else normalize(x, ctx.normalization)
     for v in tqdm(VARIANTS, desc="export", disable=not ctx.progress, leave=False):
         onnx_name, json_name = v.export_files
         res = export_qonnx(ctx.quantized(v, "finetuned"), ctx.out / onnx_name, x[:1], images=x[1:9])
@@ -394,26 +420,65 @@ def run(
     out: str | os.PathLike[str],
     config: RunConfig | None = None,
     *,
+    data: RunData | str | os.PathLike[str] | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Run (or resume) the whole job for ``model`` (an nn.Module, a zoo name or a float checkpoint).
 
+    ``data``: the model's own data, a :class:`~aq_brevitas.rundata.RunData` (``train``, ``test`` and
+    optionally ``held_out``: ``(x, y)`` tensors, Datasets or DataLoaders of any sample shape, values
+    in [0, 1]) or a directory of IDX files; None reads ``config.data_dir`` (Fashion-MNIST by default).
+    Every stage reads it in the model's input shape: scores, the search's calibration and held-out
+    comparison (from the held-out data, else from the training data; never the test data), fine-tuning
+    (the training data), evaluation and the export (the test data). A model that expects normalised
+    inputs gets ``config.normalization=(mean, std)``; ε stays in [0, 1] input space.
+
     Every setting, the model and the data are checked before ``out`` is touched, so a bad setting
     (:class:`ConfigError`, :class:`~aq_brevitas.errors.PolicyError` for the budget), a bad model
-    (:class:`ModelError`, :class:`~aq_brevitas.errors.CheckpointError`) or missing data
-    (:class:`~aq_brevitas.errors.DataError`) costs nothing and leaves an existing run folder as it
+    (:class:`ModelError`, :class:`~aq_brevitas.errors.CheckpointError`: also a forward that refuses
+    the data, or a model with several inputs), or bad data (:class:`ConfigError` for its kind,
+    lengths or range; :class:`~aq_brevitas.errors.DataError` for missing files, samples of different
+    shapes, labels beyond the model's classes) costs nothing and leaves an existing run folder as it
     was. Re-running with the same ``out`` skips the stages whose settings, inputs and outputs are
     unchanged (see the module docstring); ``force=True`` redoes every stage, fine-tuning included,
     from scratch. Returns the :class:`RunResult`; ``out/report.md`` and ``out/report.json`` hold the
     full report.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas.pipeline import RunConfig, RunData, run
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14, 3))
+    >>> x, y = torch.rand(40, 2, 16), torch.randint(0, 3, (40,))  # 40 signals of 2×16, 3 classes
+    >>> tiny = RunConfig(calib_images=4, val_images=4, finetune_images=8, finetune_steps=1,
+    ...                  test_images=4, pgd_steps=1, eval_eps=(0.1,))
+    >>> data = RunData(train=(x[:32], y[:32]), test=(x[32:], y[32:]))
+    >>> result = run(model, "signals", tiny, data=data, progress=False)
+    [score] ...
+    [search] ...
+    [quantize] ...
+    [finetune] ...
+    [evaluate] ...
+    [export] ...
+    [report] ...
+    >>> [row["name"] for row in result.rows]
+    ['float', 'uniform (avg-bits=3)', 'aq-brevitas (avg-bits=3)']
     """
+    from contextlib import nullcontext
+
+    from torch import nn
+
+    from .nnutils import eval_mode
+
     t_start = time.perf_counter()
-    ctx = _context(model, Path(out), config or RunConfig(), force, progress)
-    for stage in (score, search, quantize, finetune, evaluate, export):
-        stage(ctx)
-    result = RunResult(str(ctx.out), summary_rows(ctx))
-    report(ctx, result.rows)
+    # The user's model is run in eval mode and given back in the mode(s) it came in.
+    with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
+        ctx = _context(model, Path(out), config or RunConfig(), data, force, progress)
+        for stage in (score, search, quantize, finetune, evaluate, export):
+            stage(ctx)
+        result = RunResult(str(ctx.out), summary_rows(ctx))
+        report(ctx, result.rows)
     # Written last, so a run that fails leaves the previous run's config.json in place.
     atomic_write_json(ctx.out / "config.json", {"model": ctx.name, **asdict(ctx.cfg)})
     result.skipped = ctx.log.skipped

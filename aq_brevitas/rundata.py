@@ -39,7 +39,9 @@ class RunData:
     rest). ``test``: reporting only (evaluation; the export's example and parity inputs).
     ``held_out``: optional data for the selection (scores, calibration, the search's comparison with
     uniform), never trained on. Each is an ``(x, y)`` pair of tensors, a ``Dataset``, a ``DataLoader``
-    or an iterable of ``(x, y)`` batches, read into memory: float samples ``(N, *input_shape)`` of
+    (read through its Dataset, in index order) or an iterable of ``(x, y)`` batches, read into
+    memory once per run (random augmentations would make each run's data, and so its stages, new):
+    float samples ``(N, *input_shape)`` of
     any shape (N×C×H×W images, N×C×L signals, N×F vectors) with values in [0, 1], where ε is
     measured (a model that expects normalised inputs gets ``RunConfig.normalization``), and integer
     class labels. ``directory`` is the IDX directory :meth:`from_idx` read, else None.
@@ -104,12 +106,23 @@ def _run_data(data: Any, data_dir: str | None) -> RunData:
     return data
 
 
-def _read_parts(data: RunData) -> dict[str, tuple[Any, Any]]:
-    """Every given part of ``data`` as checked ``(x, y)`` tensors of one sample shape."""
+def _read(value: Any, name: str) -> tuple[Any, Any]:
+    """One part of the data as checked ``(x, y)`` tensors. A DataLoader over a map-style Dataset is
+    read through its Dataset, in index order: a shuffling loader would change the data's digest (and
+    redo every stage) on each run."""
+    from torch.utils.data import DataLoader, IterableDataset
+
     from .nnutils import as_xy
 
+    if isinstance(value, DataLoader) and not isinstance(value.dataset, IterableDataset):
+        value = value.dataset
+    return as_xy(value, name=f"{name.replace('_', '-')} data")
+
+
+def _read_parts(data: RunData) -> dict[str, tuple[Any, Any]]:
+    """Every given part of ``data`` as checked ``(x, y)`` tensors of one sample shape."""
     parts = {
-        name: as_xy(value, name=f"{name.replace('_', '-')} data")
+        name: _read(value, name)
         for name, value in (("train", data.train), ("held_out", data.held_out), ("test", data.test))
         if value is not None or name != "held_out"
     }
@@ -140,8 +153,9 @@ def _fit_to_model(model: nn.Module, parts: dict[str, Any], data: RunData, defaul
             pass
     if not default:
         raise refusal
+    shape = "×".join(map(str, x.shape[1:]))
     raise ModelError(
-        f"{refusal.problem} (on aq.run's default data, Fashion-MNIST N×1×28×28)",
+        f"{refusal.problem} (aq.run's default data: N×{shape} images from {data.directory})",
         "pass your own data of the model's input shape: data=RunData(train=(x, y), test=(x_test, y_test)) "
         "in Python, --data-dir DIR of IDX files on the command line",
     ) from refusal
@@ -173,14 +187,17 @@ def _check_outputs(model: nn.Module, parts: dict[str, Any]) -> None:
 
 def _check_normalization(normalization: Any, sample_shape: tuple[int, ...]) -> None:
     """One line when RunConfig.normalization has neither one value nor one per channel (dim 1)."""
+    from .attacks import check_normalization
+
     if normalization is None:
         return
     channels = sample_shape[0] if sample_shape else 1
-    n = len(normalization[0])
+    n = len(check_normalization(normalization)[0])
     if n not in (1, channels):
         shape = "×".join(map(str, sample_shape))
         raise ConfigError(
-            f"normalization (--mean/--std) has {n} values but the samples ({shape}) have {channels} channels",
+            f"normalization (--mean/--std) has {n} values but the samples ({shape}) have {channels} "
+            f"channel{'s' if channels > 1 else ''}",
             f"give one mean and one std for all channels, or one per channel ({channels})",
         )
 
@@ -239,8 +256,7 @@ def prepare_data(
         source = f"IDX files in {run_data.directory}"
         pool, what = ("the val split (the last 5,000 training images)", "val images")
     else:
-        kinds = (type(run_data.train).__name__, type(run_data.test).__name__)
-        source = "data given to run() (train: {}, test: {})".format(*kinds)
+        source = "the data given to run()"
         pool, what = ("the held-out data", "held-out images")
     if "held_out" not in parts:
         pool, what = ("the training data (fine-tuning reads the rest)", "training images")

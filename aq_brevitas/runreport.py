@@ -87,14 +87,22 @@ def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     upstream += [v.policy_file for v in VARIANTS] + [v.export_files[1] for v in VARIANTS]
     data = ctx.data.describe()
     inputs = {"model": ctx.identity["model"], "name": ctx.name, **asdict(cfg), "data": data}
-    if not ctx.log.start("report", inputs | ctx.log.files(*upstream), ["report.md", "report.json", "comparison.png"]):
+    if not ctx.log.start(
+        "report", inputs | ctx.log.files(*upstream), ["report.md", "report.json", "comparison.png"]
+    ):
         return
     from .plots import plot_comparison
 
     title = f"{ctx.name}: {cfg.budget}, PGD-{cfg.pgd_steps} at ε={cfg.eps}"
     plot_comparison(rows, ctx.out / "comparison.png", title=title)
     policy = ctx.policies["aq-brevitas"]
-    document = {"model": ctx.name, "config": asdict(cfg), "data": data, "rows": rows, "policy": policy.to_dict()}
+    document = {
+        "model": ctx.name,
+        "config": asdict(cfg),
+        "data": data,
+        "rows": rows,
+        "policy": policy.to_dict(),
+    }
     atomic_write_json(ctx.out / "report.json", document)
     atomic_write_text(ctx.out / "report.md", _markdown(ctx, rows))
     ctx.log.finish("report")
@@ -167,10 +175,11 @@ def _data_lines(ctx: RunContext) -> list[str]:
     )
     return [
         f"Data: {d.source}; inputs of shape N×{shape}, values in [0, 1]; {fed}.",
-        f"Selection used {n['calib']} held-out images (scores) and {n['held_out']} others (the never-worse-than-",
-        f"uniform check), from {d.selection_pool}; fine-tuning used {n['train']} training images for "
-        f"{cfg.finetune_epochs} epoch(s) of PGD-{cfg.finetune_steps}; accuracy is on {n['test']} test images, "
-        f"PGD-{cfg.pgd_steps}.",
+        "",
+        f"Selection used {n['calib']} held-out images (scores) and {n['held_out']} others (the "
+        f"never-worse-than-uniform check) from {d.selection_pool}; fine-tuning used {n['train']} "
+        f"training images for {cfg.finetune_epochs} epoch(s) of PGD-{cfg.finetune_steps}; accuracy is "
+        f"on {n['test']} test images, PGD-{cfg.pgd_steps}.",
     ]
 
 

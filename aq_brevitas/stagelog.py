@@ -69,6 +69,8 @@ def _change(key: str, old: Any, new: Any) -> str:
     """How a changed stage input is named in "redoing: changed: …" (digests by what they identify)."""
     if key == "model":
         return "the model's weights"
+    if key == "data":  # the description of the data a run read (source, shape, counts)
+        return "the data"
     if key.startswith("data:"):
         return f"the {key[5:].replace('_', '-')} data"
     return f"{key} {_short(old)} -> {_short(new)}"

@@ -116,3 +116,35 @@ def test_data_dir_resolution_order(tmp_path, monkeypatch):
 def test_unknown_split():
     with pytest.raises(DataError, match="unknown split"):
         load_split("validation")
+
+
+def test_idx_files_of_any_shape_and_type(tmp_path):
+    """3-D files are one-channel images (N×1×H×W); 2-D, 4-D and deeper files keep their shape (channels
+    first); pixel bytes are scaled to [0, 1], floats kept; ``name.idxN-ubyte`` spellings are found."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 3, 16, 16))
+    _write_idx(tmp_path / "train-images-idx4-ubyte.gz", rgb, gz=True)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, (6,)))
+    signals = rng.random((4, 2, 3, 5, 7)).astype(">f4")
+    raw = bytes([0, 0, 0x0D, 5]) + struct.pack(">5I", *signals.shape) + signals.tobytes()
+    (tmp_path / "t10k-images.idx5-ubyte").write_bytes(raw)
+    _write_idx(tmp_path / "t10k-labels.idx1-ubyte", rng.integers(0, 10, (4,)))
+    x, y = load_split("train-full", tmp_path)
+    assert x.shape == (6, 3, 16, 16) and torch.equal(x, torch.from_numpy(rgb).float() / 255) and len(y) == 6
+    xt, _ = load_split("test", tmp_path)
+    assert xt.shape == (4, 2, 3, 5, 7) and torch.equal(xt, torch.from_numpy(signals.astype(np.float32)))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _write_idx(flat / "t10k-images-idx2-ubyte", rng.integers(0, 256, (3, 12)))
+    _write_idx(flat / "t10k-labels-idx1-ubyte", rng.integers(0, 10, (3,)))
+    assert load_split("test", flat)[0].shape == (3, 12)
+
+
+def test_idx_images_that_are_neither_bytes_nor_floats_are_refused(tmp_path):
+    ints = np.arange(8 * 4, dtype=">i4").reshape(8, 2, 2)
+    raw = bytes([0, 0, 0x0C, 3]) + struct.pack(">3I", *ints.shape) + ints.tobytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(8))
+    with pytest.raises(DataError, match="neither pixel bytes nor floats") as err:
+        load_split("test", tmp_path)
+    assert "\n" not in str(err.value)
