@@ -298,7 +298,11 @@ class LayerwisePolicy:
         else:
             from .nnutils import layer_geometry
 
-            x = example_input if example_input is not None else _example_for(model_or_geometry, self.meta.get("input_shape"))
+            x = (
+                example_input
+                if example_input is not None
+                else _example_for(model_or_geometry, self.meta.get("input_shape"))
+            )
             geometry = layer_geometry(model_or_geometry, x)
         return cost_of(self.resolve(geometry), geometry)
 
