@@ -505,7 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would print the top-level usage; say it in one line, for the command
+        where = f"aq-brevitas {args.command}" if args.command else "aq-brevitas"
+        print(
+            f"aq-brevitas: error: {where} does not take {' '.join(unknown)} -- fix: see `{where} --help`",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR

@@ -325,7 +325,8 @@ def check_images(x: Any, name: str = "inputs", *, unit_range: bool = True, batch
     if unit_range and x.numel() and (x.min() < 0 or x.max() > 1):
         raise ConfigError(
             f"{name} span [{x.min().item():.3g}, {x.max().item():.3g}], outside [0, 1]",
-            "pass un-normalised images in [0, 1]; normalise inside the model",
+            "pass un-normalised images in [0, 1], and normalization=(mean, std) for a model that expects "
+            "normalised inputs (or normalise inside the model)",
         )
 
 

@@ -153,6 +153,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {p} is empty", "re-create it; the run that wrote it did not finish"
         )
+    if p.suffix.lower() == ".json":
+        raise CheckpointError(
+            f"{p} is a JSON file (a policy or a report), not a model checkpoint",
+            "pass a .pt checkpoint written by aq-brevitas (train, quantize, finetune) or a zoo name",
+        )
     try:
         with warnings.catch_warnings():
             # A non-torch file reads as an odd pickle protocol; the error below says so in one line.

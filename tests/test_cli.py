@@ -264,3 +264,25 @@ def test_export_prints_parity_and_rounding_boundary_flips(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "max |ONNX - PyTorch| = " in res.stdout
     assert re.search(r"rounding-boundary flips allowed by the check: \d+", res.stdout), res.stdout
+
+
+def test_unknown_option_is_one_line_naming_the_command(capsys):
+    from aq_brevitas.cli import main
+
+    assert main(["evaluate", "--model", "cnn-pgd", "--epsilon", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "aq-brevitas evaluate does not take --epsilon 0.1" in err[0] and "-- fix:" in err[0]
+    )
+
+
+def test_a_json_file_given_as_a_model_says_so(tmp_path):
+    import pytest
+
+    from aq_brevitas.errors import CheckpointError
+    from aq_brevitas.storage import load_checkpoint
+
+    path = tmp_path / "policy.json"
+    path.write_text("{}")
+    with pytest.raises(CheckpointError, match="is a JSON file"):
+        load_checkpoint(path)

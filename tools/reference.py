@@ -269,9 +269,9 @@ def troubleshooting() -> str:
         "## Command-line usage errors",
         "",
         "A command line argparse cannot read (a missing required option, an unknown option, a value that is not",
-        "one of the choices or not a number) is refused before anything runs: argparse prints the command's",
-        "usage line and one `error:` line, and the exit code is 2. `aq-brevitas COMMAND --help` lists the",
-        "options. For example:",
+        "one of the choices or not a number) is refused before anything runs, with exit code 2: argparse prints",
+        "the command's usage line and one `error:` line; an unknown option is one line, `aq-brevitas: error:",
+        "aq-brevitas COMMAND does not take OPTION -- fix: see `aq-brevitas COMMAND --help``. For example:",
         "",
     ]
     for argv in USAGE_EXAMPLES:

@@ -153,7 +153,8 @@ def _raise_exporter_failure(fmt: str, opset: int, exc: Exception, dump: str) -> 
     if op in ADAPTIVE_POOLS:
         raise ModelError(
             f"{fmt} export: torch.onnx cannot export {what}: {reason}",
-            "use an output size that divides the feature map (1 always does), or nn.AvgPool2d/nn.MaxPool2d",
+            "use an output size that divides the feature map (1 always does), or a fixed-size "
+            f"nn.AvgPool{op[-2:]}/nn.MaxPool{op[-2:]}",
         ) from exc
     raise ModelError(
         f"{fmt} export: torch.onnx cannot export {what}: {reason}",
