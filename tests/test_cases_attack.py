@@ -26,6 +26,7 @@ from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.report import RobustnessReport
 from aq_brevitas.search import SearchConfig, search_policy
 from aq_brevitas.training import adversarial_train
+from conftest import ConvBNDropNet
 
 SUITE = dict(
     eps=(0.1,), pgd_steps=3, square_queries=30, gradient_free_images=4, large_eps_images=4, progress=False
@@ -40,16 +41,8 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 # ----------------------------------------------------------------------------------- (d) train/eval mode
-class BNDropNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4 * 8 * 8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).flatten(1)))
+def BNDropNet() -> nn.Module:  # noqa: N802 -- reads as the model class it builds
+    return ConvBNDropNet(4, 8, 5)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from aq_brevitas.export import export_qcdq, export_qonnx, finn_check, inference_
 from aq_brevitas.export.graph import map_layers
 from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from conftest import ConvBNDropNet
 
 torch.set_num_threads(1)
 
@@ -337,17 +338,8 @@ def test_grouped_convtranspose_per_channel_qcdq_is_refused_in_one_line(tmp_path)
 # ---- (d) train/eval mode -------------------------------------------------------------------------
 
 
-class BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4 * 4 * 4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
-        return self.fc(self.drop(x.flatten(1)))
+def BNNet() -> nn.Module:  # noqa: N802 -- reads as the model class it builds
+    return ConvBNDropNet(4, 8, 3, pool=True)
 
 
 def _bn_state(model):

@@ -43,6 +43,7 @@ from aq_brevitas.nnutils import (
     weight_owners,
 )
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from conftest import ConvBNDropNet
 
 torch.set_num_threads(1)
 
@@ -491,16 +492,8 @@ def test_tied_weights_cost_their_bits_once_and_their_macs_at_every_use():
 
 
 # ------------------------------------------------------------------------------------ modes kept (d)
-class TrainModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(3 * 6 * 6, 4)
-
-    def forward(self, x):
-        return self.fc(self.drop(F.relu(self.bn(self.conv(x)))).flatten(1))
+def TrainModel() -> nn.Module:  # noqa: N802 -- reads as the model class it builds
+    return ConvBNDropNet(3, 6, 4)
 
 
 @pytest.mark.parametrize(
