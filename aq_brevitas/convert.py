@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import brevitas.nn as qnn
@@ -49,6 +49,7 @@ from .nnutils import (
     shared_layer_names,
     warn_unsupported,
 )
+from .placement import PLACEMENTS, ActRequest, install_input_quant, place_act_quant
 from .policy import LayerSpec, LayerwisePolicy
 
 
@@ -168,9 +169,17 @@ def _rebit(name: str, layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) ->
     ``s_in·s_w``, or whose class is a subclass we cannot switch."""
     _switch_transposed_class(name, layer, spec)
     _install_weight_quant(layer, weight_quant_for(spec, layer))
-    act = _input_quant(spec, signed_input)
-    if act is not None:
-        layer.input_quant = act.proxy_class(layer, act)
+    _install_input_quant(layer, spec, signed_input)
+
+
+def _install_input_quant(layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) -> None:
+    if spec.act_bit_width is not None:
+        install_input_quant(layer, spec.act_bit_width, signed_input, spec.scaling == "po2")
+
+
+def _has_input_quant(layer: nn.Module) -> bool:
+    proxy = getattr(layer, "input_quant", None)
+    return bool(getattr(proxy, "is_quant_enabled", False))
 
 
 def _switch_transposed_class(name: str, layer: QuantWBIOL, spec: LayerSpec) -> None:
@@ -327,7 +336,13 @@ def _convert(
     bias_correction: bool,
     input_signed: dict[str, bool] | None = None,
     warn_uncovered: bool = True,
+    act_placement: str = "producer",
 ) -> nn.Module:
+    if act_placement not in PLACEMENTS:
+        raise PolicyError(
+            f"act_placement={act_placement!r} is not one of {', '.join(PLACEMENTS)}",
+            'use act_placement="producer" (quantizers after the ReLU/input, as FINN needs) or "input"',
+        )
     # A search result carries its policy: quantize(model, search_policy(...)) keeps working.
     policy = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
     uncovered = _check_convertible(model, policy, warn_uncovered=warn_uncovered and swap_float)
@@ -347,14 +362,23 @@ def _convert(
             signed = {
                 n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, _inputs(first)).items()
             }
+    # With act_placement="producer" the layers get no input quantizer here: _place_activations puts
+    # it at the output of the op producing their input (where FINN needs it). A Brevitas layer that
+    # already quantizes its own input keeps that layout and is re-bitted there.
+    at_producer = {
+        n
+        for n, s in specs.items()
+        if act_placement == "producer" and s.act_bit_width and not _has_input_quant(target.get_submodule(n))
+    }
     changes = []
     for name, spec in specs.items():
         layer = target.get_submodule(name)
         before = _describe(layer)
+        layer_spec = replace(spec, act_bit_width=None) if name in at_producer else spec
         if isinstance(layer, QuantWBIOL):
-            _rebit(name, layer, spec, signed.get(name, True))
+            _rebit(name, layer, layer_spec, signed.get(name, True))
         elif swap_float:
-            target.set_submodule(name, brevitas_layer(layer, spec, signed.get(name, True)))
+            target.set_submodule(name, brevitas_layer(layer, layer_spec, signed.get(name, True)))
         else:
             raise PolicyError(
                 f"layer {name} is a plain {type(layer).__name__}, not a Brevitas layer",
@@ -366,12 +390,40 @@ def _convert(
     for name in uncovered:  # the change record also names what was left alone, and why
         kept = _describe(target.get_submodule(name))
         changes.append(LayerChange(name, kept, f"{kept} (not in policy)"))
+    if at_producer:
+        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed, changes)
     if calibration_data is not None:
         calibrate(target, calibration_data, bias_correction=bias_correction)
     target.aq_policy = policy
     target.aq_changes = changes
     target.aq_input_signed = signed  # input quantizer signedness, needed to rebuild from a checkpoint
+    target.aq_act_placement = act_placement
     return target
+
+
+def _place_activations(
+    model: nn.Module, specs: dict[str, LayerSpec], signed: dict[str, bool], changes: list[LayerChange]
+) -> nn.Module:
+    """Activation quantizers at the producers of the layers' inputs (:mod:`aq_brevitas.placement`), or,
+    for a model fx cannot trace, at the layers' inputs with a warning that the layout is not FINN-ready."""
+    requests = {
+        n: ActRequest(s.act_bit_width, s.scaling == "po2", signed.get(n, True)) for n, s in specs.items()
+    }
+    placed, sites, why = place_act_quant(model, requests)
+    if why:
+        warnings.warn(
+            f"activation quantizers stay at the layers' inputs (not FINN-ready): torch.fx cannot trace the "
+            f"model ({why}) -- fix: make forward traceable (no data-dependent control flow) for FINN",
+            UserWarning,
+            stacklevel=4,
+        )
+        for n, s in specs.items():
+            _install_input_quant(model.get_submodule(n), s, signed.get(n, True))
+        return model
+    before = {"QuantReLU": "ReLU", "QuantIdentity": "-", "input_quant": "float input"}
+    for site in sites:
+        changes.append(LayerChange(site.module, before.get(site.kind, site.kind), site.describe()))
+    return placed
 
 
 def quantize(
@@ -382,6 +434,7 @@ def quantize(
     calibration_data: Any = None,
     fold_bn: bool = False,
     bias_correction: bool = False,
+    act_placement: str = "producer",
 ) -> nn.Module:
     """Swap every layer the policy covers for its Brevitas twin; calibrate if data is given.
 
@@ -414,11 +467,17 @@ def quantize(
         calibration_data=calibration_data,
         fold_bn=fold_bn,
         bias_correction=bias_correction,
+        act_placement=act_placement,
     )
 
 
 def apply_policy(
-    model: nn.Module, policy: LayerwisePolicy, *, inplace: bool = False, calibration_data: Any = None
+    model: nn.Module,
+    policy: LayerwisePolicy,
+    *,
+    inplace: bool = False,
+    calibration_data: Any = None,
+    act_placement: str = "producer",
 ) -> nn.Module:
     """Re-configure the weight (and input) quantizers of an existing Brevitas model per ``policy``,
     keeping its float weights; a copy unless ``inplace``. Plain float layers raise :class:`PolicyError`
@@ -440,6 +499,7 @@ def apply_policy(
         calibration_data=calibration_data,
         fold_bn=False,
         bias_correction=False,
+        act_placement=act_placement,
     )
 
 
@@ -472,6 +532,7 @@ def save_quantized(model: nn.Module, path: Any, meta: dict[str, Any] | None = No
             "kind": "brevitas",
             "policy": policy.to_dict(),
             "input_signed": getattr(model, "aq_input_signed", {}),
+            "act_placement": getattr(model, "aq_act_placement", "input"),
         },
     )
 
@@ -511,6 +572,8 @@ def load_quantized(path: Any, float_model: nn.Module | None = None) -> tuple[nn.
         bias_correction=False,
         input_signed=signed,
         warn_uncovered=False,  # replaying a saved policy: its coverage was reported when it was made
+        # checkpoints from before producer placement existed had their quantizers at the layer inputs
+        act_placement=str(meta.get("act_placement", "input")),
     )
     old = brevitas.config.IGNORE_MISSING_KEYS
     brevitas.config.IGNORE_MISSING_KEYS = True  # activation scales exist only after calibration

@@ -10,6 +10,7 @@ import torch
 from brevitas.quant import Int8ActPerTensorFixedPoint, Int8WeightPerTensorFixedPoint, Int32Bias
 from torch import nn
 
+from aq_brevitas.placement import input_quantizer
 from aq_brevitas.ao import (
     FX_DEPRECATION_MESSAGE,
     check_transposed_bn,
@@ -313,7 +314,7 @@ def test_apply_policy_rebits_a_brevitas_model_fed_quant_tensors():
     for name, spec in policy.layers.items():
         layer = q.get_submodule(name)
         assert int(layer.quant_weight().bit_width) == spec.weight_bit_width
-        assert int(layer.input_quant.bit_width()) == spec.act_bit_width
+        assert int(input_quantizer(q, name).bit_width()) == spec.act_bit_width
         assert layer.weight is not model.get_submodule(name).weight
         assert torch.equal(layer.weight, model.get_submodule(name).weight)  # float weights kept
     assert q.aq_input_signed == {"features.0.0": True, "features.1.0": False, "head": False}

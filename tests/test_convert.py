@@ -8,6 +8,7 @@ from torch import nn
 
 from aq_brevitas.convert import apply_policy, load_quantized, quantize, save_quantized
 from aq_brevitas.errors import PolicyError
+from aq_brevitas.placement import input_quantizer
 from aq_brevitas.models import build_model, load_float_model
 from aq_brevitas.policy import GRANULARITIES, SCALINGS, LayerSpec, LayerwisePolicy
 
@@ -125,8 +126,9 @@ def test_activation_quantizers_signedness_and_calibration(fmnist_test_1k):
     model, _ = load_float_model("cnn-pgd")
     x = fmnist_test_1k[0][:256]
     q = quantize(model, LayerwisePolicy(default=LayerSpec(8, act_bit_width=8)), calibration_data=x).eval()
-    assert not q.conv1.input_quant.is_signed and not q.fc2.input_quant.is_signed  # images, ReLU outputs
-    assert int(q.conv2.input_quant.bit_width()) == 8
+    conv1_in, conv2_in, fc2_in = (input_quantizer(q, n) for n in ("conv1", "conv2", "fc2"))
+    assert not conv1_in.is_signed and not fc2_in.is_signed  # images, ReLU outputs
+    assert int(conv2_in.bit_width()) == 8
     with torch.no_grad():
         f, g = model(x), q(x)
     assert ((g - f).norm() / f.norm()).item() < 0.05

@@ -55,7 +55,9 @@ def test_activation_scales_stay_calibrated_unless_asked(fmnist_val_512):
     moved = {}
     for learn in (False, True):
         q = quantize(load_float_model("cnn-pgd")[0], LayerwisePolicy(default=spec), calibration_data=data[0])
-        scales = {n: p.detach().clone() for n, p in q.named_parameters() if "input_quant" in n}
+        scales = {
+            n: p.detach().clone() for n, p in q.named_parameters() if "input_quant" in n or ".act_quant." in n
+        }
         weights = {n: p.detach().clone() for n, p in q.named_parameters() if n.endswith(".weight")}
         assert len(scales) == 4
         adversarial_finetune(

@@ -203,12 +203,18 @@ def _outside_weights(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str
     }
 
 
-def _through_layout(tensor: str, producer: dict) -> tuple[str, list[Any]]:
-    """The tensor in front of the layout ops (:data:`LAYOUT_OPS`) that produce ``tensor``, and those ops
-    in the order they run."""
+# Ops an activation quantizer commutes with (per-tensor, zero-point 0): max-pooling is monotone.
+ACT_TRANSPARENT_OPS = (*LAYOUT_OPS, "MaxPool")
+
+
+def _through_layout(
+    tensor: str, producer: dict, ops_followed: tuple[str, ...] = LAYOUT_OPS
+) -> tuple[str, list[Any]]:
+    """The tensor in front of the ops ``ops_followed`` (the layout ops by default) that produce
+    ``tensor``, and those ops in the order they run."""
     ops: list[Any] = []
     node = producer.get(tensor)
-    while node is not None and node.op_type in LAYOUT_OPS:
+    while node is not None and node.op_type in ops_followed:
         ops.append(node)
         tensor = node.input[0]
         node = producer.get(tensor)
@@ -326,8 +332,8 @@ def _dequantized_weight(dq: Any, producer: dict, inits: dict) -> tuple[Any, Weig
 
 def _act_bits(tensor: str, producer: dict, inits: dict) -> int | None:
     """Bit width of the quantizer feeding a layer's input (QONNX Quant or QCDQ Q[-Clip]-DQ), directly or
-    through layout ops."""
-    q = producer.get(_through_layout(tensor, producer)[0])
+    through layout ops and max-pooling (the quantizer sits at the producer's output, as FINN needs)."""
+    q = producer.get(_through_layout(tensor, producer, ACT_TRANSPARENT_OPS)[0])
     if q is None:
         return None
     if q.op_type == "BipolarQuant":
