@@ -22,7 +22,7 @@ from .convert import brevitas_layer
 from .errors import PolicyError
 from .lipschitz import LayerScore, lipschitz_scores, operator_norm_basis
 from .nnutils import bn_scale, check_images, fold_batchnorm
-from .policy import LayerSpec, layer_cost
+from .policy import FINN_ACT_BITS, FINN_MAX_BITS, TARGETS, LayerSpec, for_target, layer_cost  # noqa: F401 -- re-exported
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_SCALINGS = ("max", "percentile", "mse")

@@ -50,7 +50,7 @@ from .nnutils import (
     warn_unsupported,
 )
 from .placement import PLACEMENTS, ActRequest, install_input_quant, place_act_quant
-from .policy import LayerSpec, LayerwisePolicy
+from .policy import LayerSpec, LayerwisePolicy, check_target
 
 
 @dataclass(frozen=True)
@@ -435,6 +435,7 @@ def quantize(
     fold_bn: bool = False,
     bias_correction: bool = False,
     act_placement: str = "producer",
+    target: str = "generic",
 ) -> nn.Module:
     """Swap every layer the policy covers for its Brevitas twin; calibrate if data is given.
 
@@ -443,6 +444,13 @@ def quantize(
     inputs, a tuple ``(images, vectors)`` or an iterable of such tuples); with ``act_bit_width`` in the
     policy its first batch also decides whether each input quantizer is signed (a layer whose input is
     non-negative gets an unsigned one). A one-shot iterator (a generator) is read once into a list.
+    With ``act_bit_width``, ``act_placement="producer"`` (the default) quantizes each layer's input at the
+    output of the op producing it (a ``QuantReLU`` after a ReLU, a ``QuantIdentity`` after the input, an
+    add or a pool), as FINN needs (:mod:`aq_brevitas.placement`); the result is then a
+    ``torch.fx.GraphModule`` unless the model's own modules could hold every quantizer.
+    ``act_placement="input"`` puts a Brevitas ``input_quant`` on the layer itself (not FINN-ready when
+    pooling or flattening sits in between). ``target="finn"`` refuses a policy FINN cannot build
+    (a layer without ``act_bit_width`` 2..8, or input placement).
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``
@@ -459,6 +467,9 @@ def quantize(
     >>> q(torch.rand(2, 1, 8, 8)).shape
     torch.Size([2, 10])
     """
+    inner = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
+    if isinstance(inner, LayerwisePolicy):
+        check_target(inner, list(quantizable_layers(model)), target, act_placement)
     return _convert(
         model,
         policy,

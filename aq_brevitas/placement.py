@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -190,10 +191,14 @@ def place_act_quant(
         return model, [], why
     wanted: dict[fx.Node, list[tuple[str, ActRequest]]] = {}
     direct: list[tuple[str, ActRequest]] = []  # layers reading the graph input as it is
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in requests:
             producer = producer_of(gm, node)
-            if producer is not None and producer.op == "placeholder" and producer is _data_input(node):
+            direct_input = (
+                producer is not None and producer.op == "placeholder" and producer is _data_input(node)
+            )
+            if direct_input and calls[node.target] == 1:  # a layer's own input_quant acts at every call
                 direct.append((node.target, requests[node.target]))
             elif producer is not None:
                 wanted.setdefault(producer, []).append((node.target, requests[node.target]))

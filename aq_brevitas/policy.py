@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .budget import (  # noqa: F401 -- re-exported: costs and budgets lived here before budget.py
@@ -335,3 +335,77 @@ def _example_for(model: Any, recorded: Any = None) -> Any:
             "pass one, e.g. policy.cost(model, images[:1]), or set model.input_shape = (C, H, W)",
         )
     return torch.rand(1, *shape)
+
+
+# ------------------------------------------------------------------------------------- targets
+TARGETS = ("generic", "finn")
+FINN_ACT_BITS = 8  # the input precision a FINN candidate gets when it names none
+FINN_MAX_BITS = 8  # FINN's ConvertQONNXtoFINN max_multithreshold_bit_width
+
+
+def for_target(specs: Iterable[LayerSpec], target: str = "generic") -> list[LayerSpec]:
+    """``specs`` restricted to what ``target`` builds: ``"generic"`` keeps them; ``"finn"`` gives every
+    candidate an integer input (``act_bit_width``, :data:`FINN_ACT_BITS` where it names none), since
+    FINN maps a layer to hardware only when its input is integer, and refuses inputs wider than
+    :data:`FINN_MAX_BITS` (one-line :class:`PolicyError`). Float or power-of-two scales, per-tensor or
+    per-channel, are all kept: FINN absorbs float scales into thresholds.
+
+    >>> [s.short() for s in for_target([LayerSpec(4), LayerSpec(2, act_bit_width=4)], "finn")]
+    ['4b max pc a8', '2b max pc a4']
+    """
+    if target not in TARGETS:
+        raise PolicyError(
+            f"target {target!r} is not one of {', '.join(TARGETS)}", 'use target="finn" or "generic"'
+        )
+    if target == "generic":
+        return list(specs)
+    out = []
+    for s in specs:
+        bits = s.act_bit_width or FINN_ACT_BITS
+        if bits > FINN_MAX_BITS:
+            raise PolicyError(
+                f"candidate {s.short()} asks for {bits}-bit inputs; FINN builds at most {FINN_MAX_BITS}-bit activations",
+                f"use act_bit_width <= {FINN_MAX_BITS} with target='finn'",
+            )
+        out.append(replace(s, act_bit_width=bits))
+    return list(dict.fromkeys(out))
+
+
+def check_target(
+    policy: LayerwisePolicy, layers: list[str], target: str, act_placement: str = "producer"
+) -> None:
+    """Refuse a policy ``target`` cannot build, in one line (:class:`PolicyError`). ``layers``: the
+    model's quantizable layer names. ``"finn"`` needs every layer covered, each with an integer input
+    (``act_bit_width`` 2..:data:`FINN_MAX_BITS`) quantized at its producer (``act_placement="producer"``:
+    FINN folds a Relu into thresholds only when its Quant follows it); ``"generic"`` takes anything.
+
+    >>> check_target(LayerwisePolicy(default=LayerSpec(4, act_bit_width=4)), ["fc"], "finn")
+    >>> check_target(LayerwisePolicy(default=LayerSpec(4)), ["fc"], "finn")
+    Traceback (most recent call last):
+    ...
+    aq_brevitas.errors.PolicyError: target='finn': layers fc have no act_bit_width (FINN maps a layer to hardware only with an integer input of at most 8 bits) -- fix: give every layer act_bit_width 2..8 (aq_brevitas.for_target(specs, 'finn') does it for candidate lists)
+    """
+    if target not in TARGETS:
+        raise PolicyError(
+            f"target {target!r} is not one of {', '.join(TARGETS)}", 'use target="finn" or "generic"'
+        )
+    if target == "generic":
+        return
+    if act_placement != "producer":
+        raise PolicyError(
+            "target='finn' needs act_placement='producer' (FINN folds a Relu into thresholds only when its Quant follows it)",
+            "drop act_placement, or use target='generic'",
+        )
+    specs = {n: policy.spec_for(n) for n in layers}
+    missing = [n for n, s in specs.items() if s is None or not s.act_bit_width]
+    wide = [n for n, s in specs.items() if s is not None and (s.act_bit_width or 0) > FINN_MAX_BITS]
+    if missing or wide:
+        what = (
+            f"layers {', '.join(missing)} have no act_bit_width"
+            if missing
+            else f"layers {', '.join(wide)} have inputs over {FINN_MAX_BITS} bits"
+        )
+        raise PolicyError(
+            f"target='finn': {what} (FINN maps a layer to hardware only with an integer input of at most {FINN_MAX_BITS} bits)",
+            "give every layer act_bit_width 2..8 (aq_brevitas.for_target(specs, 'finn') does it for candidate lists)",
+        )

@@ -25,6 +25,7 @@ from aq_brevitas.export.parity import enforce_bound, measure_parity
 from aq_brevitas.injectors import act_quant_for
 from aq_brevitas.models import build_model, load_float_model
 from aq_brevitas.nnutils import quantizable_layers
+from aq_brevitas.placement import input_quantizer
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from conftest import run_cli
 
@@ -74,10 +75,14 @@ def test_qonnx_parity_widths_and_cost(which, tmp_path, fmnist_test_1k):
     res = export_qonnx(q, path, x[:1], images=fmnist_test_1k[0][100:104])
     assert res.images_checked == 5
     assert res.allowed_diff == DEFAULT_TOL * max(1.0, res.output_scale)
-    assert res.max_abs_diff <= res.allowed_diff
-    assert res.max_abs_diff <= 1e-6 * max(1.0, res.output_scale)  # a few float32 ulps of the logits
+    # a few float32 ulps of the logits, once any rounding-boundary flip (export/flips.py) gets PyTorch's code
+    assert res.diff_without_flips <= 1e-6 * max(1.0, res.output_scale)
+    assert res.max_abs_diff <= res.allowed_diff or res.boundary_flips
     assert res.layer_bits == {n: s.weight_bit_width for n, s in policy.layers.items()}
-    assert res.act_bits == {n: s.act_bit_width for n, s in policy.layers.items() if s.act_bit_width}
+    # layers reading one tensor share its quantizer (the widest they ask for), as in the model
+    assert res.act_bits == {
+        n: int(input_quantizer(q, n).bit_width()) for n, s in policy.layers.items() if s.act_bit_width
+    }
     assert res.bipolar_layers == [n for n, s in policy.layers.items() if s.weight_bit_width == 1]
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)

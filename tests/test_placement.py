@@ -167,3 +167,26 @@ def test_apply_policy_rebits_the_models_own_activation_layers():
 def test_an_unknown_placement_is_a_one_line_policy_error():
     with pytest.raises(PolicyError, match="act_placement='after' is not one of producer, input"):
         quantize(build_model("small_cnn"), W4A4, act_placement="after")
+
+
+def test_target_finn_refuses_what_finn_cannot_build_in_one_line():
+    from aq_brevitas.policy import for_target
+    from aq_brevitas.search import SearchConfig
+
+    model = build_model("small_cnn")
+    cases = [
+        (LayerwisePolicy(default=LayerSpec(4)), {}, "layers conv1, conv2, fc1, fc2 have no act_bit_width"),
+        (LayerwisePolicy(default=LayerSpec(4, act_bit_width=12)), {}, "inputs over 8 bits"),
+        (W4A4, {"act_placement": "input"}, "needs act_placement='producer'"),
+        (W4A4, {"target": "fpga"}, "target 'fpga' is not one of generic, finn"),
+    ]
+    for policy, kw, message in cases:
+        with pytest.raises(PolicyError, match=message):
+            quantize(model, policy, **{"target": "finn", **kw})
+    assert isinstance(quantize(model, W4A4, target="finn"), fx.GraphModule)
+    finn = SearchConfig(target="finn")
+    assert finn.candidates and all(c.act_bit_width == 8 for c in finn.candidates)
+    per_layer = SearchConfig(target="finn", candidates={"fc2": [LayerSpec(2, act_bit_width=4)]}).candidates
+    assert per_layer["fc2"] == (LayerSpec(2, act_bit_width=4),) and all(c.act_bit_width == 8 for c in per_layer["*"])
+    with pytest.raises(PolicyError, match="asks for 16-bit inputs"):
+        for_target([LayerSpec(4, act_bit_width=16)], "finn")

@@ -203,15 +203,17 @@ def _outside_weights(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str
     }
 
 
-# Ops an activation quantizer commutes with (per-tensor, zero-point 0): max-pooling is monotone.
-ACT_TRANSPARENT_OPS = (*LAYOUT_OPS, "MaxPool")
+# Besides the layout ops, what an activation quantizer commutes with (per-tensor, zero-point 0):
+# max-pooling is monotone.
+ACT_TRANSPARENT_OPS = ("MaxPool",)
 
 
 def _through_layout(
-    tensor: str, producer: dict, ops_followed: tuple[str, ...] = LAYOUT_OPS
+    tensor: str, producer: dict, also_followed: tuple[str, ...] = ()
 ) -> tuple[str, list[Any]]:
-    """The tensor in front of the ops ``ops_followed`` (the layout ops by default) that produce
+    """The tensor in front of the layout ops (:data:`LAYOUT_OPS`, and ``also_followed``) that produce
     ``tensor``, and those ops in the order they run."""
+    ops_followed = (*LAYOUT_OPS, *also_followed)  # read at call time: tests patch LAYOUT_OPS
     ops: list[Any] = []
     node = producer.get(tensor)
     while node is not None and node.op_type in ops_followed:

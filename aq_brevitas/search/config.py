@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from ..attacks import Normalization, check_normalization
+from ..candidates import default_candidates
 from ..errors import ConfigError, PolicyError
-from ..policy import LayerSpec
+from ..policy import TARGETS, LayerSpec, for_target
 
 ESTIMATES = ("jacobian", "spectral")
 DEFAULT_METHOD = "lipschitz"
@@ -160,6 +161,21 @@ def _frozen_candidates(candidates: Any) -> Any:
     return out if isinstance(candidates, Mapping) else out[""]
 
 
+def _for_target(candidates: Candidates, target: str) -> Candidates:
+    """The candidates restricted to what ``target`` builds (:func:`~aq_brevitas.candidates.for_target`);
+    a per-layer mapping gets a ``"*"`` entry so that the layers it does not name are restricted too."""
+    if target not in TARGETS:
+        raise ConfigError(
+            f"target {target!r} is not one of {', '.join(TARGETS)}", 'use target="finn" or "generic"'
+        )
+    if target == "generic":
+        return candidates
+    if isinstance(candidates, Mapping):
+        full = {"*": default_candidates(), **candidates}
+        return {n: tuple(for_target(v, target)) for n, v in full.items()}
+    return tuple(for_target(default_candidates() if candidates is None else candidates, target))
+
+
 # ----------------------------------------------------------------------------------- the config
 @dataclass(frozen=True)
 class SearchConfig:
@@ -200,6 +216,9 @@ class SearchConfig:
         default=None, metadata={"help": "(mean, std) of a model that expects normalised inputs"}
     )
     settings: Mapping[str, MethodSettings] = field(default_factory=default_settings)
+    target: str = field(
+        default="generic", metadata={"help": "generic, or finn: integer inputs on every layer, <= 8 bits"}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_SETTINGS:
@@ -220,7 +239,7 @@ class SearchConfig:
         _number(self.pgd_steps, "pgd_steps", 1, integer=True)
         if self.val_images is not None:
             _number(self.val_images, "val_images", 1, integer=True)
-        object.__setattr__(self, "candidates", _frozen_candidates(self.candidates))
+        object.__setattr__(self, "candidates", _for_target(_frozen_candidates(self.candidates), self.target))
         if self.normalization is not None:
             object.__setattr__(self, "normalization", check_normalization(self.normalization))
 
