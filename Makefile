@@ -15,25 +15,46 @@ LOCK := requirements/lock.txt
 # build), then the project's declared ranges. torchattacks 3.5.1 declares requests~=2.25.1 and
 # torchvision but imports neither (its runtime imports are torch, scipy and tqdm); torchvision from
 # the registry would replace torch with a CUDA build or fail to import beside torch 2.13, so it is
-# installed without its declared dependencies. $(1) is the venv's python. Used by `lock` and
-# `test-latest` only: `setup` installs the lock.
+# installed without its declared dependencies. finn-plus 1.6.1 (FINN's own front end, the [finn] extra)
+# goes in with --no-deps too: it pins brevitas==0.13.0, which needs setuptools<70 and so conflicts with
+# torch 2.13.0+cpu (setuptools>=77.0.3) -- pip would backtrack to a multi-GB CUDA torch -- and FINN's
+# code never imports brevitas (brevitas 0.13.4 stays). Its real runtime requirements are the [finn]
+# extra in pyproject.toml. $(1) is the venv's python. Used by `lock` and `test-latest` only: `setup`
+# installs the lock.
 define install_unlocked
 	$(1) -m pip install -q --upgrade pip
 	$(1) -m pip install -q torch==2.13.0
-	$(1) -m pip install -q -e '.[dev,pt2e]'
-	$(1) -m pip install -q --no-deps torchattacks==3.5.1
+	$(1) -m pip install -q -e '.[dev,pt2e,finn]'
+	$(1) -m pip install -q --no-deps torchattacks==3.5.1 finn-plus==1.6.1
 endef
 
-# The venv holds exactly the tested set: every package at the version in $(LOCK). The lock is
-# complete, so it installs with --no-deps (which also keeps torchattacks' unneeded declared
-# requirements out), and `pip check` then must report nothing but torchattacks' two.
+# What `pip check` must print on the locked venv, exactly (tests/test_lock.py holds the same lines):
+# torchattacks' two (requirements it declares but never imports), and the pins finn-plus declares but does not need
+# at these versions (brevitas 0.13.0; onnx, onnxruntime, protobuf, matplotlib, bitstring decided by the
+# lock, with which FINN's builder steps run and match the QONNX files in tests/test_finn.py).
+define PIP_CHECK_EXPECTED
+finn-plus 1.6.1 has requirement bitstring<4.4.0,>=4.3.1, but you have bitstring 5.0.0.
+finn-plus 1.6.1 has requirement brevitas==0.13.0, but you have brevitas 0.13.4.
+finn-plus 1.6.1 has requirement matplotlib<3.11.0,>=3.10.9, but you have matplotlib 3.11.2.
+finn-plus 1.6.1 has requirement onnx==1.21.0, but you have onnx 1.23.2.
+finn-plus 1.6.1 has requirement onnxruntime==1.25.1, but you have onnxruntime 1.32.0.
+finn-plus 1.6.1 has requirement protobuf==5.29.6, but you have protobuf 7.36.2.
+torchattacks 3.5.1 requires requests, which is not installed.
+torchattacks 3.5.1 requires torchvision, which is not installed.
+endef
+export PIP_CHECK_EXPECTED
+
+# The venv holds exactly the tested set: every package at the version in $(LOCK), finn-plus and its
+# runtime requirements included (the [finn] extra). The lock is complete, so it installs with --no-deps
+# (which also keeps torchattacks' and finn-plus's unneeded declared requirements out), and `pip check`
+# then must print exactly $(PIP_CHECK_EXPECTED).
 # Rebuilt only when pyproject.toml or the lock changes; a second `make demo` installs nothing.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	! $(PY) -m pip check | grep -v '^torchattacks 3.5.1 requires'
+	diff <($(PY) -m pip check | sort) <(echo "$$PIP_CHECK_EXPECTED" | sort)
 	touch $(STAMP)
 
 setup: $(STAMP) data

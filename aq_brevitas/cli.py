@@ -433,19 +433,48 @@ def _parity_lines(res: Any, tol: float) -> list[str]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _setup_torch(args)
-    from .data import load_split
-    from .export import DEFAULT_TOL, cost_table, export_qcdq, export_qonnx, finn_check, layer_table
+    from pathlib import Path
 
+    from .data import load_split
+    from .errors import ConfigError
+    from .export import (
+        DEFAULT_TOL,
+        cost_table,
+        export_qcdq,
+        export_qonnx,
+        finn_available,
+        finn_check,
+        layer_table,
+    )
+    from .export.finn_build import FINN_INSTALL, run_summary
+
+    if args.format == "finn" and not finn_available():
+        raise ConfigError(
+            "--format finn runs FINN's own front end, which needs finn-plus (not installed)",
+            f"{FINN_INSTALL}, or use --format qonnx",
+        )
     model, _ = _load_quantized(args.model)
     x, _ = load_split("test", args.data_dir, limit=args.images + 1, seed=0)
-    export = export_qonnx if args.format == "qonnx" else export_qcdq
+    export = export_qcdq if args.format == "qcdq" else export_qonnx
     tol = DEFAULT_TOL if args.tol is None else args.tol
     res = export(model, args.out, x[:1], images=x[1:], tol=tol)
     print("\n".join([*_parity_lines(res, tol), layer_table(res)]))
-    if res.cost is not None:
-        print(cost_table(res.cost))
-        for c in finn_check(res.path, model=model):
-            print(f"FINN check {c.name:<26} {'ok' if c.passed else 'FAIL'}  {c.detail}")
+    if res.cost is None:
+        return 0
+    print(cost_table(res.cost))
+    finn = args.format == "finn"
+    report = finn_check(res.path, model=model, run_finn=finn, inputs=x[:1], progress=finn)
+    for c in report:
+        print(f"FINN check {c.name:<26} {'ok' if c.passed else 'FAIL'}  {c.detail}")
+    if not finn:
+        return 0
+    out_dir = report.write(Path(args.out).with_suffix(".finn"))
+    print("\n".join(["", *run_summary(report.finn)]))
+    print(f"wrote {res.path} and FINN's reports in {out_dir}/ (summary.md, estimate_*.json)")
+    if not report.passed:
+        raise ModelError(
+            f"{res.path} is not FINN-ready: {report.failure()}", "see summary.md in " + str(out_dir)
+        )
     return 0
 
 

@@ -245,7 +245,12 @@ def _measure_commands() -> dict[str, list[Option]]:
             setting(ev, "eps", "L-inf radii on [0, 1] images"),
             setting(ev, "pgd_steps", "PGD steps"),
             setting(ev, "pgd_restarts", "PGD random restarts"),
-            setting(ev, "autoattack", "also run torchattacks AutoAttack (slow on CPU)"),
+            setting(ev, "suite", "attack suite run at every eps; the robust figure is the per-image worst case"),
+            setting(ev, "suite_steps", "APGD iterations of the suite"),
+            setting(ev, "suite_queries", "Square queries of the suite"),
+            setting(ev, "autoattack", "also run AutoAttack: standard = the reference (100 iterations, Square "
+                    "5,000 queries; slow on CPU), torchattacks = the library's shortened one; bare flag: "
+                    "standard", nargs="?", const="standard"),  # fmt: skip
             setting(ev, "gradient_free", "skip the Square attack check"),
             setting(ev, "gradient_free_images", "images for the Square attack check"),
             plain("--split", "test (default, for reporting), val or train", "test"),
@@ -329,7 +334,7 @@ def _delivery_commands() -> dict[str, list[Option]]:
     return {
         "export": [
             plain("--model", f"{quantized} or `finetune`", required=True),
-            plain("--format", "qonnx (FINN) or qcdq (onnxruntime)", "qonnx", choices=["qonnx", "qcdq"]),
+            plain("--format", "qonnx (FINN), finn (qonnx plus FINN's own front end and estimates; needs the [finn] extra) or qcdq (onnxruntime)", "qonnx", choices=["qonnx", "finn", "qcdq"]),
             plain("--out", "ONNX file to write", required=True),
             plain("--images", "real test images for the parity check", 8, type=int),
             plain("--tol", "max allowed |ONNX - PyTorch| on the logits, relative to max(1, max |logit|) "

@@ -9,7 +9,8 @@ module             holds
 ``flips``          QONNX parity node by node, forgiving rounding-boundary flips (and nothing else)
 ``graph``          reading a graph back: which node is which layer, at which weight/input bits
 ``cost``           :func:`inference_cost` (qonnx), weight memory against the policy, :func:`cost_table`
-``finn``           :func:`finn_check`: what FINN's QONNX->FINN conversion needs (FINN is not run)
+``finn``           :func:`finn_check` -> :class:`FinnReport`: static FINN checks, FINN's front end if present
+``finn_build``     finn-plus's builder steps in-process through the estimate reports (``[finn]`` extra)
 ``exporter``       torch's exporter through Brevitas: input checks, one-line failures, onnx.checker
 ``result``         :class:`ExportResult`, :func:`layer_table`
 =================  ===========================================================================
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 from .cost import cost_table, expected_weight_bits, inference_cost
 from .exporter import ADAPTIVE_POOLS
-from .finn import FINN_MAX_BITS, FINN_OP_TYPES, FinnCheck, finn_check
+from .finn import FINN_MAX_BITS, FINN_OP_TYPES, FinnCheck, FinnReport, finn_check
+from .finn_build import FinnEstimates, FinnRun, FinnStep, finn_available
 from .flips import BOUNDARY_ULPS, MAX_FLIP_FRACTION
 from .graph import WEIGHT_OPS, GraphLayer
 from .parity import DEFAULT_TOL
@@ -42,11 +44,16 @@ __all__ = [
     "WEIGHT_OPS",
     "ExportResult",
     "FinnCheck",
+    "FinnEstimates",
+    "FinnReport",
+    "FinnRun",
+    "FinnStep",
     "GraphLayer",
     "cost_table",
     "expected_weight_bits",
     "export_qcdq",
     "export_qonnx",
+    "finn_available",
     "finn_check",
     "inference_cost",
     "layer_table",

@@ -1,25 +1,44 @@
-"""FINN readiness: what FINN's QONNX->FINN conversion needs, checked on a QONNX file.
+"""FINN readiness of a QONNX file: fast static checks, and FINN's own front end when finn-plus is here.
 
-FINN itself needs Vivado and is not run here; the op list and limits are read from FINN's sources.
+:func:`finn_check` returns a :class:`FinnReport`. Its static checks (:class:`FinnCheck`, iterating the
+report yields them) are read from FINN's sources and never pass a file FINN's front end rejects; with
+finn-plus installed (``pip install -e '.[finn]'``) FINN's builder steps also run, in-process
+(:mod:`.finn_build`), through the estimate reports.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
+from .finn_build import (
+    DEFAULT_FPGA_PART,
+    DEFAULT_TARGET_FPS,
+    FINN_INSTALL,
+    FinnEstimates,
+    FinnRun,
+    FinnStep,
+    finn_available,
+    run_finn_steps,
+    run_summary,
+)
 from .graph import load_qonnx, map_layers
 
 # Op types a cleaned QONNX graph of a CNN/MLP may contain for FINN's flow, read from FINN's sources
-# (github.com/Xilinx/finn, commit 39f0c9a, src/finn/...; no FINN code is used here):
+# (github.com/Xilinx/finn, commit 39f0c9a, src/finn/...; and finn-plus 1.6.1):
 #   transformation/qonnx/convert_qonnx_to_finn.py   ConvertQONNXtoFINN: Quant/BipolarQuant/Trunc,
 #       Conv (ExtractBiasFromConv), Gemm (GemmToMatMul)
-#   transformation/qonnx/fold_quant_weights.py      weight Quant successors it folds into
+#   transformation/qonnx/fold_quant_weights.py      weight (and bias) Quant nodes folded into constants
 #   transformation/qonnx/qonnx_activation_handlers.py  Quant after Relu/Selu (QuantReluHandler) or
 #       after BatchNormalization/Add/Sub/Mul/Div or the graph input (QuantIdentityHandler)
 #   transformation/streamline/{__init__,absorb,reorder}.py  BatchNormToAffine, Div->Mul, Sub->Add,
@@ -44,6 +63,15 @@ FINN_OP_NOTES = {
     "ConvTranspose": "FINN's default build steps do not lower it; a custom step applying FINN's "
     "InferPixelPaddingDeconv handles group=1 2-D ones",
 }
+MATRIX_OPS = ("Conv", "MatMul", "Gemm")
+QUANT_OPS = ("Quant", "BipolarQuant")
+# Ops that keep an integer tensor integer (and that FINN maps to hardware or absorbs on integer data).
+LAYOUT_ONLY = ("Flatten", "Reshape", "Transpose")
+INTEGER_PRESERVING = ("MaxPool", *LAYOUT_ONLY)
+# Float ops FINN's streamlining absorbs between a matrix layer and the next activation Quant (into its
+# MultiThreshold): BatchNorm, the activation itself, and elementwise ops with a constant operand.
+ABSORBABLE = ("BatchNormalization", "Relu", "Selu")
+CONSTANT_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
 
 
 @dataclass
@@ -55,82 +83,416 @@ class FinnCheck:
     detail: str
 
 
-def finn_check(
-    path: str | os.PathLike[str], policy: Any = None, model: nn.Module | None = None
-) -> list[FinnCheck]:
-    """Check what FINN's QONNX→FINN flow needs; this does not run FINN (it needs Vivado).
+@dataclass
+class FinnReport:
+    """What :func:`finn_check` found: the static checks, and FINN's own front end when it ran.
 
-    Checks: only FINN-supported op types; every Quant has an integer bit width in 2..8 (BipolarQuant
-    is the 1-bit form); weight zero-points are 0; the graph input is quantized; and every layer whose
-    spec asks for ``po2`` scaling has power-of-two weight scales. The po2 check needs the layer names,
-    so it needs ``model`` (the Brevitas model the file came from; its ``aq_policy`` is used when
-    ``policy`` is not given); failures name the layers. Raises :class:`ConfigError` for a missing
-    file, or for a po2 policy without ``model``; :class:`ModelError` for a file that is not ONNX.
+    Iterating yields the static :class:`FinnCheck` list (``for c in finn_check(p)`` keeps working).
+    ``finn`` is ``None`` when FINN did not run (``finn_skipped`` says why); otherwise it holds FINN's
+    steps with FINN's own messages, the Python-exec difference per step (``allowed_diff`` is
+    ``1e-5 x max(1, max |logit|)``), the nodes left outside the dataflow partition and FINN's estimates.
+    """
+
+    path: str
+    checks: list[FinnCheck]
+    finn: FinnRun | None = None
+    finn_skipped: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[FinnCheck]:
+        return iter(self.checks)
+
+    def __len__(self) -> int:
+        return len(self.checks)
+
+    def __getitem__(self, i: int) -> FinnCheck:
+        return self.checks[i]
+
+    @property
+    def static_passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed_step(self) -> FinnStep | None:
+        """FINN's first failing step (it raised, or its output differs from the QONNX file's)."""
+        return next((s for s in self.finn.steps if not s.passed), None) if self.finn else None
+
+    @property
+    def finn_passed(self) -> bool | None:
+        """``None`` when FINN did not run; else every step ran and passed, with ONE dataflow partition
+        holding every compute node."""
+        if self.finn is None:
+            return None
+        run = self.finn
+        done = run.estimates is not None and all(s.passed for s in run.steps)
+        return done and run.partitions == 1 and not run.compute_outside
+
+    @property
+    def passed(self) -> bool:
+        return self.static_passed and self.finn_passed is not False
+
+    @property
+    def estimates(self) -> FinnEstimates | None:
+        return self.finn.estimates if self.finn else None
+
+    def failure(self) -> str:
+        """One line on why the file is not FINN-ready ("" when it is)."""
+        bad = [f"{c.name}: {c.detail}" for c in self.checks if not c.passed]
+        step = self.failed_step
+        if step is not None:
+            bad.append(f"FINN {step.name}: {step.message}")
+        elif self.finn is not None and self.finn_passed is False:
+            bad.append(
+                f"FINN: {self.finn.partitions} dataflow partition(s), compute nodes outside: "
+                f"{', '.join(self.finn.compute_outside) or 'none'}"
+            )
+        return "; ".join(bad)
+
+    def to_markdown(self) -> str:
+        """The static checks, then FINN's steps, partition and estimates (when FINN ran)."""
+        lines = [f"# FINN report for {os.path.basename(self.path)}", "", "| static check | result | detail |"]
+        lines += ["|---|---|---|"] + [
+            f"| {c.name} | {'ok' if c.passed else 'FAIL'} | {c.detail} |" for c in self
+        ]
+        lines += [""] + (run_summary(self.finn) if self.finn else [f"FINN not run: {self.finn_skipped}"])
+        verdict = "FINN-ready" if self.passed else f"NOT FINN-ready: {self.failure()}"
+        return "\n".join([*lines, "", verdict, ""])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.finn is not None and self.finn.estimates is not None:
+            d["finn"]["estimates"].pop("files")  # written as FINN's own files beside this one
+        return {
+            **d,
+            "passed": self.passed,
+            "static_passed": self.static_passed,
+            "finn_passed": self.finn_passed,
+        }
+
+    def write(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``summary.md``, ``finn_report.json`` and FINN's estimate JSON files into ``directory``,
+        atomically (built beside it, then renamed into place; an old one is replaced)."""
+        files = {"summary.md": self.to_markdown(), "finn_report.json": json.dumps(self.to_dict(), indent=2)}
+        if self.estimates is not None:
+            files.update({k: json.dumps(v, indent=2) for k, v in self.estimates.files.items()})
+        return _write_dir(Path(directory), files)
+
+
+def _write_dir(final: Path, files: dict[str, str]) -> Path:
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"output directory {parent} of {final} does not exist", "create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+    old = None
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text + ("" if text.endswith("\n") else "\n"))
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=parent))
+            final.rename(old / final.name)
+        tmp.rename(final)
+    except OSError as exc:
+        raise ConfigError(
+            f"could not write {final}: {exc.strerror or exc}", "choose another output location"
+        ) from None
+    finally:
+        for d in (tmp, old):
+            if d is not None and d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def finn_check(
+    path: str | os.PathLike[str],
+    policy: Any = None,
+    model: nn.Module | None = None,
+    *,
+    run_finn: bool | None = None,
+    inputs: Any = None,
+    target_fps: int | None = DEFAULT_TARGET_FPS,
+    fpga_part: str = DEFAULT_FPGA_PART,
+    progress: bool = False,
+) -> FinnReport:
+    """Check a QONNX file for FINN: fast static checks, then FINN's own front end if finn-plus is here.
+
+    Static checks (each a :class:`FinnCheck`): only FINN-supported op types; every activation/weight
+    Quant has an integer bit width in 2..8 (bias Quants, e.g. Brevitas ``Int32Bias``, are folded into
+    constants by FINN and not checked); zero-points are 0; the graph input is quantized; every
+    Conv/MatMul/Gemm data input comes from a Quant/BipolarQuant, through MaxPool/Flatten/Reshape/
+    Transpose only; every Relu/Selu feeds a Quant directly (FINN folds only adjacent Relu+Quant into a
+    MultiThreshold); no float op stranded between a matrix layer and the next Quant; and each layer whose
+    spec asks for ``po2`` has power-of-two weight scales (needs ``model``; its ``aq_policy`` is used when
+    ``policy`` is not given). Failures name the nodes and, with ``model``, the layers.
+
+    FINN (``run_finn=None``: when finn-plus is importable; ``True`` requires it): finn-plus's builder
+    steps through ``step_generate_estimate_reports`` in this process (:func:`.finn_build.run_finn_steps`)
+    on ``inputs`` (one batch, the graph's input shape; default: uniform [0, 1) noise, seed 0), at
+    ``target_fps`` (frames/s; ``None`` leaves FINN's folding alone) on ``fpga_part``. 3-20 s per small
+    model plus a few seconds to import FINN; ``progress`` shows a tqdm bar over the steps.
+
+    Raises :class:`ConfigError` for a missing file, for ``run_finn=True`` without finn-plus, or for a
+    po2 policy without ``model``; :class:`ModelError` for a file that is not ONNX. FINN raising is not
+    an exception here: the report's failed step holds FINN's message in one line.
+
+    >>> import torch
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, build_model, export_qonnx, finn_check, quantize
+    >>> _ = torch.manual_seed(0)
+    >>> q = quantize(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4)))  # weight-only
+    >>> _ = export_qonnx(q, "w4.onnx", torch.rand(1, 1, 28, 28))
+    >>> report = finn_check("w4.onnx", run_finn=False)
+    >>> report.passed, [c.name for c in report if not c.passed]
+    (False, ['input_quantized', 'matrix_inputs_quantized', 'relu_feeds_quant', 'no_stranded_float_ops'])
     """
     mw = load_qonnx(path)
-    unsupported = sorted({n.op_type for n in mw.graph.node} - FINN_OP_TYPES)
-    named = [f"{op} ({FINN_OP_NOTES[op]})" if op in FINN_OP_NOTES else op for op in unsupported]
-    checks = [
-        FinnCheck(
-            "supported_op_types",
-            not unsupported,
-            "all supported" if not unsupported else f"unsupported: {', '.join(named)}",
-        ),
-        *_quant_node_checks(mw, model),
-        _input_check(mw),
-    ]
-    policy = policy if policy is not None else getattr(model, "aq_policy", None)
-    if policy is not None:
-        checks.append(_po2_check(mw, policy, model))
-    return checks
-
-
-def _quant_node_checks(mw: Any, model: nn.Module | None) -> list[FinnCheck]:
-    """Bit widths in 2..FINN_MAX_BITS and zero zero-points at every Quant node, failures named by layer."""
     layer_of: dict[str, str] = {}
     if model is not None:  # names only: a node that cannot be mapped is named by itself
         layer_of = {gl.node: n for n, gl in map_layers(mw.model, model, "qonnx").layers.items()}
+    g = _Graph(mw, layer_of)
+    checks = [_op_type_check(mw), *_quant_node_checks(g), _input_check(g), *_dataflow_checks(g)]
+    policy = policy if policy is not None else getattr(model, "aq_policy", None)
+    if policy is not None:
+        checks.append(_po2_check(mw, policy, model))
+    report = FinnReport(str(path), checks)
+    if run_finn is False:
+        report.finn_skipped = "not asked for (run_finn=False)"
+    elif not finn_available():
+        if run_finn:
+            raise ConfigError("running FINN needs finn-plus, which is not installed", FINN_INSTALL)
+        report.finn_skipped = f"finn-plus is not installed: {FINN_INSTALL}"
+    else:
+        x = _finn_input(mw, inputs)
+        report.finn = run_finn_steps(path, x, target_fps=target_fps, fpga_part=fpga_part, progress=progress)
+    return report
 
-    def where(q: Any) -> str:
-        consumer = mw.find_consumer(q.output[0])
-        cname = consumer.name if consumer is not None else ""
-        return f"{layer_of[cname]} ({q.name})" if cname in layer_of else q.name
 
-    bad_bits, nonzero_zp = [], []
-    for n in mw.graph.node:
+def _finn_input(mw: Any, inputs: Any) -> np.ndarray:
+    if inputs is not None:
+        x = inputs.detach().cpu().numpy() if hasattr(inputs, "detach") else np.asarray(inputs)
+        return x.astype(np.float32)
+    shape = [int(getattr(d, "dim_value", 0)) or 1 for d in mw.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+
+def _op_type_check(mw: Any) -> FinnCheck:
+    unsupported = sorted({n.op_type for n in mw.graph.node} - FINN_OP_TYPES)
+    named = [f"{op} ({FINN_OP_NOTES[op]})" if op in FINN_OP_NOTES else op for op in unsupported]
+    return FinnCheck(
+        "supported_op_types",
+        not unsupported,
+        "all supported" if not unsupported else f"unsupported: {', '.join(named)}",
+    )
+
+
+class _Graph:
+    """Producers, consumers and constants of a graph, and node names with their model layers."""
+
+    def __init__(self, mw: Any, layer_of: dict[str, str]) -> None:
+        self.mw, self.layer_of = mw, layer_of
+        self.nodes = list(mw.graph.node)
+        self.inits = {t.name for t in mw.graph.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in self.nodes:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+        self.outputs = {o.name for o in mw.graph.output}
+
+    def is_const(self, tensor: str) -> bool:
+        """A constant: an initializer, or computed from initializers only (a weight Quant's output)."""
+        if tensor in self.inits or not tensor:
+            return True
+        p = self.producer.get(tensor)
+        return p is not None and all(self.is_const(t) for t in p.input)
+
+    def name(self, node: Any) -> str:
+        """``layer (node)`` when the model maps the node (or the matrix node it feeds), else ``node``."""
+        cands = [node, *self.consumers.get(node.output[0], [])] if node.output else [node]
+        layer = next((self.layer_of[c.name] for c in cands if c.name in self.layer_of), None)
+        return f"{layer} ({node.name})" if layer else node.name
+
+    def is_bias_quant(self, q: Any) -> bool:
+        """A constant Quant feeding only biases: input 2 of Conv/Gemm, or an Add after a matrix layer."""
+        uses = self.consumers.get(q.output[0], [])
+        return bool(uses) and all(
+            (u.op_type in ("Conv", "Gemm") and list(u.input).index(q.output[0]) == 2)
+            or (u.op_type == "Add" and any(self._after_matrix(t) for t in u.input if t != q.output[0]))
+            for u in uses
+        )
+
+    def _after_matrix(self, tensor: str) -> bool:
+        p = self.producer.get(tensor)
+        return p is not None and p.op_type in MATRIX_OPS
+
+
+def _quant_node_checks(g: _Graph) -> list[FinnCheck]:
+    """Bit widths in 2..FINN_MAX_BITS (bias Quants aside), zero zero-points, and no Quant on a Conv bias.
+
+    FINN folds constant bias Quants (Brevitas ``Int32Bias``) whatever their width: on a Gemm that works
+    (checked with finn-plus 1.6.1), but on a Conv qonnx's ``ExtractBiasFromConv`` (run by FINN's
+    ``step_qonnx_to_finn``) raises "cannot reshape array of size 1 into shape (1,C,1,1)" on the scalar
+    zero-point Brevitas exports."""
+    bad_bits, nonzero_zp, conv_bias, biases = [], [], [], 0
+    for n in g.nodes:
         if n.op_type != "Quant":
             continue
-        bw = mw.get_initializer(n.input[3])
-        if bw is None or float(bw) != int(bw) or not 1 < int(bw) <= FINN_MAX_BITS:
-            bad_bits.append(f"{where(n)}={bw}")
-        zp = mw.get_initializer(n.input[2])
+        zp = g.mw.get_initializer(n.input[2])
         if zp is None or np.any(zp != 0):
-            nonzero_zp.append(where(n))
+            nonzero_zp.append(g.name(n))
+        if g.is_const(n.input[0]) and g.is_bias_quant(n):
+            biases += 1
+            if any(u.op_type == "Conv" for u in g.consumers[n.output[0]]):
+                conv_bias.append(g.name(n))
+            continue
+        bw = g.mw.get_initializer(n.input[3])
+        if bw is None or float(bw) != int(bw) or not 1 < int(bw) <= FINN_MAX_BITS:
+            bad_bits.append(f"{g.name(n)}={bw}")
+    ok_bits = "all activation/weight Quant nodes have integer widths in 2..8" + (
+        f" ({biases} bias Quant(s) not counted: FINN folds them into constants)" if biases else ""
+    )
     return [
         FinnCheck(
             "integer_bit_widths_le_8",
             not bad_bits,
-            "all Quant nodes have integer widths in 2..8" if not bad_bits else f"bad: {', '.join(bad_bits)}",
+            ok_bits if not bad_bits else f"bad: {', '.join(bad_bits)}",
         ),
         FinnCheck(
             "zero_zero_points",
             not nonzero_zp,
             "all Quant zero-points are 0" if not nonzero_zp else f"non-zero: {', '.join(nonzero_zp)}",
         ),
+        FinnCheck(
+            "no_conv_bias_quant",
+            not conv_bias,
+            "no Conv bias goes through a Quant node"
+            if not conv_bias
+            else f"quantized Conv biases: {', '.join(conv_bias)} (FINN's step_qonnx_to_finn cannot extract them; "
+            "keep Conv biases float, bias_quant=None)",
+        ),
     ]
 
 
-def _input_check(mw: Any) -> FinnCheck:
-    """FINN needs integer inputs: the graph input must feed a Quant or BipolarQuant node."""
-    first = mw.find_consumer(mw.graph.input[0].name)
-    quantized_input = first is not None and first.op_type in ("Quant", "BipolarQuant")
+def _input_check(g: _Graph) -> FinnCheck:
+    """FINN needs integer inputs: the graph input must reach a Quant/BipolarQuant node through nothing
+    but elementwise ops with a constant operand (a ``2x - 1`` FINN absorbs) and layout ops."""
+    todo, ok = list(g.consumers.get(g.mw.graph.input[0].name, [])), True
+    while todo and ok:
+        n = todo.pop()
+        if n.op_type in QUANT_OPS:
+            continue
+        ok = n.op_type in LAYOUT_ONLY or (n.op_type in CONSTANT_ELEMENTWISE and _absorbable(g, n))
+        todo += g.consumers.get(n.output[0], [])
+    ok = ok and bool(g.consumers.get(g.mw.graph.input[0].name))
     return FinnCheck(
         "input_quantized",
-        quantized_input,
+        ok,
         "graph input feeds a Quant node"
-        if quantized_input
+        if ok
         else "the input is float: give the first layer act_bit_width (FINN needs integer inputs)",
     )
+
+
+def _dataflow_checks(g: _Graph) -> list[FinnCheck]:
+    """Where FINN's partition step fails: float matrix inputs, lone Relus, stranded float ops."""
+    float_inputs = [_float_input(g, n) for n in g.nodes if n.op_type in MATRIX_OPS]
+    float_inputs = [f for f in float_inputs if f]
+    lone = [
+        f"{g.name(n)} -> {', '.join(c.op_type for c in g.consumers.get(n.output[0], [])) or 'graph output'}"
+        for n in g.nodes
+        if n.op_type in ("Relu", "Selu") and not _feeds_only_quant(g, n)
+    ]
+    stranded = _stranded(g)
+    return [
+        FinnCheck(
+            "matrix_inputs_quantized",
+            not float_inputs,
+            "every Conv/MatMul/Gemm input comes from a Quant (through MaxPool/Flatten/Reshape/Transpose only)"
+            if not float_inputs
+            else f"float inputs: {'; '.join(float_inputs)} (quantize the activation at its producer's output)",
+        ),
+        FinnCheck(
+            "relu_feeds_quant",
+            not lone,
+            "every Relu feeds a Quant directly (FINN folds the pair into a MultiThreshold)"
+            if not lone
+            else f"Relu not directly followed by a Quant: {'; '.join(lone)} (FINN cannot fold it)",
+        ),
+        FinnCheck(
+            "no_stranded_float_ops",
+            not stranded,
+            "no float op between FINN layers"
+            if not stranded
+            else f"float ops between FINN layers: {', '.join(stranded)} (FINN's partition step rejects them)",
+        ),
+    ]
+
+
+def _feeds_only_quant(g: _Graph, node: Any) -> bool:
+    uses = g.consumers.get(node.output[0], [])
+    return bool(uses) and node.output[0] not in g.outputs and all(u.op_type == "Quant" for u in uses)
+
+
+def _float_input(g: _Graph, node: Any) -> str:
+    """ "" when the matrix node's data input is a Quant output (through integer-preserving ops); else
+    the path back to the float producer."""
+    path, tensor = [], node.input[0]
+    while True:
+        p = g.producer.get(tensor)
+        if p is None:
+            src = "the graph input"
+            break
+        if p.op_type in QUANT_OPS and not g.is_const(p.input[0]):
+            return ""
+        if p.op_type not in INTEGER_PRESERVING:
+            src = p.name
+            break
+        path.append(p.name)
+        tensor = p.input[0]
+    return f"{g.name(node)} <- {' <- '.join([*path, src])}"
+
+
+def _absorbable(g: _Graph, node: Any) -> bool:
+    if node.op_type in ABSORBABLE:
+        return True
+    if node.op_type == "MaxPool":  # right after a matrix layer and right before a Quant: FINN maps it
+        src = g.producer.get(node.input[0])
+        uses = g.consumers.get(node.output[0], [])
+        return (
+            src is not None
+            and (src.op_type in MATRIX_OPS or (src.op_type == "MaxPool" and _absorbable(g, src)))
+            and bool(uses)
+            and all(u.op_type in (*QUANT_OPS, "MaxPool") for u in uses)
+        )
+    return node.op_type in CONSTANT_ELEMENTWISE and sum(not g.is_const(t) for t in node.input) == 1
+
+
+def _stranded(g: _Graph) -> list[str]:
+    """Non-absorbable ops on a float path from a matrix layer to a later Quant or matrix layer (what
+    FINN's partition step calls "Unsupported/unmapped layer(s) found in between FINN operators"). Float
+    ops after the last such layer (the output's scale, a TopK) stay outside the partition: allowed."""
+    reaches: dict[str, bool] = {}
+
+    def reaches_finn(node: Any) -> bool:  # a Quant or matrix layer downstream
+        if node.name not in reaches:
+            reaches[node.name] = False
+            reaches[node.name] = any(
+                c.op_type in (*QUANT_OPS, *MATRIX_OPS) or reaches_finn(c)
+                for o in node.output
+                for c in g.consumers.get(o, [])
+            )
+        return reaches[node.name]
+
+    found: list[str] = []
+    seen: set[str] = set()
+    todo = [c for n in g.nodes if n.op_type in MATRIX_OPS for c in g.consumers.get(n.output[0], [])]
+    while todo:
+        node = todo.pop()
+        if node.name in seen or node.op_type in (*QUANT_OPS, *MATRIX_OPS):
+            continue
+        seen.add(node.name)
+        if not _absorbable(g, node) and reaches_finn(node):
+            found.append(node.name)
+        todo += [c for o in node.output for c in g.consumers.get(o, [])]
+    return sorted(found, key=[n.name for n in g.nodes].index)
 
 
 def _is_po2(scale: Any) -> bool:
