@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import warnings
@@ -471,3 +472,43 @@ def test_warm_start_from_float_vectors_agrees_with_cold_start():
     assert sigma == pytest.approx(
         float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2)), rel=1e-12
     )
+
+
+# -- batched candidate norms (issue 17): one LOBPCG over many weights of a layer ---------------------------
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (nn.Linear(12, 7), (12,)),
+        (nn.Conv2d(3, 5, 3, padding=1), (3, 7, 7)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect"), (4, 9, 8)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (4, 5, 5)),
+        (nn.Conv1d(3, 5, 3, dilation=2), (3, 20)),
+    ],
+    ids=["linear", "conv2d", "grouped-reflect", "convtranspose-grouped", "conv1d"],
+)
+def test_batched_norms_match_one_at_a_time_and_the_dense_operator(layer, shape):
+    from aq_brevitas.candidates import operator_norms
+    from aq_brevitas.lipschitz import operator_norm_basis
+
+    torch.manual_seed(0)
+    w = layer.weight.detach()
+    weights = torch.stack(
+        [w + 0.05 * torch.randn_like(w) for _ in range(4)] + [w - w]
+    )  # the last: a zero map
+    n_out = w.shape[1] * layer.groups if isinstance(layer, nn.ConvTranspose2d) else w.shape[0]
+    scale = torch.rand(n_out) + 0.5
+    _, _, basis = operator_norm_basis(layer, shape, out_scale=scale, tol=1e-7)
+    batched = operator_norms(layer, shape, weights, out_scale=scale, tol=1e-7, init=basis)
+    for wk, (sigma, iters) in zip(weights, batched):
+        alone = operator_norm_basis(layer, shape, weight=wk, out_scale=scale, tol=1e-7, init=basis)
+        assert sigma == pytest.approx(alone[0], rel=1e-7, abs=1e-12) and iters == alone[1]
+        ref = copy.deepcopy(layer)
+        ref.bias = None
+        with torch.no_grad():
+            ref.weight.copy_(wk)
+        dense = dense_operator(ref, shape)  # rows: the flattened output, channel first
+        dense = (dense.reshape(n_out, -1, dense.shape[1]) * scale.double()[:, None, None]).reshape(
+            dense.shape
+        )
+        assert sigma == pytest.approx(float(torch.linalg.svdvals(dense)[0]), rel=1e-5, abs=1e-12)
+    assert batched[-1] == (0.0, 1)
