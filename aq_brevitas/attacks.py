@@ -31,9 +31,22 @@ if TYPE_CHECKING:  # torch is imported by the functions that need it; keep this 
 
     from .config import AttackConfig
 
-ATTACKS = ("fgsm", "pgd", "pgdl2", "tpgd", "square", "autoattack")
+ATTACKS = (
+    "fgsm", "pgd", "pgdl2", "tpgd", "square", "autoattack",
+    "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t",
+)  # fmt: skip
 GRADIENT_FREE = ("square",)  # the attacks that never ask the model for an input gradient
-GRID_ATTACKS = ("square", "autoattack")  # torchattacks code that only takes N x C x H x W images
+#: torchattacks code that only takes N x C x H x W images (APGD's steps are shaped [N, 1, 1, 1])
+GRID_ATTACKS = ("square", "autoattack", "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t")
+#: attack suites (:mod:`aq_brevitas.suite`): the attacks of each, in the order they run
+SUITES: dict[str, tuple[str, ...]] = {
+    "fast": ("apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square"),
+    "reference": ("apgd-ce", "apgd-t", "fab-t", "square"),
+}
+SUITE_ATTACKS = (
+    "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t", "square", "transfer", "pgd",
+)  # fmt: skip
+AUTOATTACK_VERSIONS = ("off", "standard", "torchattacks")
 #: ``(mean, std)`` per channel, as :func:`check_normalization` returns it
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -231,6 +244,22 @@ class _GridModel:
         return self.model(z.reshape(z.shape[0], *self.sample_shape))
 
 
+class _TemperatureScaled(_GridModel):
+    """``model`` whose logits are divided by their own per-example standard deviation (detached).
+
+    Cross-entropy on a confident quantized net saturates: its gradient vanishes although the margin
+    can still be moved (Gupta & Ajanthan 2021). Rescaling each example's logits to unit spread keeps
+    the softmax away from saturation; the argmax, hence every prediction, is unchanged."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model.model if isinstance(model, _GridModel) else model)
+        self.inner = model
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(z)
+        return logits / logits.detach().std(dim=1, keepdim=True).clamp(min=1e-6)
+
+
 class AdaptedAttack:
     """What :func:`make_attack` returns: ``attack(images, labels) -> adversarial images``, both in
     [0, 1] and of the model's own input shape.
@@ -291,12 +320,18 @@ def make_attack(
     normalization: Any = None,
     **extra: Any,
 ) -> AdaptedAttack:
-    """Build an attack by name: fgsm, pgd, pgdl2, tpgd, square or autoattack (torchattacks classes).
+    """Build an attack by name (torchattacks classes): fgsm, pgd, pgdl2, tpgd, square, autoattack
+    (torchattacks' own shortened AutoAttack), apgd-ce, apgd-dlr, apgd-t (9 target classes with 10
+    classes), apgd-t3 (APGD-T on the 3 highest-scoring other classes), fab-t (targeted FAB), or
+    apgd-ce-scaled (APGD-CE on the logits divided by their own
+    per-example standard deviation, detached: the temperature scaling of Gupta & Ajanthan 2021 that
+    undoes the vanishing cross-entropy gradients of confident quantized nets; predictions unchanged).
 
     ``name`` may also be an :class:`~aq_brevitas.config.AttackConfig`, whose settings then replace
     ``eps``, ``steps``, ``alpha``, ``random_start`` and (unless given) ``normalization``. ``eps`` is the
     budget on [0, 1] inputs (L-inf; L2 for pgdl2); ``alpha`` the step (default 2.5·ε/steps);
-    ``random_start`` applies to pgd/pgdl2. ``tpgd`` is TRADES's inner maximisation (Zhang et al.
+    ``random_start`` applies to pgd/pgdl2; ``steps`` is also the iteration count of the APGD and FAB
+    attacks. ``tpgd`` is TRADES's inner maximisation (Zhang et al.
     2019): PGD on KL(f(x') ‖ f(x)) from x + 0.001·N(0, 1), labels unused. ``n_queries`` (square,
     default 1000) goes in ``extra``. ``normalization=(mean, std)``: ``model`` expects normalised
     inputs; the attack still takes and returns [0, 1] inputs (see :func:`normalized_inputs`; to
@@ -333,6 +368,17 @@ def make_attack(
     elif name == "autoattack":
         atk = torchattacks.AutoAttack(
             target, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=seed
+        )
+    elif name in ("apgd-ce", "apgd-dlr", "apgd-ce-scaled"):
+        loss = "dlr" if name == "apgd-dlr" else "ce"
+        victim = _TemperatureScaled(target) if name == "apgd-ce-scaled" else target
+        atk = torchattacks.APGD(victim, norm="Linf", eps=eps, steps=steps, seed=seed, loss=loss, **extra)
+    elif name in ("apgd-t", "apgd-t3"):  # apgd-t3: only the 3 highest-scoring other classes as targets
+        classes = min(n_classes, 4) if name == "apgd-t3" else n_classes
+        atk = torchattacks.APGDT(target, norm="Linf", eps=eps, steps=steps, seed=seed, n_classes=classes)
+    elif name == "fab-t":
+        atk = torchattacks.FAB(
+            target, norm="Linf", eps=eps, steps=steps, seed=seed, multi_targeted=True, n_classes=n_classes
         )
     else:
         raise ConfigError(f"unknown attack {name!r}", f"use one of {', '.join(ATTACKS)}")

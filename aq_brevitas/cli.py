@@ -44,6 +44,7 @@ OUTPUT_OPTIONS: dict[str, tuple[tuple[str, str, str], ...]] = {
 OUTPUT_PREFIXES: dict[str, tuple[str, ...]] = {
     "study": (".json", ".md", ".png"),
     "validate-metric": (".json", ".png"),
+    "pareto": (".json", ".md", ".png"),
 }
 
 
@@ -346,23 +347,32 @@ def _selection(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from .budget import Budget
     from .candidates import default_candidates
     from .data import selection_data
+    from .search.config import with_act_bits
 
     Budget.parse(args.budget)  # a typo fails before the model and the data are loaded
     model, _ = _load_any_model(args.model)
     calib, val = selection_data(args.calib_images, args.val_images, args.seed, args.data_dir)
     given = {"bits": args.bits, "scalings": args.scalings, "granularities": args.granularities}
     chosen = {k: v for k, v in given.items() if v is not None}  # the rest: the library's defaults
-    return model, calib, val, default_candidates(**chosen, act_bit_width=args.act_bits)
+    if not chosen and not args.act_bits:
+        return model, calib, val, None  # the search config's defaults (input bits with bops or FINN)
+    specs = default_candidates(**chosen)
+    return model, calib, val, with_act_bits(specs, args.act_bits) if args.act_bits else specs
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     _setup_torch(args)
+    from .budget import Budget
     from .candidates import candidate_table
     from .search import compare_methods, policy_table, search_policy
+    from .search.config import DEFAULT_ACT_BITS
 
     model, calib, val, candidates = _selection(args)
-    table = candidate_table(model, calib[0], candidates, seed=args.seed, progress=True)
-    config, val_data = search_config(args), (val if args.val_images else None)
+    config, val_data = search_config(args).replace(candidates=candidates), (val if args.val_images else None)
+    if Budget.parse(args.budget).kind == "bops" and config.candidates is None and config.act_bits is None:
+        config = config.replace(act_bits=DEFAULT_ACT_BITS)  # as search_policy does: BOPs count input bits
+    # one table for every method compared; norms are filled only for the methods that read them
+    table = candidate_table(model, calib[0], config.candidates, seed=args.seed, progress=True, norms=False)
     common = {"config": config, "val_data": val_data, "table": table}
     if args.compare:
         comparison = compare_methods(model, calib, args.budget, **common)
@@ -382,6 +392,27 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         plot_policy(chosen.policy, table.scores, args.plot, title=f"{chosen.method} policy at {args.budget}")
         print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    from .search import search_pareto
+    from .search.config import DEFAULT_ACT_BITS
+    from .storage import atomic_write_text
+
+    model, calib, val, candidates = _selection(args)
+    budgets = args.budget.split(",") if args.budget else None
+    config = search_config(args).replace(candidates=candidates)
+    if candidates is None and config.act_bits is None:
+        config = config.replace(act_bits=DEFAULT_ACT_BITS)
+    front = search_pareto(model, calib, val, budgets=budgets, methods=args.methods, config=config)
+    print(front.table())
+    if args.out:
+        front.save(args.out + ".json")
+        atomic_write_text(args.out + ".md", front.table() + "\n")
+        front.plot(args.out + ".png")
+        print(f"wrote {args.out}.json, {args.out}.md and {args.out}.png")
     return 0
 
 
@@ -503,6 +534,10 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
     "validate-metric": (
         "Spearman rank check: does the bound order random equal-cost policies like PGD error?",
         cmd_validate_metric,
+    ),
+    "pareto": (
+        "robust accuracy against BOPs/KiB for every method over a sweep of budgets, with a plot",
+        cmd_pareto,
     ),
     "export": (
         "export a quantized checkpoint to QONNX (FINN) or QCDQ (onnxruntime), parity-checked",

@@ -32,7 +32,15 @@ from typing import Any
 from .config import OPTIMIZERS, EvalConfig, TrainConfig
 from .errors import ConfigError
 from .pipeline import RunConfig
-from .search.config import ESTIMATES, METHOD_SETTINGS, METHODS, LipschitzSettings, SearchConfig
+from .policy import TARGETS
+from .search.config import (
+    ESTIMATES,
+    METHOD_SETTINGS,
+    METHODS,
+    PARETO_METHODS,
+    LipschitzSettings,
+    SearchConfig,
+)
 
 # Old spelling -> the option that replaces it, per command (accepted, with a warning, for one release).
 DEPRECATED: dict[str, dict[str, str]] = {
@@ -186,7 +194,9 @@ def _selection(search: SearchConfig) -> list[Option]:
         plain("--bits", "candidate weight bit widths (default 2 3 4 5 6 8)", type=int, nargs="+"),
         plain("--scalings", "candidate scaling rules (default max percentile mse)", nargs="+"),
         plain("--granularities", "candidate granularities (default per_tensor per_channel)", nargs="+"),
-        plain("--act-bits", "add input quantizers of this width to every candidate", type=int),
+        plain("--act-bits", "input activation widths crossed with every candidate, quantized at the producer as "
+              "FINN needs (default: none, or 2 3 4 8 with a bops budget or --target finn)", type=int, nargs="+"),
+        setting(search, "target", "generic, or finn: every layer an integer input of <= 8 bits", choices=TARGETS),
         plain("--calib-images", "held-out (val) images for scoring", 256, type=int),
         setting(search, "val_images", "other val images for the comparison with uniform (0 = skip)"),
         setting(search, "seed", "seed of every random draw"),
@@ -295,6 +305,14 @@ def _search_commands() -> dict[str, list[Option]]:
             plain("--compare", "run every method and print them side by side", action="store_true"),
             plain("--out", "write the policy JSON"),
             plain("--plot", "write the per-layer policy chart"),
+        ],
+        "pareto": [
+            *[o for o in _selection(search) if o.flag != "--budget"],
+            plain("--budget", "comma-separated budgets of one kind (default: the BOPs of uniform w2a2, w3a3, "
+                  "w4a4, w5a5, w8a8)"),
+            plain("--methods", "methods to sweep", list(PARETO_METHODS), nargs="+", choices=PARETO_METHODS),
+            setting(search, "pgd_steps", "PGD steps joined to the fast suite in each point's robust accuracy"),
+            plain("--out", "write OUT.json, OUT.md and OUT.png"),
         ],
         "validate-metric": [
             *_selection(search),

@@ -15,10 +15,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .attacks import ATTACKS, Normalization, check_eps, check_normalization, default_alpha
+from .attacks import (
+    ATTACKS,
+    AUTOATTACK_VERSIONS,
+    SUITE_ATTACKS,
+    SUITES,
+    Normalization,
+    check_eps,
+    check_normalization,
+    default_alpha,
+)
 from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -210,10 +219,16 @@ class EvalConfig(_Config):
     """The robustness suite; defaults are :func:`~aq_brevitas.evaluate.evaluate_robustness`'s.
 
     ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of
-    :data:`EVAL_ATTACKS`); PGD with ``pgd_steps`` steps and ``pgd_restarts`` restarts; ``autoattack``
-    and ``gradient_free`` (Square with ``square_queries`` queries) on a seeded subset of
+    :data:`EVAL_ATTACKS`); PGD with ``pgd_steps`` steps and ``pgd_restarts`` restarts; at every ε the
+    attack ``suite`` (``"fast"``, ``"reference"``, ``"none"``, or a tuple of
+    :data:`~aq_brevitas.attacks.SUITE_ATTACKS`; :mod:`aq_brevitas.suite`) with ``suite_steps`` APGD
+    iterations and ``suite_queries`` Square queries; ``autoattack`` (``"standard"``: the reference
+    AutoAttack of Croce & Hein, 100 iterations, Square 5,000 queries, built from torchattacks classes;
+    ``"torchattacks"``: the library's own shortened one; True means ``"standard"``; ``"off"``) and
+    ``gradient_free`` (Square with ``square_queries`` queries) on a seeded subset of
     ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on ``large_eps_images``
-    images; ``batch_size`` images per attack call; the first ``limit`` images (None: all); ``seed``;
+    images; ``indicators``: the attack-failure indicators (:mod:`aq_brevitas.indicators`);
+    ``batch_size`` images per attack call; the first ``limit`` images (None: all); ``seed``;
     ``normalization=(mean, std)`` for a model that expects normalised inputs.
     """
 
@@ -221,7 +236,13 @@ class EvalConfig(_Config):
     attacks: tuple[str, ...] = EVAL_ATTACKS
     pgd_steps: int = 20
     pgd_restarts: int = 1
-    autoattack: bool = False
+    suite: str | tuple[str, ...] = field(
+        default="fast", metadata={"choices": (*SUITES, "none"), "help": "attack suite run at every eps"}
+    )
+    suite_steps: int = 100
+    suite_queries: int = 500
+    autoattack: str = field(default="off", metadata={"choices": AUTOATTACK_VERSIONS})
+    indicators: bool = True
     gradient_free: bool = True
     gradient_free_images: int = 100
     square_queries: int = 300
@@ -243,17 +264,45 @@ class EvalConfig(_Config):
         if unknown:
             raise ConfigError(
                 f"unknown attack(s) {', '.join(map(repr, unknown))}",
-                f"use {', '.join(EVAL_ATTACKS)}; AutoAttack and Square run via autoattack=True / gradient_free=True",
+                f"use {', '.join(EVAL_ATTACKS)}; AutoAttack and Square run via autoattack='standard' / gradient_free=True",
             )
         object.__setattr__(self, "attacks", tuple(dict.fromkeys(names)))
+        _set_suite(self)
         for key in (
-            "pgd_steps", "pgd_restarts", "gradient_free_images", "square_queries", "large_eps_images", "batch_size"
+            "pgd_steps", "pgd_restarts", "gradient_free_images", "square_queries", "large_eps_images", "batch_size",
+            "suite_steps", "suite_queries",
         ):  # fmt: skip
             _check_count(key, getattr(self, key))
         object.__setattr__(self, "large_eps", check_eps(self.large_eps, "large_eps"))
         if self.limit is not None and not (_is_int(self.limit) and self.limit >= 1):
             raise ConfigError(f"limit must be positive, got {self.limit}", "pass limit>=1 or None")
         _set_normalization(self)
+
+
+def _set_suite(config: Any) -> None:
+    """``suite`` (a name, or attack names stored as a tuple) and ``autoattack`` (True -> "standard",
+    False/None -> "off") checked and stored."""
+    suite = config.suite
+    if isinstance(suite, str):
+        if suite not in (*SUITES, "none"):
+            raise ConfigError(
+                f"unknown attack suite {suite!r}", f"use {', '.join(SUITES)}, none, or a tuple of attacks"
+            )
+    else:
+        names = tuple(str(a).lower() for a in suite)
+        bad = [a for a in names if a not in SUITE_ATTACKS]
+        if bad or not names:
+            raise ConfigError(
+                f"bad suite attack(s) {', '.join(map(repr, bad)) or '(none given)'}",
+                f"use {', '.join(SUITE_ATTACKS)}",
+            )
+        object.__setattr__(config, "suite", names)
+    aa = {True: "standard", False: "off", None: "off"}.get(config.autoattack, config.autoattack)  # type: ignore[call-overload]
+    if aa not in AUTOATTACK_VERSIONS:
+        raise ConfigError(
+            f"unknown autoattack version {config.autoattack!r}", f"use {', '.join(AUTOATTACK_VERSIONS)}"
+        )
+    object.__setattr__(config, "autoattack", aa)
 
 
 def _set_normalization(config: Any) -> None:

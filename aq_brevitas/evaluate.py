@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .attacks import (
+    SUITES,
     AdaptedAttack,
     check_input_gradient,
     image_grid,
@@ -32,8 +34,18 @@ from .attacks import (
     normalized_inputs,
 )
 from .config import EvalConfig, with_overrides
+from .indicators import (
+    UNCONSTRAINED_EPS,
+    input_gradient_check,
+    noise_stability_check,
+    optimisation_check,
+    silent_success_check,
+    unconstrained_check,
+    white_box_check,
+)
 from .nnutils import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
-from .report import AttackResult, RobustnessReport, masking_checks
+from .report import AttackResult, MaskingCheck, RobustnessReport, masking_checks, pack_mask
+from .suite import REFERENCE_QUERIES, REFERENCE_STEPS, ChainSettings, mask_share, run_chain, suite_names
 
 
 def _batches(
@@ -152,6 +164,7 @@ class _Runner:
         self.clean_correct = torch.zeros(0, dtype=torch.bool)
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.n_classes = 10  # the width of the logits, known after the first prediction
+        self.standing: dict[float, torch.Tensor] = {}  # per ε: images no attack there has broken yet
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +181,16 @@ class _Runner:
         )
         return self.clean_correct
 
-    def _track(self, adv: torch.Tensor, x: torch.Tensor, eps: float, label: str) -> None:
+    def mask(self, idx: torch.Tensor, left: torch.Tensor, eps: float) -> torch.Tensor:
+        """The images standing after an attack on ``idx`` that left ``left``; noted for ``eps``."""
+        m = self.clean_correct.clone()
+        m[idx] = False
+        m[left] = True
+        self.standing[eps] = self.standing.get(eps, self.clean_correct) & m
+        return m
+
+    def track(self, adv: torch.Tensor, x: torch.Tensor, eps: float, label: str) -> None:
+        """Record how far ``adv`` strays outside the ε-ball around ``x`` or [0, 1]."""
         if not torch.isfinite(adv).all():
             violation = math.inf
         else:
@@ -198,7 +220,7 @@ class _Runner:
         for idx in tqdm(chunks, desc=f"{name} ε={eps:g}", disable=not self.progress, leave=False):
             xb, yb = self.x[idx].to(self.device), self.y[idx].to(self.device)
             adv = atk(xb, yb)
-            self._track(adv, xb, eps, f"{name} ε={eps:g}")
+            self.track(adv, xb, eps, f"{name} ε={eps:g}")
             survived.append(idx[(self.predict(adv) == yb).cpu()])
         return torch.cat(survived)
 
@@ -220,7 +242,8 @@ class _Runner:
             # APGD-T targets each of the other classes: it needs the model's class count
             steps, left = None, self.robust("autoattack", eps, idx, seed=cfg.seed, n_classes=self.n_classes)
         seconds = time.perf_counter() - t0
-        return AttackResult(attack, eps, len(left) / len(idx), len(idx), seconds, steps, restarts)
+        correct = pack_mask(self.mask(idx, left, eps))
+        return AttackResult(attack, eps, len(left) / len(idx), len(idx), seconds, steps, restarts, correct)
 
 
 def _jobs(cfg: EvalConfig, n: int, skipped: Mapping[str, str]) -> list[tuple[str, float, torch.Tensor]]:
@@ -231,7 +254,7 @@ def _jobs(cfg: EvalConfig, n: int, skipped: Mapping[str, str]) -> list[tuple[str
     jobs = [(attack, e, everyone) for attack in cfg.attacks if attack != "clean" for e in cfg.eps]
     if cfg.gradient_free and "square" not in skipped:
         jobs += [("square", top, gf_idx), ("pgd-subset", top, gf_idx)]
-    if cfg.autoattack and "autoattack" not in skipped:
+    if cfg.autoattack == "torchattacks" and "autoattack" not in skipped:
         jobs.append(("autoattack", top, gf_idx))
     if not ("pgd" in cfg.attacks and cfg.large_eps in cfg.eps):
         jobs.append(("pgd-large-eps", cfg.large_eps, _subset(n, cfg.large_eps_images, cfg.seed + 1)))
@@ -242,14 +265,19 @@ def _grid_attacks(cfg: EvalConfig, sample_shape: tuple[int, ...]) -> tuple[dict[
     """Square and AutoAttack on samples of ``sample_shape``: ``(skipped, notes)``. torchattacks runs
     them on N×C×H×W images only; other samples are attacked through their :func:`image_grid` view,
     or, when they have none, the two attacks are skipped and the report says why."""
-    wanted = [a for a, on in (("square", cfg.gradient_free), ("autoattack", cfg.autoattack)) if on]
+    wanted = [a for a, on in (("square", cfg.gradient_free), ("autoattack", cfg.autoattack != "off")) if on]
+    wanted += ["suite"] if cfg.suite != "none" else []
     grid = image_grid(sample_shape)
     if not wanted or grid == sample_shape:
         return {}, []
     shape = "×".join(map(str, sample_shape)) or "scalar"
     if grid is None:
         why = f"torchattacks runs it on C×H×W images only, and {shape} samples have no view with H, W >= 2"
-        extra = {"square": "; PGD on its subset (the comparison) is skipped too", "autoattack": ""}
+        extra = {
+            "square": "; PGD on its subset (the comparison) is skipped too",
+            "autoattack": "",
+            "suite": "",
+        }
         return {a: why + extra[a] for a in wanted}, []
     view = "×".join(map(str, grid))
     return {}, [
@@ -266,6 +294,10 @@ def _settings(cfg: EvalConfig, n: int) -> dict[str, Any]:
         "pgd_steps": cfg.pgd_steps,
         "pgd_restarts": cfg.pgd_restarts,
         "autoattack": cfg.autoattack,
+        "suite": cfg.suite if isinstance(cfg.suite, str) else list(cfg.suite),
+        "suite_steps": cfg.suite_steps,
+        "suite_queries": cfg.suite_queries,
+        "indicators": cfg.indicators,
         "gradient_free": cfg.gradient_free,
         "gradient_free_images": min(cfg.gradient_free_images, n),
         "square_queries": cfg.square_queries,
@@ -276,6 +308,100 @@ def _settings(cfg: EvalConfig, n: int) -> dict[str, Any]:
     }
 
 
+_BLACK_BOX = ("transfer", "square")  # suite attacks that do not follow the model's own gradient
+
+
+@dataclass
+class _SuiteOutcome:
+    """What the suite left for the indicators: per ε, silent successes, the first white-box attack's
+    margin trace, and the images only the transfer/gradient-free attacks broke."""
+
+    rows: list[AttackResult] = field(default_factory=list)
+    silent: dict[float, int] = field(default_factory=dict)
+    traces: dict[float, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
+    extra: dict[float, tuple[int, int, str]] = field(default_factory=dict)
+
+
+def _run_suite(
+    run: _Runner, cfg: EvalConfig, names: tuple[str, ...], surrogate: nn.Module | None
+) -> _SuiteOutcome:
+    """The suite at every ε, ascending, each on the images no attack has broken at this or a smaller ε."""
+    out, n = _SuiteOutcome(), len(run.x)
+    prev = run.clean_correct.clone()
+    for e in cfg.eps:
+        alive = prev & run.standing.get(e, run.clean_correct)
+        chain = run_chain(
+            run.model, run.x, run.y, e, names, alive=alive, surrogate=surrogate, on_adv=run.track,
+            settings=ChainSettings(cfg.suite_steps, cfg.suite_queries, cfg.seed, cfg.batch_size),
+        )  # fmt: skip
+        for st in chain:
+            acc = mask_share(st.survived)
+            out.rows.append(
+                AttackResult(st.name, e, acc, n, st.seconds, st.steps, 1, pack_mask(st.survived), "suite")
+            )
+        final = chain[-1].survived if chain else alive
+        seen = torch.stack([st.seen for st in chain]).any(0) if chain else torch.zeros_like(alive)
+        out.silent[e] = int((seen & final).sum())
+        white = [st for st in chain if st.name not in _BLACK_BOX]
+        if white:
+            out.traces[e] = (white[0].name, white[0].trace)
+        first_black = next((k for k, st in enumerate(chain) if st.name in _BLACK_BOX), None)
+        if first_black is not None:
+            before = chain[first_black - 1].survived if first_black else alive
+            black = "+".join(st.name for st in chain if st.name in _BLACK_BOX)
+            out.extra[e] = (int((before & ~final).sum()), int(alive.sum()), black)
+        run.standing[e] = run.standing.get(e, run.clean_correct) & final
+        prev = final
+    return out
+
+
+def _reference_autoattack(run: _Runner, cfg: EvalConfig, idx: torch.Tensor) -> list[AttackResult]:
+    """The reference AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000) at the largest ε on ``idx``, as
+    chain rows whose masks cover all images (those outside ``idx`` stand)."""
+    e = cfg.eps[-1]
+    chain = run_chain(
+        run.model, run.x[idx], run.y[idx], e, SUITES["reference"], alive=run.clean_correct[idx],
+        settings=ChainSettings(REFERENCE_STEPS, REFERENCE_QUERIES, cfg.seed, cfg.batch_size), on_adv=run.track,
+    )  # fmt: skip
+    rows = []
+    for st in chain:
+        left = idx[st.survived]
+        correct = pack_mask(run.mask(idx, left, e))
+        rows.append(
+            AttackResult(
+                st.name, e, len(left) / len(idx), len(idx), st.seconds, st.steps, 1, correct, "autoattack"
+            )
+        )
+    return rows
+
+
+def _indicator_checks(
+    run: _Runner, cfg: EvalConfig, outcome: _SuiteOutcome, names: tuple[str, ...]
+) -> list[MaskingCheck]:
+    """The attack-failure indicators of :mod:`aq_brevitas.indicators` (the model is in eval mode)."""
+    sub = _subset(len(run.x), cfg.large_eps_images, cfg.seed + 2)
+    xs, ys = run.x[sub].to(run.device), run.y[sub].to(run.device)
+    # APGD (torchattacks) needs image-like samples; PGD attacks any shape
+    fallback = ("apgd-ce",) if image_grid(tuple(run.x.shape[1:])) is not None else ("pgd",)
+    white = tuple(a for a in names if a not in _BLACK_BOX) or fallback
+    alive = run.clean_correct[sub]
+    settings = ChainSettings(10, cfg.suite_queries, cfg.seed, cfg.batch_size)
+    chain = run_chain(
+        run.model, run.x[sub], run.y[sub], UNCONSTRAINED_EPS, white, alive=alive, settings=settings
+    )
+    left = mask_share(chain[-1].survived if chain else alive)
+    return [
+        input_gradient_check(run.model, xs, ys, batch_size=cfg.batch_size),
+        noise_stability_check(
+            run.model, xs, amplitude=cfg.eps[0] / 20, batch_size=cfg.batch_size, seed=cfg.seed
+        ),
+        silent_success_check(outcome.silent, len(run.x)),
+        optimisation_check(outcome.traces),
+        white_box_check(outcome.extra),
+        unconstrained_check(left, len(sub), " then ".join(f"{a} (10 steps)" for a in white)),
+    ]
+
+
 def evaluate_robustness(
     model: nn.Module,
     data: Any,
@@ -284,25 +410,34 @@ def evaluate_robustness(
     progress: bool = True,
     name: str | None = None,
     meta: Mapping[str, Any] | None = None,
+    surrogate: nn.Module | None = None,
     **overrides: Any,
 ) -> RobustnessReport:
-    """Clean, FGSM and PGD-k accuracy at each ε, a gradient-free Square attack (and PGD on the same
-    subset), optionally AutoAttack, and the gradient-masking checklist.
+    """Clean, FGSM and PGD-k accuracy at each ε, the attack suite at each ε, a gradient-free Square
+    attack (and PGD on the same subset), optionally AutoAttack, the gradient-masking checklist and the
+    attack-failure indicators.
 
     ``data`` is any form :func:`~aq_brevitas.nnutils.as_xy` accepts (images in [0, 1], integer
     labels). ``config`` is an :class:`~aq_brevitas.config.EvalConfig` (default: its defaults);
     ``overrides`` are its field names (``eps=(0.1,), pgd_steps=10``...) applied on top, so the keyword
     spellings of earlier releases keep working. ``name`` and ``meta`` label the report.
+    ``surrogate``: a float model of the same task (the one ``model`` was quantized from) for the
+    suite's transfer attack (without it the transfer attack is skipped, and the notes say so).
 
-    Robust accuracy counts an example only if it is classified correctly both clean and under
-    attack (the AutoAttack convention); attacks run on clean-correct examples only. PGD uses a
+    An example counts as robust only if it is classified correctly both clean and under attack;
+    attacks run on clean-correct examples only. The headline is ``report.robust_accuracy(eps)``:
+    per image, the worst case over every attack run at ``eps``. The suite (``suite``, default
+    ``"fast"``: APGD-CE, APGD-DLR, APGD-T on 3 targets, transfer, Square; :mod:`aq_brevitas.suite`)
+    runs at every ε, ascending, on the images FGSM, PGD and the smaller ε left standing. PGD uses a
     random start; with ``pgd_restarts > 1`` an example must survive every restart. Square, PGD on
-    its subset and AutoAttack run on a seeded subset of ``gradient_free_images`` images at the
-    largest ε; PGD at ``large_eps`` runs on a seeded subset of ``large_eps_images`` images.
-    Inputs need not be images: Square and AutoAttack (torchattacks code for N×C×H×W images) run on
-    the C×H×W view :func:`~aq_brevitas.attacks.image_grid` gives other samples (``report.notes`` says
-    so), and are skipped with the reason in ``report.skipped`` when there is none. ``normalization``
-    (in ``config``) is for a model that expects normalised inputs: data and ε stay in [0, 1].
+    its subset and AutoAttack (``"standard"``: the reference; ``"torchattacks"``: the library's) run
+    on a seeded subset of ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on
+    a seeded subset of ``large_eps_images`` images, where the indicators also run.
+    Inputs need not be images: Square, AutoAttack and the suite (torchattacks code for N×C×H×W
+    images) run on the C×H×W view :func:`~aq_brevitas.attacks.image_grid` gives other samples
+    (``report.notes`` says so), and are skipped with the reason in ``report.skipped`` when there is
+    none. ``normalization`` (in ``config``) is for a model that expects normalised inputs: data and
+    ε stay in [0, 1]; the surrogate is fed the same normalisation.
     The caller's torch RNG state, the model's train/eval mode (each module's own flag) and its
     BatchNorm statistics are left as they were. Raises :class:`ConfigError` for bad settings or data,
     :class:`ModelError` for a model that cannot run the images or has no input gradient (a converted
@@ -316,12 +451,16 @@ def evaluate_robustness(
     >>> x = torch.rand(40, 1, 8, 8)
     >>> y = model(x).argmax(1)  # labels the model gets right
     >>> report = evaluate_robustness(model, (x, y), eps=(0.05, 0.1), pgd_steps=5, square_queries=20,
-    ...                              gradient_free_images=10, large_eps_images=20, progress=False)
+    ...                              gradient_free_images=10, large_eps_images=20, suite_steps=10,
+    ...                              suite_queries=20, progress=False)
     >>> report.images, report.clean_accuracy, report.result("pgd", 0.1).steps
     (40, 1.0, 5)
+    >>> report.robust_accuracy(0.1) <= report.accuracy("pgd", 0.1)  # the worst case over every attack
+    True
     >>> [c.name for c in report.checks]  # doctest: +NORMALIZE_WHITESPACE
     ['pgd_not_above_fgsm', 'monotone_in_eps', 'large_eps_near_zero', 'gradient_free_not_stronger',
-     'in_epsilon_ball']
+     'in_epsilon_ball', 'input_gradient_nonzero', 'stable_under_noise', 'no_silent_success',
+     'optimisation_complete', 'white_box_strongest', 'unconstrained_reaches_zero']
     """
     from tqdm.auto import tqdm
 
@@ -330,16 +469,48 @@ def evaluate_robustness(
     require_single_input(model, "evaluate_robustness")
     x, y = as_xy(data, limit=cfg.limit, name="inputs")
     skipped, notes = _grid_attacks(cfg, tuple(x.shape[1:]))
-    with normalized_inputs(model, cfg.normalization):
+    names = (
+        ()
+        if cfg.suite == "none" or "suite" in skipped
+        else suite_names(cfg.suite, surrogate=surrogate is not None)
+    )
+    notes += _suite_notes(cfg, names, surrogate)
+    with (
+        normalized_inputs(model, cfg.normalization),
+        normalized_inputs(surrogate or model, cfg.normalization),
+    ):
         check_forward(model, x)
         check_input_gradient(model, x)  # every suite runs PGD: refuse a converted model before the clean pass
         run = _Runner(model, x, y, batch_size=cfg.batch_size, progress=progress)
-        with eval_mode(model), torch.random.fork_rng(devices=[]), frozen_quant_weights(model) as n_frozen:
+        with (
+            eval_mode(model), eval_mode(surrogate or model), torch.random.fork_rng(devices=[]),
+            frozen_quant_weights(model) as n_frozen,
+        ):  # fmt: skip
             t0 = time.perf_counter()
-            clean_acc = run.clean().float().mean().item()
-            results = [AttackResult("clean", 0.0, clean_acc, len(x), time.perf_counter() - t0)]
+            clean_mask = run.clean()
+            clean_acc = mask_share(clean_mask)
+            results = [
+                AttackResult(
+                    "clean", 0.0, clean_acc, len(x), time.perf_counter() - t0, correct=pack_mask(clean_mask)
+                )
+            ]
             jobs = _jobs(cfg, len(x), skipped)
-            results += [run.job(cfg, *job) for job in tqdm(jobs, desc="robustness", disable=not progress)]
+            bar = tqdm(total=len(jobs) + len(cfg.eps) * bool(names), desc="robustness", disable=not progress)
+            for job in [j for j in jobs if j[0] in cfg.attacks]:  # FGSM and PGD at every ε first
+                results.append(run.job(cfg, *job))
+                bar.update()
+            outcome = _run_suite(run, cfg, names, surrogate) if names else _SuiteOutcome()
+            results += outcome.rows
+            bar.update(len(cfg.eps) * bool(names))
+            for job in [j for j in jobs if j[0] not in cfg.attacks]:  # the subsets, then large ε
+                results.append(run.job(cfg, *job))
+                bar.update()
+            if cfg.autoattack == "standard" and "autoattack" not in skipped:
+                results += _reference_autoattack(
+                    run, cfg, _subset(len(x), cfg.gradient_free_images, cfg.seed)
+                )
+            bar.close()
+            indicators = _indicator_checks(run, cfg, outcome, names) if cfg.indicators else []
     report = RobustnessReport(
         model=name or str((meta or {}).get("name", type(model).__name__)),
         images=len(x),
@@ -351,6 +522,26 @@ def evaluate_robustness(
         skipped=skipped,
         notes=notes,
     )
-    report.checks = masking_checks(report, checked=run.checked, worst=run.worst)
+    report.checks = masking_checks(report, checked=run.checked, worst=run.worst) + indicators
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _suite_notes(cfg: EvalConfig, names: tuple[str, ...], surrogate: nn.Module | None) -> list[str]:
+    """What the report says about its suite and its AutoAttack."""
+    notes = []
+    if names:
+        what = ", ".join(f"{a} ({cfg.suite_queries} queries)" if a == "square" else a for a in names)
+        notes.append(f"attack suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {what}; "
+                     f"APGD with {cfg.suite_steps} iterations; each on the images still standing")  # fmt: skip
+    wanted = SUITES.get(cfg.suite, cfg.suite) if cfg.suite != "none" else ()
+    if "transfer" in wanted and surrogate is None:
+        notes.append("transfer attack skipped: no surrogate (float) model was given (surrogate=...)")
+    if cfg.autoattack == "standard":
+        notes.append(f"AutoAttack: the reference version (Croce & Hein 2020): APGD-CE, APGD-T (9 target "
+                     f"classes), FAB-T at {REFERENCE_STEPS} iterations and Square with {REFERENCE_QUERIES:,} "
+                     "queries, built from torchattacks classes")  # fmt: skip
+    elif cfg.autoattack == "torchattacks":
+        notes.append("AutoAttack: torchattacks' own version (APGD, APGD-T and FAB at 10 iterations, not the "
+                     "reference's 100): weaker than the reference; use autoattack='standard' for that")  # fmt: skip
+    return notes

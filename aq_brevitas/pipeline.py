@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ModelError
 from .rundata import RunData, RunInputs, prepare_data  # RunData: importable from here, with run
-from .runreport import VARIANTS, report, summary_rows
+from .runreport import VARIANTS, finn_lines, report, summary_rows
 from .search.config import DEFAULT_METHOD, SCORED_METHODS
 from .stagelog import StageLog, model_digest
 from .storage import atomic_write_json, check_output_file
@@ -74,6 +74,10 @@ class RunConfig:
     budget: str = _setting("avg-bits=3", "--budget", "avg-bits=N, bytes=N, kib=N or bops=N")
     eps: float = _setting(0.1, "--eps", "L-inf radius the policy is searched, fine-tuned and evaluated for")
     method: str = _setting(DEFAULT_METHOD, "--method", "search method", choices=RUN_METHODS)
+    target: str = _setting(
+        "finn", "--target", "finn: integer inputs on every layer (quantized after each ReLU), FINN's front end "
+        "and estimates at export; generic: any policy", choices=("finn", "generic"),
+    )  # fmt: skip
     calib_images: int = _setting(256, "--calib-images", "held-out (val) images for scoring", minimum=1)
     val_images: int = _setting(
         500, "--val-images", "other held-out images for the comparison with uniform", minimum=1
@@ -113,14 +117,18 @@ class RunResult:
     seconds: float = 0.0
 
     def summary_table(self) -> str:
-        """The rows as a plain-text table whose columns are as wide as their longest cell."""
-        head = ("model", "avg bits", "weight KiB", "clean", "PGD", "export parity")
+        """The rows as a plain-text table whose columns are as wide as their longest cell: ``robust`` is
+        the per-image worst case over the attack suite (the figure to trust), ``PGD`` PGD alone; each
+        model's failed masking checks and attack-failure indicators follow as warning lines."""
+        head = ("model", "avg bits", "weight KiB", "clean", "robust", "PGD", "export parity")
         cells = [
-            (r["name"], f"{r['avg_bits']:.2f}", f"{r['kib']:.1f}", f"{r['clean']:.4f}", f"{r['pgd']:.4f}",
+            (r["name"], f"{r['avg_bits']:.2f}", f"{r['kib']:.1f}", f"{r['clean']:.4f}",
+             f"{r.get('robust', r['pgd']):.4f}" + (" (!)" if r.get("warnings") else ""), f"{r['pgd']:.4f}",
              "-" if r.get("parity") is None else f"{r['parity']:.1e}")
             for r in self.rows
         ]  # fmt: skip
-        return text_table(head, cells)
+        warn = [f"warning: {r['name']}: {w}" for r in self.rows for w in r.get("warnings", [])]
+        return "\n".join([text_table(head, cells), *warn, *finn_lines(self.rows)])
 
 
 # -- checks before any work ----------------------------------------------------------------------------
@@ -283,7 +291,7 @@ def search(ctx: RunContext) -> None:
     policy_uniform.json) and the policy chart (policy.png)."""
     cfg = ctx.cfg
     inputs = {**ctx.selection, **ctx.reading("held_out"), "budget": cfg.budget, "eps": cfg.eps,
-              "method": cfg.method, "val_images": cfg.val_images}  # fmt: skip
+              "method": cfg.method, "val_images": cfg.val_images, "target": cfg.target}  # fmt: skip
     if not ctx.log.start("search", inputs, [v.policy_file for v in VARIANTS] + ["policy.png"]):
         return
     from .plots import plot_policy
@@ -296,6 +304,7 @@ def search(ctx: RunContext) -> None:
         seed=cfg.seed,
         val_images=cfg.val_images,
         normalization=ctx.normalization,
+        target=cfg.target,
     )
     result = search_policy(
         ctx.model,
@@ -328,7 +337,9 @@ def quantize(ctx: RunContext) -> None:
 
     for v in tqdm(VARIANTS, desc="quantize+calibrate", disable=not ctx.progress, leave=False):
         with normalized_inputs(ctx.model, ctx.normalization):  # calibrate on what the model is fed
-            q = convert.quantize(ctx.model, ctx.policies[v.key], calibration_data=ctx.data.calib[0])
+            q = convert.quantize(
+                ctx.model, ctx.policies[v.key], calibration_data=ctx.data.calib[0], target=ctx.cfg.target
+            )
         convert.save_quantized(q, ctx.out / v.checkpoint("ptq")[0])  # weights only: no input hook
     ctx.log.finish("quantize")
 
@@ -373,7 +384,7 @@ def evaluate(ctx: RunContext) -> None:
     robustness_{float,searched,uniform}.json and the searched model's robustness.png."""
     cfg = ctx.cfg
     inputs = {**ctx.reading("test"), "test_images": cfg.test_images, "pgd_steps": cfg.pgd_steps,
-              "eval_eps": ctx.eval_eps} | ctx.checkpoint_files("finetuned")  # fmt: skip
+              "eval_eps": ctx.eval_eps, "suite": _suite_settings()} | ctx.checkpoint_files("finetuned")  # fmt: skip
     outputs = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))] + ["robustness.png"]
     if not ctx.log.start("evaluate", inputs, outputs):
         return
@@ -384,13 +395,30 @@ def evaluate(ctx: RunContext) -> None:
     settings = EvalConfig(
         eps=ctx.eval_eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed, normalization=ctx.normalization
     )
-    models = [("float", "float", copy.deepcopy(ctx.model))]
+    float_model = copy.deepcopy(ctx.model)
+    models = [("float", "float", float_model)]
     models += [(v.key, v.stem, ctx.quantized(v, "finetuned")) for v in VARIANTS]
-    for key, stem, m in models:
-        robustness = evaluate_robustness(m, ctx.data.test, settings, name=key, progress=ctx.progress)
+    for key, stem, m in models:  # the quantized models are also attacked by transfer from the float one
+        surrogate = None if m is float_model else float_model
+        robustness = evaluate_robustness(
+            m, ctx.data.test, settings, name=key, progress=ctx.progress, surrogate=surrogate
+        )
         robustness.save(ctx.out / f"robustness_{stem}.json")
     RobustnessReport.load(ctx.out / "robustness_searched.json").plot(ctx.out / "robustness.png")
     ctx.log.finish("evaluate")
+
+
+def _suite_settings() -> dict[str, Any]:
+    """The evaluation's attack-suite defaults, part of the evaluate stage's record (a new suite redoes it)."""
+    from .config import EvalConfig
+
+    ev = EvalConfig()
+    return {
+        "suite": ev.suite,
+        "steps": ev.suite_steps,
+        "queries": ev.suite_queries,
+        "indicators": ev.indicators,
+    }
 
 
 def export(ctx: RunContext) -> None:
@@ -398,20 +426,28 @@ def export(ctx: RunContext) -> None:
     images, with its :class:`~aq_brevitas.export.ExportResult` (export.json, export_uniform.json).
     The ONNX graph is the model's own: with ``normalization`` it takes normalised inputs, and its
     example and parity inputs are the test images normalised."""
-    inputs = {**ctx.reading("test"), "test_images": ctx.cfg.test_images} | ctx.checkpoint_files("finetuned")
+    inputs = {**ctx.reading("test"), "test_images": ctx.cfg.test_images, "target": ctx.cfg.target}
+    inputs |= ctx.checkpoint_files("finetuned")
     if not ctx.log.start("export", inputs, [f for v in VARIANTS for f in v.export_files]):
         return
     from tqdm.auto import tqdm
 
     from .attacks import normalize
-    from .export import export_qonnx
+    from .export import export_qonnx, finn_available, finn_check
 
     x = ctx.data.test[0][:9]
     x = x if ctx.normalization is None else normalize(x, ctx.normalization)
     for v in tqdm(VARIANTS, desc="export", disable=not ctx.progress, leave=False):
         onnx_name, json_name = v.export_files
-        res = export_qonnx(ctx.quantized(v, "finetuned"), ctx.out / onnx_name, x[:1], images=x[1:9])
-        atomic_write_json(ctx.out / json_name, res.to_dict())
+        q = ctx.quantized(v, "finetuned")
+        record = export_qonnx(q, ctx.out / onnx_name, x[:1], images=x[1:9]).to_dict()
+        if (
+            ctx.cfg.target == "finn"
+        ):  # FINN's own front end and its estimates (static checks without finn-plus)
+            finn = finn_check(ctx.out / onnx_name, model=q, run_finn=finn_available(), progress=ctx.progress)
+            finn.write(ctx.out / f"finn{v.suffix}")
+            record["finn"] = finn.to_dict()
+        atomic_write_json(ctx.out / json_name, record)
     ctx.log.finish("export")
 
 

@@ -24,13 +24,13 @@ def check_plot_path(path: str | os.PathLike[str], option: str = "--plot") -> Non
         )
 
 
-def _figure(width: float = 7.0, height: float = 3.6):
+def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=(width, height), constrained_layout=True)
+    return plt, *plt.subplots(1, ncols, figsize=(width, height), constrained_layout=True)
 
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> None:
@@ -161,18 +161,65 @@ def plot_metric_validation(
 
 
 def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> None:
-    """Clean and PGD accuracy bars per model (float, uniform, aq-brevitas)."""
+    """Clean, robust (per-image worst case over every attack; ``pgd`` for rows without it) and PGD
+    accuracy bars per model (float, uniform, aq-brevitas); a model with warnings gets "(!)"."""
     import numpy as np
 
     plt, fig, ax = _figure(6.5, 3.6)
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [100 * r["clean"] for r in rows], 0.4, label="clean")
-    ax.bar(x + 0.2, [100 * r["pgd"] for r in rows], 0.4, label="PGD")
+    ax.bar(x - 0.27, [100 * r["clean"] for r in rows], 0.27, label="clean")
+    ax.bar(x, [100 * r.get("robust", r["pgd"]) for r in rows], 0.27, label="robust (worst case)")
+    ax.bar(x + 0.27, [100 * r["pgd"] for r in rows], 0.27, label="PGD alone")
     for i, r in enumerate(rows):
         ax.annotate(f"{r['avg_bits']:.2f} b", (i, 2), ha="center", fontsize=8, color="white")
-    ax.set_xticks(x, [r["name"] for r in rows], rotation=10)
+    ax.set_xticks(x, [r["name"] + (" (!)" if r.get("warnings") else "") for r in rows], rotation=10)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend()
     ax.set_title(title, fontsize=9)
+    _save(plt, fig, path)
+
+
+_PARETO_STYLE = {  # method -> (marker, label)
+    "uniform": ("s", "uniform (w, a)"),
+    "first_last_8": ("^", "first/last at 8 bits"),
+    "hessian": ("v", "Hessian (HAWQ-V2)"),
+    "ans": ("D", "ANS (QUANOS)"),
+    "lipschitz": ("o", "aq-brevitas (lipschitz)"),
+}
+
+
+def plot_pareto(front: Any, path: str | os.PathLike[str]) -> None:
+    """Robust accuracy (%) against BOPs (left) and weight KiB (right) for every method of a
+    :class:`~aq_brevitas.search.ParetoFront`: each method's non-dominated points joined by a line,
+    its dominated ones faint, the uniform (w, a) points labelled, and the float model's robust
+    accuracy as a dashed line. Both cost axes are logarithmic."""
+    plt, fig, axes = _figure(10.0, 4.0, ncols=2)
+    for ax, (attr, unit) in zip(axes, (("bops", "BOPs"), ("weight_kib", "weight KiB"))):
+        for method, (marker, label) in _PARETO_STYLE.items():
+            pts = [p for p in front.points if p.method == method]
+            if not pts:
+                continue
+            best = sorted((p for p in pts if not p.dominated), key=lambda p: getattr(p, attr))
+            line = ax.plot([getattr(p, attr) for p in best], [100 * p.robust_accuracy for p in best],
+                           marker=marker, label=label)[0]  # fmt: skip
+            faint = [p for p in pts if p.dominated]
+            ax.scatter([getattr(p, attr) for p in faint], [100 * p.robust_accuracy for p in faint],
+                       marker=marker, color=line.get_color(), alpha=0.3)  # fmt: skip
+            if method == "uniform":
+                for p in pts:
+                    w = next(iter(p.layers.values())).split()
+                    tag = f"w{w[0].rstrip('b')}" + (w[3] if len(w) > 3 else "")
+                    ax.annotate(tag, (getattr(p, attr), 100 * p.robust_accuracy), fontsize=7,
+                                xytext=(3, -8), textcoords="offset points")  # fmt: skip
+        ax.axhline(100 * front.float_robust_accuracy, color="k", ls="--", lw=1, label="float")
+        ax.set_xscale("log")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("robust accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"robust accuracy per hardware cost (eps={front.eps:g}, {front.val_images} held-out images)",
+        fontsize=9,
+    )
     _save(plt, fig, path)

@@ -42,8 +42,10 @@ VARIANTS = (Variant("aq-brevitas", "searched", ""), Variant("uniform", "uniform"
 
 
 def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
-    """Per model (float, uniform, aq-brevitas): average weight bits, weight KiB, clean and PGD accuracy
-    at ``eps``, whether gradient masking is suspected, and for the quantized models the export parity
+    """Per model (float, uniform, aq-brevitas): average weight bits, weight KiB, clean accuracy, robust
+    accuracy at ``eps`` (``robust``: the per-image worst case over every attack, the figure to trust),
+    PGD accuracy alone (``pgd``), whether gradient masking is suspected and the failed checks as
+    ``warnings`` (one line each, with their numbers), and for the quantized models the export parity
     (max |QONNX − PyTorch|, the same without rounding-boundary flips, the flips per node)."""
     from .report import RobustnessReport
 
@@ -57,15 +59,69 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
             "avg_bits": cost.avg_weight_bits if cost else 32.0,
             "kib": (cost.weight_bytes if cost else float_bytes) / 1024,
             "clean": rep.clean_accuracy,
+            "robust": rep.robust_accuracy(ctx.cfg.eps),
             "pgd": rep.accuracy("pgd", ctx.cfg.eps),
             "parity": None,
             "masking_suspected": rep.masking_suspected,
+            "warnings": rep.warnings,
         }
         variant = next((v for v in VARIANTS if v.key == key), None)
         if variant is not None:
-            row.update(_parity(read_json(ctx.out / variant.export_files[1], "export record")))
+            record = read_json(ctx.out / variant.export_files[1], "export record")
+            row.update(_parity(record))
+            row["bops"] = cost.bops if cost else None
+            if "finn" in record:
+                row["finn"] = finn_fields(record["finn"])
         rows.append(row)
     return rows
+
+
+def finn_fields(finn: dict[str, Any]) -> dict[str, Any]:
+    """What the summary shows of a :class:`~aq_brevitas.export.FinnReport` record: whether the file is
+    FINN-ready (static checks, and FINN's own steps when they ran), the first failure, and FINN's
+    estimated LUT / BRAM_18K / DSP and throughput (None when FINN did not run or stopped early)."""
+    run = finn.get("finn") or {}
+    est = run.get("estimates") or {}
+    total = est.get("total") or {}
+    failed = [c for c in finn.get("checks", []) if not c["passed"]]
+    step = next((st for st in run.get("steps", []) if not st["passed"]), None)
+    problem = f"{failed[0]['name']}: {failed[0]['detail']}" if failed else ""
+    if step is not None:
+        problem = f"{step['name']}: {step['message']}"
+    return {
+        "passed": finn.get("passed"),
+        "ran": bool(run),
+        "version": run.get("version"),
+        "problem": problem or finn.get("finn_skipped", ""),
+        "lut": total.get("LUT"),
+        "bram": total.get("BRAM_18K"),
+        "dsp": total.get("DSP"),
+        "fps": est.get("throughput_fps"),
+        "fpga_part": est.get("fpga_part"),
+    }
+
+
+def finn_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per exported model: FINN-ready or not, and FINN's estimates beside BOPs and weight KiB."""
+    out = []
+    for r in rows:
+        f = r.get("finn")
+        if f is None:
+            continue
+        cost = (
+            f"{r['bops']:.3g} BOPs, {r['kib']:.1f} weight KiB"
+            if r.get("bops")
+            else f"{r['kib']:.1f} weight KiB"
+        )
+        if f["lut"] is not None:
+            est = (f"{f['lut']:,.0f} LUT, {f['bram']:,.0f} BRAM_18K, {f['dsp']:,.0f} DSP, "
+                   f"{f['fps']:,.0f} FPS est. on {f['fpga_part']}")  # fmt: skip
+        else:
+            est = "no FINN estimates" + (f" ({f['problem']})" if f["problem"] else "")
+        ready = "FINN-ready" if f["passed"] else "NOT FINN-ready"
+        who = f"finn-plus {f['version']}" if f["ran"] else "static checks only"
+        out.append(f"FINN ({who}): {r['name']}: {ready}; {est}; {cost}")
+    return out
 
 
 def _parity(export: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +149,7 @@ def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
         return
     from .plots import plot_comparison
 
-    title = f"{ctx.name}: {cfg.budget}, PGD-{cfg.pgd_steps} at ε={cfg.eps}"
+    title = f"{ctx.name}: {cfg.budget}, robust (worst case) and PGD-{cfg.pgd_steps} at ε={cfg.eps}"
     plot_comparison(rows, ctx.out / "comparison.png", title=title)
     policy = ctx.policies["aq-brevitas"]
     document = {
@@ -111,30 +167,34 @@ def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
 def held_out_check(policy: LayerwisePolicy) -> HeldOutCheck | None:
     """The searched policy's held-out comparison with uniform, read back from its saved meta as a
     :class:`~aq_brevitas.search.result.HeldOutCheck` (None when no comparison was made)."""
-    from .policy import LayerSpec
     from .search.result import HeldOutCheck
 
     v = policy.meta.get("validation")
-    if not v:
-        return None
-    layers = {n: LayerSpec.from_dict(s) for n, s in v["search_layers"].items()}
-    return HeldOutCheck(
-        **{**v, "uniform_spec": LayerSpec.from_dict(v["uniform_spec"]), "search_layers": layers}
-    )
+    return HeldOutCheck.from_dict(v) if v else None
 
 
 def _held_out_line(policy: LayerwisePolicy) -> str:
     check = held_out_check(policy)
     measured = [] if check is None else [
         f"{label} {acc:.3f}"
-        for label, acc in (("searched", check.search_pgd_accuracy),
-                           ("unrefined knapsack", check.unrefined_pgd_accuracy),
-                           ("best uniform", check.uniform_pgd_accuracy))
+        for label, acc in (("searched", check.search_accuracy),
+                           ("unrefined knapsack", check.unrefined_accuracy),
+                           ("best uniform", check.uniform_accuracy))
         if acc is not None
     ]  # fmt: skip
     if not measured:
         return "No held-out comparison with uniform was made."
-    return f"Held-out PGD accuracy: {', '.join(measured)} ({check.images} images)."
+    what = "PGD accuracy" if check.measure == "pgd" else f"robust accuracy ({check.measure})"
+    return f"Held-out {what}: {', '.join(measured)} ({check.images} images)."
+
+
+def _warning_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One warning per failed masking check or attack-failure indicator, per model (none: nothing)."""
+    warn = [f"- ⚠️ {r['name']}: `{w}`" for r in rows for w in r.get("warnings", [])]
+    if not warn:
+        return []
+    head = "Warnings (⚠️: gradient masking or a failing attack suspected; the robust figure may be too high):"
+    return ["", head, "", *warn]
 
 
 def _parity_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -179,7 +239,9 @@ def _data_lines(ctx: RunContext) -> list[str]:
         f"Selection used {n['calib']} held-out images (scores) and {n['held_out']} others (the "
         f"never-worse-than-uniform check) from {d.selection_pool}; fine-tuning used {n['train']} "
         f"training images for {cfg.finetune_epochs} epoch(s) of PGD-{cfg.finetune_steps}; accuracy is "
-        f"on {n['test']} test images, PGD-{cfg.pgd_steps}.",
+        f"on {n['test']} test images. Robust accuracy is the per-image worst case over every attack at "
+        f"ε = {cfg.eps} (FGSM, PGD-{cfg.pgd_steps} and the attack suite: APGD-CE, APGD-DLR, transfer from the "
+        "float model, Square); the PGD column is PGD alone, for comparison.",
     ]
 
 
@@ -196,16 +258,28 @@ def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
         "",
         "## Summary",
         "",
-        "| model | avg weight bits | weight KiB | clean | PGD | export parity | boundary flips |",
-        "|---|---|---|---|---|---|---|",
+        "| model | avg weight bits | weight KiB | clean | robust (worst case) | PGD | export parity "
+        "| boundary flips |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         parity = "-" if r.get("parity") is None else f"{r['parity']:.1e}"
+        robust = f"{100 * r.get('robust', r['pgd']):.1f}" + (" ⚠️" if r.get("warnings") else "")
         lines.append(
-            f"| {r['name']} | {r['avg_bits']:.2f} | {r['kib']:.1f} | {100 * r['clean']:.1f} | "
+            f"| {r['name']} | {r['avg_bits']:.2f} | {r['kib']:.1f} | {100 * r['clean']:.1f} | {robust} | "
             f"{100 * r['pgd']:.1f} | {parity} | {r.get('boundary_flips', '-')} |"
         )
+    lines += _warning_lines(rows)
     lines += ["", "![comparison](comparison.png)", "", *_parity_lines(rows), ""]
+    finn = finn_lines(rows)
+    if finn:
+        lines += [
+            "## FINN",
+            "",
+            "FINN's own front end on each exported file (`finn<suffix>/summary.md` beside it):",
+            "",
+        ]
+        lines += [f"- {ln}" for ln in finn] + [""]
     lines += [
         f"## Policy ({policy.meta.get('method')}, kept: **{policy.meta.get('winner')}**)",
         "",

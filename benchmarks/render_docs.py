@@ -233,6 +233,42 @@ def _ao_agreement(res: dict) -> list[str]:
     return out + [""]
 
 
+def _search_scaling(res: dict) -> list[str]:
+    """The candidate table's cost before/after batched, deduplicated, on-demand norms, and its growth."""
+    lines = [
+        "## Search cost: the candidate table and the whole search (`benchmarks/search_cost.py`)",
+        "",
+        f"{res['header']}. Budget {res['budget']}, ε = {res['eps']}. \"before\": one power iteration per "
+        "candidate and norm; \"after\": one Ŵ and one norm per distinct weight part, all of a layer's "
+        "candidates in one batched block iteration, norms only for the methods that read them.",
+        "",
+        "| model | PGD-20, 1k images (s) | table, all norms: before → after (s) | no norms (s) | "
+        "search uniform (× PGD-20) | search lipschitz (× PGD-20) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in res["models"].items():
+        t = m.get("table", {}).get("36", {})
+        srch = m.get("search", {})
+
+        def ratio(method: str) -> str:
+            r = srch.get(method)
+            return "—" if r is None else f"{r['total_s']:.0f} s ({r['ratio_to_pgd20_1k']:.2f}×)"
+
+        before, after = t.get("before_all_norms_s"), t.get("after_all_norms_s")
+        cell = f"{before:.1f} → {after:.1f}" if before is not None and after is not None else "—"
+        no_norms = t.get("after_no_norms_s")
+        lines.append(
+            f"| {name} | {m['pgd20_1k_s']:.1f} | {cell} | {'—' if no_norms is None else f'{no_norms:.1f}'} | "
+            f"{ratio('uniform')} | {ratio('lipschitz')} |"
+        )
+    lines += ["", "Growth of the table (36 candidates per layer, all norms; seconds, after vs before):", ""]
+    for key, label, unit in (("growth_layers", "layers", "layers"), ("growth_input_size", "input size", "hw")):
+        pts = res.get(key, [])
+        cells = ", ".join(f"{p[unit]}: {p['after_all_norms_s']:.1f} vs {p['before_all_norms_s']:.1f}" for p in pts)
+        lines.append(f"- by {label} ({unit}): {cells}")
+    return [*lines, ""]
+
+
 def render_benchmarks(results: dict[str, dict]) -> str:
     lines = [
         "# Benchmarks",
@@ -254,4 +290,14 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         lines += _search_cost(results["search_cost"])
     if "ablation" in results:
         lines += _ablation(results["ablation"])
+    if "search_cost_scaling" in results:
+        lines += _search_scaling(results["search_cost_scaling"])
+    if "attack_suite" in results:
+        from attack_suite import render_section as attack_suite_section
+
+        lines += attack_suite_section(results["attack_suite"])
+    if "pareto" in results:
+        from pareto import render_section as pareto_section
+
+        lines += pareto_section(results["pareto"])
     return "\n".join(lines) + "\n"

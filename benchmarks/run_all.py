@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "search_cost": ("compare_methods", ["--search-cost-only"]),
     "ablation": ("ablation", []),
     "compare_methods": ("compare_methods", ["--no-search-cost"]),
+    "attack_suite": ("attack_suite", ["--phase", "summary"]),
+    "pareto": ("pareto", []),
 }
 
 

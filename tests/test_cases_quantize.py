@@ -10,7 +10,6 @@ import torch
 from brevitas.quant import Int8ActPerTensorFixedPoint, Int8WeightPerTensorFixedPoint, Int32Bias
 from torch import nn
 
-from aq_brevitas.placement import input_quantizer
 from aq_brevitas.ao import (
     FX_DEPRECATION_MESSAGE,
     check_transposed_bn,
@@ -32,6 +31,7 @@ from aq_brevitas.convert import (
 )
 from aq_brevitas.errors import ModelError, PolicyError
 from aq_brevitas.nnutils import quantizable_layers
+from aq_brevitas.placement import input_quantizer
 from aq_brevitas.policy import SCALINGS, LayerSpec, LayerwisePolicy
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{FX_DEPRECATION_MESSAGE}:DeprecationWarning")

@@ -8,8 +8,8 @@ from torch import nn
 
 from aq_brevitas.convert import apply_policy, load_quantized, quantize, save_quantized
 from aq_brevitas.errors import PolicyError
-from aq_brevitas.placement import input_quantizer
 from aq_brevitas.models import build_model, load_float_model
+from aq_brevitas.placement import input_quantizer
 from aq_brevitas.policy import GRANULARITIES, SCALINGS, LayerSpec, LayerwisePolicy
 
 

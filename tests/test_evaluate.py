@@ -15,12 +15,22 @@ from aq_brevitas.convert import quantize
 from aq_brevitas.data import load_split
 from aq_brevitas.errors import ConfigError
 from aq_brevitas.evaluate import attack_accuracy, evaluate_robustness
+from aq_brevitas.indicators import INDICATORS
 from aq_brevitas.models import ZOO_DIR, build_model, load_float_model
 from aq_brevitas.nnutils import frozen_quant_weights
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.report import RobustnessReport
 
-FAST = dict(pgd_steps=5, square_queries=100, gradient_free_images=60, large_eps_images=100, progress=False)
+FAST = dict(
+    pgd_steps=5,
+    square_queries=100,
+    gradient_free_images=60,
+    large_eps_images=100,
+    suite=("apgd-ce", "square"),
+    suite_steps=20,
+    suite_queries=30,
+    progress=False,
+)
 
 
 class InputRounding(nn.Module):
@@ -72,6 +82,7 @@ def test_checklist_passes_on_an_honest_model(report):
         "large_eps_near_zero",
         "gradient_free_not_stronger",
         "in_epsilon_ball",
+        *INDICATORS,
     ]
     assert all(c.passed for c in report.checks), report.to_markdown()
     assert not report.masking_suspected
@@ -88,7 +99,7 @@ def test_checklist_passes_on_an_honest_model(report):
 
 
 def test_gradient_masking_is_flagged(robust_model, test_200):
-    masked = evaluate_robustness(InputRounding(robust_model), test_200, **FAST)
+    masked = evaluate_robustness(InputRounding(robust_model), test_200, **{**FAST, "suite_steps": 5})
     assert masked.masking_suspected
     failed = {c.name for c in masked.checks if c.passed is False}
     assert failed & {"large_eps_near_zero", "gradient_free_not_stronger"}, masked.to_markdown()
@@ -219,7 +230,10 @@ def test_checklist_on_a_4bit_brevitas_model(quantized, test_200):
 
 def test_restarts_only_remove_survivors_and_rng_is_untouched(robust_model, test_200):
     x, y = test_200[0][:100], test_200[1][:100]
-    common = dict(eps=0.1, attacks=("clean", "pgd"), gradient_free=False, pgd_steps=3, large_eps_images=20)
+    common = dict(
+        eps=0.1, attacks=("clean", "pgd"), gradient_free=False, pgd_steps=3, large_eps_images=20, suite="none",
+        indicators=False,
+    )  # fmt: skip
     state = torch.get_rng_state()
     one = evaluate_robustness(robust_model, (x, y), progress=False, **common)
     assert torch.equal(torch.get_rng_state(), state)
@@ -240,17 +254,27 @@ def test_dataloader_limit_and_autoattack(robust_model, test_200):
         limit=40,
         eps=0.3,  # large enough that APGD settles most images before the 5000-query Square
         attacks=("clean",),
-        autoattack=True,
+        autoattack=True,  # the reference AutoAttack ("standard")
         gradient_free=False,
+        suite="none",
         gradient_free_images=6,
         large_eps_images=20,
         pgd_steps=3,
         progress=False,
     )
     assert rep.images == 40
-    aa = rep.result("autoattack", 0.3)
-    assert aa.images == 6 and 0 <= aa.accuracy <= 1
-    assert rep.max_violation <= 1e-6
+    rows = [r for r in rep.results if r.chain == "autoattack"]
+    assert [(r.attack, r.steps) for r in rows] == [
+        ("apgd-ce", 100),
+        ("apgd-t", 100),
+        ("fab-t", 100),
+        ("square", 5000),
+    ]
+    assert all(r.images == 6 for r in rows) and rows[0].accuracy >= rows[-1].accuracy
+    assert (
+        rep.robust_accuracy(0.3) == sum(rep_module.unpack_mask(rows[-1].correct, 40)) / 40
+    )  # only AA at 0.3
+    assert any("reference version" in n for n in rep.notes) and rep.max_violation <= 1e-6
 
 
 @pytest.mark.parametrize("eps", [-0.1, 1.5, math.nan, "0.1"])
@@ -295,8 +319,9 @@ def test_normalization_is_applied_for_models_expecting_normalised_inputs(robust_
 
     x, y = test_200[0][:100], test_200[1][:100]
     common = dict(
-        eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20, progress=False
-    )
+        eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20, progress=False, suite="none",
+        indicators=False,
+    )  # fmt: skip
     plain = evaluate_robustness(robust_model, (x, y), **common)
     normed = evaluate_robustness(ExpectsNormalised(), (x, y), normalization=(mean, std), **common)
     assert abs(normed.clean_accuracy - plain.clean_accuracy) <= 0.01
@@ -316,7 +341,10 @@ def test_config_and_data_forms_give_the_same_report(robust_model, test_200):
     from aq_brevitas.evaluate import accuracy
 
     x, y = test_200[0][:60], test_200[1][:60]
-    settings = dict(eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20)
+    settings = dict(
+        eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20, suite=("apgd-ce",),
+        suite_steps=5,
+    )  # fmt: skip
     by_keywords = evaluate_robustness(robust_model, (x, y), progress=False, **settings)
     batches = [(x[i : i + 25], y[i : i + 25]) for i in range(0, 60, 25)]
     by_config = evaluate_robustness(robust_model, batches, EvalConfig(**settings), progress=False)

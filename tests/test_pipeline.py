@@ -66,7 +66,7 @@ def test_run_writes_both_exports_and_an_aligned_summary(done_run):
     assert rows["float"]["parity"] is None
     report = (out / "report.md").read_text()
     assert report.count("e-0") >= 2  # both parities in the summary table
-    lines = result.summary_table().splitlines()
+    lines = [line for line in result.summary_table().splitlines() if not line.startswith("warning: ")]
     assert "aq-brevitas (avg-bits=3)" in lines[-1]
     assert len({len(line) for line in lines}) == 1
     # Every value column ends where its header ends.
@@ -74,6 +74,26 @@ def test_run_writes_both_exports_and_an_aligned_summary(done_run):
         end = lines[0].index(head) + len(head)
         assert all(line[end - 1] != " " and (end == len(line) or line[end] == " ") for line in lines[2:])
     assert json.loads((out / "config.json").read_text())["calib_images"] == TINY.calib_images
+
+
+def test_summary_robust_figure_is_the_worst_case_and_warnings_are_shown(done_run):
+    """The summary's robust column is each model's per-image worst case over every attack (never above
+    PGD alone); quantized models are also attacked by transfer from the float one; failed checks are
+    warnings in report.md and under the summary table."""
+    from aq_brevitas.report import RobustnessReport
+
+    out, result = done_run
+    text = (out / "report.md").read_text()
+    assert "| clean | robust (worst case) | PGD |" in text
+    for row, stem in zip(result.rows, ("float", "uniform", "searched"), strict=True):
+        rep = RobustnessReport.load(out / f"robustness_{stem}.json")
+        assert (
+            row["robust"] == rep.robust_accuracy(TINY.eps) <= row["pgd"] and row["warnings"] == rep.warnings
+        )
+        transfer = any(r.attack == "transfer" for r in rep.results)
+        assert transfer == (stem != "float")
+        for w in row["warnings"]:
+            assert f"`{w}`" in text and f"warning: {row['name']}: {w}" in result.summary_table()
 
 
 def test_report_shows_export_parity_and_flips(done_run):

@@ -185,8 +185,10 @@ def test_target_finn_refuses_what_finn_cannot_build_in_one_line():
             quantize(model, policy, **{"target": "finn", **kw})
     assert isinstance(quantize(model, W4A4, target="finn"), fx.GraphModule)
     finn = SearchConfig(target="finn")
-    assert finn.candidates and all(c.act_bit_width == 8 for c in finn.candidates)
+    assert {c.act_bit_width for c in finn.candidates} == {2, 3, 4, 8}  # the widths are searched
     per_layer = SearchConfig(target="finn", candidates={"fc2": [LayerSpec(2, act_bit_width=4)]}).candidates
-    assert per_layer["fc2"] == (LayerSpec(2, act_bit_width=4),) and all(c.act_bit_width == 8 for c in per_layer["*"])
+    assert per_layer["fc2"] == (LayerSpec(2, act_bit_width=4),) and all(
+        c.act_bit_width == 8 for c in per_layer["*"]
+    )
     with pytest.raises(PolicyError, match="asks for 16-bit inputs"):
         for_target([LayerSpec(4, act_bit_width=16)], "finn")

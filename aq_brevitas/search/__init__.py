@@ -17,6 +17,7 @@ module             holds
 ``result``         :class:`SearchResult` and its records
 ``validate``       :func:`validate_metric`: does the bound rank policies like robust error?
 ``tables``         :func:`policy_table`, :func:`compare_methods`
+``pareto``         :func:`search_pareto`: every method over a sweep of budgets, measured robustly
 =================  ===========================================================================
 
 Names are imported lazily (as in the package root), so reading the method registry
@@ -33,20 +34,21 @@ from typing import Any
 _MODULES: dict[str, tuple[str, ...]] = {
     ".config": ("SearchConfig", "MethodSettings", "LipschitzSettings", "HessianSettings", "AnsSettings",
                 "UniformSettings", "METHOD_SETTINGS", "METHODS", "SCORED_METHODS", "COMPARE_ORDER",
-                "ESTIMATES"),
+                "ESTIMATES", "DEFAULT_ACT_BITS", "with_act_bits"),
     ".calibration": ("AdversarialCalibration", "adversarial_calibration", "WeightCache", "swapped_weights",
-                     "network_deviation", "equivalent_candidates"),
+                     "network_deviation", "equivalent_candidates", "ActivationProbe"),
     ".scorers": ("SCORERS", "Scores", "Scoring", "ScoringInputs", "LipschitzTerms", "lipschitz_terms",
-                 "hessian_traces", "ans_sensitivity", "score", "score_lipschitz", "score_hessian",
+                 "hessian_traces", "activation_hessian_traces", "ans_sensitivity", "score", "score_lipschitz", "score_hessian",
                  "score_ans"),
     ".mckp": ("MckpSolution", "solve_top_k", "solve_mckp"),
     ".selection": ("Selection", "select_policy"),
     ".refine": ("WholeNetworkBound", "Refinement", "policy_bound"),
-    ".baselines": ("UniformChoice", "best_uniform", "uniform_options"),
+    ".baselines": ("UniformChoice", "best_uniform", "uniform_options", "uniform_choices", "quantized_robust_accuracy"),
     ".core": ("search_policy",),
     ".result": ("SearchResult", "AchievedCost", "SolverReport", "HeldOutCheck", "Timing"),
     ".validate": ("MetricValidation", "sample_policies", "validate_metric"),
     ".tables": ("policy_table", "compare_methods", "MethodComparison"),
+    ".pareto": ("search_pareto", "ParetoFront", "ParetoPoint", "PARETO_METHODS", "sweep_budgets"),
     "..budget": ("candidate_costs", "budget_capacity", "check_feasible", "min_cost"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _MODULES.items() for name in names}

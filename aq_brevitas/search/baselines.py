@@ -9,7 +9,7 @@ than uniform").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from ..candidates import CandidateTable
 from ..errors import PolicyError
 from ..nnutils import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
-from .calibration import WeightCache, equivalent_candidates, progress_bar, seeded
+from .calibration import WeightCache, progress_bar, seeded
 from .config import SearchConfig, build_config
 
 
@@ -36,57 +36,126 @@ def quantized_pgd_accuracy(
     seed: int,
 ) -> float:
     """PGD-``steps`` accuracy (a fraction) on ``val`` = (images, labels) of the real Brevitas model
-    :func:`~aq_brevitas.quantize` builds for ``specs``, calibrated on ``calib_x``."""
-    from ..convert import quantize
+    :func:`~aq_brevitas.quantize` builds for ``specs``, calibrated on ``calib_x``. PGD alone can be
+    fooled by quantized nets that mask gradients: selection uses :func:`quantized_robust_accuracy`."""
     from ..evaluate import attack_accuracy
 
-    q = quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib_x)
+    q = _quantized(model, specs, calib_x)
     with seeded(seed):
-        return attack_accuracy(q.eval(), val[0], val[1], "pgd", eps=eps, steps=steps, seed=seed)
+        return attack_accuracy(q, val[0], val[1], "pgd", eps=eps, steps=steps, seed=seed)
+
+
+def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.Tensor) -> nn.Module:
+    from ..convert import quantize
+
+    return quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib_x).eval()
+
+
+#: what :func:`quantized_robust_accuracy` measures, as the held-out check records it
+ROBUST_MEASURE = (
+    "worst case of PGD and the fast suite (APGD-CE, APGD-DLR, transfer from the float model, Square)"
+)
+
+
+def quantized_robust_accuracy(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec],
+    val: tuple[torch.Tensor, torch.Tensor],
+    calib_x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    seed: int,
+) -> float:
+    """Robust accuracy (a fraction) on ``val`` of the Brevitas model :func:`~aq_brevitas.quantize` builds
+    for ``specs`` (calibrated on ``calib_x``): the per-image worst case of PGD-``steps`` and the fast
+    attack suite at its selection settings, with the float ``model`` as the transfer source
+    (:data:`~aq_brevitas.suite.SELECTION_SUITE`), never PGD alone."""
+    from ..suite import SELECTION_SUITE, suite_accuracies
+
+    q = _quantized(model, specs, calib_x)
+    settings = replace(SELECTION_SUITE["settings"], seed=seed)
+    acc = suite_accuracies(
+        q, val[0], val[1], eps=eps, suite=SELECTION_SUITE["suite"], surrogate=model, settings=settings,
+        pgd_steps=steps,
+    )  # fmt: skip
+    return acc["worst case"]
+
+
+def _pair(spec: LayerSpec) -> tuple[int, int]:
+    """(weight bits, input bits) of a spec, a float input counting as 32 bits."""
+    return spec.weight_bit_width, spec.act_bit_width or 32
+
+
+def _common_specs(table: CandidateTable, layers: list[str]) -> list[LayerSpec]:
+    first = [r.spec for r in table.rows[layers[0]]]
+    return [s for s in first if all(any(r.spec == s for r in table.rows[n]) for n in layers)]
+
+
+def uniform_choices(
+    table: CandidateTable,
+    budget: Budget,
+    cache: WeightCache,
+    pinned: Mapping[str, LayerSpec] | None = None,
+) -> list[dict[str, LayerSpec]]:
+    """Uniform policies that fit ``budget``: one per maximal (weight bits, input bits) pair -- a
+    fitting pair that no other fitting pair matches or beats on both widths -- each at the scaling ×
+    granularity with the smallest Σ relative weight error ‖ΔW‖_F/‖W‖_F (data-free). Layers in
+    ``pinned`` keep their spec (e.g. the first and last at 8 bits). Empty when none fits."""
+    pinned = dict(pinned or {})
+    free = [n for n in table.layers if n not in pinned]
+    if not free:
+        return [pinned] if fits(table, budget, pinned) else []
+    common = _common_specs(table, free)
+    fitting: dict[tuple[int, int], list[LayerSpec]] = {}
+    for s in common:
+        if fits(table, budget, {**pinned, **{n: s for n in free}}):
+            fitting.setdefault(_pair(s), []).append(s)
+    top = [p for p in fitting if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in fitting)]
+    out = []
+    for p in sorted(top):
+        errs = {s: _relative_error(cache, free, s) for s in fitting[p]}
+        best = min(fitting[p], key=lambda s: (errs[s], fitting[p].index(s)))
+        out.append({**pinned, **{n: best for n in free}})
+    return out
 
 
 def uniform_options(
     table: CandidateTable, budget: Budget, cache: WeightCache | None = None
 ) -> list[LayerSpec]:
-    """Specs in every layer's candidate list that fit the budget used everywhere, at the highest bits
-    (in candidate order; with ``cache``, specs giving bit-identical networks are listed once).
-    PolicyError when none fits."""
-    common = [r.spec for r in next(iter(table.rows.values()))]
-    common = [s for s in common if all(any(r.spec == s for r in rows) for rows in table.rows.values())]
-    fitting = [s for s in common if fits(table, budget, {n: s for n in table.rows})]
-    if not fitting:
+    """The uniform specs the baseline chooses between: one per maximal fitting (weight, input) bit pair
+    at its best scaling × granularity (:func:`uniform_choices`); with weight-only candidates, the
+    highest weight bits that fit. PolicyError when no uniform policy fits."""
+    if cache is None:
+        if table.model is None:
+            raise PolicyError(
+                "the candidate table keeps no model to read weights from",
+                "pass cache=WeightCache(model, table)",
+            )
+        cache = WeightCache(table.model, table)
+    choices = uniform_choices(table, budget, cache)
+    if not choices:
         raise PolicyError(
             f"no uniform policy fits the budget {budget.kind}={budget.value:g} "
-            f"({len(common)} specs are candidates in every layer)",
+            f"({len(_common_specs(table, table.layers))} specs are candidates in every layer)",
             "raise the budget, or give every layer a common cheap candidate",
         )
-    top = max(s.weight_bit_width for s in fitting)
-    options = [s for s in fitting if s.weight_bit_width == top]
-    if cache is None:
-        return options
-    reps = equivalent_candidates(table, cache)
-    seen: set[tuple[LayerSpec, ...]] = set()
-    distinct = []
-    for s in options:  # drop uniform specs whose quantized network is a copy of an earlier one
-        key = tuple(reps[n][s] for n in table.rows)
-        if key not in seen:
-            seen.add(key)
-            distinct.append(s)
-    return distinct
+    return [c[table.layers[0]] for c in choices]
 
 
 @dataclass(frozen=True)
 class UniformChoice:
     """The best uniform policy and why: ``spec`` (used in every layer of ``layers``), the ``options``
-    it was chosen from, the ``rule`` (``"pgd_accuracy"`` on held-out images or the data-free
-    ``"relative_weight_error"``), each option's PGD-``pgd_steps`` accuracy by ``LayerSpec.short()``
-    (empty for the data-free rule), and its cost under ``budget``."""
+    it was chosen from, the ``rule`` (``"robust_accuracy"`` on held-out images or the data-free
+    ``"relative_weight_error"``), each option's held-out robust accuracy by ``LayerSpec.short()`` (the
+    worst case of PGD-``pgd_steps`` and the fast suite; empty for the data-free rule; ``pgd_accuracy``
+    is its name in earlier releases), and its cost under ``budget``."""
 
     spec: LayerSpec
     layers: tuple[str, ...]
     options: tuple[LayerSpec, ...]
     rule: str
-    pgd_accuracy: dict[str, float]
+    robust_accuracy: dict[str, float]
     pgd_steps: int
     budget: Budget
     cost: PolicyCost
@@ -105,9 +174,13 @@ class UniformChoice:
         object.__setattr__(self, "policy", LayerwisePolicy({n: self.spec for n in self.layers}, None, meta))
 
     @property
+    def pgd_accuracy(self) -> dict[str, float]:
+        return self.robust_accuracy
+
+    @property
     def accuracy(self) -> float | None:
-        """The chosen spec's held-out PGD accuracy (None for the data-free rule)."""
-        return self.pgd_accuracy.get(self.spec.short())
+        """The chosen spec's held-out robust accuracy (None for the data-free rule)."""
+        return self.robust_accuracy.get(self.spec.short())
 
     def to_dict(self) -> dict[str, Any]:
         """The ``uniform`` entry of a policy's meta."""
@@ -115,7 +188,8 @@ class UniformChoice:
             "spec": self.spec.to_dict(),
             "options": [s.short() for s in self.options],
             "rule": self.rule,
-            "pgd_accuracy": dict(self.pgd_accuracy),
+            "robust_accuracy": dict(self.robust_accuracy),
+            "measure": ROBUST_MEASURE,
             "pgd_steps": self.pgd_steps,
         }
 
@@ -142,16 +216,19 @@ def best_uniform(
     progress: bool = False,
     **overrides: Any,
 ) -> UniformChoice:
-    """The best uniform policy: highest bit width that fits, then the scaling × granularity with the best
-    PGD-``pgd_steps`` accuracy on the first ``val_images`` of held-out ``val_data`` (training images;
-    ``calib_data`` calibrates the activation quantizers, default the same images). Without
-    ``val_data`` the tie is broken data-free by the smallest Σ relative weight error ‖ΔW‖_F/‖W‖_F.
+    """The best uniform policy among :func:`uniform_options` (one per maximal fitting (weight, input)
+    bit pair, each at its data-free best scaling × granularity): the one with the best robust accuracy
+    (:func:`quantized_robust_accuracy`: the worst case of PGD-``pgd_steps`` and the fast suite) on the
+    first ``val_images`` of held-out ``val_data`` (training images; ``calib_data`` calibrates the
+    activation quantizers, default the same images); the only option is measured too, since the
+    held-out check compares with it. Without ``val_data`` the choice is data-free: the smallest Σ
+    relative weight error ‖ΔW‖_F/‖W‖_F.
     ``eps`` (default: the config's), ``config``/``overrides`` (``seed``, ``pgd_steps``,
     ``val_images``, ``normalization``) as :class:`SearchConfig`. PolicyError when no uniform policy fits.
     """
     cfg = build_config(config, {**overrides, **({} if eps is None else {"eps": eps})})
     budget = as_budget(budget)
-    cache = cache or WeightCache(model)
+    cache = cache or WeightCache(model, table)
     options = uniform_options(table, budget, cache)
     layers = table.layers
     results: dict[str, float] = {}
@@ -168,7 +245,7 @@ def best_uniform(
             for s in progress_bar(
                 options, desc="uniform candidates", disable=not progress or len(options) < 2
             ):
-                results[s.short()] = quantized_pgd_accuracy(
+                results[s.short()] = quantized_robust_accuracy(
                     model,
                     {n: s for n in layers},
                     val,
@@ -178,7 +255,7 @@ def best_uniform(
                     seed=cfg.seed,
                 )
         best = max(options, key=lambda s: (results[s.short()], -options.index(s)))
-        rule = "pgd_accuracy"
+        rule = "robust_accuracy"
     else:
         errs = {s: _relative_error(cache, layers, s) for s in options}
         best = min(options, key=lambda s: (errs[s], options.index(s)))

@@ -11,6 +11,7 @@ only the part of an fx graph downstream of the swapped layers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,13 +71,120 @@ class WeightCache:
 
     def __init__(self, model: nn.Module, table: CandidateTable | None = None) -> None:
         self.modules = dict(model.named_modules())
-        self._w: dict[tuple[str, LayerSpec], torch.Tensor] = dict(table.weights) if table is not None else {}
+        self._w: dict[tuple[str, LayerSpec], torch.Tensor] = (
+            {(n, weight_part(s)): w for (n, s), w in table.weights.items()} if table is not None else {}
+        )
 
     def __call__(self, layer: str, spec: LayerSpec) -> torch.Tensor:
-        key = (layer, spec)
+        key = (layer, weight_part(spec))  # candidates differing in input bits share one Ŵ
         if key not in self._w:
             self._w[key] = quantized_weight(self.modules[layer], spec)
         return self._w[key]
+
+
+def weight_part(spec: LayerSpec) -> LayerSpec:
+    """``spec`` without its input activation bits: what decides Ŵ."""
+    return spec if spec.act_bit_width is None else dataclasses.replace(spec, act_bit_width=None)
+
+
+class ActivationProbe:
+    """Each layer's input quantized alone, at every ``(bits, po2)`` asked for, on the float model.
+
+    The quantizer is the one :func:`~aq_brevitas.quantize` installs (a Brevitas ``QuantIdentity`` with
+    :func:`~aq_brevitas.injectors.act_quant_for`, unsigned when the layer's input is non-negative on
+    the clean calibration images), calibrated with Brevitas's ``calibration_mode`` on those images'
+    layer inputs, and applied by a forward pre-hook at the layer's input: the values match the
+    quantizer at the producer (:mod:`aq_brevitas.placement`), since it commutes with max-pooling and
+    reshapes. ``deviation`` is the quantization term for that quantizer alone: mean over ``x_adv`` of
+    ‖f_{l←a}(x_adv) − f(x_adv)‖₂ (logits); ``relative_error`` is E‖Q(x)−x‖²/E‖x‖² on the clean inputs
+    and ``squared_error`` the mean per-image ‖Q(x)−x‖² (for the Hessian and ANS baselines).
+    """
+
+    def __init__(self, model: nn.Module, calib: AdversarialCalibration | tuple[torch.Tensor, Any]) -> None:
+        self.model = model
+        self.calib = calib if isinstance(calib, AdversarialCalibration) else None
+        self.x = calib.x if isinstance(calib, AdversarialCalibration) else calib[0]
+        self.modules = dict(model.named_modules())
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._quant: dict[tuple[str, int, bool], nn.Module] = {}
+        self._dev: dict[tuple[str, int, bool], float] = {}
+
+    def inputs(self, layer: str) -> torch.Tensor:
+        """The layer's input on the clean calibration images (its first call per forward)."""
+        if layer not in self._inputs:
+            got: list[torch.Tensor] = []
+
+            def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                if not got:
+                    got.append(getattr(args[0], "value", args[0]).detach())
+
+            h = self.modules[layer].register_forward_pre_hook(grab)
+            try:
+                with torch.no_grad(), eval_mode(self.model):
+                    self.model(self.x)
+            finally:
+                h.remove()
+            self._inputs[layer] = got[0]
+        return self._inputs[layer]
+
+    def quantizer(self, layer: str, bits: int, po2: bool) -> nn.Module:
+        """The calibrated Brevitas ``QuantIdentity`` for ``layer``'s input at ``bits`` (eval mode)."""
+        key = (layer, bits, po2)
+        if key not in self._quant:
+            import brevitas.nn as qnn
+            from brevitas.graph.calibrate import calibration_mode
+
+            from ..injectors import act_quant_for
+
+            x = self.inputs(layer)
+            signed = bool(x.min() < 0)
+            q = qnn.QuantIdentity(
+                act_quant=act_quant_for(bits, signed=signed, po2=po2), return_quant_tensor=False
+            )
+            with torch.no_grad(), calibration_mode(q):
+                q(x)
+            self._quant[key] = q.eval()
+        return self._quant[key]
+
+    @contextlib.contextmanager
+    def applied(self, layer: str, bits: int, po2: bool) -> Iterator[None]:
+        """Inside: ``layer``'s input goes through its quantizer at every call."""
+        q = self.quantizer(layer, bits, po2)
+        h = self.modules[layer].register_forward_pre_hook(lambda _m, args: (q(args[0]), *args[1:]))
+        try:
+            yield
+        finally:
+            h.remove()
+
+    def deviation(self, layer: str, bits: int, po2: bool) -> float:
+        """Mean ‖f_{l←a}(x_adv) − f(x_adv)‖₂ over the adversarial calibration images (logits)."""
+        key = (layer, bits, po2)
+        if key not in self._dev:
+            if self.calib is None:
+                raise ConfigError("activation deviations need an adversarial calibration", "pass one")
+            with eval_mode(self.model), self.applied(layer, bits, po2):
+                self._dev[key] = _deviation(self.model, self.calib)
+        return self._dev[key]
+
+    @torch.no_grad()
+    def relative_error(self, layer: str, bits: int, po2: bool) -> float:
+        """E‖Q(x) − x‖² / E‖x‖² on the layer's clean inputs."""
+        x = self.inputs(layer)
+        return float(
+            (self.quantizer(layer, bits, po2)(x) - x).square().sum() / x.square().sum().clamp_min(1e-12)
+        )
+
+    @torch.no_grad()
+    def squared_error(self, layer: str, bits: int, po2: bool) -> float:
+        """Mean per image of ‖Q(x) − x‖² on the layer's clean inputs."""
+        x = self.inputs(layer)
+        return float((self.quantizer(layer, bits, po2)(x) - x).square().sum() / max(len(x), 1))
+
+
+def act_key(spec: LayerSpec) -> tuple[int, bool] | None:
+    """``(bits, po2)`` of a spec's input quantizer (power-of-two scales go with po2 weights, as in
+    :func:`~aq_brevitas.quantize`), or None for a float input."""
+    return None if spec.act_bit_width is None else (spec.act_bit_width, spec.scaling == "po2")
 
 
 Representatives = dict[str, dict[LayerSpec, LayerSpec]]

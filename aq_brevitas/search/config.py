@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from ..attacks import Normalization, check_normalization
-from ..candidates import default_candidates
 from ..errors import ConfigError, PolicyError
 from ..policy import TARGETS, LayerSpec, for_target
 
@@ -161,6 +160,32 @@ def _frozen_candidates(candidates: Any) -> Any:
     return out if isinstance(candidates, Mapping) else out[""]
 
 
+DEFAULT_ACT_BITS = (2, 3, 4, 8)
+# What search_pareto sweeps: the baselines first (uniform (w, a) pairs, the first/last-at-8-bits
+# heuristic, HAWQ-V2, QUANOS), this project's method last.
+PARETO_METHODS = ("uniform", "first_last_8", "hessian", "ans", "lipschitz")
+
+
+def _act_bits(bits: Any) -> tuple[int, ...]:
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, Sequence) or not bits:
+        raise ConfigError(
+            f"act_bits must be a list of bit widths, got {bits!r}", "pass e.g. act_bits=(2, 3, 4, 8)"
+        )
+    for b in bits:
+        _number(b, "act_bits entry", 2, 16, integer=True)
+    return tuple(sorted(set(bits)))
+
+
+def with_act_bits(specs: Sequence[LayerSpec], act_bits: Sequence[int]) -> tuple[LayerSpec, ...]:
+    """Every spec of ``specs`` at every input width of ``act_bits`` (the activation bits of the layer's
+    input, quantized at its producer: :mod:`aq_brevitas.placement`).
+
+    >>> [s.short() for s in with_act_bits([LayerSpec(4)], (2, 8))]
+    ['4b max pc a2', '4b max pc a8']
+    """
+    return tuple(dataclasses.replace(s, act_bit_width=a) for s in specs for a in act_bits)
+
+
 def _for_target(candidates: Candidates, target: str) -> Candidates:
     """The candidates restricted to what ``target`` builds (:func:`~aq_brevitas.candidates.for_target`);
     a per-layer mapping gets a ``"*"`` entry so that the layers it does not name are restricted too."""
@@ -170,6 +195,8 @@ def _for_target(candidates: Candidates, target: str) -> Candidates:
         )
     if target == "generic":
         return candidates
+    from ..candidates import default_candidates  # lazily: this module stays torch-free
+
     if isinstance(candidates, Mapping):
         full = {"*": default_candidates(), **candidates}
         return {n: tuple(for_target(v, target)) for n, v in full.items()}
@@ -219,6 +246,9 @@ class SearchConfig:
     target: str = field(
         default="generic", metadata={"help": "generic, or finn: integer inputs on every layer, <= 8 bits"}
     )
+    act_bits: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "input activation widths crossed with the default candidates"}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_SETTINGS:
@@ -239,7 +269,16 @@ class SearchConfig:
         _number(self.pgd_steps, "pgd_steps", 1, integer=True)
         if self.val_images is not None:
             _number(self.val_images, "val_images", 1, integer=True)
-        object.__setattr__(self, "candidates", _for_target(_frozen_candidates(self.candidates), self.target))
+        if self.act_bits is not None:
+            object.__setattr__(self, "act_bits", _act_bits(self.act_bits))
+        candidates = _frozen_candidates(self.candidates)
+        if candidates is None and self.act_bits is None and self.target == "finn":
+            object.__setattr__(self, "act_bits", DEFAULT_ACT_BITS)  # FINN: integer inputs, width searched
+        if candidates is None and self.act_bits:
+            from ..candidates import default_candidates  # lazily: this module stays torch-free
+
+            candidates = with_act_bits(default_candidates(), self.act_bits)
+        object.__setattr__(self, "candidates", _for_target(candidates, self.target))
         if self.normalization is not None:
             object.__setattr__(self, "normalization", check_normalization(self.normalization))
 

@@ -23,7 +23,7 @@ from ..candidates import CandidateRow, CandidateTable, candidate_table, folded_c
 from ..errors import ConfigError
 from ..nnutils import as_xy, eval_mode, layer_geometry
 from ..policy import LayerSpec, layer_cost
-from .baselines import UniformChoice, best_uniform, quantized_pgd_accuracy
+from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, quantized_robust_accuracy
 from .calibration import (
     AdversarialCalibration,
     Representatives,
@@ -32,7 +32,7 @@ from .calibration import (
     equivalent_candidates,
     reuse_calibration,
 )
-from .config import METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
+from .config import DEFAULT_ACT_BITS, METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
 from .mckp import SOLVER_NAME
 from .refine import Refinement
 from .result import (
@@ -129,15 +129,20 @@ def _prepare(run: _Run, table: CandidateTable | None) -> None:
             jacobian=lip.estimate == "jacobian",
         )  # fmt: skip
         run.timing.adversarial_calibration_s = time.perf_counter() - t0
+    # Operator norms only for what reads them: the lipschitz score (L̂; ‖ΔW‖ for the spectral
+    # estimate) and refinement's whole-network bound. Uniform, Hessian and ANS need Ŵ and costs alone.
+    norms = cfg.method == "lipschitz" or cfg.refine
+    dw = cfg.method == "lipschitz" and lip.estimate == "spectral"
+    t0 = time.perf_counter()
     if table is None:
-        t0 = time.perf_counter()
-        # A_l (input norms) on adversarial calibration examples when there are some; ‖ΔW‖ only for
-        # what reads it (the spectral estimate, the uniform baseline's spectral share).
-        dw = cfg.method == "uniform" or (cfg.method == "lipschitz" and lip.estimate == "spectral")
+        # A_l (input norms) on adversarial calibration examples when there are some
         table = candidate_table(
             run.model, run.calib.x_adv if run.calib else run.x, cfg.candidates, seed=cfg.seed,
-            progress=run.progress, dw_norms=dw,
+            progress=run.progress, norms=norms, dw_norms=dw,
         )  # fmt: skip
+        run.timing.candidate_table_s = time.perf_counter() - t0
+    elif norms and not table.has_norms(dw_norms=dw):
+        table.fill_norms(dw_norms=dw, progress=run.progress)  # a ready table gets what it lacks, once
         run.timing.candidate_table_s = time.perf_counter() - t0
     check_feasible(table, run.budget)
     run.table, run.cache = table, WeightCache(run.model, table)
@@ -197,7 +202,8 @@ def _pick_scored(run: _Run) -> _Picked:
 
 def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str, LayerSpec], HeldOutCheck]:
     """Keep the best of the searched policy, the knapsack's unrefined one (if refinement changed it)
-    and the best uniform policy by PGD accuracy on held-out images; ties keep the earlier."""
+    and the best uniform policy by robust accuracy on held-out images (the worst case of PGD and the
+    fast suite, never PGD alone); ties keep the earlier."""
     assert picked.selection is not None
     cfg, t0, reps, choice = run.cfg, time.perf_counter(), picked.reps, picked.choice
     uni = _uniform(run, val_data)
@@ -208,7 +214,7 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
     held = (val[0][:n_val], val[1][:n_val])
 
     def accuracy(specs: dict[str, LayerSpec]) -> float:
-        return quantized_pgd_accuracy(
+        return quantized_robust_accuracy(
             run.model, specs, held, run.x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed
         )
 
@@ -225,7 +231,15 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
     options.append(("uniform", u_acc, dict(uni.policy.layers)))
     winner, _, final = max(options, key=lambda o: o[1])  # ties keep the earlier option
     check = HeldOutCheck(
-        n_val, cfg.pgd_steps, s_acc, m_acc, u_acc, uni.spec, dict(uni.pgd_accuracy), dict(choice)
+        n_val,
+        cfg.pgd_steps,
+        s_acc,
+        m_acc,
+        u_acc,
+        uni.spec,
+        dict(uni.pgd_accuracy),
+        dict(choice),
+        ROBUST_MEASURE,
     )
     run.timing.validation_s = time.perf_counter() - t0
     return winner, final, check
@@ -317,6 +331,8 @@ def search_policy(
         overrides = {**overrides, "normalization": normalization}
     cfg = build_config(config, overrides)
     budget = as_budget(budget)
+    if budget.kind == "bops" and cfg.candidates is None and cfg.act_bits is None and table is None:
+        cfg = cfg.replace(act_bits=DEFAULT_ACT_BITS)  # BOPs count input bits: let the search choose them
     if table is not None and table.fold_bn != cfg.fold_bn:
         raise ConfigError(
             f"the candidate table was built with fold_bn={table.fold_bn}, the search asks fold_bn={cfg.fold_bn}",

@@ -116,27 +116,54 @@ class CandidateCount:
 
 @dataclass(frozen=True)
 class HeldOutCheck:
-    """The comparison with the best uniform policy on held-out training images: PGD-``pgd_steps``
-    accuracy (fractions) on ``images`` of them for the searched policy, the knapsack's unrefined one
-    (None unless refinement changed the policy) and the best uniform spec, plus the uniform options'
-    accuracies (by ``LayerSpec.short()``) and the searched layers."""
+    """The comparison with the best uniform policy on held-out training images: the robust accuracy
+    (fractions; ``measure`` says which: the per-image worst case of PGD-``pgd_steps`` and the fast
+    attack suite, never PGD alone) on ``images`` of them for the searched policy, the knapsack's
+    unrefined one (None unless refinement changed the policy) and the best uniform spec, plus the
+    uniform options' accuracies (by ``LayerSpec.short()``) and the searched layers. The
+    ``*_pgd_accuracy`` names of earlier releases read the same numbers."""
 
     images: int
     pgd_steps: int
-    search_pgd_accuracy: float
-    unrefined_pgd_accuracy: float | None
-    uniform_pgd_accuracy: float
+    search_accuracy: float
+    unrefined_accuracy: float | None
+    uniform_accuracy: float
     uniform_spec: LayerSpec
     uniform_options: dict[str, float]
     search_layers: dict[str, LayerSpec]
+    measure: str = "pgd"
+
+    @property
+    def search_pgd_accuracy(self) -> float:
+        return self.search_accuracy
+
+    @property
+    def unrefined_pgd_accuracy(self) -> float | None:
+        return self.unrefined_accuracy
+
+    @property
+    def uniform_pgd_accuracy(self) -> float:
+        return self.uniform_accuracy
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HeldOutCheck:
+        """Inverse of :meth:`to_dict`; a policy file of an earlier release (``*_pgd_accuracy`` keys,
+        PGD alone) reads back with ``measure="pgd"``."""
+        old = {"search_pgd_accuracy": "search_accuracy", "unrefined_pgd_accuracy": "unrefined_accuracy",
+               "uniform_pgd_accuracy": "uniform_accuracy"}  # fmt: skip
+        kw = {old.get(k, k): v for k, v in d.items()}
+        kw["uniform_spec"] = LayerSpec.from_dict(kw["uniform_spec"])
+        kw["search_layers"] = {n: LayerSpec.from_dict(s) for n, s in kw["search_layers"].items()}
+        return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "images": self.images,
             "pgd_steps": self.pgd_steps,
-            "search_pgd_accuracy": self.search_pgd_accuracy,
-            "unrefined_pgd_accuracy": self.unrefined_pgd_accuracy,
-            "uniform_pgd_accuracy": self.uniform_pgd_accuracy,
+            "measure": self.measure,
+            "search_accuracy": self.search_accuracy,
+            "unrefined_accuracy": self.unrefined_accuracy,
+            "uniform_accuracy": self.uniform_accuracy,
             "uniform_spec": self.uniform_spec.to_dict(),
             "uniform_options": dict(self.uniform_options),
             "search_layers": {n: s.to_dict() for n, s in self.search_layers.items()},

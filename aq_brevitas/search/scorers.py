@@ -36,12 +36,15 @@ from ..errors import ConfigError
 from ..nnutils import as_xy, eval_mode
 from ..policy import LayerSpec
 from .calibration import (
+    ActivationProbe,
     AdversarialCalibration,
     WeightCache,
+    act_key,
     network_deviation,
     progress_bar,
     reuse_calibration,
     seeded,
+    weight_part,
 )
 from .config import (
     ESTIMATES,
@@ -130,12 +133,20 @@ def lipschitz_terms(
     bar = progress_bar(
         total=sum(map(len, table.rows.values())), desc="lipschitz scores", disable=not progress
     )
+    probe = ActivationProbe(model, calib)
     for name, rows in table.rows.items():
         sc = table.scores[name]
         adv[name], quant[name] = {}, {}
+        weight_dev: dict[LayerSpec, float] = {}
         for r in rows:
             adv[name][r.spec] = eps * j_loc * (r.L_hat / sc.L - 1)
-            quant[name][r.spec] = network_deviation(model, calib, {name: r.spec}, cache)
+            # Ŵ and the input quantizer measured one at a time and added (first order): candidates that
+            # differ only in input bits share one weight measurement
+            w = weight_part(r.spec)
+            if w not in weight_dev:
+                weight_dev[w] = network_deviation(model, calib, {name: w}, cache)
+            act = act_key(r.spec)
+            quant[name][r.spec] = weight_dev[w] + (probe.deviation(name, *act) if act else 0.0)
             bar.update()
     bar.close()
     return LipschitzTerms(adv, quant, calib, "jacobian")
@@ -214,18 +225,72 @@ def ans_sensitivity(
     return out
 
 
+def activation_hessian_traces(
+    model: nn.Module, calib_data: Any, layers: Sequence[str], *, n_samples: int = 16, seed: int = 0
+) -> dict[str, float]:
+    """Average Hessian trace per element of each layer's input activation, Tr(H_a)/n_a, of the clean
+    cross-entropy over the calibration batch (HAWQ-V2, Dong et al. 2020, applies the weight rule to
+    activations): Hutchinson over Rademacher v, Hv by double backward, all layers in one pass."""
+    if n_samples < 1:
+        raise ConfigError(f"n_samples must be >= 1, got {n_samples}", "pass e.g. n_samples=16")
+    x, y = as_xy(calib_data, model=model, name="calibration data")
+    modules = dict(model.named_modules())
+    acts: dict[str, torch.Tensor] = {}
+
+    def leaf(name: str) -> Callable[..., Any]:
+        def fn(_m: nn.Module, args: tuple[Any, ...]) -> Any:
+            if name in acts:  # a layer called again keeps its first input as the measured one
+                return None
+            # a zero perturbation as the leaf: the graph through the layer input stays connected, so
+            # upstream layers' perturbations still reach the loss
+            a = getattr(args[0], "value", args[0])
+            acts[name] = torch.zeros_like(a, requires_grad=True)
+            return (a + acts[name], *args[1:])
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(leaf(n)) for n in layers]
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            loss = F.cross_entropy(model(x), y)
+            inputs = [acts[n] for n in layers]
+            grads = torch.autograd.grad(loss, inputs, create_graph=True)
+            traces = [0.0] * len(inputs)
+            for _ in range(n_samples):
+                vs = [(torch.randint(0, 2, a.shape, generator=gen) * 2 - 1).to(a.dtype) for a in inputs]
+                hvs = torch.autograd.grad(grads, inputs, vs, retain_graph=True, allow_unused=True)
+                for i, (v, hv) in enumerate(zip(vs, hvs)):
+                    traces[i] += 0.0 if hv is None else float((v * hv).sum()) / n_samples
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: t / a.numel() for n, t, a in zip(layers, traces, inputs)}
+
+
 def _weighted_error(
-    cache: WeightCache, table: CandidateTable, weight: Mapping[str, float], relative: bool
+    cache: WeightCache,
+    table: CandidateTable,
+    weight: Mapping[str, float],
+    relative: bool,
+    act_error: Callable[[str, tuple[int, bool]], float] | None = None,
 ) -> Scores:
-    """``weight_l · ‖Ŵ_l(c) − W_l‖_F²`` per (layer, candidate), divided by ‖W_l‖_F² when ``relative``."""
+    """``weight_l · ‖Ŵ_l(c) − W_l‖_F²`` per (layer, candidate), divided by ‖W_l‖_F² when ``relative``;
+    plus ``act_error(layer, (bits, po2))`` for a candidate that quantizes its input."""
     out: Scores = {}
     for name, rows in table.rows.items():
         w = cache.modules[name].weight.detach()
         norm = (float(w.square().sum()) or 1.0) if relative else 1.0
-        out[name] = {
-            r.spec: weight[name] * float((cache(name, r.spec) - w).square().sum()) / norm for r in rows
-        }
+        out[name] = {}
+        for r in rows:
+            act = act_key(r.spec)
+            extra = act_error(name, act) if act and act_error else 0.0
+            out[name][r.spec] = weight[name] * float((cache(name, r.spec) - w).square().sum()) / norm + extra
     return out
+
+
+def _has_act_candidates(table: CandidateTable) -> bool:
+    return any(r.spec.act_bit_width for rows in table.rows.values() for r in rows)
 
 
 # ---------------------------------------------------------------------------- one signature
@@ -279,13 +344,31 @@ def _lipschitz(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: L
 
 def _hessian(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: HessianSettings) -> Scoring:
     traces = hessian_traces(model, inp.data, table.layers, n_samples=s.n_samples, seed=inp.seed)
-    scores = _weighted_error(inp.cache, table, {n: max(t, 0.0) for n, t in traces.items()}, relative=False)
+    act_error = None
+    if _has_act_candidates(table):  # HAWQ-V2's rule on the input activations: Tr(H_a)/n_a · ‖ΔA‖²
+        a_traces = activation_hessian_traces(
+            model, inp.data, table.layers, n_samples=s.n_samples, seed=inp.seed
+        )
+        probe = ActivationProbe(model, as_xy(inp.data, model=model, name="calibration data"))
+        batch = len(probe.x)
+
+        def act_error(name: str, key: tuple[int, bool]) -> float:
+            return max(a_traces[name], 0.0) * probe.squared_error(name, *key) * batch
+
+    scores = _weighted_error(inp.cache, table, {n: max(t, 0.0) for n, t in traces.items()}, False, act_error)
     return Scoring(scores, None, HessianEvidence(traces, s.n_samples))
 
 
 def _ans(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: AnsSettings) -> Scoring:
     ans = ans_sensitivity(model, inp.data, table.layers, eps=inp.eps, seed=inp.seed)
-    return Scoring(_weighted_error(inp.cache, table, ans, relative=True), None, AnsEvidence(ans))
+    act_error = None
+    if _has_act_candidates(table):  # QUANOS's sensitivity times the relative input error, as for weights
+        probe = ActivationProbe(model, as_xy(inp.data, model=model, name="calibration data"))
+
+        def act_error(name: str, key: tuple[int, bool]) -> float:
+            return ans[name] * probe.relative_error(name, *key)
+
+    return Scoring(_weighted_error(inp.cache, table, ans, True, act_error), None, AnsEvidence(ans))
 
 
 SCORERS: dict[str, Scorer] = {"lipschitz": _lipschitz, "hessian": _hessian, "ans": _ans}

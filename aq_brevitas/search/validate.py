@@ -2,13 +2,16 @@
 real robust error does?
 
 Random policies of (near-)equal cost each get the additive score Σ s_l, the whole-network bound
-B(p) and the PGD accuracy of the real Brevitas model; the answer is a Spearman rank correlation
+B(p) and the robust accuracy of the real Brevitas model -- the per-image worst case over PGD and
+the fast attack suite (:mod:`aq_brevitas.suite`), never PGD alone, which quantized nets can fool by
+masking gradients; the answer is a Spearman rank correlation
 (``scipy.stats.spearmanr``) between each prediction and robust error (ρ > 0: the bound ranks policies
 like robust accuracy does; ρ < 0 would mean it misleads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +27,7 @@ from ..candidates import CandidateTable, candidate_table
 from ..errors import ConfigError
 from ..nnutils import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
+from ..suite import SELECTION_SUITE
 from .calibration import (
     WeightCache,
     adversarial_calibration,
@@ -41,16 +45,23 @@ def _signed(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"
 
 
+def _robust(row: dict[str, Any]) -> float:
+    """A policy row's robust accuracy (rows of earlier releases had PGD accuracy only)."""
+    return float(row.get("robust_accuracy", row["pgd_accuracy"]))
+
+
 def _p(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
 @dataclass
 class MetricValidation:
-    """Random equal-cost policies, their predicted bound and measured PGD accuracy, and Spearman ρ.
+    """Random equal-cost policies, their predicted bound and measured robust accuracy, and Spearman ρ.
 
     ``policies``: one dict per policy (``layers`` by short spec, ``cost``, ``score_sum`` Σ s_l,
-    ``bound`` B(p), ``pgd_accuracy`` as a fraction). ``rho``/``p_value``: Spearman(B, robust error);
+    ``bound`` B(p), ``robust_accuracy``: the per-image worst case over PGD-``pgd_steps`` and the
+    fast suite, ``pgd_accuracy``: PGD alone, both fractions). Robust error is 1 − ``robust_accuracy``
+    (``attack`` says so). ``rho``/``p_value``: Spearman(B, robust error);
     ``rho_additive``/``p_value_additive``: Spearman(Σ s_l, robust error), what the knapsack
     optimises; NaN when fewer than two policies or no spread in robust error.
     """
@@ -66,6 +77,7 @@ class MetricValidation:
     rho_additive: float = float("nan")  # Spearman(Σ s_l, robust error): what the MILP optimises
     p_value_additive: float = float("nan")
     seconds: float = 0.0
+    attack: str = "worst case of PGD and the fast suite"
 
     def to_dict(self) -> dict[str, Any]:
         return plain(asdict(self))
@@ -73,20 +85,21 @@ class MetricValidation:
     def to_markdown(self) -> str:
         lines = [
             f"### Metric validation: {len(self.policies)} random policies at {self.budget} "
-            f"(±{100 * self.tolerance:g}%), ε={self.eps:g}, PGD-{self.pgd_steps} on {self.images} images",
+            f"(±{100 * self.tolerance:g}%), ε={self.eps:g}, robust accuracy = {self.attack} "
+            f"(PGD-{self.pgd_steps}, APGD-CE, APGD-DLR, transfer, Square) on {self.images} images",
             "",
             f"- Spearman ρ(whole-network bound B(p), robust error) = {_signed(self.rho)} (p = {_p(self.p_value)})",
             f"- Spearman ρ(additive score Σ s_l, robust error) = {_signed(self.rho_additive)} "
             f"(p = {_p(self.p_value_additive)})",
             "",
-            "| # | avg bits | Σ s_l | B(p) | PGD acc | policy |",
-            "|---:|---:|---:|---:|---:|---|",
+            "| # | avg bits | Σ s_l | B(p) | robust acc | PGD acc | policy |",
+            "|---:|---:|---:|---:|---:|---:|---|",
         ]
         for i, r in enumerate(self.policies):
             pol = ", ".join(f"{n}: {s}" for n, s in r["layers"].items())
             lines.append(
                 f"| {i} | {r['cost']['avg_weight_bits']:.3f} | {r['score_sum']:.4g} | {r['bound']:.4g} "
-                f"| {100 * r['pgd_accuracy']:.1f}% | {pol} |"
+                f"| {100 * _robust(r):.1f}% | {100 * r['pgd_accuracy']:.1f}% | {pol} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -97,7 +110,7 @@ class MetricValidation:
         plot_metric_validation(
             [r["bound"] for r in self.policies],
             [r["score_sum"] for r in self.policies],
-            [1 - r["pgd_accuracy"] for r in self.policies],
+            [1 - _robust(r) for r in self.policies],
             path,
             title=f"bound vs robust error: ρ = {self.rho:+.2f} (Σs: {self.rho_additive:+.2f})",
         )
@@ -165,15 +178,17 @@ def validate_metric(
     """Does the bound rank equal-cost policies like robust error? (docs/method.md "Consistency check")
 
     ``n_policies`` random policies (seeded rejection sampling over distinct candidates) within
-    ±``tolerance`` of ``budget``; each gets Σ s_l(c_l), the whole-network bound B(p), and its
-    PGD-``pgd_steps`` accuracy on ``eval_data`` measured on the real Brevitas model
-    (:func:`~aq_brevitas.quantize` + :func:`~aq_brevitas.attack_accuracy`: one number per policy is
-    all a rank correlation needs). ``config``/``overrides`` (``eps``, ``seed``, ``pgd_steps``,
+    ±``tolerance`` of ``budget``; each gets Σ s_l(c_l), the whole-network bound B(p), and its robust
+    accuracy on ``eval_data`` measured on the real Brevitas model (:func:`~aq_brevitas.quantize` +
+    :func:`~aq_brevitas.suite.suite_accuracies`): the per-image worst case over PGD-``pgd_steps`` and
+    the fast suite at the selection settings (:data:`~aq_brevitas.suite.SELECTION_SUITE`: APGD-CE,
+    APGD-DLR, APGD-T3, transfer from ``model``, Square), never PGD alone (PGD's own accuracy is kept
+    too). One number per policy is all a rank correlation needs. ``config``/``overrides`` (``eps``, ``seed``, ``pgd_steps``,
     ``candidates``, ``estimate``, ``normalization``) as :class:`SearchConfig`; data in any form
     :func:`~aq_brevitas.nnutils.as_xy` accepts.
     """
     from ..convert import quantize
-    from ..evaluate import attack_accuracy
+    from ..suite import suite_accuracies
 
     t_start = time.perf_counter()
     cfg = build_config(config, overrides)
@@ -195,17 +210,22 @@ def validate_metric(
         rows: list[dict[str, Any]] = []
         for p in progress_bar(drawn, desc="policies", disable=not progress):
             q = quantize(model, LayerwisePolicy(dict(p)), calibration_data=x)
-            acc = attack_accuracy(q.eval(), ex, ey, "pgd", eps=eps, steps=cfg.pgd_steps, seed=seed)
+            settings = dataclasses.replace(SELECTION_SUITE["settings"], seed=seed)
+            acc = suite_accuracies(
+                q.eval(), ex, ey, eps=eps, suite=SELECTION_SUITE["suite"], surrogate=model, settings=settings,
+                pgd_steps=cfg.pgd_steps,
+            )  # fmt: skip
             rows.append(
                 {
                     "layers": {n: s.short() for n, s in p.items()},
                     "cost": achieved_cost(table, p).summary(),
                     "score_sum": sum(scores[n][s] for n, s in p.items()),
                     "bound": bound(p, eps),
-                    "pgd_accuracy": acc,
+                    "robust_accuracy": acc["worst case"],
+                    "pgd_accuracy": acc["pgd"],
                 }
             )
-    err = [1 - r["pgd_accuracy"] for r in rows]
+    err = [1 - r["robust_accuracy"] for r in rows]
     out = MetricValidation(budget.to_dict(), eps, tolerance, cfg.pgd_steps, len(ex), rows)
     if len(rows) >= 2 and len(set(err)) > 1:
         out.rho, out.p_value = _spearman([r["bound"] for r in rows], err)

@@ -1,0 +1,191 @@
+"""Indicators of attack failure (Pintor et al. 2022 list such signs): automated checks that say when
+an attack's robust accuracy cannot be trusted, next to the five gradient-masking checks of
+:mod:`aq_brevitas.report`.
+
+Each returns a :class:`~aq_brevitas.report.MaskingCheck` stating its numbers; ``passed=False`` is a
+warning in the report and in ``run``'s summary, ``passed=None`` means it could not run.
+
+* ``input_gradient_nonzero``: the margin loss has a non-zero, finite input gradient at the clean
+  points (zero: the model is flat or non-differentiable there, e.g. rounds its input).
+* ``stable_under_noise``: tiny uniform noise does not change predictions (a model that does is
+  random or shattered, and single attack runs are not reproducible).
+* ``no_silent_success``: no image that an attack saw misclassified inside the ε-ball is counted as
+  robust (the attack found an adversarial point but did not return it).
+* ``optimisation_complete``: the first white-box attack was done: few images it left standing were
+  still losing margin fast enough over its last quarter of steps that another quarter would break
+  them.
+* ``white_box_strongest``: the transfer and gradient-free attacks break at most a few images the
+  white-box attacks could not (more: the gradients mislead).
+* ``unconstrained_reaches_zero``: an attack with ε = 1 (any image in [0, 1]) leaves nothing standing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .report import GRADIENT_FREE_TOLERANCE, MaskingCheck
+
+INDICATORS = (
+    "input_gradient_nonzero",
+    "stable_under_noise",
+    "no_silent_success",
+    "optimisation_complete",
+    "white_box_strongest",
+    "unconstrained_reaches_zero",
+)
+ZERO_GRADIENT_MAX = 0.01  # fraction of images allowed a zero input gradient of the margin
+NOISE_FLIPS_MAX = 0.03  # fraction of images whose prediction tiny noise may change
+NOISE_DRAWS = 4
+LATE_BREAKS_MAX = 0.02  # share of images an attack's last-quarter progress says more steps would break
+UNCONSTRAINED_EPS = 1.0
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    true = logits.gather(1, y[:, None])[:, 0]
+    return true - logits.scatter(1, y[:, None], float("-inf")).amax(1)
+
+
+def input_gradient_check(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
+) -> MaskingCheck:
+    """``input_gradient_nonzero``: the share of images whose margin (true logit minus the best other) has
+    an all-zero or non-finite input gradient at the clean point, and the same for cross-entropy (which
+    vanishes on very confident examples; APGD-DLR and the scaled-logit attack do not depend on it).
+    The model is called as it is (eval mode and normalisation are the caller's)."""
+    zero_margin = zero_ce = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].detach().clone().requires_grad_(True)
+        yb = y[i : i + batch_size]
+        with torch.enable_grad():
+            logits = model(xb)
+            logits = getattr(logits, "value", logits)
+            (g_margin,) = torch.autograd.grad(
+                _margin(logits, yb).sum(), xb, retain_graph=True, allow_unused=True
+            )
+            ce = nn.functional.cross_entropy(logits, yb, reduction="sum")
+            (g_ce,) = torch.autograd.grad(ce, xb, allow_unused=True)
+        for g, counter in ((g_margin, "m"), (g_ce, "c")):
+            flat = torch.zeros_like(xb).flatten(1) if g is None else g.flatten(1)
+            bad = int(((flat.abs().amax(1) == 0) | ~torch.isfinite(flat).all(1)).sum())
+            if counter == "m":
+                zero_margin += bad
+            else:
+                zero_ce += bad
+    share = zero_margin / max(len(x), 1)
+    ok = share <= ZERO_GRADIENT_MAX
+    detail = (
+        f"{zero_margin} of {len(x)} images ({_pct(share)}) have a zero or non-finite input gradient of the "
+        f"margin at the clean point (allowed {_pct(ZERO_GRADIENT_MAX)}); cross-entropy: {zero_ce}"
+    ) + ("" if ok else " -- gradient attacks get no signal there")
+    return MaskingCheck("input_gradient_nonzero", ok, detail)
+
+
+@torch.no_grad()
+def noise_stability_check(
+    model: nn.Module, x: torch.Tensor, *, amplitude: float, batch_size: int, seed: int
+) -> MaskingCheck:
+    """``stable_under_noise``: the share of images whose prediction changes under any of
+    :data:`NOISE_DRAWS` draws of uniform noise in ±``amplitude`` (clipped to [0, 1])."""
+    gen = torch.Generator().manual_seed(seed)
+    flips = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        base = model(xb).argmax(1)
+        changed = torch.zeros(len(xb), dtype=torch.bool)
+        for _ in range(NOISE_DRAWS):
+            noise = (torch.rand(xb.shape, generator=gen) * 2 - 1).to(xb) * amplitude
+            changed |= (model((xb + noise).clamp(0, 1)).argmax(1) != base).cpu()
+        flips += int(changed.sum())
+    share = flips / max(len(x), 1)
+    ok = share <= NOISE_FLIPS_MAX
+    detail = (
+        f"{flips} of {len(x)} predictions ({_pct(share)}) change under uniform noise of ±{amplitude:.2g} "
+        f"({NOISE_DRAWS} draws; allowed {_pct(NOISE_FLIPS_MAX)})"
+    ) + ("" if ok else " -- the model is unstable at the scale attacks work at")
+    return MaskingCheck("stable_under_noise", ok, detail)
+
+
+def silent_success_check(silent: dict[float, int], images: int) -> MaskingCheck:
+    """``no_silent_success``: per ε, the images an attack of the suite saw misclassified inside the
+    ε-ball that the per-image worst case still counts as robust (``silent``; empty: no suite ran).
+
+    >>> from aq_brevitas.indicators import silent_success_check
+    >>> silent_success_check({0.1: 0}, 100).passed, silent_success_check({0.1: 3}, 100).passed
+    (True, False)
+    """
+    if not silent:
+        return MaskingCheck("no_silent_success", None, "not run: no attack suite ran")
+    ok = all(v == 0 for v in silent.values())
+    per = ", ".join(f"{v} at ε={e:g}" for e, v in sorted(silent.items()))
+    detail = f"images seen adversarial during an attack but counted robust: {per} (of {images})" + (
+        "" if ok else " -- an attack found an adversarial point and did not return it"
+    )
+    return MaskingCheck("no_silent_success", ok, detail)
+
+
+def would_break(trace: torch.Tensor) -> tuple[int, int]:
+    """``(n, images)``: of the images a margin trace (steps × images of best margins so far) covers,
+    how many are still standing (margin > 0) but would fall to 0 within another quarter of the steps
+    at the rate of the last quarter."""
+    seen = torch.isfinite(trace[-1])
+    if len(trace) < 4 or not seen.any():
+        return 0, int(seen.sum())
+    end, at = trace[-1][seen], trace[(3 * len(trace)) // 4][seen]
+    at = torch.where(torch.isfinite(at), at, end)
+    rate = (at - end) / (len(trace) - (3 * len(trace)) // 4)  # margin lost per step, last quarter
+    return int(((end > 0) & (end - rate * (len(trace) / 4) <= 0)).sum()), int(seen.sum())
+
+
+def optimisation_check(traces: dict[float, tuple[str, torch.Tensor | None]]) -> MaskingCheck:
+    """``optimisation_complete``: per ε, the first white-box attack's margin trace (``traces``: ε ->
+    (attack, steps × images of best margins so far)); flagged when more than two images and more than
+    :data:`LATE_BREAKS_MAX` of them are ones :func:`would_break` says another quarter of the steps
+    would break."""
+    usable = {e: (a, t) for e, (a, t) in traces.items() if t is not None and len(t) >= 4}
+    if not usable:
+        return MaskingCheck("optimisation_complete", None, "not run: no white-box suite attack ran")
+    parts, ok = [], True
+    for e, (attack, trace) in sorted(usable.items()):
+        n, images = would_break(trace)
+        ok &= n <= max(2.0, LATE_BREAKS_MAX * images)
+        parts.append(f"{n} of {images} images at ε={e:g} ({attack}, {len(trace)} steps)")
+    detail = (
+        "images still standing that the last quarter's progress would break within another quarter: "
+        + ", ".join(parts) + f" (allowed: 2 images or {_pct(LATE_BREAKS_MAX)})"
+        + ("" if ok else " -- the attack was still progressing: more steps would break more images")
+    )  # fmt: skip
+    return MaskingCheck("optimisation_complete", ok, detail)
+
+
+def white_box_check(extra: dict[float, tuple[int, int, str]]) -> MaskingCheck:
+    """``white_box_strongest``: per ε, (images the transfer or gradient-free attacks broke after every
+    white-box attack had run, images, which attacks). Flagged above :data:`GRADIENT_FREE_TOLERANCE`."""
+    if not extra:
+        return MaskingCheck("white_box_strongest", None, "not run: no transfer or gradient-free suite attack")
+    share = {e: broke / max(n, 1) for e, (broke, n, _) in extra.items()}
+    ok = all(v <= GRADIENT_FREE_TOLERANCE for v in share.values())
+    per = ", ".join(
+        f"{extra[e][0]} of {extra[e][1]} ({_pct(share[e])}) at ε={e:g} by {extra[e][2]}"
+        for e in sorted(extra)
+    )
+    detail = (
+        f"images broken only after the white-box attacks: {per} (allowed {_pct(GRADIENT_FREE_TOLERANCE)})"
+        + ("" if ok else " -- transfer/gradient-free attacks beat the gradients: gradient masking")
+    )
+    return MaskingCheck("white_box_strongest", ok, detail)
+
+
+def unconstrained_check(accuracy: float | None, images: int, attacks: str) -> MaskingCheck:
+    """``unconstrained_reaches_zero``: the accuracy left by ``attacks`` at ε = 1 (None: not run) must be 0."""
+    if accuracy is None:
+        return MaskingCheck("unconstrained_reaches_zero", None, "not run")
+    ok = accuracy == 0.0
+    detail = f"{attacks} at ε={UNCONSTRAINED_EPS:g} leaves {_pct(accuracy)} of {images} images correct" + (
+        "" if ok else " -- with no budget at all the attack should break every image"
+    )
+    return MaskingCheck("unconstrained_reaches_zero", ok, detail)

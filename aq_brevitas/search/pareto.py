@@ -1,0 +1,359 @@
+"""Robust accuracy per hardware cost: every method's policies over a sweep of budgets, in one call.
+
+:func:`search_pareto` scores once and solves the knapsack once per budget, for every method on the same
+footing -- one candidate table (weight bits × scaling × granularity × input activation bits), one
+adversarial calibration, one solver, one held-out set and one robust-accuracy measure:
+
+* ``uniform``: one (weight, activation) pair in every layer, each pair with its best scaling ×
+  granularity by the data-free relative weight error; the pairs that fit a budget and are not beaten on
+  both widths by another fitting pair are all measured;
+* ``first_last_8``: the first and last quantizable layers at 8/8 bits, the rest uniform as above (the
+  heuristic of Brevitas's ImageNet example, ``--layerwise-first-last-bit-width``);
+* ``hessian`` (HAWQ-V2), ``ans`` (QUANOS) and ``lipschitz`` (this project's score): the knapsack on the
+  method's scores (:mod:`aq_brevitas.search.scorers`).
+
+Every distinct policy is quantized once (:func:`~aq_brevitas.quantize`, activation quantizers at their
+producers, calibrated on the calibration images) and measured once on held-out training images: clean
+accuracy and the per-image worst case of PGD and the fast attack suite with the float model as the
+transfer source (:func:`~aq_brevitas.suite.worst_case_accuracy`), never PGD alone. A point is
+``dominated`` when another point of the same method costs no more (in the sweep's budget kind) and is at
+least as robust, one of the two strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks import normalized_inputs
+from ..budget import Budget, achieved_cost, as_budget
+from ..candidates import CandidateTable, candidate_table
+from ..errors import ConfigError, PolicyError
+from ..nnutils import as_xy, eval_mode
+from ..policy import LayerSpec, LayerwisePolicy
+from ..storage import atomic_write_text
+from .baselines import uniform_choices
+from .calibration import WeightCache, adversarial_calibration, progress_bar
+from .config import DEFAULT_ACT_BITS, PARETO_METHODS, SCORED_METHODS, SearchConfig, build_config
+from .scorers import SCORERS, ScoringInputs
+from .selection import select_policy
+
+DEFAULT_SWEEP = (2, 3, 4, 5, 8)  # budgets: the BOPs of uniform w_b a_b for these b
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One measured policy: the ``method`` and ``budget`` that chose it, its cost (``bops``,
+    ``weight_kib``, ``avg_weight_bits``), held-out ``clean_accuracy`` and ``robust_accuracy`` (fractions;
+    the per-image worst case of PGD and the fast suite), and whether another point of the same method
+    ``dominated`` it."""
+
+    method: str
+    budget: str
+    layers: dict[str, str]
+    bops: int
+    weight_kib: float
+    avg_weight_bits: float
+    clean_accuracy: float
+    robust_accuracy: float
+    dominated: bool = False
+    policy: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def layerwise_policy(self) -> LayerwisePolicy:
+        return LayerwisePolicy.from_dict(self.policy)
+
+
+@dataclass
+class ParetoFront:
+    """All measured points of :func:`search_pareto` and the float model's accuracies on the same images."""
+
+    points: list[ParetoPoint]
+    float_clean_accuracy: float
+    float_robust_accuracy: float
+    eps: float
+    val_images: int
+    budget_kind: str
+    budgets: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def front(self, method: str) -> list[ParetoPoint]:
+        """``method``'s non-dominated points, cheapest first."""
+        pts = [p for p in self.points if p.method == method and not p.dominated]
+        return sorted(pts, key=lambda p: (p.bops, p.weight_kib))
+
+    def best_at(self, method: str, budget: str) -> ParetoPoint | None:
+        """The most robust point ``method`` found for ``budget``."""
+        pts = [p for p in self.points if p.method == method and p.budget == budget]
+        return max(pts, key=lambda p: p.robust_accuracy, default=None)
+
+    def table(self) -> str:
+        """Markdown: per budget, each method's best robust accuracy (%) and its BOPs."""
+        methods = [m for m in PARETO_METHODS if any(p.method == m for p in self.points)]
+        head = "| budget | " + " | ".join(methods) + " |"
+        rows = [head, "|" + "---|" * (len(methods) + 1)]
+        for b in self.budgets:
+            cells = []
+            for m in methods:
+                p = self.best_at(m, b)
+                cells.append("—" if p is None else f"{100 * p.robust_accuracy:.1f} ({p.bops:.2e})")
+            rows.append(f"| {b} | " + " | ".join(cells) + " |")
+        rows.append(
+            f"\nfloat: clean {100 * self.float_clean_accuracy:.1f} %, robust {100 * self.float_robust_accuracy:.1f} % "
+            f"({self.val_images} held-out training images, eps={self.eps:g}; robust = per-image worst case "
+            "of PGD and the fast suite; cells: robust % (BOPs))"
+        )
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "points": [p.to_dict() for p in self.points]}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the front as JSON, atomically."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ParetoFront:
+        d = json.loads(open(path, encoding="utf-8").read())
+        d["points"] = [ParetoPoint(**p) for p in d["points"]]
+        return cls(**d)
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Robust accuracy against BOPs and against weight KiB (see :func:`aq_brevitas.plots.plot_pareto`)."""
+        from ..plots import plot_pareto
+
+        plot_pareto(self, path)
+
+
+_CLI_KIND = {"avg_weight_bits": "avg-bits", "weight_bytes": "bytes", "bops": "bops"}
+
+
+def budget_text(budget: Budget) -> str:
+    """A budget in its CLI form (``bops=1.1e+07``), as :meth:`Budget.parse` reads it."""
+    return f"{_CLI_KIND[budget.kind]}={budget.value:.4g}"
+
+
+def sweep_budgets(table: CandidateTable, widths: Sequence[int] = DEFAULT_SWEEP) -> list[Budget]:
+    """BOPs budgets at the cost of uniform ``w_b a_b`` for each ``b`` of ``widths`` (8-bit inputs where
+    the candidates have none): the FPGA user's yardstick."""
+    budgets = []
+    for b in widths:
+        spec = LayerSpec(b, act_bit_width=b if b >= 2 else 2)
+        bops = achieved_cost(table, {n: spec for n in table.layers}).bops
+        budgets.append(Budget(bops=float(bops)))
+    return budgets
+
+
+def _first_last_pinned(table: CandidateTable) -> dict[str, LayerSpec]:
+    first, last = table.layers[0], table.layers[-1]
+    out = {}
+    for n in (first, last):
+        eight = [
+            r.spec
+            for r in table.rows[n]
+            if r.spec.weight_bit_width == 8 and r.spec.act_bit_width in (8, None)
+        ]
+        if eight:
+            out[n] = eight[0]
+    return out
+
+
+class _Measure:
+    """Clean and robust held-out accuracy of a policy, each distinct policy measured once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calib_x: torch.Tensor,
+        val: tuple[torch.Tensor, torch.Tensor],
+        cfg: SearchConfig,
+    ) -> None:
+        self.model, self.calib_x, self.val, self.cfg = model, calib_x, val, cfg
+        self.seen: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
+
+    def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
+        from ..convert import quantize
+
+        key = tuple(sorted((n, s.short()) for n, s in (specs or {}).items()))
+        if key not in self.seen:
+            model = (
+                self.model
+                if specs is None
+                else quantize(self.model, LayerwisePolicy(dict(specs)), calibration_data=self.calib_x).eval()
+            )
+            self.seen[key] = robust_and_clean(
+                model, self.val, self.cfg, surrogate=None if specs is None else self.model
+            )
+        return self.seen[key]
+
+
+def robust_and_clean(
+    model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: SearchConfig, surrogate: nn.Module | None
+) -> tuple[float, float]:
+    """``(clean, robust)`` accuracy on ``val``: robust is the per-image worst case of PGD-``pgd_steps``
+    and the fast suite at the selection settings (:data:`~aq_brevitas.suite.SELECTION_SUITE`), with
+    ``surrogate`` (the float model) as the transfer source."""
+    from ..suite import SELECTION_SUITE, suite_accuracies
+
+    settings = replace(SELECTION_SUITE["settings"], seed=cfg.seed)
+    acc = suite_accuracies(
+        model, val[0], val[1], eps=cfg.eps, suite=SELECTION_SUITE["suite"], surrogate=surrogate,
+        settings=settings, pgd_steps=cfg.pgd_steps,
+    )  # fmt: skip
+    return acc["clean"], acc["worst case"]
+
+
+def search_pareto(
+    model: nn.Module,
+    calib_data: Any,
+    val_data: Any,
+    *,
+    budgets: Sequence[Budget | str] | None = None,
+    methods: Sequence[str] = PARETO_METHODS,
+    config: SearchConfig | None = None,
+    table: CandidateTable | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> ParetoFront:
+    """Every method's policy at every budget of a sweep, measured on held-out images (module docstring).
+
+    ``calib_data``: training-split images (and labels) for scoring and quantizer calibration; ``val_data``:
+    held-out training images and labels (never the test split), its first ``val_images`` used.
+    ``budgets``: a list of :class:`~aq_brevitas.Budget` or their text, all of one kind (default: the
+    BOPs of uniform w2a2, w3a3, w4a4, w5a5, w8a8). ``methods``: any of :data:`PARETO_METHODS`.
+    ``config``/``overrides`` as :class:`SearchConfig`; without candidates the default ones are crossed
+    with input activation bits (2, 3, 4, 8). Raises :class:`ConfigError` for an unknown method or mixed
+    budget kinds. Cost: one adversarial calibration, one candidate table, one scoring per method, one
+    knapsack per (method, budget), one robust evaluation per distinct policy (the dominant cost).
+
+    >>> import torch
+    >>> from aq_brevitas import LayerSpec, build_model
+    >>> from aq_brevitas.search import search_pareto
+    >>> _ = torch.manual_seed(0)
+    >>> model = build_model("small_cnn").eval()  # random weights: about half a minute on a CPU
+    >>> x, y = torch.rand(48, 1, 28, 28), torch.randint(0, 10, (48,))
+    >>> front = search_pareto(model, (x[:32], y[:32]), (x[32:], y[32:]), budgets=["bops=2e7"],
+    ...     methods=["uniform", "lipschitz"], candidates=[LayerSpec(2, act_bit_width=2), LayerSpec(4, act_bit_width=4)],
+    ...     pgd_steps=2, progress=False)
+    >>> sorted({p.method for p in front.points})
+    ['lipschitz', 'uniform']
+    """
+    unknown = [m for m in methods if m not in PARETO_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown Pareto method {unknown[0]!r}", f"use some of {', '.join(PARETO_METHODS)}")
+    cfg = build_config(config, overrides)
+    if cfg.candidates is None and cfg.act_bits is None:
+        cfg = cfg.replace(act_bits=DEFAULT_ACT_BITS)
+    t0, seconds = time.perf_counter(), {}
+    with normalized_inputs(model, cfg.normalization), eval_mode(model):
+        x, y = as_xy(calib_data, model=model, name="calibration data")
+        val = as_xy(val_data, model=model, name="validation data")
+        if cfg.val_images is not None:
+            val = (val[0][: cfg.val_images], val[1][: cfg.val_images])
+        calib = (
+            adversarial_calibration(model, (x, y), eps=cfg.eps, seed=cfg.seed)
+            if "lipschitz" in methods
+            else None
+        )
+        seconds["calibration"] = time.perf_counter() - t0
+        if table is None:
+            table = candidate_table(
+                model, calib.x_adv if calib else x, cfg.candidates, seed=cfg.seed, progress=progress
+            )
+        seconds["table"] = time.perf_counter() - t0 - seconds["calibration"]
+        budgets_ = [as_budget(b) for b in budgets] if budgets is not None else sweep_budgets(table)
+        if len({b.kind for b in budgets_}) > 1:
+            raise ConfigError(
+                "the budgets of one sweep must be of one kind", "pass only bops=..., or only kib=..."
+            )
+        cache = WeightCache(model, table)
+        chosen = _choose(model, table, cache, budgets_, methods, cfg, (x, y), calib, progress)
+        seconds["selection"] = time.perf_counter() - t0 - seconds["calibration"] - seconds["table"]
+        measure = _Measure(model, x, val, cfg)
+        float_clean, float_robust = measure(None)
+        points = []
+        for method, budget, specs in progress_bar(chosen, desc="pareto points", disable=not progress):
+            clean, robust = measure(specs)
+            cost = achieved_cost(table, specs)
+            points.append(ParetoPoint(
+                method, budget_text(budget), {n: s.short() for n, s in specs.items()}, int(cost.bops),
+                cost.weight_bytes / 1024, cost.avg_weight_bits, clean, robust,
+                policy=LayerwisePolicy(dict(specs), meta={"method": method}).to_dict(),
+            ))  # fmt: skip
+        seconds["measure"] = time.perf_counter() - t0 - sum(seconds.values())
+    kind = budgets_[0].kind
+    return ParetoFront(
+        _mark_dominated(points, kind), float_clean, float_robust, cfg.eps, len(val[0]), kind,
+        [budget_text(b) for b in budgets_], seconds,
+    )  # fmt: skip
+
+
+def _choose(
+    model: nn.Module,
+    table: CandidateTable,
+    cache: WeightCache,
+    budgets: list[Budget],
+    methods: Sequence[str],
+    cfg: SearchConfig,
+    data: tuple[torch.Tensor, torch.Tensor],
+    calib: Any,
+    progress: bool,
+) -> list[tuple[str, Budget, dict[str, LayerSpec]]]:
+    """(method, budget, specs) for every policy to measure: scores once per method, a knapsack per budget."""
+    out: list[tuple[str, Budget, dict[str, LayerSpec]]] = []
+    scorings = {}
+    for method in methods:
+        if method in SCORED_METHODS:
+            m_cfg = cfg.replace(method=method)
+            inputs = ScoringInputs(data, calib, cfg.eps, cfg.seed, cache, progress)
+            scorings[method] = SCORERS[method](model, table, inputs, m_cfg.method_settings)
+    pinned = _first_last_pinned(table)
+    for budget in budgets:
+        for method in methods:
+            if method in scorings:
+                try:
+                    sel = select_policy(
+                        model,
+                        table,
+                        scorings[method].selectable,
+                        budget,
+                        config=cfg.replace(method=method),
+                        cache=cache,
+                    )
+                except PolicyError:
+                    continue  # this budget is below the method's cheapest policy
+                out.append((method, budget, dict(sel.choice)))
+            else:
+                for specs in uniform_choices(
+                    table, budget, cache, pinned if method == "first_last_8" else None
+                ):
+                    out.append((method, budget, specs))
+    return out
+
+
+def _mark_dominated(points: list[ParetoPoint], kind: str) -> list[ParetoPoint]:
+    def cost(p: ParetoPoint) -> float:
+        return {"bops": p.bops, "weight_bytes": p.weight_kib, "avg_weight_bits": p.avg_weight_bits}[kind]
+
+    out = []
+    for p in points:
+        beaten = any(
+            q is not p
+            and q.method == p.method
+            and cost(q) <= cost(p)
+            and q.robust_accuracy >= p.robust_accuracy
+            and (cost(q) < cost(p) or q.robust_accuracy > p.robust_accuracy)
+            for q in points
+        )
+        out.append(ParetoPoint(**{**p.to_dict(), "dominated": beaten}))
+    return out

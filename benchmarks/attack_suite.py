@@ -1,0 +1,266 @@
+"""Attack suite benchmark (issue 16): which cheap attacks come close to reference AutoAttack?
+
+For each model/policy, on the first ``--images`` Fashion-MNIST test images at ε = 0.1 (one thread):
+
+* ``candidates``: every candidate attack alone on the clean-correct images (per-image outcome and
+  time): PGD-20, APGD-CE, APGD-DLR, APGD-CE on temperature-scaled logits, transfer (PGD-20 on the
+  float model, classified by the quantized one), Square with a bounded budget; and the reference
+  AutoAttack (APGD-CE, APGD-T, FAB-T at 100 iterations, Square 5,000 queries), chained as the
+  reference runs it. Any suite's per-image worst case follows from the stored outcomes.
+* ``report``: the default ``evaluate_robustness`` report at ε = 0.1 (the fast suite, the float model
+  as the transfer surrogate): its ``robust_accuracy(0.1)``, its time, and which indicators fired.
+
+Quantized models use ``aq_brevitas.quantize`` with calibration images from the training split.
+
+Usage: python benchmarks/attack_suite.py [--phase candidates|report|table] [--images 100] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.nnutils import eval_mode, frozen_quant_weights  # noqa: E402
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+from aq_brevitas.suite import SUITES, ChainSettings, run_chain  # noqa: E402
+from common import header  # noqa: E402
+
+EPS = 0.1
+RESULTS = Path(__file__).parent / "results"
+# name -> (zoo model, policy default spec or None for float, per-layer overrides)
+MODELS: dict[str, tuple[str, LayerSpec | None, dict[str, LayerSpec]]] = {
+    "vgg-pgd w4a2": ("vgg-pgd", LayerSpec(4, "mse", "per_channel", 2), {}),
+    "cnn-pgd float": ("cnn-pgd", None, {}),
+    "cnn-pgd w8a8": ("cnn-pgd", LayerSpec(8, "mse", "per_channel", 8), {}),
+    "cnn-pgd w4a4": ("cnn-pgd", LayerSpec(4, "mse", "per_channel", 4), {}),
+    "vgg-pgd float": ("vgg-pgd", None, {}),
+    "vgg-pgd w8a8": ("vgg-pgd", LayerSpec(8, "mse", "per_channel", 8), {}),
+    "vgg-pgd w4a4": ("vgg-pgd", LayerSpec(4, "mse", "per_channel", 4), {}),
+    "vgg-pgd w2a2": ("vgg-pgd", LayerSpec(2, "mse", "per_channel", 2), {}),
+    "vgg-pgd w4a4, 1-bit block2": (
+        "vgg-pgd", LayerSpec(4, "mse", "per_channel", 4), {"block2.conv": LayerSpec(1, "mse", "per_channel", 4)}
+    ),
+}  # fmt: skip
+CANDIDATES: dict[str, dict[str, int]] = {  # attack -> its settings
+    "pgd": {"steps": 20},
+    "apgd-ce": {"steps": 100},
+    "apgd-dlr": {"steps": 100},
+    "apgd-ce-scaled": {"steps": 100},
+    "apgd-ce-25": {"steps": 25},
+    "apgd-dlr-25": {"steps": 25},
+    "apgd-t3": {"steps": 100},
+    "apgd-t3-25": {"steps": 25},
+    "transfer": {},
+    "square": {"queries": 500},
+}
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model, float model) for a :data:`MODELS` entry."""
+    zoo, spec, layers = MODELS[name]
+    float_model, _ = load_float_model(zoo)
+    float_model.eval()
+    if spec is None:
+        return float_model, float_model
+    calib = load_split("train", limit=256)[0]
+    return quantize(
+        float_model, LayerwisePolicy(dict(layers), default=spec), calibration_data=calib
+    ).eval(), float_model
+
+
+def pack(mask: torch.Tensor) -> str:
+    return base64.b64encode(bytes(int(v) for v in mask.tolist())).decode()
+
+
+def candidates(name: str, images: int) -> dict:
+    model, float_model = build(name)
+    x, y = load_split("test", limit=images)
+    path = RESULTS / "attack_suite_candidates.json"
+    old = json.loads(path.read_text())["models"].get(name, {}) if path.exists() else {}
+    out: dict = {"model": name, "images": images, "eps": EPS, "attacks": dict(old.get("attacks", {}))}
+    with eval_mode(model), frozen_quant_weights(model), torch.random.fork_rng(devices=[]):
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        out["clean"] = pack(clean)
+        for cand, settings in CANDIDATES.items():
+            attack = cand.removesuffix("-25")
+            if (attack == "transfer" and float_model is model) or cand in out["attacks"]:
+                continue
+            kw = ChainSettings(steps=settings.get("steps", 20), queries=settings.get("queries", 500))
+            (step,) = run_chain(model, x, y, EPS, [attack], alive=clean, surrogate=float_model, settings=kw)
+            out["attacks"][cand] = {"survived": pack(step.survived), "seconds": step.seconds,
+                                    "seen": int((step.seen & step.survived).sum())}  # fmt: skip
+            print(
+                f"  {name:28s} {cand:16s} {step.survived.float().mean():.3f} {step.seconds:6.1f}s", flush=True
+            )
+        if "reference" in old:
+            out["reference"] = old["reference"]
+            return out
+        c0 = time.process_time()
+        chain = run_chain(
+            model,
+            x,
+            y,
+            EPS,
+            SUITES["reference"],
+            alive=clean,
+            settings=ChainSettings(),
+        )
+        out["reference"] = [
+            {"attack": s.name, "survived": pack(s.survived), "seconds": s.seconds, "attacked": s.attacked}
+            for s in chain
+        ]
+        out["reference_cpu_seconds"] = time.process_time() - c0
+        total = sum(s.seconds for s in chain)
+        print(
+            f"  {name:28s} reference AA     {chain[-1].survived.float().mean():.3f} {total:6.1f}s", flush=True
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=("paired", "candidates", "report", "summary"), default="paired")
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.phase == "summary":
+        out = summary(json.loads((RESULTS / "attack_suite_paired.json").read_text()))
+        (RESULTS / "attack_suite.json").write_text(json.dumps(out, indent=1) + "\n")
+        print("\n".join(render_section(out)))
+        return out
+    path = RESULTS / f"attack_suite_{args.phase}.json"
+    result = json.loads(path.read_text()) if path.exists() else {"header": header(), "models": {}}
+    for name in args.only or list(MODELS):
+        t0 = time.perf_counter()
+        fn = {"paired": paired, "candidates": candidates, "report": report_phase}[args.phase]
+        result["models"][name] = fn(name, args.images)
+        result["models"][name]["wall"] = time.perf_counter() - t0
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def report_phase(name: str, images: int) -> dict:
+    """The default report at ε = 0.1 (the float model as the transfer surrogate), and what it found."""
+    from aq_brevitas.evaluate import evaluate_robustness
+
+    model, float_model = build(name)
+    x, y = load_split("test", limit=images)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rep = evaluate_robustness(
+        model, (x, y), eps=(EPS,), surrogate=None if float_model is model else float_model, progress=False
+    )
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"  {name:28s} default report {rep.robust_accuracy(EPS):.3f} {seconds:6.1f}s", flush=True)
+    return {
+        "model": name,
+        "report_seconds": seconds,
+        "report_cpu_seconds": cpu,
+        "suite_seconds": sum(r.seconds for r in rep.results if r.chain == "suite"),
+        "robust_accuracy": rep.robust_accuracy(EPS),
+        "pgd": rep.accuracy("pgd", EPS),
+        "fired": [c.name for c in rep.checks if c.passed is False],
+        "report": rep.to_dict(),
+    }
+
+
+def paired(name: str, images: int) -> dict:
+    """On one build of the model and the same images: PGD-20, the reference AutoAttack and the default
+    report, each timed in wall and CPU seconds (CPU: this process's own time, robust to other load)."""
+    from aq_brevitas.evaluate import evaluate_robustness
+
+    model, float_model = build(name)
+    x, y = load_split("test", limit=images)
+    out: dict = {"model": name, "images": images}
+    with eval_mode(model), frozen_quant_weights(model), torch.random.fork_rng(devices=[]):
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        for key, names, settings in (
+            ("pgd", ["pgd"], ChainSettings(steps=20)),
+            ("reference", SUITES["reference"], ChainSettings()),
+        ):
+            t0, c0 = time.perf_counter(), time.process_time()
+            chain = run_chain(model, x, y, EPS, names, alive=clean, settings=settings)
+            out[key] = {
+                "accuracy": int(chain[-1].survived.sum()) / images,
+                "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - c0,
+                "parts": {s.name: int(s.survived.sum()) / images for s in chain},
+            }
+    out["clean"] = int(clean.sum()) / images
+    t0, c0 = time.perf_counter(), time.process_time()
+    rep = evaluate_robustness(
+        model, (x, y), eps=(EPS,), surrogate=None if float_model is model else float_model, progress=False
+    )
+    out["report"] = {
+        "accuracy": rep.robust_accuracy(EPS),
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "suite_seconds": sum(r.seconds for r in rep.results if r.chain == "suite"),
+        "pgd": rep.accuracy("pgd", EPS),
+        "fired": [c.name for c in rep.checks if c.passed is False],
+        "warnings": rep.warnings,
+    }
+    print(f"  {name:28s} pgd {out['pgd']['accuracy']:.2f} ref {out['reference']['accuracy']:.2f} "
+          f"({out['reference']['cpu_seconds']:.0f} cpu s) report {out['report']['accuracy']:.2f} "
+          f"({out['report']['cpu_seconds']:.0f} cpu s) fired {out['report']['fired']}", flush=True)  # fmt: skip
+    return out
+
+
+def summary(result: dict) -> dict:
+    """One row per model of the paired results (what the docs table shows)."""
+    rows = []
+    for name, m in result["models"].items():
+        rows.append({
+            "model": name, "images": m["images"], "clean": m["clean"],
+            "pgd": m["pgd"]["accuracy"], "pgd_seconds": m["pgd"]["cpu_seconds"],
+            "fast": m["report"]["accuracy"], "fast_seconds": m["report"]["cpu_seconds"],
+            "reference": m["reference"]["accuracy"], "reference_seconds": m["reference"]["cpu_seconds"],
+            "reference_parts": m["reference"]["parts"], "fired": m["report"]["fired"],
+        })  # fmt: skip
+    return {"header": result.get("header", ""), "eps": EPS, "rows": rows}
+
+
+def render_section(result: dict) -> list[str]:
+    """The docs/benchmarks.md section of this benchmark (for benchmarks/render_docs.py)."""
+    lines = [
+        "## Attack suite: the fast default against reference AutoAttack",
+        "",
+        f"`python benchmarks/attack_suite.py` — {result['header']}. First {result['rows'][0]['images']} "
+        f"Fashion-MNIST test images, ε = {result['eps']}; quantized models calibrated on 256 training images "
+        "(mse, per-channel; wXaY = X weight bits, Y activation bits). **fast** is the default report's "
+        "`robust_accuracy(0.1)`: the per-image worst case over FGSM, PGD-20, the fast suite and the masking "
+        "checks' own attacks, and its time is the whole report's (indicators included). **reference** is "
+        "AutoAttack as Croce & Hein define it (APGD-CE, APGD-T with 9 targets, FAB-T at 100 iterations, "
+        "Square with 5,000 queries), built from torchattacks classes and chained on the images still "
+        "standing. Times are CPU seconds of the benchmark process (one thread; the 2-core machine was shared, so wall "
+        "times were up to 5× longer and are not compared).",
+        "",
+        "| model | clean | PGD-20 | s | fast (report) | s | reference AA | s | gap (pts) | time ratio "
+        "| indicators that fired |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        gap = 100 * (r["fast"] - r["reference"])
+        lines.append(
+            f"| {r['model']} | {100 * r['clean']:.0f}% | {100 * r['pgd']:.0f}% | {r['pgd_seconds']:.1f} "
+            f"| {100 * r['fast']:.0f}% | {r['fast_seconds']:.0f} | {100 * r['reference']:.0f}% "
+            f"| {r['reference_seconds']:.0f} | {gap:+.0f} | {r['fast_seconds'] / r['reference_seconds']:.2f} "
+            f"| {', '.join(f'`{f}`' for f in r['fired']) or 'none'} |"
+        )
+    return [*lines, ""]
+
+
+if __name__ == "__main__":
+    main()

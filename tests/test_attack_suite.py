@@ -1,0 +1,174 @@
+"""The attack suite, the per-image worst case and the attack-failure indicators (issue 16), on real
+Fashion-MNIST images: each indicator fires on a model built to trip it and stays quiet on a normal one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from aq_brevitas import report as rep_module
+from aq_brevitas.data import load_split
+from aq_brevitas.evaluate import evaluate_robustness
+from aq_brevitas.indicators import (
+    INDICATORS,
+    input_gradient_check,
+    noise_stability_check,
+    optimisation_check,
+)
+from aq_brevitas.models import load_float_model
+from aq_brevitas.report import AttackResult, RobustnessReport, pack_mask, unpack_mask
+from aq_brevitas.suite import ChainSettings, run_chain, suite_accuracies
+
+TINY = dict(
+    eps=(0.1,), attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False, large_eps_images=30, suite_steps=10,
+    suite_queries=30, progress=False,
+)  # fmt: skip
+
+
+class InputRounding(nn.Module):
+    """Rounds its input to 5 levels: zero input gradient everywhere (masks gradients)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * 4) / 4)
+
+
+class NoisyLogits(nn.Module):
+    """Adds large random noise to its logits: predictions change from call to call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out + 3 * out.std() * torch.randn_like(out)
+
+
+class GradTrap(nn.Module):
+    """Wrong whenever autograd is on (inside a gradient attack), right otherwise: the attack
+    sees adversarial points that are not adversarial when its result is classified."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return -out if torch.is_grad_enabled() else out
+
+
+class Drift(nn.Module):
+    """Lowers its top logit faster and faster, call after call: an attack's margin keeps falling to the end."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.model(x)
+        return out - 0.01 * self.calls**2 * nn.functional.one_hot(out.argmax(1), out.shape[1])
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    return load_float_model("cnn-pgd")[0].eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = load_split("test", limit=60, seed=0)
+    return x, y
+
+
+def failed(report: RobustnessReport) -> set[str]:
+    return {c.name for c in report.checks if c.passed is False}
+
+
+def test_worst_case_is_per_image():
+    """Two attacks each breaking a different image: the worst case loses both."""
+    rows = [
+        AttackResult("clean", 0.0, 1.0, 4, 0.0, correct=pack_mask([1, 1, 1, 1])),
+        AttackResult("pgd", 0.1, 0.75, 4, 0.0, correct=pack_mask([0, 1, 1, 1])),
+        AttackResult("apgd-ce", 0.1, 0.75, 4, 0.0, correct=pack_mask([1, 0, 1, 1]), chain="suite"),
+        AttackResult("square", 0.1, 0.5, 2, 0.0, correct=pack_mask([1, 1, 1, 0])),  # a subset of 2 images
+        AttackResult("pgd", 0.2, 0.5, 4, 0.0, correct=pack_mask([0, 0, 1, 1])),
+    ]
+    report = RobustnessReport("m", 4, 1.0, rows)
+    assert report.robust_accuracy(0.1) == 0.25 and report.per_image(0.1) == [False, False, True, False]
+    assert report.robust_accuracy(0.2) == 0.5 and report.eps_values == [0.1, 0.2]
+    assert unpack_mask(pack_mask([True] * 9 + [False]), 10) == [True] * 9 + [False]
+    assert "**25.0%** at ε=0.1" in report.to_markdown()
+    with pytest.raises(rep_module.ConfigError):
+        report.robust_accuracy(0.3)
+
+
+def test_old_report_without_per_image_outcomes_loads_with_a_note(cnn, data):
+    rep = evaluate_robustness(cnn, data, **TINY, indicators=False)
+    old = rep.to_dict()
+    old["schema"] = "aq-brevitas/robustness/v1"
+    for r in old["results"]:
+        del r["correct"], r["chain"]
+    back = RobustnessReport.from_dict(old)
+    assert rep_module.NO_PER_IMAGE_NOTE in back.notes and back.per_image(0.1) is None
+    on_all = [r.accuracy for r in rep.results if r.eps == 0.1 and r.images == rep.images]
+    assert back.robust_accuracy(0.1) == min(on_all) >= rep.robust_accuracy(0.1)
+    worst = [
+        all(b) for b in zip(*[unpack_mask(r.correct, rep.images) for r in rep.results if r.eps in (0, 0.1)])
+    ]
+    assert (
+        rep.robust_accuracy(0.1) == sum(worst) / rep.images
+    )  # an image broken by any attack counts as broken
+
+
+def test_suite_only_attacks_what_is_left_and_never_raises_accuracy(cnn, data):
+    x, y = data
+    acc = suite_accuracies(cnn, x, y, eps=0.1, settings=ChainSettings(10, 30), pgd_steps=5, surrogate=cnn)
+    values = list(acc.values())
+    assert list(acc) == ["clean", "pgd", "apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square", "worst case"]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    chain = run_chain(cnn, x, y, 0.1, ["apgd-ce", "apgd-dlr"], settings=ChainSettings(steps=10))
+    assert chain[1].attacked == int(chain[0].survived.sum()) and chain[0].attacked == len(x)
+
+
+def test_zero_gradient_unconstrained_and_white_box_indicators(cnn, data):
+    """Input rounding masks gradients: no input gradient, ε = 1 does not reach 0, and transfer from the
+    unrounded model beats the white-box attacks."""
+    masked = evaluate_robustness(InputRounding(cnn), data, **TINY, surrogate=cnn)
+    assert {"input_gradient_nonzero", "unconstrained_reaches_zero", "white_box_strongest"} <= failed(masked)
+    assert "⚠️ `white_box_strongest`" in masked.to_markdown() and masked.warnings
+
+
+def test_indicators_quiet_on_a_normal_model(cnn, data):
+    normal = evaluate_robustness(cnn, data, **TINY, surrogate=cnn)
+    names = [c.name for c in normal.checks]
+    assert names[-6:] == list(INDICATORS)
+    assert not failed(normal), normal.to_markdown()
+
+
+def test_silent_success_is_caught(cnn, data):
+    trap = evaluate_robustness(GradTrap(cnn), data, **{**TINY, "suite": ("apgd-ce",)}, indicators=True)
+    check = trap.check("no_silent_success")
+    assert check.passed is False and "counted robust" in check.detail
+
+
+def test_noise_and_gradient_indicators_directly(cnn, data):
+    x, y = data
+    torch.manual_seed(0)
+    assert noise_stability_check(NoisyLogits(cnn), x, amplitude=0.005, batch_size=100, seed=0).passed is False
+    assert noise_stability_check(cnn, x, amplitude=0.005, batch_size=100, seed=0).passed is True
+    assert input_gradient_check(cnn, x, y, batch_size=100).passed is True
+    assert input_gradient_check(InputRounding(cnn), x, y, batch_size=100).passed is False
+
+
+def test_incomplete_optimisation_is_caught(cnn, data):
+    x, y = data
+    (drift,) = run_chain(Drift(cnn), x, y, 0.1, ["apgd-ce"], settings=ChainSettings(steps=20))
+    (normal,) = run_chain(cnn, x, y, 0.1, ["apgd-ce"], settings=ChainSettings(steps=20))
+    assert optimisation_check({0.1: ("apgd-ce", drift.trace)}).passed is False
+    assert optimisation_check({0.1: ("apgd-ce", normal.trace)}).passed is True
