@@ -69,8 +69,12 @@ data:
 		echo "data: no IDX files in $(DATA_DIR). Run 'sudo apt-get install -y dataset-fashion-mnist', or set AQ_DATA_DIR to a directory of *-idx?-ubyte[.gz] files."; exit 1; \
 	fi
 
+# The main job on the embedded default (a FINN-ready policy: --target finn is run's default; FINN's
+# estimates are printed), then robust accuracy per BOPs for every method (the Pareto sweep, with its plot).
+# 500 test images keep the attack suite's per-image worst case to a few minutes per model on 2 cores.
 demo: setup
-	$(VENV)/bin/aq-brevitas run --model cnn-pgd --budget avg-bits=3 --eps 0.1 --out runs/demo
+	$(VENV)/bin/aq-brevitas run --model cnn-pgd --budget avg-bits=3 --eps 0.1 --test-images 500 --out runs/demo
+	$(VENV)/bin/aq-brevitas pareto --model cnn-pgd --val-images 100 --out runs/demo/pareto
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) -q

@@ -365,12 +365,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .budget import Budget
     from .candidates import candidate_table
     from .search import compare_methods, policy_table, search_policy
-    from .search.config import DEFAULT_ACT_BITS
 
     model, calib, val, candidates = _selection(args)
-    config, val_data = search_config(args).replace(candidates=candidates), (val if args.val_images else None)
-    if Budget.parse(args.budget).kind == "bops" and config.candidates is None and config.act_bits is None:
-        config = config.replace(act_bits=DEFAULT_ACT_BITS)  # as search_policy does: BOPs count input bits
+    config = search_config(args).replace(candidates=candidates).for_budget(Budget.parse(args.budget).kind)
+    val_data = val if args.val_images else None
     # one table for every method compared; norms are filled only for the methods that read them
     table = candidate_table(model, calib[0], config.candidates, seed=args.seed, progress=True, norms=False)
     common = {"config": config, "val_data": val_data, "table": table}
@@ -504,7 +502,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {res.path} and FINN's reports in {out_dir}/ (summary.md, estimate_*.json)")
     if not report.passed:
         raise ModelError(
-            f"{res.path} is not FINN-ready: {report.failure()}", "see summary.md in " + str(out_dir)
+            f"{res.path} is not FINN-ready: {report.failure()}", f"see {out_dir}/summary.md for every step"
         )
     return 0
 

@@ -413,9 +413,8 @@ def evaluate_robustness(
     surrogate: nn.Module | None = None,
     **overrides: Any,
 ) -> RobustnessReport:
-    """Clean, FGSM and PGD-k accuracy at each ε, the attack suite at each ε, a gradient-free Square
-    attack (and PGD on the same subset), optionally AutoAttack, the gradient-masking checklist and the
-    attack-failure indicators.
+    """Clean, FGSM and PGD-k accuracy and the attack suite at each ε, Square (and PGD on its subset),
+    optionally AutoAttack, the gradient-masking checklist and the attack-failure indicators.
 
     ``data`` is any form :func:`~aq_brevitas.nnutils.as_xy` accepts (images in [0, 1], integer
     labels). ``config`` is an :class:`~aq_brevitas.config.EvalConfig` (default: its defaults);
@@ -433,13 +432,11 @@ def evaluate_robustness(
     its subset and AutoAttack (``"standard"``: the reference; ``"torchattacks"``: the library's) run
     on a seeded subset of ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on
     a seeded subset of ``large_eps_images`` images, where the indicators also run.
-    Inputs need not be images: Square, AutoAttack and the suite (torchattacks code for N×C×H×W
-    images) run on the C×H×W view :func:`~aq_brevitas.attacks.image_grid` gives other samples
-    (``report.notes`` says so), and are skipped with the reason in ``report.skipped`` when there is
-    none. ``normalization`` (in ``config``) is for a model that expects normalised inputs: data and
-    ε stay in [0, 1]; the surrogate is fed the same normalisation.
-    The caller's torch RNG state, the model's train/eval mode (each module's own flag) and its
-    BatchNorm statistics are left as they were. Raises :class:`ConfigError` for bad settings or data,
+    Other samples than images get Square, AutoAttack and the suite on their C×H×W view
+    (:func:`~aq_brevitas.attacks.image_grid`; ``report.notes``), or skip them (``report.skipped``).
+    ``normalization`` (in ``config``): data and ε stay in [0, 1], model and surrogate are fed
+    normalised inputs. The caller's RNG state, each module's train/eval flag and the BatchNorm
+    statistics are left as they were. Raises :class:`ConfigError` for bad settings or data,
     :class:`ModelError` for a model that cannot run the images or has no input gradient (a converted
     integer torch.ao model: attack the prepared one).
 

@@ -257,7 +257,10 @@ def finn_check(
         report.finn_skipped = "not asked for (run_finn=False)"
     elif not finn_available():
         if run_finn:
-            raise ConfigError("running FINN needs finn-plus, which is not installed", FINN_INSTALL)
+            raise ConfigError(
+                "running FINN needs finn-plus, which is not installed",
+                "pip install -e '.[finn]' && pip install --no-deps finn-plus==1.6.1 (`make setup` does both)",
+            )
         report.finn_skipped = f"finn-plus is not installed: {FINN_INSTALL}"
     else:
         x = _finn_input(mw, inputs)

@@ -295,6 +295,13 @@ class SearchConfig:
         assert isinstance(out, cls)
         return out
 
+    def for_budget(self, kind: str) -> SearchConfig:
+        """This config for a budget of ``kind``: a BOPs budget counts input bits, so default candidates
+        then get :data:`DEFAULT_ACT_BITS` (``act_bits`` or explicit candidates are kept as given)."""
+        if kind == "bops" and self.candidates is None and self.act_bits is None:
+            return self.replace(act_bits=DEFAULT_ACT_BITS)
+        return self
+
     def replace(self, **changes: Any) -> SearchConfig:
         """A copy with ``changes``: config fields, or method settings by field name (``estimate``,
         ``attack``, ``steps``, ``adv_weight``, ``n_samples``; ``hessian_samples`` is read as

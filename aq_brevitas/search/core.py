@@ -32,7 +32,7 @@ from .calibration import (
     equivalent_candidates,
     reuse_calibration,
 )
-from .config import DEFAULT_ACT_BITS, METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
+from .config import METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
 from .mckp import SOLVER_NAME
 from .refine import Refinement
 from .result import (
@@ -331,8 +331,8 @@ def search_policy(
         overrides = {**overrides, "normalization": normalization}
     cfg = build_config(config, overrides)
     budget = as_budget(budget)
-    if budget.kind == "bops" and cfg.candidates is None and cfg.act_bits is None and table is None:
-        cfg = cfg.replace(act_bits=DEFAULT_ACT_BITS)  # BOPs count input bits: let the search choose them
+    if table is None:
+        cfg = cfg.for_budget(budget.kind)  # BOPs count input bits: let the search choose them
     if table is not None and table.fold_bn != cfg.fold_bn:
         raise ConfigError(
             f"the candidate table was built with fold_bn={table.fold_bn}, the search asks fold_bn={cfg.fold_bn}",
