@@ -26,7 +26,9 @@ def _test_worst_case(model, float_model, policy, calib_x, x, y, eps, queries, se
     from aq_brevitas.suite import ChainSettings, suite_accuracies
 
     q = model if policy is None else quantize(float_model, policy, calibration_data=calib_x).eval()
-    acc = suite_accuracies(q, x, y, eps=eps, suite=["apgd-ce", "square"], settings=ChainSettings(100, queries, seed))
+    acc = suite_accuracies(
+        q, x, y, eps=eps, suite=["apgd-ce", "square"], settings=ChainSettings(100, queries, seed)
+    )
     return acc["clean"], acc["worst case"]
 
 
@@ -42,7 +44,9 @@ def run_model(name: str, seed: int, args: argparse.Namespace) -> dict:
     search_s = time.perf_counter() - t0
     front.plot(HERE.parent / "docs" / "img" / f"pareto_{name}_seed{seed}.png")
     rows, seen = [], {}
-    float_clean, float_robust = _test_worst_case(model, model, None, None, xt, yt, front.eps, args.queries, seed)
+    float_clean, float_robust = _test_worst_case(
+        model, model, None, None, xt, yt, front.eps, args.queries, seed
+    )
     for budget in front.budgets:
         for method in ("uniform", "first_last_8", "hessian", "ans", "lipschitz"):
             p = front.best_at(method, budget)

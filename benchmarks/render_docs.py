@@ -238,8 +238,8 @@ def _search_scaling(res: dict) -> list[str]:
     lines = [
         "## Search cost: the candidate table and the whole search (`benchmarks/search_cost.py`)",
         "",
-        f"{res['header']}. Budget {res['budget']}, ε = {res['eps']}. \"before\": one power iteration per "
-        "candidate and norm; \"after\": one Ŵ and one norm per distinct weight part, all of a layer's "
+        f'{res["header"]}. Budget {res["budget"]}, ε = {res["eps"]}. "before": one power iteration per '
+        'candidate and norm; "after": one Ŵ and one norm per distinct weight part, all of a layer\'s '
         "candidates in one batched block iteration, norms only for the methods that read them.",
         "",
         "| model | PGD-20, 1k images (s) | table, all norms: before → after (s) | no norms (s) | "
@@ -250,7 +250,7 @@ def _search_scaling(res: dict) -> list[str]:
         t = m.get("table", {}).get("36", {})
         srch = m.get("search", {})
 
-        def ratio(method: str) -> str:
+        def ratio(method: str, srch: dict = srch) -> str:
             r = srch.get(method)
             return "—" if r is None else f"{r['total_s']:.0f} s ({r['ratio_to_pgd20_1k']:.2f}×)"
 
@@ -262,9 +262,14 @@ def _search_scaling(res: dict) -> list[str]:
             f"{ratio('uniform')} | {ratio('lipschitz')} |"
         )
     lines += ["", "Growth of the table (36 candidates per layer, all norms; seconds, after vs before):", ""]
-    for key, label, unit in (("growth_layers", "layers", "layers"), ("growth_input_size", "input size", "hw")):
+    for key, label, unit in (
+        ("growth_layers", "layers", "layers"),
+        ("growth_input_size", "input size", "hw"),
+    ):
         pts = res.get(key, [])
-        cells = ", ".join(f"{p[unit]}: {p['after_all_norms_s']:.1f} vs {p['before_all_norms_s']:.1f}" for p in pts)
+        cells = ", ".join(
+            f"{p[unit]}: {p['after_all_norms_s']:.1f} vs {p['before_all_norms_s']:.1f}" for p in pts
+        )
         lines.append(f"- by {label} ({unit}): {cells}")
     return [*lines, ""]
 

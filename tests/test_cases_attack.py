@@ -29,7 +29,12 @@ from aq_brevitas.training import adversarial_train
 from conftest import ConvBNDropNet
 
 SUITE = dict(
-    eps=(0.1,), pgd_steps=3, square_queries=30, gradient_free_images=4, large_eps_images=4, progress=False,
+    eps=(0.1,),
+    pgd_steps=3,
+    square_queries=30,
+    gradient_free_images=4,
+    large_eps_images=4,
+    progress=False,
     suite="none",
 )
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)

@@ -1,7 +1,8 @@
 """The uniform baseline: the same spec in every layer, the best one that fits the budget.
 
-Highest bit width first, then the scaling × granularity with the best PGD accuracy of the real
-Brevitas model on held-out training images (or, without them, the smallest Σ relative weight error).
+One option per maximal (weight bits, input bits) pair that fits, each at the scaling × granularity
+with the smallest Σ relative weight error; among them the best robust accuracy of the real Brevitas
+model on held-out training images (the worst case of PGD and the fast attack suite).
 It is also the reference every searched policy is checked against (docs/method.md "Never worse
 than uniform").
 """
@@ -21,28 +22,8 @@ from ..candidates import CandidateTable
 from ..errors import PolicyError
 from ..nnutils import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
-from .calibration import WeightCache, progress_bar, seeded
+from .calibration import WeightCache, progress_bar
 from .config import SearchConfig, build_config
-
-
-def quantized_pgd_accuracy(
-    model: nn.Module,
-    specs: Mapping[str, LayerSpec],
-    val: tuple[torch.Tensor, torch.Tensor],
-    calib_x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    seed: int,
-) -> float:
-    """PGD-``steps`` accuracy (a fraction) on ``val`` = (images, labels) of the real Brevitas model
-    :func:`~aq_brevitas.quantize` builds for ``specs``, calibrated on ``calib_x``. PGD alone can be
-    fooled by quantized nets that mask gradients: selection uses :func:`quantized_robust_accuracy`."""
-    from ..evaluate import attack_accuracy
-
-    q = _quantized(model, specs, calib_x)
-    with seeded(seed):
-        return attack_accuracy(q, val[0], val[1], "pgd", eps=eps, steps=steps, seed=seed)
 
 
 def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.Tensor) -> nn.Module:
