@@ -39,7 +39,8 @@ def _model(seed: int = 0) -> nn.Module:
 
 
 def _digests(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file())  # FINN's reports sit in finn*/ folders
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,11 @@ def test_run_writes_both_exports_and_an_aligned_summary(done_run):
     assert rows["float"]["parity"] is None
     report = (out / "report.md").read_text()
     assert report.count("e-0") >= 2  # both parities in the summary table
-    lines = [line for line in result.summary_table().splitlines() if not line.startswith("warning: ")]
+    table = result.summary_table().splitlines()
+    finn = [line for line in table if line.startswith("FINN (")]  # run's default target is FINN
+    assert len(finn) == 2 and all("FINN-ready;" in line and " BOPs, " in line for line in finn), finn
+    assert (out / "finn" / "summary.md").is_file() and (out / "finn_uniform" / "finn_report.json").is_file()
+    lines = [line for line in table if not line.startswith(("warning: ", "FINN ("))]
     assert "aq-brevitas (avg-bits=3)" in lines[-1]
     assert len({len(line) for line in lines}) == 1
     # Every value column ends where its header ends.
