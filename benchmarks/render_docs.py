@@ -265,7 +265,7 @@ def _search_scaling(res: dict) -> list[str]:
         "",
         "The whole-search ratios above were measured while the never-worse-than-uniform check still ran "
         "PGD-10 alone on 500 held-out images. It now runs the per-image worst case of PGD-10 and the fast "
-        "suite (about 10× PGD-10's time on the same images, see \"Attack suite\"), and uniform enumerates "
+        'suite (about 10× PGD-10\'s time on the same images, see "Attack suite"), and uniform enumerates '
         "one option per maximal (weight, input) bit pair instead of six scaling × granularity variants, so "
         "on the zoo nets a whole search still costs more than one PGD-20 evaluation of 1,000 images: the "
         "≤ 1× target is **missed** there (met on CNV).",
