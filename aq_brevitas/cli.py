@@ -349,7 +349,8 @@ def _selection(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from .data import selection_data
     from .search.config import with_act_bits
 
-    Budget.parse(args.budget)  # a typo fails before the model and the data are loaded
+    for budget in [] if args.budget is None else args.budget.split(","):  # pareto: a list, optional
+        Budget.parse(budget)  # a typo fails before the model and the data are loaded
     model, _ = _load_any_model(args.model)
     calib, val = selection_data(args.calib_images, args.val_images, args.seed, args.data_dir)
     given = {"bits": args.bits, "scalings": args.scalings, "granularities": args.granularities}
@@ -404,7 +405,9 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     config = search_config(args).replace(candidates=candidates)
     if candidates is None and config.act_bits is None:
         config = config.replace(act_bits=DEFAULT_ACT_BITS)
-    front = search_pareto(model, calib, val, budgets=budgets, methods=args.methods, config=config)
+    front = search_pareto(
+        model, calib, val, budgets=budgets, widths=args.widths, methods=args.methods, config=config
+    )
     print(front.table())
     if args.out:
         front.save(args.out + ".json")

@@ -308,8 +308,10 @@ def _search_commands() -> dict[str, list[Option]]:
         ],
         "pareto": [
             *[o for o in _selection(search) if o.flag != "--budget"],
-            plain("--budget", "comma-separated budgets of one kind (default: the BOPs of uniform w2a2, w3a3, "
-                  "w4a4, w5a5, w8a8)"),
+            plain("--budget", "comma-separated budgets of one kind (default: the BOPs of uniform w_b a_b for "
+                  "each b of --widths)"),
+            plain("--widths", "bit widths b whose uniform w_b a_b BOPs are the budgets when --budget is not "
+                  "given", [2, 3, 4, 5, 8], type=int, nargs="+"),
             plain("--methods", "methods to sweep", list(PARETO_METHODS), nargs="+", choices=PARETO_METHODS),
             setting(search, "pgd_steps", "PGD steps joined to the fast suite in each point's robust accuracy"),
             plain("--out", "write OUT.json, OUT.md and OUT.png"),

@@ -64,7 +64,8 @@ class RunConfig:
     (see :class:`~aq_brevitas.rundata.RunData`); fine-tuning a ``finetune_images`` training subset
     (None = all) for ``finetune_epochs`` epochs of PGD-``finetune_steps``; the report ``test_images``
     test images (None = all) under PGD-``pgd_steps``. ``eps`` (L-inf, inputs in [0, 1]) is also
-    evaluated when ``eval_eps`` lacks it. ``data_dir``: the IDX directory to read when ``run`` is
+    evaluated when ``eval_eps`` lacks it; the other radii of ``eval_eps`` on the first
+    ``eval_eps_images`` of those test images (None: all of them), in a report of their own. ``data_dir``: the IDX directory to read when ``run`` is
     given no data (None: ``$AQ_DATA_DIR`` or Fashion-MNIST). ``normalization=(mean, std)`` (one value,
     or one per input channel, dim 1) for a model that expects ``(x - mean) / std``: the search,
     calibration, fine-tuning and evaluation feed it that while the data and ε stay in [0, 1] (the
@@ -95,6 +96,10 @@ class RunConfig:
     eval_eps: tuple[float, ...] = _setting(
         (0.05, 0.1, 0.2), "--eval-eps", "L-inf radii evaluated besides --eps"
     )
+    eval_eps_images: int | None = _setting(
+        None, "--eval-eps-images", "test images for the --eval-eps radii besides --eps (0 = --test-images)",
+        minimum=1,
+    )  # fmt: skip
     seed: int = _setting(0, "--seed", "seed of every random draw", minimum=0)
     data_dir: str | None = _setting(None, "--data-dir", "directory of the IDX files")
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = _setting(
@@ -379,32 +384,50 @@ def finetune(ctx: RunContext) -> None:
     ctx.log.finish("finetune")
 
 
+def _eval_plan(ctx: RunContext) -> list[tuple[str, tuple[float, ...], int]]:
+    """The evaluate stage's reports: ``(file suffix, radii, test images)``. The headline radius on every
+    test image; with ``eval_eps_images`` below that, the radii of ``eval_eps`` (the headline one included,
+    so the ε curve is on one image set) on that many images, in ``robustness_<model>_eps.json``."""
+    n_test, n_eps = len(ctx.data.test[1]), ctx.cfg.eval_eps_images
+    if n_eps is None or n_eps >= n_test or ctx.eval_eps == (float(ctx.cfg.eps),):
+        return [("", ctx.eval_eps, n_test)]
+    return [("", (float(ctx.cfg.eps),), n_test), ("_eps", ctx.eval_eps, n_eps)]
+
+
 def evaluate(ctx: RunContext) -> None:
     """Robustness reports of the float and both fine-tuned models on the test images:
-    robustness_{float,searched,uniform}.json and the searched model's robustness.png."""
+    robustness_{float,searched,uniform}.json at ``eps`` (plus ``_eps.json`` at every radius on fewer
+    images, see :func:`_eval_plan`) and the searched model's robustness.png."""
     cfg = ctx.cfg
+    plan = _eval_plan(ctx)
     inputs = {**ctx.reading("test"), "test_images": cfg.test_images, "pgd_steps": cfg.pgd_steps,
-              "eval_eps": ctx.eval_eps, "suite": _suite_settings()} | ctx.checkpoint_files("finetuned")  # fmt: skip
-    outputs = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))] + ["robustness.png"]
+              "plan": plan, "suite": _suite_settings()} | ctx.checkpoint_files("finetuned")  # fmt: skip
+    stems = ("float", *(v.stem for v in VARIANTS))
+    outputs = [f"robustness_{s}{suffix}.json" for suffix, _, _ in plan for s in stems] + ["robustness.png"]
     if not ctx.log.start("evaluate", inputs, outputs):
         return
     from .config import EvalConfig
     from .evaluate import evaluate_robustness
     from .report import RobustnessReport
 
-    settings = EvalConfig(
-        eps=ctx.eval_eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed, normalization=ctx.normalization
-    )
     float_model = copy.deepcopy(ctx.model)
     models = [("float", "float", float_model)]
     models += [(v.key, v.stem, ctx.quantized(v, "finetuned")) for v in VARIANTS]
-    for key, stem, m in models:  # the quantized models are also attacked by transfer from the float one
-        surrogate = None if m is float_model else float_model
-        robustness = evaluate_robustness(
-            m, ctx.data.test, settings, name=key, progress=ctx.progress, surrogate=surrogate
+    for stem in stems:  # a report of an earlier plan must not reach this run's report
+        (ctx.out / f"robustness_{stem}_eps.json").unlink(missing_ok=True)
+    x, y = ctx.data.test
+    for suffix, eps, n in plan:
+        settings = EvalConfig(
+            eps=eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed, normalization=ctx.normalization
         )
-        robustness.save(ctx.out / f"robustness_{stem}.json")
-    RobustnessReport.load(ctx.out / "robustness_searched.json").plot(ctx.out / "robustness.png")
+        for key, stem, m in models:  # the quantized models are also attacked by transfer from the float one
+            surrogate = None if m is float_model else float_model
+            robustness = evaluate_robustness(
+                m, (x[:n], y[:n]), settings, name=key, progress=ctx.progress, surrogate=surrogate
+            )
+            robustness.save(ctx.out / f"robustness_{stem}{suffix}.json")
+    curve = ctx.out / f"robustness_searched{plan[-1][0]}.json"
+    RobustnessReport.load(curve).plot(ctx.out / "robustness.png")
     ctx.log.finish("evaluate")
 
 

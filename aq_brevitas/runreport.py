@@ -139,7 +139,12 @@ def _parity(export: dict[str, Any]) -> dict[str, Any]:
 def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     """report.md, report.json (settings, the data, summary rows, the searched policy) and comparison.png."""
     cfg = ctx.cfg
-    upstream = [f"robustness_{s}.json" for s in ("float", *(v.stem for v in VARIANTS))]
+    upstream = [
+        f"robustness_{s}{suffix}.json"
+        for s in ("float", *(v.stem for v in VARIANTS))
+        for suffix in ("", "_eps")
+        if (ctx.out / f"robustness_{s}{suffix}.json").is_file()
+    ]
     upstream += [v.policy_file for v in VARIANTS] + [v.export_files[1] for v in VARIANTS]
     data = ctx.data.describe()
     inputs = {"model": ctx.identity["model"], "name": ctx.name, **asdict(cfg), "data": data}
@@ -295,7 +300,15 @@ def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
         "",
         RobustnessReport.load(ctx.out / "robustness_searched.json").to_markdown(),
         "",
-        "![robustness](robustness.png)",
-        "",
     ]
+    sweep = ctx.out / "robustness_searched_eps.json"
+    if sweep.is_file():  # the other radii, on fewer images (RunConfig.eval_eps_images)
+        rep = RobustnessReport.load(sweep)
+        lines += [
+            f"### Every radius, on the first {rep.images} of those test images",
+            "",
+            rep.to_markdown(),
+            "",
+        ]
+    lines += ["![robustness](robustness.png)", ""]
     return "\n".join(lines)

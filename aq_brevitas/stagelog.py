@@ -157,3 +157,4 @@ class StageLog:
             "seconds": time.perf_counter() - t0,
         }
         atomic_write_json(self.manifest, self.done)
+        print(f"[{name}] done in {self.done[name]['seconds']:.0f} s", flush=True)

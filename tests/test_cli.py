@@ -132,30 +132,6 @@ def test_search_cli_writes_policy_and_chart(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000 and "total:" in res.stdout
 
 
-def test_run_pipeline_end_to_end_and_resume(tmp_path):
-    args = ["run", "--model", "cnn-pgd", "--out", str(tmp_path / "new" / "r"), "--calib-images", "64",
-            "--val-images", "100", "--train-images", "128", "--train-steps", "2", "--test-images", "100",
-            "--pgd-steps", "3"]  # fmt: skip
-    res = run_cli(*args)
-    assert res.returncode == 0, res.stderr[-2000:]
-    for f in (
-        "report.md",
-        "report.json",
-        "policy.json",
-        "policy.png",
-        "robustness.png",
-        "comparison.png",
-        "model.onnx",
-    ):
-        assert (tmp_path / "new" / "r" / f).stat().st_size > 0, f
-    assert "uniform (avg-bits=3)" in res.stdout and "aq-brevitas (avg-bits=3)" in res.stdout
-    again = run_cli(*args)
-    assert (
-        again.returncode == 0
-        and "skipped done stages: score, search, quantize, finetune, evaluate, export, report" in again.stdout
-    )
-
-
 SMALL_SEARCH = ("--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8", "--scalings", "max",
                 "--granularities", "per_channel", "--calib-images", "64", "--val-images", "100")  # fmt: skip
 

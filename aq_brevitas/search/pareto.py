@@ -219,6 +219,7 @@ def search_pareto(
     val_data: Any,
     *,
     budgets: Sequence[Budget | str] | None = None,
+    widths: Sequence[int] = DEFAULT_SWEEP,
     methods: Sequence[str] = PARETO_METHODS,
     config: SearchConfig | None = None,
     table: CandidateTable | None = None,
@@ -230,7 +231,7 @@ def search_pareto(
     ``calib_data``: training-split images (and labels) for scoring and quantizer calibration; ``val_data``:
     held-out training images and labels (never the test split), its first ``val_images`` used.
     ``budgets``: a list of :class:`~aq_brevitas.Budget` or their text, all of one kind (default: the
-    BOPs of uniform w2a2, w3a3, w4a4, w5a5, w8a8). ``methods``: any of :data:`PARETO_METHODS`.
+    BOPs of uniform ``w_b a_b`` for each ``b`` of ``widths``: w2a2, w3a3, w4a4, w5a5, w8a8). ``methods``: any of :data:`PARETO_METHODS`.
     ``config``/``overrides`` as :class:`SearchConfig`; without candidates the default ones are crossed
     with input activation bits (2, 3, 4, 8). Raises :class:`ConfigError` for an unknown method or mixed
     budget kinds. Cost: one adversarial calibration, one candidate table, one scoring per method, one
@@ -271,7 +272,7 @@ def search_pareto(
                 model, calib.x_adv if calib else x, cfg.candidates, seed=cfg.seed, progress=progress
             )
         seconds["table"] = time.perf_counter() - t0 - seconds["calibration"]
-        budgets_ = [as_budget(b) for b in budgets] if budgets is not None else sweep_budgets(table)
+        budgets_ = [as_budget(b) for b in budgets] if budgets is not None else sweep_budgets(table, widths)
         if len({b.kind for b in budgets_}) > 1:
             raise ConfigError(
                 "the budgets of one sweep must be of one kind", "pass only bops=..., or only kib=..."
