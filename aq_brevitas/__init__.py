@@ -24,9 +24,9 @@ _EXPORTS: dict[str, str] = {
     "make_loader": "data",
     "build_model": "models",
     "load_float_model": "models",
-    "adversarial_train": "training",
-    "accuracy": "evaluate",
-    "attack_accuracy": "evaluate",
+    "adversarial_train": "train.training",
+    "accuracy": "evaluate.accuracy",
+    "attack_accuracy": "evaluate.accuracy",
     "make_attack": "attacks",
     "normalized_inputs": "attacks",
     "LayerSpec": "policy",
@@ -34,21 +34,21 @@ _EXPORTS: dict[str, str] = {
     "for_target": "policy",
     "check_target": "policy",
     "Budget": "budget",
-    "lipschitz_scores": "lipschitz",
-    "candidate_table": "candidates",
-    "quantize": "convert",
-    "apply_policy": "convert",
-    "save_quantized": "convert",
-    "load_quantized": "convert",
-    "place_act_quant": "placement",
-    "input_quantizer": "placement",
-    "ActQuantSite": "placement",
-    "adversarial_finetune": "finetune",
-    "init_distributed": "finetune",
-    "evaluate_robustness": "evaluate",
-    "worst_case_accuracy": "suite",
-    "suite_accuracies": "suite",
-    "RobustnessReport": "report",
+    "lipschitz_scores": "score.lipschitz",
+    "candidate_table": "search.candidates",
+    "quantize": "quantization.convert",
+    "apply_policy": "quantization.convert",
+    "save_quantized": "quantization.checkpoint",
+    "load_quantized": "quantization.checkpoint",
+    "place_act_quant": "quantization.placement",
+    "input_quantizer": "quantization.placement",
+    "ActQuantSite": "quantization.placement",
+    "adversarial_finetune": "train.finetune",
+    "init_distributed": "train.finetune",
+    "evaluate_robustness": "evaluate.robustness",
+    "worst_case_accuracy": "evaluate.suite",
+    "suite_accuracies": "evaluate.suite",
+    "RobustnessReport": "evaluate.report",
     "TrainConfig": "config",
     "AttackConfig": "config",
     "EvalConfig": "config",
@@ -68,15 +68,15 @@ _EXPORTS: dict[str, str] = {
     "FinnRun": "export",
     "FinnEstimates": "export",
     "finn_available": "export",
-    "to_qconfig_mapping": "ao",
-    "prepare_fx_model": "ao",
-    "PolicyQuantizer": "ao",
-    "prepare_pt2e_model": "ao",
-    "convert_pt2e_model": "ao",
-    "run": "pipeline",
-    "RunConfig": "pipeline",
-    "RunResult": "pipeline",
-    "RunData": "rundata",
+    "to_qconfig_mapping": "ao.fx",
+    "prepare_fx_model": "ao.fx",
+    "PolicyQuantizer": "ao.pt2e",
+    "prepare_pt2e_model": "ao.pt2e",
+    "convert_pt2e_model": "ao.pt2e",
+    "run": "pipeline.job",
+    "RunConfig": "pipeline.config",
+    "RunResult": "pipeline.job",
+    "RunData": "pipeline.data",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -87,12 +87,6 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
-    if not name.startswith("_"):  # a submodule named as an attribute: aq_brevitas.layers.<name>
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
     raise AttributeError(f"module 'aq_brevitas' has no attribute {name!r}")
 
 

@@ -23,6 +23,15 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .config import (
+    ATTACKS,
+    GRADIENT_FREE,
+    GRID_ATTACKS,
+    Normalization,
+    check_eps,
+    check_normalization,
+    default_alpha,
+)
 from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it; keep this module light for the CLI
@@ -30,63 +39,6 @@ if TYPE_CHECKING:  # torch is imported by the functions that need it; keep this 
     from torch import nn
 
     from .config import AttackConfig
-
-ATTACKS = (
-    "fgsm", "pgd", "pgdl2", "tpgd", "square", "autoattack",
-    "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t",
-)  # fmt: skip
-GRADIENT_FREE = ("square",)  # the attacks that never ask the model for an input gradient
-#: torchattacks code that only takes N x C x H x W images (APGD's steps are shaped [N, 1, 1, 1])
-GRID_ATTACKS = ("square", "autoattack", "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t")
-#: attack suites (:mod:`aq_brevitas.suite`): the attacks of each, in the order they run
-SUITES: dict[str, tuple[str, ...]] = {
-    "fast": ("apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square"),
-    "reference": ("apgd-ce", "apgd-t", "fab-t", "square"),
-}
-SUITE_ATTACKS = (
-    "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t", "square", "transfer", "pgd",
-)  # fmt: skip
-AUTOATTACK_VERSIONS = ("off", "standard", "torchattacks")
-#: ``(mean, std)`` per channel, as :func:`check_normalization` returns it
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-def check_eps(eps: float, name: str = "eps") -> float:
-    """An L-inf budget on [0, 1] images as a float; :class:`ConfigError` unless a number in [0, 1]."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
-        raise ConfigError(f"{name} must be a number, got {eps!r}", f"pass e.g. --{name} 0.1")
-    if not 0.0 <= float(eps) <= 1.0:
-        raise ConfigError(
-            f"{name}={eps} is outside [0, 1] (inputs are images in [0, 1])", f"pass e.g. --{name} 0.1"
-        )
-    return float(eps)
-
-
-def default_alpha(eps: float, steps: int) -> float:
-    """Step size 2.5·ε/steps (Madry et al.), so steps can walk across the ball and back."""
-    return 2.5 * eps / max(steps, 1)
-
-
-# ------------------------------------------------------------------------------------ normalisation
-def check_normalization(value: Any, channels: int | None = None) -> Normalization:
-    """``(mean, std)`` as tuples of floats; :class:`ConfigError` unless equal-length, non-empty, with
-    positive stds, and (given ``channels``, the size of the inputs' dim 1) one value or one per channel."""
-    try:
-        mean, std = (tuple(float(v) for v in part) for part in value)
-        ok = bool(mean) and len(mean) == len(std) and all(s > 0 for s in std)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(
-            f"normalization={value!r} is not a (mean, std) pair with positive stds",
-            "pass e.g. normalization=((0.286,), (0.353,))",
-        )
-    if channels is not None and len(mean) not in (1, channels):
-        raise ConfigError(
-            f"normalization has {len(mean)} mean/std values but the inputs have {channels} channels (dim 1)",
-            f"give one mean and std for all channels, or one per channel ({channels})",
-        )
-    return mean, std
 
 
 def normalize(x: torch.Tensor, normalization: Any) -> torch.Tensor:
@@ -185,7 +137,7 @@ def check_input_gradient(model: nn.Module, x: torch.Tensor) -> None:
     """
     import torch
 
-    from .nnutils import eval_mode, paused_observers
+    from .forward import eval_mode, paused_observers
 
     x1 = x[:1].detach().clone().requires_grad_(True)
     grad = None
@@ -285,7 +237,7 @@ class AdaptedAttack:
         return getattr(self.attack, key)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from .nnutils import eval_mode
+        from .forward import eval_mode
 
         # eval mode is torchattacks' own default; the guard also gives back each module's own flag,
         # where torchattacks' recovery calls model.train() on everything (a frozen BatchNorm too)

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import PolicyError
 
 if TYPE_CHECKING:
-    from .candidates import CandidateTable
-    from .policy import LayerSpec
+    pass
 
 BUDGET_KINDS = ("avg_weight_bits", "weight_bytes", "bops")
 DEFAULT_ACT_BITS_FOR_BOPS = 8  # activations the policy leaves unquantized are costed as 8-bit in BOPs
@@ -62,29 +61,6 @@ class PolicyCost:
     def summary(self) -> dict[str, float]:
         """``{avg_weight_bits, weight_bytes, bops}``: one figure per budget kind (what policy meta records)."""
         return {k: self.value(k) for k in BUDGET_KINDS}
-
-
-def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
-    """``(weight bits, BOPs)`` of one layer under ``spec``: bits·params and MACs·b_w·b_a."""
-    act = spec.act_bit_width or DEFAULT_ACT_BITS_FOR_BOPS
-    return spec.weight_bit_width * params, macs * spec.weight_bit_width * act
-
-
-def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:
-    """Cost of concrete per-layer specs over layer geometries (anything with ``params`` and ``macs``:
-    ``params`` stored once, ``macs`` over every call, as :func:`~aq_brevitas.nnutils.layer_geometry`
-    gives them); layers without a spec count as 32-bit float."""
-    bits = bops = params = 0
-    for name, g in geometry.items():
-        spec = specs.get(name)
-        if spec is None:
-            b, o = 32 * g.params, g.macs * 32 * 32
-        else:
-            b, o = layer_cost(spec, g.params, g.macs)
-        bits += b
-        bops += o
-        params += g.params
-    return PolicyCost(bits / max(params, 1), bits, bits / 8, bops, params)
 
 
 @dataclass(frozen=True)
@@ -149,25 +125,6 @@ def as_budget(budget: Budget | str | Mapping[str, float]) -> Budget:
     raise PolicyError(f"budget {budget!r} is not a Budget", "pass Budget(avg_weight_bits=4) or 'avg-bits=4'")
 
 
-# ------------------------------------------------------------------------ a candidate table's costs
-def _params(table: CandidateTable) -> int:
-    return sum(table.scores[n].params for n in table.rows)
-
-
-def candidate_costs(table: CandidateTable, kind: str) -> dict[str, dict[LayerSpec, float]]:
-    """Per-candidate cost in the knapsack's units: weight bits (avg-bits budgets), bytes or BOPs."""
-    if kind not in BUDGET_KINDS:
-        raise PolicyError(f"unknown budget kind {kind!r}", f"use one of {', '.join(BUDGET_KINDS)}")
-    return {n: {r.spec: r.cost(kind) for r in rows} for n, rows in table.rows.items()}
-
-
-def budget_capacity(table: CandidateTable, budget: Budget) -> float:
-    """The budget in the knapsack's units: avg bits × Σ params, or bytes, or BOPs as given."""
-    if budget.kind == "avg_weight_bits":
-        return budget.value * _params(table)
-    return budget.value
-
-
 def in_budget_units(kind: str, raw: float, params: int) -> float:
     """A raw knapsack cost back in the budget's own units (``params``: Σ params, for average bits)."""
     if kind == "avg_weight_bits":
@@ -188,20 +145,3 @@ def require_within(budget: Budget, cheapest: float) -> None:
 def min_cost(costs: Mapping[str, Mapping[Any, float]]) -> float:
     """Cost of the cheapest policy: the cheapest candidate in every layer."""
     return float(sum(min(c.values()) for c in costs.values()))
-
-
-def check_feasible(table: CandidateTable, budget: Budget) -> None:
-    """PolicyError naming the minimum, in the budget's own units, when no policy fits."""
-    cheapest = min_cost(candidate_costs(table, budget.kind))
-    require_within(budget, in_budget_units(budget.kind, cheapest, _params(table)))
-
-
-def fits(table: CandidateTable, budget: Budget, specs: Mapping[str, LayerSpec]) -> bool:
-    """Whether ``specs`` (a candidate per layer of ``table``) costs at most the budget."""
-    cap = budget_capacity(table, budget)
-    return sum(table.row(n, s).cost(budget.kind) for n, s in specs.items()) <= cap * (1 + COST_RTOL)
-
-
-def achieved_cost(table: CandidateTable, specs: Mapping[str, LayerSpec]) -> PolicyCost:
-    """What ``specs`` costs over the table's layer geometries."""
-    return cost_of(specs, table.scores)

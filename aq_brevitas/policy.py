@@ -17,14 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .budget import (  # noqa: F401 -- re-exported: costs and budgets lived here before budget.py
-    BUDGET_KINDS,
-    DEFAULT_ACT_BITS_FOR_BOPS,
-    Budget,
-    PolicyCost,
-    cost_of,
-    layer_cost,
-)
+from .budget import DEFAULT_ACT_BITS_FOR_BOPS, PolicyCost
 from .errors import PolicyError
 
 SCHEMA = "aq-brevitas/policy/v1"
@@ -409,3 +402,26 @@ def check_target(
             f"target='finn': {what} (FINN maps a layer to hardware only with an integer input of at most {FINN_MAX_BITS} bits)",
             "give every layer act_bit_width 2..8 (aq_brevitas.for_target(specs, 'finn') does it for candidate lists)",
         )
+
+
+def layer_cost(spec: LayerSpec, params: int, macs: int) -> tuple[int, int]:
+    """``(weight bits, BOPs)`` of one layer under ``spec``: bits·params and MACs·b_w·b_a."""
+    act = spec.act_bit_width or DEFAULT_ACT_BITS_FOR_BOPS
+    return spec.weight_bit_width * params, macs * spec.weight_bit_width * act
+
+
+def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> PolicyCost:
+    """Cost of concrete per-layer specs over layer geometries (anything with ``params`` and ``macs``:
+    ``params`` stored once, ``macs`` over every call, as :func:`~aq_brevitas.nnutils.layer_geometry`
+    gives them); layers without a spec count as 32-bit float."""
+    bits = bops = params = 0
+    for name, g in geometry.items():
+        spec = specs.get(name)
+        if spec is None:
+            b, o = 32 * g.params, g.macs * 32 * 32
+        else:
+            b, o = layer_cost(spec, g.params, g.macs)
+        bits += b
+        bops += o
+        params += g.params
+    return PolicyCost(bits / max(params, 1), bits, bits / 8, bops, params)

@@ -71,3 +71,104 @@ def test_no_module_imports_another_modules_private_name():
                     if a.name.startswith("_")
                 ]
     assert not bad, f"private names imported across modules: {bad}"
+
+
+# ------------------------------------------------------------------------------------ import graph
+# Bottom to top: a module may import a module of a lower rank, or one of its own folder (the cycle
+# test keeps those in one direction). Units are top-level modules and stage folders; the package
+# root (lazy, maps names to every layer) is outside the order. docs/concepts.md draws the same order.
+LAYERS: dict[str, int] = {
+    "errors": 0,
+    "texttable": 0,
+    "storage": 1,
+    "forward": 2,
+    "nnutils": 3,
+    "folding": 4,
+    "config": 5,
+    "data": 5,
+    "models": 5,
+    "plots": 5,
+    "budget": 6,
+    "attacks": 6,
+    "policy": 7,
+    "ao": 8,
+    "score": 9,
+    "quantization": 9,
+    "evaluate": 10,
+    "train": 10,
+    "search": 11,
+    "export": 12,
+    "pipeline": 13,
+    "cli": 14,
+}
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_edges() -> dict[str, set[str]]:
+    """Module -> the package modules it imports: module-level, under TYPE_CHECKING and inside functions."""
+    paths = {_module_name(p): p for p in _modules()}
+    edges: dict[str, set[str]] = {m: set() for m in paths}
+    for mod, path in paths.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in paths else target for a in node.names]
+            else:
+                continue
+            edges[mod] |= {t for t in targets if t in paths and t != mod}
+    return edges
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(edges[m]):
+            if state.get(n) == 1:
+                return [*stack[stack.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    cycle = _cycle(_import_edges())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _unit(mod: str) -> str:
+    return mod.split(".")[1] if mod.count(".") else ""
+
+
+def test_imports_follow_the_layers():
+    edges = _import_edges()
+    units = {_unit(m) for m in edges} - {""}
+    assert units == set(LAYERS), f"units without a layer: {units - set(LAYERS)}; stale: {set(LAYERS) - units}"
+    upward = [
+        f"{m} -> {n}"
+        for m, targets in edges.items()
+        for n in targets
+        if _unit(m) and _unit(n) and _unit(m) != _unit(n) and LAYERS[_unit(n)] >= LAYERS[_unit(m)]
+    ]
+    assert not upward, f"imports that do not point down the layers: {upward}"

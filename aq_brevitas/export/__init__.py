@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from .cost import cost_table, expected_weight_bits, inference_cost
 from .exporter import ADAPTIVE_POOLS
-from .finn import FINN_MAX_BITS, FINN_OP_TYPES, FinnCheck, FinnReport, finn_check
+from .finn import FinnReport, finn_check
 from .finn_build import FinnEstimates, FinnRun, FinnStep, finn_available
+from .finn_checks import FINN_MAX_BITS, FINN_OP_TYPES, FinnCheck
 from .flips import BOUNDARY_ULPS, MAX_FLIP_FRACTION
 from .graph import WEIGHT_OPS, GraphLayer
 from .parity import DEFAULT_TOL

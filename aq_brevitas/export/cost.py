@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import cost_of
 from ..errors import ModelError
 from ..nnutils import layer_geometry, quantizable_layers
+from ..policy import cost_of
 from .graph import GraphMap, example_input_for, load_qonnx, quantizer_bits, strict_map
 
 

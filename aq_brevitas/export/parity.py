@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..nnutils import eval_mode
+from ..forward import eval_mode
 
 DEFAULT_TOL = 1e-5
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..nnutils import eval_mode, quantizable_layers
+from ..forward import eval_mode
+from ..nnutils import quantizable_layers
 from ..storage import atomic_write_with
 from .exporter import check_example_input, check_model, onnx_check, run_exporter, scratch_dir
 from .graph import map_layers

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nnutils import eval_mode
+from ..forward import eval_mode
 from ..storage import atomic_write_with
 from .cost import check_weight_memory, expected_weight_bits, qonnx_cost, unexplained_weight_bits
 from .exporter import check_example_input, check_model, onnx_check, run_exporter, scratch_dir

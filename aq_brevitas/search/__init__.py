@@ -29,8 +29,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Public names by the module that defines them (budget arithmetic lives in aq_brevitas.budget and
-# stays importable from here, as before the split).
+# Public names by the module that defines them.
 _MODULES: dict[str, tuple[str, ...]] = {
     ".config": ("SearchConfig", "MethodSettings", "LipschitzSettings", "HessianSettings", "AnsSettings",
                 "UniformSettings", "METHOD_SETTINGS", "METHODS", "SCORED_METHODS", "COMPARE_ORDER",
@@ -49,7 +48,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".validate": ("MetricValidation", "sample_policies", "validate_metric"),
     ".tables": ("policy_table", "compare_methods", "MethodComparison"),
     ".pareto": ("search_pareto", "ParetoFront", "ParetoPoint", "PARETO_METHODS", "sweep_budgets"),
-    "..budget": ("candidate_costs", "budget_capacity", "check_feasible", "min_cost"),
+    ".costing": ("candidate_costs", "budget_capacity", "check_feasible"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_HOME)

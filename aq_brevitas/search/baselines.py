@@ -17,17 +17,18 @@ import torch
 from torch import nn
 
 from ..attacks import normalized_inputs
-from ..budget import Budget, PolicyCost, achieved_cost, as_budget, fits
-from ..candidates import CandidateTable
+from ..budget import Budget, PolicyCost, as_budget
 from ..errors import PolicyError
-from ..nnutils import as_xy
+from ..forward import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
 from .calibration import WeightCache, progress_bar
+from .candidates import CandidateTable
 from .config import SearchConfig, build_config
+from .costing import achieved_cost, fits
 
 
 def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.Tensor) -> nn.Module:
-    from ..convert import quantize
+    from ..quantization.convert import quantize
 
     return quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib_x).eval()
 
@@ -52,7 +53,7 @@ def quantized_robust_accuracy(
     for ``specs`` (calibrated on ``calib_x``): the per-image worst case of PGD-``steps`` and the fast
     attack suite at its selection settings, with the float ``model`` as the transfer source
     (:data:`~aq_brevitas.suite.SELECTION_SUITE`), never PGD alone."""
-    from ..suite import SELECTION_SUITE, suite_accuracies
+    from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
 
     q = _quantized(model, specs, calib_x)
     settings = replace(SELECTION_SUITE["settings"], seed=seed)

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..attacks import check_eps, forward_input, make_attack
-from ..candidates import CandidateRow, CandidateTable, quantized_weight
+from ..attacks import forward_input, make_attack
+from ..config import check_eps
 from ..errors import ConfigError
-from ..nnutils import as_xy, eval_mode, trace_leaves
+from ..forward import as_xy, eval_mode
+from ..nnutils import trace_leaves
 from ..policy import LayerSpec, LayerwisePolicy
+from .candidates import CandidateRow, CandidateTable, quantized_weight
 
 _BATCH = 256  # images per attack call
 
@@ -134,7 +136,7 @@ class ActivationProbe:
             import brevitas.nn as qnn
             from brevitas.graph.calibrate import calibration_mode
 
-            from ..injectors import act_quant_for
+            from ..quantization.injectors import act_quant_for
 
             x = self.inputs(layer)
             signed = bool(x.min() < 0)
@@ -316,7 +318,7 @@ def adversarial_calibration(
     name for :func:`~aq_brevitas.attacks.make_attack`, or a ready torchattacks attack. ``calib_data``
     in any form :func:`~aq_brevitas.nnutils.as_xy` accepts (images alone are labelled by the model).
     ``jacobian``: also measure ``J_loc`` (power iteration). Seeded: same seed, same x_adv."""
-    from ..lipschitz import local_jacobian_norm
+    from ..score.jacobian import local_jacobian_norm
 
     eps = check_eps(eps)
     x, y = as_xy(calib_data, model=model, name="calibration data")
@@ -377,7 +379,7 @@ def network_deviation(
     bit width need the input quantizer too, so those go through :func:`~aq_brevitas.quantize` itself.
     """
     if any(s.act_bit_width for s in specs.values()):
-        from ..convert import quantize
+        from ..quantization.convert import quantize
 
         q = quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib.x)
         with eval_mode(q):

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from ..attacks import Normalization, check_normalization
+from ..config import Normalization, check_normalization
 from ..errors import ConfigError, PolicyError
 from ..policy import TARGETS, LayerSpec, for_target
 
@@ -195,7 +195,7 @@ def _for_target(candidates: Candidates, target: str) -> Candidates:
         )
     if target == "generic":
         return candidates
-    from ..candidates import default_candidates  # lazily: this module stays torch-free
+    from .candidates import default_candidates
 
     if isinstance(candidates, Mapping):
         full = {"*": default_candidates(), **candidates}
@@ -275,7 +275,7 @@ class SearchConfig:
         if candidates is None and self.act_bits is None and self.target == "finn":
             object.__setattr__(self, "act_bits", DEFAULT_ACT_BITS)  # FINN: integer inputs, width searched
         if candidates is None and self.act_bits:
-            from ..candidates import default_candidates  # lazily: this module stays torch-free
+            from .candidates import default_candidates
 
             candidates = with_act_bits(default_candidates(), self.act_bits)
         object.__setattr__(self, "candidates", _for_target(candidates, self.target))

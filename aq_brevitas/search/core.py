@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..attacks import normalized_inputs
-from ..budget import Budget, achieved_cost, as_budget, check_feasible, require_within
-from ..candidates import CandidateRow, CandidateTable, candidate_table, folded_copy, per_layer_candidates
+from ..budget import Budget, as_budget, require_within
 from ..errors import ConfigError
-from ..nnutils import as_xy, eval_mode, layer_geometry
+from ..forward import as_xy, eval_mode
+from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
 from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, quantized_robust_accuracy
 from .calibration import (
@@ -32,7 +32,9 @@ from .calibration import (
     equivalent_candidates,
     reuse_calibration,
 )
+from .candidates import CandidateRow, CandidateTable, candidate_table, folded_copy, per_layer_candidates
 from .config import METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
+from .costing import achieved_cost, check_feasible
 from .mckp import SOLVER_NAME
 from .refine import Refinement
 from .result import (

@@ -33,15 +33,16 @@ import torch
 from torch import nn
 
 from ..attacks import normalized_inputs
-from ..budget import Budget, achieved_cost, as_budget
-from ..candidates import CandidateTable, candidate_table
+from ..budget import Budget, as_budget
 from ..errors import ConfigError, PolicyError
-from ..nnutils import as_xy, eval_mode
+from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
 from .baselines import uniform_choices
 from .calibration import WeightCache, adversarial_calibration, progress_bar
+from .candidates import CandidateTable, candidate_table
 from .config import DEFAULT_ACT_BITS, PARETO_METHODS, SCORED_METHODS, SearchConfig, build_config
+from .costing import achieved_cost
 from .scorers import SCORERS, ScoringInputs
 from .selection import select_policy
 
@@ -182,7 +183,7 @@ class _Measure:
         self.seen: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
 
     def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
-        from ..convert import quantize
+        from ..quantization.convert import quantize
 
         key = tuple(sorted((n, s.short()) for n, s in (specs or {}).items()))
         if key not in self.seen:
@@ -203,7 +204,7 @@ def robust_and_clean(
     """``(clean, robust)`` accuracy on ``val``: robust is the per-image worst case of PGD-``pgd_steps``
     and the fast suite at the selection settings (:data:`~aq_brevitas.suite.SELECTION_SUITE`), with
     ``surrogate`` (the float model) as the transfer source."""
-    from ..suite import SELECTION_SUITE, suite_accuracies
+    from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
 
     settings = replace(SELECTION_SUITE["settings"], seed=cfg.seed)
     acc = suite_accuracies(

@@ -19,14 +19,15 @@ from typing import Any
 
 from torch import nn
 
-from ..attacks import check_eps
-from ..budget import Budget, fits
-from ..candidates import CandidateTable
+from ..budget import Budget
+from ..config import check_eps
 from ..errors import ConfigError
-from ..nnutils import eval_mode
+from ..forward import eval_mode
 from ..policy import LayerSpec
 from .calibration import AdversarialCalibration, WeightCache, network_deviation, progress_bar
+from .candidates import CandidateTable
 from .config import ESTIMATES
+from .costing import fits
 from .mckp import MckpSolution
 
 

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..attacks import check_eps, make_attack
-from ..candidates import CandidateTable
+from ..attacks import make_attack
+from ..config import check_eps
 from ..errors import ConfigError
-from ..nnutils import as_xy, eval_mode
+from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec
 from .calibration import (
     ActivationProbe,
@@ -46,6 +46,7 @@ from .calibration import (
     seeded,
     weight_part,
 )
+from .candidates import CandidateTable
 from .config import (
     ESTIMATES,
     METHOD_SETTINGS,

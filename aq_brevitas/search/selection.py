@@ -14,11 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from ..budget import Budget, as_budget, budget_capacity, candidate_costs
-from ..candidates import CandidateTable
+from ..budget import Budget, as_budget
 from ..policy import LayerSpec
 from .calibration import Representatives, WeightCache, distinct_specs, equivalent_candidates
+from .candidates import CandidateTable
 from .config import LipschitzSettings, SearchConfig, build_config
+from .costing import budget_capacity, candidate_costs
 from .mckp import MckpSolution, solve_top_k
 from .refine import Refinement, WholeNetworkBound, refine
 from .scorers import LipschitzTerms, Scores

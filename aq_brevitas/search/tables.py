@@ -12,11 +12,11 @@ from typing import Any
 from torch import nn
 
 from ..attacks import normalized_inputs
-from ..budget import Budget, PolicyCost, as_budget, cost_of
-from ..candidates import CandidateTable, candidate_table, folded_copy
-from ..nnutils import as_xy
-from ..policy import LayerwisePolicy
+from ..budget import Budget, PolicyCost, as_budget
+from ..forward import as_xy
+from ..policy import LayerwisePolicy, cost_of
 from .calibration import AdversarialCalibration, adversarial_calibration
+from .candidates import CandidateTable, candidate_table, folded_copy
 from .config import COMPARE_ORDER, LipschitzSettings, SearchConfig, build_config
 from .core import search_policy
 from .refine import policy_bound

@@ -22,12 +22,11 @@ import numpy as np
 from torch import nn
 
 from ..attacks import normalized_inputs
-from ..budget import Budget, achieved_cost, as_budget, budget_capacity, candidate_costs
-from ..candidates import CandidateTable, candidate_table
+from ..budget import Budget, as_budget
 from ..errors import ConfigError
-from ..nnutils import as_xy, eval_mode
+from ..evaluate.suite import SELECTION_SUITE
+from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
-from ..suite import SELECTION_SUITE
 from .calibration import (
     WeightCache,
     adversarial_calibration,
@@ -35,7 +34,9 @@ from .calibration import (
     equivalent_candidates,
     progress_bar,
 )
+from .candidates import CandidateTable, candidate_table
 from .config import LipschitzSettings, SearchConfig, build_config
+from .costing import achieved_cost, budget_capacity, candidate_costs
 from .refine import WholeNetworkBound
 from .result import plain
 from .scorers import lipschitz_terms
@@ -187,8 +188,8 @@ def validate_metric(
     ``candidates``, ``estimate``, ``normalization``) as :class:`SearchConfig`; data in any form
     :func:`~aq_brevitas.nnutils.as_xy` accepts.
     """
-    from ..convert import quantize
-    from ..suite import suite_accuracies
+    from ..evaluate.suite import suite_accuracies
+    from ..quantization.convert import quantize
 
     t_start = time.perf_counter()
     cfg = build_config(config, overrides)

@@ -27,7 +27,7 @@ from brevitas.inject import ExtendedInjector, value
 from brevitas.quant import fixed_point, scaled_int
 from torch import nn
 
-from .policy import LayerSpec
+from ..policy import LayerSpec
 
 PERCENTILE_Q = 99.0  # high percentile of |w| used as the clipping threshold by the 'percentile' rule
 

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks import SUITE_ATTACKS, SUITES, make_attack, normalized_inputs
-from .errors import ConfigError
-from .nnutils import as_xy, eval_mode, frozen_quant_weights, require_single_input
+from ..attacks import make_attack, normalized_inputs
+from ..config import SUITE_ATTACKS, SUITES
+from ..errors import ConfigError
+from ..forward import as_xy, eval_mode, frozen_quant_weights, require_single_input
 
 REFERENCE_STEPS = 100  # APGD, APGD-T and FAB-T iterations of the reference AutoAttack
 REFERENCE_QUERIES = 5000  # Square queries of the reference AutoAttack

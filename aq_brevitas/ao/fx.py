@@ -1,35 +1,8 @@
-"""The same policy in torch.ao: an FX ``QConfigMapping`` (built into torch) and a PT2E ``Quantizer`` (torchao).
-
-How each :class:`LayerSpec` field is honoured (see docs/torch_ao.md):
-
-* ``weight_bit_width`` 2..8: narrow signed range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` on (q)int8, kept
-  by ``convert_fx`` and ``convert_pt2e``. 1 bit cannot be expressed (no binary dtype) and is refused.
-* ``granularity``: per-channel or per-tensor symmetric observers. Per-channel scales sit on the
-  weight axis of the output channels: 0, or 1 for a transposed conv (``(in, out/groups, *k)``).
-  Where torch.ao cannot hold them the layer gets per-tensor weights, with a warning naming it: FX
-  has no per-channel transposed conv (its ``QConfig`` check and fbgemm/qnnpack refuse one), and
-  with ``groups > 1`` a transposed conv's output channels span two weight axes, which one
-  per-channel axis cannot hold (PT2E too).
-* ``scaling``: ``max`` → MinMax observers (exact). PT2E, per-tensor ``mse``/``percentile`` →
-  ``HistogramObserver`` (torch.ao's clipping search minimising quantization error: the nearest
-  torch.ao has to both; ``convert_pt2e`` clamps to the narrow range). FX gets MinMax there, because
-  ``convert_fx`` clamps weights only to the qint8 range (a clipping observer gives -8 at 4 bits).
-  Per-channel ``mse``/``percentile`` and ``po2`` have no torch.ao observer: MinMax. Every
-  approximation warns with the layer names (never silent).
-* ``act_bit_width`` 2..8: the layer's INPUT activation, affine quint8 range ``[0, 2^b - 1]``. PT2E
-  annotates the input edge. FX attaches ``QConfig.activation`` to a layer's output, so
-  :func:`prepare_fx_model` re-targets the observers after ``prepare_fx`` (each one gets the bits of
-  the layer that reads it). torch.ao's static quantization needs quantized activations, so other
-  quantized tensors (layers without ``act_bit_width``, the model output) get 8 bits; more than 8
-  bits is refused.
-
-torchao is an optional extra (``pip install aq-brevitas[pt2e]``); only :class:`PolicyQuantizer`,
-:func:`prepare_pt2e_model` and :func:`convert_pt2e_model` need it.
-"""
+"""The policy as a torch.ao FX ``QConfigMapping``: observers per layer spec, activation observers
+re-targeted to the layers that read them, and the checks torch.ao needs (see :mod:`aq_brevitas.ao`)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import warnings
@@ -39,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError, PolicyError
-from .nnutils import eval_mode, find_conv_bn_pairs, quantizable_layers
-from .policy import LayerSpec, LayerwisePolicy
+from ..errors import ModelError, PolicyError
+from ..folding import find_conv_bn_pairs
+from ..nnutils import quantizable_layers
+from ..policy import LayerSpec, LayerwisePolicy
 
 DEFAULT_ACT_BITS = 8
 # The DeprecationWarning torch 2.13 emits on every FX quantization call (a regex for warning filters).
@@ -79,7 +53,7 @@ def _approximated(spec: LayerSpec, pt2e: bool) -> bool:
     return spec.scaling != "max" and not _clipping_observer(spec, pt2e)
 
 
-def _warn_approximations(specs: dict[str, LayerSpec], pt2e: bool) -> None:
+def warn_approximations(specs: dict[str, LayerSpec], pt2e: bool) -> None:
     approx = [f"{n} ({s.scaling} {s.granularity})" for n, s in specs.items() if _approximated(s, pt2e)]
     if approx:
         warnings.warn(
@@ -106,7 +80,7 @@ def weight_channel_axis(transposed: bool, groups: int = 1, *, pt2e: bool) -> int
     return 1 if pt2e and groups == 1 else None
 
 
-def _expressible(
+def expressible(
     name: str, spec: LayerSpec, transposed: bool, groups: int, pt2e: bool, fallback: dict[str, str]
 ) -> tuple[LayerSpec, int]:
     """The spec torch.ao runs for a layer and its per-channel axis: per-tensor where
@@ -138,7 +112,7 @@ def check_transposed_bn(model: nn.Module, *, fx: bool, qat: bool = False) -> Non
             )
 
 
-def _warn_per_tensor(fallback: dict[str, str]) -> None:
+def warn_per_tensor(fallback: dict[str, str]) -> None:
     if fallback:
         listed = ", ".join(f"{n} ({why})" for n, why in fallback.items())
         warnings.warn(
@@ -149,7 +123,7 @@ def _warn_per_tensor(fallback: dict[str, str]) -> None:
         )
 
 
-def _weight_observer(
+def weight_observer(
     spec: LayerSpec, observers: Any, pt2e: bool, axis: int = 0
 ) -> tuple[Any, torch.qscheme, dict[str, Any]]:
     qmin, qmax = weight_range(spec.weight_bit_width)
@@ -179,7 +153,7 @@ def _fx_qconfig(spec: LayerSpec, qat: bool) -> Any:
     from torch.ao.quantization import FakeQuantize, QConfig
     from torch.ao.quantization import observer as obs
 
-    w_cls, w_scheme, w_kw = _weight_observer(spec, obs, pt2e=False)
+    w_cls, w_scheme, w_kw = weight_observer(spec, obs, pt2e=False)
     if qat:
         weight = FakeQuantize.with_args(observer=w_cls, dtype=torch.qint8, qscheme=w_scheme, **w_kw)
     else:
@@ -195,7 +169,7 @@ def _mapping(
     modules = dict(layers) if isinstance(layers, Mapping) else {}
     fallback: dict[str, str] = {}
     specs = {
-        name: _expressible(
+        name: expressible(
             name,
             spec,
             isinstance(modules.get(name), _TRANSPOSED_TYPES),
@@ -205,8 +179,8 @@ def _mapping(
         )[0]
         for name, spec in (dict(policy.layers) if layers is None else policy.resolve(layers)).items()
     }
-    _warn_approximations(specs, pt2e=False)
-    _warn_per_tensor(fallback)
+    warn_approximations(specs, pt2e=False)
+    warn_per_tensor(fallback)
     mapping = QConfigMapping()
     used = list(specs.values())
     if policy.default is not None and layers is None:
@@ -408,166 +382,3 @@ def prepare_fx_model(
     prepared = prepare(model.train() if qat else model.eval(), mapping, (example_inputs,))
     place_input_activations(prepared, policy, qat=qat)
     return prepared
-
-
-def _torchao() -> Any:
-    try:
-        import torchao.quantization.pt2e as pt2e
-    except ImportError:
-        raise ConfigError(
-            "PolicyQuantizer needs torchao, which is not installed",
-            "pip install 'aq-brevitas[pt2e]' (torchao==0.18.0)",
-        ) from None
-    return pt2e
-
-
-def _layer_name(node: Any) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return path.replace("L['self'].", "").replace("L__self___", "") or None
-
-
-_LAYER_OPS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "linear")
-_GROUPS_ARG = 6  # aten.conv_transpose*d(input, weight, bias, stride, padding, output_padding, groups, ...)
-
-
-def _pt2e_specs(spec: LayerSpec, qat: bool, axis: int = 0) -> tuple[Any, Any]:
-    pt2e = _torchao()
-    from torchao.quantization.pt2e import observer as obs
-    from torchao.quantization.pt2e.quantizer import QuantizationSpec
-
-    w_cls, w_scheme, w_kw = _weight_observer(spec, obs, pt2e=True, axis=axis)
-    qmin, qmax = w_kw.pop("quant_min"), w_kw.pop("quant_max")
-    w_ctor = pt2e.FakeQuantize.with_args(observer=w_cls, **w_kw) if qat else w_cls.with_args(**w_kw)
-    weight = QuantizationSpec(
-        dtype=torch.int8,
-        quant_min=qmin,
-        quant_max=qmax,
-        qscheme=w_scheme,
-        ch_axis=w_kw.get("ch_axis", 0),
-        is_dynamic=False,
-        observer_or_fake_quant_ctr=w_ctor,
-    )
-    amin, amax = act_range(spec.act_bit_width)
-    a_obs = obs.MovingAverageMinMaxObserver if qat else obs.MinMaxObserver
-    a_ctor = pt2e.FakeQuantize.with_args(observer=a_obs) if qat else a_obs.with_args()
-    act = QuantizationSpec(
-        dtype=torch.uint8,
-        quant_min=amin,
-        quant_max=amax,
-        qscheme=torch.per_tensor_affine,
-        is_dynamic=False,
-        observer_or_fake_quant_ctr=a_ctor,
-    )
-    return act, weight
-
-
-class PolicyQuantizer:
-    """A torchao PT2E ``Quantizer`` that gives each conv/linear node its layer's spec: the weight and
-    the layer's input edge are annotated, the output stays float until the next layer's input.
-
-    Layers are matched by the ``nn_module_stack`` name recorded by ``torch.export``. Use it with
-    ``torch.export.export`` + torchao's ``prepare_pt2e``/``prepare_qat_pt2e`` + ``convert_pt2e``.
-    It is registered as a virtual subclass of torchao's ``Quantizer`` on first use, so that
-    importing aq_brevitas never needs torchao; without torchao, constructing one raises ``ConfigError``.
-    """
-
-    def __init__(self, policy: LayerwisePolicy, *, qat: bool = False) -> None:
-        _torchao()
-        from torchao.quantization.pt2e.quantizer import Quantizer
-
-        Quantizer.register(PolicyQuantizer)
-        self.policy = policy
-        self.qat = qat
-        self.annotated: dict[str, LayerSpec] = {}
-
-    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        """No graph rewrite is needed before annotating (torchao ``Quantizer`` hook)."""
-        return model
-
-    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        """Annotate the input activation and weight of every conv/linear node the policy names.
-
-        Per-channel weight scales go on the output-channel axis (1 for a transposed conv); a
-        transposed conv with ``groups > 1`` gets per-tensor weights, with a warning naming it.
-        ``annotated`` records the spec each layer got."""
-        from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-
-        fallback: dict[str, str] = {}
-        for node in model.graph.nodes:
-            op = getattr(node.target, "__name__", "").split(".")[0]
-            if node.op != "call_function" or op not in _LAYER_OPS:
-                continue
-            name = _layer_name(node)
-            spec = self.policy.spec_for(name) if name else None
-            if spec is None:
-                continue
-            transposed = op.startswith("conv_transpose")
-            groups = node.args[_GROUPS_ARG] if transposed and len(node.args) > _GROUPS_ARG else 1
-            spec, axis = _expressible(name, spec, transposed, groups, pt2e=True, fallback=fallback)
-            act, weight = _pt2e_specs(spec, self.qat, axis)
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map={node.args[0]: act, node.args[1]: weight}, _annotated=True
-            )
-            self.annotated[name] = spec
-        _warn_approximations(self.annotated, pt2e=True)
-        _warn_per_tensor(fallback)
-        return model
-
-    def validate(self, model: torch.fx.GraphModule) -> None:
-        """Every layer the policy names explicitly must have been found in the graph."""
-        missing = set(self.policy.layers) - set(self.annotated)
-        if missing:
-            raise PolicyError(
-                f"PT2E graph has no conv/linear node for policy layer {sorted(missing)[0]!r}",
-                "check the layer names against model.named_modules()",
-            )
-
-    def prepare_obs_or_fq_callback(
-        self, model: torch.fx.GraphModule, edge_or_node_to_obs_or_fq: dict
-    ) -> None:
-        """No adjustment of the created observers is needed (torchao ``Quantizer`` hook)."""
-
-
-def prepare_pt2e_model(
-    model: nn.Module, policy: LayerwisePolicy, example_inputs: torch.Tensor, *, qat: bool = False
-) -> Any:
-    """``torch.export`` + ``prepare_pt2e``/``prepare_qat_pt2e`` with :class:`PolicyQuantizer`.
-
-    The result can be calibrated, fine-tuned, attacked and evaluated like any module
-    (``allow_exported_model_train_eval`` is applied so ``.train()``/``.eval()`` work). ``model`` is
-    exported in eval mode (train mode with ``qat``) and given back in the mode it came in, every
-    module's flag restored; export traces it without running it, so BatchNorm statistics are untouched.
-    A grouped transposed conv followed by a BatchNorm is refused (:func:`check_transposed_bn`).
-    """
-    pt2e = _torchao()
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
-
-    x = (
-        example_inputs
-        if len(example_inputs) > 1
-        else example_inputs.repeat(2, *[1] * (example_inputs.dim() - 1))
-    )
-    check_transposed_bn(model, fx=False, qat=qat)
-    batch = torch.export.Dim("batch")  # keep the batch size dynamic (export would specialise it)
-    with eval_mode(model):  # restores every module's own train/eval flag on exit
-        exported = torch.export.export(model.train(qat), (x,), dynamic_shapes=({0: batch},)).module()
-    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(exported, PolicyQuantizer(policy, qat=qat))
-    pt2e.allow_exported_model_train_eval(prepared)
-    return prepared
-
-
-def convert_pt2e_model(prepared: Any) -> Any:
-    """``convert_pt2e`` (integer weights in the graph, quantize/dequantize around them).
-
-    ``prepared`` is left as it was: ``convert_pt2e`` rewrites its graph in place, and the prepared
-    (fake-quant) model is the one to attack, since the converted one has no input gradient.
-    """
-    pt2e = _torchao()
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-    converted = convert_pt2e(copy.deepcopy(prepared))
-    pt2e.allow_exported_model_train_eval(converted)
-    return converted

@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attacks import (
-    SUITES,
-    AdaptedAttack,
+from ..attacks import (
     check_input_gradient,
     image_grid,
     make_attack,
-    needs_input_gradient,
     normalized_inputs,
 )
-from .config import EvalConfig, with_overrides
+from ..config import SUITES, EvalConfig, with_overrides
+from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
+from .accuracy import batches, subset
 from .indicators import (
     UNCONSTRAINED_EPS,
     input_gradient_check,
@@ -43,111 +42,8 @@ from .indicators import (
     unconstrained_check,
     white_box_check,
 )
-from .nnutils import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 from .report import AttackResult, MaskingCheck, RobustnessReport, masking_checks, pack_mask
 from .suite import REFERENCE_QUERIES, REFERENCE_STEPS, ChainSettings, mask_share, run_chain, suite_names
-
-
-def _batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for i in range(0, len(x), batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-def _data(x: Any, y: torch.Tensor | None) -> Any:
-    """The data of a ``(model, x, y)`` call: ``(x, y)`` when labels are given, else ``x`` itself."""
-    return x if y is None else (x, y)
-
-
-# -- building blocks --------------------------------------------------------------------------------------
-@torch.no_grad()
-def accuracy(
-    model: nn.Module,
-    x: Any,
-    y: torch.Tensor | None = None,
-    *,
-    batch_size: int = 500,
-    normalization: Any = None,
-) -> float:
-    """Clean top-1 accuracy in [0, 1] of ``model`` (measured in eval mode) on images ``x`` with labels ``y``.
-
-    Without ``y``, ``x`` is any data form :func:`~aq_brevitas.nnutils.as_xy` accepts (an ``(images,
-    labels)`` pair, a Dataset, a DataLoader, an iterable of batches). Images are float, in [0, 1];
-    ``normalization=(mean, std)`` feeds a model that expects normalised inputs ``(x - mean) / std``.
-    The model comes back in the train/eval mode it came in. Bad data raises a one-line
-    :class:`ConfigError`, a model that cannot run them a :class:`ModelError`.
-    """
-    require_single_input(model, "accuracy")
-    x, y = as_xy(_data(x, y), name="inputs")
-    with normalized_inputs(model, normalization):
-        check_forward(model, x)
-        with eval_mode(model), frozen_quant_weights(model):
-            correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in _batches(x, y, batch_size))
-    return correct / len(y)
-
-
-def attack_accuracy(
-    model: nn.Module,
-    x: Any,
-    y: torch.Tensor | None = None,
-    attack: str | Any = "pgd",
-    *,
-    eps: float = 0.1,
-    steps: int = 20,
-    batch_size: int = 250,
-    seed: int = 0,
-    progress: bool = False,
-    normalization: Any = None,
-    **attack_kwargs: Any,
-) -> float:
-    """Accuracy in [0, 1] on adversarial examples made by ``attack`` (a name for :func:`make_attack`
-    with ``eps``, ``steps``, ``seed`` and ``attack_kwargs``, or a built attack).
-
-    ``x``, ``y`` are as for :func:`accuracy`. ``normalization=(mean, std)`` is for a model that expects
-    normalised inputs: ``x`` stays in [0, 1] (where ε is measured) and the model is fed
-    ``(x - mean) / std`` (default: that of an attack built with it). The torch RNG is seeded with
-    ``seed`` (the attack's random start). The model is attacked in eval mode and comes back in the
-    mode it came in. A model without input gradient (a converted integer torch.ao model) is refused
-    by gradient attacks with a one-line :class:`ModelError`; so is a model that cannot run ``x``.
-    """
-    from tqdm.auto import tqdm
-
-    require_single_input(model, "attack_accuracy")
-    x, y = as_xy(_data(x, y), name="inputs")
-    if normalization is None and isinstance(attack, AdaptedAttack):  # classify as the attack saw it
-        normalization = attack.normalization
-    with normalized_inputs(model, normalization):
-        check_forward(model, x)
-        if needs_input_gradient(attack):
-            check_input_gradient(model, x)
-        with eval_mode(model):
-            atk = (
-                make_attack(attack, model, eps=eps, steps=steps, seed=seed, **attack_kwargs)
-                if isinstance(attack, str)
-                else attack
-            )
-            torch.manual_seed(seed)
-            correct = 0
-            with frozen_quant_weights(model):
-                for xb, yb in tqdm(
-                    list(_batches(x, y, batch_size)),
-                    desc=f"{attack if isinstance(attack, str) else type(attack).__name__} eps={eps}",
-                    disable=not progress,
-                    leave=False,
-                ):
-                    adv = atk(xb, yb)
-                    with torch.no_grad():
-                        correct += (model(adv).argmax(1) == yb).sum().item()
-    return correct / len(y)
-
-
-# -- the suite --------------------------------------------------------------------------------------------
-def _subset(n: int, k: int, seed: int) -> torch.Tensor:
-    """A seeded subset of ``k`` of ``n`` indices (sorted), the same for the same seed."""
-    if k >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 class _Runner:
@@ -176,7 +72,7 @@ class _Runner:
         self.clean_correct = torch.cat(
             [
                 (self.predict(xb.to(self.device)) == yb.to(self.device)).cpu()
-                for xb, yb in _batches(self.x, self.y, self.batch_size)
+                for xb, yb in batches(self.x, self.y, self.batch_size)
             ]
         )
         return self.clean_correct
@@ -250,14 +146,14 @@ def _jobs(cfg: EvalConfig, n: int, skipped: Mapping[str, str]) -> list[tuple[str
     """The suite's ``(attack, ε, image indices)`` after the clean pass, in report order (``skipped``
     attacks left out; PGD on the Square subset only runs next to Square)."""
     everyone, top = torch.arange(n), cfg.eps[-1]
-    gf_idx = _subset(n, cfg.gradient_free_images, cfg.seed)
+    gf_idx = subset(n, cfg.gradient_free_images, cfg.seed)
     jobs = [(attack, e, everyone) for attack in cfg.attacks if attack != "clean" for e in cfg.eps]
     if cfg.gradient_free and "square" not in skipped:
         jobs += [("square", top, gf_idx), ("pgd-subset", top, gf_idx)]
     if cfg.autoattack == "torchattacks" and "autoattack" not in skipped:
         jobs.append(("autoattack", top, gf_idx))
     if not ("pgd" in cfg.attacks and cfg.large_eps in cfg.eps):
-        jobs.append(("pgd-large-eps", cfg.large_eps, _subset(n, cfg.large_eps_images, cfg.seed + 1)))
+        jobs.append(("pgd-large-eps", cfg.large_eps, subset(n, cfg.large_eps_images, cfg.seed + 1)))
     return jobs
 
 
@@ -379,7 +275,7 @@ def _indicator_checks(
     run: _Runner, cfg: EvalConfig, outcome: _SuiteOutcome, names: tuple[str, ...]
 ) -> list[MaskingCheck]:
     """The attack-failure indicators of :mod:`aq_brevitas.indicators` (the model is in eval mode)."""
-    sub = _subset(len(run.x), cfg.large_eps_images, cfg.seed + 2)
+    sub = subset(len(run.x), cfg.large_eps_images, cfg.seed + 2)
     xs, ys = run.x[sub].to(run.device), run.y[sub].to(run.device)
     # APGD (torchattacks) needs image-like samples; PGD attacks any shape
     fallback = ("apgd-ce",) if image_grid(tuple(run.x.shape[1:])) is not None else ("pgd",)
@@ -503,9 +399,7 @@ def evaluate_robustness(
                 results.append(run.job(cfg, *job))
                 bar.update()
             if cfg.autoattack == "standard" and "autoattack" not in skipped:
-                results += _reference_autoattack(
-                    run, cfg, _subset(len(x), cfg.gradient_free_images, cfg.seed)
-                )
+                results += _reference_autoattack(run, cfg, subset(len(x), cfg.gradient_free_images, cfg.seed))
             bar.close()
             indicators = _indicator_checks(run, cfg, outcome, names) if cfg.indicators else []
     report = RobustnessReport(

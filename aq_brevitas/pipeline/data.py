@@ -18,12 +18,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .pipeline import RunConfig
+    from .config import RunConfig
 
 #: what each stage reads, in the order the report lists them
 PARTS = ("calib", "held_out", "train", "test")
@@ -60,7 +60,7 @@ class RunData:
         ``val``: they are all ``train``, and the selection draws from them. N×H×W files are one-channel
         images (N×1×H×W; :func:`prepare_data` drops that channel for a model that takes N×H×W, e.g.
         N×C×L signals); :class:`~aq_brevitas.errors.DataError` for missing or malformed files."""
-        from .data import load_split, resolve_data_dir
+        from ..data import load_split, resolve_data_dir
 
         directory = str(resolve_data_dir(data_dir).resolve())
         test, train = load_split("test", directory), load_split("train", directory)
@@ -112,7 +112,7 @@ def _read(value: Any, name: str) -> tuple[Any, Any]:
     redo every stage) on each run."""
     from torch.utils.data import DataLoader, IterableDataset
 
-    from .nnutils import as_xy
+    from ..forward import as_xy
 
     if isinstance(value, DataLoader) and not isinstance(value.dataset, IterableDataset):
         value = value.dataset
@@ -137,7 +137,7 @@ def _fit_to_model(model: nn.Module, parts: dict[str, Any], data: RunData, defaul
     """``parts`` as the model takes them: as given, or for an IDX directory's N×1×A×B samples that
     the model refuses, N×A×B (C×L signals stored in a 3-D IDX file). The model's refusal otherwise
     is a one-line :class:`ModelError` keeping the forward's own message."""
-    from .nnutils import check_forward
+    from ..forward import check_forward
 
     x = parts["test"][0]
     try:
@@ -165,7 +165,7 @@ def _check_outputs(model: nn.Module, parts: dict[str, Any]) -> None:
     """Refuse a model that does not return class logits, or labels beyond its classes."""
     import torch
 
-    from .nnutils import eval_mode
+    from ..forward import eval_mode
 
     with torch.no_grad(), eval_mode(model):
         out = model(parts["test"][0][:1])
@@ -187,7 +187,7 @@ def _check_outputs(model: nn.Module, parts: dict[str, Any]) -> None:
 
 def _check_normalization(normalization: Any, sample_shape: tuple[int, ...]) -> None:
     """One line when RunConfig.normalization has neither one value nor one per channel (dim 1)."""
-    from .attacks import check_normalization
+    from ..config import check_normalization
 
     if normalization is None:
         return
@@ -206,7 +206,7 @@ def _split(parts: dict[str, Any], cfg: RunConfig, what: str) -> dict[str, tuple[
     """The seeded draws of each stage: selection from the held-out data (else from the training data,
     whose rest is then the fine-tuning pool), fine-tuning and test subsets. ``what`` names the
     selection's pool in the error when the counts exceed it."""
-    from .data import draw_selection, seeded_subset
+    from ..data import draw_selection, seeded_subset
 
     held = parts.get("held_out")
     pool = held if held is not None else parts["train"]
@@ -242,7 +242,7 @@ def prepare_data(
     a multi-input model, a forward that refuses the data (its own message kept), or an output that
     is not (N, classes) logits.
     """
-    from .nnutils import require_single_input
+    from ..forward import require_single_input
     from .stagelog import data_digest
 
     default = data is None and cfg.data_dir is None

@@ -6,39 +6,16 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .storage import atomic_write_json, atomic_write_text, read_json
+from ..storage import atomic_write_json, atomic_write_text, read_json
+from .context import VARIANTS
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext
-    from .policy import LayerwisePolicy
-    from .search.result import HeldOutCheck
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One quantized model of the run: its summary label and the names of its files."""
-
-    key: str  # "aq-brevitas" or "uniform": the label in the summary
-    stem: str  # of its checkpoints and robustness report: searched_ptq.pt, robustness_searched.json
-    suffix: str  # of its policy, ONNX and export record: policy_uniform.json, model_uniform.onnx
-
-    @property
-    def policy_file(self) -> str:
-        return f"policy{self.suffix}.json"
-
-    def checkpoint(self, stage: str) -> list[str]:
-        """The checkpoint of ``stage`` ("ptq" or "finetuned") and its sidecar (save_quantized's pair)."""
-        return [f"{self.stem}_{stage}.pt", f"{self.stem}_{stage}.json"]
-
-    @property
-    def export_files(self) -> tuple[str, str]:
-        return f"model{self.suffix}.onnx", f"export{self.suffix}.json"
-
-
-VARIANTS = (Variant("aq-brevitas", "searched", ""), Variant("uniform", "uniform", "_uniform"))
+    from ..policy import LayerwisePolicy
+    from ..search.result import HeldOutCheck
+    from .context import RunContext
 
 
 def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
@@ -47,7 +24,7 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
     PGD accuracy alone (``pgd``), whether gradient masking is suspected and the failed checks as
     ``warnings`` (one line each, with their numbers), and for the quantized models the export parity
     (max |QONNX − PyTorch|, the same without rounding-boundary flips, the flips per node)."""
-    from .report import RobustnessReport
+    from ..evaluate.report import RobustnessReport
 
     rows = []
     for key, stem in (("float", "float"), *((v.key, v.stem) for v in reversed(VARIANTS))):
@@ -152,7 +129,7 @@ def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
         "report", inputs | ctx.log.files(*upstream), ["report.md", "report.json", "comparison.png"]
     ):
         return
-    from .plots import plot_comparison
+    from ..plots import plot_comparison
 
     title = f"{ctx.name}: {cfg.budget}, robust (worst case) and PGD-{cfg.pgd_steps} at ε={cfg.eps}"
     plot_comparison(rows, ctx.out / "comparison.png", title=title)
@@ -172,7 +149,7 @@ def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
 def held_out_check(policy: LayerwisePolicy) -> HeldOutCheck | None:
     """The searched policy's held-out comparison with uniform, read back from its saved meta as a
     :class:`~aq_brevitas.search.result.HeldOutCheck` (None when no comparison was made)."""
-    from .search.result import HeldOutCheck
+    from ..search.result import HeldOutCheck
 
     v = policy.meta.get("validation")
     return HeldOutCheck.from_dict(v) if v else None
@@ -251,7 +228,7 @@ def _data_lines(ctx: RunContext) -> list[str]:
 
 
 def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
-    from .report import RobustnessReport
+    from ..evaluate.report import RobustnessReport
 
     cfg, policy = ctx.cfg, ctx.policies["aq-brevitas"]
     lines = [

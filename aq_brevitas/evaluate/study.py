@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import quantize
-from .evaluate import accuracy, attack_accuracy
-from .nnutils import as_xy, iter_x_batches, quantizable_layers
-from .policy import LayerSpec, LayerwisePolicy
-from .storage import atomic_write_json, atomic_write_text
+from ..forward import as_xy, iter_x_batches
+from ..nnutils import quantizable_layers
+from ..policy import LayerSpec, LayerwisePolicy
+from ..quantization.convert import quantize
+from ..storage import atomic_write_json, atomic_write_text
+from .accuracy import accuracy, attack_accuracy
 
 STUDY_BITS = (8, 6, 4, 3, 2)
 
@@ -62,7 +63,7 @@ class StudyResult:
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Accuracy drop against weight bits, as a PNG at ``path``."""
-        from .plots import plot_study
+        from ..plots import plot_study
 
         plot_study(self, path)
 

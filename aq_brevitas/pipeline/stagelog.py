@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
-from .storage import atomic_write_json, read_json
+from ..errors import ConfigError
+from ..storage import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from torch import nn

@@ -29,11 +29,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 
-from .attacks import make_attack, normalized_inputs
-from .config import TrainConfig, with_overrides
-from .errors import CheckpointError, ConfigError
-from .nnutils import as_dataset, eval_mode, frozen_activation_scales, frozen_quant_weights
-from .storage import load_checkpoint, save_checkpoint
+from ..attacks import make_attack, normalized_inputs
+from ..config import TrainConfig, with_overrides
+from ..errors import CheckpointError, ConfigError
+from ..forward import as_dataset, eval_mode, frozen_activation_scales, frozen_quant_weights
+from ..storage import load_checkpoint, save_checkpoint
 
 
 @dataclass

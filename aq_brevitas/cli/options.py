@@ -29,11 +29,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import OPTIMIZERS, EvalConfig, TrainConfig
-from .errors import ConfigError
-from .pipeline import RunConfig
-from .policy import TARGETS
-from .search.config import (
+from ..config import OPTIMIZERS, EvalConfig, TrainConfig
+from ..errors import ConfigError
+from ..pipeline.config import RunConfig
+from ..policy import TARGETS
+from ..search.config import (
     ESTIMATES,
     METHOD_SETTINGS,
     METHODS,

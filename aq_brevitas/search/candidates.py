@@ -18,19 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import brevitas_layer
-from .errors import PolicyError
-from .lipschitz import (
-    LayerScore,
+from ..errors import PolicyError
+from ..folding import bn_scale, fold_batchnorm
+from ..forward import check_images
+from ..nnutils import QUANTIZABLE_TYPES
+from ..policy import LayerSpec, layer_cost
+from ..quantization.convert import brevitas_layer
+from ..score.lipschitz import LayerScore, lipschitz_scores
+from ..score.norms import (
     check_input_shape,
-    lipschitz_scores,
     operator_norm_basis,
     stacked_gram,
     start_block,
     top_singular_values,
 )
-from .nnutils import QUANTIZABLE_TYPES, bn_scale, check_images, fold_batchnorm
-from .policy import FINN_ACT_BITS, FINN_MAX_BITS, TARGETS, LayerSpec, for_target, layer_cost  # noqa: F401 -- re-exported
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_SCALINGS = ("max", "percentile", "mse")

@@ -33,24 +33,17 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import brevitas.nn as qnn
-import torch
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 from torch import nn
 
-from .errors import CheckpointError, PolicyError
+from ..errors import PolicyError
+from ..folding import fold_batchnorm
+from ..forward import iter_x_batches
+from ..nnutils import plain_tensor, quantizable_layers, shared_layer_names, warn_unsupported
+from ..policy import LayerSpec, LayerwisePolicy, check_target
+from .calibrate import calibrate, model_inputs, nonnegative_inputs
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
-from .nnutils import (
-    eval_mode,
-    fold_batchnorm,
-    iter_x_batches,
-    plain_tensor,
-    quantizable_layers,
-    reported_forward,
-    shared_layer_names,
-    warn_unsupported,
-)
 from .placement import PLACEMENTS, ActRequest, install_input_quant, place_act_quant
-from .policy import LayerSpec, LayerwisePolicy, check_target
 
 
 @dataclass(frozen=True)
@@ -212,60 +205,6 @@ def _describe(layer: nn.Module) -> str:
     return f"{type(layer).__name__} float"
 
 
-def _inputs(batch: Any) -> tuple[Any, ...]:
-    """The positional arguments of one batch of :func:`~aq_brevitas.nnutils.iter_x_batches`: a tensor
-    for a single-input model, a tuple of tensors for a model whose forward takes several."""
-    return batch if isinstance(batch, tuple) else (batch,)
-
-
-@torch.no_grad()
-def _nonnegative_inputs(model: nn.Module, names: Iterable[str], args: tuple[Any, ...]) -> dict[str, bool]:
-    """Whether each layer's input is non-negative on ``model(*args)`` (then an unsigned quantizer
-    wastes no level).
-
-    A layer fed a Brevitas ``QuantTensor`` is judged on its values."""
-    layers = {n: model.get_submodule(n) for n in names}
-    out: dict[str, bool] = {}
-
-    def record(name: str, inputs: tuple[Any, ...]) -> None:
-        x = plain_tensor(inputs[0]) if inputs else None
-        out[name] = out.get(name, True) and (x is None or bool(x.min() >= 0))
-
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: record(n, inp)) for n, m in layers.items()]
-    try:
-        with eval_mode(model), reported_forward(args):
-            model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
-def calibrate(
-    model: nn.Module, data: Any, *, bias_correction: bool = False, max_batches: int | None = None
-) -> None:
-    """Brevitas calibration (activation scales from data), optionally followed by bias correction.
-
-    ``data`` is any form :func:`~aq_brevitas.nnutils.iter_x_batches` streams for ``model`` (images, an
-    ``(images, labels)`` pair, a Dataset, a DataLoader, an iterable of batches); labels are unused.
-    For a model whose forward takes k > 1 inputs it is a tuple of k tensors (then anything else, such as
-    labels), or an iterable of such tuples; a wrong number of inputs is a one-line error.
-    ``max_batches`` stops each pass early. The passes run in eval mode, so BatchNorm statistics are
-    untouched; every module's train/eval flag is restored afterwards. A failing forward is the one-line
-    :class:`~aq_brevitas.errors.ModelError` of :func:`~aq_brevitas.nnutils.reported_forward`.
-    """
-    from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
-
-    modes = [calibration_mode] + ([bias_correction_mode] if bias_correction else [])
-    with torch.no_grad(), eval_mode(model):
-        for mode in modes:  # one pass over the data per mode, in order
-            with mode(model):
-                for batch in iter_x_batches(data, limit_batches=max_batches, model=model):
-                    args = _inputs(batch)
-                    with reported_forward(args):
-                        model(*args)
-
-
 def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncovered: bool) -> list[str]:
     """Refuse what cannot be converted (one-line :class:`PolicyError`); the layers the policy leaves
     uncovered, named in a ``UserWarning`` when ``warn_uncovered``."""
@@ -325,7 +264,7 @@ def _warn_shared_weights(model: nn.Module, policy: LayerwisePolicy) -> None:
             )
 
 
-def _convert(
+def convert_model(
     model: nn.Module,
     policy: LayerwisePolicy,
     *,
@@ -360,7 +299,7 @@ def _convert(
         first = next(iter_x_batches(calibration_data, limit_batches=1, model=target), None)
         if first is not None:
             signed = {
-                n: not nonneg for n, nonneg in _nonnegative_inputs(target, specs, _inputs(first)).items()
+                n: not nonneg for n, nonneg in nonnegative_inputs(target, specs, model_inputs(first)).items()
             }
     # With act_placement="producer" the layers get no input quantizer here: _place_activations puts
     # it at the output of the op producing their input (where FINN needs it). A Brevitas layer that
@@ -470,7 +409,7 @@ def quantize(
     inner = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
     if isinstance(inner, LayerwisePolicy):
         check_target(inner, list(quantizable_layers(model)), target, act_placement)
-    return _convert(
+    return convert_model(
         model,
         policy,
         inplace=inplace,
@@ -502,7 +441,7 @@ def apply_policy(
     >>> [(c.old, c.new) for c in rebit.aq_changes]
     [('QuantConv2d 4b', 'QuantConv2d 8b max pc'), ('QuantLinear 4b', 'QuantLinear 2b max pc')]
     """
-    return _convert(
+    return convert_model(
         model,
         policy,
         inplace=inplace,
@@ -518,79 +457,3 @@ def changes_table(changes: Iterable[LayerChange]) -> str:
     rows = [f"{'layer':<28} {'before':<22} after"]
     rows += [f"{c.name:<28} {c.old:<22} {c.new}" for c in changes]
     return "\n".join(rows)
-
-
-# -- quantized checkpoints -----------------------------------------------------------------------------
-def save_quantized(model: nn.Module, path: Any, meta: dict[str, Any] | None = None) -> None:
-    """Save a model made by :func:`quantize`: its state_dict, plus a sidecar with the policy that made it.
-
-    ``meta={"arch": name}`` lets :func:`load_quantized` (and the CLI) rebuild a reference architecture
-    by name; any other model is rebuilt from the float model you pass to :func:`load_quantized`.
-    """
-    from .storage import save_checkpoint
-
-    policy = getattr(model, "aq_policy", None)
-    if policy is None:
-        raise PolicyError(
-            "only models made by aq_brevitas.quantize can be saved this way (no policy attached)",
-            "quantize the float model with aq_brevitas.quantize(model, policy) first",
-        )
-    save_checkpoint(
-        path,
-        {"state_dict": model.state_dict()},
-        meta={
-            **(meta or {}),
-            "kind": "brevitas",
-            "policy": policy.to_dict(),
-            "input_signed": getattr(model, "aq_input_signed", {}),
-            "act_placement": getattr(model, "aq_act_placement", "input"),
-        },
-    )
-
-
-def load_quantized(path: Any, float_model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a quantized model from :func:`save_quantized` output.
-
-    The skeleton is ``float_model`` (any ``nn.Module`` of the same architecture; it is not modified)
-    or, without one, the reference architecture named in the sidecar's ``arch``.
-    """
-    import brevitas.config
-
-    from .models import build_model, load_weights
-    from .storage import load_checkpoint, read_sidecar
-
-    state = load_checkpoint(path)
-    meta = read_sidecar(path)
-    if meta.get("kind") != "brevitas" or "policy" not in meta:
-        raise CheckpointError(
-            f"{path} is not a quantized checkpoint written by aq-brevitas",
-            "create one with `aq-brevitas quantize` or aq_brevitas.save_quantized",
-        )
-    if float_model is None and "arch" not in meta:
-        raise CheckpointError(
-            f"{path} does not name a reference architecture, so it cannot be rebuilt by name",
-            "pass the float model: load_quantized(path, float_model=MyNet())",
-        )
-    policy = LayerwisePolicy.from_dict(meta["policy"])
-    signed = {str(k): bool(v) for k, v in dict(meta.get("input_signed", {})).items()}
-    model = _convert(
-        copy.deepcopy(float_model) if float_model is not None else build_model(meta["arch"]),
-        policy,
-        inplace=True,
-        swap_float=True,
-        calibration_data=None,
-        fold_bn=bool(meta.get("fold_bn", False)),
-        bias_correction=False,
-        input_signed=signed,
-        warn_uncovered=False,  # replaying a saved policy: its coverage was reported when it was made
-        # checkpoints from before producer placement existed had their quantizers at the layer inputs
-        act_placement=str(meta.get("act_placement", "input")),
-    )
-    old = brevitas.config.IGNORE_MISSING_KEYS
-    brevitas.config.IGNORE_MISSING_KEYS = True  # activation scales exist only after calibration
-    try:
-        load_weights(model, state["state_dict"], path, "recorded policy/architecture")
-    finally:
-        brevitas.config.IGNORE_MISSING_KEYS = old
-    model.aq_policy = policy
-    return model.eval(), meta

@@ -44,8 +44,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..nnutils import LeafTracer
 from .injectors import act_quant_for
-from .nnutils import LeafTracer
 
 PLACEMENTS = ("producer", "input")
 

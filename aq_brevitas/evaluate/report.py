@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SCHEMA = "aq-brevitas/robustness/v2"
 OLD_SCHEMAS = ("aq-brevitas/robustness/v1",)  # read, with a note: no per-image outcomes
@@ -224,13 +224,13 @@ class RobustnessReport:
             raise ConfigError(f"robustness report is not valid JSON ({exc.msg})", "re-create it") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from .storage import atomic_write_text
+        from ..storage import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RobustnessReport:
-        from .storage import read_json
+        from ..storage import read_json
 
         return cls.from_dict(read_json(path, "robustness report"))
 
@@ -282,7 +282,7 @@ class RobustnessReport:
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Accuracy vs ε per attack and the per-image worst case, clean accuracy as a horizontal line."""
-        from .plots import plot_robustness
+        from ..plots import plot_robustness
 
         eps = self.eps_values
         series = {"worst case (robust accuracy)": (eps, [self.robust_accuracy(e) for e in eps])}
