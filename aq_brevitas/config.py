@@ -2,7 +2,7 @@
 
 * :class:`AttackConfig`: one attack, as :func:`~aq_brevitas.attacks.make_attack` builds it.
 * :class:`TrainConfig`: adversarial training and fine-tuning
-  (:func:`~aq_brevitas.training.adversarial_train`, :func:`~aq_brevitas.finetune.adversarial_finetune`).
+  (:func:`~aq_brevitas.train.training.adversarial_train`, :func:`~aq_brevitas.train.finetune.adversarial_finetune`).
 * :class:`EvalConfig`: the robustness suite of :func:`~aq_brevitas.evaluate.evaluate_robustness`.
 
 Each validates itself in ``__post_init__`` (a bad value raises a one-line :class:`ConfigError` naming
@@ -33,7 +33,7 @@ GRADIENT_FREE = ("square",)  # the attacks that never ask the model for an input
 GRID_ATTACKS = ("square", "autoattack", "apgd-ce", "apgd-dlr", "apgd-ce-scaled", "apgd-t", "apgd-t3", "fab-t")
 
 
-#: attack suites (:mod:`aq_brevitas.suite`): the attacks of each, in the order they run
+#: attack suites (:mod:`aq_brevitas.evaluate.suite`): the attacks of each, in the order they run
 SUITES: dict[str, tuple[str, ...]] = {
     "fast": ("apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square"),
     "reference": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -154,7 +154,7 @@ def json_ready(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class AttackConfig(_Config):
-    """One attack: ``name`` (one of :data:`~aq_brevitas.attacks.ATTACKS`), ``eps`` (L-inf budget on
+    """One attack: ``name`` (one of :data:`~aq_brevitas.config.ATTACKS`), ``eps`` (L-inf budget on
     [0, 1] images), ``steps``, ``alpha`` (step; None = 2.5·ε/steps), ``random_start`` (pgd, pgdl2) and
     ``normalization=(mean, std)`` for a model that expects normalised inputs (ε stays in [0, 1] pixel
     space; see :func:`~aq_brevitas.attacks.normalized_inputs`)."""
@@ -190,7 +190,7 @@ class AttackConfig(_Config):
 
 @dataclass(frozen=True)
 class TrainConfig(_Config):
-    """Adversarial training settings; the defaults are :func:`~aq_brevitas.training.adversarial_train`'s.
+    """Adversarial training settings; the defaults are :func:`~aq_brevitas.train.training.adversarial_train`'s.
 
     ``eps`` (L-inf, [0, 1] images) and ``steps`` set the training attack (either 0: plain training);
     ``alpha`` is its step (None: 2.5·ε/steps); ``random_start`` starts PGD at a uniform point of the
@@ -259,7 +259,7 @@ class TrainConfig(_Config):
 
     @classmethod
     def finetuning(cls, **changes: Any) -> TrainConfig:
-        """The defaults of :func:`~aq_brevitas.finetune.adversarial_finetune`: Adam at 5e-4, no weight
+        """The defaults of :func:`~aq_brevitas.train.finetune.adversarial_finetune`: Adam at 5e-4, no weight
         decay, calibrated activation scales kept; ``changes`` applied on top."""
         return cls(lr=5e-4, optimizer="adam", weight_decay=0.0, learn_act_scales=False).replace(**changes)
 
@@ -281,13 +281,13 @@ class EvalConfig(_Config):
     ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of
     :data:`EVAL_ATTACKS`); PGD with ``pgd_steps`` steps and ``pgd_restarts`` restarts; at every ε the
     attack ``suite`` (``"fast"``, ``"reference"``, ``"none"``, or a tuple of
-    :data:`~aq_brevitas.attacks.SUITE_ATTACKS`; :mod:`aq_brevitas.suite`) with ``suite_steps`` APGD
+    :data:`~aq_brevitas.config.SUITE_ATTACKS`; :mod:`aq_brevitas.evaluate.suite`) with ``suite_steps`` APGD
     iterations and ``suite_queries`` Square queries; ``autoattack`` (``"standard"``: the reference
     AutoAttack of Croce & Hein, 100 iterations, Square 5,000 queries, built from torchattacks classes;
     ``"torchattacks"``: the library's own shortened one; True means ``"standard"``; ``"off"``) and
     ``gradient_free`` (Square with ``square_queries`` queries) on a seeded subset of
     ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on ``large_eps_images``
-    images; ``indicators``: the attack-failure indicators (:mod:`aq_brevitas.indicators`);
+    images; ``indicators``: the attack-failure indicators (:mod:`aq_brevitas.evaluate.indicators`);
     ``batch_size`` images per attack call; the first ``limit`` images (None: all); ``seed``;
     ``normalization=(mean, std)`` for a model that expects normalised inputs.
     """

@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aq_brevitas.candidates import CandidateTable, candidate_table  # noqa: E402
-from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.budget import Budget
 from aq_brevitas.data import load_split  # noqa: E402
-from aq_brevitas.evaluate import accuracy, attack_accuracy  # noqa: E402
-from aq_brevitas.lipschitz import lipschitz_scores, local_jacobian_norm  # noqa: E402
+from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.models import load_float_model  # noqa: E402
-from aq_brevitas.policy import Budget, LayerwisePolicy  # noqa: E402
+from aq_brevitas.policy import LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.score.jacobian import local_jacobian_norm
+from aq_brevitas.score.lipschitz import lipschitz_scores
 from aq_brevitas.search import (  # noqa: E402
     AdversarialCalibration,
     WeightCache,
@@ -43,6 +44,7 @@ from aq_brevitas.search import (  # noqa: E402
     search_policy,
     select_policy,
 )
+from aq_brevitas.search.candidates import CandidateTable, candidate_table
 from aq_brevitas.storage import atomic_write_json  # noqa: E402
 from common import header, selection_split  # noqa: E402
 

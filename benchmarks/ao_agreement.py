@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.ao import FX_DEPRECATION_MESSAGE, convert_pt2e_model, prepare_fx_model, prepare_pt2e_model  # noqa: E402
-from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
-from aq_brevitas.evaluate import accuracy  # noqa: E402
+from aq_brevitas.evaluate.accuracy import accuracy
 from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+from aq_brevitas.quantization.convert import quantize
 from common import header  # noqa: E402
 
 CALIB_IMAGES, TEST_IMAGES = 256, 1000

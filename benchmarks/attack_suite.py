@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.config import SUITES
 from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.evaluate.suite import ChainSettings, run_chain
+from aq_brevitas.forward import eval_mode, frozen_quant_weights
 from aq_brevitas.models import load_float_model  # noqa: E402
-from aq_brevitas.nnutils import eval_mode, frozen_quant_weights  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
-from aq_brevitas.suite import SUITES, ChainSettings, run_chain  # noqa: E402
+from aq_brevitas.quantization.convert import quantize
 from common import header  # noqa: E402
 
 EPS = 0.1
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report_phase(name: str, images: int) -> dict:
     """The default report at ε = 0.1 (the float model as the transfer surrogate), and what it found."""
-    from aq_brevitas.evaluate import evaluate_robustness
+    from aq_brevitas.evaluate.robustness import evaluate_robustness
 
     model, float_model = build(name)
     x, y = load_split("test", limit=images)
@@ -178,7 +179,7 @@ def report_phase(name: str, images: int) -> dict:
 def paired(name: str, images: int) -> dict:
     """On one build of the model and the same images: PGD-20, the reference AutoAttack and the default
     report, each timed in wall and CPU seconds (CPU: this process's own time, robust to other load)."""
-    from aq_brevitas.evaluate import evaluate_robustness
+    from aq_brevitas.evaluate.robustness import evaluate_robustness
 
     model, float_model = build(name)
     x, y = load_split("test", limit=images)

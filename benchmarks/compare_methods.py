@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aq_brevitas.candidates import candidate_table  # noqa: E402
-from aq_brevitas.convert import quantize  # noqa: E402
+from aq_brevitas.budget import Budget
 from aq_brevitas.data import load_split  # noqa: E402
-from aq_brevitas.evaluate import accuracy, attack_accuracy  # noqa: E402
-from aq_brevitas.finetune import adversarial_finetune  # noqa: E402
+from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
-from aq_brevitas.policy import Budget, LayerSpec, LayerwisePolicy  # noqa: E402
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
 from aq_brevitas.search import COMPARE_ORDER, search_policy  # noqa: E402
+from aq_brevitas.search.candidates import candidate_table
+from aq_brevitas.train.finetune import adversarial_finetune
 from common import header, selection_split  # noqa: E402
 
 METHODS = COMPARE_ORDER  # the method registry: baselines first, lipschitz last

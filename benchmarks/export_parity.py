@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.export import export_qcdq, export_qonnx, inference_cost  # noqa: E402
 from aq_brevitas.models import build_model, load_float_model  # noqa: E402
 from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+from aq_brevitas.quantization.convert import quantize
 from common import header  # noqa: E402
 
 MIX = [

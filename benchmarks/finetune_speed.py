@@ -24,11 +24,11 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.attacks import make_attack  # noqa: E402
-from aq_brevitas.convert import quantize  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.forward import frozen_activation_scales, frozen_quant_weights
 from aq_brevitas.models import load_float_model  # noqa: E402
-from aq_brevitas.nnutils import frozen_activation_scales, frozen_quant_weights  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
+from aq_brevitas.quantization.convert import quantize
 from common import header, interleaved_times  # noqa: E402
 
 K = 7

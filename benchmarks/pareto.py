@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 
 def _test_worst_case(model, float_model, policy, calib_x, x, y, eps, queries, seed):
     from aq_brevitas import quantize
-    from aq_brevitas.suite import ChainSettings, suite_accuracies
+    from aq_brevitas.evaluate.suite import ChainSettings, suite_accuracies
 
     q = model if policy is None else quantize(float_model, policy, calibration_data=calib_x).eval()
     acc = suite_accuracies(

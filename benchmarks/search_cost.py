@@ -4,7 +4,7 @@ the ratio of a whole ``search_policy`` to one PGD-20 evaluation of 1,000 test im
 
 "Before" is the table as built until issue 17 (kept here, :func:`legacy_table`): for every (layer,
 candidate) its own Ŵ, then its own block power iteration for L̂ and for ‖ΔW‖ (4 vectors, the old
-stopping rule, at most 300 steps). "After" is :func:`aq_brevitas.candidates.candidate_table`: Ŵ once
+stopping rule, at most 300 steps). "After" is :func:`aq_brevitas.search.candidates.candidate_table`: Ŵ once
 per weight part, bit-identical Ŵ sharing one norm, all of a layer's norms in one batched LOBPCG, and
 ``norms=False`` for methods that read none. Models: the zoo's cnn-pgd and vgg-pgd (Fashion-MNIST,
 256 calibration images from the val split) and a float CNV (brevitas_examples bnn_pynq CNV's layers
@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aq_brevitas.candidates import (  # noqa: E402
+from aq_brevitas.data import load_split  # noqa: E402
+from aq_brevitas.evaluate.accuracy import attack_accuracy
+from aq_brevitas.folding import bn_scale
+from aq_brevitas.models import load_float_model  # noqa: E402
+from aq_brevitas.policy import LayerSpec, layer_cost  # noqa: E402
+from aq_brevitas.score.lipschitz import lipschitz_scores
+from aq_brevitas.score.norms import stacked_layer_map
+from aq_brevitas.search import search_policy  # noqa: E402
+from aq_brevitas.search.candidates import (
     CandidateRow,
     CandidateTable,
     candidate_table,
@@ -35,13 +43,6 @@ from aq_brevitas.candidates import (  # noqa: E402
     per_layer_candidates,
     quantized_weight,
 )
-from aq_brevitas.data import load_split  # noqa: E402
-from aq_brevitas.evaluate import attack_accuracy  # noqa: E402
-from aq_brevitas.lipschitz import lipschitz_scores, stacked_layer_map  # noqa: E402
-from aq_brevitas.models import load_float_model  # noqa: E402
-from aq_brevitas.nnutils import bn_scale  # noqa: E402
-from aq_brevitas.policy import LayerSpec, layer_cost  # noqa: E402
-from aq_brevitas.search import search_policy  # noqa: E402
 from aq_brevitas.storage import atomic_write_json  # noqa: E402
 from common import header, selection_split  # noqa: E402
 

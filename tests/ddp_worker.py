@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from aq_brevitas.convert import quantize
 from aq_brevitas.data import load_split
-from aq_brevitas.finetune import adversarial_finetune, init_distributed
 from aq_brevitas.models import build_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.train.finetune import adversarial_finetune, init_distributed
 
 GLOBAL_BATCH = 64
 

@@ -12,8 +12,6 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 from aq_brevitas.ao import (
     FX_DEPRECATION_MESSAGE,
     PolicyQuantizer,
-    _is_act_observer,
-    _layer_name,
     act_range,
     convert_pt2e_model,
     prepare_fx_model,
@@ -21,11 +19,14 @@ from aq_brevitas.ao import (
     to_qconfig_mapping,
     weight_range,
 )
-from aq_brevitas.convert import quantize
+from aq_brevitas.ao.fx import _is_act_observer
+from aq_brevitas.ao.pt2e import _layer_name
 from aq_brevitas.errors import PolicyError
-from aq_brevitas.evaluate import accuracy, attack_accuracy, evaluate_robustness
+from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
+from aq_brevitas.evaluate.robustness import evaluate_robustness
 from aq_brevitas.models import load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
 from conftest import REPO
 
 # torch 2.13 deprecates FX graph mode on every call ("migrate to torchao pt2e"): expected, filtered here only.
@@ -289,7 +290,7 @@ def test_unexpressible_specs_fail_or_warn():
 
 
 def test_finetune_accepts_prepared_torch_ao_models(cnn, fmnist_val_512):
-    from aq_brevitas.finetune import adversarial_finetune
+    from aq_brevitas.train.finetune import adversarial_finetune
 
     data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
     fx = prepare_fx_model(copy.deepcopy(cnn), MIXED, data[0][:1], qat=True)

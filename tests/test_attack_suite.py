@@ -7,18 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from aq_brevitas import report as rep_module
 from aq_brevitas.data import load_split
-from aq_brevitas.evaluate import evaluate_robustness
-from aq_brevitas.indicators import (
+from aq_brevitas.evaluate import report as rep_module
+from aq_brevitas.evaluate.indicators import (
     INDICATORS,
     input_gradient_check,
     noise_stability_check,
     optimisation_check,
 )
+from aq_brevitas.evaluate.report import AttackResult, RobustnessReport, pack_mask, unpack_mask
+from aq_brevitas.evaluate.robustness import evaluate_robustness
+from aq_brevitas.evaluate.suite import ChainSettings, run_chain, suite_accuracies
 from aq_brevitas.models import load_float_model
-from aq_brevitas.report import AttackResult, RobustnessReport, pack_mask, unpack_mask
-from aq_brevitas.suite import ChainSettings, run_chain, suite_accuracies
 
 TINY = dict(
     eps=(0.1,), attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False, large_eps_images=30, suite_steps=10,

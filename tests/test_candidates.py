@@ -5,13 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from aq_brevitas.candidates import candidate_table, default_candidates, quantized_weight
-from aq_brevitas.convert import quantize
 from aq_brevitas.errors import PolicyError
-from aq_brevitas.lipschitz import operator_norm
+from aq_brevitas.folding import bn_scale
 from aq_brevitas.models import build_model
-from aq_brevitas.nnutils import bn_scale
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy, layer_cost
+from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.score.norms import operator_norm
+from aq_brevitas.search.candidates import candidate_table, default_candidates, quantized_weight
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_per_layer_candidates_and_errors(vgg_and_x):
 
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_table_matches_the_swap_with_and_without_bn_folding(vgg_and_x, fold_bn):
-    from aq_brevitas.nnutils import folded_weight
+    from aq_brevitas.folding import folded_weight
 
     model, x = vgg_and_x
     spec, name = LayerSpec(3, "max", "per_tensor"), "block2.conv"
@@ -90,7 +90,7 @@ def test_table_matches_the_swap_with_and_without_bn_folding(vgg_and_x, fold_bn):
 @pytest.fixture
 def norm_calls(monkeypatch):
     """Counts the table's two ways into a power iteration: the float basis and the batched norms."""
-    import aq_brevitas.candidates as cand
+    import aq_brevitas.search.candidates as cand
 
     calls = {"basis": 0, "norms": 0, "weights": 0}
     real_basis, real_norms = cand.operator_norm_basis, cand.operator_norms

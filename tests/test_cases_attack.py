@@ -10,22 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from aq_brevitas.attacks import (
-    check_normalization,
-    image_grid,
-    make_attack,
-    normalize,
-    normalized_inputs,
-)
-from aq_brevitas.config import AttackConfig, TrainConfig
-from aq_brevitas.convert import quantize
+from aq_brevitas.attacks import image_grid, make_attack, normalize, normalized_inputs
+from aq_brevitas.config import AttackConfig, TrainConfig, check_normalization
 from aq_brevitas.errors import ConfigError, ModelError
-from aq_brevitas.evaluate import accuracy, attack_accuracy, evaluate_robustness
-from aq_brevitas.finetune import adversarial_finetune
+from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
+from aq_brevitas.evaluate.report import RobustnessReport
+from aq_brevitas.evaluate.robustness import evaluate_robustness
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
-from aq_brevitas.report import RobustnessReport
+from aq_brevitas.quantization.convert import quantize
 from aq_brevitas.search import SearchConfig, search_policy
-from aq_brevitas.training import adversarial_train
+from aq_brevitas.train.finetune import adversarial_finetune
+from aq_brevitas.train.training import adversarial_train
 from conftest import ConvBNDropNet
 
 SUITE = dict(

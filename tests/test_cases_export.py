@@ -19,12 +19,12 @@ from torch.nn import functional as F
 
 import aq_brevitas.export.graph as graph_module
 import aq_brevitas.export.qonnx as qonnx_module
-from aq_brevitas.convert import quantize
 from aq_brevitas.errors import ConfigError, ModelError
 from aq_brevitas.export import export_qcdq, export_qonnx, finn_check, inference_cost, layer_table
 from aq_brevitas.export.graph import map_layers
 from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
 from conftest import ConvBNDropNet
 
 torch.set_num_threads(1)

@@ -21,28 +21,27 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from aq_brevitas.budget import cost_of
 from aq_brevitas.errors import ConfigError, ModelError
-from aq_brevitas.lipschitz import is_chain, lipschitz_scores, local_jacobian_norm
-from aq_brevitas.nnutils import (
+from aq_brevitas.folding import find_conv_bn_pairs, fold_batchnorm, folded_weight, norm_folding
+from aq_brevitas.forward import (
     as_xy,
     check_forward,
     example_args,
-    find_conv_bn_pairs,
-    fold_batchnorm,
-    folded_weight,
     forward_arity,
     iter_x_batches,
-    layer_geometry,
-    norm_folding,
     predicted_labels,
     require_single_input,
+)
+from aq_brevitas.nnutils import (
+    layer_geometry,
     shared_weights,
     unquantized_weight_uses,
     warn_unsupported,
     weight_owners,
 )
-from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy, cost_of
+from aq_brevitas.score.jacobian import is_chain, local_jacobian_norm
+from aq_brevitas.score.lipschitz import lipschitz_scores
 from conftest import ConvBNDropNet
 
 torch.set_num_threads(1)

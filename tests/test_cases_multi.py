@@ -21,10 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from aq_brevitas.convert import calibrate, quantize
 from aq_brevitas.errors import ConfigError, ModelError
-from aq_brevitas.nnutils import fold_batchnorm, norm_folding, parameter_holders, shared_weights, write_folded
+from aq_brevitas.folding import fold_batchnorm, norm_folding, parameter_holders, write_folded
+from aq_brevitas.nnutils import shared_weights
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.calibrate import calibrate
+from aq_brevitas.quantization.convert import quantize
 
 torch.set_num_threads(1)
 

@@ -20,19 +20,19 @@ from aq_brevitas.ao import (
     transposed_kernel_error,
     weight_channel_axis,
 )
-from aq_brevitas.candidates import candidate_table, quantized_weight
-from aq_brevitas.convert import (
+from aq_brevitas.errors import ModelError, PolicyError
+from aq_brevitas.nnutils import quantizable_layers
+from aq_brevitas.policy import SCALINGS, LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.calibrate import calibrate
+from aq_brevitas.quantization.convert import (
     GroupedQuantConvTranspose2d,
     apply_policy,
     brevitas_layer,
-    calibrate,
     quantize,
     shared_weight_layers,
 )
-from aq_brevitas.errors import ModelError, PolicyError
-from aq_brevitas.nnutils import quantizable_layers
-from aq_brevitas.placement import input_quantizer
-from aq_brevitas.policy import SCALINGS, LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.placement import input_quantizer
+from aq_brevitas.search.candidates import candidate_table, quantized_weight
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{FX_DEPRECATION_MESSAGE}:DeprecationWarning")
 

@@ -22,8 +22,9 @@ import aq_brevitas as aq
 from aq_brevitas.attacks import normalized_inputs
 from aq_brevitas.data import load_split
 from aq_brevitas.errors import ConfigError, DataError, ModelError
-from aq_brevitas.pipeline import STAGES, RunConfig, RunData, run
-from aq_brevitas.rundata import prepare_data
+from aq_brevitas.pipeline.config import STAGES, RunConfig
+from aq_brevitas.pipeline.data import RunData, prepare_data
+from aq_brevitas.pipeline.job import run
 from conftest import run_cli
 
 TINY = RunConfig(
@@ -142,16 +143,16 @@ def test_the_data_is_part_of_the_fingerprint(signal_run, tmp_path, capsys):
 
 
 def test_a_normalised_rgb_model_gets_its_normalisation_in_every_stage(tmp_path, monkeypatch):
-    import aq_brevitas.finetune
+    import aq_brevitas.train.finetune
 
     seen = []
-    real = aq_brevitas.finetune.adversarial_finetune
+    real = aq_brevitas.train.finetune.adversarial_finetune
 
     def recording(model, data, config, **kwargs):
         seen.append(config.normalization)
         return real(model, data, config, **kwargs)
 
-    monkeypatch.setattr(aq_brevitas.finetune, "adversarial_finetune", recording)
+    monkeypatch.setattr(aq_brevitas.train.finetune, "adversarial_finetune", recording)
     x, y = _bright_or_dark(40)
     data = RunData(train=(x[:16], y[:16]), held_out=(x[16:30], y[16:30]), test=(x[30:], y[30:]))
     cfg = dataclasses.replace(TINY, normalization=(MEAN, STD), eps=0.02)
@@ -318,7 +319,7 @@ def test_cli_run_on_an_idx_directory_the_zoo_model_refuses_and_a_mean_of_the_wro
 
 def test_cli_mean_and_std_go_together():
     from aq_brevitas.cli import build_parser
-    from aq_brevitas.cli_options import normalization_of
+    from aq_brevitas.cli.options import normalization_of
 
     parse = build_parser().parse_args
     base = ["run", "--model", "m", "--out", "o"]

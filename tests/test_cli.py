@@ -175,7 +175,7 @@ def _subparsers():
 def test_old_ambiguous_spellings_are_hidden_and_each_deprecation_names_a_current_option():
     import argparse
 
-    from aq_brevitas.cli_options import DEPRECATED
+    from aq_brevitas.cli.options import DEPRECATED
 
     for command, parser in _subparsers().items():
         visible = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
@@ -204,12 +204,12 @@ def test_a_deprecated_spelling_still_works_with_one_warning_naming_the_new_optio
 
 
 def test_cli_defaults_are_the_api_defaults():
-    from aq_brevitas.candidates import DEFAULT_BITS, DEFAULT_GRANULARITIES, DEFAULT_SCALINGS
     from aq_brevitas.cli import build_parser
-    from aq_brevitas.cli_options import search_config, train_config, values_for
+    from aq_brevitas.cli.options import search_config, train_config, values_for
     from aq_brevitas.config import EvalConfig, TrainConfig
-    from aq_brevitas.pipeline import RunConfig
+    from aq_brevitas.pipeline.config import RunConfig
     from aq_brevitas.search import SearchConfig
+    from aq_brevitas.search.candidates import DEFAULT_BITS, DEFAULT_GRANULARITIES, DEFAULT_SCALINGS
 
     parse = build_parser().parse_args
     assert train_config(parse(["train", "--arch", "a", "--out", "o.pt"]), TrainConfig()) == TrainConfig()

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from aq_brevitas.convert import apply_policy, load_quantized, quantize, save_quantized
 from aq_brevitas.errors import PolicyError
 from aq_brevitas.models import build_model, load_float_model
-from aq_brevitas.placement import input_quantizer
 from aq_brevitas.policy import GRANULARITIES, SCALINGS, LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.checkpoint import load_quantized, save_quantized
+from aq_brevitas.quantization.convert import apply_policy, quantize
+from aq_brevitas.quantization.placement import input_quantizer
 
 
 class Tiny(nn.Module):
@@ -250,7 +251,7 @@ def test_save_and_load_a_user_model_without_a_reference_architecture(tmp_path):
 
 
 def test_bit_width_survives_state_dict_into_a_differently_built_layer():
-    from aq_brevitas.injectors import weight_quant_for
+    from aq_brevitas.quantization.injectors import weight_quant_for
 
     src = qnn.QuantLinear(12, 5, weight_quant=weight_quant_for(LayerSpec(3, "mse", "per_channel")))
     dst = qnn.QuantLinear(12, 5, weight_quant=weight_quant_for(LayerSpec(8, "mse", "per_channel")))

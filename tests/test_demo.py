@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aq_brevitas.cli import COMMANDS, build_parser, main
-from aq_brevitas.pipeline import STAGES
+from aq_brevitas.pipeline.config import STAGES
 from conftest import REPO, run_cli
 
 # Options whose value is a size: the test replaces it with the tiny value here. Every other option of

@@ -9,17 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from aq_brevitas import evaluate as ev
-from aq_brevitas import report as rep_module
-from aq_brevitas.convert import quantize
 from aq_brevitas.data import load_split
 from aq_brevitas.errors import ConfigError
-from aq_brevitas.evaluate import attack_accuracy, evaluate_robustness
-from aq_brevitas.indicators import INDICATORS
+from aq_brevitas.evaluate import report as rep_module
+from aq_brevitas.evaluate import robustness as ev
+from aq_brevitas.evaluate.accuracy import attack_accuracy
+from aq_brevitas.evaluate.indicators import INDICATORS
+from aq_brevitas.evaluate.report import RobustnessReport
+from aq_brevitas.evaluate.robustness import evaluate_robustness
+from aq_brevitas.forward import frozen_quant_weights
 from aq_brevitas.models import ZOO_DIR, build_model, load_float_model
-from aq_brevitas.nnutils import frozen_quant_weights
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
-from aq_brevitas.report import RobustnessReport
+from aq_brevitas.quantization.convert import quantize
 
 FAST = dict(
     pgd_steps=5,
@@ -50,7 +51,7 @@ def robust_model() -> nn.Module:
     if (ZOO_DIR / "cnn-pgd.pt").is_file():
         return load_float_model("cnn-pgd")[0]
     torch.manual_seed(0)
-    from aq_brevitas.training import adversarial_train
+    from aq_brevitas.train.training import adversarial_train
 
     model = build_model("small_cnn")
     x, y = load_split("val", limit=1000, seed=0)
@@ -338,7 +339,7 @@ def test_config_and_data_forms_give_the_same_report(robust_model, test_200):
     from torch.utils.data import DataLoader, TensorDataset
 
     from aq_brevitas.config import EvalConfig
-    from aq_brevitas.evaluate import accuracy
+    from aq_brevitas.evaluate.accuracy import accuracy
 
     x, y = test_200[0][:60], test_200[1][:60]
     settings = dict(

@@ -17,16 +17,17 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
-from aq_brevitas.convert import quantize, save_quantized
 from aq_brevitas.errors import ConfigError, ModelError
 from aq_brevitas.export import DEFAULT_TOL, export_qcdq, export_qonnx, finn_check, inference_cost
 from aq_brevitas.export.flips import QuantCall, boundary_flips, check_flips
 from aq_brevitas.export.parity import enforce_bound, measure_parity
-from aq_brevitas.injectors import act_quant_for
 from aq_brevitas.models import build_model, load_float_model
 from aq_brevitas.nnutils import quantizable_layers
-from aq_brevitas.placement import input_quantizer
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.checkpoint import save_quantized
+from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.quantization.injectors import act_quant_for
+from aq_brevitas.quantization.placement import input_quantizer
 from conftest import run_cli
 
 MIX = [

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from aq_brevitas.convert import quantize
-from aq_brevitas.evaluate import attack_accuracy
-from aq_brevitas.finetune import adversarial_finetune
+from aq_brevitas.evaluate.accuracy import attack_accuracy
 from aq_brevitas.models import load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.train.finetune import adversarial_finetune
 from conftest import REPO, run_cli
 
 # Max |weight| difference allowed between 2 ranks and 1 process (same global batch, seed, attack noise).
@@ -48,7 +48,7 @@ def test_finetune_raises_pgd_accuracy_of_a_4bit_zoo_model(fmnist_val_512, fmnist
 
 def test_activation_scales_stay_calibrated_unless_asked(fmnist_val_512):
     """Default fine-tuning trains weights only; learn_act_scales=True also moves the activation scales."""
-    from aq_brevitas.nnutils import frozen_activation_scales
+    from aq_brevitas.forward import frozen_activation_scales
 
     data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
     spec = LayerSpec(4, "max", "per_channel", act_bit_width=8)
@@ -156,9 +156,9 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     # The same run without the kill ends at the same accuracy (here: the same weights, up to float noise).
     clean_args = [a if a != str(tmp_path / "ft.pt") else str(tmp_path / "ref.pt") for a in args]
     assert run_cli(*clean_args).returncode == 0
-    from aq_brevitas.convert import load_quantized
     from aq_brevitas.data import load_split
-    from aq_brevitas.evaluate import accuracy
+    from aq_brevitas.evaluate.accuracy import accuracy
+    from aq_brevitas.quantization.checkpoint import load_quantized
 
     x, y = load_split("val", limit=300, seed=5)
     resumed, ref = load_quantized(tmp_path / "ft.pt")[0], load_quantized(tmp_path / "ref.pt")[0]
@@ -252,7 +252,7 @@ class _Watched:
 
 def test_init_distributed_refuses_a_rank_outside_the_world(monkeypatch):
     from aq_brevitas.errors import ConfigError
-    from aq_brevitas.finetune import init_distributed
+    from aq_brevitas.train.finetune import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "2")
@@ -267,7 +267,7 @@ def test_init_distributed_refuses_a_group_of_another_size(monkeypatch, tmp_path)
     import torch.distributed as dist
 
     from aq_brevitas.errors import ConfigError
-    from aq_brevitas.finetune import init_distributed
+    from aq_brevitas.train.finetune import init_distributed
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

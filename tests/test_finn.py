@@ -15,9 +15,9 @@ from brevitas_examples.bnn_pynq.models import model_with_cfg
 from torch import nn
 
 from aq_brevitas import LayerSpec, LayerwisePolicy, apply_policy, export_qonnx, load_float_model, quantize
-from aq_brevitas.convert import save_quantized
 from aq_brevitas.errors import ConfigError, ModelError
 from aq_brevitas.export import FinnReport, finn_available, finn_check
+from aq_brevitas.quantization.checkpoint import save_quantized
 from conftest import run_cli
 
 PARTITION_MSG = "Unsupported/unmapped layer(s) found in between FINN operators"

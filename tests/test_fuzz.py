@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import aq_brevitas as aq
-from aq_brevitas.candidates import candidate_table
 from aq_brevitas.errors import PolicyError
+from aq_brevitas.search.candidates import candidate_table
 
 settings.register_profile(
     "ci", max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True

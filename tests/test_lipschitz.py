@@ -13,21 +13,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from aq_brevitas.errors import ConfigError, ModelError
-from aq_brevitas.lipschitz import (
-    NON_CHAIN_WARNING,
-    is_chain,
-    lipschitz_scores,
-    local_jacobian_norm,
-    operator_norm,
-)
+from aq_brevitas.folding import bn_scale, find_conv_bn_pairs, folded_weight
 from aq_brevitas.models import build_model
-from aq_brevitas.nnutils import (
-    QUANTIZABLE_TYPES,
-    bn_scale,
-    find_conv_bn_pairs,
-    folded_weight,
-    quantizable_layers,
-)
+from aq_brevitas.nnutils import QUANTIZABLE_TYPES, quantizable_layers
+from aq_brevitas.score.jacobian import is_chain, local_jacobian_norm
+from aq_brevitas.score.lipschitz import NON_CHAIN_WARNING, lipschitz_scores
+from aq_brevitas.score.norms import operator_norm
 
 torch.set_num_threads(1)
 
@@ -457,7 +448,7 @@ def test_quantizable_types_and_order():
 
 
 def test_warm_start_from_float_vectors_agrees_with_cold_start():
-    from aq_brevitas.lipschitz import operator_norm_basis
+    from aq_brevitas.score.norms import operator_norm_basis
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding=1)
@@ -487,8 +478,8 @@ def test_warm_start_from_float_vectors_agrees_with_cold_start():
     ids=["linear", "conv2d", "grouped-reflect", "convtranspose-grouped", "conv1d"],
 )
 def test_batched_norms_match_one_at_a_time_and_the_dense_operator(layer, shape):
-    from aq_brevitas.candidates import operator_norms
-    from aq_brevitas.lipschitz import operator_norm_basis
+    from aq_brevitas.score.norms import operator_norm_basis
+    from aq_brevitas.search.candidates import operator_norms
 
     torch.manual_seed(0)
     w = layer.weight.detach()

@@ -9,16 +9,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from aq_brevitas.errors import ConfigError
+from aq_brevitas.folding import fold_batchnorm
+from aq_brevitas.forward import as_dataset, as_xy, check_images, iter_x_batches, predicted_labels
 from aq_brevitas.models import build_model
-from aq_brevitas.nnutils import (
-    as_dataset,
-    as_xy,
-    check_images,
-    fold_batchnorm,
-    iter_x_batches,
-    predicted_labels,
-    trace_leaves,
-)
+from aq_brevitas.nnutils import trace_leaves
 
 torch.set_num_threads(1)
 

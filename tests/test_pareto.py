@@ -5,12 +5,11 @@ import warnings
 import pytest
 import torch
 
-from aq_brevitas.budget import Budget, cost_of
-from aq_brevitas.candidates import candidate_table
+from aq_brevitas.budget import Budget
 from aq_brevitas.errors import ConfigError
 from aq_brevitas.models import load_float_model
 from aq_brevitas.nnutils import layer_geometry
-from aq_brevitas.policy import LayerSpec
+from aq_brevitas.policy import LayerSpec, cost_of
 from aq_brevitas.search import (
     ActivationProbe,
     ParetoFront,
@@ -23,6 +22,7 @@ from aq_brevitas.search import (
     uniform_choices,
     with_act_bits,
 )
+from aq_brevitas.search.candidates import candidate_table
 from aq_brevitas.search.pareto import ParetoPoint, _mark_dominated
 
 torch.set_num_threads(1)

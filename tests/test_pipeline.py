@@ -18,7 +18,8 @@ from torch import nn
 
 import aq_brevitas
 from aq_brevitas.errors import AqError, ConfigError, DataError, ModelError, PolicyError
-from aq_brevitas.pipeline import STAGES, RunConfig, RunResult, run
+from aq_brevitas.pipeline.config import STAGES, RunConfig
+from aq_brevitas.pipeline.job import RunResult, run
 from aq_brevitas.storage import load_checkpoint, save_checkpoint
 from conftest import run_cli
 
@@ -85,7 +86,7 @@ def test_summary_robust_figure_is_the_worst_case_and_warnings_are_shown(done_run
     """The summary's robust column is each model's per-image worst case over every attack (never above
     PGD alone); quantized models are also attacked by transfer from the float one; failed checks are
     warnings in report.md and under the summary table."""
-    from aq_brevitas.report import RobustnessReport
+    from aq_brevitas.evaluate.report import RobustnessReport
 
     out, result = done_run
     text = (out / "report.md").read_text()
@@ -178,9 +179,9 @@ def test_force_starts_fine_tuning_fresh(run_dir):
 
 
 def test_interrupted_fine_tuning_resumes_with_the_same_settings(run_dir, monkeypatch, capsys):
-    import aq_brevitas.finetune
+    import aq_brevitas.train.finetune
 
-    real = aq_brevitas.finetune.adversarial_finetune
+    real = aq_brevitas.train.finetune.adversarial_finetune
     calls = []
 
     def interrupted_on_second_model(*args, **kwargs):
@@ -190,10 +191,10 @@ def test_interrupted_fine_tuning_resumes_with_the_same_settings(run_dir, monkeyp
         return real(*args, **kwargs)
 
     cfg = dataclasses.replace(TINY, finetune_steps=2)
-    monkeypatch.setattr(aq_brevitas.finetune, "adversarial_finetune", interrupted_on_second_model)
+    monkeypatch.setattr(aq_brevitas.train.finetune, "adversarial_finetune", interrupted_on_second_model)
     with pytest.raises(KeyboardInterrupt):
         run(_model(), run_dir, cfg)
-    monkeypatch.setattr(aq_brevitas.finetune, "adversarial_finetune", real)
+    monkeypatch.setattr(aq_brevitas.train.finetune, "adversarial_finetune", real)
     # Mark the finished epoch state so that using it shows in the fine-tuned weights.
     state_path = run_dir / "searched_finetune_state.pt"
     state = load_checkpoint(state_path)

@@ -1,4 +1,4 @@
-"""Activation quantizers at the producers of the layers' inputs (aq_brevitas.placement), as FINN needs."""
+"""Activation quantizers at the producers of the layers' inputs (aq_brevitas.quantization.placement), as FINN needs."""
 
 import warnings
 
@@ -9,12 +9,13 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from aq_brevitas.convert import apply_policy, load_quantized, quantize, save_quantized
 from aq_brevitas.errors import PolicyError
 from aq_brevitas.export import export_qonnx
 from aq_brevitas.models import build_model, load_float_model
-from aq_brevitas.placement import input_quantizer
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.checkpoint import load_quantized, save_quantized
+from aq_brevitas.quantization.convert import apply_policy, quantize
+from aq_brevitas.quantization.placement import input_quantizer
 
 torch.set_num_threads(1)
 W4A4 = LayerwisePolicy(default=LayerSpec(4, "max", "per_channel", act_bit_width=4))

@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
-from aq_brevitas.budget import Budget, check_feasible
-from aq_brevitas.candidates import CandidateTable, candidate_table, default_candidates
-from aq_brevitas.convert import quantize
+from aq_brevitas.budget import Budget
 from aq_brevitas.errors import ConfigError, PolicyError
 from aq_brevitas.models import load_float_model
 from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
+from aq_brevitas.quantization.convert import quantize
 from aq_brevitas.search import (
     SearchConfig,
     SearchResult,
@@ -31,6 +30,8 @@ from aq_brevitas.search import (
     solve_top_k,
     validate_metric,
 )
+from aq_brevitas.search.candidates import CandidateTable, candidate_table, default_candidates
+from aq_brevitas.search.costing import check_feasible
 
 # Expected by design in these unit tests (each is asserted by its own test): searches without
 # held-out data, and policies that quantize a single layer on purpose.
@@ -354,7 +355,7 @@ def test_search_costs_less_than_four_pgd20_evaluations(cnn, fmnist_val_512):
     """
     import time
 
-    from aq_brevitas.evaluate import attack_accuracy
+    from aq_brevitas.evaluate.accuracy import attack_accuracy
 
     x, y = fmnist_val_512
     t0 = time.perf_counter()

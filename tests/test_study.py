@@ -7,9 +7,9 @@ import json
 import pytest
 
 from aq_brevitas.data import load_split
-from aq_brevitas.evaluate import accuracy, attack_accuracy
+from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
+from aq_brevitas.evaluate.study import StudyResult, run_study
 from aq_brevitas.models import load_float_model
-from aq_brevitas.study import StudyResult, run_study
 from conftest import run_cli
 
 N_TEST, BITS = 60, (8, 2)

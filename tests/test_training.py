@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from aq_brevitas.evaluate import attack_accuracy
+from aq_brevitas.evaluate.accuracy import attack_accuracy
 from aq_brevitas.models import build_model
-from aq_brevitas.training import adversarial_train
+from aq_brevitas.train.training import adversarial_train
 
 
 def test_one_epoch_pgd_training_raises_pgd_accuracy(fmnist_val_512, fmnist_test_1k):
@@ -28,7 +28,7 @@ def test_one_epoch_pgd_training_raises_pgd_accuracy(fmnist_val_512, fmnist_test_
 
 
 def test_resume_replays_the_uninterrupted_run(tmp_path, fmnist_val_512, monkeypatch):
-    import aq_brevitas.training as training
+    import aq_brevitas.train.training as training
 
     data = (fmnist_val_512[0][:128], fmnist_val_512[1][:128])
     kwargs = dict(
@@ -97,7 +97,7 @@ def test_trades_and_clean_mixing_train(fmnist_val_512):
 
 def test_alpha_and_random_start_reach_the_attack(fmnist_val_512, monkeypatch):
     """`alpha` and `random_start` are what the PGD inner maximisation is built with."""
-    import aq_brevitas.training as training
+    import aq_brevitas.train.training as training
 
     seen = {}
     real = training.make_attack

@@ -1,7 +1,7 @@
 import json
 import re
 
-from aq_brevitas.evaluate import accuracy, attack_accuracy
+from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.models import ZOO_DIR, load_float_model, zoo_names
 from conftest import REPO
 

@@ -181,7 +181,7 @@ def warning_catalogue() -> list[tuple[str, str, str]]:
 
 def interrupt_message() -> tuple[str, int]:
     """The line and exit code the CLI gives on Ctrl-C, read from the ``except KeyboardInterrupt`` in cli.main."""
-    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    tree = ast.parse((PACKAGE / "cli" / "__init__.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ExceptHandler) and getattr(node.type, "id", None) == "KeyboardInterrupt":
             texts = [

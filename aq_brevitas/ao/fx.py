@@ -108,7 +108,7 @@ def check_transposed_bn(model: nn.Module, *, fx: bool, qat: bool = False) -> Non
             raise ModelError(
                 f"torch.ao cannot fuse BatchNorm {bn_name} into transposed conv {conv_name} ({why}), "
                 "which it does while preparing",
-                "fold it into the conv first: aq_brevitas.nnutils.fold_batchnorm(model) (eval statistics)",
+                "fold it into the conv first: aq_brevitas.folding.fold_batchnorm(model) (eval statistics)",
             )
 
 

@@ -1,6 +1,6 @@
 """``aq-brevitas``: a thin argparse front end over the library.
 
-The options come from the config dataclasses (:mod:`aq_brevitas.cli_options`), so each word means one
+The options come from the config dataclasses (:mod:`aq_brevitas.cli.options`), so each word means one
 thing in every subcommand and the defaults are the API's; each ``cmd_*`` loads, calls the library and
 prints. Heavy modules (torch, Brevitas, torchattacks) are imported inside the subcommand that needs
 them, so ``aq-brevitas --help`` answers at once. Every :class:`~aq_brevitas.errors.AqError` becomes
@@ -101,7 +101,7 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``aq-brevitas`` parser: one subparser per entry of :data:`COMMANDS`, options from
-    :func:`~aq_brevitas.cli_options.command_options`."""
+    :func:`~aq_brevitas.cli.options.command_options`."""
     parser = argparse.ArgumentParser(
         prog="aq-brevitas", description="Layer-wise adversarial-aware quantization for Brevitas."
     )

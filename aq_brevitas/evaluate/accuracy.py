@@ -40,7 +40,7 @@ def accuracy(
 ) -> float:
     """Clean top-1 accuracy in [0, 1] of ``model`` (measured in eval mode) on images ``x`` with labels ``y``.
 
-    Without ``y``, ``x`` is any data form :func:`~aq_brevitas.nnutils.as_xy` accepts (an ``(images,
+    Without ``y``, ``x`` is any data form :func:`~aq_brevitas.forward.as_xy` accepts (an ``(images,
     labels)`` pair, a Dataset, a DataLoader, an iterable of batches). Images are float, in [0, 1];
     ``normalization=(mean, std)`` feeds a model that expects normalised inputs ``(x - mean) / std``.
     The model comes back in the train/eval mode it came in. Bad data raises a one-line

@@ -1,8 +1,8 @@
 """Indicators of attack failure (Pintor et al. 2022 list such signs): automated checks that say when
 an attack's robust accuracy cannot be trusted, next to the five gradient-masking checks of
-:mod:`aq_brevitas.report`.
+:mod:`aq_brevitas.evaluate.report`.
 
-Each returns a :class:`~aq_brevitas.report.MaskingCheck` stating its numbers; ``passed=False`` is a
+Each returns a :class:`~aq_brevitas.evaluate.report.MaskingCheck` stating its numbers; ``passed=False`` is a
 warning in the report and in ``run``'s summary, ``passed=None`` means it could not run.
 
 * ``input_gradient_nonzero``: the margin loss has a non-zero, finite input gradient at the clean
@@ -114,7 +114,7 @@ def silent_success_check(silent: dict[float, int], images: int) -> MaskingCheck:
     """``no_silent_success``: per ε, the images an attack of the suite saw misclassified inside the
     ε-ball that the per-image worst case still counts as robust (``silent``; empty: no suite ran).
 
-    >>> from aq_brevitas.indicators import silent_success_check
+    >>> from aq_brevitas.evaluate.indicators import silent_success_check
     >>> silent_success_check({0.1: 0}, 100).passed, silent_success_check({0.1: 3}, 100).passed
     (True, False)
     """

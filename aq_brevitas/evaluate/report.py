@@ -146,7 +146,7 @@ class RobustnessReport:
         without per-image outcomes, the lowest accuracy of any attack run on all images at ``eps``
         (see ``notes``). Raises :class:`ConfigError` when no attack ran at ``eps``.
 
-        >>> from aq_brevitas.report import AttackResult, RobustnessReport, pack_mask
+        >>> from aq_brevitas.evaluate.report import AttackResult, RobustnessReport, pack_mask
         >>> rows = [AttackResult("clean", 0.0, 0.75, 4, 0.0, correct=pack_mask([1, 1, 1, 0])),
         ...         AttackResult("pgd", 0.1, 0.5, 4, 0.0, correct=pack_mask([1, 0, 1, 0])),
         ...         AttackResult("square", 0.1, 0.5, 4, 0.0, correct=pack_mask([1, 1, 0, 0]))]

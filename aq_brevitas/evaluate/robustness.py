@@ -3,9 +3,9 @@
 :func:`accuracy` and :func:`attack_accuracy` are the building blocks; :func:`evaluate_robustness`
 runs the full suite (docs/finetune_and_evaluate.md): clean, FGSM and PGD-k at several ε, optionally
 AutoAttack, a gradient-free Square attack, and a checklist of sanity checks that flag -- never hide
--- the signs of gradient masking. The result is a :class:`~aq_brevitas.report.RobustnessReport`.
+-- the signs of gradient masking. The result is a :class:`~aq_brevitas.evaluate.report.RobustnessReport`.
 Attacks on Brevitas models run with their (constant) weights quantized once
-(:func:`~aq_brevitas.nnutils.frozen_quant_weights`) instead of at every forward.
+(:func:`~aq_brevitas.forward.frozen_quant_weights`) instead of at every forward.
 
 Every function here measures in eval mode and gives the model back in the mode it came in (each
 module's own flag), with BatchNorm statistics and fake-quant observer ranges untouched. Inputs are in
@@ -274,7 +274,7 @@ def _reference_autoattack(run: _Runner, cfg: EvalConfig, idx: torch.Tensor) -> l
 def _indicator_checks(
     run: _Runner, cfg: EvalConfig, outcome: _SuiteOutcome, names: tuple[str, ...]
 ) -> list[MaskingCheck]:
-    """The attack-failure indicators of :mod:`aq_brevitas.indicators` (the model is in eval mode)."""
+    """The attack-failure indicators of :mod:`aq_brevitas.evaluate.indicators` (the model is in eval mode)."""
     sub = subset(len(run.x), cfg.large_eps_images, cfg.seed + 2)
     xs, ys = run.x[sub].to(run.device), run.y[sub].to(run.device)
     # APGD (torchattacks) needs image-like samples; PGD attacks any shape
@@ -312,7 +312,7 @@ def evaluate_robustness(
     """Clean, FGSM and PGD-k accuracy and the attack suite at each ε, Square (and PGD on its subset),
     optionally AutoAttack, the gradient-masking checklist and the attack-failure indicators.
 
-    ``data`` is any form :func:`~aq_brevitas.nnutils.as_xy` accepts (images in [0, 1], integer
+    ``data`` is any form :func:`~aq_brevitas.forward.as_xy` accepts (images in [0, 1], integer
     labels). ``config`` is an :class:`~aq_brevitas.config.EvalConfig` (default: its defaults);
     ``overrides`` are its field names (``eps=(0.1,), pgd_steps=10``...) applied on top, so the keyword
     spellings of earlier releases keep working. ``name`` and ``meta`` label the report.
@@ -322,7 +322,7 @@ def evaluate_robustness(
     An example counts as robust only if it is classified correctly both clean and under attack;
     attacks run on clean-correct examples only. The headline is ``report.robust_accuracy(eps)``:
     per image, the worst case over every attack run at ``eps``. The suite (``suite``, default
-    ``"fast"``: APGD-CE, APGD-DLR, APGD-T on 3 targets, transfer, Square; :mod:`aq_brevitas.suite`)
+    ``"fast"``: APGD-CE, APGD-DLR, APGD-T on 3 targets, transfer, Square; :mod:`aq_brevitas.evaluate.suite`)
     runs at every ε, ascending, on the images FGSM, PGD and the smaller ε left standing. PGD uses a
     random start; with ``pgd_restarts > 1`` an example must survive every restart. Square, PGD on
     its subset and AutoAttack (``"standard"``: the reference; ``"torchattacks"``: the library's) run

@@ -18,7 +18,7 @@ as broken. Two suites are named in :data:`SUITES`:
 
 While an attack runs, a :class:`Watch` on the model's forward records every adversarial point the
 attack looks at, so a point seen but not returned ("silent success") is caught, and the best margin
-per step, so an optimisation that was still progressing is caught (:mod:`aq_brevitas.indicators`).
+per step, so an optimisation that was still progressing is caught (:mod:`aq_brevitas.evaluate.indicators`).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def worst_case_accuracy(
 
     The number selection uses (the never-worse-than-uniform check, :func:`validate_metric`), cheaper
     than :func:`~aq_brevitas.evaluate.evaluate_robustness` (no report, no checks). ``x``, ``y``: any
-    data :func:`~aq_brevitas.nnutils.as_xy` accepts, images in [0, 1]. ``suite``: ``"fast"`` (APGD-CE,
+    data :func:`~aq_brevitas.forward.as_xy` accepts, images in [0, 1]. ``suite``: ``"fast"`` (APGD-CE,
     APGD-DLR, transfer from ``surrogate`` when given, Square with ``queries`` queries),
     ``"reference"`` or attack names of :data:`SUITE_ATTACKS`; ``steps``: APGD/FAB iterations.
     ``normalization=(mean, std)`` feeds both models normalised inputs. The model is attacked in
@@ -274,7 +274,7 @@ def worst_case_accuracy(
 
     >>> import torch
     >>> from torch import nn
-    >>> from aq_brevitas.suite import worst_case_accuracy
+    >>> from aq_brevitas.evaluate.suite import worst_case_accuracy
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     >>> x = torch.rand(20, 1, 8, 8)
@@ -309,7 +309,7 @@ def suite_accuracies(
 
     >>> import torch
     >>> from torch import nn
-    >>> from aq_brevitas.suite import ChainSettings, suite_accuracies
+    >>> from aq_brevitas.evaluate.suite import ChainSettings, suite_accuracies
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     >>> x = torch.rand(20, 1, 8, 8)

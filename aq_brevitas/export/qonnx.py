@@ -75,25 +75,26 @@ def export_qonnx(
         mw = cleanup_model(ModelWrapper(str(raw))).transform(GiveUniqueNodeNames())
         parity = flip_aware_parity(mw, model, x, images, tol) if check else ParityOutcome()
         graph, cost = _read_back(mw, model)
-        table, source = {}, ""
-        if cost is not None and not graph.problem:
-            expected, source = expected_weight_bits(model, x)
-            table = check_weight_memory(cost, graph, expected, source)
-            graph.problem = unexplained_weight_bits(cost, graph, expected, source)
+        table, source = _weight_memory(cost, graph, model, x)
         onnx_check(mw.model)
         atomic_write_with(path, lambda tmp: mw.save(str(tmp)))
     warn_read_back("QONNX", path, graph.problem)
     return ExportResult.from_graph(
-        path,
-        "qonnx",
-        graph,
-        model,
-        parity,
-        opset=opset,
-        weight_bits=table,
-        expected_from=source,
-        cost=cost,
+        path, "qonnx", graph, model, parity, opset=opset, weight_bits=table, expected_from=source, cost=cost
     )
+
+
+def _weight_memory(
+    cost: dict[str, Any] | None, graph: GraphMap, model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, Any], str]:
+    """Per-layer weight memory of the graph checked against the predicted cost (raises
+    :class:`ModelError` on a mismatch); nothing when the graph could not be read back or costed."""
+    if cost is None or graph.problem:
+        return {}, ""
+    expected, source = expected_weight_bits(model, x)
+    table = check_weight_memory(cost, graph, expected, source)
+    graph.problem = unexplained_weight_bits(cost, graph, expected, source)
+    return table, source
 
 
 def _read_back(mw: Any, model: nn.Module) -> tuple[GraphMap, dict[str, Any] | None]:

@@ -32,7 +32,7 @@ class RunConfig:
     of ``aq-brevitas run`` that sets it.
 
     Selection (scores, search, calibration) uses ``calib_images`` + ``val_images`` held-out images
-    (see :class:`~aq_brevitas.rundata.RunData`); fine-tuning a ``finetune_images`` training subset
+    (see :class:`~aq_brevitas.pipeline.data.RunData`); fine-tuning a ``finetune_images`` training subset
     (None = all) for ``finetune_epochs`` epochs of PGD-``finetune_steps``; the report ``test_images``
     test images (None = all) under PGD-``pgd_steps``. ``eps`` (L-inf, inputs in [0, 1]) is also
     evaluated when ``eval_eps`` lacks it; the other radii of ``eval_eps`` on the first

@@ -64,7 +64,7 @@ def _check_out_dir(out: Path) -> None:
 @dataclass
 class RunContext:
     """What every stage reads: the settings, the float model and the draws of its data
-    (:class:`~aq_brevitas.rundata.RunInputs`), the run folder and its stage log."""
+    (:class:`~aq_brevitas.pipeline.data.RunInputs`), the run folder and its stage log."""
 
     cfg: RunConfig
     out: Path

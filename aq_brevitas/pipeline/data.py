@@ -1,7 +1,7 @@
 """The data of a run: the user's own, or a directory of IDX files, as :func:`~aq_brevitas.pipeline.run`'s stages read it.
 
 :class:`RunData` names the data (training, test and optionally held-out data, each in any form
-:func:`~aq_brevitas.nnutils.as_xy` reads: an ``(x, y)`` pair of tensors, a ``Dataset``, a
+:func:`~aq_brevitas.forward.as_xy` reads: an ``(x, y)`` pair of tensors, a ``Dataset``, a
 ``DataLoader``...) or, from :meth:`RunData.from_idx`, the splits of an IDX directory of any sample
 shape (Fashion-MNIST by default). :func:`prepare_data` checks it against the model and the settings
 and draws what each stage reads (:class:`RunInputs`): the selection images (scores, calibration, the
@@ -73,7 +73,7 @@ class RunData:
 class RunInputs:
     """What the stages read, as ``(x, y)`` tensor pairs: ``calib`` (scores, calibration), ``held_out``
     (the search's comparison with uniform), ``train`` (fine-tuning), ``test`` (evaluation, export);
-    ``source`` says where they came from, ``digests`` identify each (:func:`~aq_brevitas.stagelog.data_digest`)."""
+    ``source`` says where they came from, ``digests`` identify each (:func:`~aq_brevitas.pipeline.stagelog.data_digest`)."""
 
     calib: tuple[Any, Any]
     held_out: tuple[Any, Any]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..storage import atomic_write_json
 from ..texttable import text_table
 from .config import RunConfig
-from .context import make_context
+from .context import RunContext, make_context
 from .data import RunData
 from .report import finn_lines, report, summary_rows
 from .stages import evaluate, export, finetune, quantize, score, search
@@ -44,6 +44,26 @@ class RunResult:
         return "\n".join([text_table(head, cells), *warn, *finn_lines(self.rows)])
 
 
+def _run_stages(
+    model: nn.Module | str, out: Path, config: RunConfig, data: Any, force: bool, progress: bool
+) -> tuple[RunContext, RunResult]:
+    """Every stage over one context, then the summary rows and the report. The user's model is run in
+    eval mode and given back in the mode(s) it came in."""
+    from contextlib import nullcontext
+
+    from torch import nn
+
+    from ..forward import eval_mode
+
+    with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
+        ctx = make_context(model, out, config, data, force, progress)
+        for stage in (score, search, quantize, finetune, evaluate, export):
+            stage(ctx)
+        result = RunResult(str(ctx.out), summary_rows(ctx))
+        report(ctx, result.rows)
+    return ctx, result
+
+
 def run(
     model: nn.Module | str,
     out: str | os.PathLike[str],
@@ -55,7 +75,7 @@ def run(
 ) -> RunResult:
     """Run (or resume) the whole job for ``model`` (an nn.Module, a zoo name or a float checkpoint).
 
-    ``data``: the model's own data, a :class:`~aq_brevitas.rundata.RunData` (``train``, ``test`` and
+    ``data``: the model's own data, a :class:`~aq_brevitas.pipeline.data.RunData` (``train``, ``test`` and
     optionally ``held_out``: ``(x, y)`` tensors, Datasets or DataLoaders of any sample shape, values
     in [0, 1]) or a directory of IDX files; None reads ``config.data_dir`` (Fashion-MNIST by default).
     Every stage reads it in the model's input shape: scores, the search's calibration and held-out
@@ -70,7 +90,7 @@ def run(
     lengths or range; :class:`~aq_brevitas.errors.DataError` for missing files, samples of different
     shapes, labels beyond the model's classes) costs nothing and leaves an existing run folder as it
     was. Re-running with the same ``out`` skips the stages whose settings, inputs and outputs are
-    unchanged (see the module docstring); ``force=True`` redoes every stage, fine-tuning included,
+    unchanged (see :mod:`aq_brevitas.pipeline`); ``force=True`` redoes every stage, fine-tuning included,
     from scratch. Returns the :class:`RunResult`; ``out/report.md`` and ``out/report.json`` hold the
     full report.
 
@@ -94,20 +114,8 @@ def run(
     >>> [row["name"] for row in result.rows]
     ['float', 'uniform (avg-bits=3)', 'aq-brevitas (avg-bits=3)']
     """
-    from contextlib import nullcontext
-
-    from torch import nn
-
-    from ..forward import eval_mode
-
     t_start = time.perf_counter()
-    # The user's model is run in eval mode and given back in the mode(s) it came in.
-    with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
-        ctx = make_context(model, Path(out), config or RunConfig(), data, force, progress)
-        for stage in (score, search, quantize, finetune, evaluate, export):
-            stage(ctx)
-        result = RunResult(str(ctx.out), summary_rows(ctx))
-        report(ctx, result.rows)
+    ctx, result = _run_stages(model, Path(out), config or RunConfig(), data, force, progress)
     # Written last, so a run that fails leaves the previous run's config.json in place.
     atomic_write_json(ctx.out / "config.json", {"model": ctx.name, **asdict(ctx.cfg)})
     result.skipped = ctx.log.skipped

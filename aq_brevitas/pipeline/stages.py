@@ -80,15 +80,15 @@ def quantize(ctx: RunContext) -> None:
         return
     from tqdm.auto import tqdm
 
-    from .. import convert
     from ..attacks import normalized_inputs
+    from ..quantization import checkpoint, convert
 
     for v in tqdm(VARIANTS, desc="quantize+calibrate", disable=not ctx.progress, leave=False):
         with normalized_inputs(ctx.model, ctx.normalization):  # calibrate on what the model is fed
             q = convert.quantize(
                 ctx.model, ctx.policies[v.key], calibration_data=ctx.data.calib[0], target=ctx.cfg.target
             )
-        convert.save_quantized(q, ctx.out / v.checkpoint("ptq")[0])  # weights only: no input hook
+        checkpoint.save_quantized(q, ctx.out / v.checkpoint("ptq")[0])  # weights only: no input hook
     ctx.log.finish("quantize")
 
 

@@ -13,7 +13,7 @@ from ..nnutils import plain_tensor
 
 
 def model_inputs(batch: Any) -> tuple[Any, ...]:
-    """The positional arguments of one batch of :func:`~aq_brevitas.nnutils.iter_x_batches`: a tensor
+    """The positional arguments of one batch of :func:`~aq_brevitas.forward.iter_x_batches`: a tensor
     for a single-input model, a tuple of tensors for a model whose forward takes several."""
     return batch if isinstance(batch, tuple) else (batch,)
 
@@ -46,13 +46,13 @@ def calibrate(
 ) -> None:
     """Brevitas calibration (activation scales from data), optionally followed by bias correction.
 
-    ``data`` is any form :func:`~aq_brevitas.nnutils.iter_x_batches` streams for ``model`` (images, an
+    ``data`` is any form :func:`~aq_brevitas.forward.iter_x_batches` streams for ``model`` (images, an
     ``(images, labels)`` pair, a Dataset, a DataLoader, an iterable of batches); labels are unused.
     For a model whose forward takes k > 1 inputs it is a tuple of k tensors (then anything else, such as
     labels), or an iterable of such tuples; a wrong number of inputs is a one-line error.
     ``max_batches`` stops each pass early. The passes run in eval mode, so BatchNorm statistics are
     untouched; every module's train/eval flag is restored afterwards. A failing forward is the one-line
-    :class:`~aq_brevitas.errors.ModelError` of :func:`~aq_brevitas.nnutils.reported_forward`.
+    :class:`~aq_brevitas.errors.ModelError` of :func:`~aq_brevitas.forward.reported_forward`.
     """
     from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
 

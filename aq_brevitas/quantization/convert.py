@@ -8,7 +8,7 @@
 
 Per-channel scales are per output channel: weight axis 0, axis 1 for a transposed conv. A transposed
 conv with ``groups > 1`` becomes a :class:`GroupedQuantConvTranspose2d` (or ``1d``) holding one scale
-per output channel (see :mod:`aq_brevitas.injectors`).
+per output channel (see :mod:`aq_brevitas.quantization.injectors`).
 
 Both leave the original model untouched unless ``inplace=True`` and attach ``aq_policy`` and
 ``aq_changes`` (a list of :class:`LayerChange`) to the returned model.
@@ -112,7 +112,7 @@ def brevitas_layer(layer: nn.Module, spec: LayerSpec, signed_input: bool = True)
     ``layer`` is a ``Linear``, ``Conv1d``/``Conv2d`` or ``ConvTranspose1d``/``ConvTranspose2d``. A
     per-channel spec gives one scale per output channel: weight axis 0, or axis 1 for a transposed
     conv (with ``groups > 1`` a ``(in, out/groups, 1, ...)`` scale holding each output channel's
-    value, see :mod:`aq_brevitas.injectors`). This is the quantizer :func:`quantize` installs, so
+    value, see :mod:`aq_brevitas.quantization.injectors`). This is the quantizer :func:`quantize` installs, so
     ``brevitas_layer(layer, spec).quant_weight()`` is exactly the Ŵ that will run.
     """
     injector = weight_quant_for(spec, layer)
@@ -290,17 +290,9 @@ def convert_model(
     if fold_bn:
         fold_batchnorm(target)
     specs = policy.resolve(quantizable_layers(target))
-    signed = {n: True for n in specs}
     if isinstance(calibration_data, Iterator):  # a one-shot stream: read it once, use it for every pass
         calibration_data = list(calibration_data)
-    if input_signed is not None:
-        signed.update(input_signed)
-    elif calibration_data is not None and any(s.act_bit_width for s in specs.values()):
-        first = next(iter_x_batches(calibration_data, limit_batches=1, model=target), None)
-        if first is not None:
-            signed = {
-                n: not nonneg for n, nonneg in nonnegative_inputs(target, specs, model_inputs(first)).items()
-            }
+    signed = _input_signedness(target, specs, calibration_data, input_signed)
     # With act_placement="producer" the layers get no input quantizer here: _place_activations puts
     # it at the output of the op producing their input (where FINN needs it). A Brevitas layer that
     # already quantizes its own input keeps that layout and is re-bitted there.
@@ -309,6 +301,50 @@ def convert_model(
         for n, s in specs.items()
         if act_placement == "producer" and s.act_bit_width and not _has_input_quant(target.get_submodule(n))
     }
+    changes = _swap_layers(target, specs, at_producer, signed, swap_float=swap_float)
+    for name in uncovered:  # the change record also names what was left alone, and why
+        kept = _describe(target.get_submodule(name))
+        changes.append(LayerChange(name, kept, f"{kept} (not in policy)"))
+    if at_producer:
+        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed, changes)
+    if calibration_data is not None:
+        calibrate(target, calibration_data, bias_correction=bias_correction)
+    target.aq_policy = policy
+    target.aq_changes = changes
+    target.aq_input_signed = signed  # input quantizer signedness, needed to rebuild from a checkpoint
+    target.aq_act_placement = act_placement
+    return target
+
+
+def _input_signedness(
+    target: nn.Module,
+    specs: dict[str, LayerSpec],
+    calibration_data: Any,
+    input_signed: dict[str, bool] | None,
+) -> dict[str, bool]:
+    """Whether each layer's input quantizer is signed: as given, else unsigned where the first
+    calibration batch shows a non-negative input (when a spec quantizes activations), else signed."""
+    signed = {n: True for n in specs}
+    if input_signed is not None:
+        signed.update(input_signed)
+    elif calibration_data is not None and any(s.act_bit_width for s in specs.values()):
+        first = next(iter_x_batches(calibration_data, limit_batches=1, model=target), None)
+        if first is not None:
+            signed = {
+                n: not nonneg for n, nonneg in nonnegative_inputs(target, specs, model_inputs(first)).items()
+            }
+    return signed
+
+
+def _swap_layers(
+    target: nn.Module,
+    specs: dict[str, LayerSpec],
+    at_producer: set[str],
+    signed: dict[str, bool],
+    *,
+    swap_float: bool,
+) -> list[LayerChange]:
+    """Each layer of ``specs`` swapped for its Brevitas twin (or re-bitted if it is one already)."""
     changes = []
     for name, spec in specs.items():
         layer = target.get_submodule(name)
@@ -326,24 +362,13 @@ def convert_model(
         changes.append(
             LayerChange(name, before, f"{type(target.get_submodule(name)).__name__} {spec.short()}")
         )
-    for name in uncovered:  # the change record also names what was left alone, and why
-        kept = _describe(target.get_submodule(name))
-        changes.append(LayerChange(name, kept, f"{kept} (not in policy)"))
-    if at_producer:
-        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed, changes)
-    if calibration_data is not None:
-        calibrate(target, calibration_data, bias_correction=bias_correction)
-    target.aq_policy = policy
-    target.aq_changes = changes
-    target.aq_input_signed = signed  # input quantizer signedness, needed to rebuild from a checkpoint
-    target.aq_act_placement = act_placement
-    return target
+    return changes
 
 
 def _place_activations(
     model: nn.Module, specs: dict[str, LayerSpec], signed: dict[str, bool], changes: list[LayerChange]
 ) -> nn.Module:
-    """Activation quantizers at the producers of the layers' inputs (:mod:`aq_brevitas.placement`), or,
+    """Activation quantizers at the producers of the layers' inputs (:mod:`aq_brevitas.quantization.placement`), or,
     for a model fx cannot trace, at the layers' inputs with a warning that the layout is not FINN-ready."""
     requests = {
         n: ActRequest(s.act_bit_width, s.scaling == "po2", signed.get(n, True)) for n, s in specs.items()
@@ -385,7 +410,7 @@ def quantize(
     non-negative gets an unsigned one). A one-shot iterator (a generator) is read once into a list.
     With ``act_bit_width``, ``act_placement="producer"`` (the default) quantizes each layer's input at the
     output of the op producing it (a ``QuantReLU`` after a ReLU, a ``QuantIdentity`` after the input, an
-    add or a pool), as FINN needs (:mod:`aq_brevitas.placement`); the result is then a
+    add or a pool), as FINN needs (:mod:`aq_brevitas.quantization.placement`); the result is then a
     ``torch.fx.GraphModule`` unless the model's own modules could hold every quantizer.
     ``act_placement="input"`` puts a Brevitas ``input_quant`` on the layer itself (not FINN-ready when
     pooling or flattening sits in between). ``target="finn"`` refuses a policy FINN cannot build

@@ -138,18 +138,18 @@ def lipschitz_scores(
     """Score every quantizable layer the forward pass calls, in execution order.
 
     ``example_inputs`` is a float batch ``(N, *input_shape)``, or for a model whose forward takes
-    several inputs a tuple of such batches (same N), see :func:`~aq_brevitas.nnutils.example_args`.
+    several inputs a tuple of such batches (same N), see :func:`~aq_brevitas.forward.example_args`.
     One hooked forward on it (eval mode, no grad) gives shapes, ``A``, MACs (summed over every call of
     a layer) and the order; ``L`` is the operator norm on the real input shape of the layer's map with
     the BatchNorm applied to its output folded in (Conv/ConvTranspose/Linear, see
-    :func:`~aq_brevitas.nnutils.norm_folding`; a normalisation that cannot fold is named in a warning);
+    :func:`~aq_brevitas.folding.norm_folding`; a normalisation that cannot fold is named in a warning);
     ``gains`` picks which of ``gain_spectral`` / ``gain_jacobian`` to compute (the other stays None).
     A layer whose weight is an earlier layer's (tied) has ``params`` 0 and ``weight_of`` set. Layers
     never called are left out with a warning; layers called several times are scored at their first
     call, with a warning. Warns once when the spectral gain is asked for on a non-chain graph. The
     model comes back in its own mode, BatchNorm statistics untouched. Raises :class:`ConfigError`
     for bad inputs or gains, :class:`ModelError` for a model without quantizable layers or a failing
-    forward (with the forward's own error, see :func:`~aq_brevitas.nnutils.reported_forward`).
+    forward (with the forward's own error, see :func:`~aq_brevitas.forward.reported_forward`).
 
     >>> import torch
     >>> from torch import nn
@@ -164,15 +164,7 @@ def lipschitz_scores(
     """
     args = tuple(a.detach() for a in example_args(model, example_inputs, "example_inputs"))
     gains = tuple(gains)
-    bad = [g for g in gains if g not in GAINS]
-    if bad:
-        raise ConfigError(f"unknown gain(s) {', '.join(map(repr, bad))}", f"use a subset of {GAINS}")
-    layers = quantizable_layers(model)
-    if not layers:
-        raise ModelError(
-            _NO_LAYERS,
-            f"pass a model with {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)} layers (Brevitas ones count)",
-        )
+    layers = _scored_layers(model, gains)
     modules = dict(model.named_modules())
     owners = weight_owners(model)
     with eval_mode(model), paused_observers(model):
@@ -188,18 +180,52 @@ def lipschitz_scores(
                 s.params, s.weight_of = 0, owners[name]
             scores[name] = s
         if "spectral" in gains:
-            downstream = 1.0
-            for s in reversed(list(scores.values())):
-                s.gain_spectral = downstream
-                downstream *= s.L
-            if not is_chain(model, args):
-                warnings.warn(NON_CHAIN_WARNING, stacklevel=2)
+            _spectral_gains(model, args, scores)
         if "jacobian" in gains:
-            x0 = args[0]
-            for s in scores.values():
-                target = modules[s.bn] if s.bn else layers[s.name]
-                s.gain_jacobian, s.jacobian_iterations = layer_jacobian(
-                    model, target, args, (x0.shape[0], *s.output_shape), dtype=x0.dtype, device=x0.device,
-                    tol=jacobian_tol, max_iter=max_iter, seed=seed,
-                )  # fmt: skip
+            targets = {s.name: modules[s.bn] if s.bn else layers[s.name] for s in scores.values()}
+            _jacobian_gains(model, args, scores, targets, tol=jacobian_tol, max_iter=max_iter, seed=seed)
     return scores
+
+
+def _scored_layers(model: nn.Module, gains: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The quantizable layers; :class:`ConfigError` for an unknown gain, :class:`ModelError` for none."""
+    bad = [g for g in gains if g not in GAINS]
+    if bad:
+        raise ConfigError(f"unknown gain(s) {', '.join(map(repr, bad))}", f"use a subset of {GAINS}")
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ModelError(
+            _NO_LAYERS,
+            f"pass a model with {', '.join(t.__name__ for t in QUANTIZABLE_TYPES)} layers (Brevitas ones count)",
+        )
+    return layers
+
+
+def _spectral_gains(model: nn.Module, args: tuple[Any, ...], scores: dict[str, LayerScore]) -> None:
+    """``gain_spectral``: the product of the downstream layers' ``L`` in execution order (warns on a
+    model that is not a chain, where it is only a heuristic)."""
+    downstream = 1.0
+    for s in reversed(list(scores.values())):
+        s.gain_spectral = downstream
+        downstream *= s.L
+    if not is_chain(model, args):
+        warnings.warn(NON_CHAIN_WARNING, stacklevel=3)
+
+
+def _jacobian_gains(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    scores: dict[str, LayerScore],
+    targets: dict[str, nn.Module],
+    *,
+    tol: float,
+    max_iter: int,
+    seed: int,
+) -> None:
+    """``gain_jacobian`` of each layer at ``targets[name]`` (the layer, or the BatchNorm folded into it)."""
+    x0 = args[0]
+    for s in scores.values():
+        s.gain_jacobian, s.jacobian_iterations = layer_jacobian(
+            model, targets[s.name], args, (x0.shape[0], *s.output_shape), dtype=x0.dtype, device=x0.device,
+            tol=tol, max_iter=max_iter, seed=seed,
+        )  # fmt: skip

@@ -52,7 +52,7 @@ def quantized_robust_accuracy(
     """Robust accuracy (a fraction) on ``val`` of the Brevitas model :func:`~aq_brevitas.quantize` builds
     for ``specs`` (calibrated on ``calib_x``): the per-image worst case of PGD-``steps`` and the fast
     attack suite at its selection settings, with the float ``model`` as the transfer source
-    (:data:`~aq_brevitas.suite.SELECTION_SUITE`), never PGD alone."""
+    (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`), never PGD alone."""
     from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
 
     q = _quantized(model, specs, calib_x)

@@ -93,10 +93,10 @@ class ActivationProbe:
     """Each layer's input quantized alone, at every ``(bits, po2)`` asked for, on the float model.
 
     The quantizer is the one :func:`~aq_brevitas.quantize` installs (a Brevitas ``QuantIdentity`` with
-    :func:`~aq_brevitas.injectors.act_quant_for`, unsigned when the layer's input is non-negative on
+    :func:`~aq_brevitas.quantization.injectors.act_quant_for`, unsigned when the layer's input is non-negative on
     the clean calibration images), calibrated with Brevitas's ``calibration_mode`` on those images'
     layer inputs, and applied by a forward pre-hook at the layer's input: the values match the
-    quantizer at the producer (:mod:`aq_brevitas.placement`), since it commutes with max-pooling and
+    quantizer at the producer (:mod:`aq_brevitas.quantization.placement`), since it commutes with max-pooling and
     reshapes. ``deviation`` is the quantization term for that quantizer alone: mean over ``x_adv`` of
     ‖f_{l←a}(x_adv) − f(x_adv)‖₂ (logits); ``relative_error`` is E‖Q(x)−x‖²/E‖x‖² on the clean inputs
     and ``squared_error`` the mean per-image ‖Q(x)−x‖² (for the Hessian and ANS baselines).
@@ -316,7 +316,7 @@ def adversarial_calibration(
 ) -> AdversarialCalibration:
     """x_adv = attack(float model, calibration images); ``attack`` is None (PGD-``steps``), an attack
     name for :func:`~aq_brevitas.attacks.make_attack`, or a ready torchattacks attack. ``calib_data``
-    in any form :func:`~aq_brevitas.nnutils.as_xy` accepts (images alone are labelled by the model).
+    in any form :func:`~aq_brevitas.forward.as_xy` accepts (images alone are labelled by the model).
     ``jacobian``: also measure ``J_loc`` (power iteration). Seeded: same seed, same x_adv."""
     from ..score.jacobian import local_jacobian_norm
 

@@ -252,7 +252,7 @@ def candidate_table(
 
     ``candidates`` is one list for all layers, or a dict of per-layer lists (key ``"*"`` for the rest),
     e.g. to pin the first and last layer to 8 bits. ``scores`` reuses a :func:`lipschitz_scores` result.
-    ``fold_bn`` must match the swap's: with True, :func:`~aq_brevitas.convert.quantize` quantizes the
+    ``fold_bn`` must match the swap's: with True, :func:`~aq_brevitas.quantization.convert.quantize` quantizes the
     BN-folded conv weight, so the table does too (on a folded copy; ``model`` is left alone).
     Ŵ is computed once per distinct weight part (:func:`weight_part`: candidates differing only in
     ``act_bit_width`` share it); candidates whose Ŵ are bit-identical share one norm. Block
@@ -268,7 +268,7 @@ def candidate_table(
 
     >>> import torch
     >>> from torch import nn
-    >>> from aq_brevitas.candidates import candidate_table
+    >>> from aq_brevitas.search.candidates import candidate_table
     >>> from aq_brevitas.policy import LayerSpec
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
@@ -291,24 +291,31 @@ def candidate_table(
     table = CandidateTable(scores, fold_bn=fold_bn, model=model, tol=tol, seed=seed)
     modules = dict(model.named_modules())
     for name, specs in per_layer.items():
-        layer, score = modules[name], scores[name]
-        distinct: list[torch.Tensor] = []  # one tensor object per bit-identical Ŵ
-        by_part: dict[LayerSpec, torch.Tensor] = {}
-        rows = []
-        for spec in specs:
-            part = weight_part(spec)
-            if part not in by_part:
-                w_hat = quantized_weight(layer, part)
-                by_part[part] = next((d for d in distinct if torch.equal(d, w_hat)), w_hat)
-                if by_part[part] is w_hat:
-                    distinct.append(w_hat)
-            table.weights[(name, spec)] = by_part[part]
-            bits, bops = layer_cost(spec, score.params, score.macs)
-            rows.append(CandidateRow(spec, math.nan, math.nan, bits, bops))
-        table.rows[name] = rows
+        table.rows[name] = _layer_rows(table, name, modules[name], scores[name], specs)
     if norms:
         table.fill_norms(dw_norms=dw_norms, progress=progress)
     return table
+
+
+def _layer_rows(
+    table: CandidateTable, name: str, layer: nn.Module, score: LayerScore, specs: Sequence[LayerSpec]
+) -> list[CandidateRow]:
+    """One layer's rows (costs; norms NaN until filled), its Ŵ stored in ``table.weights`` once per
+    distinct weight part, bit-identical Ŵ sharing one tensor object."""
+    distinct: list[torch.Tensor] = []  # one tensor object per bit-identical Ŵ
+    by_part: dict[LayerSpec, torch.Tensor] = {}
+    rows = []
+    for spec in specs:
+        part = weight_part(spec)
+        if part not in by_part:
+            w_hat = quantized_weight(layer, part)
+            by_part[part] = next((d for d in distinct if torch.equal(d, w_hat)), w_hat)
+            if by_part[part] is w_hat:
+                distinct.append(w_hat)
+        table.weights[(name, spec)] = by_part[part]
+        bits, bops = layer_cost(spec, score.params, score.macs)
+        rows.append(CandidateRow(spec, math.nan, math.nan, bits, bops))
+    return rows
 
 
 def operator_norms(
@@ -322,12 +329,12 @@ def operator_norms(
     seed: int = 0,
     init: torch.Tensor | None = None,
 ) -> list[tuple[float, int]]:
-    """:func:`~aq_brevitas.lipschitz.operator_norm` of ``layer``'s map with each of K weights, at once.
+    """:func:`~aq_brevitas.score.norms.operator_norm` of ``layer``'s map with each of K weights, at once.
 
     ``weights`` is ``(K, *layer.weight.shape)``; returns K ``(sigma, iterations)``. The same block
-    LOBPCG as :func:`~aq_brevitas.lipschitz.operator_norm_basis` (same start: ``init`` or the seeded
+    LOBPCG as :func:`~aq_brevitas.score.norms.operator_norm_basis` (same start: ``init`` or the seeded
     block; same stopping rule, per weight: a converged one leaves the batch), on all K maps as one
-    grouped conv (:func:`~aq_brevitas.lipschitz.stacked_layer_map`) whose adjoint is autograd's.
+    grouped conv (:func:`~aq_brevitas.score.norms.stacked_layer_map`) whose adjoint is autograd's.
     Linear layers: exact SVDs, batched. Conv1d/Conv2d, grouped convs and ConvTranspose2d all stack
     (their groups multiply by K), so none falls back to one weight at a time; only memory splits K
     into chunks. Raises :class:`PolicyError` for misfit weights, else as ``operator_norm_basis``.

@@ -178,7 +178,7 @@ def _act_bits(bits: Any) -> tuple[int, ...]:
 
 def with_act_bits(specs: Sequence[LayerSpec], act_bits: Sequence[int]) -> tuple[LayerSpec, ...]:
     """Every spec of ``specs`` at every input width of ``act_bits`` (the activation bits of the layer's
-    input, quantized at its producer: :mod:`aq_brevitas.placement`).
+    input, quantized at its producer: :mod:`aq_brevitas.quantization.placement`).
 
     >>> [s.short() for s in with_act_bits([LayerSpec(4)], (2, 8))]
     ['4b max pc a2', '4b max pc a8']
@@ -187,7 +187,7 @@ def with_act_bits(specs: Sequence[LayerSpec], act_bits: Sequence[int]) -> tuple[
 
 
 def _for_target(candidates: Candidates, target: str) -> Candidates:
-    """The candidates restricted to what ``target`` builds (:func:`~aq_brevitas.candidates.for_target`);
+    """The candidates restricted to what ``target`` builds (:func:`~aq_brevitas.policy.for_target`);
     a per-layer mapping gets a ``"*"`` entry so that the layers it does not name are restricted too."""
     if target not in TARGETS:
         raise ConfigError(

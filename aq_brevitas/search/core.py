@@ -295,7 +295,7 @@ def search_policy(
     """Search a per-layer policy under ``budget`` (docs/method.md "Selection") and say why it won.
 
     ``calib_data``: training-split images (never the test split) in any form
-    :func:`~aq_brevitas.nnutils.as_xy` accepts (images alone are labelled by the model), or a ready
+    :func:`~aq_brevitas.forward.as_xy` accepts (images alone are labelled by the model), or a ready
     :class:`AdversarialCalibration` (reused across budgets and methods; its eps must be the config's).
     ``budget``: a :class:`~aq_brevitas.Budget` or its CLI text (``"avg-bits=4"``, ``"kib=20"``...).
     ``config``: a :class:`SearchConfig`; ``overrides`` are its fields and method settings by name,

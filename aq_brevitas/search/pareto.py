@@ -15,7 +15,7 @@ adversarial calibration, one solver, one held-out set and one robust-accuracy me
 Every distinct policy is quantized once (:func:`~aq_brevitas.quantize`, activation quantizers at their
 producers, calibrated on the calibration images) and measured once on held-out training images: clean
 accuracy and the per-image worst case of PGD and the fast attack suite with the float model as the
-transfer source (:func:`~aq_brevitas.suite.worst_case_accuracy`), never PGD alone. A point is
+transfer source (:func:`~aq_brevitas.evaluate.suite.worst_case_accuracy`), never PGD alone. A point is
 ``dominated`` when another point of the same method costs no more (in the sweep's budget kind) and is at
 least as robust, one of the two strictly.
 """
@@ -202,7 +202,7 @@ def robust_and_clean(
     model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: SearchConfig, surrogate: nn.Module | None
 ) -> tuple[float, float]:
     """``(clean, robust)`` accuracy on ``val``: robust is the per-image worst case of PGD-``pgd_steps``
-    and the fast suite at the selection settings (:data:`~aq_brevitas.suite.SELECTION_SUITE`), with
+    and the fast suite at the selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`), with
     ``surrogate`` (the float model) as the transfer source."""
     from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
 
@@ -250,53 +250,83 @@ def search_pareto(
     >>> sorted({p.method for p in front.points})
     ['lipschitz', 'uniform']
     """
-    unknown = [m for m in methods if m not in PARETO_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown Pareto method {unknown[0]!r}", f"use some of {', '.join(PARETO_METHODS)}")
-    cfg = build_config(config, overrides)
-    if cfg.candidates is None and cfg.act_bits is None:
-        cfg = cfg.replace(act_bits=DEFAULT_ACT_BITS)
+    cfg = _sweep_config(methods, config, overrides)
     t0, seconds = time.perf_counter(), {}
     with normalized_inputs(model, cfg.normalization), eval_mode(model):
-        x, y = as_xy(calib_data, model=model, name="calibration data")
-        val = as_xy(val_data, model=model, name="validation data")
-        if cfg.val_images is not None:
-            val = (val[0][: cfg.val_images], val[1][: cfg.val_images])
-        calib = (
-            adversarial_calibration(model, (x, y), eps=cfg.eps, seed=cfg.seed)
-            if "lipschitz" in methods
-            else None
-        )
+        (x, y), val = _sweep_data(model, calib_data, val_data, cfg.val_images)
+        scored = "lipschitz" in methods
+        calib = adversarial_calibration(model, (x, y), eps=cfg.eps, seed=cfg.seed) if scored else None
         seconds["calibration"] = time.perf_counter() - t0
         if table is None:
             table = candidate_table(
                 model, calib.x_adv if calib else x, cfg.candidates, seed=cfg.seed, progress=progress
             )
         seconds["table"] = time.perf_counter() - t0 - seconds["calibration"]
-        budgets_ = [as_budget(b) for b in budgets] if budgets is not None else sweep_budgets(table, widths)
-        if len({b.kind for b in budgets_}) > 1:
-            raise ConfigError(
-                "the budgets of one sweep must be of one kind", "pass only bops=..., or only kib=..."
-            )
+        budgets_ = _sweep(table, budgets, widths)
         cache = WeightCache(model, table)
         chosen = _choose(model, table, cache, budgets_, methods, cfg, (x, y), calib, progress)
         seconds["selection"] = time.perf_counter() - t0 - seconds["calibration"] - seconds["table"]
         measure = _Measure(model, x, val, cfg)
         float_clean, float_robust = measure(None)
-        points = []
-        for method, budget, specs in progress_bar(chosen, desc="pareto points", disable=not progress):
-            clean, robust = measure(specs)
-            cost = achieved_cost(table, specs)
-            points.append(ParetoPoint(
-                method, budget_text(budget), {n: s.short() for n, s in specs.items()}, int(cost.bops),
-                cost.weight_bytes / 1024, cost.avg_weight_bits, clean, robust,
-                policy=LayerwisePolicy(dict(specs), meta={"method": method}).to_dict(),
-            ))  # fmt: skip
+        points = [
+            _point(measure, table, method, budget, specs)
+            for method, budget, specs in progress_bar(chosen, desc="pareto points", disable=not progress)
+        ]
         seconds["measure"] = time.perf_counter() - t0 - sum(seconds.values())
     kind = budgets_[0].kind
     return ParetoFront(
         _mark_dominated(points, kind), float_clean, float_robust, cfg.eps, len(val[0]), kind,
         [budget_text(b) for b in budgets_], seconds,
+    )  # fmt: skip
+
+
+def _sweep_config(
+    methods: Sequence[str], config: SearchConfig | None, overrides: dict[str, Any]
+) -> SearchConfig:
+    """The sweep's settings (:class:`ConfigError` for an unknown method); without candidates the
+    default ones are crossed with the default input activation bits."""
+    unknown = [m for m in methods if m not in PARETO_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown Pareto method {unknown[0]!r}", f"use some of {', '.join(PARETO_METHODS)}")
+    cfg = build_config(config, overrides)
+    if cfg.candidates is None and cfg.act_bits is None:
+        cfg = cfg.replace(act_bits=DEFAULT_ACT_BITS)
+    return cfg
+
+
+def _sweep_data(
+    model: nn.Module, calib_data: Any, val_data: Any, val_images: int | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration pair and the held-out pair (its first ``val_images``) as tensors."""
+    x, y = as_xy(calib_data, model=model, name="calibration data")
+    val = as_xy(val_data, model=model, name="validation data")
+    if val_images is not None:
+        val = (val[0][:val_images], val[1][:val_images])
+    return (x, y), val
+
+
+def _sweep(
+    table: CandidateTable, budgets: Sequence[Budget | str] | None, widths: Sequence[int]
+) -> list[Budget]:
+    """The budgets of the sweep (given, or the uniform ``w_b a_b`` of each width), all of one kind."""
+    budgets_ = [as_budget(b) for b in budgets] if budgets is not None else sweep_budgets(table, widths)
+    if len({b.kind for b in budgets_}) > 1:
+        raise ConfigError(
+            "the budgets of one sweep must be of one kind", "pass only bops=..., or only kib=..."
+        )
+    return budgets_
+
+
+def _point(
+    measure: _Measure, table: CandidateTable, method: str, budget: Budget, specs: Mapping[str, LayerSpec]
+) -> ParetoPoint:
+    """One method's policy at one budget, measured."""
+    clean, robust = measure(specs)
+    cost = achieved_cost(table, specs)
+    return ParetoPoint(
+        method, budget_text(budget), {n: s.short() for n, s in specs.items()}, int(cost.bops),
+        cost.weight_bytes / 1024, cost.avg_weight_bits, clean, robust,
+        policy=LayerwisePolicy(dict(specs), meta={"method": method}).to_dict(),
     )  # fmt: skip
 
 

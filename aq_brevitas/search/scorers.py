@@ -1,4 +1,4 @@
-"""Scores ``s_l(c)`` for every (layer, candidate) of a :class:`~aq_brevitas.candidates.CandidateTable`:
+"""Scores ``s_l(c)`` for every (layer, candidate) of a :class:`~aq_brevitas.search.candidates.CandidateTable`:
 what the knapsack minimises, lower is better, all behind one signature.
 
 - ``lipschitz`` (this project's formulation, docs/method.md "Scores"), estimate ``jacobian``: with
@@ -298,7 +298,7 @@ def _has_act_candidates(table: CandidateTable) -> bool:
 @dataclass(frozen=True)
 class ScoringInputs:
     """What every scorer gets besides the table: the calibration ``data`` (training-split images and
-    labels, any form :func:`~aq_brevitas.nnutils.as_xy` accepts), the adversarial calibration when one
+    labels, any form :func:`~aq_brevitas.forward.as_xy` accepts), the adversarial calibration when one
     was made, ε, the seed, the Ŵ cache."""
 
     data: Any
@@ -390,7 +390,7 @@ def score(
     """Score every (layer, candidate) of ``table`` with ``method`` (a name in ``SCORERS``).
 
     ``calib_data``: an :class:`AdversarialCalibration` (lipschitz reuses it; its eps must be the
-    config's) or training-split images in any form :func:`~aq_brevitas.nnutils.as_xy` accepts.
+    config's) or training-split images in any form :func:`~aq_brevitas.forward.as_xy` accepts.
     ``config`` / ``overrides`` (``eps``, ``seed`` and the method's settings by name, e.g.
     ``estimate="spectral"``, ``n_samples=4``) as :class:`SearchConfig`. Raises ConfigError for an
     unknown method.

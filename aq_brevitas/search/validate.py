@@ -3,7 +3,7 @@ real robust error does?
 
 Random policies of (near-)equal cost each get the additive score Σ s_l, the whole-network bound
 B(p) and the robust accuracy of the real Brevitas model -- the per-image worst case over PGD and
-the fast attack suite (:mod:`aq_brevitas.suite`), never PGD alone, which quantized nets can fool by
+the fast attack suite (:mod:`aq_brevitas.evaluate.suite`), never PGD alone, which quantized nets can fool by
 masking gradients; the answer is a Spearman rank correlation
 (``scipy.stats.spearmanr``) between each prediction and robust error (ρ > 0: the bound ranks policies
 like robust accuracy does; ρ < 0 would mean it misleads).
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..attacks import normalized_inputs
@@ -181,16 +182,13 @@ def validate_metric(
     ``n_policies`` random policies (seeded rejection sampling over distinct candidates) within
     ±``tolerance`` of ``budget``; each gets Σ s_l(c_l), the whole-network bound B(p), and its robust
     accuracy on ``eval_data`` measured on the real Brevitas model (:func:`~aq_brevitas.quantize` +
-    :func:`~aq_brevitas.suite.suite_accuracies`): the per-image worst case over PGD-``pgd_steps`` and
-    the fast suite at the selection settings (:data:`~aq_brevitas.suite.SELECTION_SUITE`: APGD-CE,
+    :func:`~aq_brevitas.evaluate.suite.suite_accuracies`): the per-image worst case over PGD-``pgd_steps`` and
+    the fast suite at the selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`: APGD-CE,
     APGD-DLR, APGD-T3, transfer from ``model``, Square), never PGD alone (PGD's own accuracy is kept
     too). One number per policy is all a rank correlation needs. ``config``/``overrides`` (``eps``, ``seed``, ``pgd_steps``,
     ``candidates``, ``estimate``, ``normalization``) as :class:`SearchConfig`; data in any form
-    :func:`~aq_brevitas.nnutils.as_xy` accepts.
+    :func:`~aq_brevitas.forward.as_xy` accepts.
     """
-    from ..evaluate.suite import suite_accuracies
-    from ..quantization.convert import quantize
-
     t_start = time.perf_counter()
     cfg = build_config(config, overrides)
     eps, seed, estimate = cfg.eps, cfg.seed, cfg.settings_for(LipschitzSettings).estimate
@@ -208,24 +206,10 @@ def validate_metric(
         bound = WholeNetworkBound(model, table, estimate, calib, cache)
         distinct = distinct_specs(equivalent_candidates(table, cache))
         drawn = sample_policies(table, budget, n_policies, tolerance=tolerance, seed=seed, specs=distinct)
-        rows: list[dict[str, Any]] = []
-        for p in progress_bar(drawn, desc="policies", disable=not progress):
-            q = quantize(model, LayerwisePolicy(dict(p)), calibration_data=x)
-            settings = dataclasses.replace(SELECTION_SUITE["settings"], seed=seed)
-            acc = suite_accuracies(
-                q.eval(), ex, ey, eps=eps, suite=SELECTION_SUITE["suite"], surrogate=model, settings=settings,
-                pgd_steps=cfg.pgd_steps,
-            )  # fmt: skip
-            rows.append(
-                {
-                    "layers": {n: s.short() for n, s in p.items()},
-                    "cost": achieved_cost(table, p).summary(),
-                    "score_sum": sum(scores[n][s] for n, s in p.items()),
-                    "bound": bound(p, eps),
-                    "robust_accuracy": acc["worst case"],
-                    "pgd_accuracy": acc["pgd"],
-                }
-            )
+        rows = [
+            _measure(model, p, x, (ex, ey), cfg, table, scores, bound)
+            for p in progress_bar(drawn, desc="policies", disable=not progress)
+        ]
     err = [1 - r["robust_accuracy"] for r in rows]
     out = MetricValidation(budget.to_dict(), eps, tolerance, cfg.pgd_steps, len(ex), rows)
     if len(rows) >= 2 and len(set(err)) > 1:
@@ -233,3 +217,34 @@ def validate_metric(
         out.rho_additive, out.p_value_additive = _spearman([r["score_sum"] for r in rows], err)
     out.seconds = time.perf_counter() - t_start
     return out
+
+
+def _measure(
+    model: nn.Module,
+    p: Mapping[str, LayerSpec],
+    x: torch.Tensor,
+    eval_xy: tuple[torch.Tensor, torch.Tensor],
+    cfg: SearchConfig,
+    table: CandidateTable,
+    scores: Mapping[str, Any],
+    bound: WholeNetworkBound,
+) -> dict[str, Any]:
+    """One drawn policy's row: its cost, Σ s_l(c_l), the bound B(p), and the robust accuracy of the
+    real Brevitas model (calibrated on ``x``) over the selection suite."""
+    from ..evaluate.suite import suite_accuracies
+    from ..quantization.convert import quantize
+
+    q = quantize(model, LayerwisePolicy(dict(p)), calibration_data=x)
+    settings = dataclasses.replace(SELECTION_SUITE["settings"], seed=cfg.seed)
+    acc = suite_accuracies(
+        q.eval(), *eval_xy, eps=cfg.eps, suite=SELECTION_SUITE["suite"], surrogate=model, settings=settings,
+        pgd_steps=cfg.pgd_steps,
+    )  # fmt: skip
+    return {
+        "layers": {n: s.short() for n, s in p.items()},
+        "cost": achieved_cost(table, p).summary(),
+        "score_sum": sum(scores[n][s] for n, s in p.items()),
+        "bound": bound(p, cfg.eps),
+        "robust_accuracy": acc["worst case"],
+        "pgd_accuracy": acc["pgd"],
+    }

@@ -2,7 +2,7 @@
 
 Quantization-aware training goes through Brevitas's straight-through estimators; the inner
 maximisation is torchattacks PGD (Madry), TRADES optional. The loop itself is
-:func:`aq_brevitas.training.adversarial_train`; this module adds the defaults suited to a trained
+:func:`aq_brevitas.train.training.adversarial_train`; this module adds the defaults suited to a trained
 model (:meth:`~aq_brevitas.config.TrainConfig.finetuning`: Adam, small LR, activation scales kept at
 their calibrated values) and process-group set-up for ``torchrun``.
 
@@ -67,11 +67,11 @@ def adversarial_finetune(
 ) -> TrainHistory:
     """PGD fine-tuning (quantization-aware for Brevitas models) of ``model`` in place.
 
-    :func:`~aq_brevitas.training.adversarial_train` with fine-tuning defaults: ``config`` defaults to
+    :func:`~aq_brevitas.train.training.adversarial_train` with fine-tuning defaults: ``config`` defaults to
     :meth:`TrainConfig.finetuning() <aq_brevitas.config.TrainConfig.finetuning>` (Adam at lr 5e-4, no
     weight decay, Brevitas activation scales kept at their calibrated values so only the weights
     train; ``learn_act_scales=True`` learns them too, LSQ-style). ``kwargs`` are
-    :func:`~aq_brevitas.training.adversarial_train`'s: ``checkpoint``, ``resume``,
+    :func:`~aq_brevitas.train.training.adversarial_train`'s: ``checkpoint``, ``resume``,
     ``checkpoint_meta``, ``progress``, and TrainConfig fields (``eps``, ``steps``, ``epochs``,
     ``trades_beta``...) applied on top of ``config``. ``normalization=(mean, std)`` is for a model
     that expects normalised inputs: data and ε stay in [0, 1] pixel space and the model is fed

@@ -129,13 +129,13 @@ def adversarial_train(
 ) -> TrainHistory:
     """Train ``model`` in place on adversarial examples (``eps=0`` or ``steps=0``: plain training).
 
-    ``train_data`` is any form :func:`~aq_brevitas.nnutils.as_dataset` accepts (an ``(images,
+    ``train_data`` is any form :func:`~aq_brevitas.forward.as_dataset` accepts (an ``(images,
     labels)`` pair, a Dataset, a DataLoader -- its dataset is used -- or an iterable of batches);
     images in [0, 1]. ``config`` is a :class:`~aq_brevitas.config.TrainConfig` (default: its
     defaults); ``overrides`` are its field names (``eps=0.2, epochs=3``...) applied on top, so the
     keyword spellings of earlier releases keep working. The inner maximisation is torchattacks PGD
     (Madry), or TPGD (TRADES) with ``trades_beta``; a Brevitas model's weights are quantized once per
-    step for the k attack steps (:func:`~aq_brevitas.nnutils.frozen_quant_weights`).
+    step for the k attack steps (:func:`~aq_brevitas.forward.frozen_quant_weights`).
     ``checkpoint`` is written atomically after every epoch (with ``checkpoint_meta`` in its sidecar);
     ``resume=True`` continues from it. Under ``torchrun`` (an initialised process group) the model is
     wrapped in DDP, each rank takes its slice of every global batch, and only rank 0 writes
