@@ -1,4 +1,4 @@
-"""Budget arithmetic in one place: what a policy costs and whether it fits.
+"""Budget arithmetic in one place: the units of a policy's cost and whether it fits a budget.
 
 A :class:`Budget` is a ceiling in exactly one of three units: average weight bits (Σ bits·params /
 Σ params), total weight bytes, or bit-operations (BOPs = Σ MACs · b_w · b_a, the HAWQ-V3 measure).
@@ -11,9 +11,12 @@ used outside a quantizable layer are not in the geometry, hence not in any cost 
 :func:`aq_brevitas.nnutils.warn_unsupported` names them).
 
 The knapsack works in *raw* units: total weight bits for an average-bits budget (so the
-constraint stays linear), bytes or BOPs otherwise; :func:`budget_capacity` converts a budget to them
-and :func:`in_budget_units` back. Every feasibility test allows a relative slack of ``COST_RTOL``
+constraint stays linear), bytes or BOPs otherwise; :func:`~aq_brevitas.search.costing.budget_capacity`
+converts a budget to them and :func:`in_budget_units` back. Every feasibility test allows a relative slack of ``COST_RTOL``
 to absorb float rounding of ``avg · params``.
+
+A policy's cost (:func:`~aq_brevitas.policy.cost_of`) is computed in :mod:`aq_brevitas.policy`, a
+candidate table's in :mod:`aq_brevitas.search.costing`; this module imports neither.
 
 Torch-free: the functions read only ``params``/``macs`` of layer geometries and candidate rows.
 """

@@ -92,7 +92,7 @@ def check_normalization(value: Any, channels: int | None = None) -> Normalizatio
 
 OPTIMIZERS = ("sgd", "adam")
 EVAL_ATTACKS = ("clean", "fgsm", "pgd")  # the per-ε attacks; Square and AutoAttack have their own switches
-_C = TypeVar("_C", bound="_Config")
+_C = TypeVar("_C", bound="ConfigBase")
 
 
 def _is_int(value: Any) -> bool:
@@ -110,7 +110,7 @@ def _check_step(alpha: Any) -> None:
         )
 
 
-class _Config:
+class ConfigBase:
     """Shared behaviour: ``replace``, ``to_dict``/``from_dict`` with unknown names refused."""
 
     @classmethod
@@ -153,7 +153,7 @@ def json_ready(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class AttackConfig(_Config):
+class AttackConfig(ConfigBase):
     """One attack: ``name`` (one of :data:`~aq_brevitas.config.ATTACKS`), ``eps`` (L-inf budget on
     [0, 1] images), ``steps``, ``alpha`` (step; None = 2.5·ε/steps), ``random_start`` (pgd, pgdl2) and
     ``normalization=(mean, std)`` for a model that expects normalised inputs (ε stays in [0, 1] pixel
@@ -189,7 +189,7 @@ class AttackConfig(_Config):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Config):
+class TrainConfig(ConfigBase):
     """Adversarial training settings; the defaults are :func:`~aq_brevitas.train.training.adversarial_train`'s.
 
     ``eps`` (L-inf, [0, 1] images) and ``steps`` set the training attack (either 0: plain training);
@@ -275,7 +275,7 @@ class TrainConfig(_Config):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Config):
+class EvalConfig(ConfigBase):
     """The robustness suite; defaults are :func:`~aq_brevitas.evaluate.evaluate_robustness`'s.
 
     ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of

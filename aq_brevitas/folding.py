@@ -1,13 +1,17 @@
-"""The arithmetic of folding a BatchNorm into the layer before it, and writing the folded weights back.
+"""BatchNorm folding: which normalisation folds into which layer, the arithmetic of folding it, and
+writing the folded weights back.
 
 * :func:`bn_scale` and :func:`folded_weight`: ``bn(layer(x))`` as one layer, in eval semantics.
 * :func:`write_folded`: put the folded ``(W, b)`` into the layer without changing any other module
   that holds the same ``Parameter`` (tied weights): such a Parameter is replaced by the layer's own
   copy, so the others keep computing what they computed (:func:`parameter_holders` finds them).
 
-Which BatchNorm folds into which layer is read from the model's graph in :mod:`aq_brevitas.nnutils`
-(``norm_folding``, ``fold_batchnorm``), which re-exports the names here. Nothing here imports another
-module of the package except :mod:`aq_brevitas.errors`.
+* :func:`norm_folding`, :func:`find_conv_bn_pairs`: which BatchNorm folds into which layer, read
+  from the model's graph (fx leaf tracing of :mod:`aq_brevitas.nnutils`), and why others do not.
+* :func:`fold_batchnorm`: fold every foldable pair in place.
+
+Nothing here imports another module of the package except :mod:`aq_brevitas.errors` and
+:mod:`aq_brevitas.nnutils`.
 """
 
 from __future__ import annotations

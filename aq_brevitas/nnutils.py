@@ -1,13 +1,12 @@
 """Torch utilities every stage shares: which layers are quantizable, their geometry on a forward
-pass, fx leaf tracing, the weights a forward uses outside them, and normalisation pairing and folding.
+pass, fx leaf tracing, and the weights a forward uses outside them.
 
 The single list of quantizable layer types lives here. Brevitas ``QuantConv*``/``QuantLinear``
 subclass the torch layers, so the same test finds them in models that are already quantized.
 How a model is run (its forward signature and errors, mode guards, the one data convention
-:func:`as_xy`/:func:`iter_x_batches`/:func:`as_dataset`) lives in :mod:`aq_brevitas.forward`, whose
-public names are re-exported here, as are those of :mod:`aq_brevitas.folding` (the arithmetic of
-folding a BatchNorm into a layer). Nothing here imports another module of the package except
-:mod:`aq_brevitas.errors`, :mod:`aq_brevitas.folding` and :mod:`aq_brevitas.forward`.
+:func:`~aq_brevitas.forward.as_xy`, ...) lives in :mod:`aq_brevitas.forward`; normalisation pairing
+and BatchNorm folding in :mod:`aq_brevitas.folding`. Nothing here imports another module of the
+package except :mod:`aq_brevitas.errors` and :mod:`aq_brevitas.forward`.
 
 Coverage: a weight the forward uses outside a quantizable layer (an unsupported layer type, or
 ``F.linear``/``F.conv2d``/``@`` on a bare Parameter) stays float and is left out of a policy's cost;

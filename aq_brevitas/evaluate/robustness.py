@@ -1,7 +1,7 @@
-"""Accuracy under attack, and the robustness suite that flags gradient masking.
+"""The robustness suite that flags gradient masking.
 
-:func:`accuracy` and :func:`attack_accuracy` are the building blocks; :func:`evaluate_robustness`
-runs the full suite (docs/finetune_and_evaluate.md): clean, FGSM and PGD-k at several ε, optionally
+:func:`~aq_brevitas.evaluate.accuracy.accuracy` and :func:`~aq_brevitas.evaluate.accuracy.attack_accuracy`
+are the building blocks; :func:`evaluate_robustness` runs the full suite (docs/finetune_and_evaluate.md): clean, FGSM and PGD-k at several ε, optionally
 AutoAttack, a gradient-free Square attack, and a checklist of sanity checks that flag -- never hide
 -- the signs of gradient masking. The result is a :class:`~aq_brevitas.evaluate.report.RobustnessReport`.
 Attacks on Brevitas models run with their (constant) weights quantized once

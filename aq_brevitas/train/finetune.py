@@ -20,8 +20,6 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-
-# re-exported for benchmarks/finetune_speed.py until it imports from nnutils
 from .training import TrainHistory, adversarial_train
 
 
