@@ -63,7 +63,8 @@ def test_run_writes_both_exports_and_an_aligned_summary(done_run):
     rows = {r["name"].split(" ")[0]: r for r in result.rows}
     for key, onnx in (("uniform", "model_uniform.onnx"), ("aq-brevitas", "model.onnx")):
         assert (out / onnx).stat().st_size > 0
-        assert 0 <= rows[key]["parity"] <= 1e-5
+        # the library's own bound (tol x output scale), once rounding-boundary flips get PyTorch's codes
+        assert 0 <= rows[key]["parity_without_flips"] <= rows[key]["parity_allowed"], rows[key]
     assert rows["float"]["parity"] is None
     report = (out / "report.md").read_text()
     assert report.count("e-0") >= 2  # both parities in the summary table
