@@ -76,11 +76,11 @@ data:
 # so the demo ends in minutes on 2 cores. `make demo FULL=1` is the full-size job (2,000 test images at
 # every radius, held-out checks on 500 images, five budgets).
 ifeq ($(FULL),1)
-DEMO_RUN_SIZES := --test-images 2000 --eval-eps-images 0 --val-images 500
-DEMO_PARETO_SIZES := --val-images 500 --widths 2 3 4 5 8
+DEMO_RUN_SIZES := --test-images 2000 --eval-eps-images 0 --val-images 500 --workers 2
+DEMO_PARETO_SIZES := --val-images 500 --widths 2 3 4 5 8 --workers 2
 else
-DEMO_RUN_SIZES := --test-images 500 --eval-eps-images 100 --val-images 200
-DEMO_PARETO_SIZES := --val-images 100 --widths 2 3 4
+DEMO_RUN_SIZES := --test-images 500 --eval-eps-images 100 --val-images 200 --workers 2
+DEMO_PARETO_SIZES := --val-images 100 --widths 2 3 4 --workers 2
 endif
 
 demo: setup

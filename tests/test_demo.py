@@ -31,7 +31,7 @@ TINY = {
     "--epochs": ["1"],
     "--widths": ["3"],
 }
-KEPT = {"--model", "--budget", "--eps", "--out", "--target", "--methods", "--method", "--seed"}
+KEPT = {"--model", "--budget", "--eps", "--out", "--target", "--methods", "--method", "--seed", "--workers"}
 
 
 def _demo_commands(*make_args: str) -> list[list[str]]:

@@ -106,6 +106,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "texttable": 0,
     "storage": 1,
+    "workers": 1,
     "forward": 2,
     "nnutils": 3,
     "folding": 4,

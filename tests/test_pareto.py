@@ -9,7 +9,7 @@ from aq_brevitas.budget import Budget
 from aq_brevitas.errors import ConfigError
 from aq_brevitas.models import load_float_model
 from aq_brevitas.nnutils import layer_geometry
-from aq_brevitas.policy import LayerSpec, cost_of
+from aq_brevitas.policy import LayerSpec, LayerwisePolicy, cost_of
 from aq_brevitas.search import (
     ActivationProbe,
     ParetoFront,
@@ -23,7 +23,8 @@ from aq_brevitas.search import (
     with_act_bits,
 )
 from aq_brevitas.search.candidates import candidate_table
-from aq_brevitas.search.pareto import ParetoPoint, _mark_dominated
+from aq_brevitas.search.config import build_config
+from aq_brevitas.search.pareto import ParetoPoint, _mark_dominated, _Measure
 
 torch.set_num_threads(1)
 FEW = [LayerSpec(b, "max", "per_channel") for b in (2, 3, 4, 8)]
@@ -106,8 +107,14 @@ def test_search_pareto_measures_every_method_on_the_same_images(cnn, fmnist_val_
     front = search_pareto(
         cnn, (x[:64], y[:64]), (x[64:], y[64:]), budgets=[f"bops={w4a4}"],
         methods=["uniform", "first_last_8", "lipschitz"], candidates=with_act_bits(FEW, (2, 4, 8)),
-        val_images=24, pgd_steps=3, steps=3, progress=False,
+        val_images=24, pgd_steps=3, steps=3, progress=False, workers=2,
     )  # fmt: skip
+    # Two forked workers measured the points: the same numbers as measuring them here, one by one.
+    cfg = build_config(None, {"candidates": with_act_bits(FEW, (2, 4, 8)), "val_images": 24, "pgd_steps": 3})
+    here = _Measure(cnn, x[:64], (x[64:88], y[64:88]), cfg)
+    for p in front.points[:2]:
+        specs = LayerwisePolicy.from_dict(p.policy).layers
+        assert here(specs) == (p.clean_accuracy, p.robust_accuracy), p.method
     assert {p.method for p in front.points} == {"uniform", "first_last_8", "lipschitz"}
     assert all(p.bops <= w4a4 * (1 + 1e-9) for p in front.points)
     assert all(0 <= p.robust_accuracy <= p.clean_accuracy <= 1 for p in front.points)

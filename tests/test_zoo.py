@@ -23,10 +23,15 @@ def test_docs_table_matches_sidecars():
         assert meta["test_images"] == 10000
 
 
-def test_cnn_pgd_remeasured_on_1k_within_3_points(fmnist_test_1k):
+def test_cnn_pgd_remeasured_on_1k_within_sampling_error(fmnist_test_1k):
     model, meta = load_float_model("cnn-pgd")
     x, y = fmnist_test_1k
     clean = accuracy(model, x, y)
     pgd = attack_accuracy(model, x, y, "pgd", eps=meta["pgd_eval"]["eps"], steps=meta["pgd_eval"]["steps"])
-    assert abs(clean - meta["clean_acc"]) <= 0.03, (clean, meta["clean_acc"])
-    assert abs(pgd - meta["pgd_acc"]) <= 0.03, (pgd, meta["pgd_acc"])
+    # n = 1000 images drawn at random without replacement from the N = 10000 the sidecar was measured
+    # on: the subset's accuracy has the binomial standard error sqrt(p(1 - p)(1/n - 1/N)) around the
+    # full set's p (1.1 points for clean p = 0.84, 1.3 for PGD p = 0.74). Within 3 standard errors
+    # (two-sided 0.3 %); another CPU's rounding flips at most a few of the 1000 images.
+    for got, p in ((clean, meta["clean_acc"]), (pgd, meta["pgd_acc"])):
+        se = (p * (1 - p) * (1 / len(y) - 1 / meta["test_images"])) ** 0.5
+        assert abs(got - p) <= 3 * se, (got, p, se)

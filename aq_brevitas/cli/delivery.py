@@ -66,17 +66,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     setup_torch(args)
     from ..search import search_pareto
-    from ..search.config import DEFAULT_ACT_BITS
     from ..storage import atomic_write_text
 
     model, calib, val, candidates = _selection(args)
     budgets = args.budget.split(",") if args.budget else None
-    config = search_config(args).replace(candidates=candidates)
-    if candidates is None and config.act_bits is None:
-        config = config.replace(act_bits=DEFAULT_ACT_BITS)
-    front = search_pareto(
-        model, calib, val, budgets=budgets, widths=args.widths, methods=args.methods, config=config
-    )
+    config = search_config(args).replace(candidates=candidates)  # no candidates: input bits crossed in
+    sweep = {"budgets": budgets, "widths": args.widths, "methods": args.methods, "workers": args.workers}
+    front = search_pareto(model, calib, val, config=config, **sweep)
     print(front.table())
     if args.out:
         front.save(args.out + ".json")

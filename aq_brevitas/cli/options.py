@@ -314,6 +314,8 @@ def _search_commands() -> dict[str, list[Option]]:
                   "given", [2, 3, 4, 5, 8], type=int, nargs="+"),
             plain("--methods", "methods to sweep", list(PARETO_METHODS), nargs="+", choices=PARETO_METHODS),
             setting(search, "pgd_steps", "PGD steps joined to the fast suite in each point's robust accuracy"),
+            plain("--workers", "processes the points are measured on (the results are the same; 2 on a 2-core "
+                  "machine)", 1, type=int),
             plain("--out", "write OUT.json, OUT.md and OUT.png"),
         ],
         "validate-metric": [

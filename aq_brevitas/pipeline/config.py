@@ -40,7 +40,8 @@ class RunConfig:
     given no data (None: ``$AQ_DATA_DIR`` or Fashion-MNIST). ``normalization=(mean, std)`` (one value,
     or one per input channel, dim 1) for a model that expects ``(x - mean) / std``: the search,
     calibration, fine-tuning and evaluation feed it that while the data and ε stay in [0, 1] (the
-    export's ONNX takes normalised inputs, as the model does).
+    export's ONNX takes normalised inputs, as the model does). ``workers``: forked processes the
+    evaluation's independent reports run on (:func:`~aq_brevitas.workers.run_jobs`; same results).
     """
 
     budget: str = _setting("avg-bits=3", "--budget", "avg-bits=N, bytes=N, kib=N or bops=N")
@@ -72,6 +73,10 @@ class RunConfig:
         minimum=1,
     )  # fmt: skip
     seed: int = _setting(0, "--seed", "seed of every random draw", minimum=0)
+    workers: int = _setting(
+        1, "--workers", "processes the evaluation's reports are spread over (the results are the same; "
+        "2 on a 2-core machine)", minimum=1,
+    )  # fmt: skip
     data_dir: str | None = _setting(None, "--data-dir", "directory of the IDX files")
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = _setting(
         None, "--mean/--std", "per-channel mean and std the model expects its inputs normalised with"

@@ -149,26 +149,38 @@ def evaluate(ctx: RunContext) -> None:
     outputs = [f"robustness_{s}{suffix}.json" for suffix, _, _ in plan for s in stems] + ["robustness.png"]
     if not ctx.log.start("evaluate", inputs, outputs):
         return
+    from tqdm.auto import tqdm
+
     from ..config import EvalConfig
     from ..evaluate.report import RobustnessReport
     from ..evaluate.robustness import evaluate_robustness
+    from ..workers import run_jobs
 
     float_model = copy.deepcopy(ctx.model)
     models = [("float", "float", float_model)]
     models += [(v.key, v.stem, ctx.quantized(v, "finetuned")) for v in VARIANTS]
     for stem in stems:  # a report of an earlier plan must not reach this run's report
         (ctx.out / f"robustness_{stem}_eps.json").unlink(missing_ok=True)
+    jobs = [(suffix, eps, n, model) for suffix, eps, n in plan for model in models]
     x, y = ctx.data.test
-    for suffix, eps, n in plan:
+    parallel = cfg.workers > 1
+
+    def job(i: int) -> None:
+        suffix, eps, n, (key, stem, m) = jobs[i]
         settings = EvalConfig(
             eps=eps, pgd_steps=cfg.pgd_steps, seed=cfg.seed, normalization=ctx.normalization
         )
-        for key, stem, m in models:  # the quantized models are also attacked by transfer from the float one
-            surrogate = None if m is float_model else float_model
-            robustness = evaluate_robustness(
-                m, (x[:n], y[:n]), settings, name=key, progress=ctx.progress, surrogate=surrogate
-            )
-            robustness.save(ctx.out / f"robustness_{stem}{suffix}.json")
+        surrogate = None if m is float_model else float_model  # quantized models: also transfer from float
+        robustness = evaluate_robustness(
+            m, (x[:n], y[:n]), settings, name=key, progress=ctx.progress and not parallel, surrogate=surrogate
+        )
+        robustness.save(ctx.out / f"robustness_{stem}{suffix}.json")
+
+    longest_first = sorted(range(len(jobs)), key=lambda i: -jobs[i][2] * len(jobs[i][1]))
+    with tqdm(
+        total=len(jobs), desc=f"evaluate ({cfg.workers} workers)", disable=not (ctx.progress and parallel)
+    ) as bar:
+        run_jobs(job, len(jobs), cfg.workers, order=longest_first, done=lambda _: bar.update())
     curve = ctx.out / f"robustness_searched{plan[-1][0]}.json"
     RobustnessReport.load(curve).plot(ctx.out / "robustness.png")
     ctx.log.finish("evaluate")

@@ -38,6 +38,7 @@ from ..errors import ConfigError, PolicyError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
+from ..workers import check_workers, run_jobs
 from .baselines import uniform_choices
 from .calibration import WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
@@ -182,19 +183,37 @@ class _Measure:
         self.model, self.calib_x, self.val, self.cfg = model, calib_x, val, cfg
         self.seen: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
 
-    def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
+    @staticmethod
+    def _key(specs: Mapping[str, LayerSpec] | None) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((n, s.short()) for n, s in (specs or {}).items()))
+
+    def _measure(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
         from ..quantization.convert import quantize
 
-        key = tuple(sorted((n, s.short()) for n, s in (specs or {}).items()))
+        model = (
+            self.model
+            if specs is None
+            else quantize(self.model, LayerwisePolicy(dict(specs)), calibration_data=self.calib_x).eval()
+        )
+        return robust_and_clean(model, self.val, self.cfg, surrogate=None if specs is None else self.model)
+
+    def prefetch(
+        self, policies: Sequence[Mapping[str, LayerSpec] | None], workers: int, progress: bool
+    ) -> None:
+        """Measure every distinct policy of ``policies`` not measured yet, on ``workers`` forked
+        processes (:func:`~aq_brevitas.workers.run_jobs`: the same numbers as one process)."""
+        todo = {self._key(p): p for p in policies if self._key(p) not in self.seen}
+        keys = list(todo)
+        with progress_bar(total=len(keys), desc="pareto points", disable=not progress) as bar:
+            measured = run_jobs(
+                lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update()
+            )
+        self.seen.update(zip(keys, measured, strict=True))
+
+    def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
+        key = self._key(specs)
         if key not in self.seen:
-            model = (
-                self.model
-                if specs is None
-                else quantize(self.model, LayerwisePolicy(dict(specs)), calibration_data=self.calib_x).eval()
-            )
-            self.seen[key] = robust_and_clean(
-                model, self.val, self.cfg, surrogate=None if specs is None else self.model
-            )
+            self.seen[key] = self._measure(specs)
         return self.seen[key]
 
 
@@ -224,6 +243,7 @@ def search_pareto(
     methods: Sequence[str] = PARETO_METHODS,
     config: SearchConfig | None = None,
     table: CandidateTable | None = None,
+    workers: int = 1,
     progress: bool = True,
     **overrides: Any,
 ) -> ParetoFront:
@@ -236,7 +256,8 @@ def search_pareto(
     ``config``/``overrides`` as :class:`SearchConfig`; without candidates the default ones are crossed
     with input activation bits (2, 3, 4, 8). Raises :class:`ConfigError` for an unknown method or mixed
     budget kinds. Cost: one adversarial calibration, one candidate table, one scoring per method, one
-    knapsack per (method, budget), one robust evaluation per distinct policy (the dominant cost).
+    knapsack per (method, budget), one robust evaluation per distinct policy (the dominant cost; spread
+    over ``workers`` forked processes, with the same results).
 
     >>> import torch
     >>> from aq_brevitas import LayerSpec, build_model
@@ -251,6 +272,7 @@ def search_pareto(
     ['lipschitz', 'uniform']
     """
     cfg = _sweep_config(methods, config, overrides)
+    check_workers(workers)
     t0, seconds = time.perf_counter(), {}
     with normalized_inputs(model, cfg.normalization), eval_mode(model):
         (x, y), val = _sweep_data(model, calib_data, val_data, cfg.val_images)
@@ -267,11 +289,9 @@ def search_pareto(
         chosen = _choose(model, table, cache, budgets_, methods, cfg, (x, y), calib, progress)
         seconds["selection"] = time.perf_counter() - t0 - seconds["calibration"] - seconds["table"]
         measure = _Measure(model, x, val, cfg)
+        measure.prefetch([None, *(specs for _, _, specs in chosen)], workers, progress)
         float_clean, float_robust = measure(None)
-        points = [
-            _point(measure, table, method, budget, specs)
-            for method, budget, specs in progress_bar(chosen, desc="pareto points", disable=not progress)
-        ]
+        points = [_point(measure, table, method, budget, specs) for method, budget, specs in chosen]
         seconds["measure"] = time.perf_counter() - t0 - sum(seconds.values())
     kind = budgets_[0].kind
     return ParetoFront(
