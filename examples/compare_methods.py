@@ -25,7 +25,7 @@ args = parser.parse_args()
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")  # Brevitas import
-n_calib, n_val, n_test = (64, 100, 200) if args.fast else (256, 500, 2000)
+n_calib, n_val, n_test = (64, 50, 100) if args.fast else (256, 500, 2000)
 if args.fast:
     candidates = [aq.LayerSpec(b, s, "per_channel") for b in (2, 3, 4, 8) for s in ("max", "mse")]
 else:

@@ -14,7 +14,7 @@ parser.add_argument("--fast", action="store_true", help="tiny subsets, for tests
 args = parser.parse_args()
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
-n_calib, n_val, n_train, n_test = (64, 100, 256, 200) if args.fast else (256, 500, 4096, 2000)
+n_calib, n_val, n_train, n_test = (64, 50, 256, 100) if args.fast else (256, 500, 4096, 2000)
 
 model, meta = aq.load_float_model("cnn-pgd")
 val_x, val_y = aq.load_split("val", seed=0)
@@ -48,6 +48,7 @@ report = aq.evaluate_robustness(
     gradient_free_images=50,
     square_queries=100,
     large_eps_images=50,
+    suite_steps=25 if args.fast else 100,  # APGD iterations of the attack suite
     progress=False,
 )
 print(report.to_markdown())

@@ -271,7 +271,7 @@ def test_evaluate_robustness_on_prepared_fx_and_pt2e(cnn, fmnist_val_512):
         model.apply(freeze)
         report = evaluate_robustness(
             model, (x, y), eps=0.1, attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False,
-            large_eps_images=8, progress=False,
+            large_eps_images=8, suite_steps=5, suite_queries=20, progress=False,  # plumbing: few iterations
         )  # fmt: skip
         assert report.images == 48 and report.clean_accuracy == pytest.approx(accuracy(model, x, y))
         assert report.accuracy("pgd", 0.1) < report.clean_accuracy

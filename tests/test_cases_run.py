@@ -35,6 +35,7 @@ TINY = RunConfig(
     test_images=8,
     pgd_steps=1,
     eval_eps=(0.1,),
+    target="generic",  # these tests are about the data; FINN's steps run in test_pipeline and test_demo
 )
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -98,12 +98,16 @@ def test_score_and_quantize_end_to_end(tmp_path):
         "--model",
         str(tmp_path / "q.pt"),
         "--images",
-        "100",
+        "50",
         "--pgd-steps",
         "3",
         "--eps",
         "0.1",
         "--no-gradient-free",
+        "--suite-steps",  # plumbing: a short suite
+        "10",
+        "--suite-queries",
+        "20",
     )
     assert res.returncode == 0, res.stderr
     assert "pgd" in res.stdout.lower()
@@ -117,7 +121,7 @@ def test_zoo_listing():
 def test_search_cli_writes_policy_and_chart(tmp_path):
     res = run_cli(
         "search", "--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8",
-        "--scalings", "max", "--granularities", "per_channel", "--calib-images", "64", "--val-images", "100",
+        "--scalings", "max", "--granularities", "per_channel", "--calib-images", "64", "--val-images", "50",
         "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png"),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -133,7 +137,7 @@ def test_search_cli_writes_policy_and_chart(tmp_path):
 
 
 SMALL_SEARCH = ("--model", "cnn-pgd", "--budget", "avg-bits=4", "--bits", "2", "4", "8", "--scalings", "max",
-                "--granularities", "per_channel", "--calib-images", "64", "--val-images", "100")  # fmt: skip
+                "--granularities", "per_channel", "--calib-images", "64", "--val-images", "50")  # fmt: skip
 
 
 def test_search_compare_prints_every_method_with_its_bound():
@@ -155,7 +159,7 @@ def test_validate_metric_cli_writes_report_and_scatter(tmp_path):
     assert "Spearman ρ(whole-network bound B(p), robust error)" in res.stdout
     report = json.loads((tmp_path / "vm.json").read_text())
     assert (tmp_path / "vm.png").stat().st_size > 1000
-    assert len(report["policies"]) == 4 and report["images"] == 100 and report["pgd_steps"] == 2
+    assert len(report["policies"]) == 4 and report["images"] == 50 and report["pgd_steps"] == 2
     assert -1 <= report["rho"] <= 1 and 0 <= report["p_value"] <= 1
     assert f"{report['rho']:+.3f}" in res.stdout  # the printed ρ is the saved one
 

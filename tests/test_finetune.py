@@ -53,7 +53,7 @@ def _pgd10_correct(model, x, y):
     """Per image, whether ``model`` still classifies PGD-10 (eps 0.1) adversarial examples correctly:
     what :func:`attack_accuracy` counts, kept per image for a paired comparison."""
     from aq_brevitas.attacks import make_attack
-    from aq_brevitas.nnutils import eval_mode, frozen_quant_weights
+    from aq_brevitas.forward import eval_mode, frozen_quant_weights
 
     with eval_mode(model), frozen_quant_weights(model):
         atk = make_attack("pgd", model, eps=0.1, steps=10, seed=0)
