@@ -43,7 +43,11 @@ class NodeCost:
     @classmethod
     def from_row(cls, row: Mapping[str, Any], layer: str = "") -> NodeCost:
         """From a qonnx ``node_cost`` row (its ``total_*`` keys)."""
-        figures = {f.name: float(row.get(f"total_{f.name}", 0.0)) for f in dataclasses.fields(cls) if f.name != "layer"}
+        figures = {
+            f.name: float(row.get(f"total_{f.name}", 0.0))
+            for f in dataclasses.fields(cls)
+            if f.name != "layer"
+        }
         return cls(**figures, layer=layer)
 
     def plus(self, other: NodeCost) -> NodeCost:

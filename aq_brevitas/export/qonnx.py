@@ -114,9 +114,7 @@ def _read_back(mw: Any, model: nn.Module) -> tuple[GraphMap, CostReport | None]:
         cost = qonnx_cost(mw, graph)
     except Exception as exc:  # the boundary: qonnx's analysis of a graph that computes what the model does
         problems.append(failure_note("qonnx inference_cost", exc))
-    uncosted = [
-        f"{n} ({gl.node})" for n, gl in graph.layers.items() if cost and gl.node not in cost.layers
-    ]
+    uncosted = [f"{n} ({gl.node})" for n, gl in graph.layers.items() if cost and gl.node not in cost.layers]
     if uncosted:
         problems.append(f"no inference_cost row for layer(s) {', '.join(uncosted)}")
     graph.problem = "; ".join(problems)

@@ -22,7 +22,14 @@ from __future__ import annotations
 from .checkpoint import QuantizedSidecar, load_quantized, save_quantized
 from .convert import apply_policy, brevitas_layer, quantize, shared_weight_layers
 from .placement import PLACEMENTS, ActQuantSite, input_quantizer, place_act_quant
-from .readback import LayerChange, act_placement_of, changes_table, input_signedness, layer_changes, read_policy
+from .readback import (
+    LayerChange,
+    act_placement_of,
+    changes_table,
+    input_signedness,
+    layer_changes,
+    read_policy,
+)
 
 __all__ = [
     "ActQuantSite",

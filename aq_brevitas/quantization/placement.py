@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..nnutils import LeafTracer
+from ..nnutils import LeafTracer, trace_with
 from .injectors import act_quant_for
 
 PLACEMENTS = ("producer", "input")
@@ -124,12 +124,10 @@ def trace_for_placement(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     from brevitas.graph.standardize import DuplicateSharedStatelessModule, TorchFunctionalToModule
 
     try:
-        tracer = _PlacementTracer()
-        graph = tracer.trace(model)
+        gm = trace_with(_PlacementTracer(), model, type(model).__name__)  # nothing left on model
     except Exception as exc:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError...)
         first = (str(exc).strip().splitlines() or [""])[0]
         return None, f"{type(exc).__name__}: {first}"
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm = TorchFunctionalToModule(fn_to_module_map=_RELU_FUNCTIONS).apply(gm)
     gm = DuplicateSharedStatelessModule().apply(gm)
     gm.training = model.training  # the root's own flag only: submodules keep theirs
@@ -329,6 +327,12 @@ def input_quantizers(model: nn.Module, layers: Iterable[str]) -> dict[str, tuple
             traced = (gm, nodes)
         gm, nodes = traced
         producer = producer_of(gm, nodes[layer]) if gm is not None and layer in nodes else None
-        found = gm.get_submodule(producer.target) if producer is not None and producer.op == "call_module" else None
-        out[layer] = (str(producer.target), found.act_quant) if isinstance(found, QuantNonLinearActLayer) else None
+        found = (
+            gm.get_submodule(producer.target)
+            if producer is not None and producer.op == "call_module"
+            else None
+        )
+        out[layer] = (
+            (str(producer.target), found.act_quant) if isinstance(found, QuantNonLinearActLayer) else None
+        )
     return out

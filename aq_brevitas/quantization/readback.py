@@ -56,6 +56,19 @@ def _injector_value(injector: Any, name: str) -> Any:
         return None
 
 
+def quantizer_bit_width(proxy: Any) -> int:
+    """A Brevitas quantizer proxy's bit width, read from its bit-width module where it has one
+    (``msb_clamp_bit_width_impl``, a binary quantizer's ``bit_width``): that runs no quantization, so
+    an MSE weight quantizer not yet initialised (a fresh ``deepcopy``) is read without its search,
+    which would recurse; else ``proxy.bit_width()``."""
+    tensor_quant = getattr(proxy, "tensor_quant", None)
+    for name in ("msb_clamp_bit_width_impl", "bit_width"):
+        impl = getattr(tensor_quant, name, None)
+        if isinstance(impl, nn.Module):
+            return int(impl())
+    return int(proxy.bit_width())
+
+
 def _weight_proxy(layer: nn.Module) -> Any:
     proxy = getattr(layer, "weight_quant", None)
     return proxy if getattr(proxy, "is_quant_enabled", False) else None
@@ -81,7 +94,7 @@ def weight_spec(name: str, layer: nn.Module) -> tuple[int, str, str] | None:
     proxy = _weight_proxy(layer)
     if proxy is None:
         return None
-    bits = int(proxy.bit_width())
+    bits = quantizer_bit_width(proxy)
     if bits not in WEIGHT_BITS:
         raise PolicyError(
             f"layer {name} quantizes its weights at {bits} bits, outside the {WEIGHT_BITS.start}..{WEIGHT_BITS.stop - 1} "
@@ -97,7 +110,7 @@ def weight_spec(name: str, layer: nn.Module) -> tuple[int, str, str] | None:
 
 
 def _act_bits(name: str, proxy: Any) -> int:
-    bits = int(proxy.bit_width())
+    bits = quantizer_bit_width(proxy)
     if bits not in ACT_BITS:
         raise PolicyError(
             f"layer {name} reads {bits}-bit activations, outside the {ACT_BITS.start}..{ACT_BITS.stop - 1} a LayerSpec holds",
@@ -143,7 +156,7 @@ def _act_description(proxy: Any, consumers: list[str]) -> str:
 
     po2 = _injector_value(proxy.quant_injector, "restrict_scaling_type") == RestrictValueType.POWER_OF_TWO
     sign = "int" if proxy.is_signed else "uint"
-    return f"a{int(proxy.bit_width())} {sign}{' po2' if po2 else ''} (input of {', '.join(consumers)})"
+    return f"a{quantizer_bit_width(proxy)} {sign}{' po2' if po2 else ''} (input of {', '.join(consumers)})"
 
 
 def _describe_layers(model: nn.Module) -> dict[str, str]:
@@ -151,7 +164,9 @@ def _describe_layers(model: nn.Module) -> dict[str, str]:
     layers = quantizable_layers(model)
     policy = read_policy(model)
     out = {
-        n: f"{type(m).__name__} {policy.layers[n].short()}" if n in policy.layers else f"{type(m).__name__} float"
+        n: f"{type(m).__name__} {policy.layers[n].short()}"
+        if n in policy.layers
+        else f"{type(m).__name__} float"
         for n, m in layers.items()
     }
     sites: dict[str, tuple[Any, list[str]]] = {}
