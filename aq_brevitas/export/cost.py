@@ -168,9 +168,10 @@ def check_weight_memory(
         table[name] = {"graph": graph_bits, source: expected[name]}
         if graph_bits != expected[name]:
             raise ModelError(
-                f"layer {name}: the exported graph stores {graph_bits} weight bits, the {source} predicts "
-                f"{expected[name]}",
-                "a quantizer did not export at its bit width: this is an aq-brevitas bug, please report it",
+                f"layer {name}: the exported graph stores {graph_bits} weight bits, the model's {source} "
+                f"predict {expected[name]}",
+                "pass the model the file was exported from (re-export a model re-bitted since); if it is, a "
+                "quantizer did not export at its bit width: an aq-brevitas bug, please report it",
             )
     return table
 
@@ -193,8 +194,8 @@ def unexplained_weight_bits(cost: CostReport, graph: GraphMap, expected: dict[st
     if int(graph_total) == total:
         return ""
     return (
-        f"the graph stores {int(graph_total)} weight bits in total (one copy per layer), the {source} "
-        f"predicts {total}"
+        f"the graph stores {int(graph_total)} weight bits in total (one copy per layer), the model's "
+        f"{source} predict {total}"
     )
 
 

@@ -80,8 +80,6 @@ def export_qonnx(
         onnx_check(mw.model)
         atomic_write_with(path, lambda tmp: mw.save(str(tmp)))
     warn_read_back("QONNX", path, graph.problem)
-    if cost is not None:
-        cost.weight_bits, cost.expected_from = table, source
     return ExportResult.from_graph(
         path, "qonnx", graph, model, parity, opset=opset, weight_bits=table, expected_from=source, cost=cost
     )
@@ -91,12 +89,14 @@ def _weight_memory(
     cost: CostReport | None, graph: GraphMap, model: nn.Module, x: torch.Tensor
 ) -> tuple[dict[str, Any], str]:
     """Per-layer weight memory of the graph checked against the predicted cost (raises
-    :class:`ModelError` on a mismatch); nothing when the graph could not be read back or costed."""
+    :class:`ModelError` on a mismatch; the table goes into ``cost`` too); nothing when the graph could
+    not be read back or costed."""
     if cost is None or graph.problem:
         return {}, ""
     expected, source = expected_weight_bits(model, x)
     table = check_weight_memory(cost, graph, expected, source)
     graph.problem = unexplained_weight_bits(cost, graph, expected, source)
+    cost.weight_bits, cost.expected_from = table, source
     return table, source
 
 
