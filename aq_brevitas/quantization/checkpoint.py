@@ -86,7 +86,10 @@ class QuantizedSidecar:
         try:
             policy = LayerwisePolicy.from_dict(d["policy"])
         except PolicyError as exc:
-            raise CheckpointError(f"{where}: its policy is malformed ({exc.problem})", exc.fix) from None
+            raise CheckpointError(
+                f"{where}: its policy is malformed ({exc.problem})",
+                "re-create the checkpoint with `aq-brevitas quantize` or aq_brevitas.save_quantized",
+            ) from None
         return cls(
             policy=policy,
             input_signed={str(k): bool(v) for k, v in dict(d.get("input_signed", {})).items()},
