@@ -258,13 +258,24 @@ class LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def trace_with(tracer: fx.Tracer, model: nn.Module, class_name: str = "GraphModule") -> fx.GraphModule:
+    """``model`` traced by ``tracer`` into a GraphModule, leaving ``model`` as it was: fx parks the
+    tensor constants it meets on the traced root (``_tensor_constant0``...); they are moved off it.
+    Raises what tracing raises."""
+    own = set(vars(model))
+    try:
+        graph = tracer.trace(model)  # sets tracer.root
+        return fx.GraphModule(tracer.root, graph, class_name=class_name)
+    finally:
+        for name in set(vars(model)) - own:
+            delattr(model, name)
+
+
 def trace_leaves(model: nn.Module) -> fx.GraphModule | None:
     """``model`` as an fx graph with :class:`LeafTracer`, or None when symbolic tracing fails
     (data-dependent control flow...)."""
     try:
-        tracer = LeafTracer()
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph)
+        return trace_with(LeafTracer(), model)
     except Exception:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError...)
         return None
 

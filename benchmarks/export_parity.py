@@ -76,7 +76,7 @@ def main() -> dict:
                 "output_scale": res.output_scale, "allowed_diff": res.allowed_diff,
                 "torch_f32_vs_f64": _f64_gap(q, test),
                 "layer_bits": res.layer_bits, "act_bits": res.act_bits, "weight_bits_per_layer": res.weight_bits,
-                "exported_weight_bits": inference_cost(f"{tmp}/m.onnx", q)["total"]["total_mem_w_bits"],
+                "exported_weight_bits": inference_cost(f"{tmp}/m.onnx", q).total.mem_w_bits,
                 "policy_weight_bits": policy.cost(q, test[:1]).weight_bits,
             })  # fmt: skip
         model = load_float_model("cnn-pgd")[0]

@@ -96,9 +96,9 @@ with tempfile.TemporaryDirectory() as d:
     print(f"QONNX parity: max |ONNX - PyTorch| = {res.max_abs_diff:.2g}; weight bits {res.layer_bits}")
     # Weight bits match the policy's cost exactly. qonnx's BOPs count the float (unquantized)
     # activations as 32 bits, the policy's BOP estimate counts them as 8, so those two differ.
-    total = aq.inference_cost(path)["total"]
-    print("inference cost:", {k: int(v) for k, v in total.items()})
-    print("weight bits: QONNX", int(total["total_mem_w_bits"]), "policy", cost.weight_bits)
+    total = aq.inference_cost(path).total
+    print("inference cost:", {k: int(v) for k, v in total.to_dict().items() if k != "layer"})
+    print("weight bits: QONNX", int(total.mem_w_bits), "policy", cost.weight_bits)
     # static checks only (fast); `aq-brevitas export --format finn` also runs FINN's own steps
     report = aq.finn_check(path, policy, model=qmodel, run_finn=False)
     print("FINN checks:", {c.name: c.passed for c in report})

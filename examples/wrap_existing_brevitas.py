@@ -26,6 +26,8 @@ warnings.filterwarnings("ignore", message="fast_hadamard_transform package not f
 warnings.filterwarnings("ignore", message="brevitas.fx is deprecated")
 import brevitas.nn as qnn  # noqa: E402  (after the filters: Brevitas warns at import time)
 
+from aq_brevitas.quantization.readback import layer_changes  # noqa: E402
+
 
 class MyBrevitasNet(nn.Module):
     """8-bit input, conv16-BN-ReLU-pool, conv32-BN-ReLU-pool, linear10; all weights 8 bits to start."""
@@ -93,7 +95,7 @@ print("kept:", result.winner, "cost:", result.cost.summary())
 
 # 3. Re-bit the existing Brevitas layers (only their weight quantizers change; weights are kept).
 qmodel = aq.apply_policy(model, policy)
-for change in qmodel.aq_changes:
+for change in layer_changes(model, qmodel):  # read from the two models' quantizers
     print(f"  {change.name:6s} {change.old} -> {change.new}")
 
 

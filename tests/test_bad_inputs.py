@@ -19,6 +19,7 @@ from aq_brevitas.cli import main
 from aq_brevitas.data import resolve_data_dir
 from aq_brevitas.errors import AqError
 from aq_brevitas.models import build_model, save_model
+from aq_brevitas.quantization.readback import layer_changes
 from aq_brevitas.storage import atomic_write_with
 from conftest import run_cli
 
@@ -479,9 +480,9 @@ def test_policy_missing_layers_warns_by_name_and_records_it():
     with pytest.warns(
         UserWarning, match=r"no spec and no default for layers conv1, conv2, fc2; they stay float"
     ):
-        q = aq.quantize(_model(), aq.LayerwisePolicy({"fc1": aq.LayerSpec(4)}))
-    record = {c.name: c.new for c in q.aq_changes}
-    assert record["fc1"].startswith("QuantLinear 4b") and record["conv1"] == "Conv2d float (not in policy)"
+        q = aq.quantize(model := _model(), aq.LayerwisePolicy({"fc1": aq.LayerSpec(4)}))
+    record = {c.name: c.new for c in layer_changes(model, q)}
+    assert record["fc1"].startswith("QuantLinear 4b") and record["conv1"] == "Conv2d float (kept float)"
     assert isinstance(q.conv1, nn.Conv2d) and not isinstance(q.conv1, qnn.QuantConv2d)
 
 

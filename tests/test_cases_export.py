@@ -24,7 +24,7 @@ from aq_brevitas.export import export_qcdq, export_qonnx, finn_check, inference_
 from aq_brevitas.export.graph import map_layers
 from aq_brevitas.nnutils import layer_geometry
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
-from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.quantization.convert import apply_policy, quantize
 from conftest import ConvBNDropNet
 
 torch.set_num_threads(1)
@@ -90,8 +90,10 @@ def test_bias_free_linear_and_conv1d_read_back_their_bits(fmt, tmp_path):
     if fmt == "qcdq":  # the shape that broke it: the weight's DequantizeLinear -> Transpose -> MatMul
         assert _op_chain(path, "DequantizeLinear", "Transpose", "MatMul")
     else:
-        assert all(r["graph"] == r["policy"] for r in res.weight_bits.values()) and len(res.weight_bits) == 3
-        assert inference_cost(path, q)["weight_bits"] == res.weight_bits
+        assert (
+            all(r["graph"] == r["quantizers"] for r in res.weight_bits.values()) and len(res.weight_bits) == 3
+        )
+        assert inference_cost(path, q).weight_bits == res.weight_bits
 
 
 def test_read_back_follows_reshape_squeeze_unsqueeze_identity(tmp_path):
@@ -179,13 +181,12 @@ def test_user_facing_failures_stay_errors(tmp_path, monkeypatch):
     export_qonnx(q, tmp_path / "ok.onnx", x[:1])
     with pytest.raises(ModelError, match="match no layer .* pass the model the file was exported from"):
         inference_cost(tmp_path / "ok.onnx", other)
-    # a stale policy: the graph's weight memory differs from the prediction, nothing written
-    q.aq_policy = LayerwisePolicy({"mix": LayerSpec(8)}, default=LayerSpec(4))
+    # the model re-bitted since the file was written: its quantizers predict other weight bits
+    rebit = apply_policy(q, LayerwisePolicy({"mix": LayerSpec(8)}))
     with pytest.raises(
-        ModelError, match="layer mix: the exported graph stores 216 weight bits, the policy pre"
+        ModelError, match="layer mix: the exported graph stores 216 weight bits, the model.s quantizers pre"
     ):
-        export_qonnx(q, tmp_path / "stale.onnx", x[:1])
-    assert not (tmp_path / "stale.onnx").exists()
+        inference_cost(tmp_path / "ok.onnx", rebit)
 
 
 # ---- (k, export side) every use of a weight is found in the graph --------------------------------
@@ -228,14 +229,12 @@ def test_reused_layer_shared_weight_and_float_parameter_are_all_read_back(fmt, t
     if fmt == "qonnx":
         # one stored copy per layer, each at its layer's bits; a's second call costs MACs, not memory
         assert res.weight_bits == {
-            "a": {"graph": 64 * 4, "policy": 64 * 4},
-            "tied": {"graph": 64 * 6, "policy": 64 * 6},
+            "a": {"graph": 64 * 4, "quantizers": 64 * 4},
+            "tied": {"graph": 64 * 6, "quantizers": 64 * 6},
         }
-        rows = list(res.cost["layers"].values())
-        assert [r.get("layer") for r in rows].count("a") == 2 and {"w (float)"} <= {
-            r.get("layer") for r in rows
-        }
-        assert sum(r["total_macs"] for r in rows if r.get("layer") == "a") == 2 * 64
+        rows = list(res.cost.layers.values())
+        assert [r.layer for r in rows].count("a") == 2 and {"w (float)"} <= {r.layer for r in rows}
+        assert sum(r.macs for r in rows if r.layer == "a") == 2 * 64
 
 
 # ---- (a) ConvTranspose cost ------------------------------------------------------------------------
@@ -278,16 +277,16 @@ def test_convtranspose_exports_to_qonnx_with_its_macs(groups, tmp_path):
     path = tmp_path / "up.onnx"
     res = export_qonnx(q, path, x[:1], images=x[1:3])
     assert res.layer_bits == {"enc": 4, "up": 4, "fc": 4} and res.act_bits["up"] == 8
-    row = next(r for r in res.cost["layers"].values() if r.get("layer") == "up")
-    assert res.cost["aq_costed"] == ["ConvTranspose_0"]
+    row = next(r for r in res.cost.layers.values() if r.layer == "up")
+    assert res.cost.costed_here == ["ConvTranspose_0"]
     c_in, c_out, k = 4, 6, 2 * 2
     analytic = c_in // groups * c_out * k * (4 * 4)  # in_channels/groups x out_channels x K x input pixels
-    assert row["total_macs"] == analytic == _products(q.up, (4, 4, 4))
-    assert row["total_macs"] == layer_geometry(q, x[:1])["up"].macs  # the policy's cost counts the same
-    assert row["total_bops"] == analytic * 8 * 4  # 8-bit inputs x 4-bit weights
-    assert row["total_mem_w_bits"] == 4 * q.up.weight.numel()
-    assert res.weight_bits["up"] == {"graph": 4 * q.up.weight.numel(), "policy": 4 * q.up.weight.numel()}
-    assert res.cost["total"]["total_macs"] == sum(r["total_macs"] for r in res.cost["layers"].values())
+    assert row.macs == analytic == _products(q.up, (4, 4, 4))
+    assert row.macs == layer_geometry(q, x[:1])["up"].macs  # the policy's cost counts the same
+    assert row.bops == analytic * 8 * 4  # 8-bit inputs x 4-bit weights
+    assert row.mem_w_bits == 4 * q.up.weight.numel()
+    assert res.weight_bits["up"] == {"graph": 4 * q.up.weight.numel(), "quantizers": 4 * q.up.weight.numel()}
+    assert res.cost.total.macs == sum(r.macs for r in res.cost.layers.values())
     # FINN: no hardware layer in its default flow, said so with the way out
     checks = {c.name: c for c in finn_check(path, model=q)}
     assert not checks["supported_op_types"].passed
@@ -301,10 +300,10 @@ def test_convtranspose_with_padding_counts_every_scattered_product(tmp_path):
     x = torch.rand(8, 1, 8, 8)
     q = quantize(UpNet(padding=1).eval(), LayerwisePolicy(default=LayerSpec(4)), calibration_data=x).eval()
     res = export_qonnx(q, tmp_path / "p.onnx", x[:1])
-    row = next(r for r in res.cost["layers"].values() if r.get("layer") == "up")
-    assert row["total_macs"] == 4 * 6 * 4 * 4 * (4 * 4) == layer_geometry(q, x[:1])["up"].macs
-    assert row["total_macs"] == _products(q.up, (4, 4, 4))  # the scatter computes every product
-    assert _products(q.up, (4, 4, 4), padding=1) < row["total_macs"]  # some land on cropped positions
+    row = next(r for r in res.cost.layers.values() if r.layer == "up")
+    assert row.macs == 4 * 6 * 4 * 4 * (4 * 4) == layer_geometry(q, x[:1])["up"].macs
+    assert row.macs == _products(q.up, (4, 4, 4))  # the scatter computes every product
+    assert _products(q.up, (4, 4, 4), padding=1) < row.macs  # some land on cropped positions
 
 
 def test_convtranspose_per_output_channel_exports_to_both_formats(tmp_path):

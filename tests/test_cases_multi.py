@@ -27,6 +27,7 @@ from aq_brevitas.nnutils import shared_weights
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.quantization.calibrate import calibrate
 from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.quantization.readback import input_signedness
 
 torch.set_num_threads(1)
 
@@ -88,7 +89,7 @@ def test_a_two_input_model_is_calibrated_on_its_input_tuples_and_stays_close_to_
     image, side = _data()
     q = quantize(model, EIGHT_BITS, calibration_data=_forms(image, side)[form])
     # the sign of each input decides its layer's quantizer: images >= 0, the side vector signed
-    assert q.aq_input_signed == {"conv": False, "side": True, "head": True}
+    assert input_signedness(q) == {"conv": False, "side": True, "head": True}
     with torch.no_grad():
         assert _rel_error(q(image, side), model(image, side)) < 0.02
 

@@ -32,6 +32,7 @@ from aq_brevitas.quantization.convert import (
     shared_weight_layers,
 )
 from aq_brevitas.quantization.placement import input_quantizer
+from aq_brevitas.quantization.readback import input_signedness, layer_changes
 from aq_brevitas.search.candidates import candidate_table, quantized_weight
 
 pytestmark = pytest.mark.filterwarnings(f"ignore:{FX_DEPRECATION_MESSAGE}:DeprecationWarning")
@@ -115,7 +116,9 @@ def test_quantize_and_search_table_take_a_grouped_transposed_conv():
     q = quantize(model, LayerwisePolicy(default=LayerSpec(4, act_bit_width=8)), calibration_data=x)
     assert isinstance(q.up, GroupedQuantConvTranspose2d) and isinstance(q.up, qnn.QuantConvTranspose2d)
     assert q(x).shape == (4, 3)
-    assert [c.new for c in q.aq_changes][1] == "GroupedQuantConvTranspose2d 4b max pc a8"
+    assert {c.name: c.new for c in layer_changes(model, q)}[
+        "up"
+    ] == "GroupedQuantConvTranspose2d 4b max pc a8"
     ref = _per_output_channel(model.up.weight.detach(), 2).abs().amax(1) / 7
     assert torch.allclose(_per_output_channel(q.up.quant_weight().scale.detach(), 2)[:, 0], ref)
     table = candidate_table(model, x, [LayerSpec(4), LayerSpec(4, granularity="per_tensor")])
@@ -317,7 +320,9 @@ def test_apply_policy_rebits_a_brevitas_model_fed_quant_tensors():
         assert int(input_quantizer(q, name).bit_width()) == spec.act_bit_width
         assert layer.weight is not model.get_submodule(name).weight
         assert torch.equal(layer.weight, model.get_submodule(name).weight)  # float weights kept
-    assert q.aq_input_signed == {"features.0.0": True, "features.1.0": False, "head": False}
+    # what the quantizers are: the model's own QuantReLUs are re-bitted, keeping their signed Int8 quantizers
+    # (calibration saw non-negative inputs there, but no quantizer was replaced to make them unsigned)
+    assert input_signedness(q) == {"features.0.0": True, "features.1.0": True, "head": True}
     assert torch.equal(model(x), before)  # the user's model is untouched
 
 

@@ -12,6 +12,7 @@ from aq_brevitas.policy import GRANULARITIES, SCALINGS, LayerSpec, LayerwisePoli
 from aq_brevitas.quantization.checkpoint import load_quantized, save_quantized
 from aq_brevitas.quantization.convert import apply_policy, quantize
 from aq_brevitas.quantization.placement import input_quantizer
+from aq_brevitas.quantization.readback import layer_changes, read_policy
 
 
 class Tiny(nn.Module):
@@ -89,8 +90,9 @@ def test_original_model_is_untouched_unless_inplace():
     model = Tiny()
     q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
     assert isinstance(model.conv, nn.Conv2d) and not isinstance(model.conv, qnn.QuantConv2d)
-    assert [c.name for c in q.aq_changes] == ["conv", "head.fc"]
-    assert q.aq_changes[0].old == "Conv2d float" and q.aq_changes[0].new.startswith("QuantConv2d 4b")
+    changes = layer_changes(model, q)
+    assert [c.name for c in changes] == ["conv", "head.fc"]
+    assert changes[0].old == "Conv2d float" and changes[0].new.startswith("QuantConv2d 4b")
     same = quantize(model, LayerwisePolicy(default=LayerSpec(4)), inplace=True)
     assert same is model and isinstance(model.conv, qnn.QuantConv2d)
 
@@ -159,7 +161,10 @@ def test_apply_policy_rebits_an_existing_brevitas_model():
     assert int(q.conv.quant_weight().bit_width) == 3 and int(q.fc.quant_weight().bit_width) == 2
     assert int(net.conv.quant_weight().bit_width) == 8  # original untouched
     assert torch.equal(q.conv.weight, w_before)
-    assert q.aq_changes[0].old == "QuantConv2d 8b"
+    assert (
+        layer_changes(net, q)[0].old == "QuantConv2d 8b max pt a8"
+        and layer_changes(net, q)[0].new == "QuantConv2d 3b mse pc a8"
+    )
     assert q(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(PolicyError, match="plain Conv2d"):
         apply_policy(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4)))
@@ -285,8 +290,11 @@ def test_a_result_carrying_a_policy_quantizes_like_the_policy():
     policy = LayerwisePolicy(default=LayerSpec(4))
     direct = quantize(model, policy)
     carried = quantize(model, SimpleNamespace(policy=policy))
-    assert carried.aq_policy is policy and [c.new for c in carried.aq_changes] == [
-        c.new for c in direct.aq_changes
-    ]
+    assert (
+        read_policy(carried)
+        == read_policy(direct)
+        == LayerwisePolicy(policy.resolve(read_policy(direct).layers))
+    )
+    assert layer_changes(model, carried) == layer_changes(model, direct)
     with pytest.raises(PolicyError, match="policy is a SimpleNamespace, not a LayerwisePolicy"):
         quantize(model, SimpleNamespace(policy={"fc1": 4}))

@@ -25,7 +25,7 @@ from aq_brevitas.models import build_model, load_float_model
 from aq_brevitas.nnutils import quantizable_layers
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.quantization.checkpoint import save_quantized
-from aq_brevitas.quantization.convert import quantize
+from aq_brevitas.quantization.convert import apply_policy, quantize
 from aq_brevitas.quantization.injectors import act_quant_for
 from aq_brevitas.quantization.placement import input_quantizer
 from conftest import run_cli
@@ -89,12 +89,12 @@ def test_qonnx_parity_widths_and_cost(which, tmp_path, fmnist_test_1k):
     onnx.checker.check_model(graph)
     assert sum(n.op_type == "BipolarQuant" for n in graph.graph.node) == len(res.bipolar_layers)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no .onnx.data side files, no temp files
-    assert res.expected_from == "policy" and list(res.weight_bits) == list(policy.layers)
-    assert all(r["graph"] == r["policy"] for r in res.weight_bits.values())
+    assert res.expected_from == "quantizers" and list(res.weight_bits) == list(policy.layers)
+    assert all(r["graph"] == r["quantizers"] for r in res.weight_bits.values())
     cost = inference_cost(path, q)
-    assert cost["weight_bits"] == res.weight_bits
-    assert cost["total"]["total_mem_w_bits"] == policy.cost(q, x[:1]).weight_bits
-    assert {r["layer"] for r in cost["layers"].values() if "layer" in r} == set(policy.layers)
+    assert cost.weight_bits == res.weight_bits
+    assert cost.total.mem_w_bits == policy.cost(q, x[:1]).weight_bits
+    assert {r.layer for r in cost.layers.values() if r.layer} == set(policy.layers)
 
 
 def test_parity_tolerance_scales_with_logits_but_catches_a_real_mismatch(tmp_path, fmnist_test_1k):
@@ -120,15 +120,23 @@ def test_parity_tolerance_scales_with_logits_but_catches_a_real_mismatch(tmp_pat
         enforce_bound("QONNX", bad_diff, scale, DEFAULT_TOL)
 
 
-def test_weight_memory_must_equal_the_policy(tmp_path, fmnist_test_1k):
+def test_weight_memory_must_equal_what_the_quantizers_say(tmp_path, fmnist_test_1k):
     x = fmnist_test_1k[0][:16]
     model = load_float_model("cnn-pgd")[0]
     q = quantize(model, LayerwisePolicy(default=LayerSpec(4)), calibration_data=x).eval()
     export_qonnx(q, tmp_path / "ok.onnx", x[:1])
-    q.aq_policy = LayerwisePolicy({"conv2": LayerSpec(8)}, default=LayerSpec(4))  # stale policy
-    with pytest.raises(ModelError, match="layer conv2: the exported graph stores 18432 weight bits"):
-        export_qonnx(q, tmp_path / "stale.onnx", x[:1])
-    assert not (tmp_path / "stale.onnx").exists()
+    # re-bitted after quantize: its export is costed at the new bits, the old file no longer matches it
+    rebit = apply_policy(q, LayerwisePolicy({"conv2": LayerSpec(8)})).eval()
+    res = export_qonnx(rebit, tmp_path / "rebit.onnx", x[:1])
+    assert (
+        res.weight_bits["conv2"] == {"graph": 36864, "quantizers": 36864}
+        and res.policy["layers"]["conv2"]["weight_bit_width"] == 8
+    )
+    with pytest.raises(
+        ModelError,
+        match="layer conv2: the exported graph stores 18432 weight bits, the model.s quantizers predict 36864",
+    ):
+        inference_cost(tmp_path / "ok.onnx", rebit)
     other = quantize(build_model("small_cnn"), LayerwisePolicy(default=LayerSpec(4))).eval()
     with pytest.raises(ModelError, match="match no layer"):
         inference_cost(tmp_path / "ok.onnx", other)
@@ -154,7 +162,6 @@ def test_qcdq_guard_reads_the_quantizers(tmp_path, fmnist_test_1k):
     model, _ = load_float_model("cnn-pgd")
     x = fmnist_test_1k[0][:8]
     binary = quantize(model, LayerwisePolicy({"fc1": LayerSpec(1)}, default=LayerSpec(4))).eval()
-    del binary.aq_policy  # the guard must not depend on the policy
     with pytest.raises(ConfigError, match="1-bit quantizer fc1.weight_quant"):
         export_qcdq(binary, tmp_path / "b.onnx", x[:1])
     wide = quantize(model, LayerwisePolicy(default=LayerSpec(4, act_bit_width=8)), calibration_data=x).eval()

@@ -18,6 +18,7 @@ from torch import nn
 
 import aq_brevitas
 from aq_brevitas.errors import AqError, ConfigError, DataError, ModelError, PolicyError
+from aq_brevitas.nnutils import quantizable_layers
 from aq_brevitas.pipeline.config import STAGES, RunConfig
 from aq_brevitas.pipeline.job import RunResult, run
 from aq_brevitas.storage import load_checkpoint, save_checkpoint
@@ -126,10 +127,9 @@ def test_quantized_models_are_save_quantized_checkpoints(done_run):
     out, _ = done_run
     for stage in ("ptq", "finetuned"):
         q, meta = aq_brevitas.load_quantized(out / f"searched_{stage}.pt", float_model=_model())
-        assert (
-            meta["kind"] == "brevitas"
-            and q.aq_policy.layers == aq_brevitas.LayerwisePolicy.load(out / "policy.json").layers
-        )
+        assert meta["kind"] == "brevitas" and aq_brevitas.read_policy(
+            q
+        ).layers == aq_brevitas.LayerwisePolicy.load(out / "policy.json").resolve(quantizable_layers(q))
 
 
 def _without_times(value):

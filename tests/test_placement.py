@@ -16,6 +16,7 @@ from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.quantization.checkpoint import load_quantized, save_quantized
 from aq_brevitas.quantization.convert import apply_policy, quantize
 from aq_brevitas.quantization.placement import input_quantizer
+from aq_brevitas.quantization.readback import layer_changes
 
 torch.set_num_threads(1)
 W4A4 = LayerwisePolicy(default=LayerSpec(4, "max", "per_channel", act_bit_width=4))
@@ -42,7 +43,7 @@ def test_zoo_nets_get_quantrelu_after_every_relu_and_export_with_relu_then_quant
         q = quantize(model, W4A4, calibration_data=x, fold_bn=fold_bn).eval()
         assert isinstance(q, fx.GraphModule) and type(q).__name__ == type(model).__name__
         acts = [m for m in q.modules() if isinstance(m, qnn.QuantReLU)]
-        assert len(acts) == sum(1 for c in q.aq_changes if "QuantReLU" in c.new) >= 3
+        assert len(acts) == sum(1 for c in layer_changes(model, q) if "QuantReLU" in c.new) >= 3
         assert all(int(a.act_quant.bit_width()) == 4 and not a.act_quant.is_signed for a in acts)
         with torch.no_grad():
             f, g = model(x), q(x)
@@ -139,7 +140,10 @@ def test_producer_placed_model_round_trips_through_a_checkpoint(tmp_path, fmnist
     q = quantize(model, W4A4, calibration_data=x).eval()
     save_quantized(q, tmp_path / "q.pt", meta={"arch": "small_cnn"})
     back, meta = load_quantized(tmp_path / "q.pt")
-    assert meta["act_placement"] == "producer"
+    assert (
+        set(meta["act_placement"].values()) <= {"producer", "input"}
+        and "producer" in meta["act_placement"].values()
+    )
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
 

@@ -199,7 +199,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..models import load_float_model
     from ..policy import LayerwisePolicy
     from ..quantization.checkpoint import save_quantized
-    from ..quantization.convert import changes_table, quantize
+    from ..quantization.convert import quantize
+    from ..quantization.readback import changes_table, layer_changes
 
     model, meta = load_float_model(args.model)
     policy = LayerwisePolicy.load(args.policy)
@@ -216,7 +217,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "calibration_images": n or 0,
     }
     save_quantized(q, args.out, record)
-    print(changes_table(q.aq_changes))
+    print(changes_table(layer_changes(model, q)))
     print(f"wrote {args.out}")
     return 0
 

@@ -22,7 +22,7 @@ docs/concepts.md ("Where a newcomer adds...") and docs/export.md.
 
 from __future__ import annotations
 
-from .cost import cost_table, expected_weight_bits, inference_cost
+from .cost import CostReport, NodeCost, cost_table, expected_weight_bits, inference_cost
 from .exporter import ADAPTIVE_POOLS
 from .finn import FinnReport, finn_check
 from .finn_build import FinnEstimates, FinnRun, FinnStep, finn_available
@@ -43,6 +43,7 @@ __all__ = [
     "MAX_FLIP_FRACTION",
     "ORT_DISABLED_OPTIMIZERS",
     "WEIGHT_OPS",
+    "CostReport",
     "ExportResult",
     "FinnCheck",
     "FinnEstimates",
@@ -50,6 +51,7 @@ __all__ = [
     "FinnRun",
     "FinnStep",
     "GraphLayer",
+    "NodeCost",
     "cost_table",
     "expected_weight_bits",
     "export_qcdq",

@@ -182,8 +182,8 @@ def finn_check(
     Conv/MatMul/Gemm data input comes from a Quant/BipolarQuant, through MaxPool/Flatten/Reshape/
     Transpose only; every Relu/Selu feeds a Quant directly (FINN folds only adjacent Relu+Quant into a
     MultiThreshold); no float op stranded between a matrix layer and the next Quant; and each layer whose
-    spec asks for ``po2`` has power-of-two weight scales (needs ``model``; its ``aq_policy`` is used when
-    ``policy`` is not given). Failures name the nodes and, with ``model``, the layers.
+    spec asks for ``po2`` has power-of-two weight scales (needs ``model``; without ``policy``, the policy
+    its quantizers say it runs, :func:`~aq_brevitas.quantization.readback.read_policy`). Failures name the nodes and, with ``model``, the layers.
 
     FINN (``run_finn=None``: when finn-plus is importable; ``True`` requires it): finn-plus's builder
     steps through ``step_generate_estimate_reports`` in this process (:func:`.finn_build.run_finn_steps`)
@@ -210,9 +210,7 @@ def finn_check(
         layer_of = {gl.node: n for n, gl in map_layers(mw.model, model, "qonnx").layers.items()}
     g = FinnGraph(mw, layer_of)
     checks = [op_type_check(mw), *quant_node_checks(g), input_check(g), *dataflow_checks(g)]
-    policy = policy if policy is not None else getattr(model, "aq_policy", None)
-    if policy is not None:
-        checks.append(po2_check(mw, policy, model))
+    checks += _po2_checks(mw, policy, model)
     report = FinnReport(str(path), checks)
     if run_finn is False:
         report.finn_skipped = "not asked for (run_finn=False)"
@@ -227,6 +225,15 @@ def finn_check(
         x = _finn_input(mw, inputs)
         report.finn = run_finn_steps(path, x, target_fps=target_fps, fpga_part=fpga_part, progress=progress)
     return report
+
+
+def _po2_checks(mw: Any, policy: Any, model: nn.Module | None) -> list[Any]:
+    """The po2 check of ``policy``, or of the policy ``model``'s quantizers say it runs; none without either."""
+    if policy is None and model is not None:
+        from ..quantization.readback import read_policy
+
+        policy = read_policy(model)
+    return [po2_check(mw, policy, model)] if policy is not None else []
 
 
 def _finn_input(mw: Any, inputs: Any) -> np.ndarray:

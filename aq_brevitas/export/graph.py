@@ -189,8 +189,10 @@ def _matching(pool: dict[str, np.ndarray], cands: list[np.ndarray]) -> list[str]
 
 def quantizer_bits(layer: nn.Module) -> int:
     """The bit width of a layer's enabled weight quantizer; 32 for a float weight."""
+    from ..quantization.readback import quantizer_bit_width
+
     quant = getattr(layer, "weight_quant", None)
-    return int(quant.bit_width()) if quant is not None and quant.is_quant_enabled else 32
+    return quantizer_bit_width(quant) if quant is not None and quant.is_quant_enabled else 32
 
 
 def _outside_weights(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, np.ndarray]:

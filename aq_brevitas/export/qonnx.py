@@ -11,7 +11,7 @@ from torch import nn
 
 from ..forward import eval_mode
 from ..storage import atomic_write_with
-from .cost import check_weight_memory, expected_weight_bits, qonnx_cost, unexplained_weight_bits
+from .cost import CostReport, check_weight_memory, expected_weight_bits, qonnx_cost, unexplained_weight_bits
 from .exporter import check_example_input, check_model, onnx_check, run_exporter, scratch_dir
 from .flips import flip_aware_parity
 from .graph import GraphMap, failure_note, map_layers
@@ -43,7 +43,8 @@ def export_qonnx(
     most ``MAX_FLIP_FRACTION`` of a node's elements) and the output meets the bound once those flips
     get PyTorch's codes (``boundary_flips``, ``flip_detail``, ``diff_without_flips``). The weight and
     input bit widths of every layer are read back from the graph, and the weight memory qonnx's
-    ``inference_cost`` finds must equal the policy's predicted cost exactly (``weight_bits``, ``cost``).
+    ``inference_cost`` finds must equal what the model's weight quantizers predict exactly
+    (``weight_bits``, ``cost``: a :class:`~aq_brevitas.export.cost.CostReport`).
 
     Raises :class:`ModelError` (and writes nothing) when torch's ONNX exporter fails (one line naming
     the op and where it is called), when the parity check fails, or when the graph's weight memory
@@ -85,19 +86,21 @@ def export_qonnx(
 
 
 def _weight_memory(
-    cost: dict[str, Any] | None, graph: GraphMap, model: nn.Module, x: torch.Tensor
+    cost: CostReport | None, graph: GraphMap, model: nn.Module, x: torch.Tensor
 ) -> tuple[dict[str, Any], str]:
     """Per-layer weight memory of the graph checked against the predicted cost (raises
-    :class:`ModelError` on a mismatch); nothing when the graph could not be read back or costed."""
+    :class:`ModelError` on a mismatch; the table goes into ``cost`` too); nothing when the graph could
+    not be read back or costed."""
     if cost is None or graph.problem:
         return {}, ""
     expected, source = expected_weight_bits(model, x)
     table = check_weight_memory(cost, graph, expected, source)
     graph.problem = unexplained_weight_bits(cost, graph, expected, source)
+    cost.weight_bits, cost.expected_from = table, source
     return table, source
 
 
-def _read_back(mw: Any, model: nn.Module) -> tuple[GraphMap, dict[str, Any] | None]:
+def _read_back(mw: Any, model: nn.Module) -> tuple[GraphMap, CostReport | None]:
     """The graph mapped to the model's layers, and its inference cost; what failed is in ``problem``.
 
     ``problem`` is ``""`` when every layer was found and has a cost row; otherwise it says what was
@@ -111,9 +114,7 @@ def _read_back(mw: Any, model: nn.Module) -> tuple[GraphMap, dict[str, Any] | No
         cost = qonnx_cost(mw, graph)
     except Exception as exc:  # the boundary: qonnx's analysis of a graph that computes what the model does
         problems.append(failure_note("qonnx inference_cost", exc))
-    uncosted = [
-        f"{n} ({gl.node})" for n, gl in graph.layers.items() if cost and gl.node not in cost["layers"]
-    ]
+    uncosted = [f"{n} ({gl.node})" for n, gl in graph.layers.items() if cost and gl.node not in cost.layers]
     if uncosted:
         problems.append(f"no inference_cost row for layer(s) {', '.join(uncosted)}")
     graph.problem = "; ".join(problems)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
+    from .cost import CostReport
     from .graph import GraphLayer, GraphMap
     from .parity import ParityOutcome
 
@@ -26,15 +27,15 @@ class ExportResult:
     images_checked: int
     layer_bits: dict[str, int] = field(default_factory=dict)  # weight bits per layer found in the graph
     bipolar_layers: list[str] = field(default_factory=list)
-    policy: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None  # the policy the model's quantizers say it runs (read_policy)
     opset: int = 13
     ort_basic_diff: float | None = None  # QCDQ only: the same check with every BASIC rewrite enabled
     act_bits: dict[str, int] = field(default_factory=dict)  # input-quantizer bits per layer in the graph
     output_scale: float = math.nan  # max |PyTorch output| over the checked images
     allowed_diff: float = math.nan  # tol * max(1, output_scale): the parity bound that was enforced
     weight_bits: dict[str, dict[str, int]] = field(default_factory=dict)  # per layer: graph vs expected
-    expected_from: str = ""  # "policy" or "quantizers": where the expected weight bits came from
-    cost: dict[str, Any] | None = None  # QONNX only: inference_cost of the written graph
+    expected_from: str = ""  # "quantizers": where the expected weight bits came from
+    cost: CostReport | None = None  # QONNX only: inference_cost of the written graph
     # QONNX only: codes that ONNX and PyTorch round to neighbouring levels because the quantizer's
     # input sits within float32 noise of a rounding boundary, summed over the checked images, and
     # per "node (quantizer)". max_abs_diff includes their effect and may then exceed allowed_diff;
@@ -71,11 +72,11 @@ class ExportResult:
         ``graph`` is the written graph read back against ``model``: its layers' weight and input bits
         fill ``layer_bits``, ``bipolar_layers``, ``act_bits``, ``layer_calls``, ``float_weights``; when
         it has a ``problem`` (what the read-back could not map) those are left empty and
-        ``layer_table_available`` is False. The policy is the one :func:`aq_brevitas.quantize`
-        attached to ``model``, if any; ``parity`` gives the measured differences and flips;
+        ``layer_table_available`` is False. The policy is what ``model``'s quantizers say
+        (:func:`~aq_brevitas.quantization.readback.read_policy`; None where no LayerSpec holds them); ``parity`` gives the measured differences and flips;
         ``fields`` the format's own fields (``opset``, ``cost``, ...).
         """
-        policy = getattr(model, "aq_policy", None)
+        policy = _policy_of(model)
         layers: Mapping[str, GraphLayer] = {} if graph.problem else graph.layers
         found = {
             "layer_bits": {name: gl.weight_bits for name, gl in layers.items()},
@@ -83,7 +84,7 @@ class ExportResult:
             "act_bits": {name: gl.act_bits for name, gl in layers.items() if gl.act_bits is not None},
             "layer_calls": {name: 1 + len(gl.more_nodes) for name, gl in layers.items() if gl.more_nodes},
             "float_weights": {} if graph.problem else dict(graph.float_weights),
-            "policy": policy.to_dict() if policy else None,
+            "policy": policy.to_dict() if policy is not None else None,
         }
         measured = {
             "max_abs_diff": parity.max_abs_diff,
@@ -96,6 +97,16 @@ class ExportResult:
         }
         read_back = {"layer_table_available": not graph.problem, "readback_problem": graph.problem}
         return cls(path=str(path), format=fmt, **found, **measured, **read_back, **fields)
+
+
+def _policy_of(model: nn.Module) -> Any:
+    from ..errors import PolicyError
+    from ..quantization.readback import read_policy
+
+    try:
+        return read_policy(model)
+    except PolicyError:  # a hand-made model quantized at bits no LayerSpec holds: the graph says them
+        return None
 
 
 def warn_read_back(fmt: str, path: str | os.PathLike[str], problem: str) -> None:

@@ -10,8 +10,8 @@ Per-channel scales are per output channel: weight axis 0, axis 1 for a transpose
 conv with ``groups > 1`` becomes a :class:`GroupedQuantConvTranspose2d` (or ``1d``) holding one scale
 per output channel (see :mod:`aq_brevitas.quantization.injectors`).
 
-Both leave the original model untouched unless ``inplace=True`` and attach ``aq_policy`` and
-``aq_changes`` (a list of :class:`LayerChange`) to the returned model.
+Both leave the original model untouched unless ``inplace=True`` and set no attribute on it: its
+quantizers say what it is (:mod:`~aq_brevitas.quantization.readback`). :func:`apply_policy` merges.
 
 A module registered under several names is one object: the specs for those names must agree. A
 module called several times in ``forward`` is quantized once and used quantized at every call. A
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import brevitas.nn as qnn
@@ -43,19 +43,8 @@ from ..nnutils import plain_tensor, quantizable_layers, shared_layer_names, warn
 from ..policy import LayerSpec, LayerwisePolicy, check_target
 from .calibrate import calibrate, model_inputs, nonnegative_inputs
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
-from .placement import PLACEMENTS, ActRequest, install_input_quant, place_act_quant
-
-
-@dataclass(frozen=True)
-class LayerChange:
-    """One layer's change: its name, what it was, what it became."""
-
-    name: str
-    old: str
-    new: str
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+from .placement import PLACEMENTS, ActRequest, input_quantizers, install_input_quant, place_act_quant
+from .readback import input_signedness
 
 
 def _input_quant(spec: LayerSpec, signed: bool) -> type | None:
@@ -166,8 +155,24 @@ def _rebit(name: str, layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) ->
 
 
 def _install_input_quant(layer: QuantWBIOL, spec: LayerSpec, signed_input: bool) -> None:
-    if spec.act_bit_width is not None:
-        install_input_quant(layer, spec.act_bit_width, signed_input, spec.scaling == "po2")
+    """The layer's own input quantizer per ``spec``; one that already quantizes as asked (bits, sign,
+    po2) is kept, with its calibrated scale."""
+    if spec.act_bit_width is None:
+        return
+    po2 = spec.scaling == "po2"
+    if _has_input_quant(layer) and _quantizes_as(layer.input_quant, spec.act_bit_width, signed_input, po2):
+        return
+    install_input_quant(layer, spec.act_bit_width, signed_input, po2)
+
+
+def _quantizes_as(proxy: Any, bits: int, signed: bool, po2: bool) -> bool:
+    from brevitas.core.restrict_val import RestrictValueType
+
+    try:
+        is_po2 = proxy.quant_injector.restrict_scaling_type == RestrictValueType.POWER_OF_TWO
+    except Exception:  # an injector without it (DependencyError): not a po2 one
+        is_po2 = False
+    return int(proxy.bit_width()) == bits and bool(proxy.is_signed) == signed and is_po2 == po2
 
 
 def _has_input_quant(layer: nn.Module) -> bool:
@@ -193,16 +198,6 @@ def _switch_transposed_class(name: str, layer: QuantWBIOL, spec: LayerSpec) -> N
         )
     if type(layer) in switchable:
         layer.__class__ = target  # the two classes differ only in how forward feeds the weight
-
-
-def _describe(layer: nn.Module) -> str:
-    if isinstance(layer, QuantWBIOL):
-        try:
-            bits = int(layer.quant_weight().bit_width.item())
-            return f"{type(layer).__name__} {bits}b"
-        except Exception:  # a Brevitas layer with quantization disabled
-            return type(layer).__name__
-    return f"{type(layer).__name__} float"
 
 
 def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncovered: bool) -> list[str]:
@@ -275,16 +270,16 @@ def convert_model(
     bias_correction: bool,
     input_signed: dict[str, bool] | None = None,
     warn_uncovered: bool = True,
-    act_placement: str = "producer",
+    act_placement: str | Mapping[str, str] = "producer",
 ) -> nn.Module:
-    if act_placement not in PLACEMENTS:
-        raise PolicyError(
-            f"act_placement={act_placement!r} is not one of {', '.join(PLACEMENTS)}",
-            'use act_placement="producer" (quantizers after the ReLU/input, as FINN needs) or "input"',
-        )
+    """The swap behind :func:`quantize`, :func:`apply_policy` and the checkpoint replay.
+
+    ``act_placement`` is one placement for every layer, or one per layer (a checkpoint's record;
+    layers it does not name: ``"producer"``). ``input_signed`` fixes input signedness per layer."""
+    placements = _placements(act_placement)
     # A search result carries its policy: quantize(model, search_policy(...)) keeps working.
     policy = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
-    uncovered = _check_convertible(model, policy, warn_uncovered=warn_uncovered and swap_float)
+    _check_convertible(model, policy, warn_uncovered=warn_uncovered and swap_float)
     warn_unsupported(model)
     target = model if inplace else copy.deepcopy(model)
     if fold_bn:
@@ -292,28 +287,54 @@ def convert_model(
     specs = policy.resolve(quantizable_layers(target))
     if isinstance(calibration_data, Iterator):  # a one-shot stream: read it once, use it for every pass
         calibration_data = list(calibration_data)
-    signed = _input_signedness(target, specs, calibration_data, input_signed)
-    # With act_placement="producer" the layers get no input quantizer here: _place_activations puts
-    # it at the output of the op producing their input (where FINN needs it). A Brevitas layer that
+    known = {} if swap_float else input_signedness(target)  # a re-bit keeps what the quantizers say
+    signed = _input_signedness(target, specs, calibration_data, input_signed, known)
+    # At "producer" placement the layers get no input quantizer here: _place_activations puts it at
+    # the output of the op producing their input (where FINN needs it). A Brevitas layer that
     # already quantizes its own input keeps that layout and is re-bitted there.
     at_producer = {
         n
         for n, s in specs.items()
-        if act_placement == "producer" and s.act_bit_width and not _has_input_quant(target.get_submodule(n))
+        if placements(n) == "producer" and s.act_bit_width and not _has_input_quant(target.get_submodule(n))
     }
-    changes = _swap_layers(target, specs, at_producer, signed, swap_float=swap_float)
-    for name in uncovered:  # the change record also names what was left alone, and why
-        kept = _describe(target.get_submodule(name))
-        changes.append(LayerChange(name, kept, f"{kept} (not in policy)"))
+    before = {} if swap_float else _act_proxies(target, specs)
+    _swap_layers(target, specs, at_producer, signed, swap_float=swap_float)
     if at_producer:
-        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed, changes)
+        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed)
     if calibration_data is not None:
         calibrate(target, calibration_data, bias_correction=bias_correction)
-    target.aq_policy = policy
-    target.aq_changes = changes
-    target.aq_input_signed = signed  # input quantizer signedness, needed to rebuild from a checkpoint
-    target.aq_act_placement = act_placement
+    elif before:
+        _warn_reset_scales(before, _act_proxies(target, specs))
     return target
+
+
+def _placements(act_placement: str | Mapping[str, str]) -> Any:
+    """``layer -> placement`` for one placement or a per-layer mapping; a bad one is a PolicyError."""
+    per_layer = isinstance(act_placement, Mapping)
+    for value in act_placement.values() if per_layer else [act_placement]:  # type: ignore[union-attr]
+        if value not in PLACEMENTS:
+            raise PolicyError(
+                f"act_placement={value!r} is not one of {', '.join(PLACEMENTS)}",
+                'use act_placement="producer" (quantizers after the ReLU/input, as FINN needs) or "input"',
+            )
+    return (lambda n: act_placement.get(n, "producer")) if per_layer else (lambda n: act_placement)  # type: ignore[union-attr]
+
+
+def _act_proxies(model: nn.Module, specs: Mapping[str, LayerSpec]) -> dict[str, Any]:
+    """The activation quantizer (proxy) each layer of ``specs`` reads, where it has one."""
+    return {n: found[1] for n, found in input_quantizers(model, specs).items() if found}
+
+
+def _warn_reset_scales(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """One ``UserWarning`` naming the layers whose input quantizer was replaced (its scale is new)."""
+    reset = [n for n, proxy in before.items() if after.get(n) is not None and after[n] is not proxy]
+    if reset:
+        warnings.warn(
+            f"the input quantizers of layers {', '.join(reset)} changed bits and lost their calibrated scales "
+            "-- fix: pass calibration_data to apply_policy",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _input_signedness(
@@ -321,18 +342,19 @@ def _input_signedness(
     specs: dict[str, LayerSpec],
     calibration_data: Any,
     input_signed: dict[str, bool] | None,
+    known: dict[str, bool],
 ) -> dict[str, bool]:
     """Whether each layer's input quantizer is signed: as given, else unsigned where the first
-    calibration batch shows a non-negative input (when a spec quantizes activations), else signed."""
-    signed = {n: True for n in specs}
+    calibration batch shows a non-negative input (when a spec quantizes activations), else as its
+    present input quantizer is (``known``), else signed."""
+    signed = {n: True for n in specs} | known
     if input_signed is not None:
         signed.update(input_signed)
     elif calibration_data is not None and any(s.act_bit_width for s in specs.values()):
         first = next(iter_x_batches(calibration_data, limit_batches=1, model=target), None)
         if first is not None:
-            signed = {
-                n: not nonneg for n, nonneg in nonnegative_inputs(target, specs, model_inputs(first)).items()
-            }
+            measured = nonnegative_inputs(target, specs, model_inputs(first))
+            signed.update({n: not nonneg for n, nonneg in measured.items()})
     return signed
 
 
@@ -343,12 +365,10 @@ def _swap_layers(
     signed: dict[str, bool],
     *,
     swap_float: bool,
-) -> list[LayerChange]:
+) -> None:
     """Each layer of ``specs`` swapped for its Brevitas twin (or re-bitted if it is one already)."""
-    changes = []
     for name, spec in specs.items():
         layer = target.get_submodule(name)
-        before = _describe(layer)
         layer_spec = replace(spec, act_bit_width=None) if name in at_producer else spec
         if isinstance(layer, QuantWBIOL):
             _rebit(name, layer, layer_spec, signed.get(name, True))
@@ -359,21 +379,15 @@ def _swap_layers(
                 f"layer {name} is a plain {type(layer).__name__}, not a Brevitas layer",
                 "use aq_brevitas.quantize for float models",
             )
-        changes.append(
-            LayerChange(name, before, f"{type(target.get_submodule(name)).__name__} {spec.short()}")
-        )
-    return changes
 
 
-def _place_activations(
-    model: nn.Module, specs: dict[str, LayerSpec], signed: dict[str, bool], changes: list[LayerChange]
-) -> nn.Module:
+def _place_activations(model: nn.Module, specs: dict[str, LayerSpec], signed: dict[str, bool]) -> nn.Module:
     """Activation quantizers at the producers of the layers' inputs (:mod:`aq_brevitas.quantization.placement`), or,
     for a model fx cannot trace, at the layers' inputs with a warning that the layout is not FINN-ready."""
     requests = {
         n: ActRequest(s.act_bit_width, s.scaling == "po2", signed.get(n, True)) for n, s in specs.items()
     }
-    placed, sites, why = place_act_quant(model, requests)
+    placed, _, why = place_act_quant(model, requests)
     if why:
         warnings.warn(
             f"activation quantizers stay at the layers' inputs (not FINN-ready): torch.fx cannot trace the "
@@ -384,9 +398,6 @@ def _place_activations(
         for n, s in specs.items():
             _install_input_quant(model.get_submodule(n), s, signed.get(n, True))
         return model
-    before = {"QuantReLU": "ReLU", "QuantIdentity": "-", "input_quant": "float input"}
-    for site in sites:
-        changes.append(LayerChange(site.module, before.get(site.kind, site.kind), site.describe()))
     return placed
 
 
@@ -418,15 +429,18 @@ def quantize(
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``
-    naming them; they appear in ``aq_changes`` as ``(not in policy)``. Returns the quantized model
-    (a copy unless ``inplace``); raises :class:`PolicyError` for a policy that does not fit the model.
+    naming them. Returns the quantized model (a copy unless ``inplace``), with no attribute added:
+    :func:`~aq_brevitas.quantization.readback.read_policy` reads its policy back from its quantizers,
+    :func:`~aq_brevitas.quantization.readback.layer_changes` what changed; raises :class:`PolicyError`
+    for a policy that does not fit the model.
 
     >>> import torch
     >>> from torch import nn
     >>> from aq_brevitas import LayerSpec, LayerwisePolicy, quantize
+    >>> from aq_brevitas.quantization.readback import layer_changes
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
     >>> q = quantize(model, LayerwisePolicy(default=LayerSpec(4)), calibration_data=torch.rand(8, 1, 8, 8))
-    >>> [c.new for c in q.aq_changes]
+    >>> [c.new for c in layer_changes(model, q)]
     ['QuantConv2d 4b max pc', 'QuantLinear 4b max pc']
     >>> q(torch.rand(2, 1, 8, 8)).shape
     torch.Size([2, 10])
@@ -458,13 +472,21 @@ def apply_policy(
     keeping its float weights; a copy unless ``inplace``. Plain float layers raise :class:`PolicyError`
     (use :func:`quantize` for those).
 
+    It merges: layers ``policy`` does not resolve keep their quantizers, an input quantizer keeps its
+    signedness, and one whose bits do not change keeps its calibrated scale. Where an input
+    quantizer is replaced without ``calibration_data``, a ``UserWarning`` names the layers (their new
+    scales are uncalibrated).
+
     >>> from torch import nn
-    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, apply_policy, quantize
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, apply_policy, quantize, read_policy
+    >>> from aq_brevitas.quantization.readback import layer_changes
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
     >>> q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
-    >>> rebit = apply_policy(q, LayerwisePolicy({"0": LayerSpec(8), "3": LayerSpec(2)}))
-    >>> [(c.old, c.new) for c in rebit.aq_changes]
-    [('QuantConv2d 4b', 'QuantConv2d 8b max pc'), ('QuantLinear 4b', 'QuantLinear 2b max pc')]
+    >>> rebit = apply_policy(q, LayerwisePolicy({"3": LayerSpec(2)}))
+    >>> [(c.old, c.new) for c in layer_changes(q, rebit)]
+    [('QuantLinear 4b max pc', 'QuantLinear 2b max pc')]
+    >>> {n: s.short() for n, s in read_policy(rebit).layers.items()}
+    {'0': '4b max pc', '3': '2b max pc'}
     """
     return convert_model(
         model,
@@ -476,9 +498,3 @@ def apply_policy(
         bias_correction=False,
         act_placement=act_placement,
     )
-
-
-def changes_table(changes: Iterable[LayerChange]) -> str:
-    rows = [f"{'layer':<28} {'before':<22} after"]
-    rows += [f"{c.name:<28} {c.old:<22} {c.new}" for c in changes]
-    return "\n".join(rows)

@@ -4,7 +4,9 @@ Each scaling rule picks a Brevitas base quantizer (the ``Int8Weight*`` family: f
 abs-max or MSE, power-of-two scales from the ``*FixedPoint`` family, percentile via the stats op);
 :class:`AnyBitWidth` then makes the bit width a stateful constant -- so it is saved in, and restored
 from, ``state_dict()`` -- and switches to a binary quantizer at 1 bit, which exports as QONNX
-``BipolarQuant``. Injectors are cached: one class per distinct spec.
+``BipolarQuant``. Injectors are cached: one class per distinct spec. Each weight injector carries the
+``(bits, scaling, granularity)`` it was made from as its ``aq_spec`` (state on the Brevitas quantizer,
+not on the user's model), which :mod:`~aq_brevitas.quantization.readback` reads back.
 
 Transposed convolutions keep their output channels on weight axis 1 (``(in, out/groups, *k)``);
 Brevitas's ``QuantConvTranspose*`` knows that, but sizes a per-channel scale as ``out`` entries on
@@ -113,9 +115,12 @@ def _weight_quant(bits: int, scaling: str, granularity: str, grouped_transposed:
     if grouped_transposed and granularity == "per_channel":
         grouped = GroupedTransposedPerChannelMSE if scaling == "mse" else GroupedTransposedPerChannel
         mixins, name = (grouped, *mixins), f"{name}_grouped_transposed"
-    return type(
-        name, (*mixins, base), {"bit_width": bits, "__doc__": f"{bits}-bit {scaling} {granularity} weights."}
-    )
+    attrs = {
+        "bit_width": bits,
+        "aq_spec": (bits, scaling, granularity),  # what it was made from: read back by readback.read_policy
+        "__doc__": f"{bits}-bit {scaling} {granularity} weights.",
+    }
+    return type(name, (*mixins, base), attrs)
 
 
 def weight_quant_for(spec: LayerSpec, layer: nn.Module | None = None) -> type:

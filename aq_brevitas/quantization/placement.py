@@ -17,10 +17,10 @@ does the same on any fx-traceable model:
   dropout): max-pooling is monotone and the others move elements without changing them, so the
   quantized values the layer sees are the same;
 * the op found there gets the quantizer: an ``nn.ReLU`` becomes a ``QuantReLU`` (swapped by module
-  name, as Brevitas's ``ModuleToModuleByName`` does); an existing Brevitas activation layer is re-bitted (its own
-  quantizer, ``bit_width`` changed); anything else (the graph input, an add, a concatenation, an
-  average pool, a BatchNorm) gets a ``QuantIdentity`` call after it (as Brevitas's
-  ``InsertModuleCallAfter`` does), named ``<node>_quant`` as Brevitas's ``inp_placeholder_handler`` names
+  name, as Brevitas's ``ModuleToModuleByName`` does); an existing Brevitas activation layer is
+  re-bitted (its own quantizer, ``bit_width`` changed; kept, calibrated scale and all, when the bits
+  match); anything else (the graph input, an add, a concatenation, an average pool, a BatchNorm)
+  gets a ``QuantIdentity`` call after it (as Brevitas's ``InsertModuleCallAfter`` does), named ``<node>_quant`` as Brevitas's ``inp_placeholder_handler`` names
   the input one. Every use of that output then sees the quantized tensor, as it would in hardware.
 
 Several layers reading one producer share its quantizer: it gets the largest bit width they ask for
@@ -37,14 +37,14 @@ from __future__ import annotations
 import operator
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..nnutils import LeafTracer
+from ..nnutils import LeafTracer, trace_with
 from .injectors import act_quant_for
 
 PLACEMENTS = ("producer", "input")
@@ -124,12 +124,10 @@ def trace_for_placement(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     from brevitas.graph.standardize import DuplicateSharedStatelessModule, TorchFunctionalToModule
 
     try:
-        tracer = _PlacementTracer()
-        graph = tracer.trace(model)
+        gm = trace_with(_PlacementTracer(), model, type(model).__name__)  # nothing left on model
     except Exception as exc:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError...)
         first = (str(exc).strip().splitlines() or [""])[0]
         return None, f"{type(exc).__name__}: {first}"
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm = TorchFunctionalToModule(fn_to_module_map=_RELU_FUNCTIONS).apply(gm)
     gm = DuplicateSharedStatelessModule().apply(gm)
     gm.training = model.training  # the root's own flag only: submodules keep theirs
@@ -264,7 +262,8 @@ def _quantize_output(
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     if isinstance(module, QuantNonLinearActLayer):
         proxy = module.act_quant
-        module.act_quant = type(proxy)(module, proxy.quant_injector.let(bit_width=bits))
+        if int(proxy.bit_width()) != bits:  # the same bits: the quantizer stays, calibrated scale and all
+            module.act_quant = type(proxy)(module, proxy.quant_injector.let(bit_width=bits))
         return ActQuantSite(
             node.target, type(module).__name__, node.name, consumers, bits, proxy.is_signed, po2
         )
@@ -303,17 +302,37 @@ def input_quantizer(model: nn.Module, layer: str) -> nn.Module | None:
     >>> int(input_quantizer(q, "3").bit_width()), type(q.get_submodule("1")).__name__
     (6, 'QuantReLU')
     """
+    found = input_quantizers(model, [layer])[layer]
+    return found[1] if found else None
+
+
+def input_quantizers(model: nn.Module, layers: Iterable[str]) -> dict[str, tuple[str, nn.Module] | None]:
+    """:func:`input_quantizer` for several layers with one trace: per layer ``(where, proxy)``, ``where``
+    the quantizer's module name (``"<layer>.input_quant"`` for the layer's own), or None for a float input."""
     from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
-    own = getattr(model.get_submodule(layer), "input_quant", None)
-    if getattr(own, "is_quant_enabled", False):
-        return own
-    gm, _ = trace_for_placement(model)
-    node = (
-        next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer), None) if gm else None
-    )
-    producer = producer_of(gm, node) if node is not None else None
-    if producer is None or producer.op != "call_module":
-        return None
-    found = gm.get_submodule(producer.target)
-    return found.act_quant if isinstance(found, QuantNonLinearActLayer) else None
+    out: dict[str, tuple[str, nn.Module] | None] = {}
+    traced: tuple[fx.GraphModule | None, dict[str, fx.Node]] | None = None
+    for layer in layers:
+        own = getattr(model.get_submodule(layer), "input_quant", None)
+        if getattr(own, "is_quant_enabled", False):
+            out[layer] = (f"{layer}.input_quant", own)
+            continue
+        if traced is None:
+            gm, _ = trace_for_placement(model)
+            nodes: dict[str, fx.Node] = {}
+            for n in gm.graph.nodes if gm is not None else ():
+                if n.op == "call_module":
+                    nodes.setdefault(str(n.target), n)  # a layer called several times: its first call
+            traced = (gm, nodes)
+        gm, nodes = traced
+        producer = producer_of(gm, nodes[layer]) if gm is not None and layer in nodes else None
+        found = (
+            gm.get_submodule(producer.target)
+            if producer is not None and producer.op == "call_module"
+            else None
+        )
+        out[layer] = (
+            (str(producer.target), found.act_quant) if isinstance(found, QuantNonLinearActLayer) else None
+        )
+    return out
