@@ -171,7 +171,8 @@ class LayerwisePolicy:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def uniform(cls, names: Iterable[str], spec: LayerSpec, **meta: Any) -> LayerwisePolicy:
-        """The same ``spec`` for every named layer."""
+        """The same ``spec`` for every named layer; the ``meta`` keywords are passed on to the policy's
+        free-form :attr:`meta` (provenance such as ``source`` or ``budget``), not read as settings."""
         return cls({n: spec for n in names}, None, dict(meta))
 
     def spec_for(self, name: str) -> LayerSpec | None:

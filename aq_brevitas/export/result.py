@@ -74,7 +74,7 @@ class ExportResult:
         it has a ``problem`` (what the read-back could not map) those are left empty and
         ``layer_table_available`` is False. The policy is what ``model``'s quantizers say
         (:func:`~aq_brevitas.quantization.readback.read_policy`; None where no LayerSpec holds them); ``parity`` gives the measured differences and flips;
-        ``fields`` the format's own fields (``opset``, ``cost``, ...).
+        ``fields``, the format's own fields (``opset``, ``cost``, ...), are passed on to the constructor.
         """
         policy = _policy_of(model)
         layers: Mapping[str, GraphLayer] = {} if graph.problem else graph.layers
