@@ -171,8 +171,7 @@ def _data_lines(ctx: RunContext) -> list[str]:
 
 
 def _markdown(ctx: RunContext, rows: Sequence[SummaryRow]) -> str:
-    from ..evaluate.report import RobustnessReport
-
+    """report.md: the data, the summary table, warnings, export parity, FINN, the policy, robustness."""
     cfg, policy = ctx.cfg, ctx.policies["aq-brevitas"]
     lines = [
         f"# aq-brevitas run: `{ctx.name}` at {cfg.budget}, ε = {cfg.eps}",
@@ -197,15 +196,7 @@ def _markdown(ctx: RunContext, rows: Sequence[SummaryRow]) -> str:
         )
     lines += _warning_lines(rows)
     lines += ["", "![comparison](comparison.png)", "", *_parity_lines(rows), ""]
-    finn = finn_lines(rows)
-    if finn:
-        lines += [
-            "## FINN",
-            "",
-            "FINN's own front end on each exported file (`finn<suffix>/summary.md` beside it):",
-            "",
-        ]
-        lines += [f"- {ln}" for ln in finn] + [""]
+    lines += _finn_section(rows)
     lines += [
         f"## Policy ({policy.meta.get('method')}, kept: **{policy.meta.get('winner')}**)",
         "",
@@ -217,6 +208,30 @@ def _markdown(ctx: RunContext, rows: Sequence[SummaryRow]) -> str:
         "",
         "![policy](policy.png) ![scores](scores.png)",
         "",
+        *_robustness_lines(ctx),
+    ]
+    return "\n".join(lines)
+
+
+def _finn_section(rows: Sequence[SummaryRow]) -> list[str]:
+    """The FINN section of report.md: one line per exported model (none when FINN was not the target)."""
+    finn = finn_lines(rows)
+    if not finn:
+        return []
+    head = [
+        "## FINN",
+        "",
+        "FINN's own front end on each exported file (`finn<suffix>/summary.md` beside it):",
+        "",
+    ]
+    return [*head, *(f"- {ln}" for ln in finn), ""]
+
+
+def _robustness_lines(ctx: RunContext) -> list[str]:
+    """The fine-tuned aq-brevitas model's robustness report, then its other radii on fewer images."""
+    from ..evaluate.report import RobustnessReport
+
+    lines = [
         "## Robustness of the fine-tuned aq-brevitas model",
         "",
         RobustnessReport.load(ctx.out / "robustness_searched.json").to_markdown(),
@@ -231,5 +246,4 @@ def _markdown(ctx: RunContext, rows: Sequence[SummaryRow]) -> str:
             rep.to_markdown(),
             "",
         ]
-    lines += ["![robustness](robustness.png)", ""]
-    return "\n".join(lines)
+    return [*lines, "![robustness](robustness.png)", ""]
