@@ -1,5 +1,5 @@
-"""The last stage of :func:`~aq_brevitas.pipeline.run`: the summary rows and the report (report.md,
-report.json, comparison.png), and the names of the files each quantized model of a run writes.
+"""The last stage of :func:`~aq_brevitas.pipeline.run`: the summary rows (:mod:`.rows`), read from the
+evaluate and export stages' files, and the report (report.md, report.json, comparison.png).
 
 Importing this module does not import torch.
 """
