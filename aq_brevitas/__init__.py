@@ -80,6 +80,7 @@ _EXPORTS: dict[str, str] = {
     "RunConfig": "pipeline.config",
     "RunResult": "pipeline.job",
     "RunData": "pipeline.data",
+    "SummaryRow": "pipeline.rows",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -252,7 +252,7 @@ class TrainConfig(ConfigBase):
         if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0", "pass e.g. 5e-4, or 0")
         if self.trades_beta is not None and not (_is_number(self.trades_beta) and self.trades_beta >= 0):
-            raise ConfigError(f"trades_beta={self.trades_beta!r} must be >= 0", "pass e.g. --trades 6")
+            raise ConfigError(f"trades_beta={self.trades_beta!r} must be >= 0", "pass e.g. --trades-beta 6")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}", "pass e.g. --seed 0")
         _set_normalization(self)

@@ -112,7 +112,7 @@ def signal_run(tmp_path_factory):
 
 def test_a_conv1d_signal_model_runs_on_its_own_tensors_and_the_report_shows_the_shapes(signal_run):
     out, result, _ = signal_run
-    assert result.skipped == [] and [r["name"].split(" ")[0] for r in result.rows] == [
+    assert result.skipped == [] and [r.name.split(" ")[0] for r in result.rows] == [
         "float", "uniform", "aq-brevitas"
     ]  # fmt: skip
     document = json.loads((out / "report.json").read_text())
@@ -123,7 +123,7 @@ def test_a_conv1d_signal_model_runs_on_its_own_tensors_and_the_report_shows_the_
     assert "inputs of shape N×3×64" in text and "from the training data" in text
     policy = json.loads((out / "policy.json").read_text())
     assert set(policy["layers"]) == {"conv", "fc"}
-    assert all(r["parity"] <= r["parity_allowed"] for r in result.rows[1:])
+    assert all(r.parity.max_abs_diff <= r.parity.allowed for r in result.rows[1:])
 
 
 def test_the_data_is_part_of_the_fingerprint(signal_run, tmp_path, capsys):
@@ -159,7 +159,7 @@ def test_a_normalised_rgb_model_gets_its_normalisation_in_every_stage(tmp_path, 
     cfg = dataclasses.replace(TINY, normalization=(MEAN, STD), eps=0.02)
     result = run(MeanSign(), tmp_path / "r", cfg, data=data, progress=False)
     # Evaluation: the model is right only on normalised inputs (it says "1" for every raw image).
-    assert result.rows[0]["clean"] == 1.0
+    assert result.rows[0].clean == 1.0
     assert aq.accuracy(MeanSign(), x[30:], y[30:]) == 0.5
     assert seen == [(MEAN, STD)] * 2  # fine-tuning, both models
     robustness = json.loads((tmp_path / "r" / "robustness_searched.json").read_text())
@@ -191,7 +191,7 @@ def test_an_idx_directory_of_signals_loads_through_data_py_and_runs(tmp_path):
     result = run(Signal1d(), tmp_path / "r", TINY, data=str(folder), progress=False)
     document = json.loads((tmp_path / "r" / "report.json").read_text())
     assert document["data"]["sample_shape"] == [3, 64] and str(folder) in document["data"]["source"]
-    assert result.rows[0]["name"] == "float"
+    assert result.rows[0].name == "float"
 
 
 def test_an_idx_directory_of_rgb_images_any_size(tmp_path):
@@ -204,7 +204,7 @@ def test_an_idx_directory_of_rgb_images_any_size(tmp_path):
     assert data.held_out is None and len(data.train[1]) == 32  # under 5,000 images: no val split
     cfg = dataclasses.replace(TINY, data_dir=str(folder), normalization=(MEAN, STD), eps=0.02)
     result = run(MeanSign(), tmp_path / "r", cfg, progress=False)
-    assert result.rows[0]["clean"] == 1.0
+    assert result.rows[0].clean == 1.0
 
 
 def _one_line(info) -> str:

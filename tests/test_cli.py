@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
@@ -164,7 +166,7 @@ def test_validate_metric_cli_writes_report_and_scatter(tmp_path):
     assert f"{report['rho']:+.3f}" in res.stdout  # the printed ρ is the saved one
 
 
-# ---- one option word, one meaning; defaults from the API; old spellings for one release -------------
+# ---- one option word, one meaning; defaults from the API; an old spelling is an unknown option ------------
 AMBIGUOUS = ("--steps", "--limit", "--calib", "--calibrate", "--eval-limit", "--eval-steps",
              "--finetune-steps", "--finetune-images", "--restarts", "--trades")  # fmt: skip
 
@@ -176,35 +178,30 @@ def _subparsers():
     return sub.choices
 
 
-def test_old_ambiguous_spellings_are_hidden_and_each_deprecation_names_a_current_option():
-    import argparse
-
-    from aq_brevitas.cli.options import DEPRECATED
-
+def test_no_command_takes_an_old_ambiguous_spelling():
     for command, parser in _subparsers().items():
-        visible = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
-        assert not visible & set(AMBIGUOUS), command
-        for old, new in DEPRECATED.get(command, {}).items():
-            assert new in visible and old not in visible, (command, old)
+        words = {s for a in parser._actions for s in a.option_strings}
+        assert not words & set(AMBIGUOUS), command
 
 
-def test_a_deprecated_spelling_still_works_with_one_warning_naming_the_new_option(capsys):
-    from aq_brevitas.cli import build_parser
+@pytest.mark.parametrize(
+    ("argv", "word"),
+    [
+        (["train", "--arch", "small_cnn", "--out", "m.pt", "--steps", "3"], "--steps 3"),
+        (["evaluate", "--model", "m.pt", "--limit", "5"], "--limit 5"),
+        (["run", "--model", "m", "--out", "o", "--calib", "32"], "--calib 32"),  # no prefix matching
+        (["finetune", "--model", "q.pt", "--out", "o.pt", "--trades", "6"], "--trades 6"),
+    ],
+)
+def test_an_old_spelling_fails_like_any_unknown_option(argv, word, capsys):
+    """Exit code 2 and one line naming the command and the word, before anything is loaded or written."""
+    from aq_brevitas.cli import main
 
-    parse = build_parser().parse_args
-    args = parse(["train", "--arch", "small_cnn", "--out", "m.pt", "--steps", "3", "--limit", "64"])
-    assert (args.steps, args.train_images) == (3, 64)
-    warned = capsys.readouterr().err.splitlines()
-    tail = "(the old spelling goes in the next release)"
-    assert warned == [
-        f"aq-brevitas: warning: --steps is deprecated, use --train-steps {tail}",
-        f"aq-brevitas: warning: --limit is deprecated, use --train-images {tail}",
-    ]
-    # The same old word stood for another option in `evaluate`: the warning says which.
-    assert parse(["evaluate", "--model", "m.pt", "--steps", "5"]).pgd_steps == 5
-    assert "use --pgd-steps" in capsys.readouterr().err
-    run = parse(["run", "--model", "m", "--out", "o", "--calib", "32", "--finetune-images", "0"])
-    assert (run.calib_images, run.finetune_images) == (32, 0)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"aq-brevitas {argv[0]} does not take {word}" in err[0], err
+    assert "Traceback" not in captured.err and captured.out == ""
 
 
 def test_cli_defaults_are_the_api_defaults():
@@ -257,8 +254,6 @@ def test_unknown_option_is_one_line_naming_the_command(capsys):
 
 
 def test_a_json_file_given_as_a_model_says_so(tmp_path):
-    import pytest
-
     from aq_brevitas.errors import CheckpointError
     from aq_brevitas.storage import load_checkpoint
 

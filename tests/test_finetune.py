@@ -260,7 +260,7 @@ def _quantized_checkpoint(tmp_path):
     policy, q = tmp_path / "p.json", tmp_path / "q.pt"
     policy.write_text(LayerwisePolicy(default=LayerSpec(4)).to_json())
     res = run_cli(
-        "quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(q), "--calibrate", "0"
+        "quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(q), "--calib-images", "0"
     )
     assert res.returncode == 0, res.stderr[-1000:]
     return q
@@ -277,9 +277,9 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
         str(tmp_path / "ft.pt"),
         "--epochs",
         "3",
-        "--limit",
+        "--train-images",
         "384",
-        "--steps",
+        "--train-steps",
         "2",
         "--batch-size",
         "64",
@@ -323,7 +323,7 @@ def test_ctrl_c_leaves_consistent_state(tmp_path, command):
             "vgg-pgd",
             "--budget",
             "avg-bits=4",
-            "--calib",
+            "--calib-images",
             "128",
             "--out",
             str(tmp_path / "out.json"),
@@ -339,9 +339,9 @@ def test_ctrl_c_leaves_consistent_state(tmp_path, command):
             str(tmp_path / "out.pt"),
             "--epochs",
             "50",
-            "--limit",
+            "--train-images",
             "256",
-            "--steps",
+            "--train-steps",
             "2",
             "--batch-size",
             "64",

@@ -21,6 +21,8 @@ from aq_brevitas.errors import AqError, ConfigError, DataError, ModelError, Poli
 from aq_brevitas.nnutils import quantizable_layers
 from aq_brevitas.pipeline.config import STAGES, RunConfig
 from aq_brevitas.pipeline.job import RunResult, run
+from aq_brevitas.pipeline.report import finn_lines
+from aq_brevitas.pipeline.rows import FinnRow, ParityRow, SummaryRow
 from aq_brevitas.storage import load_checkpoint, save_checkpoint
 from conftest import run_cli
 
@@ -62,12 +64,13 @@ def run_dir(done_run, tmp_path):
 def test_run_writes_both_exports_and_an_aligned_summary(done_run):
     out, result = done_run
     assert result.skipped == []
-    rows = {r["name"].split(" ")[0]: r for r in result.rows}
+    rows = {r.name.split(" ")[0]: r for r in result.rows}
     for key, onnx in (("uniform", "model_uniform.onnx"), ("aq-brevitas", "model.onnx")):
         assert (out / onnx).stat().st_size > 0
         # the library's own bound (tol x output scale), once rounding-boundary flips get PyTorch's codes
-        assert 0 <= rows[key]["parity_without_flips"] <= rows[key]["parity_allowed"], rows[key]
-    assert rows["float"]["parity"] is None
+        parity = rows[key].parity
+        assert parity is not None and 0 <= parity.without_flips <= parity.allowed, rows[key]
+    assert rows["float"].parity is None and rows["float"].finn is None
     report = (out / "report.md").read_text()
     assert report.count("e-0") >= 2  # both parities in the summary table
     table = result.summary_table().splitlines()
@@ -95,20 +98,20 @@ def test_summary_robust_figure_is_the_worst_case_and_warnings_are_shown(done_run
     assert "| clean | robust (worst case) | PGD |" in text
     for row, stem in zip(result.rows, ("float", "uniform", "searched"), strict=True):
         rep = RobustnessReport.load(out / f"robustness_{stem}.json")
-        assert (
-            row["robust"] == rep.robust_accuracy(TINY.eps) <= row["pgd"] and row["warnings"] == rep.warnings
-        )
+        assert row.robust == rep.robust_accuracy(TINY.eps) <= row.pgd and list(row.warnings) == rep.warnings
         transfer = any(r.attack == "transfer" for r in rep.results)
         assert transfer == (stem != "float")
-        for w in row["warnings"]:
-            assert f"`{w}`" in text and f"warning: {row['name']}: {w}" in result.summary_table()
+        for w in row.warnings:
+            assert f"`{w}`" in text and f"warning: {row.name}: {w}" in result.summary_table()
 
 
 def test_report_shows_export_parity_and_flips(done_run):
     """report.md/report.json carry each export's max |QONNX - PyTorch|, the rounding-boundary flips the
-    parity check allowed, and the difference without them, as the export records hold them."""
+    parity check allowed, and the difference without them, as the export records hold them; the JSON
+    rows are the typed rows' records and read back to them."""
     out, result = done_run
     document = json.loads((out / "report.json").read_text())
+    assert [SummaryRow.from_dict(r) for r in document["rows"]] == result.rows
     text = (out / "report.md").read_text()
     assert "## Export parity" in text and "boundary flips" in text
     for row, v in zip(document["rows"][1:], ("uniform", "searched"), strict=True):
@@ -154,11 +157,30 @@ def test_two_evaluation_workers_write_the_same_reports(run_dir):
 
 
 def test_summary_table_sizes_columns_from_a_long_label():
-    row = {"avg_bits": 3.0, "kib": 1.5, "clean": 0.5, "pgd": 0.25, "parity": 1e-7}
-    table = RunResult("x", [{**row, "name": "n"}, {**row, "name": "a-very-long-model-label (avg-bits=3)"}])
-    lines = table.summary_table().splitlines()
+    row = SummaryRow("n", 3.0, 1.5, clean=0.5, robust=0.125, pgd=0.25, parity=ParityRow(1e-7))
+    long = dataclasses.replace(row, name="a-very-long-model-label (avg-bits=3)", warnings=("masking",))
+    text = RunResult("x", [row, long]).summary_table().splitlines()
+    lines, warnings = text[:-1], text[-1:]
     assert len({len(line) for line in lines}) == 1
     assert lines[2].index("3.00") == lines[3].index("3.00")
+    assert "0.1250 (!)" in lines[3] and "1.0e-07" in lines[2]
+    assert warnings == ["warning: a-very-long-model-label (avg-bits=3): masking"]
+
+
+def test_a_summary_row_reads_back_from_its_record_with_its_finn_estimates():
+    finn = FinnRow(True, ran=True, version="1.2", lut=1500.0, bram=4.0, dsp=0.0, fps=1e5, fpga_part="xc7z020")
+    row = SummaryRow(
+        "aq-brevitas (avg-bits=3)", 3.0, 1.5, clean=0.5, robust=0.25, pgd=0.25, bops=2e6,
+        parity=ParityRow(1e-7, allowed=1e-5, without_flips=0.0, boundary_flips=2, flip_detail={"a": 2}, images=8),
+        finn=finn,
+    )  # fmt: skip
+    record = json.loads(json.dumps(row.to_dict()))
+    assert record["parity"] == 1e-7 and record["boundary_flips"] == 2 and record["finn"]["lut"] == 1500.0
+    assert SummaryRow.from_dict(record) == row
+    assert finn_lines([row]) == [
+        "FINN (finn-plus 1.2): aq-brevitas (avg-bits=3): FINN-ready; 1,500 LUT, 4 BRAM_18K, 0 DSP, "
+        "100,000 FPS est. on xc7z020; 2e+06 BOPs, 1.5 weight KiB"
+    ]
 
 
 def test_same_settings_skip_and_a_changed_setting_redoes_its_stage_and_downstream(run_dir, capsys):

@@ -152,9 +152,10 @@ def test_cli_train_writes_sidecar_and_resumes(tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "m.pt"
-    common = ["train", "--arch", "small_cnn", "--out", str(out), "--limit", "128", "--steps", "1"]
+    common = ["train", "--arch", "small_cnn", "--out", str(out)]
+    common += ["--train-images", "128", "--train-steps", "1"]
     common += ["--batch-size", "64", "--optimizer", "adam", "--lr", "2e-3", "--alpha", "0.05"]
-    common += ["--no-random-start", "--eval-limit", "50", "--eval-steps", "2"]
+    common += ["--no-random-start", "--test-images", "50", "--pgd-steps", "2"]
     res = run_cli(*common, "--epochs", "1")
     assert res.returncode == 0, res.stderr[-2000:]
     printed = json.loads(res.stdout.strip().splitlines()[-1])

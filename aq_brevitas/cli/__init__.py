@@ -102,15 +102,20 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``aq-brevitas`` parser: one subparser per entry of :data:`COMMANDS`, options from
     :func:`~aq_brevitas.cli.options.command_options`."""
+    # No prefix matching: an old word that happens to start a current option must not take its meaning.
     parser = argparse.ArgumentParser(
-        prog="aq-brevitas", description="Layer-wise adversarial-aware quantization for Brevitas."
+        prog="aq-brevitas",
+        description="Layer-wise adversarial-aware quantization for Brevitas.",
+        allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     options = command_options()
     for name, (summary, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_options(p, name, options[name])
+        p = sub.add_parser(
+            name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        )
+        add_options(p, options[name])
         p.set_defaults(func=handler)
     return parser
 

@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_split("train", args.data_dir, limit=args.train_images, seed=cfg.seed)
     meta = _train_meta(args, cfg)
     history = adversarial_train(
-        model, data, cfg, checkpoint=_state_path(args.out), resume=args.resume, checkpoint_meta=meta
+        model, data, config=cfg, checkpoint=_state_path(args.out), resume=args.resume, checkpoint_meta=meta
     )
     meta.update(history=history.to_dict(), **_final_measurement(model, args, cfg))
     save_model(model, args.out, meta)
@@ -132,9 +132,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, meta = load_any_model(args.model)
     data = load_split(args.split, args.data_dir, limit=args.images, seed=args.seed)
     label = {"arch": meta.get("arch"), "split": args.split}
-    report = evaluate_robustness(
-        model, data, EvalConfig(**values_for(args, EvalConfig)), name=args.model, meta=label
-    )
+    config = EvalConfig(**values_for(args, EvalConfig))
+    report = evaluate_robustness(model, data, config=config, name=args.model, meta=label)
     print(report.to_markdown())
     if args.report:
         report.save(args.report)
@@ -236,7 +235,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = train_config(args, TrainConfig.finetuning())
     data = load_split("train", args.data_dir, limit=args.train_images, seed=cfg.seed)
     history = adversarial_finetune(
-        model, data, cfg, checkpoint=_state_path(args.out), resume=args.resume, progress=rank == 0
+        model, data, config=cfg, checkpoint=_state_path(args.out), resume=args.resume, progress=rank == 0
     )
     if rank == 0:
         source = read_sidecar(args.model) if Path(args.model).is_file() else {}

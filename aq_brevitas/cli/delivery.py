@@ -40,13 +40,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = search_config(args).replace(candidates=candidates).for_budget(Budget.parse(args.budget).kind)
     val_data = val if args.val_images else None
     # one table for every method compared; norms are filled only for the methods that read them
-    table = candidate_table(model, calib[0], config.candidates, seed=args.seed, progress=True, norms=False)
-    common = {"config": config, "val_data": val_data, "table": table}
+    table = candidate_table(model, calib[0], config.candidates, seed=config.seed, progress=True, norms=False)
     if args.compare:
-        comparison = compare_methods(model, calib, args.budget, **common)
+        comparison = compare_methods(model, calib, args.budget, config=config, val_data=val_data, table=table)
         results = comparison.results
     else:
-        results = {config.method: search_policy(model, calib, args.budget, **common)}
+        result = search_policy(model, calib, args.budget, config=config, val_data=val_data, table=table)
+        results = {config.method: result}
     for method, result in results.items():
         print(f"\n== {method}\n{policy_table(result, table)}")
     if args.compare:

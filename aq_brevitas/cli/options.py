@@ -15,8 +15,7 @@ every subcommand:
 ``--trades-beta``   β of the TRADES loss (``TrainConfig.trades_beta``)
 ==================  ===================================================================================
 
-The spellings of earlier releases (:data:`DEPRECATED`, per command) still work for one release:
-each prints one warning line on stderr naming the option that replaces it.
+Any other word fails as argparse fails: one line on stderr naming the command, exit code 2.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,29 +39,6 @@ from ..search.config import (
     LipschitzSettings,
     SearchConfig,
 )
-
-# Old spelling -> the option that replaces it, per command (accepted, with a warning, for one release).
-DEPRECATED: dict[str, dict[str, str]] = {
-    "train": {
-        "--steps": "--train-steps",
-        "--limit": "--train-images",
-        "--eval-limit": "--test-images",
-        "--eval-steps": "--pgd-steps",
-    },
-    "finetune": {"--steps": "--train-steps", "--limit": "--train-images", "--trades": "--trades-beta"},
-    "evaluate": {"--steps": "--pgd-steps", "--restarts": "--pgd-restarts", "--limit": "--images"},
-    "score": {"--limit": "--images"},
-    "quantize": {"--calibrate": "--calib-images"},
-    "study": {"--steps": "--pgd-steps", "--limit": "--test-images", "--calibrate": "--calib-images"},
-    "search": {"--calib": "--calib-images"},
-    "validate-metric": {"--calib": "--calib-images"},
-    "run": {
-        "--calib": "--calib-images",
-        "--finetune-images": "--train-images",
-        "--finetune-steps": "--train-steps",
-        "--steps": "--pgd-steps",
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -384,36 +359,7 @@ def command_options() -> dict[str, list[Option]]:
 
 
 # -- building a subcommand's parser ---------------------------------------------------------------------
-class DeprecatedAlias(argparse.Action):
-    """An old spelling: stores like the option that replaced it, after one warning line on stderr."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        print(
-            f"aq-brevitas: warning: {option_string} is deprecated, use {self.new} (the old spelling goes in "
-            "the next release)",
-            file=sys.stderr,
-        )
-        setattr(namespace, self.dest, values)
-
-
-def add_options(parser: argparse.ArgumentParser, command: str, options: Sequence[Option]) -> None:
-    """Add ``options`` to ``parser``, then the deprecated spellings of ``command`` (hidden from the
-    usage line; listed after the options)."""
-    by_flag = {o.flag: o for o in options}
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Add ``options`` to ``parser``, in the order ``--help`` lists them."""
     for o in options:
         parser.add_argument(o.flag, **o.kwargs)
-    for old, new in DEPRECATED.get(command, {}).items():
-        kw = {k: v for k, v in by_flag[new].kwargs.items() if k in ("type", "nargs", "choices", "metavar")}
-        parser.add_argument(
-            old, dest=by_flag[new].dest, action=DeprecatedAlias, new=new, default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS, **kw,
-        )  # fmt: skip
-    if command in DEPRECATED:
-        pairs = [f"  {old:<18} now {new}" for old, new in DEPRECATED[command].items()]
-        parser.epilog = "\n".join(
-            ["deprecated spellings (accepted in this release, with a warning):", *pairs]
-        )

@@ -28,7 +28,8 @@ module         holds
 ``config``     :class:`RunConfig`, :data:`STAGES`, :func:`check_config` (torch-free)
 ``data``       :class:`RunData` and the draws :func:`prepare_data` makes from it
 ``context``    :class:`RunContext`: what the stages share; the model variants reported
-``report``     the summary table and ``report.md``
+``rows``       :class:`SummaryRow` (+ :class:`ParityRow`, :class:`FinnRow`): one model of the summary
+``report``     the summary rows, the summary table and ``report.md``
 ``stages``     one function per stage
 ``job``        :func:`run` -> :class:`RunResult`
 =============  ====================================================================================
@@ -40,14 +41,18 @@ from .config import RUN_METHODS, STAGES, RunConfig, check_config, flag_of
 from .context import RunContext
 from .data import RunData
 from .job import RunResult, run
+from .rows import FinnRow, ParityRow, SummaryRow
 
 __all__ = [
     "RUN_METHODS",
     "STAGES",
+    "FinnRow",
+    "ParityRow",
     "RunConfig",
     "RunContext",
     "RunData",
     "RunResult",
+    "SummaryRow",
     "check_config",
     "flag_of",
     "run",

@@ -14,6 +14,7 @@ from .config import RunConfig
 from .context import RunContext, make_context
 from .data import RunData
 from .report import finn_lines, report, summary_rows
+from .rows import SummaryRow
 from .stages import evaluate, export, finetune, quantize, score, search
 
 if TYPE_CHECKING:
@@ -22,10 +23,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class RunResult:
-    """What :func:`run` returns: the summary rows (float, uniform, aq-brevitas), skipped stages, wall time."""
+    """What :func:`run` returns: the folder written (``out``), one :class:`~aq_brevitas.pipeline.rows.SummaryRow`
+    per model (float, uniform, aq-brevitas), the stages skipped as done, and the wall time in seconds."""
 
     out: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[SummaryRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -35,12 +37,12 @@ class RunResult:
         model's failed masking checks and attack-failure indicators follow as warning lines."""
         head = ("model", "avg bits", "weight KiB", "clean", "robust", "PGD", "export parity")
         cells = [
-            (r["name"], f"{r['avg_bits']:.2f}", f"{r['kib']:.1f}", f"{r['clean']:.4f}",
-             f"{r.get('robust', r['pgd']):.4f}" + (" (!)" if r.get("warnings") else ""), f"{r['pgd']:.4f}",
-             "-" if r.get("parity") is None else f"{r['parity']:.1e}")
+            (r.name, f"{r.avg_bits:.2f}", f"{r.kib:.1f}", f"{r.clean:.4f}",
+             f"{r.robust:.4f}" + (" (!)" if r.warnings else ""), f"{r.pgd:.4f}",
+             "-" if r.parity is None else f"{r.parity.max_abs_diff:.1e}")
             for r in self.rows
         ]  # fmt: skip
-        warn = [f"warning: {r['name']}: {w}" for r in self.rows for w in r.get("warnings", [])]
+        warn = [f"warning: {r.name}: {w}" for r in self.rows for w in r.warnings]
         return "\n".join([text_table(head, cells), *warn, *finn_lines(self.rows)])
 
 
@@ -111,7 +113,7 @@ def run(
     [evaluate] ...
     [export] ...
     [report] ...
-    >>> [row["name"] for row in result.rows]
+    >>> [row.name for row in result.rows]
     ['float', 'uniform (avg-bits=3)', 'aq-brevitas (avg-bits=3)']
     """
     t_start = time.perf_counter()

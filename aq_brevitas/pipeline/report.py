@@ -1,16 +1,18 @@
-"""The last stage of :func:`~aq_brevitas.pipeline.run`: the summary rows and the report (report.md,
-report.json, comparison.png), and the names of the files each quantized model of a run writes.
+"""The last stage of :func:`~aq_brevitas.pipeline.run`: the summary rows (:mod:`.rows`), read from the
+evaluate and export stages' files, and the report (report.md, report.json, comparison.png).
 
 Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING
 
 from ..storage import atomic_write_json, atomic_write_text, read_json
 from .context import VARIANTS
+from .rows import FinnRow, ParityRow, SummaryRow
 
 if TYPE_CHECKING:
     from ..policy import LayerwisePolicy
@@ -18,12 +20,9 @@ if TYPE_CHECKING:
     from .context import RunContext
 
 
-def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
-    """Per model (float, uniform, aq-brevitas): average weight bits, weight KiB, clean accuracy, robust
-    accuracy at ``eps`` (``robust``: the per-image worst case over every attack, the figure to trust),
-    PGD accuracy alone (``pgd``), whether gradient masking is suspected and the failed checks as
-    ``warnings`` (one line each, with their numbers), and for the quantized models the export parity
-    (max |QONNX − PyTorch|, the same without rounding-boundary flips, the flips per node)."""
+def summary_rows(ctx: RunContext) -> list[SummaryRow]:
+    """One :class:`SummaryRow` per model (float, uniform, aq-brevitas), read from the evaluate stage's
+    reports and, for the quantized models, the export records."""
     from ..evaluate.report import RobustnessReport
 
     rows = []
@@ -31,89 +30,32 @@ def summary_rows(ctx: RunContext) -> list[dict[str, Any]]:
         rep = RobustnessReport.load(ctx.out / f"robustness_{stem}.json")
         cost = ctx.policies[key].cost(ctx.geometry) if key in ctx.policies else None
         float_bytes = 4 * sum(g.params for g in ctx.geometry.values())
-        row = {
-            "name": key if key == "float" else f"{key} ({ctx.cfg.budget})",
-            "avg_bits": cost.avg_weight_bits if cost else 32.0,
-            "kib": (cost.weight_bytes if cost else float_bytes) / 1024,
-            "clean": rep.clean_accuracy,
-            "robust": rep.robust_accuracy(ctx.cfg.eps),
-            "pgd": rep.accuracy("pgd", ctx.cfg.eps),
-            "parity": None,
-            "masking_suspected": rep.masking_suspected,
-            "warnings": rep.warnings,
-        }
+        row = SummaryRow(
+            name=key if key == "float" else f"{key} ({ctx.cfg.budget})",
+            avg_bits=cost.avg_weight_bits if cost else 32.0,
+            kib=(cost.weight_bytes if cost else float_bytes) / 1024,
+            clean=rep.clean_accuracy,
+            robust=rep.robust_accuracy(ctx.cfg.eps),
+            pgd=rep.accuracy("pgd", ctx.cfg.eps),
+            masking_suspected=rep.masking_suspected,
+            warnings=tuple(rep.warnings),
+        )
         variant = next((v for v in VARIANTS if v.key == key), None)
         if variant is not None:
             record = read_json(ctx.out / variant.export_files[1], "export record")
-            row.update(_parity(record))
-            row["bops"] = cost.bops if cost else None
-            if "finn" in record:
-                row["finn"] = finn_fields(record["finn"])
+            finn = FinnRow.from_report(record["finn"]) if "finn" in record else None
+            parity = ParityRow.from_export(record)
+            row = replace(row, bops=cost.bops if cost else None, parity=parity, finn=finn)
         rows.append(row)
     return rows
 
 
-def finn_fields(finn: dict[str, Any]) -> dict[str, Any]:
-    """What the summary shows of a :class:`~aq_brevitas.export.FinnReport` record: whether the file is
-    FINN-ready (static checks, and FINN's own steps when they ran), the first failure, and FINN's
-    estimated LUT / BRAM_18K / DSP and throughput (None when FINN did not run or stopped early)."""
-    run = finn.get("finn") or {}
-    est = run.get("estimates") or {}
-    total = est.get("total") or {}
-    failed = [c for c in finn.get("checks", []) if not c["passed"]]
-    step = next((st for st in run.get("steps", []) if not st["passed"]), None)
-    problem = f"{failed[0]['name']}: {failed[0]['detail']}" if failed else ""
-    if step is not None:
-        problem = f"{step['name']}: {step['message']}"
-    return {
-        "passed": finn.get("passed"),
-        "ran": bool(run),
-        "version": run.get("version"),
-        "problem": problem or finn.get("finn_skipped", ""),
-        "lut": total.get("LUT"),
-        "bram": total.get("BRAM_18K"),
-        "dsp": total.get("DSP"),
-        "fps": est.get("throughput_fps"),
-        "fpga_part": est.get("fpga_part"),
-    }
-
-
-def finn_lines(rows: list[dict[str, Any]]) -> list[str]:
+def finn_lines(rows: Sequence[SummaryRow]) -> list[str]:
     """One line per exported model: FINN-ready or not, and FINN's estimates beside BOPs and weight KiB."""
-    out = []
-    for r in rows:
-        f = r.get("finn")
-        if f is None:
-            continue
-        cost = (
-            f"{r['bops']:.3g} BOPs, {r['kib']:.1f} weight KiB"
-            if r.get("bops")
-            else f"{r['kib']:.1f} weight KiB"
-        )
-        if f["lut"] is not None:
-            est = (f"{f['lut']:,.0f} LUT, {f['bram']:,.0f} BRAM_18K, {f['dsp']:,.0f} DSP, "
-                   f"{f['fps']:,.0f} FPS est. on {f['fpga_part']}")  # fmt: skip
-        else:
-            est = "no FINN estimates" + (f" ({f['problem']})" if f["problem"] else "")
-        ready = "FINN-ready" if f["passed"] else "NOT FINN-ready"
-        who = f"finn-plus {f['version']}" if f["ran"] else "static checks only"
-        out.append(f"FINN ({who}): {r['name']}: {ready}; {est}; {cost}")
-    return out
+    return [r.finn.line(r.name, r.cost_text()) for r in rows if r.finn is not None]
 
 
-def _parity(export: dict[str, Any]) -> dict[str, Any]:
-    """The parity figures of an :class:`~aq_brevitas.export.ExportResult` record, as summary fields."""
-    return {
-        "parity": export["max_abs_diff"],
-        "parity_allowed": export.get("allowed_diff"),
-        "parity_without_flips": export.get("diff_without_flips", export["max_abs_diff"]),
-        "boundary_flips": export.get("boundary_flips", 0),
-        "flip_detail": export.get("flip_detail", {}),
-        "parity_images": export.get("images_checked"),
-    }
-
-
-def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
+def report(ctx: RunContext, rows: Sequence[SummaryRow]) -> None:
     """report.md, report.json (settings, the data, summary rows, the searched policy) and comparison.png."""
     cfg = ctx.cfg
     upstream = [
@@ -132,13 +74,13 @@ def report(ctx: RunContext, rows: list[dict[str, Any]]) -> None:
     from ..plots import plot_comparison
 
     title = f"{ctx.name}: {cfg.budget}, robust (worst case) and PGD-{cfg.pgd_steps} at ε={cfg.eps}"
-    plot_comparison(rows, ctx.out / "comparison.png", title=title)
+    plot_comparison([r.to_dict() for r in rows], ctx.out / "comparison.png", title=title)
     policy = ctx.policies["aq-brevitas"]
     document = {
         "model": ctx.name,
         "config": asdict(cfg),
         "data": data,
-        "rows": rows,
+        "rows": [r.to_dict() for r in rows],
         "policy": policy.to_dict(),
     }
     atomic_write_json(ctx.out / "report.json", document)
@@ -170,16 +112,16 @@ def _held_out_line(policy: LayerwisePolicy) -> str:
     return f"Held-out {what}: {', '.join(measured)} ({check.images} images)."
 
 
-def _warning_lines(rows: list[dict[str, Any]]) -> list[str]:
+def _warning_lines(rows: Sequence[SummaryRow]) -> list[str]:
     """One warning per failed masking check or attack-failure indicator, per model (none: nothing)."""
-    warn = [f"- ⚠️ {r['name']}: `{w}`" for r in rows for w in r.get("warnings", [])]
+    warn = [f"- ⚠️ {r.name}: `{w}`" for r in rows for w in r.warnings]
     if not warn:
         return []
     head = "Warnings (⚠️: gradient masking or a failing attack suspected; the robust figure may be too high):"
     return ["", head, "", *warn]
 
 
-def _parity_lines(rows: list[dict[str, Any]]) -> list[str]:
+def _parity_lines(rows: Sequence[SummaryRow]) -> list[str]:
     lines = [
         "## Export parity",
         "",
@@ -192,13 +134,14 @@ def _parity_lines(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("parity") is None:
+        p = r.parity
+        if p is None:
             continue
-        detail = ", ".join(f"{k}: {n}" for k, n in sorted(r["flip_detail"].items())) or "-"
-        allowed = "-" if r["parity_allowed"] is None else f"{r['parity_allowed']:.1e}"
+        detail = ", ".join(f"{k}: {n}" for k, n in sorted(p.flip_detail.items())) or "-"
+        allowed = "-" if p.allowed is None else f"{p.allowed:.1e}"
+        without = "-" if p.without_flips is None else f"{p.without_flips:.1e}"
         lines.append(
-            f"| {r['name']} | {r['parity']:.1e} | {allowed} | {r['boundary_flips']} | "
-            f"{r['parity_without_flips']:.1e} | {detail} |"
+            f"| {r.name} | {p.max_abs_diff:.1e} | {allowed} | {p.boundary_flips} | {without} | {detail} |"
         )
     return lines
 
@@ -227,9 +170,8 @@ def _data_lines(ctx: RunContext) -> list[str]:
     ]
 
 
-def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
-    from ..evaluate.report import RobustnessReport
-
+def _markdown(ctx: RunContext, rows: Sequence[SummaryRow]) -> str:
+    """report.md: the data, the summary table, warnings, export parity, FINN, the policy, robustness."""
     cfg, policy = ctx.cfg, ctx.policies["aq-brevitas"]
     lines = [
         f"# aq-brevitas run: `{ctx.name}` at {cfg.budget}, ε = {cfg.eps}",
@@ -245,23 +187,16 @@ def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        parity = "-" if r.get("parity") is None else f"{r['parity']:.1e}"
-        robust = f"{100 * r.get('robust', r['pgd']):.1f}" + (" ⚠️" if r.get("warnings") else "")
+        parity = "-" if r.parity is None else f"{r.parity.max_abs_diff:.1e}"
+        flips = "-" if r.parity is None else r.parity.boundary_flips
+        robust = f"{100 * r.robust:.1f}" + (" ⚠️" if r.warnings else "")
         lines.append(
-            f"| {r['name']} | {r['avg_bits']:.2f} | {r['kib']:.1f} | {100 * r['clean']:.1f} | {robust} | "
-            f"{100 * r['pgd']:.1f} | {parity} | {r.get('boundary_flips', '-')} |"
+            f"| {r.name} | {r.avg_bits:.2f} | {r.kib:.1f} | {100 * r.clean:.1f} | {robust} | "
+            f"{100 * r.pgd:.1f} | {parity} | {flips} |"
         )
     lines += _warning_lines(rows)
     lines += ["", "![comparison](comparison.png)", "", *_parity_lines(rows), ""]
-    finn = finn_lines(rows)
-    if finn:
-        lines += [
-            "## FINN",
-            "",
-            "FINN's own front end on each exported file (`finn<suffix>/summary.md` beside it):",
-            "",
-        ]
-        lines += [f"- {ln}" for ln in finn] + [""]
+    lines += _finn_section(rows)
     lines += [
         f"## Policy ({policy.meta.get('method')}, kept: **{policy.meta.get('winner')}**)",
         "",
@@ -273,6 +208,30 @@ def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
         "",
         "![policy](policy.png) ![scores](scores.png)",
         "",
+        *_robustness_lines(ctx),
+    ]
+    return "\n".join(lines)
+
+
+def _finn_section(rows: Sequence[SummaryRow]) -> list[str]:
+    """The FINN section of report.md: one line per exported model (none when FINN was not the target)."""
+    finn = finn_lines(rows)
+    if not finn:
+        return []
+    head = [
+        "## FINN",
+        "",
+        "FINN's own front end on each exported file (`finn<suffix>/summary.md` beside it):",
+        "",
+    ]
+    return [*head, *(f"- {ln}" for ln in finn), ""]
+
+
+def _robustness_lines(ctx: RunContext) -> list[str]:
+    """The fine-tuned aq-brevitas model's robustness report, then its other radii on fewer images."""
+    from ..evaluate.report import RobustnessReport
+
+    lines = [
         "## Robustness of the fine-tuned aq-brevitas model",
         "",
         RobustnessReport.load(ctx.out / "robustness_searched.json").to_markdown(),
@@ -287,5 +246,4 @@ def _markdown(ctx: RunContext, rows: list[dict[str, Any]]) -> str:
             rep.to_markdown(),
             "",
         ]
-    lines += ["![robustness](robustness.png)", ""]
-    return "\n".join(lines)
+    return [*lines, "![robustness](robustness.png)", ""]

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..storage import atomic_write_json
 from .context import VARIANTS, RunContext
-
-if TYPE_CHECKING:
-    pass
 
 
 # -- the stages ----------------------------------------------------------------------------------------------
@@ -120,7 +117,9 @@ def finetune(ctx: RunContext) -> None:
     for v in VARIANTS:
         q = ctx.quantized(v, "ptq")
         state = ctx.out / f"{v.stem}_finetune_state.pt"
-        adversarial_finetune(q, train, settings, checkpoint=state, resume=resume, progress=ctx.progress)
+        adversarial_finetune(
+            q, train, config=settings, checkpoint=state, resume=resume, progress=ctx.progress
+        )
         save_quantized(q, ctx.out / v.checkpoint("finetuned")[0])
     for p in states:  # both models are saved; the epoch states are spent
         p.unlink(missing_ok=True)
@@ -172,8 +171,9 @@ def evaluate(ctx: RunContext) -> None:
         )
         surrogate = None if m is float_model else float_model  # quantized models: also transfer from float
         robustness = evaluate_robustness(
-            m, (x[:n], y[:n]), settings, name=key, progress=ctx.progress and not parallel, surrogate=surrogate
-        )
+            m, (x[:n], y[:n]), config=settings, name=key, progress=ctx.progress and not parallel,
+            surrogate=surrogate,
+        )  # fmt: skip
         robustness.save(ctx.out / f"robustness_{stem}{suffix}.json")
 
     longest_first = sorted(range(len(jobs)), key=lambda i: -jobs[i][2] * len(jobs[i][1]))
