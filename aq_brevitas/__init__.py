@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "search_policy": "search",
     "SearchConfig": "search",
     "SearchResult": "search",
+    "register_scorer": "search",
     "validate_metric": "search",
     "search_pareto": "search",
     "ParetoFront": "search",

@@ -147,13 +147,14 @@ def plot_metric_validation(
     path: str | os.PathLike[str],
     title: str = "Bound vs robust error",
 ) -> None:
-    """Random equal-cost policies: predicted bound B(p) (and the additive Σ s) against 1 − PGD accuracy."""
+    """Random equal-cost policies: predicted bound B(p) (and the additive Σ s) against robust error,
+    1 − the per-image worst case of PGD and the fast attack suite."""
     plt, fig, ax = _figure(6.4, 4.0)
     err = [100 * e for e in robust_error]
     ax.scatter(list(bound), err, marker="o", label="whole-network bound B(p)")
     ax.scatter(list(score_sum), err, marker="x", label="additive score Σ s_l")
     ax.set_xlabel("predicted output deviation (logit units)")
-    ax.set_ylabel("robust error, 1 − PGD accuracy (%)")
+    ax.set_ylabel("robust error, 1 − worst-case accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)

@@ -38,6 +38,7 @@ from aq_brevitas.score.jacobian import local_jacobian_norm
 from aq_brevitas.score.lipschitz import lipschitz_scores
 from aq_brevitas.search import (  # noqa: E402
     AdversarialCalibration,
+    SearchConfig,
     WeightCache,
     adversarial_calibration,
     lipschitz_terms,
@@ -94,15 +95,14 @@ def run_model(name: str, budgets: list[float], test_images: int, seed: int, out:
                 for refine in (True, False):
                     label = f"{estimate}/{data}/adv-weight={w:g}/{'refine' if refine else 'no-refine'}"
                     table = table_clean if (estimate, data) == ("spectral", "clean") else table_adv
-                    sel = select_policy(
-                        model, table, t, budget, eps=EPS, refine=refine, adv_weight=w, cache=cache
-                    )
+                    config = SearchConfig(eps=EPS, refine=refine).replace(adv_weight=w)
+                    sel = select_policy(model, table, t, budget, config=config, cache=cache)
                     done = sel.refinement.done
                     bound = sel.refinement.bound_final if done else sel.solutions[0].objective
                     variants[label] = (LayerwisePolicy(sel.choice), bound)
         for method in ("uniform", "hessian", "ans"):
             result = search_policy(
-                model, calib, budget, method=method, eps=EPS, table=table_adv, seed=seed,
+                model, calib, budget, config=SearchConfig(method=method, eps=EPS, seed=seed), table=table_adv,
                 val_data=val if method == "uniform" else None, progress=False,
             )  # fmt: skip
             variants[method] = (result.policy, result.objective)

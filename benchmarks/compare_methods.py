@@ -28,7 +28,7 @@ from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.nnutils import quantizable_layers  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.quantization.convert import quantize
-from aq_brevitas.search import COMPARE_ORDER, search_policy  # noqa: E402
+from aq_brevitas.search import COMPARE_ORDER, SearchConfig, search_policy  # noqa: E402
 from aq_brevitas.search.candidates import candidate_table
 from aq_brevitas.train.finetune import adversarial_finetune
 from common import header, selection_split  # noqa: E402
@@ -81,10 +81,8 @@ def run_model(name: str, seeds, ptq_images, ft_images, ft_eval_images) -> dict:
                     model,
                     calib,
                     budget,
-                    method=method,
-                    eps=EPS,
+                    config=SearchConfig(method=method, eps=EPS, seed=seed),
                     val_data=val,
-                    seed=seed,
                     table=table,
                     progress=False,
                 )
@@ -126,22 +124,15 @@ def search_cost(name: str = "cnn-pgd") -> dict:
     attack_accuracy(model, x, y, "pgd", eps=EPS, steps=20)
     out["pgd20_1k_s"] = time.perf_counter() - t0
     runs = {
-        "lipschitz_jacobian": {"method": "lipschitz"},
-        "lipschitz_jacobian_refined": {"method": "lipschitz", "refine": True},
-        "lipschitz_spectral": {"method": "lipschitz", "estimate": "spectral"},
-        "hessian": {"method": "hessian"},
+        "lipschitz_jacobian": SearchConfig(method="lipschitz"),
+        "lipschitz_jacobian_refined": SearchConfig(method="lipschitz", refine=True),
+        "lipschitz_spectral": SearchConfig(method="lipschitz").replace(estimate="spectral"),
+        "hessian": SearchConfig(method="hessian"),
     }
-    for label, kw in runs.items():
+    for label, config in runs.items():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="search_policy ran without val_data")
-            result = search_policy(
-                model,
-                calib,
-                Budget(avg_weight_bits=4),
-                seed=0,
-                progress=False,
-                **{"refine": False, **kw},
-            )
+            result = search_policy(model, calib, Budget(avg_weight_bits=4), config=config, progress=False)
         out[label] = result.timing.to_dict()
         out["candidates_per_layer"] = next(iter(result.candidates.values())).given
     pgd = out["pgd20_1k_s"]

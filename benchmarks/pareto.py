@@ -34,13 +34,14 @@ def _test_worst_case(model, float_model, policy, calib_x, x, y, eps, queries, se
 
 def run_model(name: str, seed: int, args: argparse.Namespace) -> dict:
     from aq_brevitas import load_float_model, load_split
-    from aq_brevitas.search import search_pareto
+    from aq_brevitas.search import SearchConfig, search_pareto
 
     model, _ = load_float_model(name)
     calib, val = selection_split(seed, 256, args.val_images)
     xt, yt = load_split("test", limit=args.test_images, seed=seed)[:2]
     t0 = time.perf_counter()
-    front = search_pareto(model, calib, val, seed=seed, val_images=args.val_images, progress=False)
+    config = SearchConfig(seed=seed, val_images=args.val_images)
+    front = search_pareto(model, calib, val, config=config, progress=False)
     search_s = time.perf_counter() - t0
     front.plot(HERE.parent / "docs" / "img" / f"pareto_{name}_seed{seed}.png")
     rows, seen = [], {}

@@ -34,7 +34,7 @@ from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.policy import LayerSpec, layer_cost  # noqa: E402
 from aq_brevitas.score.lipschitz import lipschitz_scores
 from aq_brevitas.score.norms import stacked_layer_map
-from aq_brevitas.search import search_policy  # noqa: E402
+from aq_brevitas.search import SearchConfig, search_policy  # noqa: E402
 from aq_brevitas.search.candidates import (
     CandidateRow,
     CandidateTable,
@@ -176,9 +176,8 @@ def whole_searches(model, calib, val) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.perf_counter()
-                res = search_policy(
-                    model, calib, "avg-bits=4", method=method, eps=EPS, val_data=val, seed=0, progress=False
-                )
+                config = SearchConfig(method=method, eps=EPS, seed=0)
+                res = search_policy(model, calib, "avg-bits=4", config=config, val_data=val, progress=False)
                 s = time.perf_counter() - t0
             out[method] = {"total_s": s, "timing": res.timing.to_dict(), "winner": res.winner}
         except Exception as e:  # the search is being changed concurrently: record, do not stop the run

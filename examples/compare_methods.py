@@ -47,15 +47,9 @@ measured: dict[str, tuple[float, float]] = {}  # identical policies are evaluate
 rows = []
 for method in COMPARE_ORDER:  # the method registry: baselines first, lipschitz last
     t0 = time.perf_counter()
+    config = aq.SearchConfig(method=method, val_images=n_val)
     result = aq.search_policy(
-        model,
-        calib,
-        budget=budget,
-        method=method,
-        val_data=held_out,
-        val_images=n_val,
-        table=table,
-        progress=False,
+        model, calib, budget, config=config, val_data=held_out, table=table, progress=False
     )
     search_s = time.perf_counter() - t0
     policy = result.policy

@@ -27,8 +27,8 @@ candidates = [aq.LayerSpec(b, s, "per_channel") for b in (2, 3, 4, 8) for s in (
 result = aq.search_policy(
     model,
     calib,
-    budget=aq.Budget(avg_weight_bits=3.5),
-    candidates=candidates,
+    aq.Budget(avg_weight_bits=3.5),
+    config=aq.SearchConfig(candidates=candidates),
     val_data=held_out,
     progress=False,
 )

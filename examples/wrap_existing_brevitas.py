@@ -80,14 +80,9 @@ val_x, val_y = aq.load_split("val", seed=0)
 calib = (val_x[:n_calib], val_y[:n_calib])
 held_out = (val_x[n_calib : n_calib + n_val], val_y[n_calib : n_calib + n_val])
 candidates = [aq.LayerSpec(b, s, "per_channel") for b in (2, 3, 4, 8) for s in ("max", "mse")]
+config = aq.SearchConfig(candidates=candidates, val_images=n_val)
 result = aq.search_policy(
-    model,
-    calib,
-    budget=aq.Budget(avg_weight_bits=3.5),
-    candidates=candidates,
-    val_data=held_out,
-    val_images=n_val,
-    progress=False,
+    model, calib, aq.Budget(avg_weight_bits=3.5), config=config, val_data=held_out, progress=False
 )
 policy = result.policy
 print(policy)

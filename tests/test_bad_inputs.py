@@ -447,7 +447,7 @@ API_CASES = {
     ),
     "eps NaN in search": (
         lambda: aq.search_policy(
-            _model(), aq.load_split("val", limit=16), budget="avg-bits=4", eps=float("nan"), progress=False
+            _model(), aq.load_split("val", limit=16), "avg-bits=4", config=aq.SearchConfig(eps=float("nan"))
         ),
         r"eps must be a number, got nan",
     ),

@@ -161,7 +161,7 @@ def test_act_bit_variants_and_identical_weights_share_one_norm(norm_calls):
 
 
 def test_a_reused_table_recomputes_nothing_across_budgets_and_methods(norm_calls):
-    from aq_brevitas.search import search_policy
+    from aq_brevitas.search import SearchConfig, search_policy
 
     torch.manual_seed(0)
     model = build_model("small_cnn").eval()
@@ -169,12 +169,9 @@ def test_a_reused_table_recomputes_nothing_across_budgets_and_methods(norm_calls
     data = (x, model(x).argmax(1))
     table = candidate_table(model, x, [LayerSpec(2), LayerSpec(4), LayerSpec(8)])
     calls, count = dict(norm_calls), table.norm_count
-    runs = [
-        ("avg-bits=4", {"method": "uniform"}),
-        ("avg-bits=3", {"method": "lipschitz", "estimate": "spectral"}),
-    ]
-    for budget, kw in [*runs, ("avg-bits=6", {"method": "lipschitz", "estimate": "spectral"})]:
+    uniform, spectral = SearchConfig(method="uniform"), SearchConfig().replace(estimate="spectral")
+    for budget, config in [("avg-bits=4", uniform), ("avg-bits=3", spectral), ("avg-bits=6", spectral)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no val_data: "unchecked"
-            search_policy(model, data, budget, table=table, progress=False, **kw)
+            search_policy(model, data, budget, config=config, table=table, progress=False)
     assert norm_calls == calls and table.norm_count == count

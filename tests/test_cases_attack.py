@@ -271,17 +271,17 @@ def test_normalization_equals_a_model_that_normalises_internally(rgb):
 
 def test_search_accepts_normalization_and_searches_the_normalised_model(rgb):
     model, x, y = rgb
-    kw = dict(
-        candidates=[LayerSpec(2), LayerSpec(4), LayerSpec(8)], eps=0.05, steps=2, pgd_steps=2, val_images=16,
-        progress=False,
-    )  # fmt: skip
+    config = SearchConfig(
+        candidates=[LayerSpec(2), LayerSpec(4), LayerSpec(8)], eps=0.05, pgd_steps=2, val_images=16
+    ).replace(steps=2)
     data, val = (x[:24], y[:24]), (x[24:40], y[24:40])
-    got = search_policy(model, data, "avg-bits=4", val_data=val, normalization=(MEAN, STD), **kw)
-    ref = search_policy(Normalising(model), data, "avg-bits=4", val_data=val, **kw)
+    normalised = config.replace(normalization=(MEAN, STD))
+    got = search_policy(model, data, "avg-bits=4", config=normalised, val_data=val, progress=False)
+    ref = search_policy(Normalising(model), data, "avg-bits=4", config=config, val_data=val, progress=False)
     assert got.layers == {n.removeprefix("inner."): s for n, s in ref.layers.items()}
     # the scores too (the fx replay of the scores runs model.forward, which the hook does not see)
     assert got.layer_scores == {n.removeprefix("inner."): v for n, v in ref.layer_scores.items()}
-    assert got.validation.search_pgd_accuracy == ref.validation.search_pgd_accuracy
+    assert got.validation.search_accuracy == ref.validation.search_accuracy
     assert got.policy.meta["normalization"] == [list(MEAN), list(STD)]
     assert "normalization" not in ref.policy.meta  # the JSON of an unnormalised search is unchanged
     cfg = SearchConfig(normalization=[list(MEAN), list(STD)])
@@ -309,7 +309,7 @@ def test_a_mean_std_of_the_wrong_length_says_so_in_one_line(rgb):
         "attack_accuracy": lambda: attack_accuracy(model, x, y, "pgd", eps=0.03, steps=2, normalization=bad),
         "evaluate_robustness": lambda: evaluate_robustness(model, (x, y), normalization=bad, **SUITE),
         "search_policy": lambda: search_policy(
-            model, (x, y), "avg-bits=4", normalization=bad, progress=False
+            model, (x, y), "avg-bits=4", config=SearchConfig(normalization=bad), progress=False
         ),
         "adversarial_finetune": lambda: adversarial_finetune(
             model, (x, y), normalization=bad, progress=False

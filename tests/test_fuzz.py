@@ -78,7 +78,8 @@ def test_random_architectures_survive_the_whole_flow(
     scores = aq.lipschitz_scores(model, x[:4], seed=seed)
     assert all(s.L >= 0 for s in scores.values())
     table = candidate_table(model, x[:4], candidates, scores=scores)
-    search = dict(budget=aq.Budget(avg_weight_bits=budget), table=table, steps=2, seed=seed, progress=False)
+    config = aq.SearchConfig(seed=seed).replace(steps=2)
+    search = dict(budget=aq.Budget(avg_weight_bits=budget), config=config, table=table, progress=False)
     if budget < min(c.weight_bit_width for c in candidates):
         with pytest.raises(PolicyError, match="infeasible"):
             aq.search_policy(model, (x, y), **search)

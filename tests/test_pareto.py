@@ -23,7 +23,6 @@ from aq_brevitas.search import (
     with_act_bits,
 )
 from aq_brevitas.search.candidates import candidate_table
-from aq_brevitas.search.config import build_config
 from aq_brevitas.search.pareto import ParetoPoint, _mark_dominated, _Measure
 
 torch.set_num_threads(1)
@@ -55,8 +54,9 @@ def test_input_bits_are_scored_by_their_own_measured_deviation(cnn, fmnist_val_5
     table = candidate_table(cnn, calib.x_adv, candidates)
     cache = WeightCache(cnn, table)
     for method in ("lipschitz", "hessian", "ans"):
+        data = calib if method == "lipschitz" else (x, y)
         scores = score(
-            method, cnn, table, calib if method == "lipschitz" else (x, y), cache=cache, n_samples=2
+            method, cnn, table, data, config=SearchConfig().replace(n_samples=2), cache=cache
         ).scores
         for name in ("conv2", "fc1"):  # same weight, 2-bit input scores worse than 8-bit input
             low, high = (scores[name][LayerSpec(4, "max", "per_channel", a)] for a in (2, 8))
@@ -69,8 +69,8 @@ def test_a_bops_budget_at_uniform_w3a3_gets_layer_wise_input_bits(cnn, fmnist_va
     w3a3 = cost_of({n: LayerSpec(3, act_bit_width=3) for n in geometry}, geometry).bops
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # no held-out data: the result says "unchecked"
-        res = search_policy(cnn, (x, y), Budget(bops=w3a3), candidates=with_act_bits(FEW, (2, 3, 4, 8)),
-                            steps=3, progress=False)  # fmt: skip
+        config = SearchConfig(candidates=with_act_bits(FEW, (2, 3, 4, 8))).replace(steps=3)
+        res = search_policy(cnn, (x, y), Budget(bops=w3a3), config=config, progress=False)
     acts = {s.act_bit_width for s in res.policy.layers.values()}
     assert len(acts) > 1, res.policy.layers  # not one width for every layer
     assert res.cost.bops <= w3a3 * (1 + 1e-9)
@@ -104,13 +104,12 @@ def test_search_pareto_measures_every_method_on_the_same_images(cnn, fmnist_val_
     x, y = fmnist_val_512
     geometry = layer_geometry(cnn, x[:1])
     w4a4 = cost_of({n: LayerSpec(4, act_bit_width=4) for n in geometry}, geometry).bops
+    cfg = SearchConfig(candidates=with_act_bits(FEW, (2, 4, 8)), val_images=24, pgd_steps=3).replace(steps=3)
     front = search_pareto(
         cnn, (x[:64], y[:64]), (x[64:], y[64:]), budgets=[f"bops={w4a4}"],
-        methods=["uniform", "first_last_8", "lipschitz"], candidates=with_act_bits(FEW, (2, 4, 8)),
-        val_images=24, pgd_steps=3, steps=3, progress=False, workers=2,
+        methods=["uniform", "first_last_8", "lipschitz"], config=cfg, progress=False, workers=2,
     )  # fmt: skip
     # Two forked workers measured the points: the same numbers as measuring them here, one by one.
-    cfg = build_config(None, {"candidates": with_act_bits(FEW, (2, 4, 8)), "val_images": 24, "pgd_steps": 3})
     here = _Measure(cnn, x[:64], (x[64:88], y[64:88]), cfg)
     for p in front.points[:2]:
         specs = LayerwisePolicy.from_dict(p.policy).layers

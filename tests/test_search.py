@@ -175,31 +175,39 @@ def test_check_feasible_states_minimum_in_budget_units(table):
 
 def test_search_rejects_bad_settings_in_one_line(cnn, calib):
     cases = [
-        (dict(budget="avg-bits=4", method="greedy"), ConfigError, "unknown search method"),
-        (dict(budget="avg-bits=4", eps=1.5), ConfigError, "outside"),
-        (dict(budget="avg-bits=1", candidates=CANDS), PolicyError, "needs 2 average weight bits"),
-        (dict(budget="avg-bits=4", estimate="exact"), ConfigError, "unknown estimate"),
+        ("avg-bits=4", dict(method="greedy"), ConfigError, "unknown search method"),
+        ("avg-bits=4", dict(eps=1.5), ConfigError, "outside"),
+        ("avg-bits=1", dict(candidates=CANDS), PolicyError, "needs 2 average weight bits"),
+        ("avg-bits=4", dict(estimate="exact"), ConfigError, "unknown estimate"),
     ]
-    for kwargs, exc, text in cases:
+    for budget, changes, exc, text in cases:
         with pytest.raises(exc, match=text) as e:
-            search_policy(cnn, calib, progress=False, **kwargs)
+            search_policy(cnn, calib, budget, config=SearchConfig().replace(**changes), progress=False)
         assert "\n" not in str(e.value)
+    with pytest.raises(
+        TypeError, match="unexpected keyword argument 'method'"
+    ):  # settings live in the config
+        search_policy(cnn, calib, "avg-bits=4", method="hessian", progress=False)
+    with pytest.raises(ConfigError, match="not a SearchConfig"):
+        search_policy(cnn, calib, "avg-bits=4", config={"method": "hessian"}, progress=False)
     with pytest.raises(ConfigError, match="empty"):
         search_policy(cnn, (torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long)), budget="avg-bits=4")
 
 
 def test_uniform_picks_highest_bits_that_fit(cnn, table, calib, held_out):
-    u = best_uniform(cnn, table, "avg-bits=5", held_out, 0.1, calib_data=calib, val_images=64)
+    u = best_uniform(cnn, table, "avg-bits=5", held_out, calib_data=calib, config=SearchConfig(val_images=64))
     specs = set(u.policy.layers.values())
     assert len(specs) == 1 and next(iter(specs)).weight_bit_width == 4  # 8 does not fit, 4 is the highest
     # one option per maximal (weight, input) bit pair, at its data-free best scaling: here weight-only
     # candidates, so one pair (4, float): measured all the same, since the held-out check compares with it
     accs = u.robust_accuracy
     assert list(accs) == [next(iter(specs)).short()] and u.rule == "robust_accuracy"
-    assert 0 <= u.accuracy <= 1 and u.pgd_accuracy is u.robust_accuracy
-    q = search_policy(cnn, calib, budget="avg-bits=3.5", method="uniform", table=table, progress=False)
+    assert 0 <= u.accuracy <= 1 and u.to_dict()["robust_accuracy"] == accs
+    q = search_policy(
+        cnn, calib, "avg-bits=3.5", config=SearchConfig(method="uniform"), table=table, progress=False
+    )
     assert {s.weight_bit_width for s in q.layers.values()} == {3}
-    assert best_uniform(cnn, table, "bytes=1e9", None, 0.1).spec.weight_bit_width == 8
+    assert best_uniform(cnn, table, "bytes=1e9").spec.weight_bit_width == 8
     no_common = CandidateTable(
         table.scores,
         {
@@ -208,7 +216,7 @@ def test_uniform_picks_highest_bits_that_fit(cnn, table, calib, held_out):
         },
     )
     with pytest.raises(PolicyError, match="no uniform policy fits"):
-        best_uniform(cnn, no_common, "avg-bits=4", None, 0.1)
+        best_uniform(cnn, no_common, "avg-bits=4")
 
 
 def test_lipschitz_term_is_the_swap_quantizers_deviation(cnn, table, adv_calib):
@@ -224,7 +232,7 @@ def test_lipschitz_term_is_the_swap_quantizers_deviation(cnn, table, adv_calib):
         assert terms.quantization[name][spec] == pytest.approx(dev, rel=1e-5, abs=1e-7)
         row, sc = table.row(name, spec), table.scores[name]
         assert terms.adversarial[name][spec] == pytest.approx(0.1 * adv_calib.j_loc * (row.L_hat / sc.L - 1))
-    total = score_lipschitz(cnn, table, adv_calib, eps=0.1)
+    total = score_lipschitz(cnn, table, adv_calib, config=SearchConfig(eps=0.1))
     assert total["fc1"][LayerSpec(2)] > total["fc1"][LayerSpec(8)]
 
 
@@ -242,25 +250,29 @@ def test_lipschitz_term_with_batchnorm():
 
 
 def test_search_is_deterministic(cnn, table, calib):
-    a = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False).policy
-    b = search_policy(cnn, calib, budget="avg-bits=3", table=table, seed=3, progress=False).policy
+    a = search_policy(
+        cnn, calib, "avg-bits=3", config=SearchConfig(seed=3), table=table, progress=False
+    ).policy
+    b = search_policy(
+        cnn, calib, "avg-bits=3", config=SearchConfig(seed=3), table=table, progress=False
+    ).policy
     assert a.to_json() == b.to_json()  # timings are kept in memory only, never written
     assert "timing" in a.meta and "timing" not in LayerwisePolicy.from_json(a.to_json()).meta
     assert LayerwisePolicy.from_json(a.to_json()).layers == a.layers
 
 
 def test_search_cnn_avg4_end_to_end(cnn, calib, held_out):
-    r = search_policy(cnn, calib, budget=Budget(avg_weight_bits=4), candidates=CANDS, val_data=held_out,
-                      val_images=64, refine=True, progress=False)  # fmt: skip
+    config = SearchConfig(candidates=CANDS, val_images=64, refine=True)
+    r = search_policy(cnn, calib, Budget(avg_weight_bits=4), config=config, val_data=held_out, progress=False)
     assert isinstance(r, SearchResult) and r.cost.avg_weight_bits <= 4 + 1e-9
     assert set(r.policy.layers) == {"conv1", "conv2", "fc1", "fc2"}
     assert r.method == "lipschitz" and r.estimate == "jacobian" and r.solver.status == "optimal"
     assert r.winner in ("search", "search-unrefined", "uniform")
     v = r.validation
     accs = {
-        "search": v.search_pgd_accuracy,
-        "search-unrefined": v.unrefined_pgd_accuracy,
-        "uniform": v.uniform_pgd_accuracy,
+        "search": v.search_accuracy,
+        "search-unrefined": v.unrefined_accuracy,
+        "uniform": v.uniform_accuracy,
     }
     best = max(a for a in accs.values() if a is not None)
     assert accs[r.winner] == best  # never worse than uniform (or the unrefined solution) on validation images
@@ -282,28 +294,24 @@ def test_search_cnn_avg4_end_to_end(cnn, calib, held_out):
 def test_bytes_and_bops_budgets(cnn, table, calib):
     for budget in ("kib=80", "bops=5e7"):
         b = Budget.parse(budget)
-        r = search_policy(cnn, calib, budget=b, table=table, refine=False, progress=False)
+        r = search_policy(cnn, calib, b, table=table, progress=False)
         assert r.cost.value(b.kind) <= b.value * (1 + 1e-9)
 
 
 def test_baseline_scorers_and_spectral(cnn, table, calib):
+    cfg = SearchConfig(eps=0.1).replace(n_samples=4, estimate="spectral")
     for scores in (
-        score_hessian(cnn, table, calib, n_samples=4),
-        score_ans(cnn, table, calib, eps=0.1),
-        score_lipschitz(cnn, table, calib, estimate="spectral", eps=0.1),
+        score_hessian(cnn, table, calib, config=cfg),
+        score_ans(cnn, table, calib, config=cfg),
+        score_lipschitz(cnn, table, calib, config=cfg),
     ):
         assert set(scores) == set(table.layers)
         assert all(math.isfinite(v) for per in scores.values() for v in per.values())
-    h = score_hessian(cnn, table, calib, n_samples=4)
+    h = score_hessian(cnn, table, calib, config=cfg)
     assert h["fc1"][LayerSpec(2)] > h["fc1"][LayerSpec(4)] >= 0
-    for method, kw in (
-        ("hessian", {"hessian_samples": 4}),
-        ("ans", {}),
-        ("lipschitz", {"estimate": "spectral"}),
-    ):
-        r = search_policy(
-            cnn, calib, budget="avg-bits=4", method=method, table=table, refine=True, progress=False, **kw
-        )
+    for method in ("hessian", "ans", "lipschitz"):
+        config = cfg.replace(method=method, refine=True)
+        r = search_policy(cnn, calib, "avg-bits=4", config=config, table=table, progress=False)
         assert r.cost.avg_weight_bits <= 4 + 1e-9
         assert r.refinement.done is (method == "lipschitz")
 
@@ -324,12 +332,14 @@ def test_validate_metric_tiny(cnn, table, calib, held_out, tmp_path):
 
 def test_search_without_val_data_says_unchecked(cnn, table, calib):
     with pytest.warns(UserWarning, match="not compared with the best uniform"):
-        r = search_policy(cnn, calib, budget="avg-bits=4", table=table, refine=False, progress=False)
+        r = search_policy(cnn, calib, "avg-bits=4", table=table, progress=False)
     assert r.winner == "unchecked" and r.validation is None
 
 
 def test_uniform_policy_meta_has_scores_and_solver(cnn, table, calib):
-    r = search_policy(cnn, calib, budget="avg-bits=4", method="uniform", table=table, progress=False)
+    r = search_policy(
+        cnn, calib, "avg-bits=4", config=SearchConfig(method="uniform"), table=table, progress=False
+    )
     assert r.winner == "uniform" and r.solver.status == "not run"
     assert set(r.layer_scores) == set(r.layers) and r.objective == sum(r.layer_scores.values())
     assert r.layer_scores["fc1"] != 0  # a uniform policy's share of the (spectral) bound, not zeros
@@ -368,11 +378,13 @@ def test_search_costs_less_than_four_pgd20_evaluations(cnn, fmnist_val_512):
 
 
 # --------------------------------------------------------------------------- config and registry
-def test_search_config_validates_serialises_and_takes_old_keywords():
+def test_search_config_validates_serialises_and_routes_method_settings():
+    from aq_brevitas.config import ConfigBase
     from aq_brevitas.search import METHODS, SCORERS, HessianSettings, LipschitzSettings
 
+    assert isinstance(SearchConfig(), ConfigBase) and isinstance(HessianSettings(), ConfigBase)
     cfg = SearchConfig(candidates=[LayerSpec(2), LayerSpec(8)]).replace(
-        method="hessian", hessian_samples=4, estimate="spectral", eps=0.05, val_images=None
+        method="hessian", n_samples=4, estimate="spectral", eps=0.05, val_images=None
     )
     assert cfg.settings_for(HessianSettings).n_samples == 4 and cfg.method_settings.n_samples == 4
     assert cfg.settings_for(LipschitzSettings).estimate == "spectral" and cfg.candidates == (
@@ -392,10 +404,13 @@ def test_search_config_validates_serialises_and_takes_old_keywords():
     ):
         with pytest.raises((ConfigError, PolicyError), match=text):
             SearchConfig().replace(**kwargs)
-    with pytest.raises(TypeError, match="unexpected search setting 'hessain_samples'"):
-        SearchConfig().replace(hessain_samples=4)
-    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+    for old in ("hessian_samples", "n_sample"):  # no spelling of earlier releases is read
+        with pytest.raises(ConfigError, match=f"unknown search setting.*'{old}'.*n_samples"):
+            SearchConfig().replace(**{old: 4})
+    with pytest.raises(ConfigError, match="unknown SearchConfig setting.*'bogus'"):
         SearchConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="unknown HessianSettings setting.*'hessian_samples'"):
+        SearchConfig.from_dict({"settings": {"hessian": {"hessian_samples": 4}}})
     with pytest.raises(ConfigError, match="cannot be written to JSON"):
         SearchConfig().replace(attack=object()).to_dict()
     # One list of methods: the scorers cover the scored ones, the CLI offers exactly these.
@@ -409,7 +424,7 @@ def test_search_config_validates_serialises_and_takes_old_keywords():
     )
 
 
-def test_search_result_is_typed_and_policy_api_is_deprecated(cnn, table, calib):
+def test_search_result_is_typed_and_carries_the_policy(cnn, table, calib):
     from aq_brevitas.search import select_policy
 
     with pytest.warns(UserWarning, match="not compared"):
@@ -418,39 +433,107 @@ def test_search_result_is_typed_and_policy_api_is_deprecated(cnn, table, calib):
         )
     assert r.config.method == "ans" and set(r.evidence.sensitivity) == set(table.layers)
     assert r.policy.meta["ans"] == r.evidence.sensitivity and "avg weight bits" in r.summary()
-    with pytest.warns(DeprecationWarning, match="result.policy"):
-        assert r.meta is r.policy.meta
+    assert not hasattr(r, "meta") and not hasattr(r, "save")  # the policy's API lives on result.policy
     # select_policy and search_policy agree that whole-network refinement is off unless asked for.
     assert not select_policy(cnn, table, score_ans(cnn, table, calib), "avg-bits=4").refinement.done
 
 
+@pytest.fixture
+def registries():
+    """The method registries, restored after the test whatever it registered."""
+    from aq_brevitas.search import METHOD_SETTINGS, SCORERS
+
+    saved = dict(METHOD_SETTINGS), dict(SCORERS)
+    yield METHOD_SETTINGS, SCORERS
+    for registry, before in zip((METHOD_SETTINGS, SCORERS), saved):
+        registry.clear()
+        registry.update(before)
+
+
+def test_a_method_registered_in_one_place_is_selectable_everywhere(cnn, table, calib, registries):
+    from dataclasses import dataclass
+
+    import aq_brevitas
+    from aq_brevitas.search import MethodSettings, Scoring, register_scorer, score
+
+    @dataclass(frozen=True)
+    class FavourSettings(MethodSettings):
+        favoured: str = "fc1"
+
+    @dataclass(frozen=True)
+    class FavourEvidence:
+        favoured: str
+
+        def to_meta(self):
+            return {"favoured": self.favoured}
+
+    def favour_scorer(model, table, inputs, settings):
+        """Error ~ 1/bits, a hundred times worse in the favoured layer: it gets the most bits."""
+        scores = {
+            n: {r.spec: (100.0 if n == settings.favoured else 1.0) / r.spec.weight_bit_width for r in rows}
+            for n, rows in table.rows.items()
+        }
+        return Scoring(scores, None, FavourEvidence(settings.favoured))
+
+    aq_brevitas.register_scorer("favour", favour_scorer, FavourSettings)
+    cfg = SearchConfig(method="favour").replace(favoured="conv2")  # its settings route like the built-ins'
+    assert cfg.method_settings == FavourSettings("conv2") and SearchConfig.from_dict(cfg.to_dict()) == cfg
+    scores = score("favour", cnn, table, calib, config=cfg).scores
+    assert scores["conv2"][LayerSpec(2)] == 50.0 and scores["fc1"][LayerSpec(2)] == 0.5
+    with pytest.warns(UserWarning, match="not compared"):
+        r = search_policy(cnn, calib, "avg-bits=3", config=cfg, table=table, progress=False)
+    bits = {n: s.weight_bit_width for n, s in r.layers.items()}
+    assert (
+        r.method == "favour" and r.policy.meta["favoured"] == "conv2" and r.cost.avg_weight_bits <= 3 + 1e-9
+    )
+    assert bits["conv2"] == max(bits.values()) > min(bits.values())
+
+    class Undecorated(MethodSettings):
+        level: int = 1
+
+    @dataclass(frozen=True)
+    class Flat(MethodSettings):
+        flatness: int = 1
+
+    @dataclass(frozen=True)
+    class OwnEps(MethodSettings):
+        eps: float = 0.1  # a SearchConfig field: replace(eps=...) could not tell the two apart
+
+    for bad, text in (
+        (("favour", favour_scorer, Flat), "taken"),
+        (("noisy", favour_scorer, Undecorated), "not a frozen"),
+        (("again", favour_scorer, FavourSettings), "reuse the setting name"),
+        (("clash", favour_scorer, OwnEps), "reuse the setting name"),
+        (("flat", None, Flat), "does not match"),
+        (("flat", "no_colon_path", Flat), "does not match"),
+    ):
+        with pytest.raises(ConfigError, match=text):
+            register_scorer(*bad)
+    register_scorer("missing", "aq_brevitas.search.scorers:no_such_scorer", Flat)  # a path: imported on use
+    with pytest.raises(ConfigError, match="scorers:no_such_scorer' of method 'missing' does not import"):
+        score("missing", cnn, table, calib)
+
+
 def test_search_takes_a_list_of_batches(cnn, table, calib):
     x, y = calib
-    pair = search_policy(cnn, calib, "avg-bits=3", method="ans", table=table, progress=False)
-    batches = search_policy(cnn, [(x[:32], y[:32]), (x[32:], y[32:])], "avg-bits=3", method="ans",
-                            table=table, progress=False)  # fmt: skip
+    ans = SearchConfig(method="ans")
+    pair = search_policy(cnn, calib, "avg-bits=3", config=ans, table=table, progress=False)
+    batches = search_policy(cnn, [(x[:32], y[:32]), (x[32:], y[32:])], "avg-bits=3", config=ans, table=table,
+                            progress=False)  # fmt: skip
     assert batches.policy.to_json() == pair.policy.to_json()
 
 
-def test_result_cost_is_a_policy_cost_and_still_callable_like_the_old_policy():
-    """Code written when search_policy returned the LayerwisePolicy called ``policy.cost(model)``."""
-    import dataclasses
-
-    import pytest
-
+def test_result_cost_is_the_policys_cost_on_the_model():
     from aq_brevitas.budget import PolicyCost
     from aq_brevitas.models import build_model
 
     torch.manual_seed(0)
     model = build_model("small_cnn").eval()
     x = torch.rand(16, 1, 28, 28)
-    result = search_policy(model, (x, model(x).argmax(1)), "avg-bits=4", candidates=[LayerSpec(2), LayerSpec(8)],
-                           progress=False)  # fmt: skip
-    plain = PolicyCost(**{f.name: getattr(result.cost, f.name) for f in dataclasses.fields(PolicyCost)})
-    assert result.cost == plain and plain == result.cost
-    with pytest.warns(DeprecationWarning, match=r"result\.policy\.cost"):
-        old_style = result.cost(model, x[:1])
-    assert old_style == result.policy.cost(model, x[:1]) == plain
+    config = SearchConfig(candidates=[LayerSpec(2), LayerSpec(8)])
+    result = search_policy(model, (x, model(x).argmax(1)), "avg-bits=4", config=config, progress=False)
+    assert type(result.cost) is PolicyCost and not callable(result.cost)
+    assert result.cost == result.policy.cost(model, x[:1])
 
 
 def test_layers_sharing_a_weight_get_one_spec_and_its_bits_count_once():
@@ -470,8 +553,8 @@ def test_layers_sharing_a_weight_get_one_spec_and_its_bits_count_once():
     model = Tied().eval()
     x = torch.rand(32, 32)
     y = model(x).argmax(1)
-    result = search_policy(model, (x, y), "avg-bits=5", candidates=[LayerSpec(2), LayerSpec(4), LayerSpec(8)],
-                           progress=False)  # fmt: skip
+    config = SearchConfig(candidates=[LayerSpec(2), LayerSpec(4), LayerSpec(8)])
+    result = search_policy(model, (x, y), "avg-bits=5", config=config, progress=False)
     assert result.layers["a"] == result.layers["b"]
     assert result.cost.avg_weight_bits <= 5
     geometry = layer_geometry(model, x[:1])

@@ -1,14 +1,14 @@
 """Policy search (docs/method.md "Scores", "Selection", "Baselines"): score every (layer, candidate),
 pick one candidate per layer under a cost budget with an exact multiple-choice knapsack, optionally
-refine on the whole-network bound, and keep the result only if held-out PGD accuracy says it beats
-the best uniform policy.
+refine on the whole-network bound, and keep the result only if its held-out robust accuracy (the
+per-image worst case of PGD and the fast attack suite) beats the best uniform policy's.
 
 =================  ===========================================================================
 module             holds
 =================  ===========================================================================
-``config``         :class:`SearchConfig`, per-method settings and the method registry (torch-free)
+``config``         :class:`SearchConfig`, per-method settings, :func:`register_scorer` (torch-free)
 ``calibration``    adversarial calibration, :class:`WeightCache`, fx replay, network deviation
-``scorers``        ``lipschitz``/``hessian``/``ans`` behind one signature, the ``SCORERS`` registry
+``scorers``        ``lipschitz``/``hessian``/``ans`` behind one signature, :func:`score`
 ``mckp``           the knapsack as a MILP (numpy/scipy only)
 ``selection``      :func:`select_policy`: knapsack + refinement on ready scores
 ``refine``         the whole-network bound B(p), top-K re-ranking, coordinate descent
@@ -33,10 +33,10 @@ from typing import Any
 _MODULES: dict[str, tuple[str, ...]] = {
     ".config": ("SearchConfig", "MethodSettings", "LipschitzSettings", "HessianSettings", "AnsSettings",
                 "UniformSettings", "METHOD_SETTINGS", "METHODS", "SCORED_METHODS", "COMPARE_ORDER",
-                "ESTIMATES", "DEFAULT_ACT_BITS", "with_act_bits"),
+                "ESTIMATES", "DEFAULT_ACT_BITS", "with_act_bits", "SCORERS", "register_scorer", "scorer_for"),
     ".calibration": ("AdversarialCalibration", "adversarial_calibration", "WeightCache", "swapped_weights",
                      "network_deviation", "equivalent_candidates", "ActivationProbe"),
-    ".scorers": ("SCORERS", "Scores", "Scoring", "ScoringInputs", "LipschitzTerms", "lipschitz_terms",
+    ".scorers": ("Scores", "Scoring", "ScoringInputs", "LipschitzTerms", "lipschitz_terms",
                  "hessian_traces", "activation_hessian_traces", "ans_sensitivity", "score", "score_lipschitz", "score_hessian",
                  "score_ans"),
     ".mckp": ("MckpSolution", "solve_top_k", "solve_mckp"),
@@ -44,7 +44,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".refine": ("WholeNetworkBound", "Refinement", "policy_bound"),
     ".baselines": ("UniformChoice", "best_uniform", "uniform_options", "uniform_choices", "quantized_robust_accuracy"),
     ".core": ("search_policy",),
-    ".result": ("SearchResult", "AchievedCost", "SolverReport", "HeldOutCheck", "Timing"),
+    ".result": ("SearchResult", "SolverReport", "HeldOutCheck", "Timing"),
     ".validate": ("MetricValidation", "sample_policies", "validate_metric"),
     ".tables": ("policy_table", "compare_methods", "MethodComparison"),
     ".pareto": ("search_pareto", "ParetoFront", "ParetoPoint", "PARETO_METHODS", "sweep_budgets"),

@@ -23,7 +23,7 @@ from ..forward import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
 from .calibration import WeightCache, progress_bar
 from .candidates import CandidateTable
-from .config import SearchConfig, build_config
+from .config import SearchConfig, as_config
 from .costing import achieved_cost, fits
 
 
@@ -35,7 +35,7 @@ def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.
 
 #: what :func:`quantized_robust_accuracy` measures, as the held-out check records it
 ROBUST_MEASURE = (
-    "worst case of PGD and the fast suite (APGD-CE, APGD-DLR, transfer from the float model, Square)"
+    "worst case of PGD and the fast suite (APGD-CE, APGD-DLR, APGD-T3, transfer from the float model, Square)"
 )
 
 
@@ -130,8 +130,8 @@ class UniformChoice:
     """The best uniform policy and why: ``spec`` (used in every layer of ``layers``), the ``options``
     it was chosen from, the ``rule`` (``"robust_accuracy"`` on held-out images or the data-free
     ``"relative_weight_error"``), each option's held-out robust accuracy by ``LayerSpec.short()`` (the
-    worst case of PGD-``pgd_steps`` and the fast suite; empty for the data-free rule; ``pgd_accuracy``
-    is its name in earlier releases), and its cost under ``budget``."""
+    worst case of PGD-``pgd_steps`` and the fast suite; empty for the data-free rule), and its cost
+    under ``budget``."""
 
     spec: LayerSpec
     layers: tuple[str, ...]
@@ -154,10 +154,6 @@ class UniformChoice:
             "uniform": self.to_dict(),
         }
         object.__setattr__(self, "policy", LayerwisePolicy({n: self.spec for n in self.layers}, None, meta))
-
-    @property
-    def pgd_accuracy(self) -> dict[str, float]:
-        return self.robust_accuracy
 
     @property
     def accuracy(self) -> float | None:
@@ -190,13 +186,11 @@ def best_uniform(
     table: CandidateTable,
     budget: Budget | str,
     val_data: Any = None,
-    eps: float | None = None,
     *,
     calib_data: Any = None,
     config: SearchConfig | None = None,
     cache: WeightCache | None = None,
     progress: bool = False,
-    **overrides: Any,
 ) -> UniformChoice:
     """The best uniform policy among :func:`uniform_options` (one per maximal fitting (weight, input)
     bit pair, each at its data-free best scaling × granularity): the one with the best robust accuracy
@@ -205,10 +199,11 @@ def best_uniform(
     activation quantizers, default the same images); the only option is measured too, since the
     held-out check compares with it. Without ``val_data`` the choice is data-free: the smallest Σ
     relative weight error ‖ΔW‖_F/‖W‖_F.
-    ``eps`` (default: the config's), ``config``/``overrides`` (``seed``, ``pgd_steps``,
-    ``val_images``, ``normalization``) as :class:`SearchConfig`. PolicyError when no uniform policy fits.
+    ``config``: the :class:`SearchConfig` whose ``eps``, ``seed``, ``pgd_steps``, ``val_images`` and
+    ``normalization`` are used. ``cache``: a ready :class:`WeightCache` of ``model``. PolicyError when
+    no uniform policy fits.
     """
-    cfg = build_config(config, {**overrides, **({} if eps is None else {"eps": eps})})
+    cfg = as_config(config)
     budget = as_budget(budget)
     cache = cache or WeightCache(model, table)
     options = uniform_options(table, budget, cache)

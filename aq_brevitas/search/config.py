@@ -1,22 +1,24 @@
 """What a search is asked to do: one frozen :class:`SearchConfig` with per-method settings.
 
 ``METHOD_SETTINGS`` is the registry of selection methods, the one list of them: each name maps to the
-frozen settings class of that method. The CLI's choices, the pipeline and the benchmarks read the
-names from here, and :mod:`aq_brevitas.search.scorers` attaches a scorer to every scored name. A new
-method is a settings class here and a scorer there.
+frozen settings class of that method, and ``SCORERS`` maps each scored name to its scorer. Both are
+filled by :func:`register_scorer` only, so a new method is one module: a settings class, a scorer and
+one ``register_scorer`` call. The CLI's choices, the pipeline and the benchmarks read the names from here.
 
-Torch-free, so the command line can build its options without importing torch.
+Torch-free, so the command line can build its options without importing torch: the built-in scorers
+are registered by their ``module:function`` path and imported on first use (:func:`scorer_for`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from ..config import Normalization, check_normalization
+from ..config import ConfigBase, Normalization, check_normalization, json_ready
 from ..errors import ConfigError, PolicyError
 from ..policy import TARGETS, LayerSpec, for_target
 
@@ -39,10 +41,11 @@ def _number(value: Any, name: str, lo: float, hi: float = math.inf, *, integer: 
 
 # ------------------------------------------------------------------------------ per-method settings
 @dataclass(frozen=True)
-class MethodSettings:
-    """Settings of one selection method. ``scored``: it scores (layer, candidate) pairs for the
-    knapsack (``uniform`` enumerates instead); ``refinable``: it has a whole-network measure that
-    refinement can re-rank by (only ``lipschitz``)."""
+class MethodSettings(ConfigBase):
+    """Settings of one selection method (a frozen dataclass; ``replace``/``to_dict``/``from_dict``
+    as every config). ``scored``: it scores (layer, candidate) pairs for the knapsack (``uniform``
+    enumerates instead); ``refinable``: it has a whole-network measure that refinement can re-rank by
+    (only ``lipschitz``)."""
 
     scored: ClassVar[bool] = True
     refinable: ClassVar[bool] = False
@@ -52,9 +55,6 @@ class MethodSettings:
 
     def validate(self) -> None:
         """Raise a one-line :class:`ConfigError` for a bad value."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -113,27 +113,21 @@ class UniformSettings(MethodSettings):
     scored: ClassVar[bool] = False
 
 
-METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
-    "lipschitz": LipschitzSettings,
-    "hessian": HessianSettings,
-    "ans": AnsSettings,
-    "uniform": UniformSettings,
-}
-METHODS = tuple(METHOD_SETTINGS)
-SCORED_METHODS = tuple(n for n, c in METHOD_SETTINGS.items() if c.scored)
-# Side-by-side order (search --compare, benchmarks): baselines first, this project's method last.
-COMPARE_ORDER = (
-    *(n for n, c in METHOD_SETTINGS.items() if not c.scored),
-    *(n for n in SCORED_METHODS if n != DEFAULT_METHOD),
-    DEFAULT_METHOD,
-)
-_OWNER = {f.name: m for m, cls in METHOD_SETTINGS.items() for f in fields(cls)}  # setting -> method
-_LEGACY = {"hessian_samples": "n_samples"}  # search_policy's keyword -> the settings field
+#: selection method -> its settings class, the one list of methods (filled by :func:`register_scorer`)
+METHOD_SETTINGS: dict[str, type[MethodSettings]] = {}
+#: scored method -> its scorer ``(model, table, inputs, settings) -> Scoring``, or the
+#: ``"module:function"`` path of one not imported yet (:func:`scorer_for` imports it)
+SCORERS: dict[str, Callable[..., Any] | str] = {}
 
 
 def default_settings() -> dict[str, MethodSettings]:
     """Every method's settings at their defaults."""
     return {name: cls() for name, cls in METHOD_SETTINGS.items()}
+
+
+def _setting_owners() -> dict[str, str]:
+    """Method setting name -> the method whose settings class has it."""
+    return {f.name: m for m, cls in METHOD_SETTINGS.items() for f in fields(cls)}
 
 
 S = TypeVar("S", bound=MethodSettings)
@@ -205,7 +199,7 @@ def _for_target(candidates: Candidates, target: str) -> Candidates:
 
 # ----------------------------------------------------------------------------------- the config
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(ConfigBase):
     """Everything :func:`~aq_brevitas.search.search_policy` is asked to do, besides the data and budget.
 
     Validated on construction (one-line :class:`ConfigError`/:class:`PolicyError`), serialisable with
@@ -215,9 +209,10 @@ class SearchConfig:
     ``candidates``: None (the 36 defaults), one list of :class:`LayerSpec`, or per-layer lists
     (``"*"`` for the rest). ``refine``/``top_k``: re-rank the ``top_k`` knapsack solutions by the
     whole-network bound and run one pass of coordinate descent (methods with a whole-network measure
-    only; off by default, see docs/method.md "Selection"). ``pgd_steps``/``val_images``: the PGD
-    check against the best uniform policy on held-out images. ``fold_bn``: score the BatchNorm-folded
-    weights that ``quantize(..., fold_bn=True)`` will quantize. ``normalization=(mean, std)``: the
+    only; off by default, see docs/method.md "Selection"). ``pgd_steps``/``val_images``: the
+    held-out check against the best uniform policy, by robust accuracy (the per-image worst case of
+    PGD-``pgd_steps`` and the fast attack suite) on the first ``val_images`` held-out images.
+    ``fold_bn``: score the BatchNorm-folded weights that ``quantize(..., fold_bn=True)`` will quantize. ``normalization=(mean, std)``: the
     model expects normalised inputs; data and ε stay in [0, 1] pixel space and the model is fed
     ``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`). ``settings``: per-method
     settings by method name; missing ones take their defaults.
@@ -237,7 +232,7 @@ class SearchConfig:
     fold_bn: bool = field(default=False, metadata={"help": "score BatchNorm-folded weights"})
     refine: bool = field(default=False, metadata={"help": "refine on the whole-network bound"})
     top_k: int = field(default=5, metadata={"help": "knapsack solutions refinement re-ranks"})
-    pgd_steps: int = field(default=10, metadata={"help": "PGD steps of the held-out uniform check"})
+    pgd_steps: int = field(default=10, metadata={"help": "PGD steps in the held-out robust check"})
     val_images: int | None = field(default=500, metadata={"help": "held-out images for that check"})
     normalization: Normalization | None = field(
         default=None, metadata={"help": "(mean, std) of a model that expects normalised inputs"}
@@ -252,7 +247,9 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_SETTINGS:
-            raise ConfigError(f"unknown search method {self.method!r}", f"use one of {', '.join(METHODS)}")
+            raise ConfigError(
+                f"unknown search method {self.method!r}", f"use one of {', '.join(METHOD_SETTINGS)}"
+            )
         merged = default_settings()
         for name, s in dict(self.settings).items():
             if name not in METHOD_SETTINGS or not isinstance(s, METHOD_SETTINGS[name]):
@@ -291,7 +288,7 @@ class SearchConfig:
     def settings_for(self, cls: type[S]) -> S:
         """The settings of the method whose settings class is ``cls`` (typed access)."""
         name = next(n for n, c in METHOD_SETTINGS.items() if c is cls)
-        out = self.settings[name]
+        out = self.settings.get(name) or cls()  # a method registered after this config was made
         assert isinstance(out, cls)
         return out
 
@@ -304,21 +301,23 @@ class SearchConfig:
 
     def replace(self, **changes: Any) -> SearchConfig:
         """A copy with ``changes``: config fields, or method settings by field name (``estimate``,
-        ``attack``, ``steps``, ``adv_weight``, ``n_samples``; ``hessian_samples`` is read as
-        ``n_samples``). An unknown name is a ``TypeError``, as for a misspelt keyword."""
-        top, per_method = {}, {n: dict[str, Any]() for n in METHOD_SETTINGS}
-        own = {f.name for f in fields(self)}
+        ``attack``, ``steps``, ``adv_weight``, ``n_samples``, and those of registered methods).
+        An unknown name is a one-line :class:`ConfigError`."""
+        own, owners = {f.name for f in fields(self)}, _setting_owners()
+        unknown = sorted(set(changes) - own - set(owners))
+        if unknown:
+            raise ConfigError(
+                f"unknown search setting(s) {', '.join(map(repr, unknown))}",
+                f"use a SearchConfig field ({', '.join(sorted(own))}) or a method setting "
+                f"({', '.join(sorted(owners))})",
+            )
+        top = {k: v for k, v in changes.items() if k in own}
+        settings = {**self.settings, **dict(top.pop("settings", {}))}
         for key, value in changes.items():
-            key = _LEGACY.get(key, key)
-            if key in own:
-                top[key] = value
-            elif key in _OWNER:
-                per_method[_OWNER[key]][key] = value
-            else:
-                raise TypeError(f"unexpected search setting {key!r}")
-        base = {**self.settings, **dict(top.get("settings", {}))}
-        settings = {n: dataclasses.replace(base[n], **kw) if kw else base[n] for n, kw in per_method.items()}
-        return dataclasses.replace(self, **{**top, "settings": settings})
+            if key not in own:
+                method = owners[key]
+                settings[method] = (settings.get(method) or METHOD_SETTINGS[method]()).replace(**{key: value})
+        return super().replace(**top, settings=settings)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -334,17 +333,15 @@ class SearchConfig:
         out = {
             f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("candidates", "settings")
         }
-        return {**out, "candidates": cands, "settings": {n: s.to_dict() for n, s in self.settings.items()}}
+        settings = {n: s.to_dict() for n, s in self.settings.items()}
+        return {**json_ready(out), "candidates": cands, "settings": settings}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a one-line :class:`ConfigError`."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"a search config must be an object, got {type(d).__name__}", "pass a dict")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"search config has unknown key {unknown[0]!r}", f"allowed: {', '.join(known)}")
+        cls._check_names(d)
         kw = dict(d)
         raw = kw.get("candidates")
         if raw is not None:
@@ -358,20 +355,108 @@ class SearchConfig:
         settings = {}
         for name, values in dict(kw.get("settings") or {}).items():
             if name not in METHOD_SETTINGS:
-                raise ConfigError(f"search config has settings for unknown method {name!r}", f"use {METHODS}")
-            try:
-                settings[name] = METHOD_SETTINGS[name](**values)
-            except TypeError as exc:
                 raise ConfigError(
-                    f"settings for {name!r}: {exc}", "use the fields of its settings class"
-                ) from None
-        kw["settings"] = settings
-        return cls(**kw)
+                    f"search config has settings for unknown method {name!r}",
+                    f"use {', '.join(METHOD_SETTINGS)}",
+                )
+            settings[name] = METHOD_SETTINGS[name].from_dict(values)
+        return super().from_dict({**kw, "settings": settings})
 
 
-def build_config(config: SearchConfig | None, overrides: Mapping[str, Any]) -> SearchConfig:
-    """``config`` (default: :class:`SearchConfig`) with keyword ``overrides`` applied on top."""
-    base = config if config is not None else SearchConfig()
-    if not isinstance(base, SearchConfig):
-        raise ConfigError(f"config is a {type(base).__name__}, not a SearchConfig", "pass SearchConfig(...)")
-    return base.replace(**overrides) if overrides else base
+def as_config(config: SearchConfig | None) -> SearchConfig:
+    """``config``, or the default :class:`SearchConfig` for None; ConfigError for anything else."""
+    if config is None:
+        return SearchConfig()
+    if not isinstance(config, SearchConfig):
+        raise ConfigError(
+            f"config is a {type(config).__name__}, not a SearchConfig", "pass SearchConfig(...)"
+        )
+    return config
+
+
+# ------------------------------------------------------------------------------------ the registry
+def register_scorer(
+    name: str, scorer: Callable[..., Any] | str | None, settings_cls: type[MethodSettings]
+) -> None:
+    """Make ``name`` a selection method: ``SearchConfig(method=name)`` then selects it in
+    :func:`~aq_brevitas.search.search_policy`, :func:`~aq_brevitas.search.score` and the comparisons.
+
+    ``scorer``: ``(model, table, inputs: ScoringInputs, settings) -> Scoring`` (the three of
+    :mod:`aq_brevitas.search.scorers` show the shape), or its ``"package.module:function"`` path,
+    imported on first use; None for a method that enumerates instead of scoring
+    (``settings_cls.scored`` False, as ``uniform``). ``settings_cls``: a frozen dataclass deriving
+    from :class:`MethodSettings`; its field names become :meth:`SearchConfig.replace` keywords, so
+    they must be new. Raises :class:`ConfigError` for a name already registered, a setting name
+    already taken, or a scorer that does not match ``settings_cls.scored``.
+
+    >>> @dataclass(frozen=True)
+    ... class NoiseSettings(MethodSettings):
+    ...     sigma: float = 0.1
+    >>> register_scorer("noise", "my_package.scoring:noise_scorer", NoiseSettings)
+    >>> SearchConfig(method="noise").replace(sigma=0.2).method_settings
+    NoiseSettings(sigma=0.2)
+    >>> del METHOD_SETTINGS["noise"], SCORERS["noise"]  # (this example's method, removed again)
+    """
+    if not isinstance(name, str) or not name or name in METHOD_SETTINGS:
+        raise ConfigError(f"method name {name!r} is taken or empty", "register the method under a new name")
+    if not (
+        isinstance(settings_cls, type)
+        and issubclass(settings_cls, MethodSettings)
+        and "__dataclass_params__" in vars(settings_cls)  # decorated itself, not only its base
+        and settings_cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    ):
+        raise ConfigError(
+            f"the settings of {name!r} are not a frozen MethodSettings dataclass",
+            "declare @dataclass(frozen=True) class ...(MethodSettings)",
+        )
+    taken = (set(_setting_owners()) | {f.name for f in fields(SearchConfig)}) & {
+        f.name for f in fields(settings_cls)
+    }
+    if taken:
+        raise ConfigError(
+            f"settings of {name!r} reuse the setting name(s) {', '.join(sorted(taken))}",
+            "give the settings class field names no other method or SearchConfig uses",
+        )
+    lazy = isinstance(scorer, str) and ":" in scorer
+    if (scorer is None) == settings_cls.scored or not (scorer is None or lazy or callable(scorer)):
+        raise ConfigError(
+            f"the scorer of {name!r} does not match {settings_cls.__name__}.scored={settings_cls.scored}",
+            "pass a scorer function (or its 'module:function' path) for a scored method, None otherwise",
+        )
+    METHOD_SETTINGS[name] = settings_cls
+    if scorer is not None:
+        SCORERS[name] = scorer
+
+
+def scorer_for(method: str) -> Callable[..., Any]:
+    """The scorer registered for ``method``, imported on first use when registered by its path.
+    ConfigError for a method without one."""
+    scorer = SCORERS.get(method)
+    if scorer is None:
+        raise ConfigError(f"method {method!r} has no scorer", f"use one of {', '.join(SCORERS)}")
+    if isinstance(scorer, str):
+        module, _, attr = scorer.partition(":")
+        try:
+            scorer = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"the scorer {SCORERS[method]!r} of method {method!r} does not import: {exc}",
+                "register the scorer function itself, or a 'module:function' path that imports",
+            ) from None
+        SCORERS[method] = scorer
+    return scorer
+
+
+register_scorer("lipschitz", "aq_brevitas.search.scorers:lipschitz_scorer", LipschitzSettings)
+register_scorer("hessian", "aq_brevitas.search.scorers:hessian_scorer", HessianSettings)
+register_scorer("ans", "aq_brevitas.search.scorers:ans_scorer", AnsSettings)
+register_scorer("uniform", None, UniformSettings)
+#: the built-in methods (:data:`METHOD_SETTINGS` holds those registered later too)
+METHODS = tuple(METHOD_SETTINGS)
+SCORED_METHODS = tuple(n for n, c in METHOD_SETTINGS.items() if c.scored)
+# Side-by-side order (search --compare, benchmarks): baselines first, this project's method last.
+COMPARE_ORDER = (
+    *(n for n, c in METHOD_SETTINGS.items() if not c.scored),
+    *(n for n in SCORED_METHODS if n != DEFAULT_METHOD),
+    DEFAULT_METHOD,
+)

@@ -1,5 +1,6 @@
 """:func:`search_policy`: score, solve, (refine,) then keep the better of the result and the best
-uniform policy by PGD accuracy on held-out training images (docs/method.md "Selection").
+uniform policy by robust accuracy on held-out training images -- the per-image worst case of PGD and
+the fast attack suite (docs/method.md "Selection").
 
 Each step is one function over a :class:`_Run` that carries the data, the candidate table and the
 timings; :func:`search_policy` only chains them.
@@ -33,7 +34,7 @@ from .calibration import (
     reuse_calibration,
 )
 from .candidates import CandidateRow, CandidateTable, candidate_table, folded_copy, per_layer_candidates
-from .config import METHOD_SETTINGS, LipschitzSettings, SearchConfig, build_config
+from .config import METHOD_SETTINGS, LipschitzSettings, SearchConfig, as_config, scorer_for
 from .costing import achieved_cost, check_feasible
 from .mckp import SOLVER_NAME
 from .refine import Refinement
@@ -46,7 +47,7 @@ from .result import (
     Timing,
     UniformEvidence,
 )
-from .scorers import SCORERS, Scores, ScoringInputs, lipschitz_terms
+from .scorers import Scores, ScoringInputs, lipschitz_terms
 from .selection import Selection, select_policy
 
 _NO_VAL_DATA = (
@@ -180,7 +181,7 @@ def _pick_scored(run: _Run) -> _Picked:
     """Score with the method's registered scorer, then the knapsack (and refinement if asked)."""
     cfg, t0 = run.cfg, time.perf_counter()
     inputs = ScoringInputs((run.x, run.y), run.calib, cfg.eps, cfg.seed, run.cache, run.progress)
-    scoring = SCORERS[cfg.method](run.model, run.table, inputs, cfg.method_settings)
+    scoring = scorer_for(cfg.method)(run.model, run.table, inputs, cfg.method_settings)
     run.timing.scoring_s = time.perf_counter() - t0
     sel = select_policy(
         run.model,
@@ -239,7 +240,7 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
         m_acc,
         u_acc,
         uni.spec,
-        dict(uni.pgd_accuracy),
+        dict(uni.robust_accuracy),
         dict(choice),
         ROBUST_MEASURE,
     )
@@ -289,8 +290,6 @@ def search_policy(
     val_data: Any = None,
     table: CandidateTable | None = None,
     progress: bool = True,
-    normalization: Any = None,
-    **overrides: Any,
 ) -> SearchResult:
     """Search a per-layer policy under ``budget`` (docs/method.md "Selection") and say why it won.
 
@@ -298,40 +297,37 @@ def search_policy(
     :func:`~aq_brevitas.forward.as_xy` accepts (images alone are labelled by the model), or a ready
     :class:`AdversarialCalibration` (reused across budgets and methods; its eps must be the config's).
     ``budget``: a :class:`~aq_brevitas.Budget` or its CLI text (``"avg-bits=4"``, ``"kib=20"``...).
-    ``config``: a :class:`SearchConfig`; ``overrides`` are its fields and method settings by name,
-    so the keywords of earlier releases still work (``method``, ``candidates``, ``eps``, ``attack``,
-    ``estimate``, ``refine``, ``top_k``, ``seed``, ``steps``, ``pgd_steps``, ``val_images``,
-    ``hessian_samples``, ``fold_bn``, ``adv_weight``). ``val_data``: held-out training images, e.g.
-    ``load_split("val")``: the result is compared with the best uniform policy by PGD accuracy on its
-    first ``val_images`` and the better one kept; without it no comparison is made, ``winner`` is
-    ``"unchecked"`` and a ``UserWarning`` says so. ``table``: a ready candidate table (its
-    ``fold_bn`` must be the config's). Apply the policy with the same ``fold_bn``.
-    ``normalization=(mean, std)`` (or the config's): the model expects normalised inputs; the data
-    and ε stay in [0, 1] pixel space and every forward -- adversarial calibration, scores,
-    quantizer calibration, the held-out PGD check -- feeds it ``(x - mean) / std``. A ready ``table``
-    must have been built the same way (inside :func:`~aq_brevitas.attacks.normalized_inputs`).
+    ``config``: a :class:`SearchConfig` (default: its defaults): the method, candidates, ε, seed,
+    refinement, the held-out check's settings and each method's settings. ``val_data``: held-out
+    training images, e.g. ``load_split("val")``: the result is compared with the best uniform policy
+    by robust accuracy -- the per-image worst case of PGD-``pgd_steps`` and the fast attack suite --
+    on its first ``val_images`` and the better one kept; without it no comparison is made, ``winner``
+    is ``"unchecked"`` and a ``UserWarning`` says so. ``table``: a ready candidate table (its
+    ``fold_bn`` must be the config's). Apply the policy with the same ``fold_bn``. With the config's
+    ``normalization=(mean, std)`` the model expects normalised inputs; the data and ε stay in [0, 1]
+    pixel space and every forward -- adversarial calibration, scores, quantizer calibration, the
+    held-out check -- feeds it ``(x - mean) / std``. A ready ``table`` must have been built the same
+    way (inside :func:`~aq_brevitas.attacks.normalized_inputs`). ``progress``: progress bars.
 
     Raises :class:`~aq_brevitas.errors.ConfigError` for bad settings or data and
     :class:`~aq_brevitas.errors.PolicyError` for an infeasible budget (naming the minimum). Same
     inputs and seed give the same policy; timings live only in ``result.timing``.
 
     >>> import torch
-    >>> from aq_brevitas import LayerSpec, build_model, search_policy
+    >>> from aq_brevitas import LayerSpec, SearchConfig, build_model, search_policy
     >>> _ = torch.manual_seed(0)
     >>> model = build_model("small_cnn").eval()  # random weights: a second or two on a CPU
     >>> x = torch.rand(32, 1, 28, 28)
-    >>> specs = [LayerSpec(2), LayerSpec(4), LayerSpec(8)]
+    >>> config = SearchConfig(method="hessian", candidates=[LayerSpec(2), LayerSpec(4), LayerSpec(8)])
     >>> result = search_policy(  # without val_data: a UserWarning, and the result is "unchecked"
-    ...     model, (x, model(x).argmax(1)), "avg-bits=4", method="hessian", candidates=specs, progress=False
+    ...     model, (x, model(x).argmax(1)), "avg-bits=4", config=config, progress=False
     ... )
     >>> result.winner, result.cost.avg_weight_bits <= 4
     ('unchecked', True)
     >>> result.policy.save("policy.json")  # doctest: +SKIP
     """
     t_start = time.perf_counter()
-    if normalization is not None:
-        overrides = {**overrides, "normalization": normalization}
-    cfg = build_config(config, overrides)
+    cfg = as_config(config)
     budget = as_budget(budget)
     if table is None:
         cfg = cfg.for_budget(budget.kind)  # BOPs count input bits: let the search choose them

@@ -40,11 +40,11 @@ from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
 from ..workers import check_workers, run_jobs
 from .baselines import uniform_choices
-from .calibration import WeightCache, adversarial_calibration, progress_bar
+from .calibration import AdversarialCalibration, WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
-from .config import DEFAULT_ACT_BITS, PARETO_METHODS, SCORED_METHODS, SearchConfig, build_config
+from .config import DEFAULT_ACT_BITS, METHOD_SETTINGS, PARETO_METHODS, SearchConfig, as_config, scorer_for
 from .costing import achieved_cost
-from .scorers import SCORERS, ScoringInputs
+from .scorers import ScoringInputs
 from .selection import select_policy
 
 DEFAULT_SWEEP = (2, 3, 4, 5, 8)  # budgets: the BOPs of uniform w_b a_b for these b
@@ -101,7 +101,8 @@ class ParetoFront:
 
     def table(self) -> str:
         """Markdown: per budget, each method's best robust accuracy (%) and its BOPs."""
-        methods = [m for m in PARETO_METHODS if any(p.method == m for p in self.points)]
+        order = {m: i for i, m in enumerate(PARETO_METHODS)}  # registered methods after the built-in ones
+        methods = sorted({p.method for p in self.points}, key=lambda m: (order.get(m, len(order)), m))
         head = "| budget | " + " | ".join(methods) + " |"
         rows = [head, "|" + "---|" * (len(methods) + 1)]
         for b in self.budgets:
@@ -245,45 +246,39 @@ def search_pareto(
     table: CandidateTable | None = None,
     workers: int = 1,
     progress: bool = True,
-    **overrides: Any,
 ) -> ParetoFront:
     """Every method's policy at every budget of a sweep, measured on held-out images (module docstring).
 
     ``calib_data``: training-split images (and labels) for scoring and quantizer calibration; ``val_data``:
     held-out training images and labels (never the test split), its first ``val_images`` used.
     ``budgets``: a list of :class:`~aq_brevitas.Budget` or their text, all of one kind (default: the
-    BOPs of uniform ``w_b a_b`` for each ``b`` of ``widths``: w2a2, w3a3, w4a4, w5a5, w8a8). ``methods``: any of :data:`PARETO_METHODS`.
-    ``config``/``overrides`` as :class:`SearchConfig`; without candidates the default ones are crossed
-    with input activation bits (2, 3, 4, 8). Raises :class:`ConfigError` for an unknown method or mixed
+    BOPs of uniform ``w_b a_b`` for each ``b`` of ``widths``: w2a2, w3a3, w4a4, w5a5, w8a8).
+    ``methods``: any of :data:`PARETO_METHODS` and of the scored methods registered with
+    :func:`~aq_brevitas.search.register_scorer`. ``config``: a :class:`SearchConfig` (its ``method``
+    is not read: ``methods`` says which run); without candidates the default ones are crossed with
+    input activation bits (2, 3, 4, 8). Raises :class:`ConfigError` for an unknown method or mixed
     budget kinds. Cost: one adversarial calibration, one candidate table, one scoring per method, one
     knapsack per (method, budget), one robust evaluation per distinct policy (the dominant cost; spread
     over ``workers`` forked processes, with the same results).
 
     >>> import torch
-    >>> from aq_brevitas import LayerSpec, build_model
+    >>> from aq_brevitas import LayerSpec, SearchConfig, build_model
     >>> from aq_brevitas.search import search_pareto
     >>> _ = torch.manual_seed(0)
     >>> model = build_model("small_cnn").eval()  # random weights: about half a minute on a CPU
     >>> x, y = torch.rand(48, 1, 28, 28), torch.randint(0, 10, (48,))
+    >>> specs = [LayerSpec(2, act_bit_width=2), LayerSpec(4, act_bit_width=4)]
     >>> front = search_pareto(model, (x[:32], y[:32]), (x[32:], y[32:]), budgets=["bops=2e7"],
-    ...     methods=["uniform", "lipschitz"], candidates=[LayerSpec(2, act_bit_width=2), LayerSpec(4, act_bit_width=4)],
-    ...     pgd_steps=2, progress=False)
+    ...     methods=["uniform", "lipschitz"], config=SearchConfig(candidates=specs, pgd_steps=2), progress=False)
     >>> sorted({p.method for p in front.points})
     ['lipschitz', 'uniform']
     """
-    cfg = _sweep_config(methods, config, overrides)
+    cfg = _sweep_config(methods, config)
     check_workers(workers)
     t0, seconds = time.perf_counter(), {}
     with normalized_inputs(model, cfg.normalization), eval_mode(model):
         (x, y), val = _sweep_data(model, calib_data, val_data, cfg.val_images)
-        scored = "lipschitz" in methods
-        calib = adversarial_calibration(model, (x, y), eps=cfg.eps, seed=cfg.seed) if scored else None
-        seconds["calibration"] = time.perf_counter() - t0
-        if table is None:
-            table = candidate_table(
-                model, calib.x_adv if calib else x, cfg.candidates, seed=cfg.seed, progress=progress
-            )
-        seconds["table"] = time.perf_counter() - t0 - seconds["calibration"]
+        calib, table = _calibration_and_table(model, (x, y), table, methods, cfg, progress, seconds)
         budgets_ = _sweep(table, budgets, widths)
         cache = WeightCache(model, table)
         chosen = _choose(model, table, cache, budgets_, methods, cfg, (x, y), calib, progress)
@@ -300,18 +295,42 @@ def search_pareto(
     )  # fmt: skip
 
 
-def _sweep_config(
-    methods: Sequence[str], config: SearchConfig | None, overrides: dict[str, Any]
-) -> SearchConfig:
+def _sweep_config(methods: Sequence[str], config: SearchConfig | None) -> SearchConfig:
     """The sweep's settings (:class:`ConfigError` for an unknown method); without candidates the
     default ones are crossed with the default input activation bits."""
-    unknown = [m for m in methods if m not in PARETO_METHODS]
+    known = (
+        *PARETO_METHODS,
+        *(m for m, c in METHOD_SETTINGS.items() if c.scored and m not in PARETO_METHODS),
+    )
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ConfigError(f"unknown Pareto method {unknown[0]!r}", f"use some of {', '.join(PARETO_METHODS)}")
-    cfg = build_config(config, overrides)
+        raise ConfigError(f"unknown Pareto method {unknown[0]!r}", f"use some of {', '.join(known)}")
+    cfg = as_config(config)
     if cfg.candidates is None and cfg.act_bits is None:
         cfg = cfg.replace(act_bits=DEFAULT_ACT_BITS)
     return cfg
+
+
+def _calibration_and_table(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    table: CandidateTable | None,
+    methods: Sequence[str],
+    cfg: SearchConfig,
+    progress: bool,
+    seconds: dict[str, float],
+) -> tuple[AdversarialCalibration | None, CandidateTable]:
+    """One adversarial calibration (when ``lipschitz`` runs) and the candidate table (unless given),
+    built on its adversarial images; their seconds written to ``seconds``."""
+    t0 = time.perf_counter()
+    scored = "lipschitz" in methods
+    calib = adversarial_calibration(model, data, eps=cfg.eps, seed=cfg.seed) if scored else None
+    seconds["calibration"] = time.perf_counter() - t0
+    if table is None:
+        x = calib.x_adv if calib else data[0]
+        table = candidate_table(model, x, cfg.candidates, seed=cfg.seed, progress=progress)
+    seconds["table"] = time.perf_counter() - t0 - seconds["calibration"]
+    return calib, table
 
 
 def _sweep_data(
@@ -365,10 +384,10 @@ def _choose(
     out: list[tuple[str, Budget, dict[str, LayerSpec]]] = []
     scorings = {}
     for method in methods:
-        if method in SCORED_METHODS:
+        if method in METHOD_SETTINGS and METHOD_SETTINGS[method].scored:
             m_cfg = cfg.replace(method=method)
             inputs = ScoringInputs(data, calib, cfg.eps, cfg.seed, cache, progress)
-            scorings[method] = SCORERS[method](model, table, inputs, m_cfg.method_settings)
+            scorings[method] = scorer_for(method)(model, table, inputs, m_cfg.method_settings)
     pinned = _first_last_pinned(table)
     for budget in budgets:
         for method in methods:

@@ -10,10 +10,9 @@ byte-identical policy file.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -85,7 +84,14 @@ class UniformEvidence:
         return {"uniform": self.choice.to_dict(), "score_estimate": self.score_estimate}
 
 
-Evidence = LipschitzEvidence | HessianEvidence | AnsEvidence | UniformEvidence
+class MethodEvidence(Protocol):
+    """What a method registered with :func:`~aq_brevitas.search.register_scorer` reports: its own
+    measurements, as the JSON entries they add to ``policy.meta``."""
+
+    def to_meta(self) -> dict[str, Any]: ...
+
+
+Evidence = LipschitzEvidence | HessianEvidence | AnsEvidence | UniformEvidence | MethodEvidence
 
 
 # ------------------------------------------------------------------------------ other records
@@ -120,8 +126,7 @@ class HeldOutCheck:
     (fractions; ``measure`` says which: the per-image worst case of PGD-``pgd_steps`` and the fast
     attack suite, never PGD alone) on ``images`` of them for the searched policy, the knapsack's
     unrefined one (None unless refinement changed the policy) and the best uniform spec, plus the
-    uniform options' accuracies (by ``LayerSpec.short()``) and the searched layers. The
-    ``*_pgd_accuracy`` names of earlier releases read the same numbers."""
+    uniform options' accuracies (by ``LayerSpec.short()``) and the searched layers."""
 
     images: int
     pgd_steps: int
@@ -131,27 +136,12 @@ class HeldOutCheck:
     uniform_spec: LayerSpec
     uniform_options: dict[str, float]
     search_layers: dict[str, LayerSpec]
-    measure: str = "pgd"
-
-    @property
-    def search_pgd_accuracy(self) -> float:
-        return self.search_accuracy
-
-    @property
-    def unrefined_pgd_accuracy(self) -> float | None:
-        return self.unrefined_accuracy
-
-    @property
-    def uniform_pgd_accuracy(self) -> float:
-        return self.uniform_accuracy
+    measure: str
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> HeldOutCheck:
-        """Inverse of :meth:`to_dict`; a policy file of an earlier release (``*_pgd_accuracy`` keys,
-        PGD alone) reads back with ``measure="pgd"``."""
-        old = {"search_pgd_accuracy": "search_accuracy", "unrefined_pgd_accuracy": "unrefined_accuracy",
-               "uniform_pgd_accuracy": "uniform_accuracy"}  # fmt: skip
-        kw = {old.get(k, k): v for k, v in d.items()}
+        """Inverse of :meth:`to_dict`."""
+        kw = dict(d)
         kw["uniform_spec"] = LayerSpec.from_dict(kw["uniform_spec"])
         kw["search_layers"] = {n: LayerSpec.from_dict(s) for n, s in kw["search_layers"].items()}
         return cls(**kw)
@@ -187,56 +177,28 @@ class Timing:
 
 
 # ------------------------------------------------------------------------------------ the result
-_POLICY_API = ("meta", "default", "save", "to_json", "to_dict", "resolve", "spec_for", "check", "matches")
-
-
-@dataclass(frozen=True, eq=False)
-class AchievedCost(PolicyCost):
-    """The searched policy's :class:`~aq_brevitas.budget.PolicyCost`, equal to a plain one with the
-    same figures. Calling it, ``result.cost(model, example_input)``, is the ``LayerwisePolicy.cost``
-    of the code written before ``search_policy`` returned a :class:`SearchResult`: kept for one
-    release, with a ``DeprecationWarning``."""
-
-    of_policy: LayerwisePolicy | None = field(default=None, repr=False, compare=False)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PolicyCost):
-            return NotImplemented
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(PolicyCost))
-
-    __hash__ = None  # type: ignore[assignment]  # equal to plain PolicyCosts, so not hashable like them
-
-    def __call__(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
-        warnings.warn(
-            "search_policy returns a SearchResult, whose cost is the achieved cost -- fix: for the cost "
-            "on a model call result.policy.cost(model, example_input)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.of_policy.cost(model_or_geometry, example_input)
-
-
 @dataclass(frozen=True)
 class SearchResult:
     """A searched policy and the evidence for it.
 
     ``policy``: the :class:`~aq_brevitas.LayerwisePolicy` to quantize with (``layers``: its spec per
     layer). ``winner``: which candidate policy was kept: ``"search"``, ``"search-unrefined"`` or
-    ``"uniform"`` by held-out PGD accuracy (``validation``), ``"uniform"`` for the uniform method,
-    ``"unchecked"`` when no held-out data was given. ``cost`` is the policy's achieved cost under
-    every budget kind; ``layer_scores``/``objective``: each layer's score of its chosen candidate and
+    ``"uniform"`` by held-out robust accuracy, the per-image worst case of PGD and the fast attack
+    suite (``validation``), ``"uniform"`` for the uniform method,
+    ``"unchecked"`` when no held-out data was given. ``cost`` is the policy's achieved
+    :class:`~aq_brevitas.budget.PolicyCost` under every budget kind; ``layer_scores``/``objective``: each layer's score of its chosen candidate and
     their sum (the knapsack's objective); ``solver``, ``refinement``, ``candidates`` (given/distinct
     per layer), ``evidence`` (the method's own measurements) and ``timing`` say how it was found;
     ``config`` is what was asked. ``policy.meta`` holds the same record as JSON.
 
     >>> import torch
-    >>> from aq_brevitas import LayerSpec, build_model, search_policy
+    >>> from aq_brevitas import LayerSpec, SearchConfig, build_model, search_policy
     >>> _ = torch.manual_seed(0)
     >>> model = build_model("small_cnn").eval()          # random weights: a few seconds on a CPU
     >>> x = torch.rand(32, 1, 28, 28)
     >>> data, specs = (x, model(x).argmax(1)), [LayerSpec(2), LayerSpec(4), LayerSpec(8)]
-    >>> result = search_policy(model, data, "avg-bits=4", val_data=data, candidates=specs, steps=2,
-    ...                        pgd_steps=2, progress=False)
+    >>> config = SearchConfig(candidates=specs, pgd_steps=2).replace(steps=2)
+    >>> result = search_policy(model, data, "avg-bits=4", config=config, val_data=data, progress=False)
     >>> result.cost.avg_weight_bits <= 4, result.winner in ("search", "uniform"), result.solver.status
     (True, True, 'optimal')
     >>> sorted(result.policy.layers) == sorted(result.layer_scores)
@@ -263,8 +225,6 @@ class SearchResult:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", LayerwisePolicy(dict(self.layers), None, plain(self.to_meta())))
-        figures = {f.name: getattr(self.cost, f.name) for f in fields(PolicyCost)}
-        object.__setattr__(self, "cost", AchievedCost(**figures, of_policy=self.policy))
 
     @property
     def objective(self) -> float:
@@ -315,15 +275,3 @@ class SearchResult:
 
     def __str__(self) -> str:
         return f"{self.summary()}\n{self.policy}"
-
-    def __getattr__(self, name: str) -> Any:
-        # search_policy returned the LayerwisePolicy itself before 0.2: keep its API for one release.
-        if name in _POLICY_API:
-            warnings.warn(
-                f"search_policy returns a SearchResult: use result.policy.{name} (or the typed fields, "
-                f"e.g. result.winner, result.cost) -- fix: read result.policy instead of the result",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            return getattr(self.policy, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

@@ -13,10 +13,10 @@ what the knapsack minimises, lower is better, all behind one signature.
   ‖ΔW‖_F²/‖W‖_F². QUANOS gives more bits to high-ANS layers; scaling the relative weight error by ANS
   makes that rule a score, so it runs through the same solver and budget as the others.
 
-``SCORERS`` maps each scored method of :data:`~aq_brevitas.search.config.METHOD_SETTINGS` to a
-function ``(model, table, inputs: ScoringInputs, settings) -> Scoring``; :func:`score` dispatches.
-``score_lipschitz``/``score_hessian``/``score_ans`` are the same call with the method fixed,
-returning the scores alone. All scorers use eval mode and training-split calibration images.
+Each scorer is a function ``(model, table, inputs: ScoringInputs, settings) -> Scoring``, registered
+for its method with :func:`~aq_brevitas.search.config.register_scorer` (``SCORERS``); :func:`score`
+dispatches. ``score_lipschitz``/``score_hessian``/``score_ans`` are the same call with the method
+fixed, returning the scores alone. All scorers use eval mode and training-split calibration images.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ from .calibration import (
 from .candidates import CandidateTable
 from .config import (
     ESTIMATES,
-    METHOD_SETTINGS,
     AnsSettings,
     HessianSettings,
     LipschitzSettings,
     SearchConfig,
+    as_config,
+    scorer_for,
 )
-from .result import AnsEvidence, HessianEvidence, LipschitzEvidence
+from .result import AnsEvidence, Evidence, HessianEvidence, LipschitzEvidence
 
 Scores = dict[str, dict[LayerSpec, float]]
 
@@ -313,11 +314,12 @@ class ScoringInputs:
 class Scoring:
     """A scorer's answer: ``scores`` (what the knapsack minimises), the lipschitz ``terms`` when the
     method has a whole-network measure, and ``evidence``: the method's own measurements (``J_loc``,
-    Hessian traces, ANS...), as :class:`~aq_brevitas.search.SearchResult` reports them."""
+    Hessian traces, ANS...; for a registered method any object with ``to_meta() -> dict``), as
+    :class:`~aq_brevitas.search.SearchResult` reports them."""
 
     scores: Scores
     terms: LipschitzTerms | None
-    evidence: LipschitzEvidence | HessianEvidence | AnsEvidence
+    evidence: Evidence
 
     @property
     def selectable(self) -> Scores | LipschitzTerms:
@@ -328,7 +330,10 @@ class Scoring:
 Scorer = Callable[[nn.Module, CandidateTable, ScoringInputs, Any], Scoring]
 
 
-def _lipschitz(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: LipschitzSettings) -> Scoring:
+def lipschitz_scorer(
+    model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: LipschitzSettings
+) -> Scoring:
+    """The ``lipschitz`` method's scorer (module docstring), its terms kept for refinement."""
     data = inp.calibration if inp.calibration is not None else inp.data
     terms = lipschitz_terms(
         model, table, data, eps=inp.eps, estimate=s.estimate, attack=s.attack, steps=s.steps, seed=inp.seed,
@@ -343,7 +348,10 @@ def _lipschitz(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: L
     return Scoring(terms.weighted(s.adv_weight), terms, evidence)
 
 
-def _hessian(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: HessianSettings) -> Scoring:
+def hessian_scorer(
+    model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: HessianSettings
+) -> Scoring:
+    """The ``hessian`` method's scorer (HAWQ-V2, on weights and, for input-bit candidates, activations)."""
     traces = hessian_traces(model, inp.data, table.layers, n_samples=s.n_samples, seed=inp.seed)
     act_error = None
     if _has_act_candidates(table):  # HAWQ-V2's rule on the input activations: Tr(H_a)/n_a · ‖ΔA‖²
@@ -360,7 +368,8 @@ def _hessian(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: Hes
     return Scoring(scores, None, HessianEvidence(traces, s.n_samples))
 
 
-def _ans(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: AnsSettings) -> Scoring:
+def ans_scorer(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: AnsSettings) -> Scoring:
+    """The ``ans`` method's scorer (QUANOS's sensitivity times the relative weight and input error)."""
     ans = ans_sensitivity(model, inp.data, table.layers, eps=inp.eps, seed=inp.seed)
     act_error = None
     if _has_act_candidates(table):  # QUANOS's sensitivity times the relative input error, as for weights
@@ -372,10 +381,6 @@ def _ans(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: AnsSett
     return Scoring(_weighted_error(inp.cache, table, ans, True, act_error), None, AnsEvidence(ans))
 
 
-SCORERS: dict[str, Scorer] = {"lipschitz": _lipschitz, "hessian": _hessian, "ans": _ans}
-assert set(SCORERS) == {n for n, c in METHOD_SETTINGS.items() if c.scored}, "a scored method has no scorer"
-
-
 def score(
     method: str,
     model: nn.Module,
@@ -385,38 +390,61 @@ def score(
     config: SearchConfig | None = None,
     cache: WeightCache | None = None,
     progress: bool = False,
-    **overrides: Any,
 ) -> Scoring:
-    """Score every (layer, candidate) of ``table`` with ``method`` (a name in ``SCORERS``).
+    """Score every (layer, candidate) of ``table`` with ``method`` (a registered scored method).
 
     ``calib_data``: an :class:`AdversarialCalibration` (lipschitz reuses it; its eps must be the
     config's) or training-split images in any form :func:`~aq_brevitas.forward.as_xy` accepts.
-    ``config`` / ``overrides`` (``eps``, ``seed`` and the method's settings by name, e.g.
-    ``estimate="spectral"``, ``n_samples=4``) as :class:`SearchConfig`. Raises ConfigError for an
-    unknown method.
+    ``config``: the :class:`SearchConfig` whose ``eps``, ``seed`` and settings of ``method`` are used
+    (``method`` replaces its own). ``cache``: a ready :class:`WeightCache` of ``model``. Raises
+    ConfigError for a method without a scorer.
     """
-    if method not in SCORERS:
-        raise ConfigError(f"method {method!r} has no scorer", f"use one of {', '.join(SCORERS)}")
-    cfg = (config or SearchConfig()).replace(method=method, **overrides)
+    cfg = as_config(config).replace(method=method)
+    scorer = scorer_for(method)
     calib = calib_data if isinstance(calib_data, AdversarialCalibration) else None
     data = (calib.x, calib.y) if calib is not None else calib_data
     inputs = ScoringInputs(data, calib, cfg.eps, cfg.seed, cache or WeightCache(model, table), progress)
     with eval_mode(model):
-        return SCORERS[method](model, table, inputs, cfg.method_settings)
+        return scorer(model, table, inputs, cfg.method_settings)
 
 
-def score_lipschitz(model: nn.Module, table: CandidateTable, calib_data: Any, **kw: Any) -> Scores:
-    """This method's score ``s_l(c)`` (module docstring); keywords as :func:`score`
-    (``eps``, ``seed``, ``estimate``, ``attack``, ``steps``, ``adv_weight``, ``cache``, ``progress``)."""
-    return score("lipschitz", model, table, calib_data, **kw).scores
+def score_lipschitz(
+    model: nn.Module,
+    table: CandidateTable,
+    calib_data: Any,
+    *,
+    config: SearchConfig | None = None,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+) -> Scores:
+    """This method's score ``s_l(c)`` (module docstring): :func:`score` with ``"lipschitz"``, its
+    ``estimate``, ``attack``, ``steps`` and ``adv_weight`` from ``config``."""
+    return score("lipschitz", model, table, calib_data, config=config, cache=cache, progress=progress).scores
 
 
-def score_hessian(model: nn.Module, table: CandidateTable, calib_data: Any, **kw: Any) -> Scores:
-    """HAWQ-V2: ``max(Tr(H_l)/n_l, 0) · ‖Ŵ_l(c) − W_l‖_F²`` (a negative trace estimate counts as flat);
-    keywords as :func:`score` (``n_samples``, ``seed``, ``cache``...)."""
-    return score("hessian", model, table, calib_data, **kw).scores
+def score_hessian(
+    model: nn.Module,
+    table: CandidateTable,
+    calib_data: Any,
+    *,
+    config: SearchConfig | None = None,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+) -> Scores:
+    """HAWQ-V2: ``max(Tr(H_l)/n_l, 0) · ‖Ŵ_l(c) − W_l‖_F²`` (a negative trace estimate counts as flat):
+    :func:`score` with ``"hessian"``, its ``n_samples`` from ``config``."""
+    return score("hessian", model, table, calib_data, config=config, cache=cache, progress=progress).scores
 
 
-def score_ans(model: nn.Module, table: CandidateTable, calib_data: Any, **kw: Any) -> Scores:
-    """QUANOS as a score: ``ANS_l · ‖Ŵ_l(c) − W_l‖_F² / ‖W_l‖_F²``; keywords as :func:`score`."""
-    return score("ans", model, table, calib_data, **kw).scores
+def score_ans(
+    model: nn.Module,
+    table: CandidateTable,
+    calib_data: Any,
+    *,
+    config: SearchConfig | None = None,
+    cache: WeightCache | None = None,
+    progress: bool = False,
+) -> Scores:
+    """QUANOS as a score: ``ANS_l · ‖Ŵ_l(c) − W_l‖_F² / ‖W_l‖_F²`` at the config's ``eps``: :func:`score`
+    with ``"ans"``."""
+    return score("ans", model, table, calib_data, config=config, cache=cache, progress=progress).scores

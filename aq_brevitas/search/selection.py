@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -18,7 +17,7 @@ from ..budget import Budget, as_budget
 from ..policy import LayerSpec
 from .calibration import Representatives, WeightCache, distinct_specs, equivalent_candidates
 from .candidates import CandidateTable
-from .config import LipschitzSettings, SearchConfig, build_config
+from .config import LipschitzSettings, SearchConfig, as_config
 from .costing import budget_capacity, candidate_costs
 from .mckp import MckpSolution, solve_top_k
 from .refine import Refinement, WholeNetworkBound, refine
@@ -78,19 +77,18 @@ def select_policy(
     config: SearchConfig | None = None,
     cache: WeightCache | None = None,
     progress: bool = False,
-    **overrides: Any,
 ) -> Selection:
     """Knapsack and, for :class:`LipschitzTerms` with ``refine``, refinement: the selection step alone.
 
     ``scores``: per (layer, candidate) of ``table``, or the lipschitz terms (then weighted by the
     config's ``adv_weight``). With ``refine`` the config's ``top_k`` knapsack solutions are re-ranked
     by the whole-network bound at its ``eps`` and one pass of coordinate descent runs on it (off by
-    default, as in ``search_policy``). ``config``/``overrides`` (``eps``, ``refine``, ``top_k``,
-    ``adv_weight``) as :class:`SearchConfig`. Layers that share one weight Parameter get one spec
+    default, as in ``search_policy``). ``config``: the :class:`SearchConfig` whose ``eps``,
+    ``refine``, ``top_k`` and ``adv_weight`` are used. Layers that share one weight Parameter get one spec
     (one knapsack item; refinement is skipped for such models, as it moves one layer at a time).
     Raises PolicyError when no policy fits ``budget``.
     """
-    cfg = build_config(config, overrides)
+    cfg = as_config(config)
     eps, adv_weight = cfg.eps, cfg.settings_for(LipschitzSettings).adv_weight
     budget = as_budget(budget)
     cache = cache or WeightCache(model, table)

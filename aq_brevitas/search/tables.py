@@ -17,7 +17,7 @@ from ..forward import as_xy
 from ..policy import LayerwisePolicy, cost_of
 from .calibration import AdversarialCalibration, adversarial_calibration
 from .candidates import CandidateTable, candidate_table, folded_copy
-from .config import COMPARE_ORDER, LipschitzSettings, SearchConfig, build_config
+from .config import COMPARE_ORDER, LipschitzSettings, SearchConfig, as_config
 from .core import search_policy
 from .refine import policy_bound
 from .result import SearchResult, UniformEvidence
@@ -79,15 +79,16 @@ def policy_table(
 @dataclass(frozen=True)
 class ComparisonRow:
     """One method's policy: its cost, the lipschitz prediction for it (Σ s_l and the whole-network
-    bound B, logits), the held-out PGD accuracy of the searched and of the best uniform policy (NaN
-    when not measured) and which one was kept."""
+    bound B, logits), the held-out robust accuracy (the per-image worst case of PGD and the fast
+    attack suite) of the searched and of the best uniform policy (NaN when not measured) and which
+    one was kept."""
 
     method: str
     cost: PolicyCost
     score_sum: float
     bound: float
-    searched_pgd: float
-    uniform_pgd: float
+    searched_robust: float
+    uniform_robust: float
     kept: str
 
 
@@ -103,26 +104,27 @@ class MethodComparison:
     def to_text(self) -> str:
         """The 9-column table, one row per method, and a line saying what the predictions are."""
         lines = [
-            f"{'method':<10} {'avg bits':>8} {'KiB':>8} {'BOPs':>10} {'Σ s_l':>9} {'bound B':>9} {'searched val PGD':>16} {'uniform val PGD':>15} {'kept':>16}"
+            f"{'method':<10} {'avg bits':>8} {'KiB':>8} {'BOPs':>10} {'Σ s_l':>9} {'bound B':>9} {'searched robust':>16} {'uniform robust':>15} {'kept':>16}"
         ]
         for r in self.rows:
             c = r.cost
             lines.append(
-                f"{r.method:<10} {c.avg_weight_bits:8.3f} {c.weight_bytes / 1024:8.2f} {float(c.bops):10.3e} {r.score_sum:9.4g} {r.bound:9.4g} {r.searched_pgd:16.4f} {r.uniform_pgd:15.4f} {r.kept:>16}"
+                f"{r.method:<10} {c.avg_weight_bits:8.3f} {c.weight_bytes / 1024:8.2f} {float(c.bops):10.3e} {r.score_sum:9.4g} {r.bound:9.4g} {r.searched_robust:16.4f} {r.uniform_robust:15.4f} {r.kept:>16}"
             )
         lines.append(
-            f"Σ s_l and B: lipschitz ({self.estimate}) prediction of each policy's output deviation; lower is better."
+            f"Σ s_l and B: lipschitz ({self.estimate}) prediction of each policy's output deviation; lower is better. "
+            "Robust: held-out accuracy, per-image worst case of PGD and the fast suite."
         )
         return "\n".join(lines)
 
 
 def _held_out_accuracies(result: SearchResult) -> tuple[float, float]:
-    """(searched, uniform) held-out PGD accuracy; for the uniform method both are its own."""
+    """(searched, uniform) held-out robust accuracy; for the uniform method both are its own."""
     if isinstance(result.evidence, UniformEvidence):
         acc = result.evidence.choice.accuracy
         return (acc, acc) if acc is not None else (math.nan, math.nan)
     v = result.validation
-    return (v.search_pgd_accuracy, v.uniform_pgd_accuracy) if v is not None else (math.nan, math.nan)
+    return (v.search_accuracy, v.uniform_accuracy) if v is not None else (math.nan, math.nan)
 
 
 def _bound_inputs(
@@ -153,15 +155,13 @@ def compare_methods(
     val_data: Any = None,
     config: SearchConfig | None = None,
     progress: bool = True,
-    **overrides: Any,
 ) -> MethodComparison:
     """:func:`search_policy` with each of ``methods`` on the same data, config and candidate table
     (built once from ``calib_data`` when not given), then every method's final policy under the
     config's lipschitz estimate (``jacobian``: on one adversarial calibration of ``calib_data``), so
-    the methods are compared on one measure. Arguments and errors as :func:`search_policy`
-    (``normalization`` in the config too).
+    the methods are compared on one measure. Arguments and errors as :func:`search_policy`.
     """
-    cfg = build_config(config, overrides)
+    cfg = as_config(config)
     budget = as_budget(budget)
     with normalized_inputs(model, cfg.normalization):
         if table is None:

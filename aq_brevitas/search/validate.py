@@ -36,7 +36,7 @@ from .calibration import (
     progress_bar,
 )
 from .candidates import CandidateTable, candidate_table
-from .config import LipschitzSettings, SearchConfig, build_config
+from .config import LipschitzSettings, SearchConfig, as_config
 from .costing import achieved_cost, budget_capacity, candidate_costs
 from .refine import WholeNetworkBound
 from .result import plain
@@ -45,11 +45,6 @@ from .scorers import lipschitz_terms
 
 def _signed(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"
-
-
-def _robust(row: dict[str, Any]) -> float:
-    """A policy row's robust accuracy (rows of earlier releases had PGD accuracy only)."""
-    return float(row.get("robust_accuracy", row["pgd_accuracy"]))
 
 
 def _p(v: float | None) -> str:
@@ -88,7 +83,7 @@ class MetricValidation:
         lines = [
             f"### Metric validation: {len(self.policies)} random policies at {self.budget} "
             f"(±{100 * self.tolerance:g}%), ε={self.eps:g}, robust accuracy = {self.attack} "
-            f"(PGD-{self.pgd_steps}, APGD-CE, APGD-DLR, transfer, Square) on {self.images} images",
+            f"(PGD-{self.pgd_steps}, APGD-CE, APGD-DLR, APGD-T3, transfer, Square) on {self.images} images",
             "",
             f"- Spearman ρ(whole-network bound B(p), robust error) = {_signed(self.rho)} (p = {_p(self.p_value)})",
             f"- Spearman ρ(additive score Σ s_l, robust error) = {_signed(self.rho_additive)} "
@@ -101,7 +96,7 @@ class MetricValidation:
             pol = ", ".join(f"{n}: {s}" for n, s in r["layers"].items())
             lines.append(
                 f"| {i} | {r['cost']['avg_weight_bits']:.3f} | {r['score_sum']:.4g} | {r['bound']:.4g} "
-                f"| {100 * _robust(r):.1f}% | {100 * r['pgd_accuracy']:.1f}% | {pol} |"
+                f"| {100 * r['robust_accuracy']:.1f}% | {100 * r['pgd_accuracy']:.1f}% | {pol} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -112,7 +107,7 @@ class MetricValidation:
         plot_metric_validation(
             [r["bound"] for r in self.policies],
             [r["score_sum"] for r in self.policies],
-            [1 - _robust(r) for r in self.policies],
+            [1 - r["robust_accuracy"] for r in self.policies],
             path,
             title=f"bound vs robust error: ρ = {self.rho:+.2f} (Σs: {self.rho_additive:+.2f})",
         )
@@ -175,7 +170,6 @@ def validate_metric(
     config: SearchConfig | None = None,
     table: CandidateTable | None = None,
     progress: bool = True,
-    **overrides: Any,
 ) -> MetricValidation:
     """Does the bound rank equal-cost policies like robust error? (docs/method.md "Consistency check")
 
@@ -185,12 +179,12 @@ def validate_metric(
     :func:`~aq_brevitas.evaluate.suite.suite_accuracies`): the per-image worst case over PGD-``pgd_steps`` and
     the fast suite at the selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`: APGD-CE,
     APGD-DLR, APGD-T3, transfer from ``model``, Square), never PGD alone (PGD's own accuracy is kept
-    too). One number per policy is all a rank correlation needs. ``config``/``overrides`` (``eps``, ``seed``, ``pgd_steps``,
-    ``candidates``, ``estimate``, ``normalization``) as :class:`SearchConfig`; data in any form
-    :func:`~aq_brevitas.forward.as_xy` accepts.
+    too). One number per policy is all a rank correlation needs. ``config``: the
+    :class:`SearchConfig` whose ``eps``, ``seed``, ``pgd_steps``, ``candidates``, ``estimate`` and
+    ``normalization`` are used; data in any form :func:`~aq_brevitas.forward.as_xy` accepts.
     """
     t_start = time.perf_counter()
-    cfg = build_config(config, overrides)
+    cfg = as_config(config)
     eps, seed, estimate = cfg.eps, cfg.seed, cfg.settings_for(LipschitzSettings).estimate
     budget = as_budget(budget)
     with normalized_inputs(model, cfg.normalization), eval_mode(model):
