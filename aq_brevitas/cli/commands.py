@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..config import EvalConfig, TrainConfig
+from ..config import AttackConfig, EvalConfig, TrainConfig
 from ..errors import ModelError, PolicyError
 from ..pipeline.config import RunConfig
 from ..texttable import text_table
@@ -93,7 +93,7 @@ def _final_measurement(model: Any, args: argparse.Namespace, cfg: TrainConfig) -
     return {
         "test_images": len(y),
         "clean_acc": round(accuracy(model, x, y), 4),
-        "pgd_acc": round(attack_accuracy(model, x, y, "pgd", eps=eps, steps=steps, progress=True), 4),
+        "pgd_acc": round(attack_accuracy(model, x, y, AttackConfig("pgd", eps, steps), progress=True), 4),
         "pgd_eval": {"eps": eps, "steps": steps, "random_start": True, "alpha": f"2.5*eps/{steps}"},
     }
 

@@ -96,7 +96,16 @@ def stacked_layer_map(
     return _linear_map(layer, weights.reshape(-1, *weights.shape[2:]), scale, copies=k)
 
 
-def operator_norm(layer: nn.Module, input_shape: Sequence[int], **settings: Any) -> tuple[float, int]:
+def operator_norm(
+    layer: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    weight: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    seed: int = 0,
+) -> tuple[float, int]:
     """Largest singular value of the linear map ``layer`` computes (bias excluded), by block LOBPCG
     (:func:`top_singular_values`), stopping when the estimated remaining change is below ``tol``.
 
@@ -106,11 +115,20 @@ def operator_norm(layer: nn.Module, input_shape: Sequence[int], **settings: Any)
     same geometry; ``out_scale`` (one factor per output channel) multiplies the output (an unfolded
     BatchNorm scale). Float64 from a seeded start block, so one seed gives comparable ``L`` and ``L̂``.
     Returns ``(sigma, iterations)``; ``iterations == max_iter`` means it did not reach ``tol``. A
-    Linear layer's norm is an exact SVD (1 "iteration"). ``settings``: :func:`operator_norm_basis`'s
-    keywords ``weight``, ``out_scale``, ``tol`` (1e-6), ``max_iter`` (500), ``seed`` (0). Raises
-    :class:`ModelError` for a layer of another type, :class:`ConfigError` for a misfit shape or weight.
+    Linear layer's norm is an exact SVD (1 "iteration"). Raises :class:`ModelError` for a layer of
+    another type, :class:`ConfigError` for a misfit shape or weight, or ``max_iter < 1``/``tol <= 0``.
+
+    >>> import torch
+    >>> from aq_brevitas.score.norms import operator_norm
+    >>> layer = torch.nn.Linear(3, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
+    >>> operator_norm(layer, (3,))
+    (4.0, 1)
     """
-    sigma, it, _ = operator_norm_basis(layer, input_shape, **settings)
+    sigma, it, _ = operator_norm_basis(
+        layer, input_shape, weight=weight, out_scale=out_scale, tol=tol, max_iter=max_iter, seed=seed
+    )
     return sigma, it
 
 
