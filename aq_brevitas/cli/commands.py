@@ -229,13 +229,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..data import load_split
     from ..quantization.checkpoint import save_quantized
     from ..storage import read_sidecar
-    from ..train.finetune import adversarial_finetune, init_distributed
+    from ..train.finetune import init_distributed
+    from ..train.training import adversarial_train
 
     rank, world = init_distributed()
     model, meta = load_quantized_spec(args.model)
     cfg = train_config(args, TrainConfig.finetuning())
     data = load_split("train", args.data_dir, limit=args.train_images, seed=cfg.seed)
-    history = adversarial_finetune(
+    history = adversarial_train(
         model, data, cfg, checkpoint=_state_path(args.out), resume=args.resume, progress=rank == 0
     )
     if rank == 0:

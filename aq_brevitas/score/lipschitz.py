@@ -118,7 +118,7 @@ def _float_score(
     """The :class:`LayerScore` of one layer, gains not yet set; ``tol``, ``max_iter``, ``seed`` are
     :func:`operator_norm`'s."""
     weight = folded_weight(layer, bn)[0] if bn is not None else None
-    L, iters = operator_norm(layer, seen.input_shape, weight=weight, tol=tol, max_iter=max_iter, seed=seed)
+    L, iters, _ = operator_norm(layer, seen.input_shape, weight=weight, tol=tol, max_iter=max_iter, seed=seed)
     return LayerScore(
         name=name, type=type(layer).__name__, weight_shape=tuple(layer.weight.shape),
         input_shape=seen.input_shape, output_shape=seen.output_shape, calls=seen.calls,

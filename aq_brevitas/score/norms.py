@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -96,6 +96,16 @@ def stacked_layer_map(
     return _linear_map(layer, weights.reshape(-1, *weights.shape[2:]), scale, copies=k)
 
 
+class OperatorNorm(NamedTuple):
+    """What :func:`operator_norm` found: ``sigma`` (the largest singular value), the ``iterations``
+    spent (``max_iter``: ``tol`` not reached; 1 for a Linear layer's exact SVD), and ``basis``, the
+    final block of right singular vectors to warm-start a nearby map with (None for Linear layers)."""
+
+    sigma: float
+    iterations: int
+    basis: torch.Tensor | None
+
+
 def operator_norm(
     layer: nn.Module,
     input_shape: Sequence[int],
@@ -105,7 +115,8 @@ def operator_norm(
     tol: float = 1e-6,
     max_iter: int = 500,
     seed: int = 0,
-) -> tuple[float, int]:
+    init: torch.Tensor | None = None,
+) -> OperatorNorm:
     """Largest singular value of the linear map ``layer`` computes (bias excluded), by block LOBPCG
     (:func:`top_singular_values`), stopping when the estimated remaining change is below ``tol``.
 
@@ -113,10 +124,11 @@ def operator_norm(
     with the layer's real stride, padding (and mode), dilation, groups and output_padding; its adjoint
     is autograd's. ``weight`` replaces the layer's weight (same shape) to score a quantized Ŵ on the
     same geometry; ``out_scale`` (one factor per output channel) multiplies the output (an unfolded
-    BatchNorm scale). Float64 from a seeded start block, so one seed gives comparable ``L`` and ``L̂``.
-    Returns ``(sigma, iterations)``; ``iterations == max_iter`` means it did not reach ``tol``. A
-    Linear layer's norm is an exact SVD (1 "iteration"). Raises :class:`ModelError` for a layer of
-    another type, :class:`ConfigError` for a misfit shape or weight, or ``max_iter < 1``/``tol <= 0``.
+    BatchNorm scale). Float64 from a seeded start block, so one seed gives comparable ``L`` and ``L̂``;
+    ``init`` (a ``basis`` of the same layer geometry) replaces the seeded start, so a quantized Ŵ ≈ W
+    converges in a few steps from W's. A Linear layer's norm is an exact SVD. Returns an
+    :class:`OperatorNorm`. Raises :class:`ModelError` for a layer of another type,
+    :class:`ConfigError` for a misfit shape or weight, or ``max_iter < 1``/``tol <= 0``.
 
     >>> import torch
     >>> from aq_brevitas.score.norms import operator_norm
@@ -124,28 +136,8 @@ def operator_norm(
     >>> with torch.no_grad():
     ...     _ = layer.weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
     >>> operator_norm(layer, (3,))
-    (4.0, 1)
+    OperatorNorm(sigma=4.0, iterations=1, basis=None)
     """
-    sigma, it, _ = operator_norm_basis(
-        layer, input_shape, weight=weight, out_scale=out_scale, tol=tol, max_iter=max_iter, seed=seed
-    )
-    return sigma, it
-
-
-def operator_norm_basis(
-    layer: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    weight: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
-    tol: float = 1e-6,
-    max_iter: int = 500,
-    seed: int = 0,
-    init: torch.Tensor | None = None,
-) -> tuple[float, int, torch.Tensor | None]:
-    """:func:`operator_norm` plus the final block of right singular vectors, for warm starts: ``init``
-    (such a block, same layer geometry) replaces the seeded start, so a quantized Ŵ ≈ W converges in a
-    few steps from W's. The block is None for Linear layers (exact SVD, no iteration)."""
     if not isinstance(layer, QUANTIZABLE_TYPES):
         raise ModelError(
             f"operator_norm does not support {type(layer).__name__}",
@@ -170,11 +162,11 @@ def operator_norm_basis(
         )
     if isinstance(layer, nn.Linear):
         mat = w64 if scale64 is None else w64 * scale64[:, None]
-        return float(torch.linalg.matrix_norm(mat, ord=2)), 1, None
+        return OperatorNorm(float(torch.linalg.matrix_norm(mat, ord=2)), 1, None)
     q = start_block(math.prod(shape), seed, init).to(device)
     gram = stacked_gram(layer, shape, w64[None], scale64)
     sigma, its, basis = top_singular_values(gram, q[None], tol=tol, max_iter=max_iter)
-    return float(sigma[0]), int(its[0]), (basis[0] if sigma[0] > 0 else None)
+    return OperatorNorm(float(sigma[0]), int(its[0]), basis[0] if sigma[0] > 0 else None)
 
 
 def start_block(n: int, seed: int, init: torch.Tensor | None = None) -> torch.Tensor:

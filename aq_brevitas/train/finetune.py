@@ -56,27 +56,21 @@ def init_distributed() -> tuple[int, int]:
 
 
 def adversarial_finetune(
-    model: nn.Module,
-    train_data: Any,
-    config: TrainConfig | None = None,
-    *,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    checkpoint_meta: dict[str, Any] | None = None,
-    progress: bool = True,
+    model: nn.Module, train_data: Any, config: TrainConfig | None = None, *, progress: bool = True
 ) -> TrainHistory:
     """PGD fine-tuning (quantization-aware for Brevitas models) of ``model`` in place.
 
-    :func:`~aq_brevitas.train.training.adversarial_train` with fine-tuning defaults: ``config`` (a
-    :class:`~aq_brevitas.config.TrainConfig`) defaults to :meth:`TrainConfig.finetuning()
+    :func:`~aq_brevitas.train.training.adversarial_train` with the fine-tuning defaults: ``config``
+    (a :class:`~aq_brevitas.config.TrainConfig`) defaults to :meth:`TrainConfig.finetuning()
     <aq_brevitas.config.TrainConfig.finetuning>` (Adam at lr 5e-4, no weight decay, Brevitas
     activation scales kept at their calibrated values so only the weights train;
     ``learn_act_scales=True`` learns them too, LSQ-style); ``TrainConfig.finetuning(eps=0.2, ...)``
-    changes some. ``checkpoint``, ``resume``, ``checkpoint_meta`` and ``progress`` are
-    :func:`~aq_brevitas.train.training.adversarial_train`'s, and so are the errors. The config's
-    ``normalization=(mean, std)`` is for a model that expects normalised inputs: data and ε stay in
-    [0, 1] pixel space and the model is fed ``(x - mean) / std``. Returns the :class:`TrainHistory`;
-    the model comes back in the train/eval mode it came in.
+    changes some. To write a checkpoint after every epoch and resume from it, call
+    ``adversarial_train(model, data, TrainConfig.finetuning(...), checkpoint=..., resume=True)``:
+    the same run. The config's ``normalization=(mean, std)`` is for a model that expects normalised
+    inputs: data and ε stay in [0, 1] pixel space and the model is fed ``(x - mean) / std``. Returns
+    the :class:`TrainHistory`; the model comes back in the train/eval mode it came in. Errors as
+    :func:`~aq_brevitas.train.training.adversarial_train`'s.
 
     Works on models from :func:`aq_brevitas.quantize`, on float models, and on torch.ao prepared
     (fake-quant) models. Call :func:`init_distributed` first under ``torchrun``; then each process
@@ -95,11 +89,5 @@ def adversarial_finetune(
     ([1, 2], 64, True)
     """
     return adversarial_train(
-        model,
-        train_data,
-        config_or_default(config, TrainConfig.finetuning()),
-        checkpoint=checkpoint,
-        resume=resume,
-        checkpoint_meta=checkpoint_meta,
-        progress=progress,
+        model, train_data, config_or_default(config, TrainConfig.finetuning()), progress=progress
     )
