@@ -20,25 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import (
-    ATTACKS,
-    GRADIENT_FREE,
-    GRID_ATTACKS,
-    Normalization,
-    check_eps,
-    check_normalization,
-    default_alpha,
-)
+from .config import GRADIENT_FREE, GRID_ATTACKS, AttackConfig, Normalization, check_normalization
 from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it; keep this module light for the CLI
     import torch
     from torch import nn
-
-    from .config import AttackConfig
 
 
 def normalize(x: torch.Tensor, normalization: Any) -> torch.Tensor:
@@ -259,79 +249,119 @@ class AdaptedAttack:
             return adv.reshape(images.shape)
 
 
-def make_attack(
-    name: str | AttackConfig,
-    model: nn.Module,
-    *,
-    eps: float | None = None,
-    steps: int = 10,
-    alpha: float | None = None,
-    random_start: bool = True,
-    seed: int = 0,
-    n_classes: int = 10,
-    normalization: Any = None,
-    **extra: Any,
-) -> AdaptedAttack:
-    """Build an attack by name (torchattacks classes): fgsm, pgd, pgdl2, tpgd, square, autoattack
-    (torchattacks' own shortened AutoAttack), apgd-ce, apgd-dlr, apgd-t (9 target classes with 10
-    classes), apgd-t3 (APGD-T on the 3 highest-scoring other classes), fab-t (targeted FAB), or
-    apgd-ce-scaled (APGD-CE on the logits divided by their own
-    per-example standard deviation, detached: the temperature scaling of Gupta & Ajanthan 2021 that
-    undoes the vanishing cross-entropy gradients of confident quantized nets; predictions unchanged).
+# One builder per attack name: ``(config, model, seed, n_classes) -> torchattacks attack``. ``model`` is
+# the grid view (:class:`_GridModel`) for the names of GRID_ATTACKS, else the model itself.
+AttackBuilder = Callable[["AttackConfig", Any, int, int], Any]
 
-    ``name`` may also be an :class:`~aq_brevitas.config.AttackConfig`, whose settings then replace
-    ``eps``, ``steps``, ``alpha``, ``random_start`` and (unless given) ``normalization``. ``eps`` is the
-    budget on [0, 1] inputs (L-inf; L2 for pgdl2); ``alpha`` the step (default 2.5·ε/steps);
-    ``random_start`` applies to pgd/pgdl2; ``steps`` is also the iteration count of the APGD and FAB
-    attacks. ``tpgd`` is TRADES's inner maximisation (Zhang et al.
-    2019): PGD on KL(f(x') ‖ f(x)) from x + 0.001·N(0, 1), labels unused. ``n_queries`` (square,
-    default 1000) goes in ``extra``. ``normalization=(mean, std)``: ``model`` expects normalised
-    inputs; the attack still takes and returns [0, 1] inputs (see :func:`normalized_inputs`; to
-    classify its output yourself, do it inside that block too).
-    Returns an :class:`AdaptedAttack`, called as ``attack(images, labels) -> adversarial images``.
-    Raises :class:`ConfigError` for an unknown name, an ε outside [0, 1] or a malformed
-    normalization; the attack raises :class:`ModelError` at its first call on a model without input
-    gradient.
-    """
+
+def _fgsm(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
     import torchattacks
 
-    if not isinstance(name, str):  # an AttackConfig
-        cfg = name
-        name, eps, steps, alpha, random_start = cfg.name, cfg.eps, cfg.steps, cfg.alpha, cfg.random_start
-        normalization = normalization if normalization is not None else cfg.normalization
-    if eps is None:
-        raise ConfigError("make_attack needs eps", "pass eps=..., e.g. eps=0.1")
-    eps = check_eps(eps)
-    if normalization is not None:
-        normalization = check_normalization(normalization)
-    name = name.lower()
-    step = alpha or default_alpha(eps, steps)
-    grid = _GridModel(model) if name in GRID_ATTACKS else None
-    target: Any = grid if grid is not None else model
-    if name == "fgsm":
-        atk = torchattacks.FGSM(model, eps=eps)
-    elif name in ("pgd", "pgdl2"):
-        cls = torchattacks.PGD if name == "pgd" else torchattacks.PGDL2
-        atk = cls(model, eps=eps, alpha=step, steps=steps, random_start=random_start)
-    elif name == "tpgd":
-        atk = torchattacks.TPGD(model, eps=eps, alpha=step, steps=steps)
-    elif name == "square":
-        atk = torchattacks.Square(target, eps=eps, n_queries=extra.pop("n_queries", 1000), seed=seed, **extra)
-    elif name == "autoattack":
-        atk = torchattacks.AutoAttack(
-            target, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=seed
+    return torchattacks.FGSM(model, eps=cfg.eps)
+
+
+def _pgd(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    cls = torchattacks.PGD if cfg.name == "pgd" else torchattacks.PGDL2
+    return cls(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, random_start=cfg.random_start)
+
+
+def _tpgd(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    return torchattacks.TPGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps)
+
+
+def _square(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    return torchattacks.Square(model, eps=cfg.eps, n_queries=cfg.queries, seed=seed)
+
+
+def _autoattack(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    return torchattacks.AutoAttack(
+        model, norm="Linf", eps=cfg.eps, version="standard", n_classes=n_classes, seed=seed
+    )
+
+
+def _apgd(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    loss = "dlr" if cfg.name == "apgd-dlr" else "ce"
+    victim = _TemperatureScaled(model) if cfg.name == "apgd-ce-scaled" else model
+    return torchattacks.APGD(victim, norm="Linf", eps=cfg.eps, steps=cfg.steps, seed=seed, loss=loss)
+
+
+def _apgd_targeted(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    classes = min(n_classes, 4) if cfg.name == "apgd-t3" else n_classes  # apgd-t3: the 3 best other classes
+    return torchattacks.APGDT(model, norm="Linf", eps=cfg.eps, steps=cfg.steps, seed=seed, n_classes=classes)
+
+
+def _fab_targeted(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
+    import torchattacks
+
+    return torchattacks.FAB(
+        model, norm="Linf", eps=cfg.eps, steps=cfg.steps, seed=seed, multi_targeted=True, n_classes=n_classes
+    )
+
+
+#: the builder of each attack name of :data:`~aq_brevitas.config.ATTACKS` (what :func:`make_attack` runs)
+ATTACK_BUILDERS: dict[str, AttackBuilder] = {
+    "fgsm": _fgsm,
+    "pgd": _pgd,
+    "pgdl2": _pgd,
+    "tpgd": _tpgd,
+    "square": _square,
+    "autoattack": _autoattack,
+    "apgd-ce": _apgd,
+    "apgd-dlr": _apgd,
+    "apgd-ce-scaled": _apgd,
+    "apgd-t": _apgd_targeted,
+    "apgd-t3": _apgd_targeted,
+    "fab-t": _fab_targeted,
+}
+
+
+def make_attack(
+    config: AttackConfig, model: nn.Module, *, seed: int = 0, n_classes: int = 10
+) -> AdaptedAttack:
+    """The attack ``config`` describes (torchattacks classes, :data:`ATTACK_BUILDERS`) on ``model``.
+
+    ``config.name``: fgsm, pgd, pgdl2, tpgd (TRADES's inner maximisation, Zhang et al. 2019: PGD on
+    KL(f(x') ‖ f(x)) from x + 0.001·N(0, 1), labels unused), square (``config.queries`` queries),
+    autoattack (torchattacks' own shortened AutoAttack), apgd-ce, apgd-dlr, apgd-ce-scaled (APGD-CE on
+    the logits divided by their own per-example standard deviation, detached: the temperature scaling
+    of Gupta & Ajanthan 2021 against the vanishing cross-entropy gradients of confident quantized
+    nets; predictions unchanged), apgd-t (``n_classes - 1`` targets), apgd-t3 (the 3 highest-scoring
+    other classes) or fab-t (targeted FAB). ``seed`` seeds Square, AutoAttack, APGD and FAB;
+    ``n_classes`` is the width of the model's logits (the targeted attacks' target count).
+    ``config.normalization=(mean, std)``: ``model`` expects normalised inputs; the attack still takes
+    and returns [0, 1] inputs (see :func:`normalized_inputs`; to classify its output yourself, do it
+    inside that block too, or read ``attack.normalization``).
+
+    Returns an :class:`AdaptedAttack`, called as ``attack(images, labels) -> adversarial images``.
+    Raises :class:`ConfigError` for anything but an AttackConfig (an attack name alone included); the
+    attack raises :class:`ModelError` at its first call on a model without input gradient.
+
+    >>> import torch
+    >>> from aq_brevitas.attacks import make_attack
+    >>> from aq_brevitas.config import AttackConfig
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    >>> x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    >>> adv = make_attack(AttackConfig("pgd", eps=0.1, steps=3), model)(x, y)
+    >>> bool((adv - x).abs().max() <= 0.1 + 1e-6), adv.shape
+    (True, torch.Size([4, 1, 4, 4]))
+    """
+    if not isinstance(config, AttackConfig):
+        raise ConfigError(
+            f"make_attack takes an AttackConfig, got {config!r}",
+            "pass make_attack(AttackConfig(name, eps=..., steps=...), model)",
         )
-    elif name in ("apgd-ce", "apgd-dlr", "apgd-ce-scaled"):
-        loss = "dlr" if name == "apgd-dlr" else "ce"
-        victim = _TemperatureScaled(target) if name == "apgd-ce-scaled" else target
-        atk = torchattacks.APGD(victim, norm="Linf", eps=eps, steps=steps, seed=seed, loss=loss, **extra)
-    elif name in ("apgd-t", "apgd-t3"):  # apgd-t3: only the 3 highest-scoring other classes as targets
-        classes = min(n_classes, 4) if name == "apgd-t3" else n_classes
-        atk = torchattacks.APGDT(target, norm="Linf", eps=eps, steps=steps, seed=seed, n_classes=classes)
-    elif name == "fab-t":
-        atk = torchattacks.FAB(
-            target, norm="Linf", eps=eps, steps=steps, seed=seed, multi_targeted=True, n_classes=n_classes
-        )
-    else:
-        raise ConfigError(f"unknown attack {name!r}", f"use one of {', '.join(ATTACKS)}")
-    return AdaptedAttack(name, atk, model, grid, normalization)
+    grid = _GridModel(model) if config.name in GRID_ATTACKS else None
+    atk = ATTACK_BUILDERS[config.name](config, model if grid is None else grid, seed, n_classes)
+    return AdaptedAttack(config.name, atk, model, grid, config.normalization)

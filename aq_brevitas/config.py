@@ -6,8 +6,9 @@
 * :class:`EvalConfig`: the robustness suite of :func:`~aq_brevitas.evaluate.evaluate_robustness`.
 
 Each validates itself in ``__post_init__`` (a bad value raises a one-line :class:`ConfigError` naming
-it), has ``replace(**changes)``, ``to_dict()`` and ``from_dict()``. This module imports neither torch
-nor Brevitas, so a command-line parser can be built from it cheaply.
+it), has ``replace(**changes)``, ``to_dict()`` and ``from_dict()``. The three share one declaration of
+``normalization`` (:class:`InputNormalization`). This module imports neither torch nor Brevitas, so a
+command-line parser can be built from it cheaply.
 """
 
 from __future__ import annotations
@@ -111,7 +112,13 @@ def _check_step(alpha: Any) -> None:
 
 
 class ConfigBase:
-    """Shared behaviour: ``replace``, ``to_dict``/``from_dict`` with unknown names refused."""
+    """Shared behaviour: ``replace``, ``to_dict``/``from_dict`` with unknown names refused.
+
+    ``__post_init__`` here ends the cooperative chain: a config that validates its own fields calls
+    ``super().__post_init__()`` so that every mixin (:class:`InputNormalization`) checks its own."""
+
+    def __post_init__(self) -> None:
+        pass
 
     @classmethod
     def _check_names(cls, names: Any) -> None:
@@ -143,6 +150,56 @@ class ConfigBase:
         return cls(**d)
 
 
+def config_or_default(config: Any, default: _C) -> _C:
+    """``config``, or ``default`` when it is None: what a function taking ``config=`` works with.
+    Raises :class:`ConfigError` when ``config`` is another kind of config (a TrainConfig given to an
+    evaluation), which would otherwise fail later on a missing field.
+
+    >>> from aq_brevitas.config import EvalConfig, TrainConfig, config_or_default
+    >>> config_or_default(None, TrainConfig()) == TrainConfig()
+    True
+    >>> config_or_default(EvalConfig(), TrainConfig())
+    Traceback (most recent call last):
+    ...
+    aq_brevitas.errors.ConfigError: config is a EvalConfig, not a TrainConfig -- fix: pass TrainConfig(...)
+    """
+    if config is None:
+        return default
+    if not isinstance(config, type(default)):
+        raise ConfigError(
+            f"config is a {type(config).__name__}, not a {type(default).__name__}",
+            f"pass {type(default).__name__}(...)",
+        )
+    return config
+
+
+@dataclass(frozen=True)
+class InputNormalization(ConfigBase):
+    """The one declaration of a config's ``normalization=(mean, std)`` (None: the model takes [0, 1]
+    inputs as they are), checked and stored as tuples of floats (:func:`check_normalization`).
+
+    A model that expects ``(x - mean) / std`` is fed that while data and ε stay in [0, 1] pixel space
+    (:func:`~aq_brevitas.attacks.normalized_inputs`). A config adopts it by inheriting it and calling
+    ``super().__post_init__()`` after its own checks; the field is keyword-only, so it comes after the
+    config's own fields in every constructor call.
+
+    >>> from aq_brevitas.config import AttackConfig
+    >>> AttackConfig("fgsm", normalization=([0.5], [0.25])).normalization
+    ((0.5,), (0.25,))
+    """
+
+    normalization: Normalization | None = field(
+        default=None,
+        kw_only=True,
+        metadata={"help": "(mean, std) the model expects its inputs normalised with", "flag": "--mean/--std"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalization is not None:
+            object.__setattr__(self, "normalization", check_normalization(self.normalization))
+
+
 def json_ready(value: Any) -> Any:
     """``value`` with every tuple turned into a list, recursively (what ``json.loads(json.dumps(...))`` gives)."""
     if isinstance(value, dict):
@@ -153,18 +210,25 @@ def json_ready(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class AttackConfig(ConfigBase):
-    """One attack: ``name`` (one of :data:`~aq_brevitas.config.ATTACKS`), ``eps`` (L-inf budget on
-    [0, 1] images), ``steps``, ``alpha`` (step; None = 2.5·ε/steps), ``random_start`` (pgd, pgdl2) and
-    ``normalization=(mean, std)`` for a model that expects normalised inputs (ε stays in [0, 1] pixel
-    space; see :func:`~aq_brevitas.attacks.normalized_inputs`)."""
+class AttackConfig(InputNormalization):
+    """One attack, as :func:`~aq_brevitas.attacks.make_attack` builds it: ``name`` (one of
+    :data:`~aq_brevitas.config.ATTACKS`), ``eps`` (budget on [0, 1] images: L-inf; L2 for pgdl2),
+    ``steps`` (iterations of PGD, TPGD, APGD and FAB), ``alpha`` (step; None = 2.5·ε/steps),
+    ``random_start`` (pgd, pgdl2), ``queries`` (Square's query budget) and ``normalization=(mean, std)``
+    for a model that expects normalised inputs (:class:`InputNormalization`).
+
+    >>> from aq_brevitas.config import AttackConfig
+    >>> cfg = AttackConfig("PGD", eps=0.1, steps=4)
+    >>> cfg.name, cfg.step_size
+    ('pgd', 0.0625)
+    """
 
     name: str = "pgd"
     eps: float = 0.1
     steps: int = 10
     alpha: float | None = None
     random_start: bool = True
-    normalization: Normalization | None = None
+    queries: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name.lower() not in ATTACKS:
@@ -176,20 +240,17 @@ class AttackConfig(ConfigBase):
                 f"attack steps must be an integer >= 0, got {self.steps!r}", "pass e.g. steps=10"
             )
         _check_step(self.alpha)
-        _set_normalization(self)
+        _check_count("queries", self.queries)
+        super().__post_init__()
 
     @property
     def step_size(self) -> float:
         """``alpha``, or the default 2.5·ε/steps."""
         return self.alpha or default_alpha(self.eps, self.steps)
 
-    def kwargs(self) -> dict[str, Any]:
-        """The keywords :func:`~aq_brevitas.attacks.make_attack` takes besides the name."""
-        return {k: getattr(self, k) for k in ("eps", "steps", "alpha", "random_start", "normalization")}
-
 
 @dataclass(frozen=True)
-class TrainConfig(ConfigBase):
+class TrainConfig(InputNormalization):
     """Adversarial training settings; the defaults are :func:`~aq_brevitas.train.training.adversarial_train`'s.
 
     ``eps`` (L-inf, [0, 1] images) and ``steps`` set the training attack (either 0: plain training);
@@ -200,8 +261,7 @@ class TrainConfig(ConfigBase):
     the clean loss: (1-w)·CE(adv) + w·CE(clean). ``trades_beta`` β switches to TRADES: CE(clean) +
     β·KL(f(x_adv) ‖ f(x)). ``seed`` fixes the shuffle and the attack noise of every epoch.
     ``learn_act_scales=False`` keeps Brevitas activation scales at their calibrated values.
-    ``normalization=(mean, std)``: the model expects normalised inputs; data and ε stay in [0, 1]
-    pixel space and the model is fed ``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`).
+    ``normalization=(mean, std)``: the model expects normalised inputs (:class:`InputNormalization`).
 
     >>> from aq_brevitas.config import TrainConfig
     >>> cfg = TrainConfig(eps=0.2, epochs=3)
@@ -226,7 +286,6 @@ class TrainConfig(ConfigBase):
     trades_beta: float | None = None
     seed: int = 0
     learn_act_scales: bool = True
-    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
@@ -255,7 +314,7 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"trades_beta={self.trades_beta!r} must be >= 0", "pass e.g. --trades-beta 6")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}", "pass e.g. --seed 0")
-        _set_normalization(self)
+        super().__post_init__()
 
     @classmethod
     def finetuning(cls, **changes: Any) -> TrainConfig:
@@ -271,11 +330,13 @@ class TrainConfig(ConfigBase):
     def attack(self) -> AttackConfig:
         """The inner maximisation: PGD (Madry), or TPGD when ``trades_beta`` is set."""
         name = "pgd" if self.trades_beta is None else "tpgd"
-        return AttackConfig(name, self.eps, self.steps, self.alpha, self.random_start, self.normalization)
+        return AttackConfig(
+            name, self.eps, self.steps, self.alpha, self.random_start, normalization=self.normalization
+        )
 
 
 @dataclass(frozen=True)
-class EvalConfig(ConfigBase):
+class EvalConfig(InputNormalization):
     """The robustness suite; defaults are :func:`~aq_brevitas.evaluate.evaluate_robustness`'s.
 
     ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of
@@ -289,7 +350,7 @@ class EvalConfig(ConfigBase):
     ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on ``large_eps_images``
     images; ``indicators``: the attack-failure indicators (:mod:`aq_brevitas.evaluate.indicators`);
     ``batch_size`` images per attack call; the first ``limit`` images (None: all); ``seed``;
-    ``normalization=(mean, std)`` for a model that expects normalised inputs.
+    ``normalization=(mean, std)`` for a model that expects normalised inputs (:class:`InputNormalization`).
     """
 
     eps: tuple[float, ...] = (0.05, 0.1, 0.2)
@@ -311,7 +372,6 @@ class EvalConfig(ConfigBase):
     batch_size: int = 250
     limit: int | None = None
     seed: int = 0
-    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         eps = [self.eps] if isinstance(self.eps, (int, float, str)) else list(self.eps)
@@ -336,7 +396,7 @@ class EvalConfig(ConfigBase):
         object.__setattr__(self, "large_eps", check_eps(self.large_eps, "large_eps"))
         if self.limit is not None and not (_is_int(self.limit) and self.limit >= 1):
             raise ConfigError(f"limit must be positive, got {self.limit}", "pass limit>=1 or None")
-        _set_normalization(self)
+        super().__post_init__()
 
 
 def _set_suite(config: Any) -> None:
@@ -365,24 +425,6 @@ def _set_suite(config: Any) -> None:
     object.__setattr__(config, "autoattack", aa)
 
 
-def _set_normalization(config: Any) -> None:
-    """A config's ``normalization`` checked and stored as tuples (None stays None)."""
-    if config.normalization is not None:
-        object.__setattr__(config, "normalization", check_normalization(config.normalization))
-
-
 def _check_count(key: str, value: Any) -> None:
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{key} must be an integer >= 1, got {value!r}", f"pass {key}>=1")
-
-
-def with_overrides(config: _C | None, default: _C, overrides: Mapping[str, Any]) -> _C:
-    """``config`` (or ``default``) with ``overrides`` applied: how functions take ``config=`` plus the
-    old keyword spellings."""
-    base = default if config is None else config
-    if not isinstance(base, type(default)):
-        raise ConfigError(
-            f"config is a {type(base).__name__}, not a {type(default).__name__}",
-            f"pass {type(default).__name__}(...)",
-        )
-    return base.replace(**overrides) if overrides else base

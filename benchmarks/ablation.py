@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.budget import Budget
+from aq_brevitas.config import AttackConfig
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.models import load_float_model  # noqa: E402
@@ -113,9 +114,9 @@ def run_model(name: str, budgets: list[float], test_images: int, seed: int, out:
                 q = quantize(model, pol, calibration_data=calib[0]).eval()
                 t1 = time.perf_counter()
                 evaluated[key] = {
-                    "val_pgd10": attack_accuracy(q, *val, "pgd", eps=EPS, steps=10, seed=seed),
+                    "val_pgd10": attack_accuracy(q, *val, AttackConfig("pgd", EPS, 10), seed=seed),
                     "test_clean": accuracy(q, *test),
-                    "test_pgd20": attack_accuracy(q, *test, "pgd", eps=EPS, steps=20, seed=seed),
+                    "test_pgd20": attack_accuracy(q, *test, AttackConfig("pgd", EPS, 20), seed=seed),
                     "eval_s": time.perf_counter() - t1,
                 }
             r = evaluated[key]

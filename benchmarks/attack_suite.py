@@ -154,14 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report_phase(name: str, images: int) -> dict:
     """The default report at ε = 0.1 (the float model as the transfer surrogate), and what it found."""
+    from aq_brevitas.config import EvalConfig
     from aq_brevitas.evaluate.robustness import evaluate_robustness
 
     model, float_model = build(name)
     x, y = load_split("test", limit=images)
     t0, c0 = time.perf_counter(), time.process_time()
-    rep = evaluate_robustness(
-        model, (x, y), eps=(EPS,), surrogate=None if float_model is model else float_model, progress=False
-    )
+    surrogate = None if float_model is model else float_model
+    rep = evaluate_robustness(model, (x, y), EvalConfig(eps=(EPS,)), surrogate=surrogate, progress=False)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"  {name:28s} default report {rep.robust_accuracy(EPS):.3f} {seconds:6.1f}s", flush=True)
     return {
@@ -179,6 +179,7 @@ def report_phase(name: str, images: int) -> dict:
 def paired(name: str, images: int) -> dict:
     """On one build of the model and the same images: PGD-20, the reference AutoAttack and the default
     report, each timed in wall and CPU seconds (CPU: this process's own time, robust to other load)."""
+    from aq_brevitas.config import EvalConfig
     from aq_brevitas.evaluate.robustness import evaluate_robustness
 
     model, float_model = build(name)
@@ -201,9 +202,8 @@ def paired(name: str, images: int) -> dict:
             }
     out["clean"] = int(clean.sum()) / images
     t0, c0 = time.perf_counter(), time.process_time()
-    rep = evaluate_robustness(
-        model, (x, y), eps=(EPS,), surrogate=None if float_model is model else float_model, progress=False
-    )
+    surrogate = None if float_model is model else float_model
+    rep = evaluate_robustness(model, (x, y), EvalConfig(eps=(EPS,)), surrogate=surrogate, progress=False)
     out["report"] = {
         "accuracy": rep.robust_accuracy(EPS),
         "seconds": time.perf_counter() - t0,

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.budget import Budget
+from aq_brevitas.config import AttackConfig, TrainConfig
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.models import load_float_model  # noqa: E402
@@ -51,15 +52,14 @@ def _evaluate(model, policy, calib_x, test, ft_train, ft_test, seed):
     q = quantize(model, policy, calibration_data=calib_x).eval()
     out = {
         "ptq_clean": accuracy(q, *test),
-        "ptq_pgd": attack_accuracy(q, *test, "pgd", eps=EPS, steps=20, seed=seed),
+        "ptq_pgd": attack_accuracy(q, *test, AttackConfig("pgd", EPS, 20), seed=seed),
     }
     t0 = time.perf_counter()
-    adversarial_finetune(
-        q, ft_train, eps=EPS, steps=7, epochs=1, lr=5e-4, batch_size=128, seed=seed, progress=False
-    )
+    cfg = TrainConfig.finetuning(eps=EPS, steps=7, epochs=1, lr=5e-4, batch_size=128, seed=seed)
+    adversarial_finetune(q, ft_train, cfg, progress=False)
     out["ft_seconds"] = time.perf_counter() - t0
     out["ft_clean"] = accuracy(q, *ft_test)
-    out["ft_pgd"] = attack_accuracy(q, *ft_test, "pgd", eps=EPS, steps=20, seed=seed)
+    out["ft_pgd"] = attack_accuracy(q, *ft_test, AttackConfig("pgd", EPS, 20), seed=seed)
     return out
 
 
@@ -121,7 +121,7 @@ def search_cost(name: str = "cnn-pgd") -> dict:
     x, y = load_split("test", limit=1000, seed=0)
     out: dict = {"model": name, "budget": "avg-4", "calib_images": len(calib[1]), "pgd_images": len(y)}
     t0 = time.perf_counter()
-    attack_accuracy(model, x, y, "pgd", eps=EPS, steps=20)
+    attack_accuracy(model, x, y, AttackConfig("pgd", EPS, 20))
     out["pgd20_1k_s"] = time.perf_counter() - t0
     runs = {
         "lipschitz_jacobian": SearchConfig(method="lipschitz"),

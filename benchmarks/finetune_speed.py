@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.attacks import make_attack  # noqa: E402
+from aq_brevitas.config import AttackConfig  # noqa: E402
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.forward import frozen_activation_scales, frozen_quant_weights
 from aq_brevitas.models import load_float_model  # noqa: E402
@@ -65,7 +66,7 @@ def step_ratios(zoo: str = "cnn-pgd", spec: LayerSpec = W4A8) -> dict:
     q = quantize(float_model, LayerwisePolicy(default=spec), calibration_data=x)
     q_learn = quantize(float_model, LayerwisePolicy(default=spec), calibration_data=x)
     f = load_float_model(zoo)[0]
-    atk = make_attack("pgd", q, eps=0.1, steps=K)
+    atk = make_attack(AttackConfig("pgd", eps=0.1, steps=K), q)
     with frozen_activation_scales(q):  # as adversarial_finetune runs by default
         opt_q = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=1e-6)
         opt_l = torch.optim.SGD(q_learn.parameters(), lr=1e-6)

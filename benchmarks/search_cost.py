@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from aq_brevitas.config import AttackConfig
 from aq_brevitas.data import load_split  # noqa: E402
 from aq_brevitas.evaluate.accuracy import attack_accuracy
 from aq_brevitas.folding import bn_scale
@@ -218,7 +219,7 @@ def run_model(name: str, skip_legacy: bool) -> dict:
         "val_images": len(val[1]),
         "input_shape": list(calib[0].shape[1:]),
     }
-    _, out["pgd20_1k_s"] = timed(lambda: attack_accuracy(model, *test, "pgd", eps=EPS, steps=20))
+    _, out["pgd20_1k_s"] = timed(lambda: attack_accuracy(model, *test, AttackConfig("pgd", EPS, 20)))
     print(name, "pgd20", out["pgd20_1k_s"], flush=True)
     cands = {"36": default_candidates(), "144_act_bits": default_candidates()}
     cands["144_act_bits"] = [

@@ -58,7 +58,7 @@ for method in COMPARE_ORDER:  # the method registry: baselines first, lipschitz 
         q = aq.quantize(model, policy, calibration_data=calib[0])
         measured[short] = (
             aq.accuracy(q, x_test, y_test),
-            aq.attack_accuracy(q, x_test, y_test, "pgd", eps=0.1, steps=10),
+            aq.attack_accuracy(q, x_test, y_test, aq.AttackConfig("pgd", eps=0.1, steps=10)),
         )
     clean, pgd = measured[short]
     winner = result.winner  # "uniform" for the uniform baseline itself

@@ -65,17 +65,10 @@ n_train, n_test = (8192, 200) if args.fast else (20000, 2000)
 t_start = time.perf_counter()
 
 model = TinyCNN()
-history = aq.adversarial_train(
-    model,
-    aq.load_split("train", limit=n_train, seed=0),
-    eps=0.1,
-    steps=3,
-    epochs=1 if args.fast else 3,
-    optimizer="adam",
-    lr=3e-3,
-    batch_size=64,
-    progress=False,
+training = aq.TrainConfig(
+    eps=0.1, steps=3, epochs=1 if args.fast else 3, optimizer="adam", lr=3e-3, batch_size=64
 )
+history = aq.adversarial_train(model, aq.load_split("train", limit=n_train, seed=0), training, progress=False)
 print(f"PGD-trained float model: train adv acc {history.epochs[-1].adv_acc:.3f}")
 
 policy = LayerwisePolicy.from_json(POLICY_JSON)
@@ -87,7 +80,7 @@ print(f"policy cost: {cost.avg_weight_bits:.2f} average weight bits, {cost.weigh
 
 for label, m in (("float", model), ("quantized", qmodel)):
     clean = aq.accuracy(m, x_test, y_test)
-    pgd = aq.attack_accuracy(m, x_test, y_test, "pgd", eps=0.1, steps=10)
+    pgd = aq.attack_accuracy(m, x_test, y_test, aq.AttackConfig("pgd", eps=0.1, steps=10))
     print(f"{label:9s} test ({n_test} images): clean {clean:.3f}  PGD-10 eps=0.1 {pgd:.3f}")
 
 with tempfile.TemporaryDirectory() as d:

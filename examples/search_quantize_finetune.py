@@ -37,18 +37,15 @@ print(policy)
 print("kept:", result.winner, "cost:", result.cost.summary())
 
 qmodel = aq.quantize(model, policy, calibration_data=calib[0])
-aq.adversarial_finetune(
-    qmodel, aq.load_split("train", limit=n_train, seed=0), eps=0.1, steps=3, epochs=1, progress=False
-)
-report = aq.evaluate_robustness(
-    qmodel,
-    aq.load_split("test", limit=n_test),
+tuning = aq.TrainConfig.finetuning(eps=0.1, steps=3, epochs=1)
+aq.adversarial_finetune(qmodel, aq.load_split("train", limit=n_train, seed=0), tuning, progress=False)
+suite = aq.EvalConfig(
     eps=[0.1],
     pgd_steps=10,
     gradient_free_images=50,
     square_queries=100,
     large_eps_images=50,
     suite_steps=25 if args.fast else 100,  # APGD iterations of the attack suite
-    progress=False,
 )
+report = aq.evaluate_robustness(qmodel, aq.load_split("test", limit=n_test), suite, progress=False)
 print(report.to_markdown())

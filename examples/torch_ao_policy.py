@@ -50,7 +50,7 @@ print(policy)
 
 def report(label: str, fake_quant: torch.nn.Module, converted: torch.nn.Module | None = None) -> None:
     clean = aq.accuracy(fake_quant, x, y)
-    pgd = aq.attack_accuracy(fake_quant, x, y, "pgd", eps=0.1, steps=pgd_steps)
+    pgd = aq.attack_accuracy(fake_quant, x, y, aq.AttackConfig("pgd", eps=0.1, steps=pgd_steps))
     line = f"{label:<10} clean {clean:.3f}  PGD-{pgd_steps} eps=0.1 {pgd:.3f}"
     if converted is not None:
         line += f"  | converted: clean {aq.accuracy(converted, x, y):.3f}"

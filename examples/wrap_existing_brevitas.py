@@ -63,15 +63,8 @@ t_start = time.perf_counter()
 
 # 1. The user's model, trained briefly with plain QAT (eps=0: no attack), so it is not random.
 model = MyBrevitasNet()
-aq.adversarial_finetune(
-    model,
-    aq.load_split("train", limit=n_train, seed=1),
-    eps=0.0,
-    epochs=epochs,
-    lr=3e-3,
-    batch_size=64,
-    progress=False,
-)
+qat = aq.TrainConfig.finetuning(eps=0.0, epochs=epochs, lr=3e-3, batch_size=64)
+aq.adversarial_finetune(model, aq.load_split("train", limit=n_train, seed=1), qat, progress=False)
 x_test, y_test = aq.load_split("test", limit=n_test)
 print(f"trained 8-bit model: clean {aq.accuracy(model, x_test, y_test):.3f} on {n_test} test images")
 
@@ -96,22 +89,15 @@ for change in layer_changes(model, qmodel):  # read from the two models' quantiz
 
 def report(label: str) -> None:
     clean = aq.accuracy(qmodel, x_test, y_test)
-    pgd = aq.attack_accuracy(qmodel, x_test, y_test, "pgd", eps=0.1, steps=10)
+    pgd = aq.attack_accuracy(qmodel, x_test, y_test, aq.AttackConfig("pgd", eps=0.1, steps=10))
     print(f"{label:<22} test ({n_test} images): clean {clean:.3f}  PGD-10 eps=0.1 {pgd:.3f}")
 
 
 report("re-bitted (PTQ)")
 
 # 4. PGD fine-tuning (quantization-aware), then PGD-10 accuracy on the test split.
-history = aq.adversarial_finetune(
-    qmodel,
-    aq.load_split("train", limit=n_ft, seed=0),
-    eps=0.1,
-    steps=3,
-    epochs=1,
-    batch_size=64,
-    progress=False,
-)
+tuning = aq.TrainConfig.finetuning(eps=0.1, steps=3, epochs=1, batch_size=64)
+history = aq.adversarial_finetune(qmodel, aq.load_split("train", limit=n_ft, seed=0), tuning, progress=False)
 print(f"fine-tuned: train adv acc {history.epochs[-1].adv_acc:.3f}")
 report("PGD fine-tuned")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from aq_brevitas.config import TrainConfig
 from aq_brevitas.data import load_split
 from aq_brevitas.models import build_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
@@ -19,7 +20,7 @@ from aq_brevitas.train.finetune import adversarial_finetune, init_distributed
 from aq_brevitas.train.training import GlobalBatchSampler
 
 GLOBAL_BATCH = 64
-SETTINGS = dict(eps=0.1, steps=2, lr=2e-3, batch_size=GLOBAL_BATCH, progress=False, seed=0)
+SETTINGS = TrainConfig.finetuning(eps=0.1, steps=2, lr=2e-3, batch_size=GLOBAL_BATCH, seed=0)
 
 
 def _model() -> torch.nn.Module:
@@ -32,7 +33,8 @@ def _model() -> torch.nn.Module:
 def finetune_small(epochs: int = 2, images: int = 2 * GLOBAL_BATCH) -> torch.nn.Module:
     """The 4-bit small CNN PGD-fine-tuned on ``images`` val images, global batch 64: several Adam steps."""
     model = _model()
-    adversarial_finetune(model, load_split("val", limit=images, seed=0), epochs=epochs, **SETTINGS)
+    data = load_split("val", limit=images, seed=0)
+    adversarial_finetune(model, data, SETTINGS.replace(epochs=epochs), progress=False)
     return model
 
 
@@ -112,7 +114,7 @@ def first_step(rank: int, world: int) -> dict:
 
     handles = [model.register_forward_pre_hook(record_input)]
     handles += [m.register_forward_hook(record_layer(n)) for n, m in _layers(model).items()]
-    adversarial_finetune(model, data, epochs=1, **SETTINGS)
+    adversarial_finetune(model, data, SETTINGS.replace(epochs=1), progress=False)
     for h in handles:
         h.remove()
     grad = {n: p.grad.detach().clone() for n, p in model.named_parameters()}

@@ -21,6 +21,7 @@ from aq_brevitas.ao import (
 )
 from aq_brevitas.ao.fx import _is_act_observer
 from aq_brevitas.ao.pt2e import _layer_name
+from aq_brevitas.config import AttackConfig, EvalConfig, TrainConfig
 from aq_brevitas.errors import PolicyError
 from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.evaluate.robustness import evaluate_robustness
@@ -269,10 +270,11 @@ def test_evaluate_robustness_on_prepared_fx_and_pt2e(cnn, fmnist_val_512):
         with torch.no_grad():
             model(x)  # calibration, then the ranges are frozen (as docs/torch_ao.md does)
         model.apply(freeze)
-        report = evaluate_robustness(
-            model, (x, y), eps=0.1, attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False,
-            large_eps_images=8, suite_steps=5, suite_queries=20, progress=False,  # plumbing: few iterations
+        cfg = EvalConfig(
+            eps=0.1, attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False,
+            large_eps_images=8, suite_steps=5, suite_queries=20,  # plumbing: few iterations
         )  # fmt: skip
+        report = evaluate_robustness(model, (x, y), cfg, progress=False)
         assert report.images == 48 and report.clean_accuracy == pytest.approx(accuracy(model, x, y))
         assert report.accuracy("pgd", 0.1) < report.clean_accuracy
         assert report.max_violation <= 1e-6
@@ -286,7 +288,7 @@ def test_pgd_runs_on_prepared_fx_and_pt2e_models(cnn, fmnist_val_512):
         with torch.no_grad():
             model(x)
         clean = accuracy(model, x, y)
-        robust = attack_accuracy(model, x, y, "pgd", eps=0.1, steps=5)
+        robust = attack_accuracy(model, x, y, AttackConfig("pgd", eps=0.1, steps=5))
         assert robust < clean
 
 
@@ -321,5 +323,6 @@ def test_finetune_accepts_prepared_torch_ao_models(cnn, fmnist_val_512):
     fx = prepare_fx_model(copy.deepcopy(cnn), MIXED, data[0][:1], qat=True)
     pe = prepare_pt2e_model(copy.deepcopy(cnn), MIXED, data[0][:2], qat=True)
     for model in (fx, pe):
-        hist = adversarial_finetune(model, data, eps=0.1, steps=2, epochs=1, batch_size=32, progress=False)
+        cfg = TrainConfig.finetuning(eps=0.1, steps=2, epochs=1, batch_size=32)
+        hist = adversarial_finetune(model, data, cfg, progress=False)
         assert hist.epochs[0].adv_acc is not None and hist.epochs[0].loss > 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from aq_brevitas.config import EvalConfig
 from aq_brevitas.data import load_split
 from aq_brevitas.evaluate import report as rep_module
 from aq_brevitas.evaluate.indicators import (
@@ -20,9 +21,9 @@ from aq_brevitas.evaluate.robustness import evaluate_robustness
 from aq_brevitas.evaluate.suite import ChainSettings, run_chain, suite_accuracies
 from aq_brevitas.models import load_float_model
 
-TINY = dict(
+TINY = EvalConfig(
     eps=(0.1,), attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False, large_eps_images=30, suite_steps=10,
-    suite_queries=30, progress=False,
+    suite_queries=30,
 )  # fmt: skip
 
 
@@ -109,7 +110,7 @@ def test_worst_case_is_per_image():
 
 
 def test_old_report_without_per_image_outcomes_loads_with_a_note(cnn, data):
-    rep = evaluate_robustness(cnn, data, **TINY, indicators=False)
+    rep = evaluate_robustness(cnn, data, TINY.replace(indicators=False), progress=False)
     old = rep.to_dict()
     old["schema"] = "aq-brevitas/robustness/v1"
     for r in old["results"]:
@@ -139,20 +140,20 @@ def test_suite_only_attacks_what_is_left_and_never_raises_accuracy(cnn, data):
 def test_zero_gradient_unconstrained_and_white_box_indicators(cnn, data):
     """Input rounding masks gradients: no input gradient, ε = 1 does not reach 0, and transfer from the
     unrounded model beats the white-box attacks."""
-    masked = evaluate_robustness(InputRounding(cnn), data, **TINY, surrogate=cnn)
+    masked = evaluate_robustness(InputRounding(cnn), data, TINY, surrogate=cnn, progress=False)
     assert {"input_gradient_nonzero", "unconstrained_reaches_zero", "white_box_strongest"} <= failed(masked)
     assert "⚠️ `white_box_strongest`" in masked.to_markdown() and masked.warnings
 
 
 def test_indicators_quiet_on_a_normal_model(cnn, data):
-    normal = evaluate_robustness(cnn, data, **TINY, surrogate=cnn)
+    normal = evaluate_robustness(cnn, data, TINY, surrogate=cnn, progress=False)
     names = [c.name for c in normal.checks]
     assert names[-6:] == list(INDICATORS)
     assert not failed(normal), normal.to_markdown()
 
 
 def test_silent_success_is_caught(cnn, data):
-    trap = evaluate_robustness(GradTrap(cnn), data, **{**TINY, "suite": ("apgd-ce",)}, indicators=True)
+    trap = evaluate_robustness(GradTrap(cnn), data, TINY.replace(suite=("apgd-ce",)), progress=False)
     check = trap.check("no_silent_success")
     assert check.passed is False and "counted robust" in check.detail
 

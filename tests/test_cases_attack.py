@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from aq_brevitas.attacks import image_grid, make_attack, normalize, normalized_inputs
-from aq_brevitas.config import AttackConfig, TrainConfig, check_normalization
+from aq_brevitas.config import AttackConfig, EvalConfig, TrainConfig, check_normalization
 from aq_brevitas.errors import ConfigError, ModelError
 from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.evaluate.report import RobustnessReport
@@ -23,15 +23,15 @@ from aq_brevitas.train.finetune import adversarial_finetune
 from aq_brevitas.train.training import adversarial_train
 from conftest import ConvBNDropNet
 
-SUITE = dict(
+SUITE = EvalConfig(
     eps=(0.1,),
     pgd_steps=3,
     square_queries=30,
     gradient_free_images=4,
     large_eps_images=4,
-    progress=False,
     suite="none",
 )
+PGD2 = AttackConfig("pgd", eps=0.1, steps=2)
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
 
 
@@ -69,12 +69,10 @@ def test_measuring_gives_the_model_back_in_its_mode_with_bn_stats_untouched(mode
         model = quantize(model, LayerwisePolicy(default=LayerSpec(4, act_bit_width=8)), calibration_data=x)
     calls = {
         "accuracy": lambda m: accuracy(m, x, y),
-        "attack_accuracy": lambda m: attack_accuracy(m, x, y, "pgd", eps=0.1, steps=2),
-        "attack_accuracy square": lambda m: attack_accuracy(m, x, y, "square", eps=0.1, n_queries=5),
-        "evaluate_robustness": lambda m: evaluate_robustness(m, (x, y), **SUITE).clean_accuracy,
-        "make_attack": lambda m: (
-            make_attack("pgd", m, eps=0.1, steps=2, random_start=False)(x, y).sum().item()
-        ),
+        "attack_accuracy": lambda m: attack_accuracy(m, x, y, PGD2),
+        "attack_accuracy square": lambda m: attack_accuracy(m, x, y, AttackConfig("square", 0.1, queries=5)),
+        "evaluate_robustness": lambda m: evaluate_robustness(m, (x, y), SUITE, progress=False).clean_accuracy,
+        "make_attack": lambda m: make_attack(PGD2.replace(random_start=False), m)(x, y).sum().item(),
     }
     for label, call in calls.items():
         for setup in ("train", "mixed", "eval"):
@@ -93,10 +91,13 @@ def test_training_gives_the_model_back_in_its_mode(mode_data):
     for training in (True, False):
         torch.manual_seed(0)
         model = BNDropNet().train(training)
-        adversarial_train(model, (x, y), eps=0.1, steps=1, epochs=1, batch_size=6, progress=False)
+        adversarial_train(
+            model, (x, y), TrainConfig(eps=0.1, steps=1, epochs=1, batch_size=6), progress=False
+        )
         assert all(m.training == training for m in model.modules())
         q = quantize(BNDropNet(), LayerwisePolicy(default=LayerSpec(4))).train(training)
-        adversarial_finetune(q, (x, y), eps=0.1, steps=1, epochs=1, batch_size=6, progress=False)
+        cfg = TrainConfig.finetuning(eps=0.1, steps=1, epochs=1, batch_size=6)
+        adversarial_finetune(q, (x, y), cfg, progress=False)
         assert all(m.training == training for m in q.modules())
 
 
@@ -126,10 +127,10 @@ def test_a_converted_model_is_refused_in_one_line_naming_the_prepared_model(ao_m
     x, y = mode_data
     assert 0 <= accuracy(converted, x, y) <= 1  # a clean forward is fine
     refusals = {
-        "attack_accuracy pgd": lambda: attack_accuracy(converted, x, y, "pgd", eps=0.1, steps=2),
-        "attack_accuracy fgsm": lambda: attack_accuracy(converted, x, y, "fgsm", eps=0.1),
-        "evaluate_robustness": lambda: evaluate_robustness(converted, (x, y), **SUITE),
-        "make_attack": lambda: make_attack("pgd", converted, eps=0.1, steps=2)(x, y),
+        "attack_accuracy pgd": lambda: attack_accuracy(converted, x, y, PGD2),
+        "attack_accuracy fgsm": lambda: attack_accuracy(converted, x, y, AttackConfig("fgsm", 0.1)),
+        "evaluate_robustness": lambda: evaluate_robustness(converted, (x, y), SUITE, progress=False),
+        "make_attack": lambda: make_attack(PGD2, converted)(x, y),
     }
     for label, call in refusals.items():
         with pytest.raises(ModelError) as err:
@@ -137,8 +138,8 @@ def test_a_converted_model_is_refused_in_one_line_naming_the_prepared_model(ao_m
         text = one_line(err)
         assert "no input gradient" in text and "prepared (fake-quant) model" in text, label
     # the gradient-free attack needs no input gradient; the prepared model is attackable
-    assert 0 <= attack_accuracy(converted, x, y, "square", eps=0.1, n_queries=5) <= 1
-    assert 0 <= attack_accuracy(prepared, x, y, "pgd", eps=0.1, steps=2) <= 1
+    assert 0 <= attack_accuracy(converted, x, y, AttackConfig("square", 0.1, queries=5)) <= 1
+    assert 0 <= attack_accuracy(prepared, x, y, PGD2) <= 1
 
 
 # --------------------------------------------------------------------------- (f) inputs that are not images
@@ -168,7 +169,7 @@ def test_a_signal_batch_of_one_is_evaluated_with_square_on_its_grid_view():
     model = Signal1D().eval()
     x = torch.rand(1, 3, 96)
     y = model(x).argmax(1)
-    rep = evaluate_robustness(model, (x, y), autoattack=True, **SUITE)
+    rep = evaluate_robustness(model, (x, y), SUITE.replace(autoattack=True), progress=False)
     attacks = [r.attack for r in rep.results]
     reference = {r.attack for r in rep.results if r.chain == "autoattack"}
     assert {"square", "pgd-subset"} <= set(attacks) and rep.skipped == {}
@@ -179,12 +180,12 @@ def test_a_signal_batch_of_one_is_evaluated_with_square_on_its_grid_view():
     assert rep.notes[1].startswith("AutoAttack: the reference version (Croce & Hein 2020)")
     assert rep.max_violation <= 1e-6 and rep.check("gradient_free_not_stronger").passed is not None
     assert "Notes:" in rep.to_markdown() and RobustnessReport.from_json(rep.to_json()) == rep
-    adv = make_attack("square", model, eps=0.1, n_queries=20)(x, y)
+    adv = make_attack(AttackConfig("square", 0.1, queries=20), model)(x, y)
     assert adv.shape == x.shape and (adv - x).abs().max() <= 0.1 + 1e-6
     # a flat feature vector is a 1×h×w image to Square
     flat = nn.Sequential(nn.Linear(64, 4)).eval()
     xf = torch.rand(1, 64)
-    assert 0 <= attack_accuracy(flat, xf, flat(xf).argmax(1), "square", eps=0.1, n_queries=10) <= 1
+    assert 0 <= attack_accuracy(flat, xf, flat(xf).argmax(1), AttackConfig("square", 0.1, queries=10)) <= 1
 
 
 def test_square_is_skipped_with_a_note_when_the_samples_have_no_grid():
@@ -192,7 +193,7 @@ def test_square_is_skipped_with_a_note_when_the_samples_have_no_grid():
     model = Signal1D(2).eval()
     x = torch.rand(3, 2, 13)  # 13 is prime: no h×w view with h, w >= 2
     y = model(x).argmax(1)
-    rep = evaluate_robustness(model, (x, y), autoattack=True, **SUITE)
+    rep = evaluate_robustness(model, (x, y), SUITE.replace(autoattack=True), progress=False)
     attacks = [r.attack for r in rep.results]
     assert "square" not in attacks and "pgd-subset" not in attacks and "autoattack" not in attacks
     assert set(rep.skipped) == {"square", "autoattack"} and "2×13 samples" in rep.skipped["square"]
@@ -202,7 +203,7 @@ def test_square_is_skipped_with_a_note_when_the_samples_have_no_grid():
     assert "Skipped attacks:" in md and "`square`" in md
     assert RobustnessReport.from_json(rep.to_json()).skipped == rep.skipped
     with pytest.raises(ConfigError) as err:
-        make_attack("square", model, eps=0.1, n_queries=5)(x, y)
+        make_attack(AttackConfig("square", 0.1, queries=5), model)(x, y)
     assert "square needs image-like inputs" in one_line(err)
 
 
@@ -250,21 +251,25 @@ def test_normalization_equals_a_model_that_normalises_internally(rgb):
     ref = Normalising(model)
     norm = (MEAN, STD)
     assert accuracy(model, x, y, normalization=norm) == accuracy(ref, x, y) > 0.5
-    for attack, kw in (("pgd", {"steps": 5}), ("fgsm", {}), ("square", {"n_queries": 20})):
-        got = attack_accuracy(model, x, y, attack, eps=8 / 255, normalization=norm, **kw)
-        assert got == attack_accuracy(ref, x, y, attack, eps=8 / 255, **kw), attack
-    a = evaluate_robustness(model, (x, y), normalization=norm, **SUITE)
-    b = evaluate_robustness(ref, (x, y), **SUITE)
+    for attack in (
+        AttackConfig("pgd", 8 / 255, 5),
+        AttackConfig("fgsm", 8 / 255),
+        AttackConfig("square", 8 / 255, queries=20),
+    ):
+        got = attack_accuracy(model, x, y, attack.replace(normalization=norm))
+        assert got == attack_accuracy(ref, x, y, attack), attack
+    a = evaluate_robustness(model, (x, y), SUITE.replace(normalization=norm), progress=False)
+    b = evaluate_robustness(ref, (x, y), SUITE, progress=False)
     assert [(r.attack, r.accuracy) for r in a.results] == [(r.attack, r.accuracy) for r in b.results]
     assert a.max_violation <= 1e-6  # ε measured in pixel space
     atk = make_attack(AttackConfig("pgd", eps=8 / 255, steps=3, normalization=norm), model)
     torch.manual_seed(0)
     adv = atk(x, y)
     torch.manual_seed(0)
-    assert torch.equal(adv, make_attack("pgd", ref, eps=8 / 255, steps=3)(x, y))
+    assert torch.equal(adv, make_attack(AttackConfig("pgd", eps=8 / 255, steps=3), ref)(x, y))
     # an attack built with the normalisation is classified the way it attacked
-    assert attack_accuracy(model, x, y, atk, eps=8 / 255) == attack_accuracy(
-        ref, x, y, "pgd", eps=8 / 255, steps=3
+    assert attack_accuracy(model, x, y, attack=atk) == attack_accuracy(
+        ref, x, y, AttackConfig("pgd", 8 / 255, 3)
     )
     assert len(model._forward_pre_hooks) == 0  # nothing left on the model
 
@@ -292,9 +297,9 @@ def test_finetuning_accepts_normalization_and_trains_the_normalised_model(rgb):
     model, x, y = rgb
     q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
     q_ref = Normalising(copy.deepcopy(q))
-    kw = dict(eps=8 / 255, steps=2, epochs=1, batch_size=16, seed=1, progress=False)
-    h = adversarial_finetune(q, (x, y), normalization=(MEAN, STD), **kw)
-    h_ref = adversarial_finetune(q_ref, (x, y), **kw)
+    cfg = TrainConfig.finetuning(eps=8 / 255, steps=2, epochs=1, batch_size=16, seed=1)
+    h = adversarial_finetune(q, (x, y), cfg.replace(normalization=(MEAN, STD)), progress=False)
+    h_ref = adversarial_finetune(q_ref, (x, y), cfg, progress=False)
     assert [e.adv_acc for e in h.epochs] == [e.adv_acc for e in h_ref.epochs]
     for (name, p), (_, p_ref) in zip(q.named_parameters(), q_ref.inner.named_parameters(), strict=True):
         assert torch.equal(p, p_ref), name  # the same (x - mean) / std and ops, in one process
@@ -306,13 +311,17 @@ def test_a_mean_std_of_the_wrong_length_says_so_in_one_line(rgb):
     bad = ((0.3, 0.3), (0.3, 0.3))
     calls = {
         "accuracy": lambda: accuracy(model, x, y, normalization=bad),
-        "attack_accuracy": lambda: attack_accuracy(model, x, y, "pgd", eps=0.03, steps=2, normalization=bad),
-        "evaluate_robustness": lambda: evaluate_robustness(model, (x, y), normalization=bad, **SUITE),
+        "attack_accuracy": lambda: attack_accuracy(
+            model, x, y, AttackConfig("pgd", 0.03, 2, normalization=bad)
+        ),
+        "evaluate_robustness": lambda: evaluate_robustness(
+            model, (x, y), SUITE.replace(normalization=bad), progress=False
+        ),
         "search_policy": lambda: search_policy(
             model, (x, y), "avg-bits=4", config=SearchConfig(normalization=bad), progress=False
         ),
         "adversarial_finetune": lambda: adversarial_finetune(
-            model, (x, y), normalization=bad, progress=False
+            model, (x, y), TrainConfig.finetuning(normalization=bad), progress=False
         ),
     }
     for label, call in calls.items():
@@ -322,7 +331,7 @@ def test_a_mean_std_of_the_wrong_length_says_so_in_one_line(rgb):
     assert len(model._forward_pre_hooks) == 0
     # one value for every channel is fine; malformed values fail at once, in every config
     assert 0 <= accuracy(model, x, y, normalization=((0.3,), (0.3,))) <= 1
-    for make in (AttackConfig, TrainConfig, SearchConfig):
+    for make in (AttackConfig, TrainConfig, EvalConfig, SearchConfig):
         with pytest.raises(ConfigError, match="normalization"):
             make(normalization=((0.5,), (0.0,)))
     assert check_normalization(((0.5,), (0.5,)), channels=7) == ((0.5,), (0.5,))

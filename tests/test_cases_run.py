@@ -144,16 +144,16 @@ def test_the_data_is_part_of_the_fingerprint(signal_run, tmp_path, capsys):
 
 
 def test_a_normalised_rgb_model_gets_its_normalisation_in_every_stage(tmp_path, monkeypatch):
-    import aq_brevitas.train.finetune
+    import aq_brevitas.train.training
 
     seen = []
-    real = aq_brevitas.train.finetune.adversarial_finetune
+    real = aq_brevitas.train.training.adversarial_train
 
     def recording(model, data, config, **kwargs):
         seen.append(config.normalization)
         return real(model, data, config, **kwargs)
 
-    monkeypatch.setattr(aq_brevitas.train.finetune, "adversarial_finetune", recording)
+    monkeypatch.setattr(aq_brevitas.train.training, "adversarial_train", recording)
     x, y = _bright_or_dark(40)
     data = RunData(train=(x[:16], y[:16]), held_out=(x[16:30], y[16:30]), test=(x[30:], y[30:]))
     cfg = dataclasses.replace(TINY, normalization=(MEAN, STD), eps=0.02)

@@ -1,14 +1,16 @@
-"""The settings dataclasses: defaults, validation with one-line errors, JSON round trips, overrides."""
+"""The settings dataclasses: defaults, validation with one-line errors, JSON round trips, one
+declaration of the input normalisation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from aq_brevitas.config import AttackConfig, EvalConfig, TrainConfig, with_overrides
+from aq_brevitas.config import AttackConfig, EvalConfig, InputNormalization, TrainConfig, config_or_default
 from aq_brevitas.errors import ConfigError
 from conftest import REPO
 
@@ -43,6 +45,8 @@ def test_train_config_defaults_and_finetuning_preset():
         3,
     )
     assert cfg.attack() == AttackConfig("pgd", 0.1, 7, None, True)
+    norm = ((0.5,), (0.25,))
+    assert TrainConfig(normalization=norm).attack() == AttackConfig("pgd", 0.1, 7, normalization=norm)
     assert TrainConfig(trades_beta=6.0, alpha=0.02).attack().name == "tpgd"
     assert not TrainConfig(eps=0.0).adversarial and not TrainConfig(steps=0).adversarial
 
@@ -86,17 +90,45 @@ def test_eval_config_normalises_and_refuses():
             EvalConfig().replace(**changes)
 
 
-def test_attack_config_and_overrides():
+def test_attack_config_and_config_or_default():
     assert AttackConfig("FGSM").name == "fgsm" and AttackConfig(steps=4, eps=0.1).step_size == pytest.approx(
         0.0625
     )
     with pytest.raises(ConfigError, match="unknown attack 'cw'"):
         AttackConfig("cw")
+    with pytest.raises(ConfigError, match="queries must be an integer >= 1"):
+        AttackConfig("square", queries=0)
     base = TrainConfig(epochs=2)
-    assert with_overrides(None, TrainConfig(), {}) == TrainConfig()
-    assert with_overrides(base, TrainConfig(), {"lr": 0.1}) == TrainConfig(epochs=2, lr=0.1)
+    assert config_or_default(None, TrainConfig()) == TrainConfig()
+    assert config_or_default(base, TrainConfig()) is base
     with pytest.raises(ConfigError, match="config is a EvalConfig, not a TrainConfig"):
-        with_overrides(EvalConfig(), TrainConfig(), {})
+        config_or_default(EvalConfig(), TrainConfig())
+
+
+@pytest.mark.parametrize("cls", [AttackConfig, TrainConfig, EvalConfig])
+def test_normalization_is_declared_once(cls):
+    """Every config takes normalization from InputNormalization: the same field, the same check, and
+    keyword-only, so no positional argument lands in it."""
+    assert issubclass(cls, InputNormalization)
+    (own,) = [f for f in dataclasses.fields(cls) if f.name == "normalization"]
+    (mixin,) = dataclasses.fields(InputNormalization)
+    assert own is mixin and own.kw_only
+    assert "normalization" not in cls.__dict__.get("__annotations__", {})  # not declared again
+    assert cls(normalization=([0.5], [0.25])).normalization == ((0.5,), (0.25,))
+    assert cls().replace(normalization=((0.1, 0.2), (1, 2))).normalization == ((0.1, 0.2), (1.0, 2.0))
+    with pytest.raises(ConfigError, match="not a \\(mean, std\\) pair with positive stds"):
+        cls(normalization=((0.5,), (0.0,)))
+    with pytest.raises(ConfigError, match="not a \\(mean, std\\) pair"):
+        cls().replace(normalization=(0.5, 0.2))
+
+
+def test_configs_still_check_their_own_fields():
+    """A config's own __post_init__ runs before the mixin's: a bad own field is reported even when the
+    normalization is fine."""
+    with pytest.raises(ConfigError, match="unknown attack 'cw'"):
+        AttackConfig("cw", normalization=((0.5,), (0.2,)))
+    with pytest.raises(ConfigError, match="no eps given"):
+        EvalConfig(eps=(), normalization=((0.5,), (0.2,)))
 
 
 def test_make_attack_takes_an_attack_config():
@@ -107,3 +139,35 @@ def test_make_attack_takes_an_attack_config():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     atk = make_attack(AttackConfig("pgd", eps=0.2, steps=3, alpha=0.05, random_start=False), model)
     assert (atk.eps, atk.steps, atk.alpha, atk.random_start) == (0.2, 3, 0.05, False)
+    assert make_attack(AttackConfig("square", eps=0.1, queries=7), model).n_queries == 7
+    with pytest.raises(ConfigError, match="make_attack takes an AttackConfig, got 'pgd'") as err:
+        make_attack("pgd", model)  # the name alone: the one-line error names the new form
+    assert "AttackConfig(name, eps=" in str(err.value)
+
+
+def test_attack_accuracy_takes_an_attack_config_or_a_built_attack():
+    import torch
+
+    from aq_brevitas.attacks import make_attack
+    from aq_brevitas.evaluate.accuracy import attack_accuracy
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.rand(6, 1, 2, 2)
+    y = model(x).argmax(1)
+    cfg = AttackConfig("fgsm", eps=0.0)
+    assert (
+        attack_accuracy(model, x, y, cfg)
+        == attack_accuracy(model, x, y, attack=make_attack(cfg, model))
+        == 1.0
+    )
+    with pytest.raises(ConfigError, match="config is a str, not a AttackConfig"):
+        attack_accuracy(model, x, y, "pgd")  # the old name-and-keywords form
+    with pytest.raises(ConfigError, match="both config and a built attack"):
+        attack_accuracy(model, x, y, cfg, attack=make_attack(cfg, model))
+
+
+def test_every_attack_name_has_a_builder():
+    from aq_brevitas.attacks import ATTACK_BUILDERS
+    from aq_brevitas.config import ATTACKS
+
+    assert set(ATTACK_BUILDERS) == set(ATTACKS)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from aq_brevitas.config import AttackConfig, EvalConfig, TrainConfig
 from aq_brevitas.data import load_split
 from aq_brevitas.errors import ConfigError
 from aq_brevitas.evaluate import report as rep_module
@@ -22,7 +23,7 @@ from aq_brevitas.models import ZOO_DIR, build_model, load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.quantization.convert import quantize
 
-FAST = dict(
+FAST = EvalConfig(
     pgd_steps=5,
     square_queries=100,
     gradient_free_images=60,
@@ -30,7 +31,6 @@ FAST = dict(
     suite=("apgd-ce", "square"),
     suite_steps=20,
     suite_queries=30,
-    progress=False,
 )
 
 
@@ -55,9 +55,8 @@ def robust_model() -> nn.Module:
 
     model = build_model("small_cnn")
     x, y = load_split("val", limit=1000, seed=0)
-    adversarial_train(
-        model, (x, y), eps=0.1, steps=3, epochs=1, lr=2e-3, optimizer="adam", batch_size=64, progress=False
-    )
+    cfg = TrainConfig(eps=0.1, steps=3, epochs=1, lr=2e-3, optimizer="adam", batch_size=64)
+    adversarial_train(model, (x, y), cfg, progress=False)
     return model.eval()
 
 
@@ -68,7 +67,9 @@ def test_200():
 
 @pytest.fixture(scope="module")
 def report(robust_model, test_200) -> RobustnessReport:
-    return evaluate_robustness(robust_model, test_200, name="cnn", meta={"source": "test"}, **FAST)
+    return evaluate_robustness(
+        robust_model, test_200, FAST, name="cnn", meta={"source": "test"}, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,9 @@ def test_checklist_passes_on_an_honest_model(report):
 
 
 def test_gradient_masking_is_flagged(robust_model, test_200):
-    masked = evaluate_robustness(InputRounding(robust_model), test_200, **{**FAST, "suite_steps": 5})
+    masked = evaluate_robustness(
+        InputRounding(robust_model), test_200, FAST.replace(suite_steps=5), progress=False
+    )
     assert masked.masking_suspected
     failed = {c.name for c in masked.checks if c.passed is False}
     assert failed & {"large_eps_near_zero", "gradient_free_not_stronger"}, masked.to_markdown()
@@ -115,20 +118,14 @@ def test_adversarial_examples_stay_in_the_ball(report):
 def test_an_attack_leaving_the_ball_is_flagged(robust_model, test_200, monkeypatch):
     real = ev.make_attack
 
-    def sloppy(name, model, *, eps, **kw):
-        atk = real(name, model, eps=eps, **kw)
-        return lambda x, y: atk(x, y) + 2 * eps  # leaves the ε-ball and [0, 1]
+    def sloppy(config, model, **kw):
+        atk = real(config, model, **kw)
+        return lambda x, y: atk(x, y) + 2 * config.eps  # leaves the ε-ball and [0, 1]
 
     monkeypatch.setattr(ev, "make_attack", sloppy)
     x, y = test_200[0][:50], test_200[1][:50]
-    rep = evaluate_robustness(
-        robust_model,
-        (x, y),
-        eps=0.1,
-        attacks=("clean", "fgsm"),
-        gradient_free=False,
-        **{k: v for k, v in FAST.items() if k not in ("square_queries", "gradient_free_images")},
-    )
+    cfg = FAST.replace(eps=0.1, attacks=("clean", "fgsm"), gradient_free=False)
+    rep = evaluate_robustness(robust_model, (x, y), cfg, progress=False)
     assert rep.max_violation == pytest.approx(2 * 0.5, abs=1e-5)  # PGD at large_eps=0.5 strays furthest
     assert "pgd ε=0.5" in rep.check("in_epsilon_ball").detail
     assert rep.check("in_epsilon_ball").passed is False and rep.masking_suspected
@@ -194,17 +191,11 @@ def test_frozen_quant_weights_restores_on_error_and_skips_float_models(quantized
 
 def test_quantized_report_and_attack_accuracy(quantized, test_200):
     x, y = test_200[0][:100], test_200[1][:100]
-    rep = evaluate_robustness(
-        quantized,
-        (x, y),
-        eps=(0.1,),
-        attacks=("clean", "pgd"),
-        gradient_free=False,
-        **{k: v for k, v in FAST.items() if k not in ("square_queries", "gradient_free_images")},
-    )
+    cfg = FAST.replace(eps=(0.1,), attacks=("clean", "pgd"), gradient_free=False)
+    rep = evaluate_robustness(quantized, (x, y), cfg, progress=False)
     assert rep.meta["frozen_quant_layers"] == 4
     assert rep.accuracy("pgd", 0.1) <= rep.clean_accuracy
-    acc = attack_accuracy(quantized, x, y, "pgd", eps=0.1, steps=5)
+    acc = attack_accuracy(quantized, x, y, AttackConfig("pgd", eps=0.1, steps=5))
     assert 0 <= acc <= rep.clean_accuracy
     assert all("quant_weight" not in m.__dict__ for m in quantized.modules())
 
@@ -217,9 +208,8 @@ def test_checklist_on_a_4bit_brevitas_model(quantized, test_200):
     flagged a one-image gap (PGD 81% vs FGSM 80% at ε=0.05): one image is 1 pt, above the 0.5-pt
     tolerance, so small evaluations should use more PGD steps.
     """
-    rep = evaluate_robustness(
-        quantized, test_200, eps=(0.05, 0.1, 0.2), **{**FAST, "pgd_steps": 10, "square_queries": 100}
-    )
+    cfg = FAST.replace(eps=(0.05, 0.1, 0.2), pgd_steps=10, square_queries=100)
+    rep = evaluate_robustness(quantized, test_200, cfg, progress=False)
     assert rep.meta["frozen_quant_layers"] == 4 and rep.images == 200
     assert all(c.passed is True for c in rep.checks), rep.to_markdown()
     pgd = [rep.accuracy("pgd", e) for e in (0.05, 0.1, 0.2)]
@@ -231,17 +221,17 @@ def test_checklist_on_a_4bit_brevitas_model(quantized, test_200):
 
 def test_restarts_only_remove_survivors_and_rng_is_untouched(robust_model, test_200):
     x, y = test_200[0][:100], test_200[1][:100]
-    common = dict(
+    common = EvalConfig(
         eps=0.1, attacks=("clean", "pgd"), gradient_free=False, pgd_steps=3, large_eps_images=20, suite="none",
         indicators=False,
     )  # fmt: skip
     state = torch.get_rng_state()
-    one = evaluate_robustness(robust_model, (x, y), progress=False, **common)
+    one = evaluate_robustness(robust_model, (x, y), common, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
-    two = evaluate_robustness(robust_model, (x, y), pgd_restarts=3, progress=False, **common)
+    two = evaluate_robustness(robust_model, (x, y), common.replace(pgd_restarts=3), progress=False)
     assert two.accuracy("pgd", 0.1) <= one.accuracy("pgd", 0.1)
     assert two.result("pgd", 0.1).restarts == 3 and "3×3" in two.to_markdown()
-    again = evaluate_robustness(robust_model, (x, y), progress=False, **common)
+    again = evaluate_robustness(robust_model, (x, y), common, progress=False)
     assert again.accuracy("pgd", 0.1) == one.accuracy("pgd", 0.1)
 
 
@@ -249,9 +239,7 @@ def test_dataloader_limit_and_autoattack(robust_model, test_200):
     from torch.utils.data import DataLoader, TensorDataset
 
     loader = DataLoader(TensorDataset(*test_200), batch_size=16)
-    rep = evaluate_robustness(
-        robust_model,
-        loader,
+    cfg = EvalConfig(
         limit=40,
         eps=0.3,  # large enough that APGD settles most images before the 5000-query Square
         attacks=("clean",),
@@ -261,8 +249,8 @@ def test_dataloader_limit_and_autoattack(robust_model, test_200):
         gradient_free_images=6,
         large_eps_images=20,
         pgd_steps=3,
-        progress=False,
     )
+    rep = evaluate_robustness(robust_model, loader, cfg, progress=False)
     assert rep.images == 40
     rows = [r for r in rep.results if r.chain == "autoattack"]
     assert [(r.attack, r.steps) for r in rows] == [
@@ -281,9 +269,9 @@ def test_dataloader_limit_and_autoattack(robust_model, test_200):
 @pytest.mark.parametrize("eps", [-0.1, 1.5, math.nan, "0.1"])
 def test_bad_eps_is_refused(robust_model, test_200, eps):
     with pytest.raises(ConfigError, match="eps"):
-        evaluate_robustness(robust_model, test_200, eps=(0.1, eps), progress=False)
+        evaluate_robustness(robust_model, test_200, EvalConfig(eps=(0.1, eps)), progress=False)
     with pytest.raises(ConfigError, match="large_eps"):
-        evaluate_robustness(robust_model, test_200, large_eps=eps, progress=False)
+        evaluate_robustness(robust_model, test_200, EvalConfig(large_eps=eps), progress=False)
 
 
 def test_bad_inputs_and_settings_are_refused(robust_model, test_200):
@@ -299,12 +287,12 @@ def test_bad_inputs_and_settings_are_refused(robust_model, test_200):
     for data in bad:
         with pytest.raises(ConfigError):
             evaluate_robustness(robust_model, data, progress=False)
-    with pytest.raises(ConfigError, match="unknown attack"):
-        evaluate_robustness(robust_model, test_200, attacks=("clean", "cw"), progress=False)
-    with pytest.raises(ConfigError, match="pgd_steps"):
-        evaluate_robustness(robust_model, test_200, pgd_steps=0, progress=False)
     with pytest.raises(ConfigError):
         evaluate_robustness(robust_model, [1, 2, 3], progress=False)
+    with pytest.raises(ConfigError, match="config is a TrainConfig, not a EvalConfig"):
+        evaluate_robustness(robust_model, test_200, TrainConfig(), progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pgd_steps'"):
+        evaluate_robustness(robust_model, test_200, pgd_steps=5, progress=False)  # a field: in the config
 
 
 def test_normalization_is_applied_for_models_expecting_normalised_inputs(robust_model, test_200):
@@ -319,46 +307,45 @@ def test_normalization_is_applied_for_models_expecting_normalised_inputs(robust_
             return self.inner(z * std[0] + mean[0])
 
     x, y = test_200[0][:100], test_200[1][:100]
-    common = dict(
-        eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20, progress=False, suite="none",
+    common = EvalConfig(
+        eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20, suite="none",
         indicators=False,
     )  # fmt: skip
-    plain = evaluate_robustness(robust_model, (x, y), **common)
-    normed = evaluate_robustness(ExpectsNormalised(), (x, y), normalization=(mean, std), **common)
+    plain = evaluate_robustness(robust_model, (x, y), common, progress=False)
+    normed = evaluate_robustness(
+        ExpectsNormalised(), (x, y), common.replace(normalization=(mean, std)), progress=False
+    )
     assert abs(normed.clean_accuracy - plain.clean_accuracy) <= 0.01
     assert abs(normed.accuracy("fgsm", 0.1) - plain.accuracy("fgsm", 0.1)) <= 0.02
     assert normed.settings["normalization"] == [list(mean), list(std)]
-    wrapped = attack_accuracy(ExpectsNormalised(), x, y, "fgsm", eps=0.1, normalization=(mean, std))
-    assert abs(wrapped - attack_accuracy(robust_model, x, y, "fgsm", eps=0.1)) <= 0.02
-    with pytest.raises(ConfigError, match="normalization"):
-        evaluate_robustness(robust_model, (x, y), normalization=((0.5,), (0.0,)), progress=False)
+    fgsm = AttackConfig("fgsm", eps=0.1)
+    wrapped = attack_accuracy(ExpectsNormalised(), x, y, fgsm.replace(normalization=(mean, std)))
+    assert abs(wrapped - attack_accuracy(robust_model, x, y, fgsm)) <= 0.02
 
 
-def test_config_and_data_forms_give_the_same_report(robust_model, test_200):
-    """evaluate_robustness(config=EvalConfig(...)) is the keyword call; every data form is the same data."""
+def test_data_forms_give_the_same_report(robust_model, test_200):
+    """A pair, a list of batches and a DataLoader are the same data to every measurement."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from aq_brevitas.config import EvalConfig
     from aq_brevitas.evaluate.accuracy import accuracy
 
     x, y = test_200[0][:60], test_200[1][:60]
-    settings = dict(
+    cfg = EvalConfig(
         eps=0.1, attacks=("clean", "fgsm"), gradient_free=False, large_eps_images=20, suite=("apgd-ce",),
         suite_steps=5,
     )  # fmt: skip
-    by_keywords = evaluate_robustness(robust_model, (x, y), progress=False, **settings)
+    by_pair = evaluate_robustness(robust_model, (x, y), cfg, progress=False)
     batches = [(x[i : i + 25], y[i : i + 25]) for i in range(0, 60, 25)]
-    by_config = evaluate_robustness(robust_model, batches, EvalConfig(**settings), progress=False)
-    assert [(r.attack, r.eps, r.accuracy) for r in by_config.results] == [
-        (r.attack, r.eps, r.accuracy) for r in by_keywords.results
+    by_batches = evaluate_robustness(robust_model, batches, cfg, progress=False)
+    assert [(r.attack, r.eps, r.accuracy) for r in by_batches.results] == [
+        (r.attack, r.eps, r.accuracy) for r in by_pair.results
     ]
-    assert by_config.settings == by_keywords.settings
+    assert by_batches.settings == by_pair.settings
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     assert (
         accuracy(robust_model, loader)
         == accuracy(robust_model, x, y)
-        == pytest.approx(by_keywords.clean_accuracy)
+        == pytest.approx(by_pair.clean_accuracy)
     )
-    assert attack_accuracy(robust_model, loader, eps=0.1, steps=3) == attack_accuracy(
-        robust_model, x, y, eps=0.1, steps=3
-    )
+    pgd3 = AttackConfig("pgd", eps=0.1, steps=3)
+    assert attack_accuracy(robust_model, loader, config=pgd3) == attack_accuracy(robust_model, x, y, pgd3)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from aq_brevitas.config import AttackConfig, TrainConfig
 from aq_brevitas.models import load_float_model
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy
 from aq_brevitas.quantization.convert import quantize
@@ -32,9 +33,8 @@ def test_finetune_raises_pgd_accuracy_of_a_4bit_zoo_model(fmnist_val_512, fmnist
     assert all(m.weight_quant.bit_width().item() == 4 for m in q.modules() if hasattr(m, "weight_quant"))
     x, y = fmnist_test_1k[0][:300], fmnist_test_1k[1][:300]
     before = _pgd10_correct(q, x, y)
-    hist = adversarial_finetune(
-        q, fmnist_val_512, eps=0.1, steps=5, epochs=1, lr=1e-3, batch_size=32, progress=False, seed=0
-    )
+    cfg = TrainConfig.finetuning(eps=0.1, steps=5, epochs=1, lr=1e-3, batch_size=32, seed=0)
+    hist = adversarial_finetune(q, fmnist_val_512, cfg, progress=False)
     after = _pgd10_correct(q, x, y)
     assert hist.epochs[0].adv_acc is not None and hist.epochs[0].clean_acc is not None
     # The gain must be significant for these n = 300 test images: above 2 standard errors of a paired
@@ -56,7 +56,7 @@ def _pgd10_correct(model, x, y):
     from aq_brevitas.forward import eval_mode, frozen_quant_weights
 
     with eval_mode(model), frozen_quant_weights(model):
-        atk = make_attack("pgd", model, eps=0.1, steps=10, seed=0)
+        atk = make_attack(AttackConfig("pgd", eps=0.1, steps=10), model, seed=0)
         torch.manual_seed(0)
         adv = torch.cat([atk(x[i : i + 250], y[i : i + 250]) for i in range(0, len(y), 250)])
         with torch.no_grad():
@@ -77,9 +77,8 @@ def test_activation_scales_stay_calibrated_unless_asked(fmnist_val_512):
         }
         weights = {n: p.detach().clone() for n, p in q.named_parameters() if n.endswith(".weight")}
         assert len(scales) == 4
-        adversarial_finetune(
-            q, data, eps=0.1, steps=1, lr=1e-2, batch_size=32, progress=False, learn_act_scales=learn
-        )
+        cfg = TrainConfig.finetuning(eps=0.1, steps=1, lr=1e-2, batch_size=32, learn_act_scales=learn)
+        adversarial_finetune(q, data, cfg, progress=False)
         params = dict(q.named_parameters())
         assert all(params[n].requires_grad for n in scales)  # restored after fine-tuning
         assert any(not torch.equal(params[n], w) for n, w in weights.items())
@@ -95,7 +94,8 @@ def test_bn_running_stats_untouched_by_attack_steps(fmnist_val_512):
     data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
     ref, _ = load_float_model("vgg-pgd")
     # one outer step with momentum-free SGD and lr tiny: stats change only via the single train forward
-    adversarial_finetune(model, data, eps=0.1, steps=5, epochs=1, lr=1e-9, batch_size=64, progress=False)
+    cfg = TrainConfig.finetuning(eps=0.1, steps=5, epochs=1, lr=1e-9, batch_size=64)
+    adversarial_finetune(model, data, cfg, progress=False)
     bn, bn_ref = model.block1.bn, ref.block1.bn
     assert bn.num_batches_tracked.item() == bn_ref.num_batches_tracked.item() + 1
 

@@ -223,9 +223,9 @@ def test_force_starts_fine_tuning_fresh(run_dir):
 
 
 def test_interrupted_fine_tuning_resumes_with_the_same_settings(run_dir, monkeypatch, capsys):
-    import aq_brevitas.train.finetune
+    import aq_brevitas.train.training
 
-    real = aq_brevitas.train.finetune.adversarial_finetune
+    real = aq_brevitas.train.training.adversarial_train
     calls = []
 
     def interrupted_on_second_model(*args, **kwargs):
@@ -235,10 +235,10 @@ def test_interrupted_fine_tuning_resumes_with_the_same_settings(run_dir, monkeyp
         return real(*args, **kwargs)
 
     cfg = dataclasses.replace(TINY, finetune_steps=2)
-    monkeypatch.setattr(aq_brevitas.train.finetune, "adversarial_finetune", interrupted_on_second_model)
+    monkeypatch.setattr(aq_brevitas.train.training, "adversarial_train", interrupted_on_second_model)
     with pytest.raises(KeyboardInterrupt):
         run(_model(), run_dir, cfg)
-    monkeypatch.setattr(aq_brevitas.train.finetune, "adversarial_finetune", real)
+    monkeypatch.setattr(aq_brevitas.train.training, "adversarial_train", real)
     # Mark the finished epoch state so that using it shows in the fine-tuned weights.
     state_path = run_dir / "searched_finetune_state.pt"
     state = load_checkpoint(state_path)

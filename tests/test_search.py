@@ -365,11 +365,12 @@ def test_search_costs_less_than_four_pgd20_evaluations(cnn, fmnist_val_512):
     """
     import time
 
+    from aq_brevitas.config import AttackConfig
     from aq_brevitas.evaluate.accuracy import attack_accuracy
 
     x, y = fmnist_val_512
     t0 = time.perf_counter()
-    attack_accuracy(cnn, x[:256], y[:256], "pgd", eps=0.1, steps=20)
+    attack_accuracy(cnn, x[:256], y[:256], AttackConfig("pgd", eps=0.1, steps=20))
     pgd_s = time.perf_counter() - t0
     with pytest.warns(UserWarning, match="not compared"):
         r = search_policy(cnn, (x[:64], y[:64]), budget="avg-bits=4", progress=False)

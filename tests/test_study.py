@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from aq_brevitas.config import AttackConfig
 from aq_brevitas.data import load_split
 from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.evaluate.study import StudyResult, run_study
@@ -47,7 +48,7 @@ def test_numbers_are_real_accuracies(study):
     for name, model in models.items():
         row = next(r for r in result.rows if r.model == name and r.bits is None)
         assert row.clean_acc == accuracy(model, x, y)
-        assert row.pgd_acc == attack_accuracy(model, x, y, "pgd", eps=0.1, steps=3, seed=0)
+        assert row.pgd_acc == attack_accuracy(model, x, y, AttackConfig("pgd", eps=0.1, steps=3), seed=0)
     by = {(r.model, r.bits): r for r in result.rows}
     for name in models:
         assert abs(by[name, 8].clean_drop) <= 0.05  # 8 bits is near-lossless

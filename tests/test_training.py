@@ -1,28 +1,22 @@
 import pytest
 import torch
 
+from aq_brevitas.config import AttackConfig, TrainConfig
 from aq_brevitas.evaluate.accuracy import attack_accuracy
 from aq_brevitas.models import build_model
 from aq_brevitas.train.training import adversarial_train
+
+PGD10 = AttackConfig("pgd", eps=0.1, steps=10)
 
 
 def test_one_epoch_pgd_training_raises_pgd_accuracy(fmnist_val_512, fmnist_test_1k):
     torch.manual_seed(0)
     model = build_model("small_cnn")
     x_eval, y_eval = fmnist_test_1k[0][:500], fmnist_test_1k[1][:500]
-    before = attack_accuracy(model, x_eval, y_eval, "pgd", eps=0.1, steps=10)
-    history = adversarial_train(
-        model,
-        fmnist_val_512,
-        eps=0.1,
-        steps=5,
-        epochs=1,
-        lr=2e-3,
-        optimizer="adam",
-        batch_size=32,
-        progress=False,
-    )
-    after = attack_accuracy(model, x_eval, y_eval, "pgd", eps=0.1, steps=10)
+    before = attack_accuracy(model, x_eval, y_eval, PGD10)
+    cfg = TrainConfig(eps=0.1, steps=5, epochs=1, lr=2e-3, optimizer="adam", batch_size=32)
+    history = adversarial_train(model, fmnist_val_512, cfg, progress=False)
+    after = attack_accuracy(model, x_eval, y_eval, PGD10)
     assert history.epochs[0].adv_acc is not None
     assert after > before + 0.05, (before, after)
 
@@ -31,13 +25,11 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, fmnist_val_512, monkeypa
     import aq_brevitas.train.training as training
 
     data = (fmnist_val_512[0][:128], fmnist_val_512[1][:128])
-    kwargs = dict(
-        eps=0.1, steps=2, lr=2e-3, optimizer="adam", batch_size=32, progress=False, seed=1, epochs=3
-    )
+    cfg = TrainConfig(eps=0.1, steps=2, lr=2e-3, optimizer="adam", batch_size=32, seed=1, epochs=3)
 
     torch.manual_seed(0)
     full = build_model("small_cnn")
-    adversarial_train(full, data, **kwargs)
+    adversarial_train(full, data, cfg, progress=False)
 
     # Crash right after the epoch-1 checkpoint is written.
     real_save = training.save_checkpoint
@@ -50,7 +42,7 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, fmnist_val_512, monkeypa
     torch.manual_seed(0)
     ckpt = tmp_path / "state.pt"
     try:
-        adversarial_train(build_model("small_cnn"), data, checkpoint=ckpt, **kwargs)
+        adversarial_train(build_model("small_cnn"), data, cfg, checkpoint=ckpt, progress=False)
     except KeyboardInterrupt:
         pass
     monkeypatch.setattr(training, "save_checkpoint", real_save)
@@ -58,7 +50,7 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, fmnist_val_512, monkeypa
 
     torch.manual_seed(123)  # a different init: resume must overwrite it from the checkpoint
     resumed = build_model("small_cnn")
-    hist = adversarial_train(resumed, data, checkpoint=ckpt, resume=True, **kwargs)
+    hist = adversarial_train(resumed, data, cfg, checkpoint=ckpt, resume=True, progress=False)
     assert hist.resumed_from_epoch == 1 and [e.epoch for e in hist.epochs] == [1, 2, 3]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         # the same operations on the same data and RNG states, in one process: bit for bit equal
@@ -68,31 +60,20 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, fmnist_val_512, monkeypa
 def test_plain_training_lowers_loss(fmnist_val_512):
     torch.manual_seed(0)
     model = build_model("vgg_bn")
-    h = adversarial_train(
-        model, fmnist_val_512, eps=0.0, epochs=2, lr=2e-3, optimizer="adam", batch_size=64, progress=False
-    )
+    cfg = TrainConfig(eps=0.0, epochs=2, lr=2e-3, optimizer="adam", batch_size=64)
+    h = adversarial_train(model, fmnist_val_512, cfg, progress=False)
     assert h.epochs[1].loss < h.epochs[0].loss
     assert h.epochs[0].adv_acc is None and h.epochs[0].clean_acc is not None
 
 
 def test_trades_and_clean_mixing_train(fmnist_val_512):
     data = (fmnist_val_512[0][:256], fmnist_val_512[1][:256])
-    for kwargs in ({"trades_beta": 6.0}, {"clean_weight": 0.5}):
+    base = TrainConfig(eps=0.1, steps=2, epochs=3, lr=2e-3, optimizer="adam", batch_size=32)
+    for cfg in (base.replace(trades_beta=6.0), base.replace(clean_weight=0.5)):
         torch.manual_seed(0)
         model = build_model("small_cnn")
-        h = adversarial_train(
-            model,
-            data,
-            eps=0.1,
-            steps=2,
-            epochs=3,
-            lr=2e-3,
-            optimizer="adam",
-            batch_size=32,
-            progress=False,
-            **kwargs,
-        )
-        assert h.epochs[-1].loss < h.epochs[0].loss, kwargs
+        h = adversarial_train(model, data, cfg, progress=False)
+        assert h.epochs[-1].loss < h.epochs[0].loss, cfg
         assert h.epochs[0].clean_acc is not None and h.epochs[0].adv_acc is not None
 
 
@@ -103,18 +84,18 @@ def test_alpha_and_random_start_reach_the_attack(fmnist_val_512, monkeypatch):
     seen = {}
     real = training.make_attack
 
-    def spy(name, model, **kw):
-        seen.update(kw)
-        return real(name, model, **kw)
+    def spy(config, model, **kw):
+        seen["config"] = config
+        return real(config, model, **kw)
 
     monkeypatch.setattr(training, "make_attack", spy)
     data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
     torch.manual_seed(0)
     model = build_model("small_cnn")
-    h = adversarial_train(
-        model, data, eps=0.1, steps=2, alpha=0.03, random_start=False, lr=1e-3, batch_size=32, progress=False
-    )
-    assert seen["alpha"] == 0.03 and seen["random_start"] is False and seen["steps"] == 2
+    cfg = TrainConfig(eps=0.1, steps=2, alpha=0.03, random_start=False, lr=1e-3, batch_size=32)
+    h = adversarial_train(model, data, cfg, progress=False)
+    atk = seen["config"]
+    assert atk.alpha == 0.03 and atk.random_start is False and atk.steps == 2 and atk.name == "pgd"
     # Madry mode also reports clean accuracy (from one no-grad eval forward per step).
     assert h.epochs[0].clean_acc is not None and 0 <= h.epochs[0].clean_acc <= 1
 
@@ -123,10 +104,8 @@ def test_alpha_and_random_start_reach_the_attack(fmnist_val_512, monkeypatch):
     def run(seed: int, random_start: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         m = build_model("small_cnn")
-        adversarial_train(
-            m, data, eps=0.1, steps=2, alpha=0.03, random_start=random_start, lr=1e-3, batch_size=64,
-            progress=False, seed=seed,
-        )  # fmt: skip
+        cfg = TrainConfig(eps=0.1, steps=2, alpha=0.03, random_start=random_start, lr=1e-3, batch_size=64)
+        adversarial_train(m, data, cfg.replace(seed=seed), progress=False)
         return list(m.state_dict().values())
 
     def gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -141,7 +120,7 @@ def test_bad_alpha_is_refused(fmnist_val_512):
     from aq_brevitas.errors import ConfigError
 
     with pytest.raises(ConfigError, match="alpha"):
-        adversarial_train(build_model("small_cnn"), fmnist_val_512, alpha=-0.1, progress=False)
+        adversarial_train(build_model("small_cnn"), fmnist_val_512, TrainConfig(alpha=-0.1), progress=False)
 
 
 def test_cli_train_writes_sidecar_and_resumes(tmp_path):
@@ -208,29 +187,23 @@ def test_trades_adversary_is_torchattacks_tpgd(fmnist_val_512):
     torch.manual_seed(1)
     expect = reference(model, x, 0.1, 5, 0.05)
     torch.manual_seed(1)
-    got = make_attack("tpgd", model, eps=0.1, steps=5, alpha=0.05)(x, y)
+    got = make_attack(AttackConfig("tpgd", eps=0.1, steps=5, alpha=0.05), model)(x, y)
     assert model.training  # restored after the attack
     # The same operations in the same order on the same tensors, in one process: bit for bit equal.
     assert torch.equal(got, expect)
     assert (got - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(got, x)
 
 
-def test_config_and_keywords_are_one_thing(fmnist_val_512):
-    """adversarial_train(config=TrainConfig(...)) and the keyword spelling train identically."""
-    from aq_brevitas.config import TrainConfig
-
-    data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
-    settings = dict(eps=0.1, steps=1, lr=1e-3, optimizer="adam", batch_size=32, progress=False)
-    torch.manual_seed(0)
-    a = build_model("small_cnn")
-    adversarial_train(a, data, **settings)
-    torch.manual_seed(0)
-    b = build_model("small_cnn")
-    cfg = TrainConfig(eps=0.1, steps=3, lr=1e-3, optimizer="adam", batch_size=32)
-    adversarial_train(b, data, cfg, steps=1, progress=False)  # a keyword overrides the config
-    for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
-        assert torch.equal(p, q)
+def test_settings_come_only_from_the_config(fmnist_val_512):
+    """A TrainConfig field given as a keyword fails as Python fails (no catch-all), and so does the old
+    separate normalization=; a config of another kind is refused in one line."""
     from aq_brevitas.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"unknown TrainConfig setting\(s\) 'freeze_quant_weights'"):
-        adversarial_train(b, data, freeze_quant_weights=False, progress=False)
+    data = (fmnist_val_512[0][:64], fmnist_val_512[1][:64])
+    model = build_model("small_cnn")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'eps'"):
+        adversarial_train(model, data, eps=0.1, progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'normalization'"):
+        adversarial_train(model, data, TrainConfig(), normalization=((0.5,), (0.5,)), progress=False)
+    with pytest.raises(ConfigError, match="config is a AttackConfig, not a TrainConfig"):
+        adversarial_train(model, data, AttackConfig(), progress=False)

@@ -1,6 +1,7 @@
 import json
 import re
 
+from aq_brevitas.config import AttackConfig
 from aq_brevitas.evaluate.accuracy import accuracy, attack_accuracy
 from aq_brevitas.models import ZOO_DIR, load_float_model, zoo_names
 from conftest import REPO
@@ -27,7 +28,9 @@ def test_cnn_pgd_remeasured_on_1k_within_sampling_error(fmnist_test_1k):
     model, meta = load_float_model("cnn-pgd")
     x, y = fmnist_test_1k
     clean = accuracy(model, x, y)
-    pgd = attack_accuracy(model, x, y, "pgd", eps=meta["pgd_eval"]["eps"], steps=meta["pgd_eval"]["steps"])
+    pgd = attack_accuracy(
+        model, x, y, AttackConfig("pgd", meta["pgd_eval"]["eps"], meta["pgd_eval"]["steps"])
+    )
     # n = 1000 images drawn at random without replacement from the N = 10000 the sidecar was measured
     # on: the subset's accuracy has the binomial standard error sqrt(p(1 - p)(1/n - 1/N)) around the
     # full set's p (1.1 points for clean p = 0.84, 1.3 for PGD p = 0.74). Within 3 standard errors

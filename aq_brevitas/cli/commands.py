@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..config import EvalConfig, TrainConfig
+from ..config import AttackConfig, EvalConfig, TrainConfig
 from ..errors import ModelError, PolicyError
 from ..pipeline.config import RunConfig
 from ..texttable import text_table
@@ -93,7 +93,7 @@ def _final_measurement(model: Any, args: argparse.Namespace, cfg: TrainConfig) -
     return {
         "test_images": len(y),
         "clean_acc": round(accuracy(model, x, y), 4),
-        "pgd_acc": round(attack_accuracy(model, x, y, "pgd", eps=eps, steps=steps, progress=True), 4),
+        "pgd_acc": round(attack_accuracy(model, x, y, AttackConfig("pgd", eps, steps), progress=True), 4),
         "pgd_eval": {"eps": eps, "steps": steps, "random_start": True, "alpha": f"2.5*eps/{steps}"},
     }
 
@@ -228,14 +228,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..data import load_split
     from ..quantization.checkpoint import save_quantized
     from ..storage import read_sidecar
-    from ..train.finetune import adversarial_finetune, init_distributed
+    from ..train.finetune import init_distributed
+    from ..train.training import adversarial_train
 
     rank, world = init_distributed()
     model, meta = load_quantized_spec(args.model)
     cfg = train_config(args, TrainConfig.finetuning())
     data = load_split("train", args.data_dir, limit=args.train_images, seed=cfg.seed)
-    history = adversarial_finetune(
-        model, data, config=cfg, checkpoint=_state_path(args.out), resume=args.resume, progress=rank == 0
+    history = adversarial_train(
+        model, data, cfg, checkpoint=_state_path(args.out), resume=args.resume, progress=rank == 0
     )
     if rank == 0:
         source = read_sidecar(args.model) if Path(args.model).is_file() else {}

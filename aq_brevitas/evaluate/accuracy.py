@@ -15,6 +15,8 @@ from ..attacks import (
     needs_input_gradient,
     normalized_inputs,
 )
+from ..config import AttackConfig, config_or_default
+from ..errors import ConfigError
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 
 
@@ -59,51 +61,53 @@ def attack_accuracy(
     model: nn.Module,
     x: Any,
     y: torch.Tensor | None = None,
-    attack: str | Any = "pgd",
+    config: AttackConfig | None = None,
     *,
-    eps: float = 0.1,
-    steps: int = 20,
+    attack: AdaptedAttack | None = None,
     batch_size: int = 250,
     seed: int = 0,
     progress: bool = False,
-    normalization: Any = None,
-    **attack_kwargs: Any,
 ) -> float:
-    """Accuracy in [0, 1] on adversarial examples made by ``attack`` (a name for :func:`make_attack`
-    with ``eps``, ``steps``, ``seed`` and ``attack_kwargs``, or a built attack).
+    """Accuracy in [0, 1] on the adversarial examples of the attack ``config`` describes (an
+    :class:`~aq_brevitas.config.AttackConfig`; None: ``AttackConfig()``, PGD-10 at ε = 0.1), built by
+    :func:`make_attack` with ``seed``, or of ``attack``, one :func:`make_attack` built already (not both).
 
-    ``x``, ``y`` are as for :func:`accuracy`. ``normalization=(mean, std)`` is for a model that expects
-    normalised inputs: ``x`` stays in [0, 1] (where ε is measured) and the model is fed
-    ``(x - mean) / std`` (default: that of an attack built with it). The torch RNG is seeded with
-    ``seed`` (the attack's random start). The model is attacked in eval mode and comes back in the
-    mode it came in. A model without input gradient (a converted integer torch.ao model) is refused
-    by gradient attacks with a one-line :class:`ModelError`; so is a model that cannot run ``x``.
+    ``x``, ``y`` are as for :func:`accuracy`. ``x`` stays in [0, 1], where ε is measured; the model is
+    fed ``(x - mean) / std`` when the config (or the built attack) has ``normalization=(mean,
+    std)``. The torch RNG is seeded with ``seed`` (the attack's random start). The model is attacked
+    in eval mode and comes back in the mode it came in. Raises :class:`ConfigError` for bad data or
+    settings; a model without input gradient (a converted integer torch.ao model) is refused by
+    gradient attacks with a one-line :class:`ModelError`, and so is a model that cannot run ``x``.
+
+    >>> import torch
+    >>> from aq_brevitas import AttackConfig, attack_accuracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    >>> x = torch.rand(8, 1, 4, 4)
+    >>> y = model(x).argmax(1)  # labels the model gets right
+    >>> attack_accuracy(model, x, y, AttackConfig("fgsm", eps=0.0))
+    1.0
     """
     from tqdm.auto import tqdm
 
+    if attack is not None and config is not None:
+        raise ConfigError("attack_accuracy got both config and a built attack", "pass one of them")
+    cfg = config_or_default(config, AttackConfig())
     require_single_input(model, "attack_accuracy")
     x, y = as_xy(_data(x, y), name="inputs")
-    if normalization is None and isinstance(attack, AdaptedAttack):  # classify as the attack saw it
-        normalization = attack.normalization
-    with normalized_inputs(model, normalization):
+    name = cfg.name if attack is None else attack.name
+    # a built attack brings its own normalisation: classify as the attack saw it
+    with normalized_inputs(model, cfg.normalization if attack is None else attack.normalization):
         check_forward(model, x)
-        if needs_input_gradient(attack):
+        if needs_input_gradient(name):
             check_input_gradient(model, x)
         with eval_mode(model):
-            atk = (
-                make_attack(attack, model, eps=eps, steps=steps, seed=seed, **attack_kwargs)
-                if isinstance(attack, str)
-                else attack
-            )
+            atk = make_attack(cfg, model, seed=seed) if attack is None else attack
             torch.manual_seed(seed)
             correct = 0
             with frozen_quant_weights(model):
-                for xb, yb in tqdm(
-                    list(batches(x, y, batch_size)),
-                    desc=f"{attack if isinstance(attack, str) else type(attack).__name__} eps={eps}",
-                    disable=not progress,
-                    leave=False,
-                ):
+                chunks = list(batches(x, y, batch_size))
+                for xb, yb in tqdm(chunks, desc=f"{name} eps={atk.eps}", disable=not progress, leave=False):
                     adv = atk(xb, yb)
                     with torch.no_grad():
                         correct += (model(adv).argmax(1) == yb).sum().item()

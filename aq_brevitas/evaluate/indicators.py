@@ -45,6 +45,17 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _share_check(
+    name: str, count: int, total: int, allowed: float, what: tuple[str, str], *, warning: str, note: str = ""
+) -> MaskingCheck:
+    """Check ``name``: passed while ``count`` of ``total`` stays within the share ``allowed``. ``what``:
+    (the things counted, what they do); ``note`` follows the numbers; ``warning`` says what a failure means."""
+    share = count / max(total, 1)
+    ok = share <= allowed
+    detail = f"{count} of {total} {what[0]} ({_pct(share)}) {what[1]} (allowed {_pct(allowed)}){note}"
+    return MaskingCheck(name, ok, detail + ("" if ok else f" -- {warning}"))
+
+
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None])[:, 0]
     return true - logits.scatter(1, y[:, None], float("-inf")).amax(1)
@@ -76,13 +87,11 @@ def input_gradient_check(
                 zero_margin += bad
             else:
                 zero_ce += bad
-    share = zero_margin / max(len(x), 1)
-    ok = share <= ZERO_GRADIENT_MAX
-    detail = (
-        f"{zero_margin} of {len(x)} images ({_pct(share)}) have a zero or non-finite input gradient of the "
-        f"margin at the clean point (allowed {_pct(ZERO_GRADIENT_MAX)}); cross-entropy: {zero_ce}"
-    ) + ("" if ok else " -- gradient attacks get no signal there")
-    return MaskingCheck("input_gradient_nonzero", ok, detail)
+    return _share_check(
+        "input_gradient_nonzero", zero_margin, len(x), ZERO_GRADIENT_MAX,
+        ("images", "have a zero or non-finite input gradient of the margin at the clean point"),
+        note=f"; cross-entropy: {zero_ce}", warning="gradient attacks get no signal there",
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -101,13 +110,11 @@ def noise_stability_check(
             noise = (torch.rand(xb.shape, generator=gen) * 2 - 1).to(xb) * amplitude
             changed |= (model((xb + noise).clamp(0, 1)).argmax(1) != base).cpu()
         flips += int(changed.sum())
-    share = flips / max(len(x), 1)
-    ok = share <= NOISE_FLIPS_MAX
-    detail = (
-        f"{flips} of {len(x)} predictions ({_pct(share)}) change under uniform noise of ±{amplitude:.2g} "
-        f"({NOISE_DRAWS} draws; allowed {_pct(NOISE_FLIPS_MAX)})"
-    ) + ("" if ok else " -- the model is unstable at the scale attacks work at")
-    return MaskingCheck("stable_under_noise", ok, detail)
+    return _share_check(
+        "stable_under_noise", flips, len(x), NOISE_FLIPS_MAX,
+        ("predictions", f"change under uniform noise of ±{amplitude:.2g} ({NOISE_DRAWS} draws)"),
+        warning="the model is unstable at the scale attacks work at",
+    )  # fmt: skip
 
 
 def silent_success_check(silent: dict[float, int], images: int) -> MaskingCheck:

@@ -30,7 +30,7 @@ from ..attacks import (
     make_attack,
     normalized_inputs,
 )
-from ..config import SUITES, EvalConfig, with_overrides
+from ..config import SUITES, AttackConfig, EvalConfig, config_or_default
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 from .accuracy import batches, subset
 from .indicators import (
@@ -100,23 +100,21 @@ class _Runner:
         if violation > self.max_violation:
             self.max_violation, self.worst = violation, label
 
-    def robust(
-        self, name: str, eps: float, indices: torch.Tensor, *, seed: int, **kwargs: Any
-    ) -> torch.Tensor:
-        """Indices (a subset of ``indices``) still classified correctly after the attack."""
+    def robust(self, attack: AttackConfig, indices: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """Indices (a subset of ``indices``) still classified correctly after ``attack``."""
         from tqdm.auto import tqdm
 
         keep = indices[self.clean_correct[indices]]
-        if len(keep) == 0 or eps == 0:
+        if len(keep) == 0 or attack.eps == 0:
             return keep
-        atk = make_attack(name, self.model, eps=eps, seed=seed, **kwargs)
+        atk = make_attack(attack, self.model, seed=seed, n_classes=self.n_classes)
         torch.manual_seed(seed)
         survived = []
-        chunks = keep.split(self.batch_size)
-        for idx in tqdm(chunks, desc=f"{name} ε={eps:g}", disable=not self.progress, leave=False):
+        label = f"{attack.name} ε={attack.eps:g}"
+        for idx in tqdm(keep.split(self.batch_size), desc=label, disable=not self.progress, leave=False):
             xb, yb = self.x[idx].to(self.device), self.y[idx].to(self.device)
             adv = atk(xb, yb)
-            self.track(adv, xb, eps, f"{name} ε={eps:g}")
+            self.track(adv, xb, attack.eps, label)
             survived.append(idx[(self.predict(adv) == yb).cpu()])
         return torch.cat(survived)
 
@@ -126,17 +124,16 @@ class _Runner:
         steps: int | None
         restarts = 1
         if attack == "fgsm":
-            steps, left = 1, self.robust("fgsm", eps, idx, seed=cfg.seed)
+            steps, left = 1, self.robust(AttackConfig("fgsm", eps), idx, seed=cfg.seed)
         elif attack in ("pgd", "pgd-subset", "pgd-large-eps"):
             steps, restarts, left = cfg.pgd_steps, cfg.pgd_restarts, idx
             for r in range(cfg.pgd_restarts):
-                left = self.robust("pgd", eps, left, seed=cfg.seed + r, steps=cfg.pgd_steps)
+                left = self.robust(AttackConfig("pgd", eps, cfg.pgd_steps), left, seed=cfg.seed + r)
         elif attack == "square":
             steps = cfg.square_queries
-            left = self.robust("square", eps, idx, seed=cfg.seed, n_queries=cfg.square_queries)
-        else:
-            # APGD-T targets each of the other classes: it needs the model's class count
-            steps, left = None, self.robust("autoattack", eps, idx, seed=cfg.seed, n_classes=self.n_classes)
+            left = self.robust(AttackConfig("square", eps, queries=cfg.square_queries), idx, seed=cfg.seed)
+        else:  # APGD-T targets each of the other classes: robust() passes the model's class count
+            steps, left = None, self.robust(AttackConfig("autoattack", eps), idx, seed=cfg.seed)
         seconds = time.perf_counter() - t0
         correct = pack_mask(self.mask(idx, left, eps))
         return AttackResult(attack, eps, len(left) / len(idx), len(idx), seconds, steps, restarts, correct)
@@ -298,67 +295,22 @@ def _indicator_checks(
     ]
 
 
-def evaluate_robustness(
-    model: nn.Module,
-    data: Any,
-    config: EvalConfig | None = None,
-    *,
-    progress: bool = True,
-    name: str | None = None,
-    meta: Mapping[str, Any] | None = None,
-    surrogate: nn.Module | None = None,
-    **overrides: Any,
-) -> RobustnessReport:
-    """Clean, FGSM and PGD-k accuracy and the attack suite at each ε, Square (and PGD on its subset),
-    optionally AutoAttack, the gradient-masking checklist and the attack-failure indicators.
+@dataclass
+class _Plan:
+    """What an evaluation will run: the images, the settings, the report's ``(attack, ε, images)``
+    jobs, the suite's attacks, and what is skipped (with why) or noted."""
 
-    ``data`` is any form :func:`~aq_brevitas.forward.as_xy` accepts (images in [0, 1], integer
-    labels). ``config`` is an :class:`~aq_brevitas.config.EvalConfig` (default: its defaults);
-    ``overrides`` are its field names (``eps=(0.1,), pgd_steps=10``...) applied on top, so the keyword
-    spellings of earlier releases keep working. ``name`` and ``meta`` label the report.
-    ``surrogate``: a float model of the same task (the one ``model`` was quantized from) for the
-    suite's transfer attack (without it the transfer attack is skipped, and the notes say so).
+    cfg: EvalConfig
+    x: torch.Tensor
+    y: torch.Tensor
+    jobs: list[tuple[str, float, torch.Tensor]]
+    names: tuple[str, ...]
+    skipped: dict[str, str]
+    notes: list[str]
 
-    An example counts as robust only if it is classified correctly both clean and under attack;
-    attacks run on clean-correct examples only. The headline is ``report.robust_accuracy(eps)``:
-    per image, the worst case over every attack run at ``eps``. The suite (``suite``, default
-    ``"fast"``: APGD-CE, APGD-DLR, APGD-T on 3 targets, transfer, Square; :mod:`aq_brevitas.evaluate.suite`)
-    runs at every ε, ascending, on the images FGSM, PGD and the smaller ε left standing. PGD uses a
-    random start; with ``pgd_restarts > 1`` an example must survive every restart. Square, PGD on
-    its subset and AutoAttack (``"standard"``: the reference; ``"torchattacks"``: the library's) run
-    on a seeded subset of ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on
-    a seeded subset of ``large_eps_images`` images, where the indicators also run.
-    Other samples than images get Square, AutoAttack and the suite on their C×H×W view
-    (:func:`~aq_brevitas.attacks.image_grid`; ``report.notes``), or skip them (``report.skipped``).
-    ``normalization`` (in ``config``): data and ε stay in [0, 1], model and surrogate are fed
-    normalised inputs. The caller's RNG state, each module's train/eval flag and the BatchNorm
-    statistics are left as they were. Raises :class:`ConfigError` for bad settings or data,
-    :class:`ModelError` for a model that cannot run the images or has no input gradient (a converted
-    integer torch.ao model: attack the prepared one).
 
-    >>> import torch
-    >>> from torch import nn
-    >>> from aq_brevitas import evaluate_robustness
-    >>> _ = torch.manual_seed(0)
-    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    >>> x = torch.rand(40, 1, 8, 8)
-    >>> y = model(x).argmax(1)  # labels the model gets right
-    >>> report = evaluate_robustness(model, (x, y), eps=(0.05, 0.1), pgd_steps=5, square_queries=20,
-    ...                              gradient_free_images=10, large_eps_images=20, suite_steps=10,
-    ...                              suite_queries=20, progress=False)
-    >>> report.images, report.clean_accuracy, report.result("pgd", 0.1).steps
-    (40, 1.0, 5)
-    >>> report.robust_accuracy(0.1) <= report.accuracy("pgd", 0.1)  # the worst case over every attack
-    True
-    >>> [c.name for c in report.checks]  # doctest: +NORMALIZE_WHITESPACE
-    ['pgd_not_above_fgsm', 'monotone_in_eps', 'large_eps_near_zero', 'gradient_free_not_stronger',
-     'in_epsilon_ball', 'input_gradient_nonzero', 'stable_under_noise', 'no_silent_success',
-     'optimisation_complete', 'white_box_strongest', 'unconstrained_reaches_zero']
-    """
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    cfg = with_overrides(config, EvalConfig(), overrides)
+def _plan(model: nn.Module, data: Any, cfg: EvalConfig, surrogate: nn.Module | None) -> _Plan:
+    """The evaluation's plan, before the model runs: refuses a model with several inputs and bad data."""
     require_single_input(model, "evaluate_robustness")
     x, y = as_xy(data, limit=cfg.limit, name="inputs")
     skipped, notes = _grid_attacks(cfg, tuple(x.shape[1:]))
@@ -368,52 +320,135 @@ def evaluate_robustness(
         else suite_names(cfg.suite, surrogate=surrogate is not None)
     )
     notes += _suite_notes(cfg, names, surrogate)
+    return _Plan(cfg, x, y, _jobs(cfg, len(x), skipped), names, skipped, notes)
+
+
+@dataclass
+class _Measured:
+    """What the attacks gave: the report's rows, the attack-failure indicators, the frozen layers."""
+
+    results: list[AttackResult]
+    indicators: list[MaskingCheck]
+    frozen: int
+
+
+def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured:
+    """The clean pass, FGSM and PGD at every ε, the suite, the subsets and large ε, the reference
+    AutoAttack and the indicators, in that order (the model is fed normalised inputs already)."""
+    from tqdm.auto import tqdm
+
+    cfg, model, names = plan.cfg, run.model, plan.names
     with (
-        normalized_inputs(model, cfg.normalization),
-        normalized_inputs(surrogate or model, cfg.normalization),
-    ):
-        check_forward(model, x)
-        check_input_gradient(model, x)  # every suite runs PGD: refuse a converted model before the clean pass
-        run = _Runner(model, x, y, batch_size=cfg.batch_size, progress=progress)
-        with (
-            eval_mode(model), eval_mode(surrogate or model), torch.random.fork_rng(devices=[]),
-            frozen_quant_weights(model) as n_frozen,
-        ):  # fmt: skip
-            t0 = time.perf_counter()
-            clean_mask = run.clean()
-            clean_acc = mask_share(clean_mask)
-            results = [
-                AttackResult(
-                    "clean", 0.0, clean_acc, len(x), time.perf_counter() - t0, correct=pack_mask(clean_mask)
-                )
-            ]
-            jobs = _jobs(cfg, len(x), skipped)
-            bar = tqdm(total=len(jobs) + len(cfg.eps) * bool(names), desc="robustness", disable=not progress)
-            for job in [j for j in jobs if j[0] in cfg.attacks]:  # FGSM and PGD at every ε first
-                results.append(run.job(cfg, *job))
-                bar.update()
-            outcome = _run_suite(run, cfg, names, surrogate) if names else _SuiteOutcome()
-            results += outcome.rows
-            bar.update(len(cfg.eps) * bool(names))
-            for job in [j for j in jobs if j[0] not in cfg.attacks]:  # the subsets, then large ε
-                results.append(run.job(cfg, *job))
-                bar.update()
-            if cfg.autoattack == "standard" and "autoattack" not in skipped:
-                results += _reference_autoattack(run, cfg, subset(len(x), cfg.gradient_free_images, cfg.seed))
-            bar.close()
-            indicators = _indicator_checks(run, cfg, outcome, names) if cfg.indicators else []
+        eval_mode(model), eval_mode(surrogate or model), torch.random.fork_rng(devices=[]),
+        frozen_quant_weights(model) as n_frozen,
+    ):  # fmt: skip
+        t0 = time.perf_counter()
+        clean = run.clean()
+        results = [AttackResult("clean", 0.0, mask_share(clean), len(clean), time.perf_counter() - t0,
+                                correct=pack_mask(clean))]  # fmt: skip
+        bar = tqdm(
+            total=len(plan.jobs) + len(cfg.eps) * bool(names), desc="robustness", disable=not run.progress
+        )
+        for job in [j for j in plan.jobs if j[0] in cfg.attacks]:  # FGSM and PGD at every ε first
+            results.append(run.job(cfg, *job))
+            bar.update()
+        outcome = _run_suite(run, cfg, names, surrogate) if names else _SuiteOutcome()
+        results += outcome.rows
+        bar.update(len(cfg.eps) * bool(names))
+        for job in [j for j in plan.jobs if j[0] not in cfg.attacks]:  # the subsets, then large ε
+            results.append(run.job(cfg, *job))
+            bar.update()
+        if cfg.autoattack == "standard" and "autoattack" not in plan.skipped:
+            results += _reference_autoattack(
+                run, cfg, subset(len(plan.x), cfg.gradient_free_images, cfg.seed)
+            )
+        bar.close()
+        indicators = _indicator_checks(run, cfg, outcome, names) if cfg.indicators else []
+    return _Measured(results, indicators, n_frozen)
+
+
+def _report(
+    plan: _Plan, run: _Runner, measured: _Measured, *, name: str, meta: Mapping[str, Any] | None
+) -> RobustnessReport:
+    """The :class:`RobustnessReport` of a finished evaluation, its checks included."""
     report = RobustnessReport(
-        model=name or str((meta or {}).get("name", type(model).__name__)),
-        images=len(x),
-        clean_accuracy=clean_acc,
-        results=results,
+        model=name,
+        images=len(plan.x),
+        clean_accuracy=measured.results[0].accuracy,
+        results=measured.results,
         max_violation=run.max_violation,
-        meta={**dict(meta or {}), "frozen_quant_layers": n_frozen},
-        settings=_settings(cfg, len(x)),
-        skipped=skipped,
-        notes=notes,
+        meta={**dict(meta or {}), "frozen_quant_layers": measured.frozen},
+        settings=_settings(plan.cfg, len(plan.x)),
+        skipped=plan.skipped,
+        notes=plan.notes,
     )
-    report.checks = masking_checks(report, checked=run.checked, worst=run.worst) + indicators
+    report.checks = masking_checks(report, checked=run.checked, worst=run.worst) + measured.indicators
+    return report
+
+
+def evaluate_robustness(
+    model: nn.Module,
+    data: Any,
+    config: EvalConfig | None = None,
+    *,
+    progress: bool = True,
+    name: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    surrogate: nn.Module | None = None,
+) -> RobustnessReport:
+    """Clean, FGSM and PGD-k accuracy and the attack suite at each ε, Square (and PGD on its subset),
+    optionally AutoAttack, the gradient-masking checklist and the attack-failure indicators.
+
+    ``data`` is any form :func:`~aq_brevitas.forward.as_xy` accepts (images in [0, 1], integer
+    labels). ``config``: an :class:`~aq_brevitas.config.EvalConfig` (None: its defaults), whose fields
+    the rest of this paragraph names. ``name`` and ``meta`` label the report. ``surrogate``: a float
+    model of the same task (the one ``model`` was quantized from) for the suite's transfer attack
+    (without it the transfer attack is skipped, and the notes say so).
+
+    An example counts as robust only if it is classified correctly both clean and under attack;
+    attacks run on clean-correct examples only. The headline is ``report.robust_accuracy(eps)``: per
+    image, the worst case over every attack run at ``eps``. The ``suite`` (default ``"fast"``;
+    :mod:`aq_brevitas.evaluate.suite`) runs at every ε, ascending, on the images FGSM, PGD and the
+    smaller ε left standing. PGD uses a random start; with ``pgd_restarts > 1`` an example must
+    survive every restart. Square, PGD on its subset and AutoAttack run on a seeded subset of
+    ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on a seeded subset of
+    ``large_eps_images`` images, where the indicators also run. Other samples than images get Square,
+    AutoAttack and the suite on their C×H×W view (:func:`~aq_brevitas.attacks.image_grid`;
+    ``report.notes``), or skip them (``report.skipped``). With ``normalization``, data and ε stay in
+    [0, 1] and model and surrogate are fed normalised inputs. The caller's RNG state, each module's
+    train/eval flag and the BatchNorm statistics are left as they were. Raises :class:`ConfigError`
+    for bad settings or data, :class:`ModelError` for a model that cannot run the images or has no
+    input gradient (a converted integer torch.ao model: attack the prepared one).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas import EvalConfig, evaluate_robustness
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    >>> x = torch.rand(40, 1, 8, 8)
+    >>> y = model(x).argmax(1)  # labels the model gets right
+    >>> cfg = EvalConfig(eps=(0.05, 0.1), pgd_steps=5, square_queries=20, gradient_free_images=10,
+    ...                  large_eps_images=20, suite_steps=10, suite_queries=20)
+    >>> report = evaluate_robustness(model, (x, y), cfg, progress=False)
+    >>> report.images, report.clean_accuracy, report.result("pgd", 0.1).steps
+    (40, 1.0, 5)
+    >>> report.robust_accuracy(0.1) <= report.accuracy("pgd", 0.1)  # the worst case over every attack
+    True
+    >>> [c.name for c in report.checks][:3]
+    ['pgd_not_above_fgsm', 'monotone_in_eps', 'large_eps_near_zero']
+    """
+    t_start = time.perf_counter()
+    plan = _plan(model, data, config_or_default(config, EvalConfig()), surrogate)
+    norm = plan.cfg.normalization
+    with normalized_inputs(model, norm), normalized_inputs(surrogate or model, norm):
+        check_forward(model, plan.x)
+        check_input_gradient(
+            model, plan.x
+        )  # every suite runs PGD: refuse a converted model before the clean pass
+        run = _Runner(model, plan.x, plan.y, batch_size=plan.cfg.batch_size, progress=progress)
+        measured = _attack(run, plan, surrogate)
+    label = name or str((meta or {}).get("name", type(model).__name__))
+    report = _report(plan, run, measured, name=label, meta=meta)
     report.seconds = time.perf_counter() - t_start
     return report
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import AttackConfig
 from ..forward import as_xy, iter_x_batches
 from ..nnutils import quantizable_layers
 from ..policy import LayerSpec, LayerwisePolicy
@@ -134,7 +135,7 @@ def run_study(
         model = models[name].eval()
         q = model if b is None else quantize(model, uniform_policy(model, b), calibration_data=calib).eval()
         clean = accuracy(q, x, y)
-        pgd = attack_accuracy(q, x, y, "pgd", eps=eps, steps=pgd_steps, seed=seed)
+        pgd = attack_accuracy(q, x, y, AttackConfig("pgd", eps, pgd_steps), seed=seed)
         if b is None:  # the float row comes first for each model: the reference for the drops
             base[name] = (clean, pgd)
         result.rows.append(StudyRow(name, b, clean, pgd, base[name][0] - clean, base[name][1] - pgd))

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..attacks import make_attack, normalized_inputs
-from ..config import SUITE_ATTACKS, SUITES
+from ..config import SUITE_ATTACKS, SUITES, AttackConfig
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode, frozen_quant_weights, require_single_input
 
@@ -154,12 +154,11 @@ def _builder(
     if name == "transfer":
         if surrogate is None:
             raise ConfigError("the transfer attack needs a surrogate model", "pass surrogate=float_model")
-        return make_attack("pgd", surrogate, eps=eps, steps=TRANSFER_STEPS, seed=seed)
-    if name == "square":
-        return make_attack("square", model, eps=eps, seed=seed, n_queries=queries)
+        return make_attack(AttackConfig("pgd", eps, TRANSFER_STEPS), surrogate, seed=seed)
     if name not in SUITE_ATTACKS:
         raise ConfigError(f"unknown suite attack {name!r}", f"use {', '.join(SUITE_ATTACKS)}")
-    return make_attack(name, model, eps=eps, steps=member_steps(name, steps), seed=seed, n_classes=n_classes)
+    cfg = AttackConfig(name, eps, member_steps(name, steps), queries=queries)
+    return make_attack(cfg, model, seed=seed, n_classes=n_classes)
 
 
 def member_steps(name: str, steps: int) -> int:
@@ -247,46 +246,29 @@ def suite_names(suite: str | Sequence[str], *, surrogate: bool) -> tuple[str, ..
 
 
 def worst_case_accuracy(
-    model: nn.Module,
-    x: Any,
-    y: torch.Tensor | None = None,
-    *,
-    eps: float = 0.1,
-    suite: str | Sequence[str] = "fast",
-    surrogate: nn.Module | None = None,
-    steps: int = 100,
-    queries: int = 500,
-    seed: int = 0,
-    normalization: Any = None,
+    model: nn.Module, x: Any, y: torch.Tensor | None = None, *, eps: float = 0.1
 ) -> float:
-    """Robust accuracy in [0, 1] under ``suite`` at ``eps``: the fraction of images classified
-    correctly clean and after every attack of the chain (the per-image worst case).
+    """Robust accuracy in [0, 1] under the fast suite at ``eps`` (L-inf, images in [0, 1]): the
+    fraction of images classified correctly clean and after every attack of the chain (the per-image
+    worst case). The shorthand of ``suite_accuracies(model, x, y, eps=eps)["worst case"]``; for another
+    suite, other settings, a transfer surrogate or normalised inputs, call :func:`suite_accuracies`.
 
-    The number selection uses (the never-worse-than-uniform check, :func:`validate_metric`), cheaper
-    than :func:`~aq_brevitas.evaluate.evaluate_robustness` (no report, no checks). ``x``, ``y``: any
-    data :func:`~aq_brevitas.forward.as_xy` accepts, images in [0, 1]. ``suite``: ``"fast"`` (APGD-CE,
-    APGD-DLR, transfer from ``surrogate`` when given, Square with ``queries`` queries),
-    ``"reference"`` or attack names of :data:`SUITE_ATTACKS`; ``steps``: APGD/FAB iterations.
-    ``normalization=(mean, std)`` feeds both models normalised inputs. The model is attacked in
-    eval mode and comes back in its own mode; the caller's RNG state is kept. Raises
-    :class:`ConfigError` for an unknown suite or bad data, :class:`ModelError` for a model without
-    input gradient.
+    The kind of number selection uses (the never-worse-than-uniform check, :func:`validate_metric`),
+    cheaper than :func:`~aq_brevitas.evaluate.evaluate_robustness` (no report, no checks). ``x``,
+    ``y``: any data :func:`~aq_brevitas.forward.as_xy` accepts. The model is attacked in eval mode and
+    comes back in its own mode; the caller's RNG state is kept. Raises :class:`ConfigError` for bad
+    data, :class:`ModelError` for a model without input gradient.
 
     >>> import torch
     >>> from torch import nn
     >>> from aq_brevitas.evaluate.suite import worst_case_accuracy
     >>> _ = torch.manual_seed(0)
-    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    >>> x = torch.rand(20, 1, 8, 8)
-    >>> y = model(x).argmax(1)
-    >>> acc = worst_case_accuracy(model, x, y, eps=0.05, steps=5, queries=10)
-    >>> 0.0 <= acc <= 1.0
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    >>> x = torch.rand(6, 1, 4, 4)
+    >>> 0.0 <= worst_case_accuracy(model, x, model(x).argmax(1), eps=0.05) <= 1.0
     True
     """
-    settings = ChainSettings(steps=steps, queries=queries, seed=seed)
-    return suite_accuracies(
-        model, x, y, eps=eps, suite=suite, surrogate=surrogate, settings=settings, normalization=normalization
-    )["worst case"]
+    return suite_accuracies(model, x, y, eps=eps)["worst case"]
 
 
 def suite_accuracies(
@@ -303,9 +285,12 @@ def suite_accuracies(
 ) -> dict[str, float]:
     """Accuracy in [0, 1] after each step of the chain, cumulative: ``"clean"``, then (with
     ``pgd_steps``) ``"pgd"`` -- PGD-``pgd_steps`` alone, run first --, then each attack of ``suite``
-    on the images still standing, and ``"worst case"`` (the last). ``settings``: a
-    :class:`ChainSettings` (default: 100 iterations, 500 Square queries, seed 0). Other arguments,
-    errors and side effects as :func:`worst_case_accuracy`.
+    on the images still standing, and ``"worst case"`` (the last). ``x``, ``y``: any data
+    :func:`~aq_brevitas.forward.as_xy` accepts, images in [0, 1]. ``suite``: ``"fast"`` (APGD-CE,
+    APGD-DLR, APGD-T3, transfer from ``surrogate`` when given, Square), ``"reference"`` or attack names
+    of :data:`SUITE_ATTACKS`. ``settings``: a :class:`ChainSettings` (APGD/FAB iterations, Square
+    queries, seed, batch size; default: 100 iterations, 500 queries, seed 0). ``normalization=(mean,
+    std)`` feeds both models normalised inputs. Errors and side effects as :func:`worst_case_accuracy`.
 
     >>> import torch
     >>> from torch import nn

@@ -100,7 +100,7 @@ def finetune(ctx: RunContext) -> None:
         return
     from ..config import TrainConfig
     from ..quantization.checkpoint import save_quantized
-    from ..train.finetune import adversarial_finetune
+    from ..train.training import adversarial_train
 
     states = [ctx.out / f"{v.stem}_finetune_state{s}" for v in VARIANTS for s in (".pt", ".json")]
     resume = ctx.log.interrupted
@@ -117,9 +117,7 @@ def finetune(ctx: RunContext) -> None:
     for v in VARIANTS:
         q = ctx.quantized(v, "ptq")
         state = ctx.out / f"{v.stem}_finetune_state.pt"
-        adversarial_finetune(
-            q, train, config=settings, checkpoint=state, resume=resume, progress=ctx.progress
-        )
+        adversarial_train(q, train, settings, checkpoint=state, resume=resume, progress=ctx.progress)
         save_quantized(q, ctx.out / v.checkpoint("finetuned")[0])
     for p in states:  # both models are saved; the epoch states are spent
         p.unlink(missing_ok=True)

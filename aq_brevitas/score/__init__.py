@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from .jacobian import is_chain, local_jacobian_norm
 from .lipschitz import GAINS, LayerScore, lipschitz_scores
-from .norms import operator_norm, operator_norm_basis, top_singular_values
+from .norms import OperatorNorm, operator_norm, top_singular_values
 
 __all__ = [
     "GAINS",
     "LayerScore",
+    "OperatorNorm",
     "is_chain",
     "lipschitz_scores",
     "local_jacobian_norm",
     "operator_norm",
-    "operator_norm_basis",
     "top_singular_values",
 ]

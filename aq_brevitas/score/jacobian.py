@@ -172,9 +172,21 @@ def local_jacobian_norm(
 
 
 def layer_jacobian(
-    model: nn.Module, target: nn.Module, args: tuple[torch.Tensor, ...], out_shape: tuple[int, ...], **kw: Any
+    model: nn.Module,
+    target: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    out_shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    tol: float = 1e-5,
+    max_iter: int = 500,
+    seed: int = 0,
 ) -> tuple[float, int]:
-    """Λ_l by the Jacobian of the model output w.r.t. ``target``'s output (its first call per forward)."""
+    """Λ_l by the Jacobian of the model output w.r.t. ``target``'s output (its first call per forward):
+    ``(RMS over examples of ‖∂y_i/∂h_i‖₂, power iterations)``. ``out_shape`` is ``target``'s output
+    shape (N, ...) for the ``args`` batch; the perturbation is of ``dtype`` on ``device``; ``tol``,
+    ``max_iter`` and ``seed`` steer the power iteration (as :func:`local_jacobian_norm`'s)."""
     holder: dict[str, Any] = {}
 
     def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
@@ -191,5 +203,5 @@ def layer_jacobian(
         finally:
             handle.remove()
 
-    sig, it = _jacobian_sigmas(run, out_shape, **kw)
+    sig, it = _jacobian_sigmas(run, out_shape, dtype, device, tol=tol, max_iter=max_iter, seed=seed)
     return _rms(sig), it

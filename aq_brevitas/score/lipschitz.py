@@ -112,11 +112,13 @@ def _warn_norms_left_out(unfolded: dict[str, str], after: dict[str, str], scored
 
 
 def _float_score(
-    name: str, layer: nn.Module, bn: nn.Module | None, bn_name: str | None, seen: LayerCalls, **kw: Any
-) -> LayerScore:
-    """The :class:`LayerScore` of one layer, gains not yet set; ``kw`` goes to :func:`operator_norm`."""
+    name: str, layer: nn.Module, bn: nn.Module | None, bn_name: str | None, seen: LayerCalls, *,
+    tol: float, max_iter: int, seed: int,
+) -> LayerScore:  # fmt: skip
+    """The :class:`LayerScore` of one layer, gains not yet set; ``tol``, ``max_iter``, ``seed`` are
+    :func:`operator_norm`'s."""
     weight = folded_weight(layer, bn)[0] if bn is not None else None
-    L, iters = operator_norm(layer, seen.input_shape, weight=weight, **kw)
+    L, iters, _ = operator_norm(layer, seen.input_shape, weight=weight, tol=tol, max_iter=max_iter, seed=seed)
     return LayerScore(
         name=name, type=type(layer).__name__, weight_shape=tuple(layer.weight.shape),
         input_shape=seen.input_shape, output_shape=seen.output_shape, calls=seen.calls,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -96,25 +96,17 @@ def stacked_layer_map(
     return _linear_map(layer, weights.reshape(-1, *weights.shape[2:]), scale, copies=k)
 
 
-def operator_norm(layer: nn.Module, input_shape: Sequence[int], **settings: Any) -> tuple[float, int]:
-    """Largest singular value of the linear map ``layer`` computes (bias excluded), by block LOBPCG
-    (:func:`top_singular_values`), stopping when the estimated remaining change is below ``tol``.
+class OperatorNorm(NamedTuple):
+    """What :func:`operator_norm` found: ``sigma`` (the largest singular value), the ``iterations``
+    spent (``max_iter``: ``tol`` not reached; 1 for a Linear layer's exact SVD), and ``basis``, the
+    final block of right singular vectors to warm-start a nearby map with (None for Linear layers)."""
 
-    The map runs on one sample of per-sample shape ``input_shape`` ((C, L), (C, H, W) or (..., features))
-    with the layer's real stride, padding (and mode), dilation, groups and output_padding; its adjoint
-    is autograd's. ``weight`` replaces the layer's weight (same shape) to score a quantized Ŵ on the
-    same geometry; ``out_scale`` (one factor per output channel) multiplies the output (an unfolded
-    BatchNorm scale). Float64 from a seeded start block, so one seed gives comparable ``L`` and ``L̂``.
-    Returns ``(sigma, iterations)``; ``iterations == max_iter`` means it did not reach ``tol``. A
-    Linear layer's norm is an exact SVD (1 "iteration"). ``settings``: :func:`operator_norm_basis`'s
-    keywords ``weight``, ``out_scale``, ``tol`` (1e-6), ``max_iter`` (500), ``seed`` (0). Raises
-    :class:`ModelError` for a layer of another type, :class:`ConfigError` for a misfit shape or weight.
-    """
-    sigma, it, _ = operator_norm_basis(layer, input_shape, **settings)
-    return sigma, it
+    sigma: float
+    iterations: int
+    basis: torch.Tensor | None
 
 
-def operator_norm_basis(
+def operator_norm(
     layer: nn.Module,
     input_shape: Sequence[int],
     *,
@@ -124,10 +116,28 @@ def operator_norm_basis(
     max_iter: int = 500,
     seed: int = 0,
     init: torch.Tensor | None = None,
-) -> tuple[float, int, torch.Tensor | None]:
-    """:func:`operator_norm` plus the final block of right singular vectors, for warm starts: ``init``
-    (such a block, same layer geometry) replaces the seeded start, so a quantized Ŵ ≈ W converges in a
-    few steps from W's. The block is None for Linear layers (exact SVD, no iteration)."""
+) -> OperatorNorm:
+    """Largest singular value of the linear map ``layer`` computes (bias excluded), by block LOBPCG
+    (:func:`top_singular_values`), stopping when the estimated remaining change is below ``tol``.
+
+    The map runs on one sample of per-sample shape ``input_shape`` ((C, L), (C, H, W) or (..., features))
+    with the layer's real stride, padding (and mode), dilation, groups and output_padding; its adjoint
+    is autograd's. ``weight`` replaces the layer's weight (same shape) to score a quantized Ŵ on the
+    same geometry; ``out_scale`` (one factor per output channel) multiplies the output (an unfolded
+    BatchNorm scale). Float64 from a seeded start block, so one seed gives comparable ``L`` and ``L̂``;
+    ``init`` (a ``basis`` of the same layer geometry) replaces the seeded start, so a quantized Ŵ ≈ W
+    converges in a few steps from W's. A Linear layer's norm is an exact SVD. Returns an
+    :class:`OperatorNorm`. Raises :class:`ModelError` for a layer of another type,
+    :class:`ConfigError` for a misfit shape or weight, or ``max_iter < 1``/``tol <= 0``.
+
+    >>> import torch
+    >>> from aq_brevitas.score.norms import operator_norm
+    >>> layer = torch.nn.Linear(3, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
+    >>> operator_norm(layer, (3,))
+    OperatorNorm(sigma=4.0, iterations=1, basis=None)
+    """
     if not isinstance(layer, QUANTIZABLE_TYPES):
         raise ModelError(
             f"operator_norm does not support {type(layer).__name__}",
@@ -152,11 +162,11 @@ def operator_norm_basis(
         )
     if isinstance(layer, nn.Linear):
         mat = w64 if scale64 is None else w64 * scale64[:, None]
-        return float(torch.linalg.matrix_norm(mat, ord=2)), 1, None
+        return OperatorNorm(float(torch.linalg.matrix_norm(mat, ord=2)), 1, None)
     q = start_block(math.prod(shape), seed, init).to(device)
     gram = stacked_gram(layer, shape, w64[None], scale64)
     sigma, its, basis = top_singular_values(gram, q[None], tol=tol, max_iter=max_iter)
-    return float(sigma[0]), int(its[0]), (basis[0] if sigma[0] > 0 else None)
+    return OperatorNorm(float(sigma[0]), int(its[0]), basis[0] if sigma[0] > 0 else None)
 
 
 def start_block(n: int, seed: int, init: torch.Tensor | None = None) -> torch.Tensor:

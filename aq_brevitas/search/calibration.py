@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..attacks import forward_input, make_attack
-from ..config import check_eps
+from ..config import AttackConfig, check_eps
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode
 from ..nnutils import trace_leaves
@@ -328,7 +328,7 @@ def adversarial_calibration(
         else:
             if attack is None or isinstance(attack, str):
                 name = attack or "pgd"
-                atk = make_attack(name, model, eps=eps, steps=steps, seed=seed)
+                atk = make_attack(AttackConfig(name, eps, steps), model, seed=seed)
                 name = f"{name}-{steps}" if name in ("pgd", "pgdl2") else name
             else:
                 atk, name = attack, type(attack).__name__

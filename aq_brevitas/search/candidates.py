@@ -27,7 +27,7 @@ from ..quantization.convert import brevitas_layer
 from ..score.lipschitz import LayerScore, lipschitz_scores
 from ..score.norms import (
     check_input_shape,
-    operator_norm_basis,
+    operator_norm,
     stacked_gram,
     start_block,
     top_singular_values,
@@ -37,7 +37,7 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_SCALINGS = ("max", "percentile", "mse")
 DEFAULT_GRANULARITIES = ("per_tensor", "per_channel")
 _NORM_MAX_ITER = 300  # power-iteration cap per candidate norm (tol decides in practice)
-_BLOCK = 4  # vectors per block, as lipschitz.operator_norm_basis
+_BLOCK = 4  # vectors per block, as score.norms.operator_norm
 _STACK_ELEMENTS = 1 << 24  # float64 elements per chunk of stacked candidates (128 MiB): bounds memory
 
 
@@ -164,7 +164,7 @@ class CandidateTable:
             if name not in self.bases and isinstance(layer, nn.Linear):
                 self.bases[name] = None  # exact SVDs: nothing to warm-start
             elif name not in self.bases:
-                self.bases[name] = operator_norm_basis(layer, score.input_shape, **kw)[2]
+                self.bases[name] = operator_norm(layer, score.input_shape, **kw).basis
                 self.norm_count += 1
             w_hat = torch.stack([self.weights[(name, rows[g[0]].spec)] for g in need_l])
             for g, (sigma, _) in zip(
@@ -332,12 +332,12 @@ def operator_norms(
     """:func:`~aq_brevitas.score.norms.operator_norm` of ``layer``'s map with each of K weights, at once.
 
     ``weights`` is ``(K, *layer.weight.shape)``; returns K ``(sigma, iterations)``. The same block
-    LOBPCG as :func:`~aq_brevitas.score.norms.operator_norm_basis` (same start: ``init`` or the seeded
+    LOBPCG as :func:`~aq_brevitas.score.norms.operator_norm` (same start: ``init`` or the seeded
     block; same stopping rule, per weight: a converged one leaves the batch), on all K maps as one
     grouped conv (:func:`~aq_brevitas.score.norms.stacked_layer_map`) whose adjoint is autograd's.
     Linear layers: exact SVDs, batched. Conv1d/Conv2d, grouped convs and ConvTranspose2d all stack
     (their groups multiply by K), so none falls back to one weight at a time; only memory splits K
-    into chunks. Raises :class:`PolicyError` for misfit weights, else as ``operator_norm_basis``.
+    into chunks. Raises :class:`PolicyError` for misfit weights, else as ``operator_norm``.
     """
     shape = tuple(int(s) for s in input_shape)
     if weights.dim() != layer.weight.dim() + 1 or weights.shape[1:] != layer.weight.shape:

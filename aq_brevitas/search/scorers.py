@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..attacks import make_attack
-from ..config import check_eps
+from ..config import AttackConfig, check_eps
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec
@@ -198,7 +198,7 @@ def ans_sensitivity(
     x, y = as_xy(calib_data, model=model, name="calibration data")
     modules = dict(model.named_modules())
     with eval_mode(model):
-        atk = make_attack("fgsm", model, eps=eps, seed=seed)
+        atk = make_attack(AttackConfig("fgsm", eps), model, seed=seed)
         with seeded(seed):
             x_adv = atk(x, y).detach() if eps > 0 else x.clone()
         acts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}

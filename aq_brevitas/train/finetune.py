@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TrainConfig, config_or_default
 from ..errors import ConfigError
 from .training import TrainHistory, adversarial_train
 
@@ -56,25 +56,21 @@ def init_distributed() -> tuple[int, int]:
 
 
 def adversarial_finetune(
-    model: nn.Module,
-    train_data: Any,
-    config: TrainConfig | None = None,
-    *,
-    normalization: Any = None,
-    **kwargs: Any,
+    model: nn.Module, train_data: Any, config: TrainConfig | None = None, *, progress: bool = True
 ) -> TrainHistory:
     """PGD fine-tuning (quantization-aware for Brevitas models) of ``model`` in place.
 
-    :func:`~aq_brevitas.train.training.adversarial_train` with fine-tuning defaults: ``config`` defaults to
-    :meth:`TrainConfig.finetuning() <aq_brevitas.config.TrainConfig.finetuning>` (Adam at lr 5e-4, no
-    weight decay, Brevitas activation scales kept at their calibrated values so only the weights
-    train; ``learn_act_scales=True`` learns them too, LSQ-style). ``kwargs`` are
-    :func:`~aq_brevitas.train.training.adversarial_train`'s: ``checkpoint``, ``resume``,
-    ``checkpoint_meta``, ``progress``, and TrainConfig fields (``eps``, ``steps``, ``epochs``,
-    ``trades_beta``...) applied on top of ``config``. ``normalization=(mean, std)`` is for a model
-    that expects normalised inputs: data and ε stay in [0, 1] pixel space and the model is fed
-    ``(x - mean) / std``. Returns the :class:`TrainHistory`; the model comes back in the train/eval
-    mode it came in.
+    :func:`~aq_brevitas.train.training.adversarial_train` with the fine-tuning defaults: ``config``
+    (a :class:`~aq_brevitas.config.TrainConfig`) defaults to :meth:`TrainConfig.finetuning()
+    <aq_brevitas.config.TrainConfig.finetuning>` (Adam at lr 5e-4, no weight decay, Brevitas
+    activation scales kept at their calibrated values so only the weights train;
+    ``learn_act_scales=True`` learns them too, LSQ-style); ``TrainConfig.finetuning(eps=0.2, ...)``
+    changes some. To write a checkpoint after every epoch and resume from it, call
+    ``adversarial_train(model, data, TrainConfig.finetuning(...), checkpoint=..., resume=True)``:
+    the same run. The config's ``normalization=(mean, std)`` is for a model that expects normalised
+    inputs: data and ε stay in [0, 1] pixel space and the model is fed ``(x - mean) / std``. Returns
+    the :class:`TrainHistory`; the model comes back in the train/eval mode it came in. Errors as
+    :func:`~aq_brevitas.train.training.adversarial_train`'s.
 
     Works on models from :func:`aq_brevitas.quantize`, on float models, and on torch.ao prepared
     (fake-quant) models. Call :func:`init_distributed` first under ``torchrun``; then each process
@@ -82,15 +78,16 @@ def adversarial_finetune(
 
     >>> import torch
     >>> from torch import nn
-    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, adversarial_finetune, quantize
+    >>> from aq_brevitas import LayerSpec, LayerwisePolicy, TrainConfig, adversarial_finetune, quantize
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
     >>> q = quantize(model, LayerwisePolicy(default=LayerSpec(4)))
     >>> x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    >>> history = adversarial_finetune(q, (x, y), eps=0.1, steps=2, epochs=2, batch_size=32, progress=False)
+    >>> cfg = TrainConfig.finetuning(eps=0.1, steps=2, epochs=2, batch_size=32)
+    >>> history = adversarial_finetune(q, (x, y), cfg, progress=False)
     >>> [e.epoch for e in history.epochs], history.epochs[-1].images, history.epochs[-1].adv_acc is not None
     ([1, 2], 64, True)
     """
     return adversarial_train(
-        model, train_data, config or TrainConfig.finetuning(), normalization=normalization, **kwargs
+        model, train_data, config_or_default(config, TrainConfig.finetuning()), progress=progress
     )

@@ -7,7 +7,7 @@ The attack runs with the model in eval mode
 so the attack sees the same function evaluation will see, and the k extra forward passes do not
 pollute the running statistics. The outer step is in ``train()`` mode as usual.
 
-The model comes back in the train/eval mode it came in (each module's own flag). With
+The model comes back in the train/eval mode it came in (each module's own flag). With the config's
 ``normalization=(mean, std)`` the data and ε stay in [0, 1] pixel space and the model is fed
 ``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`), in the attack and the step alike.
 
@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import Sampler
 
 from ..attacks import make_attack, normalized_inputs
-from ..config import TrainConfig, with_overrides
+from ..config import TrainConfig, config_or_default
 from ..errors import CheckpointError, ConfigError
 from ..forward import as_dataset, eval_mode, frozen_activation_scales, frozen_quant_weights
 from ..storage import load_checkpoint, save_checkpoint
@@ -124,34 +124,40 @@ def adversarial_train(
     resume: bool = False,
     checkpoint_meta: dict[str, Any] | None = None,
     progress: bool = True,
-    normalization: Any = None,
-    **overrides: Any,
 ) -> TrainHistory:
     """Train ``model`` in place on adversarial examples (``eps=0`` or ``steps=0``: plain training).
 
     ``train_data`` is any form :func:`~aq_brevitas.forward.as_dataset` accepts (an ``(images,
     labels)`` pair, a Dataset, a DataLoader -- its dataset is used -- or an iterable of batches);
-    images in [0, 1]. ``config`` is a :class:`~aq_brevitas.config.TrainConfig` (default: its
-    defaults); ``overrides`` are its field names (``eps=0.2, epochs=3``...) applied on top, so the
-    keyword spellings of earlier releases keep working. The inner maximisation is torchattacks PGD
-    (Madry), or TPGD (TRADES) with ``trades_beta``; a Brevitas model's weights are quantized once per
-    step for the k attack steps (:func:`~aq_brevitas.forward.frozen_quant_weights`).
+    images in [0, 1]. ``config`` is a :class:`~aq_brevitas.config.TrainConfig` (None: its defaults;
+    change one with ``TrainConfig(eps=0.2, epochs=3)`` or ``config.replace(...)``). The inner
+    maximisation is torchattacks PGD (Madry), or TPGD (TRADES) with ``trades_beta``; a Brevitas
+    model's weights are quantized once per step for the k attack steps
+    (:func:`~aq_brevitas.forward.frozen_quant_weights`).
     ``checkpoint`` is written atomically after every epoch (with ``checkpoint_meta`` in its sidecar);
     ``resume=True`` continues from it. Under ``torchrun`` (an initialised process group) the model is
     wrapped in DDP, each rank takes its slice of every global batch, and only rank 0 writes
     checkpoints and shows progress. The progress bar and :class:`EpochStats` report clean accuracy in
     every mode; in plain Madry mode it comes from one extra no-grad eval-mode forward of the clean
-    batch. ``normalization=(mean, std)`` (or the config's) is for a model that expects normalised
+    batch. The config's ``normalization=(mean, std)`` is for a model that expects normalised
     inputs: data and ε stay in [0, 1] and the model is fed ``(x - mean) / std``.
     Returns the per-epoch :class:`TrainHistory`; ``model`` comes back in the train/eval mode it came
     in (each module's own flag; its BatchNorm statistics are trained, as training does).
     Raises :class:`ConfigError` for bad settings or data (a mean/std of the wrong length too),
     :class:`CheckpointError` for a checkpoint that does not fit, :class:`ModelError` for a model
     without input gradient when the training attacks it.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from aq_brevitas import TrainConfig, adversarial_train
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    >>> x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    >>> history = adversarial_train(model, (x, y), TrainConfig(steps=2, batch_size=16), progress=False)
+    >>> len(history.epochs), history.epochs[0].images
+    (1, 32)
     """
-    if normalization is not None:
-        overrides = {**overrides, "normalization": normalization}
-    cfg = with_overrides(config, TrainConfig(), overrides)
+    cfg = config_or_default(config, TrainConfig())
     # eval_mode restores every module's own train/eval flag on exit; the epochs set train() themselves.
     with (
         eval_mode(model),
@@ -203,8 +209,7 @@ class _Run:
         attack = None
         if cfg.adversarial:
             # The attack needs input gradients only, so it runs on the bare module, outside DDP's reducer.
-            atk = cfg.attack()
-            attack = make_attack(atk.name, model, **atk.kwargs())
+            attack = make_attack(cfg.attack(), model)
         return cls(model, train_model, cfg, sampler, loader, opt, sched, attack, rank, world)
 
     def resume(self, path: Path | None) -> TrainHistory:
