@@ -131,7 +131,8 @@ class ConfigBase:
             )
 
     def replace(self: _C, **changes: Any) -> _C:
-        """A copy with ``changes`` applied (and validated)."""
+        """A copy with ``changes`` (field names, checked first: an unknown one is a one-line
+        :class:`ConfigError`) passed on to :func:`dataclasses.replace`, which validates the copy."""
         self._check_names(changes)
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
@@ -319,7 +320,7 @@ class TrainConfig(InputNormalization):
     @classmethod
     def finetuning(cls, **changes: Any) -> TrainConfig:
         """The defaults of :func:`~aq_brevitas.train.finetune.adversarial_finetune`: Adam at 5e-4, no weight
-        decay, calibrated activation scales kept; ``changes`` applied on top."""
+        decay, calibrated activation scales kept; ``changes`` are passed on to :meth:`replace`."""
         return cls(lr=5e-4, optimizer="adam", weight_decay=0.0, learn_act_scales=False).replace(**changes)
 
     @property

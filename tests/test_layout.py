@@ -223,3 +223,32 @@ def test_every_public_name_imports_and_stays_itself_after_every_submodule_is_imp
     functions, missing = proc.stdout.splitlines()
     assert functions == "aq_brevitas.quantization.convert aq_brevitas.pipeline.job True True"
     assert not missing, f"public names that do not import: {missing}"
+
+
+# A keyword catch-all on a public function hides misspelt settings; the only ones allowed pass their
+# keywords on to another library's callable and say so in the docstring.
+PASS_THROUGH_WORDS = ("passed on to", "pass-through", "passed through to", "passed to")
+
+
+def test_public_keyword_catch_alls_are_documented_pass_throughs():
+    undocumented = []
+    for path in _modules():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef | ast.Module):
+                continue
+            if isinstance(node, ast.ClassDef) and node.name.startswith("_"):
+                continue
+            for fn in node.body:
+                if (
+                    isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and fn.args.kwarg is not None
+                    and not fn.name.startswith("_")
+                ):
+                    doc = " ".join((ast.get_docstring(fn) or "").split()).lower()
+                    if not any(w in doc for w in PASS_THROUGH_WORDS):
+                        undocumented.append(f"{path.relative_to(REPO)}:{fn.name}(**{fn.args.kwarg.arg})")
+    assert not undocumented, (
+        "public functions with **kwargs whose docstring does not say where the keywords are passed "
+        f"on to: {undocumented}"
+    )

@@ -62,7 +62,8 @@ def _described(help: str, default: Any) -> str:
 
 
 def plain(flag: str, help: str, default: Any = None, **kwargs: Any) -> Option:
-    """An option that sets no config field (a path, a switch of the command itself)."""
+    """An option that sets no config field (a path, a switch of the command itself); ``kwargs`` are
+    passed on to :meth:`argparse.ArgumentParser.add_argument`."""
     if kwargs.get("action") in ("store_true", "store_false"):
         return Option(flag, {"help": help, **kwargs})
     return Option(flag, {"help": _described(help, default), "default": default, **kwargs})
@@ -81,7 +82,7 @@ def setting(
     """The option for field ``name`` of the dataclass instance ``config``: its value is the default,
     its annotation the type (a tuple takes one or more values), its metadata the help, flag and
     choices unless given here. A bool field is a switch: ``--name`` when False by default,
-    ``--no-name`` when True."""
+    ``--no-name`` when True. ``kwargs`` are passed on to :meth:`argparse.ArgumentParser.add_argument`."""
     f = next(f for f in dataclasses.fields(config) if f.name == name)
     default, meta = getattr(config, name), f.metadata
     kw: dict[str, Any] = {"dest": name, "help": help or meta.get("help", "")}

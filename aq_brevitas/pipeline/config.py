@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from ..config import InputNormalization
 from ..errors import ConfigError
 from ..search.config import DEFAULT_METHOD, SCORED_METHODS
 
@@ -26,8 +27,8 @@ def _setting(default: Any, flag: str, help: str, *, minimum: int | None = None, 
     return field(default=default, metadata={"flag": flag, "help": help, "minimum": minimum, **argparse})
 
 
-@dataclass
-class RunConfig:
+@dataclass(frozen=True)
+class RunConfig(InputNormalization):
     """Settings of one pipeline run (all JSON-serialisable); each field's metadata names the option
     of ``aq-brevitas run`` that sets it.
 
@@ -78,9 +79,6 @@ class RunConfig:
         "2 on a 2-core machine)", minimum=1,
     )  # fmt: skip
     data_dir: str | None = _setting(None, "--data-dir", "directory of the IDX files")
-    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = _setting(
-        None, "--mean/--std", "per-channel mean and std the model expects its inputs normalised with"
-    )
 
 
 def flag_of(name: str) -> str:
@@ -100,7 +98,7 @@ def _check_count(name: str, value: Any, flag: str, minimum: int, none_ok: bool) 
 def check_config(cfg: RunConfig) -> Budget:
     """Refuse a bad setting before any work or any file is written; returns the parsed Budget."""
     from ..budget import Budget
-    from ..config import check_eps, check_normalization
+    from ..config import check_eps
 
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"config is a {type(cfg).__name__}, not a RunConfig", "pass RunConfig(...)")
@@ -112,10 +110,8 @@ def check_config(cfg: RunConfig) -> Budget:
         check_eps(e, "eval_eps")
     if cfg.method not in RUN_METHODS:
         raise ConfigError(f"unknown search method {cfg.method!r}", f"use one of {', '.join(RUN_METHODS)}")
-    if cfg.normalization is not None:
-        check_normalization(cfg.normalization)  # its length is checked against the data's channels later
     for f in fields(RunConfig):
-        if f.metadata["minimum"] is not None:
+        if f.metadata.get("minimum") is not None:
             none_ok = "None" in str(f.type)
             _check_count(f.name, getattr(cfg, f.name), f.metadata["flag"], f.metadata["minimum"], none_ok)
     return budget

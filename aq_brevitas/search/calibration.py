@@ -32,7 +32,8 @@ _BATCH = 256  # images per attack call
 
 
 def progress_bar(iterable: Any = None, **kw: Any) -> Any:
-    """A tqdm bar that disappears when done (``disable=True`` for none)."""
+    """A tqdm bar that disappears when done; ``kw`` (``total``, ``desc``, ``disable=True`` for none...)
+    are passed on to :class:`tqdm.auto.tqdm`."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, leave=False, **kw)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from ..config import ConfigBase, Normalization, check_normalization, json_ready
+from ..config import ConfigBase, InputNormalization, json_ready
 from ..errors import ConfigError, PolicyError
 from ..policy import TARGETS, LayerSpec, for_target
 
@@ -199,7 +199,7 @@ def _for_target(candidates: Candidates, target: str) -> Candidates:
 
 # ----------------------------------------------------------------------------------- the config
 @dataclass(frozen=True)
-class SearchConfig(ConfigBase):
+class SearchConfig(InputNormalization):
     """Everything :func:`~aq_brevitas.search.search_policy` is asked to do, besides the data and budget.
 
     Validated on construction (one-line :class:`ConfigError`/:class:`PolicyError`), serialisable with
@@ -234,9 +234,6 @@ class SearchConfig(ConfigBase):
     top_k: int = field(default=5, metadata={"help": "knapsack solutions refinement re-ranks"})
     pgd_steps: int = field(default=10, metadata={"help": "PGD steps in the held-out robust check"})
     val_images: int | None = field(default=500, metadata={"help": "held-out images for that check"})
-    normalization: Normalization | None = field(
-        default=None, metadata={"help": "(mean, std) of a model that expects normalised inputs"}
-    )
     settings: Mapping[str, MethodSettings] = field(default_factory=default_settings)
     target: str = field(
         default="generic", metadata={"help": "generic, or finn: integer inputs on every layer, <= 8 bits"}
@@ -276,8 +273,7 @@ class SearchConfig(ConfigBase):
 
             candidates = with_act_bits(default_candidates(), self.act_bits)
         object.__setattr__(self, "candidates", _for_target(candidates, self.target))
-        if self.normalization is not None:
-            object.__setattr__(self, "normalization", check_normalization(self.normalization))
+        super().__post_init__()
 
     # -- access -------------------------------------------------------------------------------
     @property
@@ -302,7 +298,8 @@ class SearchConfig(ConfigBase):
     def replace(self, **changes: Any) -> SearchConfig:
         """A copy with ``changes``: config fields, or method settings by field name (``estimate``,
         ``attack``, ``steps``, ``adv_weight``, ``n_samples``, and those of registered methods).
-        An unknown name is a one-line :class:`ConfigError`."""
+        An unknown name is a one-line :class:`ConfigError`; the rest are passed on to
+        :meth:`ConfigBase.replace`."""
         own, owners = {f.name for f in fields(self)}, _setting_owners()
         unknown = sorted(set(changes) - own - set(owners))
         if unknown:
