@@ -23,7 +23,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import GRADIENT_FREE, GRID_ATTACKS, AttackConfig, Normalization, check_normalization
+from .config import (
+    GRADIENT_FREE,
+    GRID_ATTACKS,
+    AttackConfig,
+    Normalization,
+    check_normalization,
+    takes_config,
+)
 from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it; keep this module light for the CLI
@@ -327,6 +334,7 @@ ATTACK_BUILDERS: dict[str, AttackBuilder] = {
 }
 
 
+@takes_config(AttackConfig)
 def make_attack(
     config: AttackConfig, model: nn.Module, *, seed: int = 0, n_classes: int = 10
 ) -> AdaptedAttack:

@@ -14,8 +14,10 @@ command-line parser can be built from it cheaply.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -121,6 +123,11 @@ class ConfigBase:
         pass
 
     @classmethod
+    def setting_names(cls) -> set[str]:
+        """The names :meth:`replace` takes (the fields; a config with nested settings adds theirs)."""
+        return {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
     def _check_names(cls, names: Any) -> None:
         known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         unknown = sorted(set(names) - set(known))
@@ -149,6 +156,36 @@ class ConfigBase:
             )
         cls._check_names(d)
         return cls(**d)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def takes_config(config_cls: type[ConfigBase]) -> Callable[[_F], _F]:
+    """Decorate a function whose settings come in one ``config: config_cls``: a setting passed as a
+    loose keyword (``search_policy(..., eps=0.1)``) is then a one-line :class:`ConfigError` naming the
+    form to use (``config=SearchConfig(eps=...)``) instead of Python's bare ``TypeError``. Other
+    unknown keywords still raise the ``TypeError``; the signature and docstring are the function's."""
+
+    def decorate(fn: _F) -> _F:
+        params = set(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            extra = kwargs.keys() - params  # empty on every well-formed call: nothing more to do
+            loose = sorted(extra & config_cls.setting_names()) if extra else []
+            if loose:
+                fields_ = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
+                build = config_cls.__name__ + ("(" if set(loose) <= fields_ else "().replace(")
+                raise ConfigError(
+                    f"{fn.__name__}() takes {', '.join(loose)} in its config, not as a keyword",
+                    f"pass config={build}{', '.join(f'{k}=...' for k in loose)})",
+                )
+            return fn(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return decorate
 
 
 def config_or_default(config: Any, default: _C) -> _C:

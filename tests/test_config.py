@@ -171,3 +171,70 @@ def test_every_attack_name_has_a_builder():
     from aq_brevitas.config import ATTACKS
 
     assert set(ATTACK_BUILDERS) == set(ATTACKS)
+
+
+def _config_entry_points():
+    """Every public function of the package with a ``config`` parameter annotated with a config class."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import aq_brevitas
+
+    found = {}
+    for info in pkgutil.walk_packages(aq_brevitas.__path__, "aq_brevitas."):
+        if ".cli" in info.name or ".pipeline" in info.name:  # the CLI/run build configs themselves
+            continue
+        module = importlib.import_module(info.name)
+        for name, fn in vars(module).items():
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != info.name:
+                continue
+            param = inspect.signature(fn).parameters.get("config")
+            others = set(inspect.signature(fn).parameters) - {"config"}
+            if param is not None and "Config" in str(param.annotation) and others:
+                found[f"{info.name}.{name}"] = fn
+    return found
+
+
+def test_every_config_entry_point_names_the_config_for_a_loose_setting():
+    # A setting passed as a keyword (the form of earlier drafts) must say where it goes, in one line,
+    # before any work: each entry point that takes config= is decorated with takes_config.
+    entries = _config_entry_points()
+    assert len(entries) >= 11, sorted(entries)
+    undecorated = sorted(n for n, fn in entries.items() if not hasattr(fn, "__wrapped__"))
+    assert not undecorated, f"config entry points without @takes_config: {undecorated}"
+
+
+@pytest.mark.parametrize(
+    ("entry", "loose", "fix"),
+    [
+        ("aq_brevitas.search.core.search_policy", {"eps": 0.1}, "config=SearchConfig(eps=...)"),
+        (
+            "aq_brevitas.search.core.search_policy",
+            {"n_samples": 3},
+            "config=SearchConfig().replace(n_samples=...)",
+        ),
+        ("aq_brevitas.search.scorers.score", {"steps": 3}, "config=SearchConfig().replace(steps=...)"),
+        (
+            "aq_brevitas.evaluate.robustness.evaluate_robustness",
+            {"pgd_steps": 3},
+            "config=EvalConfig(pgd_steps=...)",
+        ),
+        (
+            "aq_brevitas.train.training.adversarial_train",
+            {"epochs": 1, "lr": 0.1},
+            "config=TrainConfig(epochs=..., lr=...)",
+        ),
+        ("aq_brevitas.evaluate.accuracy.attack_accuracy", {"eps": 0.1}, "config=AttackConfig(eps=...)"),
+    ],
+)
+def test_a_loose_setting_is_a_one_line_error_naming_the_config(entry, loose, fix):
+    import importlib
+
+    module, _, name = entry.rpartition(".")
+    fn = getattr(importlib.import_module(module), name)
+    with pytest.raises(ConfigError) as err:
+        fn(None, None, None, **loose)  # refused before the arguments are looked at
+    assert fix in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_setting'"):
+        fn(None, None, None, no_such_setting=1)

@@ -10,6 +10,7 @@ one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -80,7 +81,7 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
     "study": ("claim 1: plain vs PGD-trained models under uniform quantization", cmd_study),
     "search": ("search a per-layer policy under a budget (lipschitz, hessian, ans, uniform)", cmd_search),
     "validate-metric": (
-        "Spearman rank check: does the bound order random equal-cost policies like PGD error?",
+        "Spearman rank check: does the bound order random equal-cost policies like their measured robust error?",
         cmd_validate_metric,
     ),
     "pareto": (
@@ -120,13 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_options(command: str | None, words: Sequence[str]) -> list[str]:
+    """The options of ``command`` an unknown option in ``words`` most likely meant: the renamed ones
+    that keep its word (``--steps`` -> ``--train-steps``, ``--pgd-steps``), else near spellings."""
+    if command is None:
+        return []
+    flags = [o.flag for o in command_options()[command] if o.flag.startswith("--")]
+    out: list[str] = []
+    for word in (w.split("=")[0] for w in words if w.startswith("--")):
+        stem = word[2:]
+        kept = [f for f in flags if stem in f[2:].split("-") or f[2:].startswith(f"{stem}-")]
+        out += kept or difflib.get_close_matches(word, flags, n=2, cutoff=0.75)
+    return list(dict.fromkeys(out))[:4]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would print the top-level usage; say it in one line, for the command
         where = f"aq-brevitas {args.command}" if args.command else "aq-brevitas"
+        near = close_options(args.command, unknown)
+        hint = f"did you mean {' or '.join(near)}? " if near else ""
         print(
-            f"aq-brevitas: error: {where} does not take {' '.join(unknown)} -- fix: see `{where} --help`",
+            f"aq-brevitas: error: {where} does not take {' '.join(unknown)} -- fix: {hint}see `{where} --help`",
             file=sys.stderr,
         )
         return EXIT_USER_ERROR

@@ -15,7 +15,7 @@ from ..attacks import (
     needs_input_gradient,
     normalized_inputs,
 )
-from ..config import AttackConfig, config_or_default
+from ..config import AttackConfig, config_or_default, takes_config
 from ..errors import ConfigError
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 
@@ -57,6 +57,7 @@ def accuracy(
     return correct / len(y)
 
 
+@takes_config(AttackConfig)
 def attack_accuracy(
     model: nn.Module,
     x: Any,

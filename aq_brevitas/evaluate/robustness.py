@@ -30,7 +30,7 @@ from ..attacks import (
     make_attack,
     normalized_inputs,
 )
-from ..config import SUITES, AttackConfig, EvalConfig, config_or_default
+from ..config import SUITES, AttackConfig, EvalConfig, config_or_default, takes_config
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 from .accuracy import batches, subset
 from .indicators import (
@@ -386,6 +386,7 @@ def _report(
     return report
 
 
+@takes_config(EvalConfig)
 def evaluate_robustness(
     model: nn.Module,
     data: Any,

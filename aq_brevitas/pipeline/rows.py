@@ -9,7 +9,7 @@ torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -108,17 +108,7 @@ class FinnRow:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "ran": self.ran,
-            "version": self.version,
-            "problem": self.problem,
-            "lut": self.lut,
-            "bram": self.bram,
-            "dsp": self.dsp,
-            "fps": self.fps,
-            "fpga_part": self.fpga_part,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinnRow:

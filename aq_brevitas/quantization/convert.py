@@ -266,8 +266,8 @@ def convert_model(
     inplace: bool,
     swap_float: bool,
     calibration_data: Any,
-    fold_bn: bool,
-    bias_correction: bool,
+    fold_bn: bool = False,
+    bias_correction: bool = False,
     input_signed: dict[str, bool] | None = None,
     warn_uncovered: bool = True,
     act_placement: str | Mapping[str, str] = "producer",
@@ -488,13 +488,12 @@ def apply_policy(
     >>> {n: s.short() for n, s in read_policy(rebit).layers.items()}
     {'0': '4b max pc', '3': '2b max pc'}
     """
+    # swap_float=False: only Brevitas layers are re-configured; nothing is folded or corrected again
     return convert_model(
         model,
         policy,
         inplace=inplace,
         swap_float=False,
         calibration_data=calibration_data,
-        fold_bn=False,
-        bias_correction=False,
         act_placement=act_placement,
     )

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..attacks import normalized_inputs
 from ..budget import Budget, PolicyCost, as_budget
+from ..config import takes_config
 from ..errors import PolicyError
 from ..forward import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
@@ -181,6 +182,7 @@ def _relative_error(cache: WeightCache, layers: list[str], spec: LayerSpec) -> f
     return total
 
 
+@takes_config(SearchConfig)
 def best_uniform(
     model: nn.Module,
     table: CandidateTable,

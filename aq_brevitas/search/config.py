@@ -275,6 +275,11 @@ class SearchConfig(InputNormalization):
         object.__setattr__(self, "candidates", _for_target(candidates, self.target))
         super().__post_init__()
 
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """Config fields and every registered method's setting names (what :meth:`replace` takes)."""
+        return super().setting_names() | set(_setting_owners())
+
     # -- access -------------------------------------------------------------------------------
     @property
     def method_settings(self) -> MethodSettings:

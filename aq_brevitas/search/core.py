@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attacks import normalized_inputs
 from ..budget import Budget, as_budget, require_within
+from ..config import takes_config
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
@@ -281,6 +282,7 @@ def _result(
 
 
 # ------------------------------------------------------------------------------------ the search
+@takes_config(SearchConfig)
 def search_policy(
     model: nn.Module,
     calib_data: Any,

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..attacks import normalized_inputs
 from ..budget import Budget, as_budget
+from ..config import takes_config
 from ..errors import ConfigError, PolicyError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
@@ -234,6 +235,7 @@ def robust_and_clean(
     return acc["clean"], acc["worst case"]
 
 
+@takes_config(SearchConfig)
 def search_pareto(
     model: nn.Module,
     calib_data: Any,

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..attacks import make_attack
-from ..config import AttackConfig, check_eps
+from ..config import AttackConfig, check_eps, takes_config
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec
@@ -381,6 +381,7 @@ def ans_scorer(model: nn.Module, table: CandidateTable, inp: ScoringInputs, s: A
     return Scoring(_weighted_error(inp.cache, table, ans, True, act_error), None, AnsEvidence(ans))
 
 
+@takes_config(SearchConfig)
 def score(
     method: str,
     model: nn.Module,
@@ -408,43 +409,32 @@ def score(
         return scorer(model, table, inputs, cfg.method_settings)
 
 
-def score_lipschitz(
-    model: nn.Module,
-    table: CandidateTable,
-    calib_data: Any,
-    *,
-    config: SearchConfig | None = None,
-    cache: WeightCache | None = None,
-    progress: bool = False,
-) -> Scores:
+def _one_method(method: str, doc: str) -> Callable[..., Scores]:
+    """The ``score_<method>`` shorthands: :func:`score` for one method, only its scores (the full
+    form takes a ready weight cache and a progress bar)."""
+
+    def scores(
+        model: nn.Module, table: CandidateTable, calib_data: Any, config: SearchConfig | None = None
+    ) -> Scores:
+        return score(method, model, table, calib_data, config=config).scores
+
+    scores.__name__ = scores.__qualname__ = f"score_{method}"
+    scores.__doc__ = doc
+    return takes_config(SearchConfig)(scores)
+
+
+score_lipschitz = _one_method(
+    "lipschitz",
     """This method's score ``s_l(c)`` (module docstring): :func:`score` with ``"lipschitz"``, its
-    ``estimate``, ``attack``, ``steps`` and ``adv_weight`` from ``config``."""
-    return score("lipschitz", model, table, calib_data, config=config, cache=cache, progress=progress).scores
-
-
-def score_hessian(
-    model: nn.Module,
-    table: CandidateTable,
-    calib_data: Any,
-    *,
-    config: SearchConfig | None = None,
-    cache: WeightCache | None = None,
-    progress: bool = False,
-) -> Scores:
+    ``estimate``, ``attack``, ``steps`` and ``adv_weight`` from ``config``.""",
+)
+score_hessian = _one_method(
+    "hessian",
     """HAWQ-V2: ``max(Tr(H_l)/n_l, 0) · ‖Ŵ_l(c) − W_l‖_F²`` (a negative trace estimate counts as flat):
-    :func:`score` with ``"hessian"``, its ``n_samples`` from ``config``."""
-    return score("hessian", model, table, calib_data, config=config, cache=cache, progress=progress).scores
-
-
-def score_ans(
-    model: nn.Module,
-    table: CandidateTable,
-    calib_data: Any,
-    *,
-    config: SearchConfig | None = None,
-    cache: WeightCache | None = None,
-    progress: bool = False,
-) -> Scores:
+    :func:`score` with ``"hessian"``, its ``n_samples`` from ``config``.""",
+)
+score_ans = _one_method(
+    "ans",
     """QUANOS as a score: ``ANS_l · ‖Ŵ_l(c) − W_l‖_F² / ‖W_l‖_F²`` at the config's ``eps``: :func:`score`
-    with ``"ans"``."""
-    return score("ans", model, table, calib_data, config=config, cache=cache, progress=progress).scores
+    with ``"ans"``.""",
+)

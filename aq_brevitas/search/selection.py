@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..budget import Budget, as_budget
+from ..config import takes_config
 from ..policy import LayerSpec
 from .calibration import Representatives, WeightCache, distinct_specs, equivalent_candidates
 from .candidates import CandidateTable
@@ -68,6 +69,7 @@ def _untie(solution: MckpSolution, ties: Mapping[str, str]) -> MckpSolution:
     return MckpSolution(choice, solution.objective, solution.cost, solution.status)
 
 
+@takes_config(SearchConfig)
 def select_policy(
     model: nn.Module,
     table: CandidateTable,

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..attacks import normalized_inputs
 from ..budget import Budget, PolicyCost, as_budget
+from ..config import takes_config
 from ..forward import as_xy
 from ..policy import LayerwisePolicy, cost_of
 from .calibration import AdversarialCalibration, adversarial_calibration
@@ -145,6 +146,7 @@ def _bound_inputs(
     )
 
 
+@takes_config(SearchConfig)
 def compare_methods(
     model: nn.Module,
     calib_data: Any,

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..attacks import normalized_inputs
 from ..budget import Budget, as_budget
+from ..config import takes_config
 from ..errors import ConfigError
 from ..evaluate.suite import SELECTION_SUITE
 from ..forward import as_xy, eval_mode
@@ -159,6 +160,7 @@ def _spearman(predicted: list[float], err: list[float]) -> tuple[float, float]:
     return float(r.statistic), float(r.pvalue)
 
 
+@takes_config(SearchConfig)
 def validate_metric(
     model: nn.Module,
     calib_data: Any,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TrainConfig, config_or_default
+from ..config import TrainConfig, config_or_default, takes_config
 from ..errors import ConfigError
 from .training import TrainHistory, adversarial_train
 
@@ -55,6 +55,7 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@takes_config(TrainConfig)
 def adversarial_finetune(
     model: nn.Module, train_data: Any, config: TrainConfig | None = None, *, progress: bool = True
 ) -> TrainHistory:

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import Sampler
 
 from ..attacks import make_attack, normalized_inputs
-from ..config import TrainConfig, config_or_default
+from ..config import TrainConfig, config_or_default, takes_config
 from ..errors import CheckpointError, ConfigError
 from ..forward import as_dataset, eval_mode, frozen_activation_scales, frozen_quant_weights
 from ..storage import load_checkpoint, save_checkpoint
@@ -115,6 +115,7 @@ def _make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
 
 
+@takes_config(TrainConfig)
 def adversarial_train(
     model: nn.Module,
     train_data: Any,
