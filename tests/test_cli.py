@@ -185,22 +185,33 @@ def test_no_command_takes_an_old_ambiguous_spelling():
 
 
 @pytest.mark.parametrize(
-    ("argv", "word"),
+    ("argv", "word", "meant"),
     [
-        (["train", "--arch", "small_cnn", "--out", "m.pt", "--steps", "3"], "--steps 3"),
-        (["evaluate", "--model", "m.pt", "--limit", "5"], "--limit 5"),
-        (["run", "--model", "m", "--out", "o", "--calib", "32"], "--calib 32"),  # no prefix matching
-        (["finetune", "--model", "q.pt", "--out", "o.pt", "--trades", "6"], "--trades 6"),
+        (
+            ["train", "--arch", "small_cnn", "--out", "m.pt", "--steps", "3"],
+            "--steps 3",
+            "--train-steps or --pgd-steps",
+        ),
+        (["evaluate", "--model", "m.pt", "--limit", "5"], "--limit 5", None),
+        (
+            ["run", "--model", "m", "--out", "o", "--calib", "32"],
+            "--calib 32",
+            "--calib-images",
+        ),  # no prefix matching
+        (["finetune", "--model", "q.pt", "--out", "o.pt", "--trades", "6"], "--trades 6", "--trades-beta"),
+        (["evaluate", "--model", "m.pt", "--epss", "0.1"], "--epss 0.1", "--eps"),  # a typo
     ],
 )
-def test_an_old_spelling_fails_like_any_unknown_option(argv, word, capsys):
-    """Exit code 2 and one line naming the command and the word, before anything is loaded or written."""
+def test_an_old_spelling_fails_naming_the_current_option(argv, word, meant, capsys):
+    """Exit code 2 and one line naming the command, the word and the option it most likely meant,
+    before anything is loaded or written."""
     from aq_brevitas.cli import main
 
     assert main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and f"aq-brevitas {argv[0]} does not take {word}" in err[0], err
+    assert (f"did you mean {meant}?" in err[0]) if meant else ("did you mean" not in err[0]), err
     assert "Traceback" not in captured.err and captured.out == ""
 
 
