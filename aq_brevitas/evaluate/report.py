@@ -26,7 +26,7 @@ from ..errors import ConfigError
 SCHEMA = "aq-brevitas/robustness/v2"
 OLD_SCHEMAS = ("aq-brevitas/robustness/v1",)  # read, with a note: no per-image outcomes
 NO_PER_IMAGE_NOTE = (
-    "per-image outcomes were not stored (a report of an earlier release): robust_accuracy is the lowest "
+    "per-image outcomes were not stored (a report of schema v1): robust_accuracy is the lowest "
     "accuracy of any attack run on all images at that ε, an upper bound on the per-image worst case"
 )
 TOLERANCE = 0.005  # 0.5 pt: PGD vs FGSM, and monotonicity in ε
@@ -129,7 +129,7 @@ class RobustnessReport:
 
     def per_image(self, eps: float) -> list[bool] | None:
         """Per image: still correct after every attack run at ``eps`` (None when the report stores no
-        per-image outcomes: an earlier release's)."""
+        per-image outcomes: a schema-v1 report)."""
         rows = [r for r in self.results if r.attack == "clean" or math.isclose(r.eps, eps, abs_tol=1e-9)]
         if any(r.correct is None for r in rows):
             return None
@@ -142,7 +142,7 @@ class RobustnessReport:
         """Robust accuracy at ``eps`` in [0, 1]: the fraction of the report's images classified correctly
         clean and after every attack run at ``eps`` -- the per-image worst case (an image broken by
         any attack counts as broken), AutoAttack's definition. Attacks run on a subset (Square,
-        AutoAttack) can only remove images of their subset. For a report of an earlier release,
+        AutoAttack) can only remove images of their subset. For a schema-v1 report,
         without per-image outcomes, the lowest accuracy of any attack run on all images at ``eps``
         (see ``notes``). Raises :class:`ConfigError` when no attack ran at ``eps``.
 
