@@ -291,7 +291,7 @@ def test_bad_inputs_and_settings_are_refused(robust_model, test_200):
         evaluate_robustness(robust_model, [1, 2, 3], progress=False)
     with pytest.raises(ConfigError, match="config is a TrainConfig, not a EvalConfig"):
         evaluate_robustness(robust_model, test_200, TrainConfig(), progress=False)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'pgd_steps'"):
+    with pytest.raises(ConfigError, match=r"config=EvalConfig\(pgd_steps=\.\.\.\)"):
         evaluate_robustness(robust_model, test_200, pgd_steps=5, progress=False)  # a field: in the config
 
 

@@ -185,7 +185,7 @@ def test_search_rejects_bad_settings_in_one_line(cnn, calib):
             search_policy(cnn, calib, budget, config=SearchConfig().replace(**changes), progress=False)
         assert "\n" not in str(e.value)
     with pytest.raises(
-        TypeError, match="unexpected keyword argument 'method'"
+        ConfigError, match=r"config=SearchConfig\(method=\.\.\.\)"
     ):  # settings live in the config
         search_policy(cnn, calib, "avg-bits=4", method="hessian", progress=False)
     with pytest.raises(ConfigError, match="not a SearchConfig"):
