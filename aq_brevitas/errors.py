@@ -6,6 +6,9 @@ and how to fix it. The CLI prints that line and exits with code 2, without a tra
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 
 class AqError(Exception):
     """Base class: a one-line message naming the problem, plus the fix."""
@@ -34,3 +37,14 @@ class ModelError(AqError):
 
 class ConfigError(AqError):
     """A bad setting: an epsilon out of range, a budget that cannot be met, a bad path..."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Issue ``message`` as a warning attributed to the caller's own line: the first frame outside
+    this package, however deep inside it the warning arose (a fixed ``stacklevel`` breaks whenever a
+    call path inside the package changes, e.g. when an entry point is decorated)."""
+    package = __name__.partition(".")[0]
+    frame, level = sys._getframe(1), 2  # level 2: the frame that called this function
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == package:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -16,7 +16,6 @@ Nothing here imports another module of the package except :mod:`aq_brevitas.erro
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import ModelError
+from .errors import ModelError, warn
 from .forward import (
     example_args,
 )
@@ -298,20 +297,18 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> dict[str, str
         listed = "; ".join(
             f"{n} from {', '.join(o or 'the model' for o in others)}" for n, others in untied.items()
         )
-        warnings.warn(
+        warn(
             f"BatchNorm folding unties weights shared between layers: {listed} (the folded layer gets its own "
             "folded copy, the others keep the unfolded weight: the model computes the same, but that weight is "
             "now stored, quantized and costed twice) -- fix: nothing to do if that is intended; to keep the "
             "weights tied, leave BatchNorm unfolded (fold_bn=False)",
-            stacklevel=3,
         )
     if folding.unfolded:
         listed = "; ".join(f"{n} ({why})" for n, why in folding.unfolded.items())
-        warnings.warn(
+        warn(
             f"BatchNorm folding leaves these normalisations in float, unfolded: {listed} -- fix: apply each "
             "BatchNorm (with running statistics) directly to its Conv/ConvTranspose/Linear's output, before "
             "the activation, and use that layer's weight only through the layer, to have it folded; a "
             "LayerNorm/GroupNorm/InstanceNorm cannot be folded",
-            stacklevel=3,
         )
     return folding.pairs

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .errors import ModelError
+from .errors import ModelError, warn
 from .forward import (
     eval_mode,
     example_args,
@@ -103,19 +103,17 @@ def warn_unsupported(model: nn.Module) -> None:
     bad = unsupported_layers(model)
     if bad:
         listed = ", ".join(f"{n} ({t})" for n, t in bad.items())
-        warnings.warn(
+        warn(
             f"aq-brevitas leaves these layers in float, their type is not supported: {listed} -- fix: "
             "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear if they should be quantized; "
             "otherwise nothing to do (they stay float and are left out of the policy's cost)",
-            stacklevel=3,
         )
     uses = unquantized_weight_uses(model)
     if uses:
-        warnings.warn(
+        warn(
             f"these weights are used outside a quantizable layer, so they stay float and are left out of "
             f"the policy's cost: {', '.join(f'{n} ({how})' for n, how in uses.items())} -- fix: apply them through an nn.Linear/nn.Conv2d module (a "
             "layer called several times is fine) if they should be quantized; otherwise nothing to do",
-            stacklevel=3,
         )
 
 

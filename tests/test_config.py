@@ -238,3 +238,22 @@ def test_a_loose_setting_is_a_one_line_error_naming_the_config(entry, loose, fix
     assert fix in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_setting'"):
         fn(None, None, None, no_such_setting=1)
+
+
+def test_a_warning_points_at_the_callers_line():
+    """A warning raised deep inside an entry point (here through takes_config's wrapper and the
+    conversion helpers) is attributed to the line that called the entry point."""
+    import inspect
+    import warnings
+
+    from torch import nn
+
+    from aq_brevitas import LayerSpec, LayerwisePolicy, quantize
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        quantize(model, LayerwisePolicy({"0": LayerSpec(4)}))  # layer "3" has no spec: it warns
+    ours = [w for w in caught if "no spec and no default" in str(w.message)]
+    assert len(ours) == 1 and (ours[0].filename, ours[0].lineno) == (__file__, line)

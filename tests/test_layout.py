@@ -252,3 +252,16 @@ def test_public_keyword_catch_alls_are_documented_pass_throughs():
         "public functions with **kwargs whose docstring does not say where the keywords are passed "
         f"on to: {undocumented}"
     )
+
+
+def test_warnings_go_through_the_one_helper():
+    # errors.warn attributes a warning to the user's own line whatever the call depth; a hand-tuned
+    # stacklevel points into the package as soon as a call path changes.
+    direct = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in _modules()
+        if p.name != "errors.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "warnings.warn(" in line or "stacklevel=" in line
+    ]
+    assert not direct, f"use aq_brevitas.errors.warn instead: {direct}"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError, PolicyError
+from ..errors import ModelError, PolicyError, warn
 from ..folding import find_conv_bn_pairs
 from ..nnutils import quantizable_layers
 from ..policy import LayerSpec, LayerwisePolicy
@@ -56,9 +56,8 @@ def _approximated(spec: LayerSpec, pt2e: bool) -> bool:
 def warn_approximations(specs: dict[str, LayerSpec], pt2e: bool) -> None:
     approx = [f"{n} ({s.scaling} {s.granularity})" for n, s in specs.items() if _approximated(s, pt2e)]
     if approx:
-        warnings.warn(
+        warn(
             f"torch.ao has no observer for these scaling rules; MinMax is used instead: {', '.join(approx)}",
-            stacklevel=3,
         )
 
 
@@ -115,11 +114,10 @@ def check_transposed_bn(model: nn.Module, *, fx: bool, qat: bool = False) -> Non
 def warn_per_tensor(fallback: dict[str, str]) -> None:
     if fallback:
         listed = ", ".join(f"{n} ({why})" for n, why in fallback.items())
-        warnings.warn(
+        warn(
             f"torch.ao cannot hold per-output-channel weight scales for these transposed convs; they get "
             f"per-tensor weights: {listed} -- fix: give them granularity='per_tensor' to silence this, or "
             "quantize them per channel through Brevitas (aq_brevitas.quantize)",
-            stacklevel=3,
         )
 
 
@@ -216,10 +214,9 @@ def to_qconfig_mapping(
     """
     mapping, used = _mapping(policy, qat, layers)
     if len({act_range(s.act_bit_width) for s in used}) > 1:
-        warnings.warn(
+        warn(
             "to_qconfig_mapping: torch.ao FX quantizes each layer's OUTPUT with its act_bit_width; "
             "use aq_brevitas.ao.prepare_fx_model to quantize each layer's input with it",
-            stacklevel=2,
         )
     return mapping
 
@@ -339,20 +336,18 @@ def _warn_fx_transposed(layers: dict[str, nn.Module], policy: LayerwisePolicy, q
         return
     listed = ", ".join(names)
     if qat:
-        warnings.warn(
+        warn(
             f"torch.ao FX has no QAT ConvTranspose: {listed} compute with float weights in the prepared "
             "model (convert_fx quantizes them) -- fix: use prepare_pt2e_model(..., qat=True), which "
             "fake-quantizes them",
-            stacklevel=3,
         )
     engine = torch.backends.quantized.engine
     error = transposed_kernel_error(engine)
     if error > 0.02:
-        warnings.warn(
+        warn(
             f"torch's quantized ConvTranspose kernel is wrong on engine {engine!r} here (error {error:.2g} on "
             f"a probe whose output step is 0.02): convert_fx would give wrong outputs for {listed} -- fix: "
             "torch.backends.quantized.engine = 'fbgemm' (or 'qnnpack') before convert_fx",
-            stacklevel=3,
         )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from ..errors import warn
 
 if TYPE_CHECKING:
     from torch import nn
@@ -112,15 +113,14 @@ def _policy_of(model: nn.Module) -> Any:
 def warn_read_back(fmt: str, path: str | os.PathLike[str], problem: str) -> None:
     """Warn (``RuntimeWarning``) that ``path`` was written (its parity passed) but not read back per layer.
 
-    The caller of the export sees the warning at its own line (``stacklevel`` 3: export -> here).
+    The caller of the export sees the warning at its own line (:func:`~aq_brevitas.errors.warn`).
     """
     if problem:
-        warnings.warn(
+        warn(
             f"{fmt} export wrote {path} (parity passed), but could not read it back per layer: {problem}; "
             "the per-layer bit table is unavailable (an aq-brevitas bug) -- fix: use the file as it is (its "
             "outputs match PyTorch), and please report the model so the read-back can be fixed",
             RuntimeWarning,
-            stacklevel=3,
         )
 
 

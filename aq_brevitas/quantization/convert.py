@@ -27,7 +27,6 @@ forward takes several inputs is calibrated on tuples of them (``model(*batch)``)
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -36,7 +35,7 @@ import brevitas.nn as qnn
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 from torch import nn
 
-from ..errors import PolicyError
+from ..errors import PolicyError, warn
 from ..folding import fold_batchnorm
 from ..forward import iter_x_batches
 from ..nnutils import plain_tensor, quantizable_layers, shared_layer_names, warn_unsupported
@@ -216,11 +215,10 @@ def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncove
     policy.check(model)
     uncovered = policy.matches(model).uncovered
     if uncovered and warn_uncovered:
-        warnings.warn(
+        warn(
             f"policy has no spec and no default for layers {', '.join(uncovered)}; they stay float "
             '-- fix: add them to the policy\'s layers or give it a default (LayerwisePolicy(default=...) / "default")',
             UserWarning,
-            stacklevel=4,
         )
     for names in shared_layer_names(model).values():
         specs = {policy.spec_for(n) for n in names}
@@ -250,12 +248,11 @@ def _warn_shared_weights(model: nn.Module, policy: LayerwisePolicy) -> None:
         specs = [policy.spec_for(n) for n in names]
         if len({(s.weight_bit_width, s.scaling, s.granularity) if s else None for s in specs}) > 1:
             listed = ", ".join(f"{n} ({s.short() if s else 'float'})" for n, s in zip(names, specs))
-            warnings.warn(
+            warn(
                 f"layers {listed} share one weight Parameter but the policy quantizes it differently in each: "
                 "each layer uses its own spec (the float weight stays shared, the deployed model stores it "
                 "once per spec) -- fix: give them the same weight spec to quantize it one way",
                 UserWarning,
-                stacklevel=5,
             )
 
 
@@ -329,11 +326,10 @@ def _warn_reset_scales(before: dict[str, Any], after: dict[str, Any]) -> None:
     """One ``UserWarning`` naming the layers whose input quantizer was replaced (its scale is new)."""
     reset = [n for n, proxy in before.items() if after.get(n) is not None and after[n] is not proxy]
     if reset:
-        warnings.warn(
+        warn(
             f"the input quantizers of layers {', '.join(reset)} changed bits and lost their calibrated scales "
             "-- fix: pass calibration_data to apply_policy",
             UserWarning,
-            stacklevel=4,
         )
 
 
@@ -389,11 +385,10 @@ def _place_activations(model: nn.Module, specs: dict[str, LayerSpec], signed: di
     }
     placed, _, why = place_act_quant(model, requests)
     if why:
-        warnings.warn(
+        warn(
             f"activation quantizers stay at the layers' inputs (not FINN-ready): torch.fx cannot trace the "
             f"model ({why}) -- fix: make forward traceable (no data-dependent control flow) for FINN",
             UserWarning,
-            stacklevel=4,
         )
         for n, s in specs.items():
             _install_input_quant(model.get_submodule(n), s, signed.get(n, True))

@@ -35,7 +35,6 @@ model's module names. A model fx cannot trace keeps the quantizers at the layers
 from __future__ import annotations
 
 import operator
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..errors import warn
 from ..nnutils import LeafTracer, trace_with
 from .injectors import act_quant_for
 
@@ -250,12 +250,11 @@ def _quantize_output(
     consumers = tuple(dict.fromkeys(name for name, _ in asks))
     bits = max(r.bit_width for _, r in asks)
     if len({r.bit_width for _, r in asks}) > 1:
-        warnings.warn(
+        warn(
             f"layers {', '.join(consumers)} read one activation ({node.name}) but ask for act_bit_width "
             f"{sorted({r.bit_width for _, r in asks})}; it is quantized once, at {bits} bits -- fix: give "
             "the layers that read one tensor the same act_bit_width",
             UserWarning,
-            stacklevel=5,
         )
     po2 = any(r.po2 for _, r in asks)
     signed = any(r.signed for _, r in asks)

@@ -17,7 +17,6 @@ The list of quantizable layer types, the MAC count, fx tracing and BatchNorm fol
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, warn
 from ..folding import folded_weight, norm_folding
 from ..forward import eval_mode, example_args, paused_observers
 from ..nnutils import (
@@ -84,14 +83,13 @@ def _observe(
     output_tensor(out)
     missing = [n for n in layers if n not in seen]
     if missing:
-        warnings.warn(f"layers never called in forward are not scored: {', '.join(missing)}", stacklevel=3)
+        warn(f"layers never called in forward are not scored: {', '.join(missing)}")
     repeated = [f"{n} ({c.calls} calls)" for n, c in seen.items() if c.calls > 1]
     if repeated:
-        warnings.warn(
+        warn(
             f"layers called more than once per forward: {', '.join(repeated)}; their cost (MACs, BOPs) "
             "counts every call, their L, A and gain are measured at the first call -- fix: if the calls "
             "see different inputs, give each call its own module (copy.deepcopy) so each gets its own score",
-            stacklevel=3,
         )
     if not seen:
         raise ModelError(_NO_LAYERS + " is called by forward", "check the model's forward")
@@ -103,11 +101,10 @@ def _warn_norms_left_out(unfolded: dict[str, str], after: dict[str, str], scored
     scored = set(scored)
     left = [f"{layer} ({norm}: {unfolded[norm]})" for norm, layer in after.items() if layer in scored]
     if left:
-        warnings.warn(
+        warn(
             f"L of these layers leaves out the normalisation applied to their output, which does not fold: "
             f"{'; '.join(left)} -- fix: nothing to do with gain_jacobian, which includes it; to have L "
             "include a BatchNorm, give it running statistics and apply it to the layer's output alone",
-            stacklevel=3,
         )
 
 
@@ -211,7 +208,7 @@ def _spectral_gains(model: nn.Module, args: tuple[Any, ...], scores: dict[str, L
         s.gain_spectral = downstream
         downstream *= s.L
     if not is_chain(model, args):
-        warnings.warn(NON_CHAIN_WARNING, stacklevel=3)
+        warn(NON_CHAIN_WARNING)
 
 
 def _jacobian_gains(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch import nn
 from ..attacks import normalized_inputs
 from ..budget import Budget, as_budget, require_within
 from ..config import takes_config
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
@@ -359,7 +358,7 @@ def _search(
             picked = _pick_scored(run)
             winner, final = "unchecked", picked.choice
             if val_data is None:
-                warnings.warn(_NO_VAL_DATA, stacklevel=3)
+                warn(_NO_VAL_DATA)
             else:
                 winner, final, check = _held_out(run, picked, val_data)
     return picked, winner, final, check
