@@ -87,7 +87,7 @@ class _Quantizer:
     act: nn.Module | None  # an activation applied first, unfused (None: identity or a folded ReLU)
     x_lo: float = -float("inf")
     x_hi: float = float("inf")
-    twin: Twin | None = None
+    twin: Twin | None = field(default=None, repr=False)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The rounded codes (before clamping) of inputs ``x``, by the fused forward's own arithmetic."""
@@ -213,7 +213,7 @@ class Twin:
     from Brevitas's; ``max_logit_gap``: the largest absolute logit difference seen.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     frozen: int = 0
     fused: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
@@ -223,8 +223,11 @@ class Twin:
     disagreements: int = 0
     flipped: int = 0
     max_logit_gap: float = 0.0
-    recording: dict[str, list[torch.Tensor]] | None = None
-    proxies: dict[str, nn.Module] = field(default_factory=dict)  # the Brevitas proxy of each fused quantizer
+    recording: dict[str, list[torch.Tensor]] | None = field(default=None, repr=False)
+    proxies: dict[str, nn.Module] = field(
+        default_factory=dict, repr=False
+    )  # the Brevitas proxy of each fused quantizer
+    quantizers: dict[str, _Quantizer] = field(default_factory=dict, repr=False)  # and its fused form
 
     @contextlib.contextmanager
     def exact(self) -> Iterator[None]:
@@ -322,6 +325,7 @@ def _quantizers(twin: Twin, layer: nn.Module, name: str, which: tuple[str, ...])
         if isinstance(q, str):
             return f"{attr}: {q}"
         q.twin = twin
+        twin.quantizers[q.name] = q
         out.append(q)
     return out
 
@@ -411,6 +415,7 @@ def _plan(model: nn.Module, twin: Twin) -> list[tuple[nn.Module, Callable[..., A
                 twin.proxies[name] = m
             elif not any(name.startswith(f"{r}.") for r in twin.refused):
                 twin.refused[name] = "the twin fuses quantizers of Brevitas weight and activation layers only"
+    twin.quantizers = {n: q for n, q in twin.quantizers.items() if n in twin.proxies}
     return patches
 
 
