@@ -236,3 +236,32 @@ def test_refuses_what_it_cannot_fuse_and_keeps_brevitas_there():
     with attack_twin(model) as twin:
         pass
     assert twin.fused == [] and all("training mode" in why for n, why in twin.refused.items() if n == "0")
+
+
+def test_evaluations_attack_the_twin_and_count_what_brevitas_gets_wrong():
+    from aq_brevitas import AttackConfig, EvalConfig, attack_accuracy, evaluate_robustness
+    from aq_brevitas.attacks import make_attack
+
+    model = _model("bn", SPECS["w4a4"])
+    x = torch.rand(40, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    cfg = EvalConfig(
+        eps=(0.05,), attacks=("clean", "pgd"), pgd_steps=3, gradient_free=False, suite="none",
+        autoattack="off", indicators=False, large_eps_images=8,
+    )  # fmt: skip
+    report = evaluate_robustness(model, (x, y), cfg, progress=False)
+    record = report.meta["attack_twin"]
+    assert record["fused_quantizers"] == 4 and record["refused"] == {}
+    assert record["checked"] >= 40 and record["disagreements"] == 0 and record["flipped_codes"] == 0
+    assert any(n.startswith("attacks ran on the attack twin") for n in report.notes)
+
+    # the same attack with the Brevitas forward throughout gives the same accuracy
+    attack = AttackConfig("pgd", 0.1, 5)
+    with frozen_quant_weights(model):
+        atk = make_attack(attack, model, seed=3)
+        torch.manual_seed(3)
+        adv = torch.cat([atk(xb, yb) for xb, yb in zip(x.split(64), y.split(64), strict=True)])
+        with torch.no_grad():
+            expected = (model(adv).argmax(1) == y).sum().item() / len(y)
+    assert 0 < expected < 1 and attack_accuracy(model, x, y, attack, seed=3, batch_size=64) == expected

@@ -151,10 +151,11 @@ def _edges(q: _Quantizer, clamp_masks: bool, relu_folded: bool, dtype: torch.dty
 def fusable_quantizer(proxy: nn.Module, name: str) -> _Quantizer | str:
     """The fused form of a Brevitas activation quantizer proxy named ``name``, or why it has none.
 
-    A ReLU in front (``QuantReLU``) is folded into the clamp when the range starts at 0. Fusable: an enabled, eval-mode ``ActQuantProxyFromInjector`` whose tensor quantizer is Brevitas's
+    Fusable: an enabled, eval-mode ``ActQuantProxyFromInjector`` whose tensor quantizer is Brevitas's
     ``RescalingIntQuant`` over ``IntQuant`` with round-to-nearest (``RoundSte``), a plain or STE clamp,
     no quantization delay, and a per-tensor scale and zero point that do not depend on the input
-    (a parameter, a calibrated statistic, a constant), on a float32 or float64 model.
+    (a parameter, a calibrated statistic, a constant), on a float32 or float64 model. A ReLU in front
+    (``QuantReLU``) is folded into the clamp when the range starts at 0.
     """
     from brevitas.core.function_wrapper import Identity, RoundSte, TensorClamp, TensorClampSte
     from brevitas.core.quant import IntQuant, RescalingIntQuant
@@ -171,14 +172,11 @@ def fusable_quantizer(proxy: nn.Module, name: str) -> _Quantizer | str:
     if type(tq) is not RescalingIntQuant or type(tq.int_quant) is not IntQuant or tq.observer_only:
         return f"its tensor quantizer {type(tq).__name__} is not Brevitas's RescalingIntQuant/IntQuant"
     iq = tq.int_quant
-    if type(iq.float_to_int_impl) is not RoundSte or type(iq.tensor_clamp_impl) not in (
-        TensorClamp,
-        TensorClampSte,
-    ):
-        return f"it rounds with {type(iq.float_to_int_impl).__name__}, clamps with {type(iq.tensor_clamp_impl).__name__}"
-    if type(iq.delay_wrapper.delay_impl) is not _NoDelay or not isinstance(
-        iq.input_view_impl, (Identity, nn.Identity)
-    ):
+    rounding, clamp = type(iq.float_to_int_impl), type(iq.tensor_clamp_impl)
+    if rounding is not RoundSte or clamp not in (TensorClamp, TensorClampSte):
+        return f"it rounds with {rounding.__name__} and clamps with {clamp.__name__}"
+    view = isinstance(iq.input_view_impl, (Identity, nn.Identity))
+    if type(iq.delay_wrapper.delay_impl) is not _NoDelay or not view:
         return "it delays quantization or reshapes its input"
     if type(tq.scaling_impl) not in (ParameterFromRuntimeStatsScaling, ParameterScaling, ConstScaling):
         return f"its scale comes from {type(tq.scaling_impl).__name__}, which may follow the input"
@@ -192,11 +190,10 @@ def fusable_quantizer(proxy: nn.Module, name: str) -> _Quantizer | str:
     if scale.numel() != 1 or zero_point.numel() != 1 or not bool(scale.reshape(()) > 0):
         return "its scale or zero point is not one positive number (per-channel activations)"
     zp = None if float(zero_point) == 0.0 else zero_point.detach().clone()
-    is_relu = isinstance(act, nn.ReLU)
-    folded = is_relu and lo == 0.0 and zp is None
+    folded = isinstance(act, nn.ReLU) and lo == 0.0 and zp is None
     other = None if folded or isinstance(act, (Identity, nn.Identity)) else act
     q = _Quantizer(name, scale.detach().clone(), zp, lo, hi, other)
-    _edges(q, type(iq.tensor_clamp_impl) is TensorClamp, folded, dtype)
+    _edges(q, clamp is TensorClamp, folded, dtype)
     return q
 
 
@@ -224,10 +221,9 @@ class Twin:
     flipped: int = 0
     max_logit_gap: float = 0.0
     recording: dict[str, list[torch.Tensor]] | None = field(default=None, repr=False)
-    proxies: dict[str, nn.Module] = field(
-        default_factory=dict, repr=False
-    )  # the Brevitas proxy of each fused quantizer
-    quantizers: dict[str, _Quantizer] = field(default_factory=dict, repr=False)  # and its fused form
+    # the Brevitas proxy of each fused quantizer, and its fused form
+    proxies: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    quantizers: dict[str, _Quantizer] = field(default_factory=dict, repr=False)
 
     @contextlib.contextmanager
     def exact(self) -> Iterator[None]:
@@ -260,6 +256,21 @@ class Twin:
         gap = (twin_logits - logits).abs().nan_to_num(0.0)
         self.max_logit_gap = max(self.max_logit_gap, float(gap.max()) if gap.numel() else 0.0)
         return logits
+
+    def notes(self) -> list[str]:
+        """What a report says about the twin: what ran fused, where it and Brevitas disagreed, and what
+        kept its Brevitas forward (none for a float model)."""
+        if not self.fused and not self.layers:
+            return []
+        head = (
+            f"attacks ran on the attack twin ({len(self.fused)} quantizers fused, {len(self.layers)} layers on "
+            f"weights quantized once); every adversarial example was judged by the Brevitas forward: "
+            f"{self.disagreements} of {self.checked} points classified differently, {self.flipped} integer "
+            "codes across a rounding boundary"
+        )
+        return [head] + [
+            f"attack twin: {n} keeps its Brevitas forward: {why}" for n, why in self.refused.items()
+        ]
 
     def summary(self) -> dict[str, Any]:
         """The twin's record as plain data (for a report's ``meta``)."""
@@ -303,13 +314,8 @@ def _brevitas_defined(method: Any) -> bool:
 def _one_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The input of a one-input Brevitas forward (``forward(input)``, positional or by name), if it is
     a plain tensor (a QuantTensor, or anything else, goes to the Brevitas forward)."""
-    x = (
-        args[0]
-        if len(args) == 1 and not kwargs
-        else kwargs.get("input")
-        if not args and len(kwargs) == 1
-        else None
-    )
+    x = args[0] if len(args) == 1 and not kwargs else None
+    x = kwargs.get("input") if not args and len(kwargs) == 1 else x
     return x if type(x) is torch.Tensor or isinstance(x, nn.Parameter) else None
 
 
