@@ -265,3 +265,16 @@ def test_evaluations_attack_the_twin_and_count_what_brevitas_gets_wrong():
         with torch.no_grad():
             expected = (model(adv).argmax(1) == y).sum().item() / len(y)
     assert 0 < expected < 1 and attack_accuracy(model, x, y, attack, seed=3, batch_size=64) == expected
+
+
+def test_float64_models_are_bit_equal_too():
+    torch.manual_seed(0)
+    net = _tiny_cnn().double()
+    x, y = torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    model = quantize(net, LayerwisePolicy(default=SPECS["w4a4"]), calibration_data=x).eval()
+    with frozen_quant_weights(model):
+        ref = _logits_and_grad(model, x, y)
+    with attack_twin(model) as twin:
+        got = _logits_and_grad(model, x, y)
+    assert len(twin.fused) == 3 and not twin.refused
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
