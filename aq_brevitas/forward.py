@@ -85,7 +85,8 @@ def frozen_quant_weights(model: nn.Module) -> Iterator[int]:
     unchanged but **weights get no gradient** -- use it around attacks, not around training steps.
     Enter it in the mode the attack runs the model in (attacks run in eval mode). Layers whose weight
     quantizer needs the quantized input are left alone. The original ``quant_weight`` is restored on
-    exit, also on exceptions. Float models pass through untouched (yields 0).
+    exit, also on exceptions. Float models pass through untouched (yields 0). Attacks run inside
+    :func:`aq_brevitas.quantization.twin.attack_twin`, which also fuses the activation quantizers.
     """
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..attacks import (
 from ..config import AttackConfig, config_or_default, takes_config
 from ..errors import ConfigError
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
+from ..quantization.twin import attack_twin, verified_logits
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,7 +75,10 @@ def attack_accuracy(
     :class:`~aq_brevitas.config.AttackConfig`; None: ``AttackConfig()``, PGD-10 at ε = 0.1), built by
     :func:`make_attack` with ``seed``, or of ``attack``, one :func:`make_attack` built already (not both).
 
-    ``x``, ``y`` are as for :func:`accuracy`. ``x`` stays in [0, 1], where ε is measured; the model is
+    ``x``, ``y`` are as for :func:`accuracy`. A Brevitas model is attacked on its attack twin
+    (:func:`~aq_brevitas.quantization.twin.attack_twin`) and every adversarial example is judged by
+    its Brevitas forward; where the two classify one differently, a ``UserWarning`` says how often.
+    ``x`` stays in [0, 1], where ε is measured; the model is
     fed ``(x - mean) / std`` when the config (or the built attack) has ``normalization=(mean,
     std)``. The torch RNG is seeded with ``seed`` (the attack's random start). The model is attacked
     in eval mode and comes back in the mode it came in. Raises :class:`ConfigError` for bad data or
@@ -106,12 +111,13 @@ def attack_accuracy(
             atk = make_attack(cfg, model, seed=seed) if attack is None else attack
             torch.manual_seed(seed)
             correct = 0
-            with frozen_quant_weights(model):
+            with attack_twin(model) as twin:
                 chunks = list(batches(x, y, batch_size))
                 for xb, yb in tqdm(chunks, desc=f"{name} eps={atk.eps}", disable=not progress, leave=False):
                     adv = atk(xb, yb)
-                    with torch.no_grad():
-                        correct += (model(adv).argmax(1) == yb).sum().item()
+                    correct += (verified_logits(model, adv).argmax(1) == yb).sum().item()
+    if twin.disagreements:
+        warnings.warn(f"attack_accuracy: {twin.notes()[0]}", stacklevel=2)
     return correct / len(y)
 
 

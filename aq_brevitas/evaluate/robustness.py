@@ -4,8 +4,10 @@
 are the building blocks; :func:`evaluate_robustness` runs the full suite (docs/finetune_and_evaluate.md): clean, FGSM and PGD-k at several ε, optionally
 AutoAttack, a gradient-free Square attack, and a checklist of sanity checks that flag -- never hide
 -- the signs of gradient masking. The result is a :class:`~aq_brevitas.evaluate.report.RobustnessReport`.
-Attacks on Brevitas models run with their (constant) weights quantized once
-(:func:`~aq_brevitas.forward.frozen_quant_weights`) instead of at every forward.
+Attacks on Brevitas models run on their attack twin (:func:`~aq_brevitas.quantization.twin.attack_twin`:
+weights quantized once, activation quantizers fused, the same numbers), and every adversarial example
+is judged by the Brevitas forward (:func:`~aq_brevitas.quantization.twin.verified_logits`): the
+headline counts what the Brevitas model gets wrong, and the report says where the two disagreed.
 
 Every function here measures in eval mode and gives the model back in the mode it came in (each
 module's own flag), with BatchNorm statistics and fake-quant observer ranges untouched. Inputs are in
@@ -31,7 +33,8 @@ from ..attacks import (
     normalized_inputs,
 )
 from ..config import SUITES, AttackConfig, EvalConfig, config_or_default, takes_config
-from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
+from ..forward import as_xy, check_forward, eval_mode, require_single_input
+from ..quantization.twin import Twin, attack_twin, brevitas_forward, verified_logits
 from .accuracy import batches, subset
 from .indicators import (
     UNCONSTRAINED_EPS,
@@ -63,8 +66,14 @@ class _Runner:
         self.standing: dict[float, torch.Tensor] = {}  # per ε: images no attack there has broken yet
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+    def predict(self, x: torch.Tensor, *, adversarial: bool = False) -> torch.Tensor:
+        """The Brevitas forward's top-1 classes; on ``adversarial`` examples also the twin's, counted
+        where they disagree."""
+        if adversarial:
+            logits = verified_logits(self.model, x)
+        else:
+            with brevitas_forward(self.model):
+                logits = self.model(x)
         self.n_classes = logits.shape[1]
         return logits.argmax(1)
 
@@ -115,7 +124,7 @@ class _Runner:
             xb, yb = self.x[idx].to(self.device), self.y[idx].to(self.device)
             adv = atk(xb, yb)
             self.track(adv, xb, attack.eps, label)
-            survived.append(idx[(self.predict(adv) == yb).cpu()])
+            survived.append(idx[(self.predict(adv, adversarial=True) == yb).cpu()])
         return torch.cat(survived)
 
     def job(self, cfg: EvalConfig, attack: str, eps: float, idx: torch.Tensor) -> AttackResult:
@@ -325,11 +334,11 @@ def _plan(model: nn.Module, data: Any, cfg: EvalConfig, surrogate: nn.Module | N
 
 @dataclass
 class _Measured:
-    """What the attacks gave: the report's rows, the attack-failure indicators, the frozen layers."""
+    """What the attacks gave: the report's rows, the attack-failure indicators, the attack twin's record."""
 
     results: list[AttackResult]
     indicators: list[MaskingCheck]
-    frozen: int
+    twin: Twin
 
 
 def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured:
@@ -340,7 +349,7 @@ def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured
     cfg, model, names = plan.cfg, run.model, plan.names
     with (
         eval_mode(model), eval_mode(surrogate or model), torch.random.fork_rng(devices=[]),
-        frozen_quant_weights(model) as n_frozen,
+        attack_twin(model) as twin,
     ):  # fmt: skip
         t0 = time.perf_counter()
         clean = run.clean()
@@ -364,7 +373,7 @@ def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured
             )
         bar.close()
         indicators = _indicator_checks(run, cfg, outcome, names) if cfg.indicators else []
-    return _Measured(results, indicators, n_frozen)
+    return _Measured(results, indicators, twin)
 
 
 def _report(
@@ -377,10 +386,14 @@ def _report(
         clean_accuracy=measured.results[0].accuracy,
         results=measured.results,
         max_violation=run.max_violation,
-        meta={**dict(meta or {}), "frozen_quant_layers": measured.frozen},
+        meta={
+            **dict(meta or {}),
+            "frozen_quant_layers": measured.twin.frozen,
+            "attack_twin": measured.twin.summary(),
+        },
         settings=_settings(plan.cfg, len(plan.x)),
         skipped=plan.skipped,
-        notes=plan.notes,
+        notes=plan.notes + measured.twin.notes(),
     )
     report.checks = masking_checks(report, checked=run.checked, worst=run.worst) + measured.indicators
     return report
