@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ from ..attacks import (
     normalized_inputs,
 )
 from ..config import AttackConfig, config_or_default, takes_config
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
 from ..quantization.twin import attack_twin, verified_logits
 
@@ -117,7 +116,7 @@ def attack_accuracy(
                     adv = atk(xb, yb)
                     correct += (verified_logits(model, adv).argmax(1) == yb).sum().item()
     if twin.disagreements:
-        warnings.warn(f"attack_accuracy: {twin.notes()[0]}", stacklevel=2)
+        warn(f"attack_accuracy: {twin.notes()[0]}")
     return correct / len(y)
 
 
