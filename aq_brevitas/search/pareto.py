@@ -39,7 +39,7 @@ from ..errors import ConfigError, PolicyError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
-from ..workers import check_workers, run_jobs
+from ..workers import check_workers, distributed_rank, run_jobs
 from .baselines import policy_accuracies, uniform_choices
 from .calibration import AdversarialCalibration, WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
@@ -206,7 +206,8 @@ class _Measure:
         numbers as one process, on every rank)."""
         todo = {self._key(p): p for p in policies if self._key(p) not in self.seen}
         keys = list(todo)
-        with progress_bar(total=len(keys), desc="pareto points", disable=not progress) as bar:
+        rank, world = distributed_rank()  # the bar counts this rank's share
+        with progress_bar(total=len(keys[rank::world]), desc="pareto points", disable=not progress) as bar:
             measured = run_jobs(
                 lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update()
             )
