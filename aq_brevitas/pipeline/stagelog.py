@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..evaluate.cache import data_digest, model_digest
 from ..storage import atomic_write_json, read_json
-
-__all__ = ["StageLog", "data_digest", "file_digest", "model_digest"]
 
 
 def file_digest(path: Path) -> str:

@@ -34,6 +34,8 @@ from .costing import achieved_cost, fits
 def _plain(value: Any) -> Any:
     """A settings object as JSON for a cache key: a dataclass by its type and fields, a function by
     its name (never a repr with a memory address, which would differ in every process)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
     if is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__qualname__, **asdict(value)}
     if callable(value):
