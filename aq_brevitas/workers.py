@@ -9,7 +9,7 @@ the same as with one process.
 
 Under ``torchrun`` (once the process group is joined, e.g. by
 :func:`~aq_brevitas.train.finetune.init_distributed`) the same call also splits the jobs over the
-ranks: job ``i`` runs on rank ``i % world``, and the results are gathered with
+ranks (dealt in their start order, back and forth), and the results are gathered with
 ``torch.distributed.all_gather_object`` so every rank returns all of them, in index order. The code
 is the same on gloo (CPU) and nccl (GPUs), and on one process it does nothing else.
 """
@@ -61,6 +61,23 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _dealt_to(position: int, world: int) -> int:
+    """The rank the job at ``position`` of the start order goes to: dealt back and forth, so with the
+    longest jobs first no rank takes the longest of every round."""
+    lap, seat = divmod(position, world)
+    return seat if lap % 2 == 0 else world - 1 - seat
+
+
+def rank_share(count: int) -> int:
+    """How many of ``count`` jobs :func:`run_jobs` runs on this rank (``count`` outside torchrun).
+
+    >>> rank_share(5)
+    5
+    """
+    rank, world = distributed_rank()
+    return sum(_dealt_to(k, world) == rank for k in range(count))
+
+
 def _gather(mine: dict[int, T]) -> dict[int, T]:
     """Every rank's ``{index: result}`` joined, on every rank."""
     import torch
@@ -85,7 +102,8 @@ def run_jobs(
     and under ``torchrun`` split over the ranks (module docstring): every rank must call it with the
     same ``count``, and gets every result.
 
-    ``order``: the indices in the order to start them (longest first balances the workers); ``done``
+    ``order``: the indices in the order to start them, longest first where known: that balances the
+    workers, and the ranks, to which they are dealt back and forth (0, 1, 1, 0, 0, ...); ``done``
     is called in this process with each index it finished (a progress bar). A job's exception is
     raised here. Results are returned by index, whatever order they finished in.
 
@@ -93,7 +111,8 @@ def run_jobs(
     [0, 1, 4, 9]
     """
     rank, world = distributed_rank()
-    order = [i for i in (range(count) if order is None else order) if i % world == rank]
+    order = list(range(count) if order is None else order)
+    order = [i for k, i in enumerate(order) if _dealt_to(k, world) == rank]
     results = _run_local(job, order, workers, done)
     if world > 1:
         results = _gather(results)

@@ -39,7 +39,7 @@ from ..errors import ConfigError, PolicyError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
-from ..workers import check_workers, distributed_rank, run_jobs
+from ..workers import check_workers, rank_share, run_jobs
 from .baselines import policy_accuracies, uniform_choices
 from .calibration import AdversarialCalibration, WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
@@ -172,6 +172,14 @@ def _first_last_pinned(table: CandidateTable) -> dict[str, LayerSpec]:
     return out
 
 
+def _width(specs: Mapping[str, LayerSpec] | None) -> float:
+    """A policy's mean weight + input bits (the float model: 64): wider policies stay robust on more
+    images, so the suite attacks them longer; measuring them first balances workers and ranks."""
+    if not specs:
+        return 64.0
+    return sum(s.weight_bit_width + (s.act_bit_width or 32) for s in specs.values()) / len(specs)
+
+
 class _Measure:
     """Clean and robust held-out accuracy of a policy (None: the float model), each distinct policy
     measured once per sweep, and once per ``cache_dir`` across sweeps (:func:`policy_accuracies`)."""
@@ -206,11 +214,11 @@ class _Measure:
         numbers as one process, on every rank)."""
         todo = {self._key(p): p for p in policies if self._key(p) not in self.seen}
         keys = list(todo)
-        rank, world = distributed_rank()  # the bar counts this rank's share
-        with progress_bar(total=len(keys[rank::world]), desc="pareto points", disable=not progress) as bar:
+        with progress_bar(total=rank_share(len(keys)), desc="pareto points", disable=not progress) as bar:
             measured = run_jobs(
-                lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update()
-            )
+                lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update(),
+                order=sorted(range(len(keys)), key=lambda i: -_width(todo[keys[i]])),
+            )  # fmt: skip
         self.seen.update(zip(keys, measured, strict=True))
 
     def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
