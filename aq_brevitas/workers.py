@@ -6,6 +6,12 @@ The robustness reports of a run (one per model and radius set) are independent a
 inherit the models and data the parent holds, nothing is pickled but the job's index and its (small)
 result, and each job runs exactly the code and seeds it would run in the parent, so the results are
 the same as with one process.
+
+Under ``torchrun`` (once the process group is joined, e.g. by
+:func:`~aq_brevitas.train.finetune.init_distributed`) the same call also splits the jobs over the
+ranks (dealt in their start order, back and forth), and the results are gathered with
+``torch.distributed.all_gather_object`` so every rank returns all of them, in index order. The code
+is the same on gloo (CPU) and nccl (GPUs), and on one process it does nothing else.
 """
 
 from __future__ import annotations
@@ -46,6 +52,44 @@ def check_workers(workers: Any, flag: str = "workers") -> int:
     return workers
 
 
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of the joined ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dealt_to(position: int, world: int) -> int:
+    """The rank the job at ``position`` of the start order goes to: dealt back and forth, so with the
+    longest jobs first no rank takes the longest of every round."""
+    lap, seat = divmod(position, world)
+    return seat if lap % 2 == 0 else world - 1 - seat
+
+
+def rank_share(count: int) -> int:
+    """How many of ``count`` jobs :func:`run_jobs` runs on this rank (``count`` outside torchrun).
+
+    >>> rank_share(5)
+    5
+    """
+    rank, world = distributed_rank()
+    return sum(_dealt_to(k, world) == rank for k in range(count))
+
+
+def _gather(mine: dict[int, T]) -> dict[int, T]:
+    """Every rank's ``{index: result}`` joined, on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":  # its object collectives run on this rank's own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    parts: list[dict[int, T] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {i: r for part in parts if part for i, r in part.items()}
+
+
 def run_jobs(
     job: Callable[[int], T],
     count: int,
@@ -54,28 +98,45 @@ def run_jobs(
     done: Callable[[int], None] | None = None,
     order: Sequence[int] | None = None,
 ) -> list[T]:
-    """``[job(0), ..., job(count - 1)]``, run on ``workers`` forked processes (1: in this process).
+    """``[job(0), ..., job(count - 1)]``, run on ``workers`` forked processes (1: in this process),
+    and under ``torchrun`` split over the ranks (module docstring): every rank must call it with the
+    same ``count``, and gets every result.
 
-    ``order``: the indices in the order to start them (longest first balances the workers); ``done``
-    is called in this process with each finished index (a progress bar). A job's exception is raised
-    here. Results are returned by index, whatever order they finished in.
+    ``order``: the indices in the order to start them, longest first where known: that balances the
+    workers, and the ranks, to which they are dealt back and forth (0, 1, 1, 0, 0, ...); ``done``
+    is called in this process with each index it finished (a progress bar). A job's exception is
+    raised here. Results are returned by index, whatever order they finished in.
 
     >>> run_jobs(lambda i: i * i, 4, workers=2)
     [0, 1, 4, 9]
     """
+    rank, world = distributed_rank()
+    order = list(range(count) if order is None else order)
+    order = [i for k, i in enumerate(order) if _dealt_to(k, world) == rank]
+    results = _run_local(job, order, workers, done)
+    if world > 1:
+        results = _gather(results)
+    return [results[i] for i in range(count)]
+
+
+def _run_local(
+    job: Callable[[int], T], order: list[int], workers: int, done: Callable[[int], None] | None
+) -> dict[int, T]:
+    """``{i: job(i)}`` for the indices of ``order``, on ``workers`` forked processes."""
     global _JOB
-    order = list(range(count)) if order is None else list(order)
     results: dict[int, T] = {}
-    if workers <= 1 or count <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1 or len(order) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for i in order:
             results[i] = job(i)
             if done:
                 done(i)
-        return [results[i] for i in range(count)]
+        return results
     _JOB = job
     try:
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(min(workers, count), mp_context=context, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(
+            min(workers, len(order)), mp_context=context, initializer=_one_thread
+        ) as pool:
             futures = {pool.submit(_run, i): i for i in order}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -83,4 +144,4 @@ def run_jobs(
                     done(futures[future])
     finally:
         _JOB = None
-    return [results[i] for i in range(count)]
+    return results

@@ -4,6 +4,7 @@ Per model and seed: search_pareto (selection on held-out *training* images: cali
 --val-images), then the best point of every method at every budget re-measured on --test-images TEST
 images with the per-image worst case of APGD-CE (100 steps) and Square (--queries queries), the measure
 of the issue's target. Writes benchmarks/results/pareto.json (and a plot per model under docs/img/).
+The sweep's held-out measurements are kept in --cache-dir, so a killed benchmark resumes.
 
     python benchmarks/pareto.py [--models cnn-pgd vgg-pgd] [--seeds 0] [--test-images 500]
 """
@@ -41,7 +42,8 @@ def run_model(name: str, seed: int, args: argparse.Namespace) -> dict:
     xt, yt = load_split("test", limit=args.test_images, seed=seed)[:2]
     t0 = time.perf_counter()
     config = SearchConfig(seed=seed, val_images=args.val_images)
-    front = search_pareto(model, calib, val, config=config, progress=False)
+    cache = args.cache_dir or HERE / "results" / "cache"  # a rerun reads every finished point back
+    front = search_pareto(model, calib, val, config=config, cache_dir=cache, progress=False)
     search_s = time.perf_counter() - t0
     front.plot(HERE.parent / "docs" / "img" / f"pareto_{name}_seed{seed}.png")
     rows, seen = [], {}
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-images", type=int, default=100)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--cache-dir", help="measured points (default benchmarks/results/cache)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = [run_model(m, s, args) for m in args.models for s in args.seeds]

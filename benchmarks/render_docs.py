@@ -314,4 +314,8 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         from pareto import render_section as pareto_section
 
         lines += pareto_section(results["pareto"])
+    if "sweep_cost" in results:
+        from sweep_cost import render_section as sweep_cost_section
+
+        lines += sweep_cost_section(results["sweep_cost"])
     return "\n".join(lines) + "\n"

@@ -272,3 +272,24 @@ def test_a_json_file_given_as_a_model_says_so(tmp_path):
     path.write_text("{}")
     with pytest.raises(CheckpointError, match="is a JSON file"):
         load_checkpoint(path)
+
+
+def test_pareto_cli_keeps_its_measurements_beside_out_and_reads_them_back(tmp_path):
+    """A second run of the same sweep measures nothing: every point comes from DIR/cache."""
+    import json
+
+    args = ("pareto", "--model", "cnn-pgd", "--methods", "uniform", "--widths", "8", "--bits", "4", "8",
+            "--scalings", "max", "--granularities", "per_channel", "--calib-images", "32", "--val-images", "16",
+            "--pgd-steps", "2", "--out", str(tmp_path / "front"))  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    cached = sorted((tmp_path / "cache").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    front = json.loads((tmp_path / "front.json").read_text())
+    assert len(cached) == 1 + len({json.dumps(p["layers"], sort_keys=True) for p in front["points"]})
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert sorted((tmp_path / "cache").glob("*.json")) == cached
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not rewritten
+    again = json.loads((tmp_path / "front.json").read_text())
+    assert again["points"] == front["points"] and front["seconds"]["measure"] > again["seconds"]["measure"]

@@ -85,7 +85,8 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
         cmd_validate_metric,
     ),
     "pareto": (
-        "robust accuracy against BOPs/KiB for every method over a sweep of budgets, with a plot",
+        "robust accuracy against BOPs/KiB for every method over a sweep of budgets, with a plot; "
+        "resumable, works under torchrun",
         cmd_pareto,
     ),
     "export": (

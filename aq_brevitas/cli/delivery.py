@@ -65,20 +65,30 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     setup_torch(args)
+    from pathlib import Path
+
     from ..search import search_pareto
     from ..storage import atomic_write_text
+    from ..train.finetune import init_distributed
 
+    rank, world = init_distributed()  # under torchrun the points are split over the ranks
+    cache = args.cache_dir or (str(Path(args.out).parent / "cache") if args.out else None)
     model, calib, val, candidates = _selection(args)
-    budgets = args.budget.split(",") if args.budget else None
+    budgets = args.budget.split(",") if args.budget else args.widths
     config = search_config(args).replace(candidates=candidates)  # no candidates: input bits crossed in
-    sweep = {"budgets": budgets, "widths": args.widths, "methods": args.methods, "workers": args.workers}
-    front = search_pareto(model, calib, val, config=config, **sweep)
-    print(front.table())
-    if args.out:
-        front.save(args.out + ".json")
-        atomic_write_text(args.out + ".md", front.table() + "\n")
-        front.plot(args.out + ".png")
-        print(f"wrote {args.out}.json, {args.out}.md and {args.out}.png")
+    sweep = {"budgets": budgets, "methods": args.methods, "workers": args.workers, "cache_dir": cache}
+    front = search_pareto(model, calib, val, config=config, progress=rank == 0, **sweep)
+    if rank == 0:  # every rank holds the whole front; one writes it
+        print(front.table())
+        if args.out:
+            front.save(args.out + ".json")
+            atomic_write_text(args.out + ".md", front.table() + "\n")
+            front.plot(args.out + ".png")
+            print(f"wrote {args.out}.json, {args.out}.md and {args.out}.png")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -292,6 +292,8 @@ def _search_commands() -> dict[str, list[Option]]:
             setting(search, "pgd_steps", "PGD steps joined to the fast suite in each point's robust accuracy"),
             plain("--workers", "processes the points are measured on (the results are the same; 2 on a 2-core "
                   "machine)", 1, type=int),
+            plain("--cache-dir", "folder of measured points, read and written, so a killed sweep resumes "
+                  "(default: cache/ beside --out; none without --out)"),
             plain("--out", "write OUT.json, OUT.md and OUT.png"),
         ],
         "validate-metric": [

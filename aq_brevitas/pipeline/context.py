@@ -12,7 +12,7 @@ from ..errors import ConfigError, ModelError
 from ..storage import check_output_file
 from .config import RunConfig, check_config
 from .data import RunInputs, prepare_data
-from .stagelog import StageLog, model_digest
+from .stagelog import StageLog
 
 if TYPE_CHECKING:
     from torch import nn
@@ -139,6 +139,8 @@ def make_context(
         raise ConfigError(
             f"cannot create output directory {out} ({exc.strerror})", "choose a writable --out"
         ) from None
+    from ..evaluate.cache import model_digest  # the evaluate package imports torch: not at CLI start
+
     identity = {"model": model_digest(float_model), "seed": cfg.seed, "normalization": cfg.normalization}
     return RunContext(
         cfg, out, name, float_model, budget, inputs, geometry, StageLog(out, force), progress, identity

@@ -73,7 +73,7 @@ class RunData:
 class RunInputs:
     """What the stages read, as ``(x, y)`` tensor pairs: ``calib`` (scores, calibration), ``held_out``
     (the search's comparison with uniform), ``train`` (fine-tuning), ``test`` (evaluation, export);
-    ``source`` says where they came from, ``digests`` identify each (:func:`~aq_brevitas.pipeline.stagelog.data_digest`)."""
+    ``source`` says where they came from, ``digests`` identify each (:func:`~aq_brevitas.evaluate.cache.data_digest`)."""
 
     calib: tuple[Any, Any]
     held_out: tuple[Any, Any]
@@ -242,8 +242,8 @@ def prepare_data(
     a multi-input model, a forward that refuses the data (its own message kept), or an output that
     is not (N, classes) logits.
     """
+    from ..evaluate.cache import data_digest
     from ..forward import require_single_input
-    from .stagelog import data_digest
 
     default = data is None and cfg.data_dir is None
     run_data = _run_data(data, cfg.data_dir)

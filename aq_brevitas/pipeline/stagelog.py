@@ -10,13 +10,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from ..storage import atomic_write_json, read_json
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 def file_digest(path: Path) -> str:
@@ -25,38 +22,6 @@ def file_digest(path: Path) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_tensor(h: Any, value: Any) -> None:
-    """Feed a tensor's dtype, shape and bytes to hash ``h``."""
-    import torch
-
-    t = value.detach().cpu().contiguous().flatten()
-    h.update(f"{t.dtype}{tuple(value.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes())
-
-
-def model_digest(model: nn.Module) -> str:
-    """Identity of a float model's weights, so a changed model (same name or not) redoes the stages."""
-    import torch
-
-    h = hashlib.sha256(type(model).__name__.encode())
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        if torch.is_tensor(value):
-            _hash_tensor(h, value)
-        else:
-            h.update(repr(value).encode())
-    return h.hexdigest()
-
-
-def data_digest(*tensors: Any) -> str:
-    """Identity of data (tensors such as ``(images, labels)``: dtypes, shapes and values), so a run
-    given other data, of the same shape or not, redoes the stages that read it."""
-    h = hashlib.sha256()
-    for t in tensors:
-        _hash_tensor(h, t)
     return h.hexdigest()
 
 

@@ -57,6 +57,7 @@ def search(ctx: RunContext) -> None:
         ctx.budget,
         config=config,
         val_data=ctx.data.held_out,
+        cache_dir=ctx.out / "cache",  # a redone search re-measures no held-out candidate it measured
         progress=ctx.progress,
     )
     result.policy.save(ctx.out / "policy.json")

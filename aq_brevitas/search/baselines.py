@@ -9,35 +9,97 @@ than uniform").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..attacks import normalized_inputs
+from ..attacks import forward_input, normalized_inputs
 from ..budget import Budget, PolicyCost, as_budget
 from ..config import takes_config
 from ..errors import PolicyError
+from ..evaluate.cache import MeasureCache, data_digest, measurement_key, model_digest
 from ..forward import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
+from ..workers import run_jobs
 from .calibration import WeightCache, progress_bar
 from .candidates import CandidateTable
 from .config import SearchConfig, as_config
 from .costing import achieved_cost, fits
 
 
-def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.Tensor) -> nn.Module:
-    from ..quantization.convert import quantize
-
-    return quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib_x).eval()
+def _plain(value: Any) -> Any:
+    """A settings object as JSON for a cache key: a dataclass by its type and fields, a function by
+    its name (never a repr with a memory address, which would differ in every process)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__qualname__, **asdict(value)}
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)
 
 
 #: what :func:`quantized_robust_accuracy` measures, as the held-out check records it
 ROBUST_MEASURE = (
     "worst case of PGD and the fast suite (APGD-CE, APGD-DLR, APGD-T3, transfer from the float model, Square)"
 )
+
+
+def policy_accuracies(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec] | None,
+    val: tuple[torch.Tensor, torch.Tensor],
+    calib_x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    seed: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[float, float]:
+    """``(clean, robust)`` accuracy (fractions) on ``val`` of the Brevitas model
+    :func:`~aq_brevitas.quantize` builds for ``specs`` (calibrated on ``calib_x``; None: the float
+    ``model`` itself). Robust is the per-image worst case of PGD-``steps`` and the fast attack suite at
+    its selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`) with the float model
+    as the transfer source, never PGD alone. With a ``cache_dir`` (a :class:`~aq_brevitas.evaluate.cache.MeasureCache`
+    folder) the result is read back when the same
+    weights, input normalisation, policy, images, ε, suite settings and measurement version were
+    measured before (:func:`~aq_brevitas.evaluate.cache.measurement_key`), and stored otherwise."""
+    from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
+
+    settings = replace(SELECTION_SUITE["settings"], seed=seed)
+    policy = None if specs is None else LayerwisePolicy(dict(specs)).to_dict()
+
+    def measure() -> dict[str, float]:
+        q = model if specs is None else _quantized(model, specs, calib_x)
+        acc = suite_accuracies(
+            q, val[0], val[1], eps=eps, suite=SELECTION_SUITE["suite"], surrogate=None if specs is None else model,
+            settings=settings, pgd_steps=steps,
+        )  # fmt: skip
+        return {"clean": acc["clean"], "robust": acc["worst case"]}
+
+    if cache_dir is None:
+        got = measure()
+    else:
+        suite = {k: _plain(v) for k, v in {**SELECTION_SUITE, "settings": settings}.items()}
+        # fed: the images as the model's forward receives them, so an input normalisation counts
+        key = measurement_key({
+            "model": model_digest(model), "fed": data_digest(forward_input(model, val[0])), "policy": policy,
+            "calibration": data_digest(calib_x) if specs is not None else None, "evaluation": data_digest(*val),
+            "eps": float(eps), "pgd_steps": steps, "suite": suite,
+        })  # fmt: skip
+        about = {"policy": policy, "eps": eps, "pgd_steps": steps, "images": len(val[1])}
+        got = MeasureCache(cache_dir).get_or_measure(key, measure, about)
+    return got["clean"], got["robust"]
+
+
+def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.Tensor) -> nn.Module:
+    from ..quantization.convert import quantize
+
+    return quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib_x).eval()
 
 
 def quantized_robust_accuracy(
@@ -49,20 +111,15 @@ def quantized_robust_accuracy(
     eps: float,
     steps: int,
     seed: int,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> float:
     """Robust accuracy (a fraction) on ``val`` of the Brevitas model :func:`~aq_brevitas.quantize` builds
-    for ``specs`` (calibrated on ``calib_x``): the per-image worst case of PGD-``steps`` and the fast
-    attack suite at its selection settings, with the float ``model`` as the transfer source
-    (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`), never PGD alone."""
-    from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
-
-    q = _quantized(model, specs, calib_x)
-    settings = replace(SELECTION_SUITE["settings"], seed=seed)
-    acc = suite_accuracies(
-        q, val[0], val[1], eps=eps, suite=SELECTION_SUITE["suite"], surrogate=model, settings=settings,
-        pgd_steps=steps,
-    )  # fmt: skip
-    return acc["worst case"]
+    for ``specs`` (calibrated on ``calib_x``): the robust half of :func:`policy_accuracies` (the
+    per-image worst case of PGD-``steps`` and the fast attack suite, read from ``cache_dir`` when it
+    holds the same measurement)."""
+    return policy_accuracies(
+        model, specs, val, calib_x, eps=eps, steps=steps, seed=seed, cache_dir=cache_dir
+    )[1]
 
 
 def _pair(spec: LayerSpec) -> tuple[int, int]:
@@ -192,6 +249,7 @@ def best_uniform(
     calib_data: Any = None,
     config: SearchConfig | None = None,
     cache: WeightCache | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> UniformChoice:
     """The best uniform policy among :func:`uniform_options` (one per maximal fitting (weight, input)
@@ -202,8 +260,11 @@ def best_uniform(
     held-out check compares with it. Without ``val_data`` the choice is data-free: the smallest Σ
     relative weight error ‖ΔW‖_F/‖W‖_F.
     ``config``: the :class:`SearchConfig` whose ``eps``, ``seed``, ``pgd_steps``, ``val_images`` and
-    ``normalization`` are used. ``cache``: a ready :class:`WeightCache` of ``model``. PolicyError when
-    no uniform policy fits.
+    ``normalization`` are used. ``cache``: a ready :class:`WeightCache` of ``model``. ``cache_dir``: a
+    folder of measured results read and written (:func:`policy_accuracies`). Under ``torchrun`` (after
+    :func:`~aq_brevitas.train.finetune.init_distributed`) the options are measured on the ranks in turn
+    and every rank gets every result (:func:`~aq_brevitas.workers.run_jobs`). PolicyError when no
+    uniform policy fits.
     """
     cfg = as_config(config)
     budget = as_budget(budget)
@@ -221,18 +282,18 @@ def best_uniform(
                 if calib_data is not None
                 else val[0]
             )
-            for s in progress_bar(
-                options, desc="uniform candidates", disable=not progress or len(options) < 2
-            ):
-                results[s.short()] = quantized_robust_accuracy(
-                    model,
-                    {n: s for n in layers},
-                    val,
-                    calib_x,
-                    eps=cfg.eps,
-                    steps=cfg.pgd_steps,
-                    seed=cfg.seed,
-                )
+            with progress_bar(
+                total=len(options), desc="uniform candidates", disable=not progress or len(options) < 2
+            ) as bar:
+                measured = run_jobs(
+                    lambda i: quantized_robust_accuracy(
+                        model, {n: options[i] for n in layers}, val, calib_x, eps=cfg.eps,
+                        steps=cfg.pgd_steps, seed=cfg.seed, cache_dir=cache_dir,
+                    ),
+                    len(options),
+                    done=lambda _: bar.update(),
+                )  # fmt: skip
+            results = {s.short(): acc for s, acc in zip(options, measured, strict=True)}
         best = max(options, key=lambda s: (results[s.short()], -options.index(s)))
         rule = "robust_accuracy"
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from ..errors import ConfigError, warn
 from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
+from ..workers import run_jobs
 from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, quantized_robust_accuracy
 from .calibration import (
     AdversarialCalibration,
@@ -69,6 +71,7 @@ class _Run:
     calib: AdversarialCalibration | None
     progress: bool
     timing: Timing
+    cache_dir: str | os.PathLike[str] | None = None
     table: CandidateTable = dataclasses.field(init=False)
     cache: WeightCache = dataclasses.field(init=False)
 
@@ -154,7 +157,7 @@ def _prepare(run: _Run, table: CandidateTable | None) -> None:
 def _uniform(run: _Run, val_data: Any) -> UniformChoice:
     return best_uniform(
         run.model, run.table, run.budget, val_data, calib_data=(run.x, run.y), config=run.cfg,
-        cache=run.cache, progress=run.progress,
+        cache=run.cache, cache_dir=run.cache_dir, progress=run.progress,
     )  # fmt: skip
 
 
@@ -216,18 +219,22 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
     n_val = len(val[0]) if cfg.val_images is None else min(cfg.val_images, len(val[0]))
     held = (val[0][:n_val], val[1][:n_val])
 
-    def accuracy(specs: dict[str, LayerSpec]) -> float:
-        return quantized_robust_accuracy(
-            run.model, specs, held, run.x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed
-        )
-
     same_as_uniform = all(reps[n][s] == reps[n][uni.spec] for n, s in choice.items())
-    s_acc = u_acc if same_as_uniform else accuracy(choice)
+    # The candidates are measured on the torchrun ranks in turn (one process: here, in order).
     # The refined policy is judged on held-out data too: if the knapsack's own solution does
     # better there, refinement over-fitted the calibration images and is dropped.
     milp = picked.selection.milp_choice
     changed = picked.refinement.done and any(reps[n][milp[n]] != reps[n][choice[n]] for n in run.table.layers)
-    m_acc = accuracy(milp) if changed else None
+    todo = ([] if same_as_uniform else [choice]) + ([milp] if changed else [])
+    measured = run_jobs(
+        lambda i: quantized_robust_accuracy(
+            run.model, todo[i], held, run.x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed,
+            cache_dir=run.cache_dir,
+        ),
+        len(todo),
+    )  # fmt: skip
+    s_acc = u_acc if same_as_uniform else measured[0]
+    m_acc = measured[-1] if changed else None
     options = [("search", s_acc, choice)]
     if m_acc is not None:
         options.append(("search-unrefined", m_acc, milp))
@@ -290,6 +297,7 @@ def search_policy(
     config: SearchConfig | None = None,
     val_data: Any = None,
     table: CandidateTable | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Search a per-layer policy under ``budget`` (docs/method.md "Selection") and say why it won.
@@ -308,7 +316,10 @@ def search_policy(
     ``normalization=(mean, std)`` the model expects normalised inputs; the data and ε stay in [0, 1]
     pixel space and every forward -- adversarial calibration, scores, quantizer calibration, the
     held-out check -- feeds it ``(x - mean) / std``. A ready ``table`` must have been built the same
-    way (inside :func:`~aq_brevitas.attacks.normalized_inputs`). ``progress``: progress bars.
+    way (inside :func:`~aq_brevitas.attacks.normalized_inputs`). ``cache_dir``: a folder of measured
+    held-out results (:class:`~aq_brevitas.evaluate.cache.MeasureCache`), read and written, shared with
+    :func:`~aq_brevitas.search.search_pareto`; under ``torchrun`` the held-out candidates are measured
+    on the ranks in turn. ``progress``: progress bars.
 
     Raises :class:`~aq_brevitas.errors.ConfigError` for bad settings or data and
     :class:`~aq_brevitas.errors.PolicyError` for an infeasible budget (naming the minimum). Same
@@ -339,6 +350,7 @@ def search_policy(
         )
     with normalized_inputs(model, cfg.normalization):  # copies made inside (fold_bn, quantize) inherit it
         run = _start(model, calib_data, budget, cfg, progress)
+        run.cache_dir = cache_dir
         picked, winner, final, check = _search(run, table, val_data)
     run.timing.total_s = time.perf_counter() - t_start
     return _result(run, picked, winner, final, check)

@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -39,8 +39,8 @@ from ..errors import ConfigError, PolicyError
 from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
-from ..workers import check_workers, run_jobs
-from .baselines import uniform_choices
+from ..workers import check_workers, rank_share, run_jobs
+from .baselines import policy_accuracies, uniform_choices
 from .calibration import AdversarialCalibration, WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
 from .config import DEFAULT_ACT_BITS, METHOD_SETTINGS, PARETO_METHODS, SearchConfig, as_config, scorer_for
@@ -172,8 +172,17 @@ def _first_last_pinned(table: CandidateTable) -> dict[str, LayerSpec]:
     return out
 
 
+def _width(specs: Mapping[str, LayerSpec] | None) -> float:
+    """A policy's mean weight + input bits (the float model: 64): wider policies stay robust on more
+    images, so the suite attacks them longer; measuring them first balances workers and ranks."""
+    if not specs:
+        return 64.0
+    return sum(s.weight_bit_width + (s.act_bit_width or 32) for s in specs.values()) / len(specs)
+
+
 class _Measure:
-    """Clean and robust held-out accuracy of a policy, each distinct policy measured once."""
+    """Clean and robust held-out accuracy of a policy (None: the float model), each distinct policy
+    measured once per sweep, and once per ``cache_dir`` across sweeps (:func:`policy_accuracies`)."""
 
     def __init__(
         self,
@@ -181,8 +190,9 @@ class _Measure:
         calib_x: torch.Tensor,
         val: tuple[torch.Tensor, torch.Tensor],
         cfg: SearchConfig,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.model, self.calib_x, self.val, self.cfg = model, calib_x, val, cfg
+        self.model, self.calib_x, self.val, self.cfg, self.cache_dir = model, calib_x, val, cfg, cache_dir
         self.seen: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
 
     @staticmethod
@@ -190,26 +200,25 @@ class _Measure:
         return tuple(sorted((n, s.short()) for n, s in (specs or {}).items()))
 
     def _measure(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
-        from ..quantization.convert import quantize
-
-        model = (
-            self.model
-            if specs is None
-            else quantize(self.model, LayerwisePolicy(dict(specs)), calibration_data=self.calib_x).eval()
-        )
-        return robust_and_clean(model, self.val, self.cfg, surrogate=None if specs is None else self.model)
+        cfg = self.cfg
+        return policy_accuracies(
+            self.model, specs, self.val, self.calib_x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed,
+            cache_dir=self.cache_dir,
+        )  # fmt: skip
 
     def prefetch(
         self, policies: Sequence[Mapping[str, LayerSpec] | None], workers: int, progress: bool
     ) -> None:
         """Measure every distinct policy of ``policies`` not measured yet, on ``workers`` forked
-        processes (:func:`~aq_brevitas.workers.run_jobs`: the same numbers as one process)."""
+        processes and over the ``torchrun`` ranks (:func:`~aq_brevitas.workers.run_jobs`: the same
+        numbers as one process, on every rank)."""
         todo = {self._key(p): p for p in policies if self._key(p) not in self.seen}
         keys = list(todo)
-        with progress_bar(total=len(keys), desc="pareto points", disable=not progress) as bar:
+        with progress_bar(total=rank_share(len(keys)), desc="pareto points", disable=not progress) as bar:
             measured = run_jobs(
-                lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update()
-            )
+                lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update(),
+                order=sorted(range(len(keys)), key=lambda i: -_width(todo[keys[i]])),
+            )  # fmt: skip
         self.seen.update(zip(keys, measured, strict=True))
 
     def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
@@ -219,49 +228,39 @@ class _Measure:
         return self.seen[key]
 
 
-def robust_and_clean(
-    model: nn.Module, val: tuple[torch.Tensor, torch.Tensor], cfg: SearchConfig, surrogate: nn.Module | None
-) -> tuple[float, float]:
-    """``(clean, robust)`` accuracy on ``val``: robust is the per-image worst case of PGD-``pgd_steps``
-    and the fast suite at the selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`), with
-    ``surrogate`` (the float model) as the transfer source."""
-    from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
-
-    settings = replace(SELECTION_SUITE["settings"], seed=cfg.seed)
-    acc = suite_accuracies(
-        model, val[0], val[1], eps=cfg.eps, suite=SELECTION_SUITE["suite"], surrogate=surrogate,
-        settings=settings, pgd_steps=cfg.pgd_steps,
-    )  # fmt: skip
-    return acc["clean"], acc["worst case"]
-
-
 @takes_config(SearchConfig)
 def search_pareto(
     model: nn.Module,
     calib_data: Any,
     val_data: Any,
     *,
-    budgets: Sequence[Budget | str] | None = None,
-    widths: Sequence[int] = DEFAULT_SWEEP,
+    budgets: Sequence[Budget | str | int] = DEFAULT_SWEEP,
     methods: Sequence[str] = PARETO_METHODS,
     config: SearchConfig | None = None,
     table: CandidateTable | None = None,
     workers: int = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> ParetoFront:
     """Every method's policy at every budget of a sweep, measured on held-out images (module docstring).
 
     ``calib_data``: training-split images (and labels) for scoring and quantizer calibration; ``val_data``:
     held-out training images and labels (never the test split), its first ``val_images`` used.
-    ``budgets``: a list of :class:`~aq_brevitas.Budget` or their text, all of one kind (default: the
-    BOPs of uniform ``w_b a_b`` for each ``b`` of ``widths``: w2a2, w3a3, w4a4, w5a5, w8a8).
+    ``budgets``: a list of :class:`~aq_brevitas.Budget`, their text, or bit widths ``b`` standing for
+    the BOPs of uniform ``w_b a_b`` (:func:`sweep_budgets`), all of one kind (default: w2a2, w3a3,
+    w4a4, w5a5, w8a8).
     ``methods``: any of :data:`PARETO_METHODS` and of the scored methods registered with
     :func:`~aq_brevitas.search.register_scorer`. ``config``: a :class:`SearchConfig` (its ``method``
     is not read: ``methods`` says which run); without candidates the default ones are crossed with
     input activation bits (2, 3, 4, 8). Raises :class:`ConfigError` for an unknown method or mixed
     budget kinds. Cost: one adversarial calibration, one candidate table, one scoring per method, one
     knapsack per (method, budget), one robust evaluation per distinct policy (the dominant cost; spread
-    over ``workers`` forked processes, with the same results).
+    over ``workers`` forked processes, with the same results). ``cache_dir``: a folder of measured
+    results (:class:`~aq_brevitas.evaluate.cache.MeasureCache`): a policy measured there before on the
+    same weights, images, ε and suite is read back, each new one is written as soon as it is measured,
+    so a killed sweep resumes where it stopped. Under ``torchrun`` (after
+    :func:`~aq_brevitas.train.finetune.init_distributed`) the policies are split over the ranks and
+    every rank returns the whole front, the same as one process gives.
 
     >>> import torch
     >>> from aq_brevitas import LayerSpec, SearchConfig, build_model
@@ -281,11 +280,11 @@ def search_pareto(
     with normalized_inputs(model, cfg.normalization), eval_mode(model):
         (x, y), val = _sweep_data(model, calib_data, val_data, cfg.val_images)
         calib, table = _calibration_and_table(model, (x, y), table, methods, cfg, progress, seconds)
-        budgets_ = _sweep(table, budgets, widths)
+        budgets_ = _sweep(table, budgets)
         cache = WeightCache(model, table)
         chosen = _choose(model, table, cache, budgets_, methods, cfg, (x, y), calib, progress)
         seconds["selection"] = time.perf_counter() - t0 - seconds["calibration"] - seconds["table"]
-        measure = _Measure(model, x, val, cfg)
+        measure = _Measure(model, x, val, cfg, cache_dir)
         measure.prefetch([None, *(specs for _, _, specs in chosen)], workers, progress)
         float_clean, float_robust = measure(None)
         points = [_point(measure, table, method, budget, specs) for method, budget, specs in chosen]
@@ -346,11 +345,12 @@ def _sweep_data(
     return (x, y), val
 
 
-def _sweep(
-    table: CandidateTable, budgets: Sequence[Budget | str] | None, widths: Sequence[int]
-) -> list[Budget]:
-    """The budgets of the sweep (given, or the uniform ``w_b a_b`` of each width), all of one kind."""
-    budgets_ = [as_budget(b) for b in budgets] if budgets is not None else sweep_budgets(table, widths)
+def _sweep(table: CandidateTable, budgets: Sequence[Budget | str | int]) -> list[Budget]:
+    """The budgets of the sweep (a bit width: the BOPs of uniform ``w_b a_b``), all of one kind."""
+    budgets_ = [
+        sweep_budgets(table, [b])[0] if isinstance(b, int) and not isinstance(b, bool) else as_budget(b)
+        for b in budgets
+    ]
     if len({b.kind for b in budgets_}) > 1:
         raise ConfigError(
             "the budgets of one sweep must be of one kind", "pass only bops=..., or only kib=..."
