@@ -196,3 +196,37 @@ def unconstrained_check(accuracy: float | None, images: int, attacks: str) -> Ma
         "" if ok else " -- with no budget at all the attack should break every image"
     )
     return MaskingCheck("unconstrained_reaches_zero", ok, detail)
+
+
+def chain_alarm(
+    steps: list[tuple[str, torch.Tensor, torch.Tensor | None]],
+    alive: torch.Tensor,
+    black_box: tuple[str, ...],
+) -> str | None:
+    """The indicators readable from a chain before its transfer and gradient-free attacks: why they
+    must run on every image still standing, or None. ``steps``: ``(attack, seen, trace)`` of the
+    attacks run so far (``seen``: bool over images, :class:`~aq_brevitas.evaluate.suite.Watch`);
+    ``alive``: the images still standing. Fires on a silent success (an image seen misclassified
+    still standing, as :func:`silent_success_check`) or when the first white-box attack's trace says
+    more steps would break more images (as :func:`optimisation_check`).
+
+    >>> import torch
+    >>> from aq_brevitas.evaluate.indicators import chain_alarm
+    >>> alive = torch.tensor([True, True, False])
+    >>> chain_alarm([("apgd-ce", torch.tensor([False, False, True]), None)], alive, ("square",)) is None
+    True
+    >>> chain_alarm([("apgd-ce", torch.tensor([True, False, False]), None)], alive, ("square",))
+    'no_silent_success: 1 image(s) seen misclassified inside the ε-ball still count as robust'
+    """
+    white = [(name, seen, trace) for name, seen, trace in steps if name not in black_box]
+    silent = int(sum(((seen & alive).sum() for _, seen, _ in white), torch.tensor(0)))
+    if silent:
+        return (
+            f"no_silent_success: {silent} image(s) seen misclassified inside the ε-ball still count as robust"
+        )
+    trace = white[0][2] if white else None
+    if trace is not None and len(trace) >= 4:
+        n, images = would_break(trace)
+        if n > max(2.0, LATE_BREAKS_MAX * images):
+            return f"optimisation_complete: {n} of {images} images were still losing margin at {white[0][0]}'s end"
+    return None
