@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from aq_brevitas.config import SUITES
 from aq_brevitas.data import load_split  # noqa: E402
-from aq_brevitas.evaluate.suite import ChainSettings, run_chain
+from aq_brevitas.evaluate.suite import ChainSettings, run_chain, suite_names
 from aq_brevitas.forward import eval_mode, frozen_quant_weights
 from aq_brevitas.models import load_float_model  # noqa: E402
 from aq_brevitas.policy import LayerSpec, LayerwisePolicy  # noqa: E402
@@ -131,7 +132,9 @@ def candidates(name: str, images: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("paired", "candidates", "report", "summary"), default="paired")
+    ap.add_argument(
+        "--phase", choices=("paired", "candidates", "report", "schedule", "summary"), default="paired"
+    )
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args(argv)
@@ -145,9 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(path.read_text()) if path.exists() else {"header": header(), "models": {}}
     for name in args.only or list(MODELS):
         t0 = time.perf_counter()
-        fn = {"paired": paired, "candidates": candidates, "report": report_phase}[args.phase]
-        result["models"][name] = fn(name, args.images)
-        result["models"][name]["wall"] = time.perf_counter() - t0
+        if args.phase == "schedule":  # resumable: what a row measured on these images is kept
+            row = schedule(name, args.images, result["models"].get(name))
+        else:
+            row = {"paired": paired, "candidates": candidates, "report": report_phase}[args.phase](
+                name, args.images
+            )
+        row["wall"] = time.perf_counter() - t0
+        # re-read before writing: rows another run wrote meanwhile are kept
+        result = json.loads(path.read_text()) if path.exists() else result
+        result["models"][name] = row
         path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -219,6 +229,64 @@ def paired(name: str, images: int) -> dict:
     return out
 
 
+def schedule(name: str, images: int, old: dict | None = None) -> dict:
+    """Today's fast suite and the adaptive one on one build of the model and the same images
+    (clean-correct, then PGD-20 first, as the report runs them), fixed seeds: per suite its robust
+    accuracy, wall and CPU seconds, per-image survivors, the schedule's notes and the chain indicators
+    (silent successes, optimisation, white-box strongest). ``old``: this row's cached result; a suite
+    measured on the same images with the same schedule is kept (an adaptive result of another
+    schedule moves to ``trials``)."""
+    from aq_brevitas.evaluate.suite import SCHEDULES
+
+    model, float_model = build(name)
+    x, y = load_split("test", limit=images)
+    surrogate = None if float_model is model else float_model
+    old = old if old and old.get("images") == images else {}
+    out: dict = {"model": name, "images": images, "trials": old.get("trials", [])}
+    with eval_mode(model), frozen_quant_weights(model), torch.random.fork_rng(devices=[]):
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        (pgd,) = run_chain(model, x, y, EPS, ["pgd"], alive=clean, settings=ChainSettings(steps=20))
+        out.update(clean=pack(clean), pgd=pack(pgd.survived))
+        for suite in ("fast", "adaptive"):
+            tag = repr(SCHEDULES.get(suite))
+            if suite in old and old[suite].get("schedule", tag) == tag:
+                out[suite] = old[suite]
+                continue
+            if suite in old:
+                out["trials"].append(old[suite])
+            out[suite] = _measure_suite(model, x, y, pgd.survived, suite, surrogate)
+            print(f"  {name:28s} {suite:9s} {out[suite]['accuracy']:.3f} {out[suite]['cpu_seconds']:6.1f} cpu s "
+                  f"fired {out[suite]['fired']}", flush=True)  # fmt: skip
+    return out
+
+
+def _measure_suite(model, x, y, alive, suite: str, surrogate) -> dict:
+    """One suite's chain from the images ``alive``: its result, timing, indicators and notes."""
+    from aq_brevitas.evaluate.indicators import optimisation_check, silent_success_check, white_box_check
+    from aq_brevitas.evaluate.suite import SCHEDULES
+
+    names = suite_names(suite, surrogate=surrogate is not None)
+    settings = ChainSettings(100, 500, schedule=SCHEDULES.get(suite))
+    load, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    chain = run_chain(model, x, y, EPS, names, alive=alive, surrogate=surrogate, settings=settings)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    final, images = chain[-1].survived, len(x)
+    white = [s for s in chain if s.name not in ("transfer", "square")]
+    k = next(i for i, s in enumerate(chain) if s.name in ("transfer", "square"))
+    checks = [
+        silent_success_check({EPS: int((torch.stack([s.seen for s in chain]).any(0) & final).sum())}, images),
+        optimisation_check({EPS: (white[0].name, white[0].trace)}),
+        white_box_check({EPS: (int((chain[k - 1].survived & ~final).sum()), int(alive.sum()), "transfer+square")}),
+    ]  # fmt: skip
+    return {
+        "schedule": repr(SCHEDULES.get(suite)), "accuracy": int(final.sum()) / images, "seconds": wall,
+        "cpu_seconds": cpu, "load": load, "survived": pack(final), "notes": [n for s in chain for n in s.notes],
+        "parts": {s.name: [int(s.survived.sum()) / images, s.seconds, s.attacked] for s in chain},
+        "fired": [c.name for c in checks if c.passed is False],
+    }  # fmt: skip
+
+
 def summary(result: dict) -> dict:
     """One row per model of the paired results (what the docs table shows)."""
     rows = []
@@ -236,7 +304,7 @@ def summary(result: dict) -> dict:
 def render_section(result: dict) -> list[str]:
     """The docs/benchmarks.md section of this benchmark (for benchmarks/render_docs.py)."""
     lines = [
-        "## Attack suite: the fast default against reference AutoAttack",
+        "## Attack suite: the fast suite against reference AutoAttack",
         "",
         f"`python benchmarks/attack_suite.py` — {result['header']}. First {result['rows'][0]['images']} "
         f"Fashion-MNIST test images, ε = {result['eps']}; quantized models calibrated on 256 training images "
@@ -260,7 +328,127 @@ def render_section(result: dict) -> list[str]:
             f"| {r['reference_seconds']:.0f} | {gap:+.0f} | {r['fast_seconds'] / r['reference_seconds']:.2f} "
             f"| {', '.join(f'`{f}`' for f in r['fired']) or 'none'} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *render_schedule()]
+
+
+def unpack(text: str) -> torch.Tensor:
+    return torch.tensor(list(base64.b64decode(text)), dtype=torch.bool)
+
+
+def schedule_rows(result: dict) -> list[dict]:
+    """Per row of the schedule phase: both suites' accuracy and CPU seconds, their ratio, the stored
+    reference AutoAttack on the 100 images of ``--images 100`` (attack_suite_paired.json, seed 0; among
+    these) next to both suites' accuracy on those 100, the indicators that fired and the schedule's notes."""
+    paired_path = RESULTS / "attack_suite_paired.json"
+    paired = json.loads(paired_path.read_text())["models"] if paired_path.exists() else {}
+    rows = []
+    for name, m in result["models"].items():
+        ref = paired.get(name, {}).get("reference")
+        n_ref = paired.get(name, {}).get("images", 0)
+        row = {"model": name, "images": m["images"], "load": m.get("load"),
+               "clean": float(unpack(m["clean"]).float().mean()), "pgd": float(unpack(m["pgd"]).float().mean())}  # fmt: skip
+        for suite in ("fast", "adaptive"):
+            row[suite] = m[suite]["accuracy"]
+            row[f"{suite}_seconds"] = m[suite]["cpu_seconds"]
+            row[f"{suite}_fired"] = m[suite]["fired"]
+            at = _positions(n_ref, m["images"]) if ref else None
+            row[f"{suite}_first"] = float(unpack(m[suite]["survived"])[at].float().mean()) if ref else None
+        row.update(ratio=row["adaptive_seconds"] / row["fast_seconds"], notes=m["adaptive"]["notes"],
+                   reference_first=ref["accuracy"] if ref else None, reference_images=n_ref if ref else None)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _positions(small: int, large: int, test_images: int = 10_000) -> torch.Tensor:
+    """Where the images of ``load_split("test", limit=small)`` sit in ``limit=large`` (same seed 0):
+    both are the first draws of one seeded permutation, kept in dataset order."""
+    perm = torch.randperm(test_images, generator=torch.Generator().manual_seed(0))
+    return torch.searchsorted(perm[:large].sort().values, perm[:small].sort().values)
+
+
+def render_schedule() -> list[str]:
+    """The docs section of the schedule phase (attack_suite_schedule.json), empty until it ran."""
+    path = RESULTS / "attack_suite_schedule.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    rows = schedule_rows(result)
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [
+        "## Attack suite: the adaptive default against the fast suite and the reference",
+        "",
+        f"`python benchmarks/attack_suite.py --phase schedule --images 500` — {result['header']}. "
+        "500 Fashion-MNIST test images (`load_split('test', limit=500)`, a seeded random subset), ε = 0.1, seed 0; per row one build of the model, then PGD-20 on "
+        "the clean-correct images and, from the images it left standing, today's **fast** suite and the "
+        "**adaptive** one (the new default) back to back in one process; seconds are the chain's CPU seconds "
+        "(one thread; wall times on the shared machine are noisier), accuracies the per-image worst case of "
+        "PGD-20 and the chain. **reference** is the stored reference AutoAttack on the 100 images of "
+        "`--images 100` (attack_suite_paired.json: seed 0, same calibration), which are among these 500, next "
+        "to both suites on the same 100. "
+        "Indicators: no_silent_success, optimisation_complete and white_box_strongest read from each chain.",
+        "",
+        "| model | clean | PGD-20 | fast | s | adaptive | s | time ratio | Δ (pts) | reference, 100 images "
+        "| fast / adaptive on them | fired (fast / adaptive) | sampled attacks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        sampled = (
+            "escalated" if any("ran on all" in n for n in r["notes"]) else "sampled" if r["notes"] else "all"
+        )
+        fired = f"{', '.join(r['fast_fired']) or 'none'} / {', '.join(r['adaptive_fired']) or 'none'}"
+        lines.append(
+            f"| {r['model']} | {pct(r['clean'])} | {pct(r['pgd'])} | {pct(r['fast'])} | {r['fast_seconds']:.0f} "
+            f"| {pct(r['adaptive'])} | {r['adaptive_seconds']:.0f} | {r['ratio']:.2f} "
+            f"| {100 * (r['adaptive'] - r['fast']):+.1f} | {pct(r['reference_first'])} "
+            f"| {pct(r['fast_first'])} / {pct(r['adaptive_first'])} | {fired} | {sampled} |"
+        )
+    mean = sum(r["ratio"] for r in rows) / len(rows)
+    worst = max(rows, key=lambda r: r["adaptive"] - r["fast"])
+    over = ", ".join(
+        f"{r['model']} ({100 * (r['adaptive'] - r['fast']):+.1f})"
+        for r in rows
+        if r["adaptive"] - r["fast"] > 0.005
+    )
+    refs = [r for r in rows if r["reference_first"] is not None]
+    masked = [
+        r["model"]
+        for r in rows
+        if all("white_box_strongest" in r[f"{k}_fired"] for k in ("fast", "adaptive"))
+    ]
+
+    def ref_gaps(suite: str) -> str:
+        """Points above the reference per row, and the rows past 1 point (2 on masked rows)."""
+        gaps = {r["model"]: round(100 * (r[f"{suite}_first"] - r["reference_first"])) for r in refs}
+        miss = [m for m, g in gaps.items() if g > (2 if m in masked else 1)]
+        return (
+            ", ".join(f"{m} {g:+d}" for m, g in gaps.items())
+            + f" (past the target: {', '.join(miss) or 'none'})"
+        )
+
+    lines += [
+        "",
+        f"Mean time ratio (adaptive / fast) over these {len(rows)} rows: **{mean:.2f}** (target ≤ 0.25); largest "
+        f"excess over the fast suite {100 * (worst['adaptive'] - worst['fast']):+.1f} points ({worst['model']}; "
+        "target ≤ +0.5).",
+        "",
+        f"Rows above the fast suite by more than 0.5 points: {over or 'none'}. Against the stored reference on "
+        f"those 100 images (one image is one point), in points above it: adaptive {ref_gaps('adaptive')}; fast "
+        f"{ref_gaps('fast')}. Masked rows where white_box_strongest fired for both suites: "
+        f"{', '.join(masked) or 'none'}. Rows defined but not run at 500 images: "
+        f"{', '.join(m for m in MODELS if m not in result['models']) or 'none'}.",
+        "",
+    ]
+    trials = [(name, t) for name, m in result["models"].items() for t in m.get("trials", [])]
+    if trials:
+        lines += ["Earlier schedules measured on the same rows and images (replaced):", ""]
+        for name, t in trials:
+            fast = result["models"][name]["fast"]
+            lines.append(
+                f"- {name}: `{t['schedule']}`: {pct(t['accuracy'])} against the fast suite's {pct(fast['accuracy'])}, "
+                f"{t['cpu_seconds'] / fast['cpu_seconds']:.2f}× its time."
+            )
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":
