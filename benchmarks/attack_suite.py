@@ -345,7 +345,8 @@ def schedule_rows(result: dict) -> list[dict]:
     for name, m in result["models"].items():
         ref = paired.get(name, {}).get("reference")
         n_ref = paired.get(name, {}).get("images", 0)
-        row = {"model": name, "images": m["images"], "load": m.get("load"),
+        load = "/".join(f"{m[k]['load']:.1f}" if m[k].get("load") else "?" for k in ("fast", "adaptive"))
+        row = {"model": name, "images": m["images"], "load": load,
                "clean": float(unpack(m["clean"]).float().mean()), "pgd": float(unpack(m["pgd"]).float().mean())}  # fmt: skip
         for suite in ("fast", "adaptive"):
             row[suite] = m[suite]["accuracy"]
@@ -368,6 +369,8 @@ def _positions(small: int, large: int, test_images: int = 10_000) -> torch.Tenso
 
 def render_schedule() -> list[str]:
     """The docs section of the schedule phase (attack_suite_schedule.json), empty until it ran."""
+    from aq_brevitas.evaluate.suite import SCHEDULES
+
     path = RESULTS / "attack_suite_schedule.json"
     if not path.exists():
         return []
@@ -380,27 +383,32 @@ def render_schedule() -> list[str]:
         f"`python benchmarks/attack_suite.py --phase schedule --images 500` — {result['header']}. "
         "500 Fashion-MNIST test images (`load_split('test', limit=500)`, a seeded random subset), ε = 0.1, seed 0; per row one build of the model, then PGD-20 on "
         "the clean-correct images and, from the images it left standing, today's **fast** suite and the "
-        "**adaptive** one (the new default) back to back in one process; seconds are the chain's CPU seconds "
+        "**adaptive** one (the new default) back to back in one process (on rows with an earlier schedule below, "
+        "the adaptive one was measured again in a later process; the last column gives the 1-minute load average "
+        "at each suite's start); seconds are the chain's CPU seconds "
         "(one thread; wall times on the shared machine are noisier), accuracies the per-image worst case of "
         "PGD-20 and the chain. **reference** is the stored reference AutoAttack on the 100 images of "
         "`--images 100` (attack_suite_paired.json: seed 0, same calibration), which are among these 500, next "
         "to both suites on the same 100. "
-        "Indicators: no_silent_success, optimisation_complete and white_box_strongest read from each chain.",
+        "Indicators: no_silent_success, optimisation_complete and white_box_strongest read from each chain. "
+        f"The adaptive schedule: {SCHEDULES['adaptive'].describe()} (`{SCHEDULES['adaptive']!r}`); the last "
+        "column says, per sampled attack, whether it skipped images (sampled) or escalated to all of them.",
         "",
         "| model | clean | PGD-20 | fast | s | adaptive | s | time ratio | Δ (pts) | reference, 100 images "
-        "| fast / adaptive on them | fired (fast / adaptive) | sampled attacks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| fast / adaptive on them | fired (fast / adaptive) | adaptive's sampled attacks | load (fast / adaptive) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         sampled = (
-            "escalated" if any("ran on all" in n for n in r["notes"]) else "sampled" if r["notes"] else "all"
+            ", ".join(f"{n.split()[0]} {'all' if 'ran on all' in n else 'sampled'}" for n in r["notes"])
+            or "all on all"
         )
         fired = f"{', '.join(r['fast_fired']) or 'none'} / {', '.join(r['adaptive_fired']) or 'none'}"
         lines.append(
             f"| {r['model']} | {pct(r['clean'])} | {pct(r['pgd'])} | {pct(r['fast'])} | {r['fast_seconds']:.0f} "
             f"| {pct(r['adaptive'])} | {r['adaptive_seconds']:.0f} | {r['ratio']:.2f} "
             f"| {100 * (r['adaptive'] - r['fast']):+.1f} | {pct(r['reference_first'])} "
-            f"| {pct(r['fast_first'])} / {pct(r['adaptive_first'])} | {fired} | {sampled} |"
+            f"| {pct(r['fast_first'])} / {pct(r['adaptive_first'])} | {fired} | {sampled} | {r['load']} |"
         )
     mean = sum(r["ratio"] for r in rows) / len(rows)
     worst = max(rows, key=lambda r: r["adaptive"] - r["fast"])
