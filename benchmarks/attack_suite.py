@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--seeds", action="store_true", help="schedule phase: also the fast suite at seed 1")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.phase == "summary":
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.only or list(MODELS):
         t0 = time.perf_counter()
         if args.phase == "schedule":  # resumable: what a row measured on these images is kept
-            row = schedule(name, args.images, result["models"].get(name))
+            row = schedule(name, args.images, result["models"].get(name), seeds=args.seeds)
         else:
             row = {"paired": paired, "candidates": candidates, "report": report_phase}[args.phase](
                 name, args.images
@@ -229,13 +230,14 @@ def paired(name: str, images: int) -> dict:
     return out
 
 
-def schedule(name: str, images: int, old: dict | None = None) -> dict:
+def schedule(name: str, images: int, old: dict | None = None, seeds: bool = False) -> dict:
     """Today's fast suite and the adaptive one on one build of the model and the same images
     (clean-correct, then PGD-20 first, as the report runs them), fixed seeds: per suite its robust
     accuracy, wall and CPU seconds, per-image survivors, the schedule's notes and the chain indicators
     (silent successes, optimisation, white-box strongest). ``old``: this row's cached result; a suite
     measured on the same images with the same schedule is kept (an adaptive result of another
-    schedule moves to ``trials``)."""
+    schedule moves to ``trials``). ``seeds``: also the fast suite with its attacks seeded 1 (its own
+    spread), kept as ``fast_seed1``."""
     from aq_brevitas.evaluate.suite import SCHEDULES
 
     model, float_model = build(name)
@@ -248,6 +250,11 @@ def schedule(name: str, images: int, old: dict | None = None) -> dict:
             clean = model(x).argmax(1) == y
         (pgd,) = run_chain(model, x, y, EPS, ["pgd"], alive=clean, settings=ChainSettings(steps=20))
         out.update(clean=pack(clean), pgd=pack(pgd.survived))
+        if seeds and "fast_seed1" not in old:  # the fast suite's own spread over its attacks' seed
+            out["fast_seed1"] = _measure_suite(model, x, y, pgd.survived, "fast", surrogate, seed=1)
+            print(f"  {name:28s} fast seed 1 {out['fast_seed1']['accuracy']:.3f}", flush=True)
+        elif "fast_seed1" in old:
+            out["fast_seed1"] = old["fast_seed1"]
         for suite in ("fast", "adaptive"):
             tag = repr(SCHEDULES.get(suite))
             if suite in old and old[suite].get("schedule", tag) == tag:
@@ -261,13 +268,13 @@ def schedule(name: str, images: int, old: dict | None = None) -> dict:
     return out
 
 
-def _measure_suite(model, x, y, alive, suite: str, surrogate) -> dict:
+def _measure_suite(model, x, y, alive, suite: str, surrogate, seed: int = 0) -> dict:
     """One suite's chain from the images ``alive``: its result, timing, indicators and notes."""
     from aq_brevitas.evaluate.indicators import optimisation_check, silent_success_check, white_box_check
     from aq_brevitas.evaluate.suite import SCHEDULES
 
     names = suite_names(suite, surrogate=surrogate is not None)
-    settings = ChainSettings(100, 500, schedule=SCHEDULES.get(suite))
+    settings = ChainSettings(100, 500, seed=seed, schedule=SCHEDULES.get(suite))
     load, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
     chain = run_chain(model, x, y, EPS, names, alive=alive, surrogate=surrogate, settings=settings)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -446,6 +453,18 @@ def render_schedule() -> list[str]:
         f"{', '.join(m for m in MODELS if m not in result['models']) or 'none'}.",
         "",
     ]
+    spread = [
+        f"{name} {pct(m['fast']['accuracy'])} → {pct(m['fast_seed1']['accuracy'])} "
+        f"({100 * (m['fast_seed1']['accuracy'] - m['fast']['accuracy']):+.1f})"
+        for name, m in result["models"].items()
+        if "fast_seed1" in m
+    ]
+    if spread:
+        lines += [
+            "The fast suite's own spread: the same chain with its attacks seeded 1 instead of 0 (same model, "
+            f"images and PGD-20), seed 0 → seed 1: {'; '.join(spread)}.",
+            "",
+        ]
     trials = [(name, t) for name, m in result["models"].items() for t in m.get("trials", [])]
     if trials:
         lines += ["Earlier schedules measured on the same rows and images (replaced):", ""]

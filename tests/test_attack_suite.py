@@ -287,12 +287,15 @@ def test_schedule_escalates_when_the_indicators_fire(monkeypatch):
 
 
 def test_schedule_shares_the_steps():
-    from aq_brevitas.evaluate.suite import SCHEDULES, _Chain
+    from aq_brevitas.evaluate.suite import SCHEDULES, Schedule, _Chain
 
-    settings = ChainSettings(100, 500, schedule=SCHEDULES["adaptive"])
-    run = _Chain(_linear(), *_margins(4), 0.1, None, settings, None)
-    used = [run.used(a) for a in ("apgd-ce", "apgd-dlr", "apgd-t3", "square", "transfer")]
-    assert used == [50, 100, 25, 500, None]
+    names = ("apgd-ce", "apgd-dlr", "apgd-t3", "square", "transfer")
+    for schedule, used in (
+        (SCHEDULES["adaptive"], [100, 100, 25, 500, None]),
+        (Schedule(step_share=(("apgd-ce", 0.5), ("apgd-t3", 0.5))), [50, 100, 12, 500, None]),
+    ):
+        run = _Chain(_linear(), *_margins(4), 0.1, None, ChainSettings(100, 500, schedule=schedule), None)
+        assert [run.used(a) for a in names] == used
 
 
 def test_schedule_focus_runs_on_the_smallest_margins(monkeypatch):
