@@ -38,6 +38,7 @@ GRID_ATTACKS = ("square", "autoattack", "apgd-ce", "apgd-dlr", "apgd-ce-scaled",
 
 #: attack suites (:mod:`aq_brevitas.evaluate.suite`): the attacks of each, in the order they run
 SUITES: dict[str, tuple[str, ...]] = {
+    "adaptive": ("apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square"),  # the fast one's, scheduled
     "fast": ("apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square"),
     "reference": ("apgd-ce", "apgd-t", "fab-t", "square"),
 }
@@ -379,7 +380,7 @@ class EvalConfig(InputNormalization):
 
     ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of
     :data:`EVAL_ATTACKS`); PGD with ``pgd_steps`` steps and ``pgd_restarts`` restarts; at every ε the
-    attack ``suite`` (``"fast"``, ``"reference"``, ``"none"``, or a tuple of
+    attack ``suite`` (``"adaptive"``, ``"fast"``, ``"reference"``, ``"none"``, or a tuple of
     :data:`~aq_brevitas.config.SUITE_ATTACKS`; :mod:`aq_brevitas.evaluate.suite`) with ``suite_steps`` APGD
     iterations and ``suite_queries`` Square queries; ``autoattack`` (``"standard"``: the reference
     AutoAttack of Croce & Hein, 100 iterations, Square 5,000 queries, built from torchattacks classes;
@@ -396,7 +397,7 @@ class EvalConfig(InputNormalization):
     pgd_steps: int = 20
     pgd_restarts: int = 1
     suite: str | tuple[str, ...] = field(
-        default="fast", metadata={"choices": (*SUITES, "none"), "help": "attack suite run at every eps"}
+        default="adaptive", metadata={"choices": (*SUITES, "none"), "help": "attack suite run at every eps"}
     )
     suite_steps: int = 100
     suite_queries: int = 500

@@ -129,9 +129,12 @@ def test_old_report_without_per_image_outcomes_loads_with_a_note(cnn, data):
 
 def test_suite_only_attacks_what_is_left_and_never_raises_accuracy(cnn, data):
     x, y = data
-    acc = suite_accuracies(cnn, x, y, eps=0.1, settings=ChainSettings(10, 30), pgd_steps=5, surrogate=cnn)
+    kw = dict(eps=0.1, settings=ChainSettings(10, 30), pgd_steps=5, surrogate=cnn)
+    acc = suite_accuracies(cnn, x, y, suite="fast", **kw)
     values = list(acc.values())
     assert list(acc) == ["clean", "pgd", "apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square", "worst case"]
+    adaptive = suite_accuracies(cnn, x, y, **kw)  # the default
+    assert list(adaptive) == list(acc) and adaptive["worst case"] <= adaptive["pgd"]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     chain = run_chain(cnn, x, y, 0.1, ["apgd-ce", "apgd-dlr"], settings=ChainSettings(steps=10))
     assert chain[1].attacked == int(chain[0].survived.sum()) and chain[0].attacked == len(x)
@@ -173,3 +176,136 @@ def test_incomplete_optimisation_is_caught(cnn, data):
     (normal,) = run_chain(cnn, x, y, 0.1, ["apgd-ce"], settings=ChainSettings(steps=20))
     assert optimisation_check({0.1: ("apgd-ce", drift.trace)}).passed is False
     assert optimisation_check({0.1: ("apgd-ce", normal.trace)}).passed is True
+
+
+# --- the adaptive schedule, on tiny synthetic inputs: a 2-class model whose margin is x0 - x1, and
+# fake attacks that push every image they get by a set share of ε towards the other class
+
+
+def _margins(n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of 1×1×2 pixels, label 0, margins (x0 - x1) spread evenly over (0, 0.4)."""
+    m = torch.linspace(0.001, 0.4, n)
+    x = torch.stack([0.5 + m / 2, 0.5 - m / 2], 1).reshape(n, 1, 1, 2)
+    return x, torch.zeros(n, dtype=torch.long)
+
+
+def _fake_builder(push: dict[str, float], calls: dict[str, list[torch.Tensor]], peek: bool = False):
+    """A stand-in for suite._builder: attack ``name`` moves each image ``push[name]``·ε along (-1, +1)
+    and records the margins of the images it was given; ``peek``: apgd-ce also looks at a broken point
+    (as its own forward) but returns the image unchanged: a silent success."""
+
+    def builder(name, model, eps, **kw):
+        def attack(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            calls.setdefault(name, []).append((xb[:, 0, 0, 0] - xb[:, 0, 0, 1]).clone())
+            step = torch.tensor([-1.0, 1.0]).reshape(1, 1, 1, 2)
+            if peek and name == "apgd-ce":
+                with torch.enable_grad():
+                    model(xb + eps * step)
+                return xb
+            return (xb + push[name] * eps * step).clamp(0, 1)
+
+        return attack
+
+    return builder
+
+
+def _linear() -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(2))
+    return model.eval()
+
+
+def _chain(monkeypatch, push, schedule, seed=0, peek=False):
+    from aq_brevitas.evaluate import suite
+
+    calls: dict[str, list[torch.Tensor]] = {}
+    monkeypatch.setattr(suite, "_builder", _fake_builder(push, calls, peek))
+    x, y = _margins()
+    settings = ChainSettings(steps=8, queries=10, seed=seed, schedule=schedule)
+    chain = run_chain(_linear(), x, y, 0.1, ["apgd-ce", "square"], settings=settings)
+    return chain, {k: torch.cat(v) for k, v in calls.items()}
+
+
+SAMPLED = dict(sampled=("square",), sample=20)
+
+
+def test_schedule_escalates_to_all_survivors_when_the_sample_breaks_an_image(monkeypatch):
+    from aq_brevitas.evaluate.suite import Schedule
+
+    # apgd-ce (0.5 ε each way: margins < 0.1 fall) leaves 75 images; square (1 ε: < 0.2) breaks 25 more
+    plain, _ = _chain(monkeypatch, {"apgd-ce": 0.5, "square": 1.0}, None)
+    chain, calls = _chain(monkeypatch, {"apgd-ce": 0.5, "square": 1.0}, Schedule(**SAMPLED))
+    assert int(chain[0].survived.sum()) == 75
+    assert torch.equal(chain[-1].survived, plain[-1].survived) and int(chain[-1].survived.sum()) == 50
+    assert len(calls["square"]) == 75  # the sample of 20, then the other 55
+    (note,) = chain[-1].notes
+    assert "ran on all 75 images" in note and "random sample of 20" in note
+
+
+def test_schedule_notes_what_it_skipped_and_what_that_could_miss(monkeypatch):
+    from aq_brevitas.evaluate.suite import Schedule
+
+    # square no stronger than apgd-ce: its sample breaks nothing, the other 55 survivors are skipped
+    chain, calls = _chain(monkeypatch, {"apgd-ce": 0.5, "square": 0.5}, Schedule(**SAMPLED))
+    assert len(calls["square"]) == 20 and int(chain[-1].survived.sum()) == 75
+    assert chain[-1].attacked == 75 and chain[0].notes == ()
+    (note,) = chain[-1].notes
+    assert "skipped on the other 55" in note and "at most 9" in note and "9.0 points" in note
+
+
+def test_schedule_equals_a_plain_chain_when_nothing_is_skipped(monkeypatch):
+    from aq_brevitas.evaluate.suite import Schedule
+
+    push = {"apgd-ce": 0.5, "square": 1.0}
+    plain, plain_calls = _chain(monkeypatch, push, None)
+    for schedule in (Schedule(), Schedule(sampled=("square",), sample=100)):
+        chain, calls = _chain(monkeypatch, push, schedule)
+        assert [torch.equal(a.survived, b.survived) for a, b in zip(chain, plain, strict=True)] == [
+            True,
+            True,
+        ]
+        assert torch.equal(calls["square"], plain_calls["square"]) and chain[-1].notes == ()
+
+
+def test_schedule_sample_is_deterministic_with_a_seed(monkeypatch):
+    from aq_brevitas.evaluate.suite import Schedule
+
+    push = {"apgd-ce": 0.5, "square": 0.5}
+    runs = [_chain(monkeypatch, push, Schedule(**SAMPLED), seed=s)[1]["square"] for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_schedule_escalates_when_the_indicators_fire(monkeypatch):
+    from aq_brevitas.evaluate.suite import Schedule
+
+    # apgd-ce sees broken points it does not return (silent success): square must run on everyone
+    chain, calls = _chain(monkeypatch, {"apgd-ce": 0.0, "square": 0.5}, Schedule(**SAMPLED), peek=True)
+    assert len(calls["square"]) == 100 and int(chain[-1].survived.sum()) == 75
+    (note,) = chain[-1].notes
+    assert note.startswith("square ran on all 100 images still standing: no_silent_success")
+
+
+def test_schedule_shares_the_steps():
+    from aq_brevitas.evaluate.suite import SCHEDULES, Schedule, _Chain
+
+    names = ("apgd-ce", "apgd-dlr", "apgd-t3", "square", "transfer")
+    for schedule, used in (
+        (SCHEDULES["adaptive"], [100, 100, 25, 500, None]),
+        (Schedule(step_share=(("apgd-ce", 0.5), ("apgd-t3", 0.5))), [50, 100, 12, 500, None]),
+    ):
+        run = _Chain(_linear(), *_margins(4), 0.1, None, ChainSettings(100, 500, schedule=schedule), None)
+        assert [run.used(a) for a in names] == used
+
+
+def test_schedule_focus_runs_on_the_smallest_margins(monkeypatch):
+    from aq_brevitas.evaluate.suite import Schedule
+
+    # after apgd-ce the 75 survivors' margins are 0..0.3; square (1 ε) breaks the 25 below 0.1: its
+    # focus (a third, the smallest margins) holds exactly those, its sample of 10 of the others none
+    schedule = Schedule(sampled=("square",), sample=10, focus=(("square", 0.34),))
+    chain, calls = _chain(monkeypatch, {"apgd-ce": 0.5, "square": 1.0}, schedule)
+    assert len(calls["square"]) == 35 and int(chain[-1].survived.sum()) == 50
+    assert calls["square"].sort().values[24] < 0.2 <= calls["square"].sort().values[25]
+    (note,) = chain[-1].notes
+    assert "the 25 with the smallest margin" in note and "skipped on the other 40" in note

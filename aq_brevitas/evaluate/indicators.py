@@ -17,9 +17,15 @@ warning in the report and in ``run``'s summary, ``passed=None`` means it could n
 * ``white_box_strongest``: the transfer and gradient-free attacks break at most a few images the
   white-box attacks could not (more: the gradients mislead).
 * ``unconstrained_reaches_zero``: an attack with ε = 1 (any image in [0, 1]) leaves nothing standing.
+
+A :class:`Watch` on the model's forward records, while an attack runs, what the silent-success and
+optimisation indicators read; :func:`chain_alarm` reads them from a chain before its transfer and
+gradient-free attacks, for the adaptive suite's escalation (:mod:`aq_brevitas.evaluate.suite`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -196,3 +202,98 @@ def unconstrained_check(accuracy: float | None, images: int, attacks: str) -> Ma
         "" if ok else " -- with no budget at all the attack should break every image"
     )
     return MaskingCheck("unconstrained_reaches_zero", ok, detail)
+
+
+def chain_alarm(
+    steps: list[tuple[str, torch.Tensor, torch.Tensor | None]],
+    alive: torch.Tensor,
+    black_box: tuple[str, ...],
+) -> str | None:
+    """The indicators readable from a chain before its transfer and gradient-free attacks: why they
+    must run on every image still standing, or None. ``steps``: ``(attack, seen, trace)`` of the
+    attacks run so far (``seen``: bool over images, :class:`Watch`);
+    ``alive``: the images still standing. Fires on a silent success (an image seen misclassified
+    still standing, as :func:`silent_success_check`) or when the first white-box attack's trace says
+    more steps would break more images (as :func:`optimisation_check`).
+
+    >>> import torch
+    >>> from aq_brevitas.evaluate.indicators import chain_alarm
+    >>> alive = torch.tensor([True, True, False])
+    >>> chain_alarm([("apgd-ce", torch.tensor([False, False, True]), None)], alive, ("square",)) is None
+    True
+    >>> chain_alarm([("apgd-ce", torch.tensor([True, False, False]), None)], alive, ("square",))
+    'no_silent_success: 1 image(s) seen misclassified inside the ε-ball still count as robust'
+    """
+    white = [(name, seen, trace) for name, seen, trace in steps if name not in black_box]
+    silent = int(sum(((seen & alive).sum() for _, seen, _ in white), torch.tensor(0)))
+    if silent:
+        return (
+            f"no_silent_success: {silent} image(s) seen misclassified inside the ε-ball still count as robust"
+        )
+    trace = white[0][2] if white else None
+    if trace is not None and len(trace) >= 4:
+        n, images = would_break(trace)
+        if n > max(2.0, LATE_BREAKS_MAX * images):
+            return f"optimisation_complete: {n} of {images} images were still losing margin at {white[0][0]}'s end"
+    return None
+
+
+class Watch:
+    """Watches ``model``'s forward while an attack works on ``x`` (labels ``y``) at budget ``eps``.
+
+    Every row the model is given is matched to its nearest original (L2); a row within the ε-ball
+    (and [0, 1]) of it that the model misclassifies marks that original in ``seen``. After each
+    forward with gradients on, ``history`` gets each original's best (lowest) margin so far
+    (true-class logit minus the largest other one; inf before it is first seen). Use as a context
+    manager; ``trace()`` stacks the history (steps × images, None when empty).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+        self.model, self.x, self.y, self.eps = model, x.flatten(1), y, eps
+        self.seen = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.best = torch.full((len(x),), float("inf"), device=x.device)
+        self.history: list[torch.Tensor] = []
+        self._input: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Watch:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._pre, prepend=True),
+            self.model.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._input = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        grad = torch.is_grad_enabled()
+        with torch.no_grad():
+            self._record(out, grad)
+
+    def _record(self, out: Any, grad: bool) -> None:
+        z, logits = self._input, getattr(out, "value", out)
+        if z is None or not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(z) == 0:
+            return
+        z = z.detach().flatten(1).to(self.x.dtype)
+        if z.shape[1] != self.x.shape[1]:
+            return
+        idx = torch.cdist(z, self.x).argmin(1)
+        inside = ((z - self.x[idx]).abs().amax(1) <= self.eps + 1e-5) & (z.min(1).values >= -1e-6)
+        inside &= z.max(1).values <= 1 + 1e-6
+        y = self.y[idx]
+        true = logits.detach().gather(1, y[:, None])[:, 0]
+        other = logits.detach().scatter(1, y[:, None], float("-inf")).amax(1)
+        margin = torch.where(inside, true - other, torch.full_like(true, float("inf")))
+        self.seen[idx[margin < 0]] = True
+        self.best.scatter_reduce_(0, idx, margin, reduce="amin")
+        if grad:
+            self.history.append(self.best.cpu().clone())
+
+    def trace(self) -> torch.Tensor | None:
+        """The best margins after each gradient forward, steps × images (None: no such forward)."""
+        return torch.stack(self.history) if self.history else None
