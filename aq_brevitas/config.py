@@ -380,7 +380,7 @@ class EvalConfig(InputNormalization):
 
     ``eps`` (one or several L-inf budgets, kept sorted and unique) × ``attacks`` (of
     :data:`EVAL_ATTACKS`); PGD with ``pgd_steps`` steps and ``pgd_restarts`` restarts; at every ε the
-    attack ``suite`` (``"adaptive"``, ``"fast"``, ``"reference"``, ``"none"``, or a tuple of
+    attack ``suite`` (``"fast"``, ``"adaptive"``, ``"reference"``, ``"none"``, or a tuple of
     :data:`~aq_brevitas.config.SUITE_ATTACKS`; :mod:`aq_brevitas.evaluate.suite`) with ``suite_steps`` APGD
     iterations and ``suite_queries`` Square queries; ``autoattack`` (``"standard"``: the reference
     AutoAttack of Croce & Hein, 100 iterations, Square 5,000 queries, built from torchattacks classes;
@@ -397,7 +397,7 @@ class EvalConfig(InputNormalization):
     pgd_steps: int = 20
     pgd_restarts: int = 1
     suite: str | tuple[str, ...] = field(
-        default="adaptive", metadata={"choices": (*SUITES, "none"), "help": "attack suite run at every eps"}
+        default="fast", metadata={"choices": (*SUITES, "none"), "help": "attack suite run at every eps"}
     )
     suite_steps: int = 100
     suite_queries: int = 500

@@ -385,12 +385,12 @@ def render_schedule() -> list[str]:
     rows = schedule_rows(result)
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = [
-        "## Attack suite: the adaptive default against the fast suite and the reference",
+        "## Attack suite: the adaptive schedule against the fast suite and the reference",
         "",
         f"`python benchmarks/attack_suite.py --phase schedule --images 500` — {result['header']}. "
         "500 Fashion-MNIST test images (`load_split('test', limit=500)`, a seeded random subset), ε = 0.1, seed 0; per row one build of the model, then PGD-20 on "
         "the clean-correct images and, from the images it left standing, today's **fast** suite and the "
-        "**adaptive** one (the new default) back to back in one process (on rows with an earlier schedule below, "
+        "**adaptive** one (selectable; the default stays fast) back to back in one process (on rows with an earlier schedule below, "
         "the adaptive one was measured again in a later process; the last column gives the 1-minute load average "
         "at each suite's start); seconds are the chain's CPU seconds "
         "(one thread; wall times on the shared machine are noisier), accuracies the per-image worst case of "

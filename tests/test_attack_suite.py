@@ -133,7 +133,7 @@ def test_suite_only_attacks_what_is_left_and_never_raises_accuracy(cnn, data):
     acc = suite_accuracies(cnn, x, y, suite="fast", **kw)
     values = list(acc.values())
     assert list(acc) == ["clean", "pgd", "apgd-ce", "apgd-dlr", "apgd-t3", "transfer", "square", "worst case"]
-    adaptive = suite_accuracies(cnn, x, y, **kw)  # the default
+    adaptive = suite_accuracies(cnn, x, y, suite="adaptive", **kw)
     assert list(adaptive) == list(acc) and adaptive["worst case"] <= adaptive["pgd"]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     chain = run_chain(cnn, x, y, 0.1, ["apgd-ce", "apgd-dlr"], settings=ChainSettings(steps=10))
@@ -309,3 +309,18 @@ def test_schedule_focus_runs_on_the_smallest_margins(monkeypatch):
     assert calls["square"].sort().values[24] < 0.2 <= calls["square"].sort().values[25]
     (note,) = chain[-1].notes
     assert "the 25 with the smallest margin" in note and "skipped on the other 40" in note
+
+
+def test_report_states_what_the_adaptive_schedule_skipped(cnn, data):
+    # tiny budgets: the point is the wiring, the schedule's sentence and its run-time notes in the report
+    cfg = TINY.replace(suite="adaptive", suite_queries=10)
+    rep = evaluate_robustness(cnn, data, cfg, surrogate=cnn, progress=False)
+    assert any(
+        n.startswith("attack suite adaptive's schedule: apgd-dlr always on the 0.15") for n in rep.notes
+    )
+    suite_notes = [n for n in rep.notes if n.startswith("suite at ε=0.1: ")]
+    assert suite_notes and all(("ran on all" in n) or ("skipped on the other" in n) for n in suite_notes)
+    fast = evaluate_robustness(
+        cnn, data, TINY.replace(suite="fast", suite_queries=10), surrogate=cnn, progress=False
+    )
+    assert not any("schedule" in n or n.startswith("suite at") for n in fast.notes)

@@ -222,6 +222,7 @@ class _SuiteOutcome:
     silent: dict[float, int] = field(default_factory=dict)
     traces: dict[float, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
     extra: dict[float, tuple[int, int, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a schedule skipped, and what it could miss
 
 
 def _run_suite(
@@ -234,8 +235,10 @@ def _run_suite(
         alive = prev & run.standing.get(e, run.clean_correct)
         chain = run_chain(
             run.model, run.x, run.y, e, names, alive=alive, surrogate=surrogate, on_adv=run.track,
-            settings=ChainSettings(cfg.suite_steps, cfg.suite_queries, cfg.seed, cfg.batch_size),
+            settings=ChainSettings(cfg.suite_steps, cfg.suite_queries, cfg.seed, cfg.batch_size,
+                                   cfg.suite if isinstance(cfg.suite, str) else None),
         )  # fmt: skip
+        out.notes += [f"suite at ε={e:g}: {note}" for st in chain for note in st.notes]
         for st in chain:
             acc = mask_share(st.survived)
             out.rows.append(
@@ -363,6 +366,7 @@ def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured
             bar.update()
         outcome = _run_suite(run, cfg, names, surrogate) if names else _SuiteOutcome()
         results += outcome.rows
+        plan.notes += outcome.notes
         bar.update(len(cfg.eps) * bool(names))
         for job in [j for j in plan.jobs if j[0] not in cfg.attacks]:  # the subsets, then large ε
             results.append(run.job(cfg, *job))
@@ -474,6 +478,8 @@ def _suite_notes(cfg: EvalConfig, names: tuple[str, ...], surrogate: nn.Module |
         what = ", ".join(f"{a} ({cfg.suite_queries} queries)" if a == "square" else a for a in names)
         notes.append(f"attack suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {what}; "
                      f"APGD with {cfg.suite_steps} iterations; each on the images still standing")  # fmt: skip
+        schedule = ChainSettings(schedule=cfg.suite).schedule if isinstance(cfg.suite, str) else None
+        notes += [f"attack suite {cfg.suite}'s schedule: {schedule.describe()}"] if schedule else []
     wanted = SUITES.get(cfg.suite, cfg.suite) if cfg.suite != "none" else ()
     if "transfer" in wanted and surrogate is None:
         notes.append("transfer attack skipped: no surrogate (float) model was given (surrogate=...)")
