@@ -314,6 +314,10 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         from pareto import render_section as pareto_section
 
         lines += pareto_section(results["pareto"])
+    if "twin_speed" in results:
+        from twin_speed import render_section as twin_speed_section
+
+        lines += twin_speed_section(results["twin_speed"])
     if "sweep_cost" in results:
         from sweep_cost import render_section as sweep_cost_section
 
