@@ -40,11 +40,14 @@ class ConfigError(AqError):
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """Issue ``message`` as a warning attributed to the caller's own line: the first frame outside
-    this package, however deep inside it the warning arose (a fixed ``stacklevel`` breaks whenever a
-    call path inside the package changes, e.g. when an entry point is decorated)."""
+    """Issue ``message`` as a warning attributed to the user's own line: the caller of the outermost
+    frame of this package on the stack, however deep inside it the warning arose, callbacks from
+    torch included (a fixed ``stacklevel`` breaks whenever a call path inside the package changes,
+    e.g. when an entry point is decorated)."""
     package = __name__.partition(".")[0]
-    frame, level = sys._getframe(1), 2  # level 2: the frame that called this function
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == package:
+    frame, level, target = sys._getframe(1), 2, 2  # level 2: the frame that called this function
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] == package:
+            target = level + 1
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, category, stacklevel=min(target, level - 1))

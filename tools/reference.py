@@ -159,15 +159,14 @@ def package_sources() -> list[tuple[str, ast.Module]]:
 
 
 def warning_catalogue() -> list[tuple[str, str, str]]:
-    """``(module, message template, fix)`` for every ``warnings.warn(...)`` in the package."""
+    """``(module, message template, fix)`` for every warning the package issues: its calls of
+    :func:`aq_brevitas.errors.warn` (the one way it warns; ``tests/test_layout.py`` keeps it so)."""
     rows = []
     for module, tree in package_sources():
         constants = _module_constants(tree)
         for node in ast.walk(tree):
             f = node.func if isinstance(node, ast.Call) else None
-            if not (
-                isinstance(f, ast.Attribute) and f.attr == "warn" and getattr(f.value, "id", "") == "warnings"
-            ):
+            if not (isinstance(f, ast.Name) and f.id == "warn"):
                 continue
             message = _template(node.args[0], constants) if node.args else None
             if not message:
