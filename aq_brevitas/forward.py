@@ -10,8 +10,7 @@
 * The one data convention: :func:`as_xy`, :func:`iter_x_batches`, :func:`as_dataset`, with its image
   check :func:`check_images`.
 
-:mod:`aq_brevitas.nnutils` re-exports every public name. Nothing here imports another module of the
-package except :mod:`aq_brevitas.errors`.
+Nothing here imports another module of the package except :mod:`aq_brevitas.errors`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -79,39 +78,47 @@ def _constant(value: Any):
 def frozen_quant_weights(model: nn.Module) -> Iterator[int]:
     """Quantize each Brevitas layer's weights once and reuse them until exit; yields how many layers.
 
-    Also stops torch.ao/torchao fake-quant observers until exit (they keep observing in eval mode).
-    Weights do not change during an attack, yet every forward re-quantizes them (stats, scale, round).
+    Weights do not change in an attack, yet each forward re-quantizes them; torch.ao observers pause too.
     Inside the block the quantized weights are constants, so outputs and input gradients are
     unchanged but **weights get no gradient** -- use it around attacks, not around training steps.
-    Enter it in the mode the attack runs the model in (attacks run in eval mode). Layers whose weight
-    quantizer needs the quantized input are left alone. The original ``quant_weight`` is restored on
-    exit, also on exceptions. Float models pass through untouched (yields 0). Attacks run inside
-    :func:`aq_brevitas.quantization.twin.attack_twin`, which also fuses the activation quantizers.
+    Enter it in the mode the attack runs the model in (eval). Layers whose weight quantizer needs the
+    quantized input are left alone; ``quant_weight`` is restored on exit, also on exceptions. Float
+    models pass through untouched (yields 0). Attacks run inside
+    :func:`~aq_brevitas.quantization.twin.attack_twin`, which also fuses the activation quantizers.
     """
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 
+    frozen = 0
+    with paused_observers(model), instance_overrides() as override:
+        for m in model.modules():
+            wq = m.weight_quant if isinstance(m, QuantWBIOL) else None
+            if wq is None or not wq.is_quant_enabled or wq.requires_quant_input:
+                continue
+            with torch.no_grad():
+                override(m, "quant_weight", _constant(m.quant_weight()))
+            frozen += 1
+        yield frozen
+
+
+@contextlib.contextmanager
+def instance_overrides() -> Iterator[Callable[[nn.Module, str, Any], None]]:
+    """``override(module, name, value)`` sets ``name`` on that instance only until exit; each is then
+    restored (also on exceptions), or removed where the instance had none of its own."""
     missing = object()
-    frozen: list[tuple[nn.Module, Any]] = []
-    with paused_observers(model):
-        try:
-            for m in model.modules():
-                if not isinstance(m, QuantWBIOL):
-                    continue
-                wq = m.weight_quant
-                if not wq.is_quant_enabled or wq.requires_quant_input:
-                    continue
-                with torch.no_grad():
-                    qw = m.quant_weight()
-                previous = m.__dict__.get("quant_weight", missing)
-                m.quant_weight = _constant(qw)
-                frozen.append((m, previous))
-            yield len(frozen)
-        finally:
-            for m, previous in reversed(frozen):
-                if previous is missing:
-                    m.__dict__.pop("quant_weight", None)
-                else:
-                    m.quant_weight = previous
+    saved: list[tuple[nn.Module, str, Any]] = []
+
+    def override(module: nn.Module, name: str, value: Any) -> None:
+        saved.append((module, name, module.__dict__.get(name, missing)))
+        setattr(module, name, value)
+
+    try:
+        yield override
+    finally:
+        for module, name, previous in reversed(saved):
+            if previous is missing:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, previous)
 
 
 @contextlib.contextmanager

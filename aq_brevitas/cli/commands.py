@@ -228,7 +228,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..data import load_split
     from ..quantization.checkpoint import save_quantized
     from ..storage import read_sidecar
-    from ..train.finetune import init_distributed
+    from ..train.finetune import close_distributed, init_distributed
     from ..train.training import adversarial_train
 
     rank, world = init_distributed()
@@ -250,10 +250,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         save_quantized(model, args.out, {**kept, "arch": meta["arch"], "finetune": run})
         print(_history_table(history))
         print(f"wrote {args.out} ({world} process{'es' if world > 1 else ''})")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
 

@@ -69,7 +69,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
     from ..search import search_pareto
     from ..storage import atomic_write_text
-    from ..train.finetune import init_distributed
+    from ..train.finetune import close_distributed, init_distributed
 
     rank, world = init_distributed()  # under torchrun the points are split over the ranks
     cache = args.cache_dir or (str(Path(args.out).parent / "cache") if args.out else None)
@@ -85,10 +85,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
             atomic_write_text(args.out + ".md", front.table() + "\n")
             front.plot(args.out + ".png")
             print(f"wrote {args.out}.json, {args.out}.md and {args.out}.png")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
 

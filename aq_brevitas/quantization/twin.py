@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..forward import frozen_quant_weights
+from ..forward import frozen_quant_weights, instance_overrides
 
 _BITS = {
     torch.float32: ("f", "i", 0x7FFFFFFF, 0x7F7FFFFF),
@@ -462,21 +462,11 @@ def attack_twin(model: nn.Module) -> Iterator[Twin]:
     if outer is not None:
         yield outer
         return
-    with frozen_quant_weights(model) as frozen:
+    with frozen_quant_weights(model) as frozen, instance_overrides() as override:
         twin = Twin(model, frozen)
-        missing = object()
-        patched: list[tuple[nn.Module, Any]] = []
-        try:
-            for m, fwd in _plan(model, twin):
-                patched.append((m, m.__dict__.get("forward", missing)))
-                m.forward = fwd
-            yield twin
-        finally:
-            for m, previous in reversed(patched):
-                if previous is missing:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.forward = previous
+        for m, fwd in _plan(model, twin):
+            override(m, "forward", fwd)
+        yield twin
 
 
 @contextlib.contextmanager

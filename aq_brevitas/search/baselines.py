@@ -43,7 +43,7 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-#: what :func:`quantized_robust_accuracy` measures, as the held-out check records it
+#: what :func:`policy_accuracies` measures (its robust half), as the held-out check records it
 ROBUST_MEASURE = (
     "worst case of PGD and the fast suite (APGD-CE, APGD-DLR, APGD-T3, transfer from the float model, Square)"
 )
@@ -100,26 +100,6 @@ def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.
     from ..quantization.convert import quantize
 
     return quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib_x).eval()
-
-
-def quantized_robust_accuracy(
-    model: nn.Module,
-    specs: Mapping[str, LayerSpec],
-    val: tuple[torch.Tensor, torch.Tensor],
-    calib_x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    seed: int,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> float:
-    """Robust accuracy (a fraction) on ``val`` of the Brevitas model :func:`~aq_brevitas.quantize` builds
-    for ``specs`` (calibrated on ``calib_x``): the robust half of :func:`policy_accuracies` (the
-    per-image worst case of PGD-``steps`` and the fast attack suite, read from ``cache_dir`` when it
-    holds the same measurement)."""
-    return policy_accuracies(
-        model, specs, val, calib_x, eps=eps, steps=steps, seed=seed, cache_dir=cache_dir
-    )[1]
 
 
 def _pair(spec: LayerSpec) -> tuple[int, int]:
@@ -254,7 +234,7 @@ def best_uniform(
 ) -> UniformChoice:
     """The best uniform policy among :func:`uniform_options` (one per maximal fitting (weight, input)
     bit pair, each at its data-free best scaling × granularity): the one with the best robust accuracy
-    (:func:`quantized_robust_accuracy`: the worst case of PGD-``pgd_steps`` and the fast suite) on the
+    (:func:`policy_accuracies`: the worst case of PGD-``pgd_steps`` and the fast suite) on the
     first ``val_images`` of held-out ``val_data`` (training images; ``calib_data`` calibrates the
     activation quantizers, default the same images); the only option is measured too, since the
     held-out check compares with it. Without ``val_data`` the choice is data-free: the smallest Σ
@@ -286,10 +266,10 @@ def best_uniform(
                 total=len(options), desc="uniform candidates", disable=not progress or len(options) < 2
             ) as bar:
                 measured = run_jobs(
-                    lambda i: quantized_robust_accuracy(
+                    lambda i: policy_accuracies(
                         model, {n: options[i] for n in layers}, val, calib_x, eps=cfg.eps,
                         steps=cfg.pgd_steps, seed=cfg.seed, cache_dir=cache_dir,
-                    ),
+                    )[1],
                     len(options),
                     done=lambda _: bar.update(),
                 )  # fmt: skip

@@ -26,7 +26,7 @@ from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
 from ..workers import run_jobs
-from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, quantized_robust_accuracy
+from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, policy_accuracies
 from .calibration import (
     AdversarialCalibration,
     Representatives,
@@ -227,10 +227,10 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
     changed = picked.refinement.done and any(reps[n][milp[n]] != reps[n][choice[n]] for n in run.table.layers)
     todo = ([] if same_as_uniform else [choice]) + ([milp] if changed else [])
     measured = run_jobs(
-        lambda i: quantized_robust_accuracy(
+        lambda i: policy_accuracies(  # the robust half
             run.model, todo[i], held, run.x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed,
             cache_dir=run.cache_dir,
-        ),
+        )[1],
         len(todo),
     )  # fmt: skip
     s_acc = u_acc if same_as_uniform else measured[0]

@@ -55,6 +55,14 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def close_distributed() -> None:
+    """Leave the process group :func:`init_distributed` joined (nothing when none was joined)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @takes_config(TrainConfig)
 def adversarial_finetune(
     model: nn.Module, train_data: Any, config: TrainConfig | None = None, *, progress: bool = True
