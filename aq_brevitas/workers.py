@@ -40,11 +40,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def check_workers(workers: Any, flag: str = "workers") -> int:
     """``workers`` as a positive int, or :class:`ConfigError` naming ``flag``."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

@@ -74,14 +74,6 @@ def example_input_for(mw: Any) -> torch.Tensor:
     return torch.rand(*[int(s) if s else 1 for s in shape])
 
 
-def graph_layers(proto: Any, model: nn.Module, fmt: str) -> dict[str, GraphLayer]:
-    """Map every weight node of a QONNX or QCDQ graph (``fmt``) to the model layer whose weights it carries.
-
-    :func:`strict_map`'s layers, in the model's order.
-    """
-    return strict_map(proto, model, fmt).layers
-
-
 def strict_map(proto: Any, model: nn.Module, fmt: str) -> GraphMap:
     """:func:`match_layers`, strict: a weight node that matches nothing of the model, or a layer found
     in no node, is a :class:`ModelError` (the model is not the one the file was exported from, or the
