@@ -56,6 +56,24 @@ AUTOATTACK_VERSIONS = ("off", "standard", "torchattacks")
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
+#: where attacks may run (:func:`~aq_brevitas.workers.resolve_device`): "auto" is a GPU when present
+DEVICE_HELP = "where attacks run: auto (a GPU when one is present, else the CPU), cpu, cuda or cuda:N"
+
+
+def check_device(device: Any) -> str:
+    """``device`` if it names where attacks can run (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``),
+    else a one-line :class:`ConfigError` (torch-free: whether the GPU exists is checked when used).
+
+    >>> check_device("cuda:1")
+    'cuda:1'
+    """
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"unknown device {device!r}", "pass auto, cpu, cuda or cuda:N")
+    return device
+
+
 def check_eps(eps: float, name: str = "eps") -> float:
     """An L-inf budget on [0, 1] images as a float; :class:`ConfigError` unless a number in [0, 1]."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
@@ -389,6 +407,8 @@ class EvalConfig(InputNormalization):
     ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on ``large_eps_images``
     images; ``indicators``: the attack-failure indicators (:mod:`aq_brevitas.evaluate.indicators`);
     ``batch_size`` images per attack call; the first ``limit`` images (None: all); ``seed``;
+    ``device`` where the attacks run (``"auto"``: a GPU when one is present; the model is moved there
+    and back, :func:`~aq_brevitas.workers.on_device`);
     ``normalization=(mean, std)`` for a model that expects normalised inputs (:class:`InputNormalization`).
     """
 
@@ -411,8 +431,10 @@ class EvalConfig(InputNormalization):
     batch_size: int = 250
     limit: int | None = None
     seed: int = 0
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         eps = [self.eps] if isinstance(self.eps, (int, float, str)) else list(self.eps)
         if not eps:
             raise ConfigError("no eps given", "pass e.g. eps=(0.05, 0.1, 0.2)")

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, TypeVar
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 T = TypeVar("T")
 
@@ -54,6 +59,66 @@ def distributed_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_device(device: str | None, model: nn.Module | None = None) -> torch.device:
+    """The device attacks run on. ``"auto"`` (the configs' default): the model's own device when it is
+    on a GPU already, else this rank's GPU (``cuda:$LOCAL_RANK`` under ``torchrun``) when CUDA is
+    available, else the CPU; None: the model's device (the CPU without a model); otherwise a torch
+    device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``). Raises a one-line :class:`ConfigError` for a
+    malformed device or a GPU this machine does not have.
+
+    >>> import torch
+    >>> str(resolve_device("cpu")), resolve_device("auto").type in ("cpu", "cuda")
+    ('cpu', True)
+    """
+    import torch
+
+    own = (
+        next((t.device for t in (*model.parameters(), *model.buffers())), None) if model is not None else None
+    )
+    if device is None:
+        return own or torch.device("cpu")
+    if device == "auto":
+        if own is not None and own.type == "cuda":
+            return own
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r} ({exc})", "pass auto, cpu, cuda or cuda:N") from None
+    if out.type == "cuda" and (
+        not torch.cuda.is_available() or (out.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"device {device!r} is not available on this machine", "pass device auto or cpu")
+    if out.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} cannot run attacks here", "pass auto, cpu, cuda or cuda:N")
+    return out
+
+
+@contextmanager
+def on_device(modules: Iterable[nn.Module | None], device: str | None) -> Iterator[torch.device]:
+    """Until exit, every module of ``modules`` (None entries skipped) is on ``device``
+    (:func:`resolve_device`, read from the first module); each goes back to the device its first
+    parameter or buffer was on. Yields the device. Data stays where it is: the attack code moves each
+    batch to the model's device.
+
+    >>> from torch import nn
+    >>> with on_device([nn.Linear(2, 2), None], "cpu") as where:
+    ...     str(where)
+    'cpu'
+    """
+    mods = [m for m in modules if m is not None]
+    target = resolve_device(device, mods[0] if mods else None)
+    with ExitStack() as stack:
+        for m in mods:
+            home = next((t.device for t in (*m.parameters(), *m.buffers())), None)
+            if home is not None and home != target:
+                m.to(target)
+                stack.callback(m.to, home)
+        yield target
 
 
 def _dealt_to(position: int, world: int) -> int:
@@ -114,13 +179,26 @@ def run_jobs(
     return [results[i] for i in range(count)]
 
 
+def _cuda_started() -> bool:
+    """Whether this process has initialised CUDA: a forked child could not use it, so jobs then run
+    here, one after another (spread GPU work over ``torchrun`` ranks instead)."""
+    import sys
+
+    return "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized()
+
+
 def _run_local(
     job: Callable[[int], T], order: list[int], workers: int, done: Callable[[int], None] | None
 ) -> dict[int, T]:
     """``{i: job(i)}`` for the indices of ``order``, on ``workers`` forked processes."""
     global _JOB
     results: dict[int, T] = {}
-    if workers <= 1 or len(order) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if (
+        workers <= 1
+        or len(order) <= 1
+        or "fork" not in multiprocessing.get_all_start_methods()
+        or _cuda_started()
+    ):
         for i in order:
             results[i] = job(i)
             if done:

@@ -97,6 +97,48 @@ def per_policy(args: argparse.Namespace) -> dict:
     return {"images": args.images, "policies": len(specs), "rows": rows}
 
 
+def _as_sweep(specs: list) -> list:
+    """The policies of :func:`_setup` as a sweep's ``(method, budget, specs)``: the uniform ones each
+    at a budget of its own, the first/last-8 one at the w4a4 budget (so warm starts seed it from w4a4)."""
+    from aq_brevitas.budget import as_budget
+
+    budgets = [as_budget(f"bops={i + 1}") for i in range(5)] + [as_budget("bops=3")]
+    return [("uniform" if i < 5 else "first_last_8", budgets[i], s) for i, s in enumerate(specs)]
+
+
+def warm_starts(args: argparse.Namespace) -> dict:
+    """Each policy measured cold and warm-started (the float model's examples seed the uniform
+    policies, uniform w4a4's the first/last-8 one: the sweep's waves), alternating, on the same images;
+    PGD-20 of the quantized model beside it."""
+    from aq_brevitas import AttackConfig, attack_accuracy, quantize
+    from aq_brevitas.policy import LayerwisePolicy
+    from aq_brevitas.search import SearchConfig
+    from aq_brevitas.search.pareto import _Measure
+
+    model, cx, val, specs = _setup(args.images, args.policies)
+    chosen = _as_sweep(specs)
+    pgd20, rows = AttackConfig("pgd", EPS, 20), []
+    cfgs = {w: SearchConfig(eps=EPS, pgd_steps=PGD_STEPS, seed=SEED, warm_start=w) for w in (False, True)}
+    seeds = _Measure(model, cx, val, cfgs[True], None)
+    seeds.prefetch([c for c in chosen if c[0] == "uniform" and c[2] is specs[2]], 1, False)  # float, w4a4
+    waves = seeds.waves(chosen)
+    for method, _, s in chosen:
+        seed = seeds.seen[next(w[seeds._key(s)][1] for w in waves if seeds._key(s) in w)]
+        load = _uptime()
+        cold, cold_s = _timed(_Measure(model, cx, val, cfgs[False], None)._measure, s)
+        warm, warm_s = _timed(_Measure(model, cx, val, cfgs[True], None)._measure, s, seed)
+        q = quantize(model, LayerwisePolicy(dict(s)), calibration_data=cx).eval()
+        _, pgd_q = _timed(attack_accuracy, q, *val, pgd20)
+        rows.append({
+            "policy": sorted({v.short() for v in s.values()}), "seeded_by": "float" if method == "uniform" else "w4a4",
+            "cold": [cold.clean, cold.robust], "warm": [warm.clean, warm.robust], "warm_broke": warm.warm,
+            "cold_s": cold_s, "warm_s": warm_s, "pgd20_quantized_s": pgd_q, "uptime_before": load,
+        })  # fmt: skip
+        print(f"{method} {rows[-1]['policy']}: cold {cold.robust:.3f} {cold_s:.1f} s, warm {warm.robust:.3f} "
+              f"{warm_s:.1f} s (seed broke {warm.warm}), PGD-20 {pgd_q:.1f} s", flush=True)  # fmt: skip
+    return {"images": args.images, "policies": len(specs), "rows": rows}
+
+
 def rank_worker(out: str, images: int, policies: int) -> None:
     """Under torchrun: measure the policies sharded over the ranks; rank 0 writes the results and
     the seconds around the measurement."""
@@ -107,7 +149,7 @@ def rank_worker(out: str, images: int, policies: int) -> None:
     measure = _measurer(model, cx, val, None)
     if world > 1:
         torch.distributed.barrier()  # both ranks loaded: time the measurement alone
-    _, seconds = _timed(measure.prefetch, specs, 1, False)
+    _, seconds = _timed(measure.prefetch, _as_sweep(specs), 1, False)
     if rank == 0:
         results = [measure(s) for s in specs]
         Path(out).write_text(json.dumps({"results": results, "seconds": seconds, "world": world}))
@@ -203,7 +245,7 @@ def main() -> None:
 
     done = {} if args.fresh or not args.out.exists() else json.loads(args.out.read_text())
     done.setdefault("header", header())
-    for name, section in (("per_policy", per_policy), ("ranks", ranks)):
+    for name, section in (("per_policy", per_policy), ("ranks", ranks), ("warm_starts", warm_starts)):
         if name not in done:
             done[name] = section(args)
             atomic_write_json(args.out, done)  # resumable: a finished section is kept

@@ -41,14 +41,14 @@ def front_json(front) -> str:
 
 
 def _pause_after_each(seconds: float) -> None:
-    measure = pareto_module.policy_accuracies
+    measure = pareto_module.measure_policy
 
     def slow(*args, **kwargs):
         out = measure(*args, **kwargs)
         time.sleep(seconds)
         return out
 
-    pareto_module.policy_accuracies = slow
+    pareto_module.measure_policy = slow
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ WORKER = REPO / "tests" / "pareto_worker.py"
 def counted(monkeypatch):
     """How many times the attack suite ran (each measurement runs it once)."""
     calls = []
-    real = suite_module.suite_accuracies
+    real = suite_module.suite_chain
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(suite_module, "suite_accuracies", counting)
+    monkeypatch.setattr(suite_module, "suite_chain", counting)
     return calls
 
 

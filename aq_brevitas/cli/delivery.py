@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
@@ -30,6 +31,11 @@ def _selection(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return model, calib, val, with_act_bits(specs, args.act_bits) if args.act_bits else specs
 
 
+def _cache_dir(args: argparse.Namespace) -> str | None:
+    """``--cache-dir``, else ``cache/`` beside ``--out``, else None (nothing kept)."""
+    return args.cache_dir or (str(Path(args.out).parent / "cache") if args.out else None)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     setup_torch(args)
     from ..budget import Budget
@@ -42,10 +48,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     # one table for every method compared; norms are filled only for the methods that read them
     table = candidate_table(model, calib[0], config.candidates, seed=config.seed, progress=True, norms=False)
     if args.compare:
-        comparison = compare_methods(model, calib, args.budget, config=config, val_data=val_data, table=table)
+        comparison = compare_methods(
+            model,
+            calib,
+            args.budget,
+            config=config,
+            val_data=val_data,
+            table=table,
+            cache_dir=_cache_dir(args),
+        )
         results = comparison.results
     else:
-        result = search_policy(model, calib, args.budget, config=config, val_data=val_data, table=table)
+        result = search_policy(
+            model,
+            calib,
+            args.budget,
+            config=config,
+            val_data=val_data,
+            table=table,
+            cache_dir=_cache_dir(args),
+        )
         results = {config.method: result}
     for method, result in results.items():
         print(f"\n== {method}\n{policy_table(result, table)}")
@@ -65,14 +87,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     setup_torch(args)
-    from pathlib import Path
 
     from ..search import search_pareto
     from ..storage import atomic_write_text
     from ..train.finetune import close_distributed, init_distributed
 
     rank, world = init_distributed()  # under torchrun the points are split over the ranks
-    cache = args.cache_dir or (str(Path(args.out).parent / "cache") if args.out else None)
+    cache = _cache_dir(args)
     model, calib, val, candidates = _selection(args)
     budgets = args.budget.split(",") if args.budget else args.widths
     config = search_config(args).replace(candidates=candidates)  # no candidates: input bits crossed in

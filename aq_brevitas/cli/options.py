@@ -176,6 +176,9 @@ def _selection(search: SearchConfig) -> list[Option]:
         plain("--calib-images", "held-out (val) images for scoring", 256, type=int),
         setting(search, "val_images", "other val images for the comparison with uniform (0 = skip)"),
         setting(search, "seed", "seed of every random draw"),
+        setting(search, "warm_start", "measure every held-out policy cold: no other policy's adversarial examples "
+                "replayed first"),
+        setting(search, "device"),
         *DATA,
     ]  # fmt: skip
 
@@ -242,6 +245,7 @@ def _measure_commands() -> dict[str, list[Option]]:
             plain("--split", "test (default, for reporting), val or train", "test"),
             plain("--images", "evaluate on a seeded subset of N images of --split (default: all)", type=int),
             setting(ev, "seed", "seed of the subset and of the attacks"),
+            setting(ev, "device"),
             plain("--report", "write the report as JSON"),
             plain("--plot", "write accuracy-vs-eps plot (PNG)"),
             *DATA,
@@ -279,6 +283,8 @@ def _search_commands() -> dict[str, list[Option]]:
             setting(search, "refine", "re-rank the top-5 knapsack policies and run coordinate descent on the "
                     "whole-network bound (off by default, see docs/method.md)"),
             plain("--compare", "run every method and print them side by side", action="store_true"),
+            plain("--cache-dir", "folder of held-out measurements, read and written, so a rerun re-measures "
+                  "nothing it measured (default: cache/ beside --out; none without --out)"),
             plain("--out", "write the policy JSON"),
             plain("--plot", "write the per-layer policy chart"),
         ],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..storage import atomic_write_text
+from .warm import AdvExamples
 
 if TYPE_CHECKING:
     from torch import nn
@@ -134,3 +135,25 @@ class MeasureCache:
         self.measured += 1
         self.put(key, result, about)
         return result
+
+    def get_or_measure_examples(
+        self,
+        key: str,
+        measure: Callable[[], tuple[Mapping[str, Any], AdvExamples]],
+        about: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], AdvExamples]:
+        """:meth:`get_or_measure` for a measurement that also finds adversarial examples (``measure``
+        returns ``(result, examples)``): the examples are kept in ``<key>.adv.pt`` beside the result,
+        written before it, so a result read back always has its examples."""
+        found, path = self.get(key), self.path(key)
+        examples_path = None if path is None else path.with_suffix(".adv.pt")
+        if found is not None and examples_path is not None and examples_path.is_file():
+            self.hits += 1
+            return found, AdvExamples.load(examples_path)
+        result, examples = measure()
+        self.measured += 1
+        if examples_path is not None:
+            examples_path.parent.mkdir(parents=True, exist_ok=True)
+            examples.save(examples_path)
+        self.put(key, result, about)
+        return dict(result), examples

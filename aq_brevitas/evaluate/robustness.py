@@ -35,6 +35,7 @@ from ..attacks import (
 from ..config import SUITES, AttackConfig, EvalConfig, config_or_default, takes_config
 from ..forward import as_xy, check_forward, eval_mode, require_single_input
 from ..quantization.twin import Twin, attack_twin, brevitas_forward, verified_logits
+from ..workers import on_device
 from .accuracy import batches, subset
 from .indicators import (
     UNCONSTRAINED_EPS,
@@ -458,13 +459,12 @@ def evaluate_robustness(
     t_start = time.perf_counter()
     plan = _plan(model, data, config_or_default(config, EvalConfig()), surrogate)
     norm = plan.cfg.normalization
-    with normalized_inputs(model, norm), normalized_inputs(surrogate or model, norm):
-        check_forward(model, plan.x)
-        check_input_gradient(
-            model, plan.x
-        )  # every suite runs PGD: refuse a converted model before the clean pass
-        run = _Runner(model, plan.x, plan.y, batch_size=plan.cfg.batch_size, progress=progress)
-        measured = _attack(run, plan, surrogate)
+    with on_device((model, surrogate), plan.cfg.device), normalized_inputs(model, norm):
+        with normalized_inputs(surrogate or model, norm):
+            check_forward(model, plan.x)
+            check_input_gradient(model, plan.x)  # every suite runs PGD: refuse a converted model first
+            run = _Runner(model, plan.x, plan.y, batch_size=plan.cfg.batch_size, progress=progress)
+            measured = _attack(run, plan, surrogate)
     label = name or str((meta or {}).get("name", type(model).__name__))
     report = _report(plan, run, measured, name=label, meta=meta)
     report.seconds = time.perf_counter() - t_start

@@ -47,63 +47,14 @@ from ..config import SUITE_ATTACKS, SUITES, AttackConfig
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode, require_single_input
 from ..quantization.twin import attack_twin, brevitas_forward, verified_logits
+from ..workers import on_device
 from .indicators import Watch, chain_alarm
+from .schedule import SCHEDULES, Schedule
+from .warm import AdvExamples, replay
 
 REFERENCE_STEPS = 100  # APGD, APGD-T and FAB-T iterations of the reference AutoAttack
 REFERENCE_QUERIES = 5000  # Square queries of the reference AutoAttack
 TRANSFER_STEPS = 20  # PGD steps on the surrogate
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Where an adaptive suite spends its effort. ``step_share``: ``(attack, share)`` pairs, the share
-    of the suite's ``steps`` the attack runs (before :func:`member_steps`; others run all of them).
-    ``sampled``: attacks that first run on their focus -- the ``focus`` share (``(attack, share)``
-    pairs, default 0) of the images still standing with the smallest margin any earlier attack saw --
-    and a seeded random ``sample`` of the others, and go on to the rest only when that sample loses an
-    image or the attack-failure indicators readable from the chain so far fire
-    (:func:`~aq_brevitas.evaluate.indicators.chain_alarm`); once escalated, every later sampled attack
-    runs on all images still standing. What was skipped is in the step's ``notes``."""
-
-    step_share: tuple[tuple[str, float], ...] = ()
-    sampled: tuple[str, ...] = ()
-    sample: int = 48
-    focus: tuple[tuple[str, float], ...] = ()
-
-    def focused(self, name: str, todo: torch.Tensor) -> int:
-        """How many of the images ``todo`` attack ``name`` always runs on (its focus)."""
-        return int(dict(self.focus).get(name, 0.0) * len(todo))
-
-    def describe(self) -> str:
-        """The schedule in words, for a report's notes.
-
-        >>> Schedule((("apgd-ce", 0.5),), ("square",), 48).describe()
-        'apgd-ce with 0.5 of the iterations; square first on a random 48 of the (other) images still standing, on the rest only when that sample loses an image or an attack-failure indicator fires'
-        """
-        parts = [f"{a} with {share:g} of the iterations" for a, share in self.step_share]
-        parts += [
-            f"{a} always on the {share:g} of the images with the smallest margin" for a, share in self.focus
-        ]
-        if self.sampled:
-            parts.append(
-                f"{' and '.join(self.sampled)} first on a random {self.sample} of the (other) images still standing, "
-                "on the rest only when that sample loses an image or an attack-failure indicator fires"
-            )
-        return "; ".join(parts) or "every attack on every image still standing"
-
-
-#: the schedules of the suites of :data:`SUITES` that have one (the others run every attack on every
-#: image still standing). ``"adaptive"``: the fast suite's attacks; APGD-CE on every image (at half its
-#: iterations it cost up to 1.4 points on masked rows); APGD-DLR and APGD-T3 on the 15 % of the images
-#: still standing with the smallest margin and a random 32 of the others, Square on the smallest-margin
-#: 5 % and a random 32, each escalated to all; transfer, cheap, on all (docs/benchmarks.md, "Attack suite").
-SCHEDULES: dict[str, Schedule] = {
-    "adaptive": Schedule(
-        sampled=("apgd-dlr", "apgd-t3", "square"),
-        sample=32,
-        focus=(("apgd-dlr", 0.15), ("apgd-t3", 0.15), ("square", 0.05)),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -143,7 +94,8 @@ class StepResult:
     attack evaluated a misclassified point inside the ε-ball and [0, 1]), and ``trace`` (steps × images
     of the attack's first batch: each image's best margin so far after each gradient forward; None
     for attacks without gradient forwards), ``steps`` (its iterations or queries; None: transfer) and
-    ``notes`` (what a :class:`Schedule` skipped, on how many images, and what that could have missed)."""
+    ``notes`` (what a :class:`Schedule` skipped, on how many images, and what that could have missed),
+    ``found`` (the adversarial examples of the images it broke)."""
 
     name: str
     survived: torch.Tensor
@@ -153,6 +105,7 @@ class StepResult:
     trace: torch.Tensor | None = None
     steps: int | None = None
     notes: tuple[str, ...] = ()
+    found: AdvExamples | None = None
 
 
 def _builder(
@@ -195,6 +148,7 @@ def run_chain(
     surrogate: nn.Module | None = None,
     settings: ChainSettings = ChainSettings(),
     on_adv: Callable[[torch.Tensor, torch.Tensor, float, str], None] | None = None,
+    warm: AdvExamples | None = None,
 ) -> list[StepResult]:
     """Run the attacks ``names`` at ``eps`` one after another, each on the images still correct.
 
@@ -204,7 +158,8 @@ def run_chain(
     images to attack at all (clean-correct, not broken yet). ``settings``: iterations, Square
     queries, seed, batch size and the :class:`Schedule` (None: every attack on every image still
     standing); ``surrogate`` is the transfer attack's model; ``on_adv(adv, x, eps, label)`` sees every
-    batch of adversarial examples (for the ε-ball check). Returns one :class:`StepResult` per attack
+    batch of adversarial examples (for the ε-ball check); ``warm``: another policy's examples of these
+    images, replayed last as the step ``"warm"`` (:func:`~aq_brevitas.evaluate.warm.replay`). Returns one :class:`StepResult` per attack
     (an attack with nothing left to attack takes no time; its ``notes`` say what a schedule skipped);
     attacks whose loss needs more classes than the model has (APGD-T: 4, APGD-DLR and FAB-T: 3) are
     left out.
@@ -218,7 +173,11 @@ def run_chain(
     alarm: str | None = None
     for name in names:
         t0, todo = time.perf_counter(), alive.nonzero()[:, 0]
-        seen, notes = torch.zeros(len(x), dtype=torch.bool), []
+        seen, notes, run.found = (
+            torch.zeros(len(x), dtype=torch.bool),
+            [],
+            AdvExamples.empty(tuple(x.shape[1:])),
+        )
         if (
             sched is not None
             and name in sched.sampled
@@ -230,7 +189,12 @@ def run_chain(
         else:
             trace = run.attack(name, todo, alive, seen)
         out.append(StepResult(name, alive.clone(), len(todo), time.perf_counter() - t0, seen, trace,
-                              run.used(name), tuple(notes)))  # fmt: skip
+                              run.used(name), tuple(notes), run.found))  # fmt: skip
+    if warm is not None:  # last: the attacks before it run exactly as without it
+        t0, seeded = time.perf_counter(), int(alive[warm.index].sum()) if len(warm.index) else 0
+        alive, broke = replay(model, x, y, eps, warm, alive, settings.batch_size)
+        out.append(StepResult("warm", alive.clone(), seeded, time.perf_counter() - t0,
+                              torch.zeros(len(x), dtype=torch.bool), found=broke))  # fmt: skip
     return out
 
 
@@ -303,6 +267,7 @@ class _Chain:
         self._built: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         # each image's smallest margin any attack has seen so far (inf: not attacked yet)
         self.margin = torch.full((len(x),), float("inf"))
+        self.found = AdvExamples.empty(tuple(x.shape[1:]))  # the current attack's breaking examples
 
     def steps(self, name: str) -> int:
         """The suite's iterations for ``name`` after the schedule's share (before :func:`member_steps`)."""
@@ -336,6 +301,7 @@ class _Chain:
             if self.on_adv is not None:
                 self.on_adv(adv, xb, self.eps, f"{name} ε={self.eps:g}")
             alive[idx[~correct.cpu()]] = False
+            self.found = self.found.merge(idx[~correct.cpu()], adv[~correct])
             seen[idx] = watch.seen.cpu()
             self.margin[idx] = torch.minimum(self.margin[idx], watch.best.cpu())
             trace = watch.trace() if trace is None else trace
@@ -424,35 +390,59 @@ def suite_accuracies(
     >>> list(acc), acc["worst case"] <= acc["pgd"] <= acc["clean"]
     (['clean', 'pgd', 'apgd-ce', 'apgd-dlr', 'apgd-t3', 'square', 'worst case'], True)
     """
+    with normalized_inputs(model, normalization), normalized_inputs(surrogate or model, normalization):
+        return suite_chain(
+            model, x, y, eps=eps, suite=suite, surrogate=surrogate, settings=settings, pgd_steps=pgd_steps
+        )[0]
+
+
+def suite_chain(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor | None = None,
+    *,
+    eps: float = 0.1,
+    suite: str | Sequence[str] = "fast",
+    surrogate: nn.Module | None = None,
+    settings: ChainSettings | None = None,
+    pgd_steps: int | None = None,
+    warm: AdvExamples | None = None,
+    device: str | None = None,
+) -> tuple[dict[str, float], AdvExamples]:
+    """:func:`suite_accuracies` (without its ``normalization``: call inside
+    :func:`~aq_brevitas.attacks.normalized_inputs`) and the adversarial examples of every image the
+    chain broke (by index into ``x``), to seed another policy's chain. ``warm``: such examples from another policy,
+    replayed last as the step ``"warm"`` (a transfer attack, :mod:`aq_brevitas.evaluate.warm`), so
+    every other attack runs as it would without them and the worst case can only be lower.
+    ``device``: where the attacks run (:func:`~aq_brevitas.workers.on_device`; None: the model's)."""
     require_single_input(model, "suite_accuracies")
     xs, ys = as_xy(x if y is None else (x, y), name="inputs")
     names = suite_names(suite, surrogate=surrogate is not None)
     other = surrogate if surrogate is not None else model
     out: dict[str, float] = {}
+    found = AdvExamples.empty(tuple(xs.shape[1:]))
     with (
-        normalized_inputs(model, normalization),
-        normalized_inputs(other, normalization),
+        on_device((model, surrogate), device) as where,
         torch.random.fork_rng(devices=[]),
         eval_mode(model),
         eval_mode(other),
         attack_twin(model),
     ):
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad(), brevitas_forward(model):
-            alive = torch.cat([(model(xb.to(device)).argmax(1) == yb.to(device)).cpu()
+            alive = torch.cat([(model(xb.to(where)).argmax(1) == yb.to(where)).cpu()
                                for xb, yb in zip(xs.split(250), ys.split(250), strict=True)])  # fmt: skip
         out["clean"] = mask_share(alive)
         settings = settings or ChainSettings(steps=100, queries=500)
         if settings.schedule is None and isinstance(suite, str):
             settings = dataclasses.replace(settings, schedule=suite)
-        if pgd_steps is not None:
-            pgd = dataclasses.replace(settings, steps=pgd_steps)
-            (st,) = run_chain(model, xs, ys, eps, ["pgd"], alive=alive, surrogate=surrogate, settings=pgd)
-            alive, out["pgd"] = st.survived, mask_share(st.survived)
-        for st in run_chain(model, xs, ys, eps, names, alive=alive, surrogate=surrogate, settings=settings):
-            alive, out[st.name] = st.survived, mask_share(st.survived)
+        chains = [(dataclasses.replace(settings, steps=pgd_steps), ["pgd"])] if pgd_steps is not None else []
+        for i, (chain_settings, chain_names) in enumerate([*chains, (settings, names)]):
+            for st in run_chain(model, xs, ys, eps, chain_names, alive=alive, surrogate=surrogate,
+                                settings=chain_settings, warm=warm if i == len(chains) else None):  # fmt: skip
+                alive, out[st.name] = st.survived, mask_share(st.survived)
+                found = found.merge(st.found.index, st.found.images) if st.found is not None else found
     out["worst case"] = mask_share(alive)
-    return out
+    return out, found
 
 
 def mask_share(mask: torch.Tensor) -> float:

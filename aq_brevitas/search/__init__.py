@@ -42,7 +42,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".mckp": ("MckpSolution", "solve_top_k", "solve_mckp"),
     ".selection": ("Selection", "select_policy"),
     ".refine": ("WholeNetworkBound", "Refinement", "policy_bound"),
-    ".baselines": ("UniformChoice", "best_uniform", "uniform_options", "uniform_choices", "policy_accuracies"),
+    ".baselines": (
+        "UniformChoice", "best_uniform", "uniform_options", "uniform_choices", "policy_accuracies",
+        "measure_policy", "PolicyMeasurement",
+    ),
     ".core": ("search_policy",),
     ".result": ("SearchResult", "SolverReport", "HeldOutCheck", "Timing"),
     ".validate": ("MetricValidation", "sample_policies", "validate_metric"),

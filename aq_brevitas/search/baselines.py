@@ -22,9 +22,10 @@ from ..budget import Budget, PolicyCost, as_budget
 from ..config import takes_config
 from ..errors import PolicyError
 from ..evaluate.cache import MeasureCache, data_digest, measurement_key, model_digest
+from ..evaluate.warm import AdvExamples
 from ..forward import as_xy
 from ..policy import LayerSpec, LayerwisePolicy
-from ..workers import run_jobs
+from ..workers import resolve_device, run_jobs
 from .calibration import WeightCache, progress_bar
 from .candidates import CandidateTable
 from .config import SearchConfig, as_config
@@ -49,6 +50,20 @@ ROBUST_MEASURE = (
 )
 
 
+@dataclass(frozen=True)
+class PolicyMeasurement:
+    """One policy's held-out measurement (:func:`measure_policy`): ``clean`` and ``robust`` accuracy
+    (fractions), ``warm`` (images the replayed seeds broke; 0 without a warm start), ``key`` (its
+    :func:`~aq_brevitas.evaluate.cache.measurement_key`, which names it as another policy's seed) and
+    ``examples`` (the adversarial examples of every image it broke)."""
+
+    clean: float
+    robust: float
+    warm: int
+    key: str
+    examples: AdvExamples
+
+
 def policy_accuracies(
     model: nn.Module,
     specs: Mapping[str, LayerSpec] | None,
@@ -62,38 +77,68 @@ def policy_accuracies(
 ) -> tuple[float, float]:
     """``(clean, robust)`` accuracy (fractions) on ``val`` of the Brevitas model
     :func:`~aq_brevitas.quantize` builds for ``specs`` (calibrated on ``calib_x``; None: the float
-    ``model`` itself). Robust is the per-image worst case of PGD-``steps`` and the fast attack suite at
-    its selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`) with the float model
-    as the transfer source, never PGD alone. With a ``cache_dir`` (a :class:`~aq_brevitas.evaluate.cache.MeasureCache`
-    folder) the result is read back when the same
-    weights, input normalisation, policy, images, ε, suite settings and measurement version were
-    measured before (:func:`~aq_brevitas.evaluate.cache.measurement_key`), and stored otherwise."""
-    from ..evaluate.suite import SELECTION_SUITE, suite_accuracies
+    ``model`` itself): :func:`measure_policy` without a warm start."""
+    got = measure_policy(model, specs, val, calib_x, eps=eps, steps=steps, seed=seed, cache_dir=cache_dir)
+    return got.clean, got.robust
+
+
+def measure_policy(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec] | None,
+    val: tuple[torch.Tensor, torch.Tensor],
+    calib_x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    seed: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+    warm: PolicyMeasurement | None = None,
+    device: str | None = None,
+) -> PolicyMeasurement:
+    """Clean and robust accuracy on ``val`` (images (N, C, H, W) in [0, 1], labels (N,)) of the
+    Brevitas model :func:`~aq_brevitas.quantize` builds for ``specs`` (calibrated on ``calib_x``;
+    None: the float ``model`` itself). Robust is the per-image worst case of PGD-``steps`` and the fast
+    attack suite at its selection settings (:data:`~aq_brevitas.evaluate.suite.SELECTION_SUITE`) with
+    the float model as the transfer source, never PGD alone. ``warm``: another policy's measurement
+    of the same images, whose adversarial examples are replayed first (:mod:`aq_brevitas.evaluate.warm`;
+    an extra transfer attack, so robust can only be lower than cold). With a ``cache_dir`` (a
+    :class:`~aq_brevitas.evaluate.cache.MeasureCache` folder) the result and its examples are read
+    back when the same weights, input normalisation, policy, images, ε, suite settings, warm seed and
+    measurement version were measured before (:func:`~aq_brevitas.evaluate.cache.measurement_key`),
+    and stored otherwise. ``device``: where the attacks run (:func:`~aq_brevitas.workers.resolve_device`;
+    None: the model's); its type (CPU or GPU, whose arithmetic differs) is part of the key."""
+    from ..evaluate.suite import SELECTION_SUITE, suite_chain
 
     settings = replace(SELECTION_SUITE["settings"], seed=seed)
     policy = None if specs is None else LayerwisePolicy(dict(specs)).to_dict()
+    suite = {k: _plain(v) for k, v in {**SELECTION_SUITE, "settings": settings}.items()}
+    # fed: the images as the model's forward receives them, so an input normalisation counts
+    key = measurement_key({
+        "model": model_digest(model), "fed": data_digest(forward_input(model, val[0])), "policy": policy,
+        "calibration": data_digest(calib_x) if specs is not None else None, "evaluation": data_digest(*val),
+        "eps": float(eps), "pgd_steps": steps, "suite": suite, "warm": None if warm is None else warm.key,
+        "device": resolve_device(device, model).type,
+    })  # fmt: skip
 
-    def measure() -> dict[str, float]:
+    def measure() -> tuple[dict[str, float], AdvExamples]:
         q = model if specs is None else _quantized(model, specs, calib_x)
-        acc = suite_accuracies(
+        acc, found = suite_chain(
             q, val[0], val[1], eps=eps, suite=SELECTION_SUITE["suite"], surrogate=None if specs is None else model,
-            settings=settings, pgd_steps=steps,
+            settings=settings, pgd_steps=steps, warm=None if warm is None else warm.examples, device=device,
         )  # fmt: skip
-        return {"clean": acc["clean"], "robust": acc["worst case"]}
+        names = list(acc)  # cumulative accuracies: the warm replay comes last, before "worst case"
+        warm_broke = round((acc[names[-3]] - acc["warm"]) * len(val[1])) if "warm" in acc else 0
+        return {"clean": acc["clean"], "robust": acc["worst case"], "warm": warm_broke}, found
 
-    if cache_dir is None:
-        got = measure()
-    else:
-        suite = {k: _plain(v) for k, v in {**SELECTION_SUITE, "settings": settings}.items()}
-        # fed: the images as the model's forward receives them, so an input normalisation counts
-        key = measurement_key({
-            "model": model_digest(model), "fed": data_digest(forward_input(model, val[0])), "policy": policy,
-            "calibration": data_digest(calib_x) if specs is not None else None, "evaluation": data_digest(*val),
-            "eps": float(eps), "pgd_steps": steps, "suite": suite,
-        })  # fmt: skip
-        about = {"policy": policy, "eps": eps, "pgd_steps": steps, "images": len(val[1])}
-        got = MeasureCache(cache_dir).get_or_measure(key, measure, about)
-    return got["clean"], got["robust"]
+    about = {
+        "policy": policy,
+        "eps": eps,
+        "pgd_steps": steps,
+        "images": len(val[1]),
+        "warm": warm is not None,
+    }
+    got, found = MeasureCache(cache_dir).get_or_measure_examples(key, measure, about)
+    return PolicyMeasurement(got["clean"], got["robust"], int(got["warm"]), key, found)
 
 
 def _quantized(model: nn.Module, specs: Mapping[str, LayerSpec], calib_x: torch.Tensor) -> nn.Module:
@@ -181,6 +226,9 @@ class UniformChoice:
     cost: PolicyCost
     eps: float
     policy: LayerwisePolicy = field(init=False, repr=False, compare=False)
+    #: the chosen option's held-out measurement (its adversarial examples warm-start the held-out
+    #: check of the searched policy); None for the data-free rule
+    measurement: PolicyMeasurement | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         meta = {
@@ -266,21 +314,21 @@ def best_uniform(
                 total=len(options), desc="uniform candidates", disable=not progress or len(options) < 2
             ) as bar:
                 measured = run_jobs(
-                    lambda i: policy_accuracies(
+                    lambda i: measure_policy(
                         model, {n: options[i] for n in layers}, val, calib_x, eps=cfg.eps,
-                        steps=cfg.pgd_steps, seed=cfg.seed, cache_dir=cache_dir,
-                    )[1],
+                        steps=cfg.pgd_steps, seed=cfg.seed, cache_dir=cache_dir, device=cfg.device,
+                    ),
                     len(options),
                     done=lambda _: bar.update(),
                 )  # fmt: skip
-            results = {s.short(): acc for s, acc in zip(options, measured, strict=True)}
+            results = {s.short(): m.robust for s, m in zip(options, measured, strict=True)}
         best = max(options, key=lambda s: (results[s.short()], -options.index(s)))
-        rule = "robust_accuracy"
+        rule, measurement = "robust_accuracy", measured[options.index(best)]
     else:
         errs = {s: _relative_error(cache, layers, s) for s in options}
         best = min(options, key=lambda s: (errs[s], options.index(s)))
-        rule = "relative_weight_error"
+        rule, measurement = "relative_weight_error", None
     cost = achieved_cost(table, {n: best for n in layers})
     return UniformChoice(
-        best, tuple(layers), tuple(options), rule, results, cfg.pgd_steps, budget, cost, cfg.eps
+        best, tuple(layers), tuple(options), rule, results, cfg.pgd_steps, budget, cost, cfg.eps, measurement
     )

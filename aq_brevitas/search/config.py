@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from ..config import ConfigBase, InputNormalization, json_ready
+from ..config import DEVICE_HELP, ConfigBase, InputNormalization, check_device, json_ready
 from ..errors import ConfigError, PolicyError
 from ..policy import TARGETS, LayerSpec, for_target
 
@@ -212,7 +212,9 @@ class SearchConfig(InputNormalization):
     only; off by default, see docs/method.md "Selection"). ``pgd_steps``/``val_images``: the
     held-out check against the best uniform policy, by robust accuracy (the per-image worst case of
     PGD-``pgd_steps`` and the fast attack suite) on the first ``val_images`` held-out images.
-    ``fold_bn``: score the BatchNorm-folded weights that ``quantize(..., fold_bn=True)`` will quantize. ``normalization=(mean, std)``: the
+    ``warm_start``: seed each held-out measurement with a neighbouring policy's adversarial examples (a
+    transfer attack, :mod:`aq_brevitas.evaluate.warm`); ``device``: where those attacks run
+    (``"auto"``: a GPU when one is present). ``fold_bn``: score the BatchNorm-folded weights that ``quantize(..., fold_bn=True)`` will quantize. ``normalization=(mean, std)``: the
     model expects normalised inputs; data and ε stay in [0, 1] pixel space and the model is fed
     ``(x - mean) / std`` (:func:`~aq_brevitas.attacks.normalized_inputs`). ``settings``: per-method
     settings by method name; missing ones take their defaults.
@@ -234,6 +236,11 @@ class SearchConfig(InputNormalization):
     top_k: int = field(default=5, metadata={"help": "knapsack solutions refinement re-ranks"})
     pgd_steps: int = field(default=10, metadata={"help": "PGD steps in the held-out robust check"})
     val_images: int | None = field(default=500, metadata={"help": "held-out images for that check"})
+    warm_start: bool = field(
+        default=True,
+        metadata={"help": "seed each held-out measurement with a neighbour policy's adversarial examples"},
+    )
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     settings: Mapping[str, MethodSettings] = field(default_factory=default_settings)
     target: str = field(
         default="generic", metadata={"help": "generic, or finn: integer inputs on every layer, <= 8 bits"}
@@ -243,6 +250,7 @@ class SearchConfig(InputNormalization):
     )
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.method not in METHOD_SETTINGS:
             raise ConfigError(
                 f"unknown search method {self.method!r}", f"use one of {', '.join(METHOD_SETTINGS)}"

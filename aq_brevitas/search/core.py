@@ -26,7 +26,7 @@ from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
 from ..workers import run_jobs
-from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, policy_accuracies
+from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, measure_policy
 from .calibration import (
     AdversarialCalibration,
     Representatives,
@@ -226,11 +226,12 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
     milp = picked.selection.milp_choice
     changed = picked.refinement.done and any(reps[n][milp[n]] != reps[n][choice[n]] for n in run.table.layers)
     todo = ([] if same_as_uniform else [choice]) + ([milp] if changed else [])
+    # the best uniform policy's adversarial examples are replayed first (a transfer attack)
     measured = run_jobs(
-        lambda i: policy_accuracies(  # the robust half
+        lambda i: measure_policy(  # the robust half
             run.model, todo[i], held, run.x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed,
-            cache_dir=run.cache_dir,
-        )[1],
+            cache_dir=run.cache_dir, warm=uni.measurement if cfg.warm_start else None, device=cfg.device,
+        ).robust,
         len(todo),
     )  # fmt: skip
     s_acc = u_acc if same_as_uniform else measured[0]

@@ -40,7 +40,7 @@ from ..forward import as_xy, eval_mode
 from ..policy import LayerSpec, LayerwisePolicy
 from ..storage import atomic_write_text
 from ..workers import check_workers, rank_share, run_jobs
-from .baselines import policy_accuracies, uniform_choices
+from .baselines import PolicyMeasurement, measure_policy, uniform_choices
 from .calibration import AdversarialCalibration, WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
 from .config import DEFAULT_ACT_BITS, METHOD_SETTINGS, PARETO_METHODS, SearchConfig, as_config, scorer_for
@@ -180,9 +180,18 @@ def _width(specs: Mapping[str, LayerSpec] | None) -> float:
     return sum(s.weight_bit_width + (s.act_bit_width or 32) for s in specs.values()) / len(specs)
 
 
+_PolicyKey = tuple[tuple[str, str], ...]
+
+
 class _Measure:
     """Clean and robust held-out accuracy of a policy (None: the float model), each distinct policy
-    measured once per sweep, and once per ``cache_dir`` across sweeps (:func:`policy_accuracies`)."""
+    measured once per sweep, and once per ``cache_dir`` across sweeps (:func:`measure_policy`).
+
+    Warm starts (``cfg.warm_start``): the sweep is measured in three waves -- the float model; each
+    budget's uniform policy, seeded with the float model's adversarial examples; every other policy,
+    seeded with its budget's uniform policy's (the float model's when uniform is not swept). A
+    policy's seed is fixed by the sweep, never by which process measured what first, so ranks and
+    workers give the same numbers as one process."""
 
     def __init__(
         self,
@@ -193,39 +202,73 @@ class _Measure:
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.model, self.calib_x, self.val, self.cfg, self.cache_dir = model, calib_x, val, cfg, cache_dir
-        self.seen: dict[tuple[tuple[str, str], ...], tuple[float, float]] = {}
+        self.seen: dict[_PolicyKey, PolicyMeasurement] = {}
 
     @staticmethod
-    def _key(specs: Mapping[str, LayerSpec] | None) -> tuple[tuple[str, str], ...]:
+    def _key(specs: Mapping[str, LayerSpec] | None) -> _PolicyKey:
         return tuple(sorted((n, s.short()) for n, s in (specs or {}).items()))
 
-    def _measure(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
+    def _measure(
+        self, specs: Mapping[str, LayerSpec] | None, seed: PolicyMeasurement | None = None
+    ) -> PolicyMeasurement:
         cfg = self.cfg
-        return policy_accuracies(
+        return measure_policy(
             self.model, specs, self.val, self.calib_x, eps=cfg.eps, steps=cfg.pgd_steps, seed=cfg.seed,
-            cache_dir=self.cache_dir,
+            cache_dir=self.cache_dir, warm=seed if cfg.warm_start else None, device=cfg.device,
         )  # fmt: skip
 
+    def waves(
+        self, chosen: Sequence[tuple[str, Budget, Mapping[str, LayerSpec]]]
+    ) -> list[dict[_PolicyKey, tuple[Mapping[str, LayerSpec] | None, _PolicyKey | None]]]:
+        """The sweep's policies in measuring order: waves of ``{policy: (specs, its seed's policy)}``,
+        each policy in the first wave that holds it, seeded from an earlier wave."""
+        float_key = self._key(None)
+        uniform = {budget_text(b): self._key(specs) for m, b, specs in chosen if m == "uniform"}
+        out: list[dict[_PolicyKey, tuple[Mapping[str, LayerSpec] | None, _PolicyKey | None]]] = [
+            {float_key: (None, None)},
+            {},
+            {},
+        ]
+        for method, budget, specs in sorted(chosen, key=lambda c: c[0] != "uniform"):
+            key, wave = self._key(specs), 1 if method == "uniform" else 2
+            if not any(key in w for w in out):
+                out[wave][key] = (
+                    specs,
+                    float_key if wave == 1 else uniform.get(budget_text(budget), float_key),
+                )
+        return out
+
     def prefetch(
-        self, policies: Sequence[Mapping[str, LayerSpec] | None], workers: int, progress: bool
+        self, chosen: Sequence[tuple[str, Budget, Mapping[str, LayerSpec]]], workers: int, progress: bool
     ) -> None:
-        """Measure every distinct policy of ``policies`` not measured yet, on ``workers`` forked
-        processes and over the ``torchrun`` ranks (:func:`~aq_brevitas.workers.run_jobs`: the same
-        numbers as one process, on every rank)."""
-        todo = {self._key(p): p for p in policies if self._key(p) not in self.seen}
-        keys = list(todo)
-        with progress_bar(total=rank_share(len(keys)), desc="pareto points", disable=not progress) as bar:
-            measured = run_jobs(
-                lambda i: self._measure(todo[keys[i]]), len(keys), workers, done=lambda _: bar.update(),
-                order=sorted(range(len(keys)), key=lambda i: -_width(todo[keys[i]])),
-            )  # fmt: skip
+        """Measure the float model and every policy of ``chosen`` not measured yet, wave by wave
+        (:meth:`waves`), on ``workers`` forked processes and over the ``torchrun`` ranks
+        (:func:`~aq_brevitas.workers.run_jobs`: the same numbers as one process, on every rank)."""
+        waves = [{k: v for k, v in w.items() if k not in self.seen} for w in self.waves(chosen)]
+        total = sum(rank_share(len(w)) for w in waves)
+        with progress_bar(total=total, desc="pareto points", disable=not progress) as bar:
+            for wave in waves:
+                self._measure_wave(wave, workers, bar)
+
+    def _measure_wave(
+        self,
+        wave: Mapping[_PolicyKey, tuple[Mapping[str, LayerSpec] | None, _PolicyKey | None]],
+        workers: int,
+        bar: Any,
+    ) -> None:
+        keys = list(wave)
+        jobs = [(wave[k][0], None if wave[k][1] is None else self.seen[wave[k][1]]) for k in keys]
+        measured = run_jobs(
+            lambda i: self._measure(*jobs[i]), len(keys), workers, done=lambda _: bar.update(),
+            order=sorted(range(len(keys)), key=lambda i: -_width(jobs[i][0])),
+        )  # fmt: skip
         self.seen.update(zip(keys, measured, strict=True))
 
     def __call__(self, specs: Mapping[str, LayerSpec] | None) -> tuple[float, float]:
         key = self._key(specs)
         if key not in self.seen:
             self.seen[key] = self._measure(specs)
-        return self.seen[key]
+        return self.seen[key].clean, self.seen[key].robust
 
 
 @takes_config(SearchConfig)
@@ -285,7 +328,7 @@ def search_pareto(
         chosen = _choose(model, table, cache, budgets_, methods, cfg, (x, y), calib, progress)
         seconds["selection"] = time.perf_counter() - t0 - seconds["calibration"] - seconds["table"]
         measure = _Measure(model, x, val, cfg, cache_dir)
-        measure.prefetch([None, *(specs for _, _, specs in chosen)], workers, progress)
+        measure.prefetch(chosen, workers, progress)
         float_clean, float_robust = measure(None)
         points = [_point(measure, table, method, budget, specs) for method, budget, specs in chosen]
         seconds["measure"] = time.perf_counter() - t0 - sum(seconds.values())

@@ -5,6 +5,7 @@ prints)."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -156,12 +157,14 @@ def compare_methods(
     table: CandidateTable | None = None,
     val_data: Any = None,
     config: SearchConfig | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> MethodComparison:
     """:func:`search_policy` with each of ``methods`` on the same data, config and candidate table
     (built once from ``calib_data`` when not given), then every method's final policy under the
     config's lipschitz estimate (``jacobian``: on one adversarial calibration of ``calib_data``), so
-    the methods are compared on one measure. Arguments and errors as :func:`search_policy`.
+    the methods are compared on one measure. Arguments and errors as :func:`search_policy`; with a
+    ``cache_dir`` the uniform options every method's held-out check compares with are measured once.
     """
     cfg = as_config(config)
     budget = as_budget(budget)
@@ -183,6 +186,7 @@ def compare_methods(
                 config=cfg.replace(method=m),
                 val_data=val_data,
                 table=table,
+                cache_dir=cache_dir,
                 progress=progress,
             )  # fmt: skip
             for m in methods
