@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"paired": paired, "candidates": candidates, "report": report_phase}[args.phase](
                 name, args.images
             )
-        row["wall"] = time.perf_counter() - t0
+        row["wall"], row["header"] = time.perf_counter() - t0, header()
         # re-read before writing: rows another run wrote meanwhile are kept
         result = json.loads(path.read_text()) if path.exists() else result
         result["models"][name] = row
@@ -304,6 +304,7 @@ def summary(result: dict) -> dict:
             "fast": m["report"]["accuracy"], "fast_seconds": m["report"]["cpu_seconds"],
             "reference": m["reference"]["accuracy"], "reference_seconds": m["reference"]["cpu_seconds"],
             "reference_parts": m["reference"]["parts"], "fired": m["report"]["fired"],
+            "measured": m.get("header", result.get("header", "")).split(" · ")[0],
         })  # fmt: skip
     return {"header": result.get("header", ""), "eps": EPS, "rows": rows}
 
@@ -324,8 +325,8 @@ def render_section(result: dict) -> list[str]:
         "times were up to 5× longer and are not compared).",
         "",
         "| model | clean | PGD-20 | s | fast (report) | s | reference AA | s | gap (pts) | time ratio "
-        "| indicators that fired |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| indicators that fired | measured |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in result["rows"]:
         gap = 100 * (r["fast"] - r["reference"])
@@ -333,7 +334,7 @@ def render_section(result: dict) -> list[str]:
             f"| {r['model']} | {100 * r['clean']:.0f}% | {100 * r['pgd']:.0f}% | {r['pgd_seconds']:.1f} "
             f"| {100 * r['fast']:.0f}% | {r['fast_seconds']:.0f} | {100 * r['reference']:.0f}% "
             f"| {r['reference_seconds']:.0f} | {gap:+.0f} | {r['fast_seconds'] / r['reference_seconds']:.2f} "
-            f"| {', '.join(f'`{f}`' for f in r['fired']) or 'none'} |"
+            f"| {', '.join(f'`{f}`' for f in r['fired']) or 'none'} | {r.get('measured', '')} |"
         )
     return [*lines, "", *render_schedule()]
 
