@@ -18,7 +18,7 @@ from aq_brevitas.evaluate import suite as suite_module
 from aq_brevitas.evaluate.cache import MeasureCache, data_digest, measurement_key, model_digest
 from aq_brevitas.models import load_float_model
 from aq_brevitas.policy import LayerSpec
-from aq_brevitas.search.baselines import policy_accuracies
+from aq_brevitas.search.baselines import measure_policy
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -63,13 +63,15 @@ def test_a_cached_measurement_is_the_measured_one_and_runs_once(tmp_path, counte
     x, y = fmnist_val_512
     specs = {n: LayerSpec(4, act_bit_width=4) for n in ("conv1", "conv2", "fc1", "fc2")}
     val, args = (x[:8], y[:8]), {"eps": 0.1, "steps": 1, "seed": 0}
-    fresh = policy_accuracies(model, specs, val, x[8:40], **args)
-    first = policy_accuracies(model, specs, val, x[8:40], cache_dir=tmp_path, **args)
-    again = policy_accuracies(model, specs, val, x[8:40], cache_dir=tmp_path, **args)
-    assert fresh == first == again and len(counted) == 2  # the third call read the file
+    fresh = measure_policy(model, specs, val, x[8:40], **args)
+    first = measure_policy(model, specs, val, x[8:40], cache_dir=tmp_path, **args)
+    again = measure_policy(model, specs, val, x[8:40], cache_dir=tmp_path, **args)
+    assert (fresh.clean, fresh.robust) == (first.clean, first.robust) == (again.clean, again.robust)
+    assert torch.equal(first.examples.images, again.examples.images)
+    assert len(counted) == 2  # the third call read the file
     assert len(list(tmp_path.glob("*.json"))) == 1
-    policy_accuracies(model, specs, val, x[8:41], cache_dir=tmp_path, **args)  # other calibration images
-    policy_accuracies(model, specs, val, x[8:40], cache_dir=tmp_path, **{**args, "seed": 1})
+    measure_policy(model, specs, val, x[8:41], cache_dir=tmp_path, **args)  # other calibration images
+    measure_policy(model, specs, val, x[8:40], cache_dir=tmp_path, **{**args, "seed": 1})
     assert len(counted) == 4 and len(list(tmp_path.glob("*.json"))) == 3
     (next(tmp_path.glob("*.json"))).write_text("{half a fi")  # a foreign, broken file misses
     assert MeasureCache(tmp_path).get(next(tmp_path.glob("*.json")).stem) is None

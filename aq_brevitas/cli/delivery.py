@@ -47,28 +47,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     val_data = val if args.val_images else None
     # one table for every method compared; norms are filled only for the methods that read them
     table = candidate_table(model, calib[0], config.candidates, seed=config.seed, progress=True, norms=False)
+    common = {"config": config, "val_data": val_data, "table": table, "cache_dir": _cache_dir(args)}
     if args.compare:
-        comparison = compare_methods(
-            model,
-            calib,
-            args.budget,
-            config=config,
-            val_data=val_data,
-            table=table,
-            cache_dir=_cache_dir(args),
-        )
+        comparison = compare_methods(model, calib, args.budget, **common)
         results = comparison.results
     else:
-        result = search_policy(
-            model,
-            calib,
-            args.budget,
-            config=config,
-            val_data=val_data,
-            table=table,
-            cache_dir=_cache_dir(args),
-        )
-        results = {config.method: result}
+        results = {config.method: search_policy(model, calib, args.budget, **common)}
     for method, result in results.items():
         print(f"\n== {method}\n{policy_table(result, table)}")
     if args.compare:

@@ -390,37 +390,41 @@ def suite_accuracies(
     >>> list(acc), acc["worst case"] <= acc["pgd"] <= acc["clean"]
     (['clean', 'pgd', 'apgd-ce', 'apgd-dlr', 'apgd-t3', 'square', 'worst case'], True)
     """
+    require_single_input(model, "suite_accuracies")
+    xs, ys = as_xy(x if y is None else (x, y), name="inputs")
+    names = suite_names(suite, surrogate=surrogate is not None)
+    settings = settings or ChainSettings(steps=100, queries=500)
+    if settings.schedule is None and isinstance(suite, str):
+        settings = dataclasses.replace(settings, schedule=suite)
     with normalized_inputs(model, normalization), normalized_inputs(surrogate or model, normalization):
-        return suite_chain(
-            model, x, y, eps=eps, suite=suite, surrogate=surrogate, settings=settings, pgd_steps=pgd_steps
-        )[0]
+        return suite_chain(model, xs, ys, eps, names, settings, surrogate=surrogate, pgd_steps=pgd_steps)[0]
 
 
 def suite_chain(
     model: nn.Module,
-    x: Any,
-    y: torch.Tensor | None = None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    names: Sequence[str],
+    settings: ChainSettings,
     *,
-    eps: float = 0.1,
-    suite: str | Sequence[str] = "fast",
     surrogate: nn.Module | None = None,
-    settings: ChainSettings | None = None,
     pgd_steps: int | None = None,
     warm: AdvExamples | None = None,
     device: str | None = None,
 ) -> tuple[dict[str, float], AdvExamples]:
-    """:func:`suite_accuracies` (without its ``normalization``: call inside
-    :func:`~aq_brevitas.attacks.normalized_inputs`) and the adversarial examples of every image the
-    chain broke (by index into ``x``), to seed another policy's chain. ``warm``: such examples from another policy,
+    """The chain behind :func:`suite_accuracies`, on checked inputs: images ``x`` (N, C, H, W) in [0, 1]
+    and labels ``y`` (N,), the attacks ``names`` (:func:`suite_names`) under ``settings`` (its
+    schedule resolved), PGD-``pgd_steps`` first when given, in eval mode with the attack twin; inside
+    :func:`~aq_brevitas.attacks.normalized_inputs` for a normalised model. Returns the cumulative
+    accuracies (:func:`suite_accuracies`) and the adversarial examples of every image the chain broke
+    (by index into ``x``), to seed another policy's chain. ``warm``: such examples from another policy,
     replayed last as the step ``"warm"`` (a transfer attack, :mod:`aq_brevitas.evaluate.warm`), so
     every other attack runs as it would without them and the worst case can only be lower.
     ``device``: where the attacks run (:func:`~aq_brevitas.workers.on_device`; None: the model's)."""
-    require_single_input(model, "suite_accuracies")
-    xs, ys = as_xy(x if y is None else (x, y), name="inputs")
-    names = suite_names(suite, surrogate=surrogate is not None)
     other = surrogate if surrogate is not None else model
     out: dict[str, float] = {}
-    found = AdvExamples.empty(tuple(xs.shape[1:]))
+    found = AdvExamples.empty(tuple(x.shape[1:]))
     with (
         on_device((model, surrogate), device) as where,
         torch.random.fork_rng(devices=[]),
@@ -430,14 +434,11 @@ def suite_chain(
     ):
         with torch.no_grad(), brevitas_forward(model):
             alive = torch.cat([(model(xb.to(where)).argmax(1) == yb.to(where)).cpu()
-                               for xb, yb in zip(xs.split(250), ys.split(250), strict=True)])  # fmt: skip
+                               for xb, yb in zip(x.split(250), y.split(250), strict=True)])  # fmt: skip
         out["clean"] = mask_share(alive)
-        settings = settings or ChainSettings(steps=100, queries=500)
-        if settings.schedule is None and isinstance(suite, str):
-            settings = dataclasses.replace(settings, schedule=suite)
         chains = [(dataclasses.replace(settings, steps=pgd_steps), ["pgd"])] if pgd_steps is not None else []
         for i, (chain_settings, chain_names) in enumerate([*chains, (settings, names)]):
-            for st in run_chain(model, xs, ys, eps, chain_names, alive=alive, surrogate=surrogate,
+            for st in run_chain(model, x, y, eps, chain_names, alive=alive, surrogate=surrogate,
                                 settings=chain_settings, warm=warm if i == len(chains) else None):  # fmt: skip
                 alive, out[st.name] = st.survived, mask_share(st.survived)
                 found = found.merge(st.found.index, st.found.images) if st.found is not None else found

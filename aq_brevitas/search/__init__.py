@@ -43,7 +43,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".selection": ("Selection", "select_policy"),
     ".refine": ("WholeNetworkBound", "Refinement", "policy_bound"),
     ".baselines": (
-        "UniformChoice", "best_uniform", "uniform_options", "uniform_choices", "policy_accuracies",
+        "UniformChoice", "best_uniform", "uniform_options", "uniform_choices",
         "measure_policy", "PolicyMeasurement",
     ),
     ".core": ("search_policy",),

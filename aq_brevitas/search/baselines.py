@@ -44,7 +44,7 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-#: what :func:`policy_accuracies` measures (its robust half), as the held-out check records it
+#: what :func:`measure_policy` measures (its robust half), as the held-out check records it
 ROBUST_MEASURE = (
     "worst case of PGD and the fast suite (APGD-CE, APGD-DLR, APGD-T3, transfer from the float model, Square)"
 )
@@ -62,24 +62,6 @@ class PolicyMeasurement:
     warm: int
     key: str
     examples: AdvExamples
-
-
-def policy_accuracies(
-    model: nn.Module,
-    specs: Mapping[str, LayerSpec] | None,
-    val: tuple[torch.Tensor, torch.Tensor],
-    calib_x: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    seed: int,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> tuple[float, float]:
-    """``(clean, robust)`` accuracy (fractions) on ``val`` of the Brevitas model
-    :func:`~aq_brevitas.quantize` builds for ``specs`` (calibrated on ``calib_x``; None: the float
-    ``model`` itself): :func:`measure_policy` without a warm start."""
-    got = measure_policy(model, specs, val, calib_x, eps=eps, steps=steps, seed=seed, cache_dir=cache_dir)
-    return got.clean, got.robust
 
 
 def measure_policy(
@@ -107,7 +89,7 @@ def measure_policy(
     measurement version were measured before (:func:`~aq_brevitas.evaluate.cache.measurement_key`),
     and stored otherwise. ``device``: where the attacks run (:func:`~aq_brevitas.workers.resolve_device`;
     None: the model's); its type (CPU or GPU, whose arithmetic differs) is part of the key."""
-    from ..evaluate.suite import SELECTION_SUITE, suite_chain
+    from ..evaluate.suite import SELECTION_SUITE, suite_chain, suite_names
 
     settings = replace(SELECTION_SUITE["settings"], seed=seed)
     policy = None if specs is None else LayerwisePolicy(dict(specs)).to_dict()
@@ -122,9 +104,11 @@ def measure_policy(
 
     def measure() -> tuple[dict[str, float], AdvExamples]:
         q = model if specs is None else _quantized(model, specs, calib_x)
+        surrogate = None if specs is None else model
+        names = suite_names(SELECTION_SUITE["suite"], surrogate=surrogate is not None)
         acc, found = suite_chain(
-            q, val[0], val[1], eps=eps, suite=SELECTION_SUITE["suite"], surrogate=None if specs is None else model,
-            settings=settings, pgd_steps=steps, warm=None if warm is None else warm.examples, device=device,
+            q, *val, eps, names, settings, surrogate=surrogate, pgd_steps=steps,
+            warm=None if warm is None else warm.examples, device=device,
         )  # fmt: skip
         names = list(acc)  # cumulative accuracies: the warm replay comes last, before "worst case"
         warm_broke = round((acc[names[-3]] - acc["warm"]) * len(val[1])) if "warm" in acc else 0
@@ -282,14 +266,14 @@ def best_uniform(
 ) -> UniformChoice:
     """The best uniform policy among :func:`uniform_options` (one per maximal fitting (weight, input)
     bit pair, each at its data-free best scaling × granularity): the one with the best robust accuracy
-    (:func:`policy_accuracies`: the worst case of PGD-``pgd_steps`` and the fast suite) on the
+    (:func:`measure_policy`: the worst case of PGD-``pgd_steps`` and the fast suite) on the
     first ``val_images`` of held-out ``val_data`` (training images; ``calib_data`` calibrates the
     activation quantizers, default the same images); the only option is measured too, since the
     held-out check compares with it. Without ``val_data`` the choice is data-free: the smallest Σ
     relative weight error ‖ΔW‖_F/‖W‖_F.
     ``config``: the :class:`SearchConfig` whose ``eps``, ``seed``, ``pgd_steps``, ``val_images`` and
     ``normalization`` are used. ``cache``: a ready :class:`WeightCache` of ``model``. ``cache_dir``: a
-    folder of measured results read and written (:func:`policy_accuracies`). Under ``torchrun`` (after
+    folder of measured results read and written (:func:`measure_policy`). Under ``torchrun`` (after
     :func:`~aq_brevitas.train.finetune.init_distributed`) the options are measured on the ranks in turn
     and every rank gets every result (:func:`~aq_brevitas.workers.run_jobs`). PolicyError when no
     uniform policy fits.
