@@ -180,7 +180,7 @@ def _check_coverage(model: Any, policy: Any, source: str, allow_partial: bool) -
 
     policy.check(model)
     uncovered = policy.matches(model).uncovered
-    if uncovered and not policy.resolve(quantizable_layers(model)):
+    if uncovered and not any(policy.resolve(quantizable_layers(model)).values()):
         raise PolicyError(
             f"policy {source} covers none of the model's layers ({', '.join(uncovered)})",
             'add a "default" spec, e.g. "default": {"weight_bit_width": 8}, or "layers" entries',
