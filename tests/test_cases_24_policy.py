@@ -297,6 +297,31 @@ def test_scores_and_search_run_on_a_model_with_attention():
         assert sorted(result.policy.layers) == sorted(RUN_LAYERS)
 
 
+class Encoder(nn.Module):
+    """A kind the scripts do not show: nn.TransformerEncoderLayer, whose eval no-grad fast path reads
+    linear1/linear2's weights directly (torch._transformer_encoder_layer_fwd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x)).mean(1))
+
+
+def test_transformer_encoder_layer_runs_its_quantized_linears_in_every_mode():
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(8, 5, 12)
+    q = quantize(model, LayerwisePolicy(default=W4), calibration_data=x)
+    assert hasattr(q.enc.linear1, "quant_weight") and "enc.self_attn.out_proj" not in quantizable_layers(q)
+    q1 = apply_policy(q, LayerwisePolicy({"enc.linear1": LayerSpec(1)}))
+    with torch.no_grad():  # eval without grad: where torch's fast path would skip the quantizers
+        assert (q1(x) - q(x)).abs().max() > 1e-3
+    assert list(lipschitz_scores(model, x)) == ["embed", "enc.linear1", "enc.linear2", "head"]
+
+
 class Uncalled(nn.Module):
     """Kinds the scripts do not show: a layer whose weight the forward reads directly (like
     MultiheadAttention's out_proj), and a layer the forward never uses."""

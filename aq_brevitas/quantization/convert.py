@@ -41,7 +41,7 @@ from ..forward import iter_x_batches
 from ..nnutils import plain_tensor, quantizable_layers, shared_weights, warn_unsupported
 from ..policy import LayerSpec, LayerwisePolicy, check_target
 from .calibrate import calibrate, model_inputs, nonnegative_inputs
-from .coverage import check_convertible, first_sample, refuse_unquantize
+from .coverage import check_convertible, first_sample, keep_layers_called, refuse_unquantize
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
 from .placement import PLACEMENTS, ActRequest, input_quantizers, install_input_quant, place_act_quant
 from .readback import input_signedness
@@ -258,6 +258,7 @@ def convert_model(
     }
     before = {} if swap_float else _act_proxies(target, specs)
     _swap_layers(target, specs, at_producer, signed, swap_float=swap_float)
+    keep_layers_called(target, specs)
     if at_producer:
         target = _place_activations(target, {n: specs[n] for n in at_producer}, signed)
     if calibration_data is not None:

@@ -3,6 +3,7 @@ policy leaves out or keeps float, layers the forward never calls), and the warni
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
@@ -84,3 +85,24 @@ def refuse_unquantize(model: nn.Module, policy: LayerwisePolicy) -> None:
             f"apply_policy cannot turn quantized layers {', '.join(back)} back to float (the policy gives them None)",
             "quantize the float model with this policy: aq_brevitas.quantize(float_model, policy)",
         )
+
+
+# torch modules whose eval fast path reads their children's weights directly, skipping the children's
+# forward: TransformerEncoderLayer runs torch._transformer_encoder_layer_fwd on linear1/linear2.weight
+FAST_PATH_TYPES: tuple[type[nn.Module], ...] = (nn.TransformerEncoderLayer,)
+
+
+def _slow_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook: torch takes no fast path on a module that has hooks."""
+
+
+def keep_layers_called(model: nn.Module, swapped: Iterable[str]) -> None:
+    """Give each module of :data:`FAST_PATH_TYPES` holding a swapped layer a no-op forward pre-hook,
+    so its forward calls the (quantized) layers in every mode: its eval no-grad fast path would run
+    their float weights while the model reports them quantized. torch checks for hooks before it
+    takes the fast path; the hook is a module-level function, so the model still pickles."""
+    names = list(swapped)
+    for name, m in model.named_modules():
+        inside = any(n.startswith(f"{name}.") for n in names)
+        if isinstance(m, FAST_PATH_TYPES) and inside and _slow_path not in m._forward_pre_hooks.values():
+            m.register_forward_pre_hook(_slow_path)
