@@ -392,3 +392,29 @@ def test_rebit_one_layer_keeps_the_rest_and_cost_policy_and_graph_agree(tmp_path
     stored = sum(r.get_submodule(n).weight.numel() * b for n, b in bits.items())
     assert recorded.cost(r, x[:1]).weight_bits == stored
     assert export_qonnx(r, tmp_path / "rebit.onnx", x[:1]).layer_bits == bits
+
+
+def test_cli_quantize_rebits_a_quantized_checkpoint_with_a_one_entry_policy(tmp_path, capsys):
+    """Case 28's CLI way: `aq-brevitas quantize --model <quantized.pt> --policy <fc1 only>`."""
+    from aq_brevitas.cli import main
+    from aq_brevitas.quantization.checkpoint import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    spec = LayerSpec(4, "mse", "per_channel", act_bit_width=8)
+    q = quantize(
+        build_model("small_cnn").eval(),
+        LayerwisePolicy(default=spec),
+        calibration_data=torch.rand(16, 1, 28, 28),
+    )
+    save_quantized(q, tmp_path / "q.pt", {"arch": "small_cnn"})
+    LayerwisePolicy({"fc1": LayerSpec(2, "mse", "per_channel", act_bit_width=8)}).save(tmp_path / "fc1.json")
+    argv = ["quantize", "--model", str(tmp_path / "q.pt"), "--policy", str(tmp_path / "fc1.json")]
+    assert main([*argv, "--out", str(tmp_path / "r.pt"), "--calib-images", "0"]) == 0
+    assert "QuantLinear 2b mse pc a8" in capsys.readouterr().out
+    r = load_quantized(tmp_path / "r.pt")[0]
+    assert _bits(read_policy(r).resolve(quantizable_layers(r))) == {
+        "conv1": 4,
+        "conv2": 4,
+        "fc1": 2,
+        "fc2": 4,
+    }
