@@ -280,6 +280,9 @@ def test_multihead_attention_stays_float_named_and_out_of_the_cost():
     assert cost.params == sum(model.get_submodule(n).weight.numel() for n in RUN_LAYERS)
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
+    four = dict.fromkeys(RUN_LAYERS, 4)  # PT2E would see the attention's own linear ops as layer "attn"
+    assert _fx_bits(model, LayerwisePolicy(default=W4), x) == four
+    assert _pt2e_bits(model, LayerwisePolicy(default=W4), x) == four
 
 
 def test_scores_and_search_run_on_a_model_with_attention():

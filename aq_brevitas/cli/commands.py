@@ -211,7 +211,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         _check_coverage(model, policy, args.policy, args.allow_partial)
     n = args.calib_images
     calib = load_split("train", args.data_dir, limit=n, seed=args.seed)[0] if n else None
-    if rebit:  # in place: a deepcopy of a loaded quantized GraphModule recurses in forward (torch.fx)
+    # in place: a copy of a loaded checkpoint whose mse weight scales are not yet re-derived recurses in
+    # Brevitas' MSE search (its stats keep a reference to the original proxy) at its first forward
+    if rebit:
         q, model = (
             apply_policy(model, policy, calibration_data=calib, inplace=True),
             load_any_model(args.model)[0],
