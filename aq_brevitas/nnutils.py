@@ -114,12 +114,20 @@ def weight_owners(model: nn.Module, layers: Mapping[str, nn.Module] | None = Non
 def warn_unsupported(model: nn.Module) -> None:
     """Warn (``UserWarning``, one line each) naming every weight that is not quantized nor costed.
 
-    That is every layer of an unsupported type, and every Parameter the forward uses through a
+    That is every layer of an unsupported type (with the quantizable layers inside it, which stay
+    float with it: ``attn (MultiheadAttention, with attn.out_proj)``), and every Parameter the forward uses through a
     functional op outside a quantizable layer (see :func:`unquantized_weight_uses`).
     """
     bad = unsupported_layers(model)
     if bad:
-        listed = ", ".join(f"{n} ({t})" for n, t in bad.items())
+        modules = dict(model.named_modules())
+        inner = {
+            n: [k for k, m in modules.items() if k.startswith(f"{n}.") and isinstance(m, QUANTIZABLE_TYPES)]
+            for n in bad
+        }
+        listed = ", ".join(
+            f"{n} ({t}{', with ' + ', '.join(inner[n]) if inner[n] else ''})" for n, t in bad.items()
+        )
         warn(
             f"aq-brevitas leaves these layers in float, their type is not supported: {listed} -- fix: "
             "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear if they should be quantized; "

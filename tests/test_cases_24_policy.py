@@ -273,7 +273,7 @@ def test_multihead_attention_stays_float_named_and_out_of_the_cost():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         q = quantize(model, LayerwisePolicy(default=W4), calibration_data=x)
-    assert any("attn (MultiheadAttention)" in str(w.message) for w in caught)
+    assert any("attn (MultiheadAttention, with attn.out_proj)" in str(w.message) for w in caught)
     assert type(q.get_submodule("attn.out_proj")) is type(model.attn.out_proj)  # not swapped: float
     assert sorted(read_policy(q).layers) == sorted(RUN_LAYERS)
     cost = LayerwisePolicy(default=W4).cost(model, x[:1])
