@@ -16,6 +16,7 @@ MACs at every call; a weight shared by several layers is stored (and costed in b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -57,12 +58,25 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNor
 
 # ---------------------------------------------------------------------------------------- layers
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantizable layers by qualified name (as in ``named_modules()``), in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
+    """Quantizable layers by qualified name (as in ``named_modules()``), in registration order.
+
+    A layer inside a module of an unsupported type is not one: that module's forward decides how the
+    layer's weight is used (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly and never
+    calls ``out_proj``), so it stays float with its owner (:func:`warn_unsupported` names the owner).
+    """
+    inside = [
+        f"{name}." if name else "" for name, m in model.named_modules() if isinstance(m, UNSUPPORTED_TYPES)
+    ]
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE_TYPES) and not any(name.startswith(o) for o in inside)
+    }
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
-    """Weight-carrying layers this package cannot quantize, by name -> type name."""
+    """Weight-carrying layers this package cannot quantize, by name -> type name (layers inside them
+    stay float with them)."""
     return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, UNSUPPORTED_TYPES)}
 
 
@@ -75,7 +89,9 @@ def shared_layer_names(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in seen.items() if len(v) > 1}
 
 
-def shared_weights(model: nn.Module) -> dict[str, tuple[str, ...]]:
+def shared_weights(
+    model: nn.Module, layers: Mapping[str, nn.Module] | None = None
+) -> dict[str, tuple[str, ...]]:
     """Weights that several quantizable layers (distinct modules) use: first layer name -> all of them.
 
     Tied weights (``fc2.weight = fc1.weight``) are stored once, so their bits count once (under the
@@ -83,26 +99,35 @@ def shared_weights(model: nn.Module) -> dict[str, tuple[str, ...]]:
     give the layers of one group one spec: they quantize the same tensor.
     """
     groups: dict[int, list[str]] = {}
-    for name, m in quantizable_layers(model).items():
+    for name, m in (quantizable_layers(model) if layers is None else layers).items():
         groups.setdefault(id(m.weight), []).append(name)
     return {names[0]: tuple(names) for names in groups.values() if len(names) > 1}
 
 
-def weight_owners(model: nn.Module) -> dict[str, str]:
-    """Each quantizable layer that shares its weight -> the first layer of its :func:`shared_weights`
-    group, under which the weight's bits are counted (the first maps to itself)."""
-    return {n: first for first, names in shared_weights(model).items() for n in names}
+def weight_owners(model: nn.Module, layers: Mapping[str, nn.Module] | None = None) -> dict[str, str]:
+    """Each quantizable layer (of ``layers``, default all) that shares its weight -> the first layer
+    of its :func:`shared_weights` group, under which the weight's bits are counted (the first maps to
+    itself)."""
+    return {n: first for first, names in shared_weights(model, layers).items() for n in names}
 
 
 def warn_unsupported(model: nn.Module) -> None:
     """Warn (``UserWarning``, one line each) naming every weight that is not quantized nor costed.
 
-    That is every layer of an unsupported type, and every Parameter the forward uses through a
+    That is every layer of an unsupported type (with the quantizable layers inside it, which stay
+    float with it: ``attn (MultiheadAttention, with attn.out_proj)``), and every Parameter the forward uses through a
     functional op outside a quantizable layer (see :func:`unquantized_weight_uses`).
     """
     bad = unsupported_layers(model)
     if bad:
-        listed = ", ".join(f"{n} ({t})" for n, t in bad.items())
+        modules = dict(model.named_modules())
+        inner = {
+            n: [k for k, m in modules.items() if k.startswith(f"{n}.") and isinstance(m, QUANTIZABLE_TYPES)]
+            for n in bad
+        }
+        listed = ", ".join(
+            f"{n} ({t}{', with ' + ', '.join(inner[n]) if inner[n] else ''})" for n, t in bad.items()
+        )
         warn(
             f"aq-brevitas leaves these layers in float, their type is not supported: {listed} -- fix: "
             "replace them with Conv1d/Conv2d/ConvTranspose2d/Linear if they should be quantized; "
@@ -220,9 +245,10 @@ def layer_geometry(model: nn.Module, example_input: Any) -> dict[str, LayerGeome
     ``example_input``: a tensor, or a tuple of tensors for a multi-input model (:func:`example_args`).
     MACs count every call of a layer in the forward; a weight shared by several layers has its
     ``params`` under the first of them only (the others have 0 and name it in ``weight_of``).
-    Layers the forward never reaches still cost parameters: they get 0 MACs, 0 calls and empty shapes.
-    Warns (:func:`warn_unsupported`) about weights the forward uses that are not quantized nor costed.
-    Raises :class:`ModelError` for a model without quantizable layers or a failing forward.
+    Layers the forward never calls are left out (:func:`quantize` leaves them float), named in a
+    warning (:func:`warn_never_called`); so are weights the forward uses that are not quantized nor
+    costed (:func:`warn_unsupported`). Raises :class:`ModelError` for a model without quantizable
+    layers or a failing forward.
     """
     args = example_args(model, example_input)
     layers = quantizable_layers(model)
@@ -233,17 +259,62 @@ def layer_geometry(model: nn.Module, example_input: Any) -> dict[str, LayerGeome
         )
     warn_unsupported(model)
     seen, _ = observe_layers(model, tuple(a[:1] for a in args), layers)
-    owners = weight_owners(model)
+    warn_never_called([n for n in layers if n not in seen])
+    called = {n: m for n, m in layers.items() if n in seen}
+    owners = weight_owners(model, called)
     found = {}
-    for n, layer in layers.items():
+    for n, layer in called.items():
         owner = owners.get(n, n)
-        params = int(layer.weight.numel()) if owner == n else 0
-        c = seen.get(n)
-        i, o, calls, macs = (c.input_shape, c.output_shape, c.calls, c.macs) if c else ((), (), 0, 0)
+        c = seen[n]
         found[n] = LayerGeometry(
-            n, type(layer).__name__, params, macs, i, o, calls, None if owner == n else owner
+            n,
+            type(layer).__name__,
+            int(layer.weight.numel()) if owner == n else 0,
+            c.macs,
+            c.input_shape,
+            c.output_shape,
+            c.calls,
+            None if owner == n else owner,
         )
     return found
+
+
+def warn_never_called(names: list[str]) -> None:
+    """One ``UserWarning`` naming the quantizable layers a forward never called (none: no warning)."""
+    if names:
+        warn(
+            f"layers {', '.join(names)} are never called by the model's forward (their weights, if used, "
+            "are read directly): they stay float and are left out of the cost -- fix: call them as modules "
+            "in forward if they should be quantized; otherwise nothing to do",
+        )
+
+
+def called_layers(model: nn.Module, example_input: Any = None) -> set[str] | None:
+    """The quantizable layers the model's forward calls: seen by a hooked forward on the first sample
+    of ``example_input`` (a tensor or a tuple of them), else read from the fx graph (a layer is called
+    when it, or a leaf module holding it, is a ``call_module``); None when neither can tell (no input
+    and the model does not trace)."""
+    layers = quantizable_layers(model)
+    if example_input is not None:
+        args = example_args(model, example_input)
+        return set(observe_layers(model, tuple(a[:1] for a in args), layers)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing user code may warn (TracerWarning...): not ours to show
+        gm = trace_leaves(model)
+    if gm is None:
+        return None
+    modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    return {n for n in layers if n in modules or any(n.startswith(f"{m}.") for m in modules)}
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """A context (or decorator) running scaled-dot-product attention (``nn.MultiheadAttention``,
+    ``F.scaled_dot_product_attention``) on torch's math kernel. The fused kernels (flash, memory-
+    efficient) have a backward but no double backward, which the Jacobian gains and Hessian scores
+    take; the math kernel is made of differentiable ops. A no-op for models without attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 # ------------------------------------------------------------------------------------- fx tracing

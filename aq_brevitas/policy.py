@@ -5,14 +5,20 @@ the QONNX export and the torch.ao adapters consume. It is meant to be hand-writa
 
     {"schema": "aq-brevitas/policy/v1",
      "default": {"weight_bit_width": 8, "scaling": "max", "granularity": "per_channel"},
-     "layers": {"fc1": {"weight_bit_width": 3, "scaling": "mse", "granularity": "per_channel"}},
+     "layers": {"fc1": {"weight_bit_width": 3, "scaling": "mse", "granularity": "per_channel"},
+                "conv1": null},
      "meta": {}}
+
+One language for every backend (Brevitas, torch.ao FX and PT2E, the cost): a ``layers`` key is a
+layer name, a parent-module name or a ``re:`` pattern; a ``None``/``null`` spec keeps layers float
+next to a default (see :class:`LayerwisePolicy`, whose ``resolve`` gives the per-layer result).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,6 +34,7 @@ ACT_BITS = range(2, 17)
 VOLATILE_META = ("timing",)  # kept in memory, never written: it differs from run to run
 _SPEC_KEYS = ("weight_bit_width", "scaling", "granularity", "act_bit_width")
 _POLICY_KEYS = ("schema", "layers", "default", "meta")
+PATTERN_PREFIX = "re:"  # a layers key starting with it is a regular expression over layer names
 
 
 def _check_int(value: Any, allowed: range, field_name: str, where: str) -> int:
@@ -119,14 +126,65 @@ class PolicyMatch:
         return not self.unknown
 
 
+def entry_matches(key: str, name: str) -> bool:
+    """Whether the policy key ``key`` names layer ``name``: the layer itself, a parent module of it
+    (``"features"`` names ``"features.0"``), or a ``re:`` pattern that matches the whole name."""
+    if key.startswith(PATTERN_PREFIX):
+        return re.fullmatch(key[len(PATTERN_PREFIX) :], name) is not None
+    return key == name or name.startswith(key + ".")
+
+
+def deciding_key(layers: Mapping[str, LayerSpec | None], name: str) -> str | None:
+    """The key of ``layers`` that decides layer ``name``: its own name, else its nearest parent
+    module, else the ``re:`` pattern matching it; None when no key does. Patterns that match one layer
+    with different specs are ambiguous (JSON keeps no order): one-line :class:`PolicyError`."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in layers:
+            return ".".join(parts[:i])
+    hits = [k for k in layers if k.startswith(PATTERN_PREFIX) and entry_matches(k, name)]
+    if len({layers[k] for k in hits}) > 1:
+        raise PolicyError(
+            f"layer {name!r} matches patterns {', '.join(map(repr, hits))}, which give it different specs",
+            "make the patterns disjoint, or name the layer itself",
+        )
+    return hits[0] if hits else None
+
+
+def _check_entry(name: Any, spec: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise PolicyError(
+            f"policy layer name {name!r} is not a non-empty string", "use names from model.named_modules()"
+        )
+    if name.startswith(PATTERN_PREFIX):
+        try:
+            re.compile(name[len(PATTERN_PREFIX) :])
+        except re.error as exc:
+            raise PolicyError(
+                f"policy pattern {name!r} is not a valid regular expression ({exc})",
+                "fix the pattern, e.g. 're:fc\\d+'",
+            ) from None
+    if spec is not None and not isinstance(spec, LayerSpec):
+        raise PolicyError(
+            f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec",
+            "wrap it: LayerSpec(...), or None to keep the layer float",
+        )
+    if spec is not None:
+        spec.validate(f"layer {name!r}")  # a spec altered after construction is caught here, by name
+
+
 @dataclass(frozen=True)
 class LayerwisePolicy:
-    """Per-layer :class:`LayerSpec` by qualified layer name, an optional default, and free-form meta.
+    """Per-layer :class:`LayerSpec` (or None: float) by layer name, an optional default, and free-form meta.
 
-    Names are those of ``model.named_modules()``; a layer with no entry takes ``default`` (None: the
-    layer stays float). The policy is plain data: ``to_json``/``from_json`` round-trip it exactly, and
-    ``cost(model, example_input)`` gives its :class:`~aq_brevitas.budget.PolicyCost` (bits, bytes,
-    BOPs) on that model. Raises :class:`~aq_brevitas.errors.PolicyError` for a malformed policy.
+    A ``layers`` key is a layer name of ``model.named_modules()``, a parent-module name (it names
+    every quantizable layer under it) or a ``re:`` pattern (it names the layers whose whole name it
+    matches). A layer takes the spec of its own name, else of its nearest named parent, else of the
+    pattern matching it, else ``default``; a ``None`` spec (JSON ``null``) keeps it float, default or
+    not. :meth:`resolve` gives the result per layer. The policy is plain data: ``to_json``/``from_json``
+    round-trip it exactly, and ``cost(model, example_input)`` gives its
+    :class:`~aq_brevitas.budget.PolicyCost` (bits, bytes, BOPs) on that model. Raises
+    :class:`~aq_brevitas.errors.PolicyError` for a malformed policy.
 
     >>> import torch
     >>> from torch import nn
@@ -139,9 +197,12 @@ class LayerwisePolicy:
     7.94
     >>> LayerwisePolicy.from_json(policy.to_json()) == policy
     True
+    >>> keep_last_float = LayerwisePolicy({"re:2": None}, default=LayerSpec(4))
+    >>> {n: s.short() if s else "float" for n, s in keep_last_float.resolve(model).items()}
+    {'0': '4b max pc', '2': 'float'}
     """
 
-    layers: dict[str, LayerSpec] = field(default_factory=dict)
+    layers: dict[str, LayerSpec | None] = field(default_factory=dict)
     default: LayerSpec | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -152,17 +213,7 @@ class LayerwisePolicy:
                 "pass layers={'fc1': LayerSpec(4)}",
             )
         for name, spec in self.layers.items():
-            if not isinstance(name, str) or not name:
-                raise PolicyError(
-                    f"policy layer name {name!r} is not a non-empty string",
-                    "use names from model.named_modules()",
-                )
-            if not isinstance(spec, LayerSpec):
-                raise PolicyError(
-                    f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec",
-                    "wrap it: LayerSpec(...)",
-                )
-            spec.validate(f"layer {name!r}")  # a spec altered after construction is caught here, by name
+            _check_entry(name, spec)
         if self.default is not None and not isinstance(self.default, LayerSpec):
             raise PolicyError("policy default must be a LayerSpec or None", "pass default=LayerSpec(8)")
         if self.default is not None:
@@ -176,16 +227,28 @@ class LayerwisePolicy:
         return cls({n: spec for n in names}, None, dict(meta))
 
     def spec_for(self, name: str) -> LayerSpec | None:
-        return self.layers.get(name, self.default)
+        """The spec of layer ``name`` (see the class doc for the order), None when it stays float."""
+        key = deciding_key(self.layers, name)
+        return self.layers[key] if key is not None else self.default
 
-    def resolve(self, names: Iterable[str]) -> dict[str, LayerSpec]:
-        """Concrete spec per layer (explicit entries, then the default); layers with neither are skipped."""
-        out = {}
-        for n in names:
-            s = self.spec_for(n)
-            if s is not None:
-                out[n] = s
-        return out
+    def resolve(self, layers: Any, example_input: Any = None) -> dict[str, LayerSpec | None]:
+        """The spec of every layer, None where it stays float: the one resolution that
+        :func:`~aq_brevitas.quantize`, the torch.ao adapters and the cost use.
+
+        ``layers``: layer names (an iterable, or a mapping's keys), or a model: its quantizable
+        layers, where those its forward never calls (on ``example_input``'s first sample, else as
+        ``torch.fx`` traces it: :func:`~aq_brevitas.nnutils.called_layers`) stay float too, named in
+        a warning. Raises :class:`PolicyError` for patterns that give one layer different specs."""
+        if not hasattr(layers, "named_modules"):
+            return {n: self.spec_for(n) for n in layers}
+        from .nnutils import called_layers, quantizable_layers, warn_never_called
+
+        specs = self.resolve(quantizable_layers(layers))
+        called = called_layers(layers, example_input)
+        if called is None:  # no input and no fx graph: nothing tells, every layer counts as called
+            return specs
+        warn_never_called([n for n, s in specs.items() if s is not None and n not in called])
+        return {n: s if n in called else None for n, s in specs.items()}
 
     # -- JSON -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -194,7 +257,7 @@ class LayerwisePolicy:
         return {
             "schema": SCHEMA,
             "default": self.default.to_dict() if self.default else None,
-            "layers": {n: s.to_dict() for n, s in sorted(self.layers.items())},
+            "layers": {n: s.to_dict() if s else None for n, s in sorted(self.layers.items())},
             "meta": {k: v for k, v in self.meta.items() if k not in VOLATILE_META},
         }
 
@@ -222,7 +285,10 @@ class LayerwisePolicy:
                 "policy 'layers' must be an object of layer name -> spec",
                 'write "layers": {"fc1": {"weight_bit_width": 4}}',
             )
-        layers = {str(n): LayerSpec.from_dict(s, f"layer {n!r}") for n, s in layers_raw.items()}
+        layers = {
+            str(n): None if s is None else LayerSpec.from_dict(s, f"layer {n!r}")
+            for n, s in layers_raw.items()
+        }
         default = d.get("default")
         meta = d.get("meta", {})
         if not isinstance(meta, Mapping):
@@ -255,25 +321,33 @@ class LayerwisePolicy:
 
     # -- fitting a model ------------------------------------------------------------------------------
     def matches(self, model: Any) -> PolicyMatch:
-        """Names the policy has that the model lacks, and quantizable layers the policy leaves out."""
+        """Keys that name no quantizable layer of the model, and layers no key nor default covers
+        (a layer kept float by a ``None`` entry is covered)."""
         from .nnutils import quantizable_layers
 
-        names = set(quantizable_layers(model))
-        unknown = tuple(sorted(set(self.layers) - names))
-        uncovered = tuple(sorted(n for n in names if self.spec_for(n) is None))
+        names = list(quantizable_layers(model))
+        unknown = tuple(sorted(k for k in self.layers if not any(entry_matches(k, n) for n in names)))
+        uncovered = tuple(
+            sorted(n for n in names if self.default is None and deciding_key(self.layers, n) is None)
+        )
         return PolicyMatch(unknown, uncovered)
 
     def check(self, model: Any) -> None:
-        """Raise :class:`PolicyError` if the policy names layers the model does not have."""
+        """Raise :class:`PolicyError` if a key names no quantizable layer of the model, or patterns
+        give one layer different specs."""
         m = self.matches(model)
         if m.unknown:
             from .nnutils import quantizable_layers
 
             known = ", ".join(list(quantizable_layers(model))[:8])
             raise PolicyError(
-                f"policy names layer {m.unknown[0]!r}, which the model does not have",
+                f"policy names layer {m.unknown[0]!r}, which the model does not have (no quantizable layer "
+                "has that name, sits under a module of that name, or matches it as a 're:' pattern)",
                 f"use quantizable layer names such as: {known}",
             )
+        from .nnutils import quantizable_layers
+
+        self.resolve(quantizable_layers(model))
 
     def cost(self, model_or_geometry: Any, example_input: Any = None) -> PolicyCost:
         """Cost under all budget kinds: of a ``layer_geometry`` dict, or of a model run on ``example_input``.
@@ -301,17 +375,15 @@ class LayerwisePolicy:
         return cost_of(self.resolve(geometry), geometry)
 
     def __str__(self) -> str:
-        rows = [f"{'layer':<28} {'bits':>4} {'scaling':<10} {'granularity':<11} {'act':>4}"]
-        for n, s in sorted(self.layers.items()):
-            rows.append(
-                f"{n:<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}"
+        rows = [("layer", "bits", "scaling", "granularity", "act")]
+        for n, s in [*sorted(self.layers.items()), *([("(default)", self.default)] if self.default else [])]:
+            f = (
+                (s.weight_bit_width, s.scaling, s.granularity, s.act_bit_width or "-")
+                if s
+                else ("fp32", "", "", "")
             )
-        if self.default:
-            s = self.default
-            rows.append(
-                f"{'(default)':<28} {s.weight_bit_width:>4} {s.scaling:<10} {s.granularity:<11} {s.act_bit_width or '-':>4}"
-            )
-        return "\n".join(rows)
+            rows.append((n, *f))
+        return "\n".join(f"{n:<28} {b:>4} {sc:<10} {g:<11} {a:>4}".rstrip() for n, b, sc, g, a in rows)
 
 
 def _example_for(model: Any, recorded: Any = None) -> Any:

@@ -178,7 +178,8 @@ def _policy_problems(doc: dict) -> list[str]:
         problems.append(f"policy schema {doc.get('schema')!r}")
     problems += [f"unknown key {k!r}" for k in doc if k not in ("schema", "layers", "default", "meta")]
     for name, spec in doc.get("layers", {}).items():
-        problems += _spec_problems(f"layer {name!r}", spec)
+        if spec is not None:  # null keeps the layer float
+            problems += _spec_problems(f"layer {name!r}", spec)
     if doc.get("default") is not None:
         problems += _spec_problems("default", doc["default"])
     if "meta" in doc and not isinstance(doc["meta"], dict):

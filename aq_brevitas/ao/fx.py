@@ -14,8 +14,8 @@ from torch import nn
 
 from ..errors import ModelError, PolicyError, warn
 from ..folding import find_conv_bn_pairs
-from ..nnutils import quantizable_layers
-from ..policy import LayerSpec, LayerwisePolicy
+from ..nnutils import UNSUPPORTED_TYPES, quantizable_layers
+from ..policy import PATTERN_PREFIX, LayerSpec, LayerwisePolicy
 
 DEFAULT_ACT_BITS = 8
 # The DeprecationWarning torch 2.13 emits on every FX quantization call (a regex for warning filters).
@@ -166,6 +166,9 @@ def _mapping(
 
     modules = dict(layers) if isinstance(layers, Mapping) else {}
     fallback: dict[str, str] = {}
+    # bare keys (layers, parents, patterns) as torch.ao reads them alike: a name, else its nearest named
+    # parent (set_module_name), else the first matching pattern; given layers, the policy's own resolve
+    resolved = dict(policy.layers) if layers is None else policy.resolve(layers)
     specs = {
         name: expressible(
             name,
@@ -175,7 +178,8 @@ def _mapping(
             pt2e=False,
             fallback=fallback,
         )[0]
-        for name, spec in (dict(policy.layers) if layers is None else policy.resolve(layers)).items()
+        for name, spec in resolved.items()
+        if spec is not None
     }
     warn_approximations(specs, pt2e=False)
     warn_per_tensor(fallback)
@@ -188,8 +192,12 @@ def _mapping(
         for kind in _TRANSPOSED_TYPES:
             mapping.set_object_type(kind, _fx_qconfig(per_tensor, qat))
         used.append(policy.default)
-    for name, spec in specs.items():
-        mapping.set_module_name(name, _fx_qconfig(spec, qat))
+    for name in resolved:
+        qconfig = _fx_qconfig(specs[name], qat) if name in specs else None  # None: float
+        if name.startswith(PATTERN_PREFIX):  # torch.ao's regex is re.match: anchor its end too
+            mapping.set_module_name_regex(f"(?:{name[len(PATTERN_PREFIX) :]})\\Z", qconfig)
+        else:
+            mapping.set_module_name(name, qconfig)
     return mapping, used
 
 
@@ -199,11 +207,14 @@ def to_qconfig_mapping(
     qat: bool = False,
     layers: Iterable[str] | Mapping[str, nn.Module] | None = None,
 ) -> Any:
-    """A ``QConfigMapping`` with one ``set_module_name`` entry per layer of the policy.
+    """A ``QConfigMapping`` with one entry per key of the policy (``None`` specs: a ``None`` qconfig,
+    float), or with ``layers`` one per layer (:meth:`~aq_brevitas.policy.LayerwisePolicy.resolve`).
 
-    The policy's default (if any) becomes the mapping's global qconfig when ``layers`` is not given
-    (transposed convs under it get per-tensor weights); pass ``layers`` to expand the default per
-    layer instead. Given as a name -> module mapping (``quantizable_layers(model)``), it also tells
+    Without ``layers``, layer and parent-module keys become ``set_module_name`` entries and ``re:``
+    patterns ``set_module_name_regex`` ones (anchored at both ends), which torch.ao reads in the
+    policy's own order: a name, else its nearest named parent, else a pattern. The policy's default
+    (if any) becomes the mapping's global qconfig (transposed convs under it get per-tensor weights);
+    pass ``layers`` to expand the default per layer instead. Given as a name -> module mapping (``quantizable_layers(model)``), it also tells
     which layers are transposed convs: those get per-tensor weights where the policy asks per-channel
     (torch.ao has none for them), with a warning naming them. With bare names it cannot tell, and
     ``prepare_fx`` asserts on a transposed conv named with a per-channel spec.
@@ -241,7 +252,8 @@ def _readers(
         seen.add(user)
         if user.op == "call_module":
             module = prepared.get_submodule(user.target)
-            spec = policy.spec_for(user.target)
+            # a module of an unsupported type (MultiheadAttention) stays float whatever the policy says
+            spec = None if isinstance(module, UNSUPPORTED_TYPES) else policy.spec_for(user.target)
             if spec is not None and any(True for _ in module.parameters()):
                 readers[user.target] = spec  # a quantized layer (fused ones keep the layer's name)
                 continue
@@ -357,8 +369,9 @@ def prepare_fx_model(
     """``prepare_fx``/``prepare_qat_fx`` with :func:`to_qconfig_mapping`, then
     :func:`place_input_activations` so each layer's ``act_bit_width`` quantizes its input.
 
-    The policy's default is expanded over the model's conv/linear layers (functional ops stay float
-    between quantized layers); transposed convs get per-tensor weights where the policy asks
+    The policy is resolved over the model's conv/linear layers as :func:`~aq_brevitas.quantize` does
+    (parent-module names, ``re:`` patterns, ``None`` for float; a key naming no layer is a
+    :class:`PolicyError`); functional ops stay float between quantized layers; transposed convs get per-tensor weights where the policy asks
     per-channel (with a warning naming them: torch.ao has no per-channel ``ConvTranspose``).
     ``model`` becomes part of the result: its modules and parameters are shared with it, and it is
     left in the mode ``prepare_fx`` needs (eval, or train with ``qat``). Pass a copy to keep it.
@@ -370,6 +383,7 @@ def prepare_fx_model(
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     check_transposed_bn(model, fx=True, qat=qat)
+    policy.check(model)
     layers = quantizable_layers(model)
     mapping, _ = _mapping(policy, qat, layers)
     _warn_fx_transposed(layers, policy, qat)

@@ -4,6 +4,7 @@ and the prepare/convert steps around it."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 
 from ..errors import ConfigError, PolicyError
 from ..forward import eval_mode
-from ..policy import LayerSpec, LayerwisePolicy
+from ..nnutils import quantizable_layers, warn_never_called
+from ..policy import PATTERN_PREFIX, LayerSpec, LayerwisePolicy, entry_matches
 from .fx import (
     act_range,
     check_transposed_bn,
@@ -82,20 +84,32 @@ class PolicyQuantizer:
     """A torchao PT2E ``Quantizer`` that gives each conv/linear node its layer's spec: the weight and
     the layer's input edge are annotated, the output stays float until the next layer's input.
 
-    Layers are matched by the ``nn_module_stack`` name recorded by ``torch.export``. Use it with
+    Layers are matched by the ``nn_module_stack`` name recorded by ``torch.export``. ``layers``: the
+    model's quantizable layer names (:func:`~aq_brevitas.nnutils.quantizable_layers`, as
+    :func:`prepare_pt2e_model` passes them): only those are annotated, with the policy resolved over
+    them as :func:`~aq_brevitas.quantize` does (parent-module names, ``re:`` patterns, ``None``).
+    Without it every conv/linear node is looked up by its name. Use it with
     ``torch.export.export`` + torchao's ``prepare_pt2e``/``prepare_qat_pt2e`` + ``convert_pt2e``.
     It is registered as a virtual subclass of torchao's ``Quantizer`` on first use, so that
     importing aq_brevitas never needs torchao; without torchao, constructing one raises ``ConfigError``.
     """
 
-    def __init__(self, policy: LayerwisePolicy, *, qat: bool = False) -> None:
+    def __init__(
+        self, policy: LayerwisePolicy, *, qat: bool = False, layers: Iterable[str] | None = None
+    ) -> None:
         _torchao()
         from torchao.quantization.pt2e.quantizer import Quantizer
 
         Quantizer.register(PolicyQuantizer)
         self.policy = policy
         self.qat = qat
+        self.specs = None if layers is None else policy.resolve(list(layers))
         self.annotated: dict[str, LayerSpec] = {}
+
+    def _spec(self, name: str | None) -> LayerSpec | None:
+        if name is None:
+            return None
+        return self.policy.spec_for(name) if self.specs is None else self.specs.get(name)
 
     def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """No graph rewrite is needed before annotating (torchao ``Quantizer`` hook)."""
@@ -115,8 +129,8 @@ class PolicyQuantizer:
             if node.op != "call_function" or op not in _LAYER_OPS:
                 continue
             name = _layer_name(node)
-            spec = self.policy.spec_for(name) if name else None
-            if spec is None:
+            spec = self._spec(name)
+            if name is None or spec is None:
                 continue
             transposed = op.startswith("conv_transpose")
             groups = node.args[_GROUPS_ARG] if transposed and len(node.args) > _GROUPS_ARG else 1
@@ -131,8 +145,17 @@ class PolicyQuantizer:
         return model
 
     def validate(self, model: torch.fx.GraphModule) -> None:
-        """Every layer the policy names explicitly must have been found in the graph."""
-        missing = set(self.policy.layers) - set(self.annotated)
+        """Every layer the policy quantizes must have been found in the graph. Given ``layers``, one
+        that was not is never called by the traced forward: it stays float, named in a warning (as in
+        :func:`~aq_brevitas.quantize`). Without, a layer name the policy gives that no node has is a
+        :class:`PolicyError`."""
+        if self.specs is not None:
+            warn_never_called([n for n, s in self.specs.items() if s is not None and n not in self.annotated])
+            return
+        named = [
+            k for k, s in self.policy.layers.items() if s is not None and not k.startswith(PATTERN_PREFIX)
+        ]
+        missing = [k for k in named if not any(entry_matches(k, n) for n in self.annotated)]
         if missing:
             raise PolicyError(
                 f"PT2E graph has no conv/linear node for policy layer {sorted(missing)[0]!r}",
@@ -155,6 +178,9 @@ def prepare_pt2e_model(
     exported in eval mode (train mode with ``qat``) and given back in the mode it came in, every
     module's flag restored; export traces it without running it, so BatchNorm statistics are untouched.
     A grouped transposed conv followed by a BatchNorm is refused (:func:`check_transposed_bn`).
+    The policy is resolved over the model's quantizable layers as :func:`~aq_brevitas.quantize` does
+    (a key naming no layer is a :class:`PolicyError`); layers the forward never calls stay float,
+    named in a warning.
     """
     pt2e = _torchao()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
@@ -165,10 +191,14 @@ def prepare_pt2e_model(
         else example_inputs.repeat(2, *[1] * (example_inputs.dim() - 1))
     )
     check_transposed_bn(model, fx=False, qat=qat)
+    policy.check(model)
+    layers = list(quantizable_layers(model))
     batch = torch.export.Dim("batch")  # keep the batch size dynamic (export would specialise it)
     with eval_mode(model):  # restores every module's own train/eval flag on exit
         exported = torch.export.export(model.train(qat), (x,), dynamic_shapes=({0: batch},)).module()
-    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(exported, PolicyQuantizer(policy, qat=qat))
+    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(
+        exported, PolicyQuantizer(policy, qat=qat, layers=layers)
+    )
     pt2e.allow_exported_model_train_eval(prepared)
     return prepared
 

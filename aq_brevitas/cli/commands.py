@@ -180,7 +180,7 @@ def _check_coverage(model: Any, policy: Any, source: str, allow_partial: bool) -
 
     policy.check(model)
     uncovered = policy.matches(model).uncovered
-    if uncovered and not policy.resolve(quantizable_layers(model)):
+    if uncovered and not any(policy.resolve(quantizable_layers(model)).values()):
         raise PolicyError(
             f"policy {source} covers none of the model's layers ({', '.join(uncovered)})",
             'add a "default" spec, e.g. "default": {"weight_bit_width": 8}, or "layers" entries',
@@ -195,24 +195,37 @@ def _check_coverage(model: Any, policy: Any, source: str, allow_partial: bool) -
 def cmd_quantize(args: argparse.Namespace) -> int:
     setup_torch(args)
     from ..data import load_split
-    from ..models import load_float_model
     from ..policy import LayerwisePolicy
     from ..quantization.checkpoint import save_quantized
-    from ..quantization.convert import quantize
+    from ..quantization.convert import apply_policy, quantize
     from ..quantization.readback import changes_table, layer_changes
 
-    model, meta = load_float_model(args.model)
+    model, meta = load_any_model(args.model)
     policy = LayerwisePolicy.load(args.policy)
-    _check_coverage(model, policy, args.policy, args.allow_partial)
+    rebit = (
+        meta.get("kind") == "brevitas"
+    )  # a quantized checkpoint: re-bit what the policy names, keep the rest
+    if rebit:
+        policy.check(model)
+    else:
+        _check_coverage(model, policy, args.policy, args.allow_partial)
     n = args.calib_images
     calib = load_split("train", args.data_dir, limit=n, seed=args.seed)[0] if n else None
-    q = quantize(
-        model, policy, calibration_data=calib, fold_bn=args.fold_bn, bias_correction=args.bias_correction
-    )
+    # in place: a copy of a loaded checkpoint whose mse weight scales are not yet re-derived recurses in
+    # Brevitas' MSE search (its stats keep a reference to the original proxy) at its first forward
+    if rebit:
+        q, model = (
+            apply_policy(model, policy, calibration_data=calib, inplace=True),
+            load_any_model(args.model)[0],
+        )
+    else:
+        q = quantize(
+            model, policy, calibration_data=calib, fold_bn=args.fold_bn, bias_correction=args.bias_correction
+        )
     record = {
-        "arch": meta["arch"],
+        "arch": meta.get("arch", ""),
         "source": args.model,
-        "fold_bn": args.fold_bn,
+        "fold_bn": bool(meta.get("fold_bn")) if rebit else args.fold_bn,
         "calibration_images": n or 0,
     }
     save_quantized(q, args.out, record)

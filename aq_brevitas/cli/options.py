@@ -210,7 +210,8 @@ def _model_commands() -> dict[str, list[Option]]:
             *DATA,
         ],
         "quantize": [
-            plain("--model", "float zoo name or checkpoint path", required=True),
+            plain("--model", "float zoo name or checkpoint path; a quantized checkpoint is re-bitted "
+                  "(apply_policy: layers the policy names change, the rest keep their quantizers)", required=True),
             plain("--policy", "policy JSON (schema aq-brevitas/policy/v1)", required=True),
             plain("--out", "quantized checkpoint path (.pt)", required=True),
             plain("--calib-images", "training images for activation calibration (0 = none)", 512, type=int),

@@ -305,7 +305,7 @@ def _is_po2(scale: Any) -> bool:
 
 
 def po2_check(mw: Any, policy: Any, model: nn.Module | None) -> FinnCheck:
-    specs = [*policy.layers.values(), *([policy.default] if policy.default else [])]
+    specs = [s for s in [*policy.layers.values(), policy.default] if s is not None]  # None: a float layer
     if not any(s.scaling == "po2" for s in specs):
         return FinnCheck("po2_scales", True, "no layer asks for po2 scaling")
     if model is None:
@@ -326,9 +326,9 @@ def po2_check(mw: Any, policy: Any, model: nn.Module | None) -> FinnCheck:
     bad = [
         name
         for name, gl in layers.items()
-        if name in resolved and resolved[name].scaling == "po2" and not _is_po2(gl.weight_scale)
+        if resolved.get(name) and resolved[name].scaling == "po2" and not _is_po2(gl.weight_scale)
     ]
-    n_po2 = sum(1 for n in layers if n in resolved and resolved[n].scaling == "po2")
+    n_po2 = sum(1 for n in layers if resolved.get(n) and resolved[n].scaling == "po2")
     return FinnCheck(
         "po2_scales",
         not bad,

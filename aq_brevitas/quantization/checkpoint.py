@@ -147,7 +147,7 @@ def load_quantized(path: Any, float_model: nn.Module | None = None) -> tuple[nn.
         fold_bn=sidecar.fold_bn,
         bias_correction=False,
         input_signed=sidecar.input_signed,
-        warn_uncovered=False,  # replaying a saved policy: its coverage was reported when it was made
+        replay=True,  # a saved policy: its coverage was reported when it was made
         act_placement=sidecar.act_placement,
     )
     old = brevitas.config.IGNORE_MISSING_KEYS

@@ -38,9 +38,10 @@ from torch import nn
 from ..errors import PolicyError, warn
 from ..folding import fold_batchnorm
 from ..forward import iter_x_batches
-from ..nnutils import plain_tensor, quantizable_layers, shared_layer_names, warn_unsupported
+from ..nnutils import plain_tensor, quantizable_layers, shared_weights, warn_unsupported
 from ..policy import LayerSpec, LayerwisePolicy, check_target
 from .calibrate import calibrate, model_inputs, nonnegative_inputs
+from .coverage import check_convertible, first_sample, keep_layers_called, refuse_unquantize
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
 from .placement import PLACEMENTS, ActRequest, input_quantizers, install_input_quant, place_act_quant
 from .readback import input_signedness
@@ -199,61 +200,11 @@ def _switch_transposed_class(name: str, layer: QuantWBIOL, spec: LayerSpec) -> N
         layer.__class__ = target  # the two classes differ only in how forward feeds the weight
 
 
-def _check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncovered: bool) -> list[str]:
-    """Refuse what cannot be converted (one-line :class:`PolicyError`); the layers the policy leaves
-    uncovered, named in a ``UserWarning`` when ``warn_uncovered``."""
-    if not isinstance(policy, LayerwisePolicy):
-        raise PolicyError(
-            f"policy is a {type(policy).__name__}, not a LayerwisePolicy",
-            "load it with LayerwisePolicy.load(path)",
-        )
-    if not quantizable_layers(model):
-        raise PolicyError(
-            "model has no quantizable layers (Conv1d/Conv2d/ConvTranspose2d/Linear)",
-            "pass a model with at least one such layer",
-        )
-    policy.check(model)
-    uncovered = policy.matches(model).uncovered
-    if uncovered and warn_uncovered:
-        warn(
-            f"policy has no spec and no default for layers {', '.join(uncovered)}; they stay float "
-            '-- fix: add them to the policy\'s layers or give it a default (LayerwisePolicy(default=...) / "default")',
-            UserWarning,
-        )
-    for names in shared_layer_names(model).values():
-        specs = {policy.spec_for(n) for n in names}
-        if len(specs) > 1:
-            raise PolicyError(
-                f"layers {' and '.join(names)} are one shared module but the policy gives them different specs",
-                "give them the same spec, or copy.deepcopy the module so each name has its own",
-            )
-    _warn_shared_weights(model, policy)
-    return uncovered
-
-
 def shared_weight_layers(model: nn.Module) -> list[list[str]]:
     """Groups of distinct quantizable layers that hold the same weight ``Parameter`` (tied weights),
     by name, in registration order. One module registered under several names is not a group here
     (see :func:`~aq_brevitas.nnutils.shared_layer_names`)."""
-    by_weight: dict[int, list[str]] = {}
-    for name, layer in quantizable_layers(model).items():
-        by_weight.setdefault(id(layer.weight), []).append(name)
-    return [names for names in by_weight.values() if len(names) > 1]
-
-
-def _warn_shared_weights(model: nn.Module, policy: LayerwisePolicy) -> None:
-    """One ``UserWarning`` per tied weight whose layers quantize it differently (weight bits, scaling,
-    granularity, or float for a layer the policy leaves out; input bits do not matter here)."""
-    for names in shared_weight_layers(model):
-        specs = [policy.spec_for(n) for n in names]
-        if len({(s.weight_bit_width, s.scaling, s.granularity) if s else None for s in specs}) > 1:
-            listed = ", ".join(f"{n} ({s.short() if s else 'float'})" for n, s in zip(names, specs))
-            warn(
-                f"layers {listed} share one weight Parameter but the policy quantizes it differently in each: "
-                "each layer uses its own spec (the float weight stays shared, the deployed model stores it "
-                "once per spec) -- fix: give them the same weight spec to quantize it one way",
-                UserWarning,
-            )
+    return [list(names) for names in shared_weights(model).values()]
 
 
 def convert_model(
@@ -266,24 +217,35 @@ def convert_model(
     fold_bn: bool = False,
     bias_correction: bool = False,
     input_signed: dict[str, bool] | None = None,
-    warn_uncovered: bool = True,
+    replay: bool = False,
     act_placement: str | Mapping[str, str] = "producer",
 ) -> nn.Module:
     """The swap behind :func:`quantize`, :func:`apply_policy` and the checkpoint replay.
 
     ``act_placement`` is one placement for every layer, or one per layer (a checkpoint's record;
-    layers it does not name: ``"producer"``). ``input_signed`` fixes input signedness per layer."""
+    layers it does not name: ``"producer"``). ``input_signed`` fixes input signedness per layer.
+    A fresh swap (:func:`quantize`) leaves float the layers the forward never calls
+    (:meth:`LayerwisePolicy.resolve` on the first calibration sample); ``replay`` (a checkpoint's
+    recorded policy) swaps every layer it names, without the coverage warning given when it was made."""
     placements = _placements(act_placement)
     # A search result carries its policy: quantize(model, search_policy(...)) keeps working.
     policy = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
-    _check_convertible(model, policy, warn_uncovered=warn_uncovered and swap_float)
+    check_convertible(model, policy, warn_uncovered=swap_float and not replay)
     warn_unsupported(model)
     target = model if inplace else copy.deepcopy(model)
     if fold_bn:
         fold_batchnorm(target)
-    specs = policy.resolve(quantizable_layers(target))
     if isinstance(calibration_data, Iterator):  # a one-shot stream: read it once, use it for every pass
         calibration_data = list(calibration_data)
+    if (
+        swap_float and not replay
+    ):  # layers the forward never calls stay float (they would never run quantized)
+        resolved = policy.resolve(target, first_sample(target, calibration_data))
+    else:
+        resolved = policy.resolve(quantizable_layers(target))
+    if not swap_float:
+        refuse_unquantize(target, policy)
+    specs = {n: s for n, s in resolved.items() if s is not None}
     known = {} if swap_float else input_signedness(target)  # a re-bit keeps what the quantizers say
     signed = _input_signedness(target, specs, calibration_data, input_signed, known)
     # At "producer" placement the layers get no input quantizer here: _place_activations puts it at
@@ -296,6 +258,7 @@ def convert_model(
     }
     before = {} if swap_float else _act_proxies(target, specs)
     _swap_layers(target, specs, at_producer, signed, swap_float=swap_float)
+    keep_layers_called(target, specs)
     if at_producer:
         target = _place_activations(target, {n: specs[n] for n in at_producer}, signed)
     if calibration_data is not None:
@@ -424,7 +387,10 @@ def quantize(
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``
-    naming them. Returns the quantized model (a copy unless ``inplace``), with no attribute added:
+    naming them; so do layers the policy keeps float (a ``None`` spec, silently) and layers the
+    model's forward never calls (on the first calibration sample, or as ``torch.fx`` traces it), with
+    a ``UserWarning`` naming them: a swapped layer that never runs would be reported as quantized.
+    Policy keys may name layers, parent modules or ``re:`` patterns (:class:`LayerwisePolicy`). Returns the quantized model (a copy unless ``inplace``), with no attribute added:
     :func:`~aq_brevitas.quantization.readback.read_policy` reads its policy back from its quantizers,
     :func:`~aq_brevitas.quantization.readback.layer_changes` what changed; raises :class:`PolicyError`
     for a policy that does not fit the model.
@@ -467,7 +433,8 @@ def apply_policy(
     keeping its float weights; a copy unless ``inplace``. Plain float layers raise :class:`PolicyError`
     (use :func:`quantize` for those).
 
-    It merges: layers ``policy`` does not resolve keep their quantizers, an input quantizer keeps its
+    It merges: layers ``policy`` does not resolve keep their quantizers (a ``None`` spec for a
+    quantized layer is refused, :class:`PolicyError`: quantize the float model instead), an input quantizer keeps its
     signedness, and one whose bits do not change keeps its calibrated scale. Where an input
     quantizer is replaced without ``calibration_data``, a ``UserWarning`` names the layers (their new
     scales are uncalibrated).

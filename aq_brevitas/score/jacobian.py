@@ -13,6 +13,7 @@ from ..errors import ModelError
 from ..forward import check_images, eval_mode, example_args, paused_observers, require_single_input
 from ..nnutils import (
     QUANTIZABLE_TYPES,
+    math_attention,
     plain_tensor,
     trace_leaves,
 )
@@ -110,10 +111,11 @@ def _jacobian_sigmas(
 
     Examples are independent (eval mode), so J is block diagonal and one backward pass applies every
     J_iᵀ at once. Stops when the RMS of the per-example norms changes by less than ``tol`` (relative). The forward graph is built once; J v comes from double backward through Jᵀu (linear in
-    u), J^T(Jv) from a plain backward, each vector normalised per example.
+    u), J^T(Jv) from a plain backward, each vector normalised per example. Attention runs on torch's
+    math kernel (:func:`~aq_brevitas.nnutils.math_attention`): the fused ones have no double backward.
     """
     n = delta_shape[0]
-    with torch.enable_grad():
+    with torch.enable_grad(), math_attention():
         delta = torch.zeros(delta_shape, dtype=dtype, device=device, requires_grad=True)
         y = run(delta)
         if not y.requires_grad:

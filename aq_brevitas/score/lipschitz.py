@@ -32,6 +32,7 @@ from ..nnutils import (
     LayerCalls,
     observe_layers,
     quantizable_layers,
+    warn_never_called,
     weight_owners,
 )
 from .jacobian import is_chain, layer_jacobian, output_tensor
@@ -81,9 +82,7 @@ def _observe(
     records; warns about layers never called or called more than once."""
     seen, out = observe_layers(model, args, layers)
     output_tensor(out)
-    missing = [n for n in layers if n not in seen]
-    if missing:
-        warn(f"layers never called in forward are not scored: {', '.join(missing)}")
+    warn_never_called([n for n in layers if n not in seen])
     repeated = [f"{n} ({c.calls} calls)" for n, c in seen.items() if c.calls > 1]
     if repeated:
         warn(
@@ -144,7 +143,7 @@ def lipschitz_scores(
     :func:`~aq_brevitas.folding.norm_folding`; a normalisation that cannot fold is named in a warning);
     ``gains`` picks which of ``gain_spectral`` / ``gain_jacobian`` to compute (the other stays None).
     A layer whose weight is an earlier layer's (tied) has ``params`` 0 and ``weight_of`` set. Layers
-    never called are left out with a warning; layers called several times are scored at their first
+    never called are left out with a warning (they stay float, :func:`~aq_brevitas.nnutils.warn_never_called`); layers called several times are scored at their first
     call, with a warning. Warns once when the spectral gain is asked for on a non-chain graph. The
     model comes back in its own mode, BatchNorm statistics untouched. Raises :class:`ConfigError`
     for bad inputs or gains, :class:`ModelError` for a model without quantizable layers or a failing
@@ -165,9 +164,9 @@ def lipschitz_scores(
     gains = tuple(gains)
     layers = _scored_layers(model, gains)
     modules = dict(model.named_modules())
-    owners = weight_owners(model)
     with eval_mode(model), paused_observers(model):
         seen = _observe(model, layers, args)
+        owners = weight_owners(model, {n: layers[n] for n in seen})  # a never-called layer owns nothing
         folding = norm_folding(model, {n: c.output_shape for n, c in seen.items()})
         _warn_norms_left_out(folding.unfolded, folding.after, seen)
         scores = {}

@@ -34,6 +34,7 @@ from ..attacks import make_attack
 from ..config import AttackConfig, check_eps, takes_config
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode
+from ..nnutils import math_attention
 from ..policy import LayerSpec
 from .calibration import (
     ActivationProbe,
@@ -155,6 +156,7 @@ def lipschitz_terms(
 
 
 # --------------------------------------------------------------------------------- sensitivities
+@math_attention()  # Hv takes a double backward, which fused attention kernels lack
 def hessian_traces(
     model: nn.Module, calib_data: Any, layers: Sequence[str], *, n_samples: int = 16, seed: int = 0
 ) -> dict[str, float]:
@@ -405,7 +407,7 @@ def score(
     calib = calib_data if isinstance(calib_data, AdversarialCalibration) else None
     data = (calib.x, calib.y) if calib is not None else calib_data
     inputs = ScoringInputs(data, calib, cfg.eps, cfg.seed, cache or WeightCache(model, table), progress)
-    with eval_mode(model):
+    with eval_mode(model), math_attention():  # attention with the double backward scorers take
         return scorer(model, table, inputs, cfg.method_settings)
 
 
