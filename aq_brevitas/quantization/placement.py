@@ -34,7 +34,6 @@ model's module names. A model fx cannot trace keeps the quantizers at the layers
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -45,35 +44,11 @@ from torch.nn import functional as F
 
 from ..errors import warn
 from ..nnutils import LeafTracer, trace_with
+from .finn_layout import FinnAvgPool
 from .injectors import act_quant_for
+from .value_ops import copies_values
 
 PLACEMENTS = ("producer", "input")
-
-TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Identity,
-)
-_TRANSPARENT_FUNCTIONS = {
-    F.max_pool1d,
-    F.max_pool2d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.dropout,
-    torch.flatten,
-    torch.reshape,
-    torch.squeeze,
-    torch.unsqueeze,
-    operator.getitem,  # F.max_pool2d(..., return_indices=True)[0] and friends
-}
-_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
 _RELU_FUNCTIONS = ((F.relu, nn.ReLU), (F.relu_, nn.ReLU), (torch.relu, nn.ReLU), (torch.relu_, nn.ReLU))
 
 
@@ -115,7 +90,9 @@ class _PlacementTracer(LeafTracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
-        return isinstance(m, QuantNonLinearActLayer) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, (QuantNonLinearActLayer, FinnAvgPool)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_for_placement(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
@@ -135,25 +112,20 @@ def trace_for_placement(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
 
 
 def _data_input(node: fx.Node) -> fx.Node | None:
-    """The tensor a single-input op reads (fx puts it in args, or in kwargs for ``F.relu(input=...)``)."""
+    """The tensor a single-input op reads (fx puts it in args, or in kwargs for ``F.relu(input=...)``);
+    for a concatenation, its first input."""
     for a in (*node.args, *node.kwargs.values()):
-        if isinstance(a, fx.Node):
-            return a
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, fx.Node):
+                return b
     return None
 
 
-def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), TRANSPARENT_MODULES)
-    if node.op == "call_function":
-        return node.target in _TRANSPARENT_FUNCTIONS
-    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
-
-
 def producer_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The node whose output reaches ``node``'s data input through transparent ops only."""
+    """The node whose output reaches ``node``'s data input through value-copying ops only
+    (:data:`~aq_brevitas.quantization.value_ops.VALUE_COPYING_OPS`)."""
     current = _data_input(node)
-    while current is not None and _transparent(gm, current):
+    while current is not None and copies_values(gm, current):
         current = _data_input(current)
     return current
 
@@ -200,8 +172,10 @@ def place_act_quant(
                 direct.append((node.target, requests[node.target]))
             elif producer is not None:
                 wanted.setdefault(producer, []).append((node.target, requests[node.target]))
-    in_place = all(_fits_in_place(model, gm, producer) for producer in wanted)
+    layout_sites = finn_layout_sites(gm, wanted, set(requests))
+    in_place = not layout_sites and all(_fits_in_place(model, gm, producer) for producer in wanted)
     sites = [_quantize_output(model if in_place else gm, gm, p, asks) for p, asks in wanted.items()]
+    sites += layout_sites
     for name, req in direct:
         install_input_quant(model.get_submodule(name), req.bit_width, req.signed, req.po2)
         sites.insert(0, ActQuantSite(f"{name}.input_quant", "input_quant", "input", (name,), *_fields(req)))
@@ -332,6 +306,158 @@ def input_quantizers(model: nn.Module, layers: Iterable[str]) -> dict[str, tuple
             else None
         )
         out[layer] = (
-            (str(producer.target), found.act_quant) if isinstance(found, QuantNonLinearActLayer) else None
+            (str(producer.target), found.act_quant)
+            if isinstance(found, (QuantNonLinearActLayer, FinnAvgPool))
+            else None
         )
     return out
+
+
+def _merged(asks: list[tuple[str, ActRequest]]) -> ActRequest:
+    return ActRequest(
+        max(r.bit_width for _, r in asks), any(r.po2 for _, r in asks), any(r.signed for _, r in asks)
+    )
+
+
+def finn_layout_sites(
+    gm: fx.GraphModule, wanted: dict[fx.Node, list[tuple[str, ActRequest]]], layers: set[str]
+) -> list[ActQuantSite]:
+    """FINN's layout between quantized layers, written into ``gm`` (:mod:`~aq_brevitas.quantization.finn_layout`):
+    an average pool asked for a quantizer becomes a :class:`FinnAvgPool` (its ReLU producer is asked for a
+    QuantReLU at the same bits), and each residual add or concatenation whose result reaches a quantizer
+    gets ONE ``QuantIdentity`` on all its inputs. ``wanted`` (producer node -> asks) is updated: the
+    pools leave it, the ReLUs feeding pools and merges join it. Returns the sites made."""
+    from .finn_layout import avg_pool_kernel
+
+    sites = []
+    for node in list(wanted):
+        ok, kernel = avg_pool_kernel(gm, node)
+        current = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if ok or isinstance(current, FinnAvgPool):
+            asks = wanted.pop(node)
+            sites.append(_finn_pool(gm, node, kernel, asks))
+            _ask_relu(gm, _data_input(gm_node(gm, sites[-1].module)), wanted, asks)
+    for node in list(gm.graph.nodes):
+        inputs = _merge_inputs(node)
+        if inputs:
+            asks = _downstream_asks(node, wanted, layers)
+            if asks:
+                sites.append(_shared_quant(gm, node, inputs, asks))
+                for a in inputs:
+                    _ask_relu(gm, a, wanted, asks)
+    return sites
+
+
+def gm_node(gm: fx.GraphModule, target: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _merge_inputs(node: fx.Node) -> list[fx.Node]:
+    from .finn_layout import is_merge
+    from .value_ops import is_concat
+
+    if is_merge(node):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if is_concat(node) and isinstance(node.args[0], (list, tuple)):
+        return [a for a in node.args[0] if isinstance(a, fx.Node)]
+    return []
+
+
+def _downstream_asks(
+    node: fx.Node, wanted: dict[fx.Node, list[tuple[str, ActRequest]]], layers: set[str]
+) -> list[tuple[str, ActRequest]]:
+    """The asks of the quantizers that ``node``'s output reaches first (through any op)."""
+    asks, todo, seen = [], list(node.users), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in wanted:
+            asks += wanted[n]
+        elif not (n.op == "call_module" and n.target in layers):
+            todo += list(n.users)
+    return asks
+
+
+def _ask_relu(
+    gm: fx.GraphModule,
+    tensor: fx.Node | None,
+    wanted: dict[fx.Node, list[tuple[str, ActRequest]]],
+    asks: list[tuple[str, ActRequest]],
+) -> None:
+    """Ask for a quantizer at the ReLU (or Brevitas activation) producing ``tensor``, if one does:
+    FINN folds a ReLU only into the quantizer right after it."""
+    from brevitas.nn.quant_layer import QuantNonLinearActLayer
+
+    while tensor is not None and copies_values(gm, tensor):
+        tensor = _data_input(tensor)
+    if tensor is not None and tensor.op == "call_module":
+        module = gm.get_submodule(tensor.target)
+        if type(module) is nn.ReLU or (
+            isinstance(module, QuantNonLinearActLayer) and not isinstance(module, _quant_identity())
+        ):
+            unsigned = [(n, ActRequest(r.bit_width, r.po2, False)) for n, r in asks]
+            wanted.setdefault(tensor, []).extend(a for a in unsigned if a not in wanted.get(tensor, []))
+
+
+def _quant_identity() -> type:
+    import brevitas.nn as qnn
+
+    return qnn.QuantIdentity
+
+
+def _finn_pool(
+    gm: fx.GraphModule, node: fx.Node, kernel: int | None, asks: list[tuple[str, ActRequest]]
+) -> ActQuantSite:
+    """``node`` (an average pool) as a :class:`FinnAvgPool` at the asked bits; re-bitted if it is one."""
+    req = _merged(asks)
+    consumers = tuple(dict.fromkeys(n for n, _ in asks))
+    current = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if isinstance(current, FinnAvgPool):
+        current.rebit(req.bit_width)
+        return ActQuantSite(
+            node.target, "FinnAvgPool", node.name, consumers, req.bit_width, req.signed, req.po2
+        )
+    pool = FinnAvgPool(req.bit_width, req.signed, req.po2, kernel).to(_device(gm)).train(gm.training)
+    if node.op == "call_module":
+        gm.set_submodule(node.target, pool)
+        return ActQuantSite(
+            node.target, "FinnAvgPool", node.name, consumers, req.bit_width, req.signed, req.po2
+        )
+    name = f"{node.name}_finn"
+    gm.add_module(name, pool)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(name, args=(_data_input(node),))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return ActQuantSite(name, "FinnAvgPool", node.name, consumers, req.bit_width, req.signed, req.po2)
+
+
+def _shared_quant(
+    gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], asks: list[tuple[str, ActRequest]]
+) -> ActQuantSite:
+    """One signed ``QuantIdentity`` on every input of the add/concat ``node`` (re-bitted when the inputs
+    already share one)."""
+    import brevitas.nn as qnn
+
+    req = _merged(asks)
+    calls = {a.target for a in inputs if a.op == "call_module"}
+    shared = gm.get_submodule(next(iter(calls))) if len(calls) == 1 and len(inputs) > 1 else None
+    if all(a.op == "call_module" for a in inputs) and isinstance(shared, qnn.QuantIdentity):
+        proxy = shared.act_quant
+        if int(proxy.bit_width()) != req.bit_width:
+            shared.act_quant = type(proxy)(shared, proxy.quant_injector.let(bit_width=req.bit_width))
+        return ActQuantSite(
+            inputs[0].target, "QuantIdentity", node.name, (node.name,), req.bit_width, True, req.po2
+        )
+    name = f"{node.name}_quant"
+    quant = qnn.QuantIdentity(
+        act_quant=act_quant_for(req.bit_width, signed=True, po2=req.po2), return_quant_tensor=False
+    )
+    gm.add_module(name, quant.to(_device(gm)).train(gm.training))
+    for a in inputs:
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, args=(a,))
+        node.replace_input_with(a, call)
+    return ActQuantSite(name, "QuantIdentity", node.name, (node.name,), req.bit_width, True, req.po2)
