@@ -41,6 +41,7 @@ from ..forward import iter_x_batches
 from ..nnutils import plain_tensor, quantizable_layers, shared_layer_names, warn_unsupported
 from ..policy import LayerSpec, LayerwisePolicy, check_target
 from .calibrate import calibrate, model_inputs, nonnegative_inputs
+from .finn_layout import refuse_finn_activations
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
 from .placement import PLACEMENTS, ActRequest, input_quantizers, install_input_quant, place_act_quant
 from .readback import input_signedness
@@ -443,6 +444,8 @@ def quantize(
     inner = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
     if isinstance(inner, LayerwisePolicy):
         check_target(inner, list(quantizable_layers(model)), target, act_placement)
+    if target == "finn":
+        refuse_finn_activations(model)
     return convert_model(
         model,
         policy,

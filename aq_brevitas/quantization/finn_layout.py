@@ -59,19 +59,21 @@ def refuse_finn_activations(model: nn.Module) -> None:
     """
     from .placement import trace_for_placement
 
-    found = [(n, type(m)) for n, m in model.named_modules() if type(m) in FINN_UNMAPPED_ACTIVATIONS]
+    found = [
+        (f"module {n}", type(m)) for n, m in model.named_modules() if type(m) in FINN_UNMAPPED_ACTIVATIONS
+    ]
     if not found:
         gm, _ = trace_for_placement(model)
         for node in gm.graph.nodes if gm is not None else ():
             kind = _FUNCTIONAL.get(node.target) if node.op == "call_function" else None
             kind = _METHODS.get(node.target) if node.op == "call_method" else kind
             if kind is not None:
-                found.append((f"{node.name} (a functional call in forward)", kind))
+                found.append((f"forward's call {node.name}", kind))
     if found:
         name, kind = found[0]
-        more = f" (and {', '.join(n for n, _ in found[1:4])})" if len(found) > 1 else ""
+        more = f" (so are {', '.join(n for n, _ in found[1:4])})" if len(found) > 1 else ""
         raise PolicyError(
-            f"target='finn': module {name} is a {kind.__name__}{more}, which FINN cannot map to hardware",
+            f"target='finn': {name} is a {kind.__name__}{more}, which FINN cannot map to hardware",
             f"{FINN_UNMAPPED_ACTIVATIONS[kind]}, or use target='generic'",
         )
 

@@ -173,8 +173,10 @@ def place_act_quant(
             elif producer is not None:
                 wanted.setdefault(producer, []).append((node.target, requests[node.target]))
     layout_sites = finn_layout_sites(gm, wanted, set(requests))
-    in_place = not layout_sites and all(_fits_in_place(model, gm, producer) for producer in wanted)
+    forked = any(len(p.users) > 1 for p in wanted)
+    in_place = not (layout_sites or forked) and all(_fits_in_place(model, gm, p) for p in wanted)
     sites = [_quantize_output(model if in_place else gm, gm, p, asks) for p, asks in wanted.items()]
+    sites += _split_forks(gm, sites) if forked else []
     sites += layout_sites
     for name, req in direct:
         install_input_quant(model.get_submodule(name), req.bit_width, req.signed, req.po2)
@@ -339,12 +341,13 @@ def finn_layout_sites(
             _ask_relu(gm, _data_input(gm_node(gm, sites[-1].module)), wanted, asks)
     for node in list(gm.graph.nodes):
         inputs = _merge_inputs(node)
-        if inputs:
-            asks = _downstream_asks(node, wanted, layers)
-            if asks:
-                sites.append(_shared_quant(gm, node, inputs, asks))
-                for a in inputs:
-                    _ask_relu(gm, a, wanted, asks)
+        asks = _downstream_asks(node, wanted, layers) if inputs else []
+        if asks:
+            # an input from a ReLU keeps the ReLU's own (unsigned) quantizer: a signed one after it
+            # would give FINN's thresholding negative thresholds on an unsigned input, which it refuses
+            plain = [a for a in inputs if not _ask_relu(gm, a, wanted, asks)]
+            if plain:
+                sites.append(_shared_quant(gm, node, plain, asks))
     return sites
 
 
@@ -385,9 +388,9 @@ def _ask_relu(
     tensor: fx.Node | None,
     wanted: dict[fx.Node, list[tuple[str, ActRequest]]],
     asks: list[tuple[str, ActRequest]],
-) -> None:
-    """Ask for a quantizer at the ReLU (or Brevitas activation) producing ``tensor``, if one does:
-    FINN folds a ReLU only into the quantizer right after it."""
+) -> bool:
+    """Ask for a quantizer at the ReLU (or Brevitas activation) producing ``tensor``, if one does
+    (FINN folds a ReLU only into the quantizer right after it); whether one does."""
     from brevitas.nn.quant_layer import QuantNonLinearActLayer
 
     while tensor is not None and copies_values(gm, tensor):
@@ -399,6 +402,8 @@ def _ask_relu(
         ):
             unsigned = [(n, ActRequest(r.bit_width, r.po2, False)) for n, r in asks]
             wanted.setdefault(tensor, []).extend(a for a in unsigned if a not in wanted.get(tensor, []))
+            return True
+    return False
 
 
 def _quant_identity() -> type:
@@ -443,7 +448,7 @@ def _shared_quant(
 
     req = _merged(asks)
     calls = {a.target for a in inputs if a.op == "call_module"}
-    shared = gm.get_submodule(next(iter(calls))) if len(calls) == 1 and len(inputs) > 1 else None
+    shared = gm.get_submodule(next(iter(calls))) if len(calls) == 1 else None
     if all(a.op == "call_module" for a in inputs) and isinstance(shared, qnn.QuantIdentity):
         proxy = shared.act_quant
         if int(proxy.bit_width()) != req.bit_width:
@@ -461,3 +466,33 @@ def _shared_quant(
             call = gm.graph.call_module(name, args=(a,))
         node.replace_input_with(a, call)
     return ActQuantSite(name, "QuantIdentity", node.name, (node.name,), req.bit_width, True, req.po2)
+
+
+def _split_forks(gm: fx.GraphModule, sites: list[ActQuantSite]) -> list[ActQuantSite]:
+    """One quantizer per use: a placed quantizer whose output several ops read keeps its first reader;
+    each further reader gets its own ``QuantIdentity`` on the quantizer's input (unsigned after a
+    ReLU: an unsigned quantizer clamps at 0 as the ReLU does). FINN's default streamlining moves a
+    quantizer's scale into the next layer or thresholds only where the scale has one consumer."""
+    import brevitas.nn as qnn
+
+    by_module = {s.module: s for s in sites}
+    made = []
+    for node in list(gm.graph.nodes):
+        site = by_module.get(str(node.target)) if node.op == "call_module" else None
+        if site is None or len(node.users) < 2:
+            continue
+        source = _data_input(node)
+        for i, user in enumerate(list(node.users)[1:], start=1):
+            name = f"{str(node.target).replace('.', '_')}_use{i}"
+            act = act_quant_for(site.bit_width, signed=site.signed, po2=site.po2)
+            gm.add_module(name, qnn.QuantIdentity(act_quant=act, return_quant_tensor=False).to(_device(gm)))
+            gm.get_submodule(name).train(gm.training)
+            with gm.graph.inserting_before(user):
+                copy = gm.graph.call_module(name, args=(source,))
+            user.replace_input_with(node, copy)
+            made.append(ActQuantSite(name, "QuantIdentity", source.name, (user.name,), *site_fields(site)))
+    return made
+
+
+def site_fields(site: ActQuantSite) -> tuple[int, bool, bool]:
+    return site.bit_width, site.signed, site.po2

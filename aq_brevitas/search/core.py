@@ -25,6 +25,7 @@ from ..errors import ConfigError, warn
 from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
+from ..quantization.finn_layout import refuse_finn_activations
 from ..workers import run_jobs
 from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, policy_accuracies
 from .calibration import (
@@ -340,6 +341,8 @@ def search_policy(
     """
     t_start = time.perf_counter()
     cfg = as_config(config)
+    if cfg.target == "finn":
+        refuse_finn_activations(model)
     budget = as_budget(budget)
     if table is None:
         cfg = cfg.for_budget(budget.kind)  # BOPs count input bits: let the search choose them
