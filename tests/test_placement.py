@@ -115,7 +115,9 @@ def test_layers_reading_one_tensor_get_one_quantizer_each_at_the_widest_bits_wit
     # one quantizer per reader (FINN's streamlining moves a scale only where it has one consumer)
     qb, qc = input_quantizer(q, "b"), input_quantizer(q, "c")
     assert qb is not qc and int(qb.bit_width()) == int(qc.bit_width()) == 6
-    assert not qb.is_signed and not qc.is_signed  # the copy on the ReLU's input is unsigned: it clamps as the ReLU
+    assert (
+        not qb.is_signed and not qc.is_signed
+    )  # the copy on the ReLU's input is unsigned: it clamps as the ReLU
 
 
 def test_an_untraceable_model_keeps_input_quantizers_and_says_it_is_not_finn_ready():

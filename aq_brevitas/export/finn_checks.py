@@ -180,13 +180,17 @@ def quant_node_checks(g: FinnGraph) -> list[FinnCheck]:
 
 def input_check(g: FinnGraph) -> FinnCheck:
     """FINN needs integer inputs: the graph input must reach a Quant/BipolarQuant node through nothing
-    but elementwise ops with a constant operand (a ``2x - 1`` FINN absorbs) and layout ops."""
+    but elementwise ops with a constant operand (a ``2x - 1`` FINN absorbs), a BatchNorm (an affine it
+    absorbs too) and layout ops."""
     todo, ok = list(g.consumers.get(g.mw.graph.input[0].name, [])), True
     while todo and ok:
         n = todo.pop()
         if n.op_type in QUANT_OPS:
             continue
-        ok = n.op_type in LAYOUT_ONLY or (n.op_type in CONSTANT_ELEMENTWISE and _absorbable(g, n))
+        # a BatchNorm in front of the first quantizer is an affine FINN's streamlining absorbs
+        ok = n.op_type in (*LAYOUT_ONLY, "BatchNormalization") or (
+            n.op_type in CONSTANT_ELEMENTWISE and _absorbable(g, n)
+        )
         todo += g.consumers.get(n.output[0], [])
     ok = ok and bool(g.consumers.get(g.mw.graph.input[0].name))
     return FinnCheck(
@@ -291,9 +295,10 @@ def _quant_outputs(g: FinnGraph, tensor: str) -> list[Any]:
 
 
 def _integer_join(g: FinnGraph, node: Any) -> bool:
-    """An Add or Concat whose inputs all come from quantizers: FINN maps it (its elementwise and
-    concatenation layers take each input's scale as a constant factor)."""
-    if node.op_type not in ("Add", "Concat"):
+    """An Add whose inputs all come from quantizers: FINN maps it (its elementwise layers take each
+    input's scale as a constant factor). Not a Concat: FINN's default streamlining does not move the
+    inputs' scales past it (``MoveMulPastJoinConcat`` is not among its steps), so it stays float."""
+    if node.op_type != "Add":
         return False
     tensors = [t for t in node.input if not g.is_const(t)]
     quants = [q for t in tensors for q in _quant_outputs(g, t)]
@@ -322,7 +327,7 @@ def _absorbable(g: FinnGraph, node: Any, integer: bool = False) -> bool:
     ``integer`` path, after a quantizer) a value-copying op, an add/concat of one scale, an averaging unit."""
     if node.op_type in ABSORBABLE or _integer_join(g, node):
         return True
-    if integer and node.op_type in INTEGER_PRESERVING:
+    if integer and node.op_type in INTEGER_PRESERVING and node.op_type != "Concat":  # see _integer_join
         return True
     if node.op_type == "AveragePool":  # FINN's averaging unit: AveragePool [-> Mul] -> Trunc
         uses = g.consumers.get(node.output[0], [])

@@ -46,7 +46,7 @@ from ..errors import warn
 from ..nnutils import LeafTracer, trace_with
 from .finn_layout import FinnAvgPool
 from .injectors import act_quant_for
-from .value_ops import copies_values
+from .value_ops import copies_values, is_concat
 
 PLACEMENTS = ("producer", "input")
 _RELU_FUNCTIONS = ((F.relu, nn.ReLU), (F.relu_, nn.ReLU), (torch.relu, nn.ReLU), (torch.relu_, nn.ReLU))
@@ -172,7 +172,7 @@ def place_act_quant(
                 direct.append((node.target, requests[node.target]))
             elif producer is not None:
                 wanted.setdefault(producer, []).append((node.target, requests[node.target]))
-    layout_sites = finn_layout_sites(gm, wanted, set(requests))
+    layout_sites = finn_layout_sites(gm, wanted, requests)
     forked = any(len(p.users) > 1 for p in wanted)
     in_place = not (layout_sites or forked) and all(_fits_in_place(model, gm, p) for p in wanted)
     sites = [_quantize_output(model if in_place else gm, gm, p, asks) for p, asks in wanted.items()]
@@ -322,7 +322,7 @@ def _merged(asks: list[tuple[str, ActRequest]]) -> ActRequest:
 
 
 def finn_layout_sites(
-    gm: fx.GraphModule, wanted: dict[fx.Node, list[tuple[str, ActRequest]]], layers: set[str]
+    gm: fx.GraphModule, wanted: dict[fx.Node, list[tuple[str, ActRequest]]], layers: Mapping[str, ActRequest]
 ) -> list[ActQuantSite]:
     """FINN's layout between quantized layers, written into ``gm`` (:mod:`~aq_brevitas.quantization.finn_layout`):
     an average pool asked for a quantizer becomes a :class:`FinnAvgPool` (its ReLU producer is asked for a
@@ -343,11 +343,14 @@ def finn_layout_sites(
         inputs = _merge_inputs(node)
         asks = _downstream_asks(node, wanted, layers) if inputs else []
         if asks:
-            # an input from a ReLU keeps the ReLU's own (unsigned) quantizer: a signed one after it
-            # would give FINN's thresholding negative thresholds on an unsigned input, which it refuses
+            # an add input from a ReLU keeps the ReLU's own (unsigned) quantizer: a signed one after it
+            # would give FINN's thresholding negative thresholds on an unsigned input, which it refuses;
+            # a concatenation needs one scale on all its inputs (signed only if an input can be negative)
             plain = [a for a in inputs if not _ask_relu(gm, a, wanted, asks)]
-            if plain:
-                sites.append(_shared_quant(gm, node, plain, asks))
+            if is_concat(node):
+                sites.append(_shared_quant(gm, node, inputs, asks, signed=bool(plain)))
+            elif plain:
+                sites.append(_shared_quant(gm, node, plain, asks, signed=True))
     return sites
 
 
@@ -357,7 +360,6 @@ def gm_node(gm: fx.GraphModule, target: str) -> fx.Node:
 
 def _merge_inputs(node: fx.Node) -> list[fx.Node]:
     from .finn_layout import is_merge
-    from .value_ops import is_concat
 
     if is_merge(node):
         return [a for a in node.args[:2] if isinstance(a, fx.Node)]
@@ -367,9 +369,9 @@ def _merge_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _downstream_asks(
-    node: fx.Node, wanted: dict[fx.Node, list[tuple[str, ActRequest]]], layers: set[str]
+    node: fx.Node, wanted: dict[fx.Node, list[tuple[str, ActRequest]]], layers: Mapping[str, ActRequest]
 ) -> list[tuple[str, ActRequest]]:
-    """The asks of the quantizers that ``node``'s output reaches first (through any op)."""
+    """The asks of the quantizers and quantized layers that ``node``'s output reaches first (through any op)."""
     asks, todo, seen = [], list(node.users), set()
     while todo:
         n = todo.pop()
@@ -378,7 +380,9 @@ def _downstream_asks(
         seen.add(n)
         if n in wanted:
             asks += wanted[n]
-        elif not (n.op == "call_module" and n.target in layers):
+        elif n.op == "call_module" and n.target in layers:
+            asks.append((str(n.target), layers[n.target]))
+        else:
             todo += list(n.users)
     return asks
 
@@ -440,10 +444,15 @@ def _finn_pool(
 
 
 def _shared_quant(
-    gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], asks: list[tuple[str, ActRequest]]
+    gm: fx.GraphModule,
+    node: fx.Node,
+    inputs: list[fx.Node],
+    asks: list[tuple[str, ActRequest]],
+    *,
+    signed: bool,
 ) -> ActQuantSite:
-    """One signed ``QuantIdentity`` on every input of the add/concat ``node`` (re-bitted when the inputs
-    already share one)."""
+    """One ``QuantIdentity`` on every input in ``inputs`` of the add/concat ``node`` (re-bitted when
+    they already share one)."""
     import brevitas.nn as qnn
 
     req = _merged(asks)
@@ -454,18 +463,18 @@ def _shared_quant(
         if int(proxy.bit_width()) != req.bit_width:
             shared.act_quant = type(proxy)(shared, proxy.quant_injector.let(bit_width=req.bit_width))
         return ActQuantSite(
-            inputs[0].target, "QuantIdentity", node.name, (node.name,), req.bit_width, True, req.po2
+            inputs[0].target, "QuantIdentity", node.name, (node.name,), req.bit_width, signed, req.po2
         )
     name = f"{node.name}_quant"
     quant = qnn.QuantIdentity(
-        act_quant=act_quant_for(req.bit_width, signed=True, po2=req.po2), return_quant_tensor=False
+        act_quant=act_quant_for(req.bit_width, signed=signed, po2=req.po2), return_quant_tensor=False
     )
     gm.add_module(name, quant.to(_device(gm)).train(gm.training))
     for a in inputs:
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, args=(a,))
         node.replace_input_with(a, call)
-    return ActQuantSite(name, "QuantIdentity", node.name, (node.name,), req.bit_width, True, req.po2)
+    return ActQuantSite(name, "QuantIdentity", node.name, (node.name,), req.bit_width, signed, req.po2)
 
 
 def _split_forks(gm: fx.GraphModule, sites: list[ActQuantSite]) -> list[ActQuantSite]:
