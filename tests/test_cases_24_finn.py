@@ -32,7 +32,7 @@ from aq_brevitas import (
 )
 from aq_brevitas.errors import PolicyError
 from aq_brevitas.export import finn_check
-from aq_brevitas.quantization.finn_layout import FinnAvgPool
+from aq_brevitas.quantization.act_sites import FinnAvgPool
 from aq_brevitas.quantization.value_ops import VALUE_COPYING_OPS
 
 W4A4 = LayerwisePolicy(default=LayerSpec(4, act_bit_width=4))

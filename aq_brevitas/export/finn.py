@@ -219,6 +219,21 @@ def finn_check(
     checks = [op_type_check(mw), *quant_node_checks(g), input_check(g), *dataflow_checks(g)]
     checks += _po2_checks(mw, policy, model)
     report = FinnReport(str(path), checks)
+    _run_finn(
+        report,
+        mw,
+        model,
+        run_finn,
+        inputs,
+        dict(target_fps=target_fps, fpga_part=fpga_part, progress=progress),
+    )
+    return report
+
+
+def _run_finn(
+    report: FinnReport, mw: Any, model: nn.Module | None, run_finn: bool | None, inputs: Any, options: dict
+) -> None:
+    """FINN's steps into ``report.finn``, or why they did not run into ``report.finn_skipped``."""
     if run_finn is False:
         report.finn_skipped = "not asked for (run_finn=False)"
     elif not finn_available():
@@ -230,15 +245,7 @@ def finn_check(
         report.finn_skipped = f"finn-plus is not installed: {FINN_INSTALL}"
     else:
         x = _finn_input(mw, inputs)
-        report.finn = run_finn_steps(
-            path,
-            x,
-            target_fps=target_fps,
-            fpga_part=fpga_part,
-            progress=progress,
-            model_output=_model_output(model, x),
-        )
-    return report
+        report.finn = run_finn_steps(report.path, x, model_output=_model_output(model, x), **options)
 
 
 def _po2_checks(mw: Any, policy: Any, model: nn.Module | None) -> list[Any]:

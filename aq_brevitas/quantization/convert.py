@@ -444,8 +444,7 @@ def quantize(
     inner = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
     if isinstance(inner, LayerwisePolicy):
         check_target(inner, list(quantizable_layers(model)), target, act_placement)
-    if target == "finn":
-        refuse_finn_activations(model)
+    refuse_finn_activations(model, target)
     return convert_model(
         model,
         policy,

@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..errors import PolicyError
+from .act_sites import trace_for_placement
 
 # Activations FINN's QONNX front end cannot turn into thresholds (only Relu and Selu become a
 # MultiThreshold with the Quant after them), with the fix the refusal names.
@@ -44,11 +45,11 @@ _FUNCTIONAL = {
 _METHODS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
-def refuse_finn_activations(model: nn.Module) -> None:
-    """Raise :class:`PolicyError` (one line, naming the module and the fix) when ``model`` uses an
-    activation FINN cannot map (:data:`FINN_UNMAPPED_ACTIVATIONS`: SiLU, Hardswish, sigmoid, GELU...),
-    as a module or as a functional call fx can see; ``quantize`` and ``search_policy`` call it for
-    ``target="finn"``.
+def refuse_finn_activations(model: nn.Module, target: str = "finn") -> None:
+    """For ``target="finn"``, raise :class:`PolicyError` (one line, naming the module and the fix) when
+    ``model`` uses an activation FINN cannot map (:data:`FINN_UNMAPPED_ACTIVATIONS`: SiLU, Hardswish,
+    sigmoid, GELU...), as a module or as a functional call fx can see; any other target takes them.
+    ``quantize`` and ``search_policy`` call it with their ``target``.
 
     >>> from torch import nn
     >>> refuse_finn_activations(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
@@ -57,8 +58,8 @@ def refuse_finn_activations(model: nn.Module) -> None:
     ...
     aq_brevitas.errors.PolicyError: target='finn': module 1 is a SiLU, which FINN cannot map to hardware -- fix: use nn.ReLU (FINN folds ReLU + its quantizer into thresholds), or use target='generic'
     """
-    from .placement import trace_for_placement
-
+    if target != "finn":
+        return
     found = [
         (f"module {n}", type(m)) for n, m in model.named_modules() if type(m) in FINN_UNMAPPED_ACTIVATIONS
     ]
@@ -76,50 +77,6 @@ def refuse_finn_activations(model: nn.Module) -> None:
             f"target='finn': {name} is a {kind.__name__}{more}, which FINN cannot map to hardware",
             f"{FINN_UNMAPPED_ACTIVATIONS[kind]}, or use target='generic'",
         )
-
-
-class FinnAvgPool(nn.Module):
-    """Average pooling in FINN's averaging unit: a per-tensor quantizer, then Brevitas's
-    ``TruncAvgPool2d`` (floor), which exports as ``AveragePool -> Mul -> Trunc``. A global pool
-    (``kernel_size=None``) takes its kernel from the input's spatial size at each call; FINN maps
-    square kernels without padding. ``bit_width``: the bits of the averaged output (and of the input
-    quantizer).
-    """
-
-    def __init__(self, bit_width: int, signed: bool, po2: bool, kernel_size: int | None = None) -> None:
-        super().__init__()
-        import brevitas.nn as qnn
-
-        from .injectors import act_quant_for
-
-        self.global_pool = kernel_size is None
-        self.input_quant = qnn.QuantIdentity(
-            act_quant=act_quant_for(bit_width, signed=signed, po2=po2), return_quant_tensor=True
-        )
-        self.pool = qnn.TruncAvgPool2d(
-            kernel_size or 1, bit_width=bit_width, float_to_int_impl_type="FLOOR", return_quant_tensor=False
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool:
-            size = tuple(int(s) for s in x.shape[-2:])
-            self.pool.kernel_size = self.pool.stride = size
-        return self.pool(self.input_quant(x))
-
-    @property
-    def act_quant(self) -> Any:
-        """The input quantizer's proxy: what the layers after the pool read (bits and sign)."""
-        return self.input_quant.act_quant
-
-    def rebit(self, bit_width: int) -> None:
-        """Both the input quantizer and the averaged output at ``bit_width`` (kept when equal)."""
-        proxy = self.input_quant.act_quant
-        if int(proxy.bit_width()) != bit_width:
-            self.input_quant.act_quant = type(proxy)(
-                self.input_quant, proxy.quant_injector.let(bit_width=bit_width)
-            )
-            trunc = self.pool.trunc_quant
-            self.pool.trunc_quant = type(trunc)(self.pool, trunc.quant_injector.let(bit_width=bit_width))
 
 
 def avg_pool_kernel(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, int | None]:

@@ -93,6 +93,7 @@ class _Picked:
 # ------------------------------------------------------------------------------------ the steps
 def _start(model: nn.Module, calib_data: Any, budget: Budget, cfg: SearchConfig, progress: bool) -> _Run:
     """Calibration data as (x, y) (or a reused adversarial calibration), the folded model if asked."""
+    refuse_finn_activations(model, cfg.target)
     lip = cfg.settings_for(LipschitzSettings)
     calib = None
     if isinstance(calib_data, AdversarialCalibration):
@@ -341,8 +342,6 @@ def search_policy(
     """
     t_start = time.perf_counter()
     cfg = as_config(config)
-    if cfg.target == "finn":
-        refuse_finn_activations(model)
     budget = as_budget(budget)
     if table is None:
         cfg = cfg.for_budget(budget.kind)  # BOPs count input bits: let the search choose them
