@@ -24,6 +24,7 @@ from aq_brevitas import (
     LayerSpec,
     LayerwisePolicy,
     SearchConfig,
+    apply_policy,
     build_model,
     export_qonnx,
     input_quantizer,
@@ -33,6 +34,7 @@ from aq_brevitas import (
 from aq_brevitas.errors import PolicyError
 from aq_brevitas.export import finn_check
 from aq_brevitas.quantization.act_sites import FinnAvgPool
+from aq_brevitas.quantization.checkpoint import load_quantized, save_quantized
 from aq_brevitas.quantization.value_ops import VALUE_COPYING_OPS
 
 W4A4 = LayerwisePolicy(default=LayerSpec(4, act_bit_width=4))
@@ -98,6 +100,31 @@ def test_small_resnet_w4a4_reaches_one_finn_partition(fold, tmp_path):
     res, _ = _finn_one_partition(tmp_path, q, x, "resnet")
     assert res.act_bits == {n: 4 for n in res.layer_bits}  # the fc reads FINN's averaging unit at 4 bits
     assert any(isinstance(m, FinnAvgPool) for m in q.modules())
+
+
+def test_finn_layout_is_kept_by_a_rebit_and_by_a_checkpoint(tmp_path):
+    """apply_policy re-bits the pool, the add and fork quantizers in place (none added); a checkpoint
+    replays the same layout and the same outputs."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    q = quantize(
+        _randomize_bn(build_model("small_resnet")), W4A4, calibration_data=x, fold_bn=True, target="finn"
+    )
+    q = q.eval()
+
+    def act_modules(model: nn.Module) -> list[str]:
+        kinds = ("QuantIdentity", "QuantReLU", "FinnAvgPool")
+        return sorted(n for n, m in model.named_modules() if type(m).__name__ in kinds)
+
+    r = apply_policy(q, LayerwisePolicy(default=LayerSpec(4, act_bit_width=6)), calibration_data=x).eval()
+    assert act_modules(r) == act_modules(q)
+    assert {int(m.act_quant.bit_width()) for n, m in r.named_modules() if n in act_modules(r)} == {6}
+    ckpt = tmp_path / "q.pt"
+    save_quantized(q, ckpt, {"arch": "small_resnet", "fold_bn": True})
+    loaded, _ = load_quantized(ckpt, build_model("small_resnet"))
+    assert act_modules(loaded) == act_modules(q)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), q(x))
 
 
 def test_mobilenet_v1_shaped_net_reaches_one_finn_partition(tmp_path):

@@ -5,6 +5,7 @@ says why FINN needs each)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from torch import fx, nn
@@ -48,8 +49,11 @@ def finn_layout_sites(
             plain = [a for a in inputs if not _ask_relu(gm, a, wanted, asks)]
             if is_concat(node):
                 sites.append(_shared_quant(gm, node, inputs, asks, signed=bool(plain)))
-            elif plain:
-                sites.append(_shared_quant(gm, node, plain, asks, signed=True))
+                continue
+            # placed before (a re-bit): an input read through its own quantizer copy keeps it
+            fresh = [a for a in plain if not _own_copy(gm, a, _merged(asks).bit_width)]
+            if fresh:
+                sites.append(_shared_quant(gm, node, fresh, asks, signed=True))
     return sites
 
 
@@ -107,6 +111,19 @@ def _ask_relu(
             wanted.setdefault(tensor, []).extend(a for a in unsigned if a not in wanted.get(tensor, []))
             return True
     return False
+
+
+def _own_copy(gm: fx.GraphModule, tensor: fx.Node, bits: int) -> bool:
+    """Whether ``tensor`` comes (through value-copying ops) from a quantizer copy :func:`split_forks`
+    made; that copy is re-bitted to ``bits``."""
+    while tensor is not None and copies_values(gm, tensor):
+        tensor = data_input(tensor)
+    if tensor is None or tensor.op != "call_module" or not re.search(r"_use\d+$", str(tensor.target)):
+        return False
+    copy = gm.get_submodule(tensor.target)
+    if int(copy.act_quant.bit_width()) != bits:
+        copy.act_quant = type(copy.act_quant)(copy, copy.act_quant.quant_injector.let(bit_width=bits))
+    return True
 
 
 def _quant_identity() -> type:
