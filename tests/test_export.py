@@ -258,7 +258,7 @@ def test_cli_export_both_formats(tmp_path, fmnist_test_1k):
             assert lines["fc1"][3:] == ["401,408", "/", "401,408"]
             # fc1 has a float input (no act_bit_width): FINN cannot map it, and the checks say so
             finn_lines = [ln for ln in res.stdout.splitlines() if ln.startswith("FINN check")]
-            assert len(finn_lines) == 9
+            assert len(finn_lines) == 10
             failed = {ln.split()[2] for ln in finn_lines if "FAIL" in ln}
             assert failed == {"matrix_inputs_quantized", "relu_feeds_quant", "no_stranded_float_ops"}
         else:

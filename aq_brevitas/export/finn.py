@@ -179,17 +179,24 @@ def finn_check(
     Static checks (each a :class:`FinnCheck`): only FINN-supported op types; every activation/weight
     Quant has an integer bit width in 2..8 (bias Quants, e.g. Brevitas ``Int32Bias``, are folded into
     constants by FINN and not checked); zero-points are 0; the graph input is quantized; every
-    Conv/MatMul/Gemm data input comes from a Quant/BipolarQuant, through MaxPool/Flatten/Reshape/
-    Transpose only; every Relu/Selu feeds a Quant directly (FINN folds only adjacent Relu+Quant into a
-    MultiThreshold); no float op stranded between a matrix layer and the next Quant; and each layer whose
-    spec asks for ``po2`` has power-of-two weight scales (needs ``model``; without ``policy``, the policy
-    its quantizers say it runs, :func:`~aq_brevitas.quantization.readback.read_policy`). Failures name the nodes and, with ``model``, the layers.
+    Conv/MatMul/Gemm data input comes from a Quant/BipolarQuant or FINN's averaging unit
+    (``AveragePool -> [Mul ->] Trunc``), through value-copying ops only
+    (:data:`~aq_brevitas.quantization.value_ops.VALUE_COPYING_OPS`); every Relu/Selu feeds a Quant
+    directly (FINN folds only adjacent Relu+Quant into a MultiThreshold); no float op stranded between
+    FINN layers (after a matrix layer: only what FINN absorbs into thresholds; after a quantizer: also
+    value-copying ops, adds/concatenations of quantized inputs and FINN's averaging unit, never a float
+    ``GlobalAveragePool``); no activation quantizer read by several ops (FINN's default streamlining
+    moves a scale only where it has one consumer); and each layer whose spec asks for ``po2`` has
+    power-of-two weight scales (needs ``model``; without ``policy``, the policy its quantizers say it
+    runs, :func:`~aq_brevitas.quantization.readback.read_policy`). Failures name the nodes and, with
+    ``model``, the layers.
 
     FINN (``run_finn=None``: when finn-plus is importable; ``True`` requires it): finn-plus's builder
     steps through ``step_generate_estimate_reports`` in this process (:func:`.finn_build.run_finn_steps`)
     on ``inputs`` (one batch, the graph's input shape; default: uniform [0, 1) noise, seed 0), at
     ``target_fps`` (frames/s; ``None`` leaves FINN's folding alone) on ``fpga_part``. 3-20 s per small
-    model plus a few seconds to import FINN; ``progress`` shows a tqdm bar over the steps.
+    model plus a few seconds to import FINN; ``progress`` shows a tqdm bar over the steps. With ``model``,
+    FINN's streamlined model is also run against the model itself (``report.finn.streamlined_vs_model``).
 
     Raises :class:`ConfigError` for a missing file, for ``run_finn=True`` without finn-plus, or for a
     po2 policy without ``model``; :class:`ModelError` for a file that is not ONNX. FINN raising is not
@@ -212,6 +219,21 @@ def finn_check(
     checks = [op_type_check(mw), *quant_node_checks(g), input_check(g), *dataflow_checks(g)]
     checks += _po2_checks(mw, policy, model)
     report = FinnReport(str(path), checks)
+    _run_finn(
+        report,
+        mw,
+        model,
+        run_finn,
+        inputs,
+        dict(target_fps=target_fps, fpga_part=fpga_part, progress=progress),
+    )
+    return report
+
+
+def _run_finn(
+    report: FinnReport, mw: Any, model: nn.Module | None, run_finn: bool | None, inputs: Any, options: dict
+) -> None:
+    """FINN's steps into ``report.finn``, or why they did not run into ``report.finn_skipped``."""
     if run_finn is False:
         report.finn_skipped = "not asked for (run_finn=False)"
     elif not finn_available():
@@ -223,8 +245,7 @@ def finn_check(
         report.finn_skipped = f"finn-plus is not installed: {FINN_INSTALL}"
     else:
         x = _finn_input(mw, inputs)
-        report.finn = run_finn_steps(path, x, target_fps=target_fps, fpga_part=fpga_part, progress=progress)
-    return report
+        report.finn = run_finn_steps(report.path, x, model_output=_model_output(model, x), **options)
 
 
 def _po2_checks(mw: Any, policy: Any, model: nn.Module | None) -> list[Any]:
@@ -234,6 +255,21 @@ def _po2_checks(mw: Any, policy: Any, model: nn.Module | None) -> list[Any]:
 
         policy = read_policy(model)
     return [po2_check(mw, policy, model)] if policy is not None else []
+
+
+def _model_output(model: nn.Module | None, x: np.ndarray) -> np.ndarray | None:
+    """The model's output on ``x`` (numpy), to compare FINN's streamlined model with; None without a
+    model or for a model whose forward does not take one tensor and return one."""
+    if model is None:
+        return None
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(x))
+    except Exception:  # a model of several inputs: FINN is still compared with the QONNX file
+        return None
+    return out.detach().cpu().numpy().astype(np.float64) if isinstance(out, torch.Tensor) else None
 
 
 def _finn_input(mw: Any, inputs: Any) -> np.ndarray:

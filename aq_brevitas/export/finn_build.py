@@ -96,6 +96,8 @@ class FinnRun:
     partitions: int | None = None
     outside_partition: list[str] = field(default_factory=list)
     estimates: FinnEstimates | None = None
+    # max |FINN's streamlined model - the PyTorch model| on the same input, when the model was given
+    streamlined_vs_model: float | None = None
 
     @property
     def compute_outside(self) -> list[str]:
@@ -197,6 +199,7 @@ def run_finn_steps(
     fpga_part: str = DEFAULT_FPGA_PART,
     target_fps: int | None = DEFAULT_TARGET_FPS,
     progress: bool = False,
+    model_output: np.ndarray | None = None,
 ) -> FinnRun:
     """Run FINN's ``estimate_only_dataflow_steps`` on the QONNX file at ``path``, in this process.
 
@@ -204,7 +207,9 @@ def run_finn_steps(
     (qonnx ``execute_onnx``) is the reference; a step passes when FINN does not raise and, up to the
     dataflow partition, ``max |FINN - QONNX| <= tol * max(1, max |QONNX output|)``. A step that raises
     stops the run; its :class:`FinnStep` holds FINN's message in one line. Needs finn-plus
-    (:func:`finn_available`); a ``tqdm`` bar over the steps when ``progress``.
+    (:func:`finn_available`); a ``tqdm`` bar over the steps when ``progress``. With ``model_output``
+    (the PyTorch model's output on ``x``), the streamlined model's Python execution is compared with it
+    too (:attr:`FinnRun.streamlined_vs_model`).
     """
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
@@ -229,6 +234,9 @@ def run_finn_steps(
                     model, step = _one_step(finn, name, model, cfg, x, ref, run, executable=i <= last_exec)
                 step.log = cap.lines
                 run.steps.append(step)
+                if name == "step_streamline" and model is not None and model_output is not None:
+                    with _captured():
+                        run.streamlined_vs_model = _diff(_run_model(finn["execute"], model, x), model_output)
                 if model is None:
                     break
             bar.close()
@@ -317,6 +325,8 @@ def run_summary(run: FinnRun) -> list[str]:
         lines.append(
             f"| {s.name} | {'ok' if s.passed else 'FAIL'} | {s.seconds:.2f} | {diff} | {s.message} |"
         )
+    if run.streamlined_vs_model is not None:
+        lines += ["", f"Streamlined model vs the PyTorch model: max diff {run.streamlined_vs_model:.3g}"]
     if run.partitions is not None:
         outside = ", ".join(run.outside_partition) or "nothing"
         lines += ["", f"Dataflow partitions: {run.partitions}; outside the partition: {outside}"]

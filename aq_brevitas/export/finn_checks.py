@@ -10,6 +10,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
+from ..quantization.value_ops import COPYING_ONNX
 from .graph import map_layers
 
 # Op types a cleaned QONNX graph of a CNN/MLP may contain for FINN's flow, read from FINN's sources
@@ -57,7 +58,9 @@ QUANT_OPS = ("Quant", "BipolarQuant")
 LAYOUT_ONLY = ("Flatten", "Reshape", "Transpose")
 
 
-INTEGER_PRESERVING = ("MaxPool", *LAYOUT_ONLY)
+# The ONNX forms of the value-copying ops (aq_brevitas.quantization.value_ops, the one list placement
+# and the export read-back follow too): they keep an integer tensor integer.
+INTEGER_PRESERVING = tuple(dict.fromkeys((*COPYING_ONNX, *LAYOUT_ONLY)))
 
 
 # Float ops FINN's streamlining absorbs between a matrix layer and the next activation Quant (into its
@@ -177,13 +180,17 @@ def quant_node_checks(g: FinnGraph) -> list[FinnCheck]:
 
 def input_check(g: FinnGraph) -> FinnCheck:
     """FINN needs integer inputs: the graph input must reach a Quant/BipolarQuant node through nothing
-    but elementwise ops with a constant operand (a ``2x - 1`` FINN absorbs) and layout ops."""
+    but elementwise ops with a constant operand (a ``2x - 1`` FINN absorbs), a BatchNorm (an affine it
+    absorbs too) and layout ops."""
     todo, ok = list(g.consumers.get(g.mw.graph.input[0].name, [])), True
     while todo and ok:
         n = todo.pop()
         if n.op_type in QUANT_OPS:
             continue
-        ok = n.op_type in LAYOUT_ONLY or (n.op_type in CONSTANT_ELEMENTWISE and _absorbable(g, n))
+        # a BatchNorm in front of the first quantizer is an affine FINN's streamlining absorbs
+        ok = n.op_type in (*LAYOUT_ONLY, "BatchNormalization") or (
+            n.op_type in CONSTANT_ELEMENTWISE and _absorbable(g, n)
+        )
         todo += g.consumers.get(n.output[0], [])
     ok = ok and bool(g.consumers.get(g.mw.graph.input[0].name))
     return FinnCheck(
@@ -205,6 +212,7 @@ def dataflow_checks(g: FinnGraph) -> list[FinnCheck]:
         if n.op_type in ("Relu", "Selu") and not _feeds_only_quant(g, n)
     ]
     stranded = _stranded(g)
+    forks = _quant_forks(g)
     return [
         FinnCheck(
             "matrix_inputs_quantized",
@@ -225,7 +233,17 @@ def dataflow_checks(g: FinnGraph) -> list[FinnCheck]:
             not stranded,
             "no float op between FINN layers"
             if not stranded
-            else f"float ops between FINN layers: {', '.join(stranded)} (FINN's partition step rejects them)",
+            else f"float ops between FINN layers: {', '.join(stranded)} (FINN's partition step rejects them; "
+            "a global average pool needs FINN's averaging unit: quantize(target='finn') places it)",
+        ),
+        FinnCheck(
+            "no_scale_at_fork",
+            not forks,
+            "every activation quantizer has one consumer"
+            if not forks
+            else f"quantizers read by several ops: {'; '.join(forks)} (FINN's default streamlining moves a "
+            "quantizer's scale past a layer only where the scale has one consumer; residual branches need "
+            "FINN's fork-aware streamlining, as in FINN's own ResNet builds)",
         ),
     ]
 
@@ -244,7 +262,7 @@ def _float_input(g: FinnGraph, node: Any) -> str:
         if p is None:
             src = "the graph input"
             break
-        if p.op_type in QUANT_OPS and not g.is_const(p.input[0]):
+        if (p.op_type in QUANT_OPS and not g.is_const(p.input[0])) or _avg_unit(g, p):
             return ""
         if p.op_type not in INTEGER_PRESERVING:
             src = p.name
@@ -254,9 +272,67 @@ def _float_input(g: FinnGraph, node: Any) -> str:
     return f"{g.name(node)} <- {' <- '.join([*path, src])}"
 
 
-def _absorbable(g: FinnGraph, node: Any) -> bool:
-    if node.op_type in ABSORBABLE:
+def _avg_unit(g: FinnGraph, node: Any) -> bool:
+    """``node`` ends FINN's averaging unit: ``AveragePool [-> Mul (constant)] -> Trunc`` (FINN's
+    ``AvgPoolAndTruncToQuantAvgPool``, Trunc v1 and v2); the Trunc's output is an integer."""
+    if node is None or node.op_type != "Trunc":
+        return False
+    pool = g.producer.get(node.input[0])
+    if pool is not None and pool.op_type == "Mul" and g.is_const(pool.input[1]):
+        pool = g.producer.get(pool.input[0])
+    return pool is not None and pool.op_type == "AveragePool"
+
+
+def _quant_outputs(g: FinnGraph, tensor: str) -> list[Any]:
+    """The activation Quant nodes (or averaging units) whose output reaches ``tensor`` through
+    value-copying ops; an empty list when something else produces it."""
+    p = g.producer.get(tensor)
+    while p is not None and p.op_type in INTEGER_PRESERVING and p.op_type != "Concat":
+        p = g.producer.get(p.input[0])
+    if p is not None and ((p.op_type in QUANT_OPS and not g.is_const(p.input[0])) or _avg_unit(g, p)):
+        return [p]
+    return []
+
+
+def _integer_join(g: FinnGraph, node: Any) -> bool:
+    """An Add whose inputs all come from quantizers: FINN maps it (its elementwise layers take each
+    input's scale as a constant factor). Not a Concat: FINN's default streamlining does not move the
+    inputs' scales past it (``MoveMulPastJoinConcat`` is not among its steps), so it stays float."""
+    if node.op_type != "Add":
+        return False
+    tensors = [t for t in node.input if not g.is_const(t)]
+    quants = [q for t in tensors for q in _quant_outputs(g, t)]
+    return len(tensors) >= 2 and len(quants) == len(tensors)
+
+
+def _quant_forks(g: FinnGraph) -> list[str]:
+    """Activation quantizers whose output (through value-copying ops) feeds several ops."""
+    out = []
+    for n in g.nodes:
+        if n.op_type in QUANT_OPS and not g.is_const(n.input[0]):
+            uses, todo = [], list(g.consumers.get(n.output[0], []))
+            while todo:
+                u = todo.pop()
+                if u.op_type in LAYOUT_ONLY and len(g.consumers.get(u.output[0], [])) == 1:
+                    todo += g.consumers.get(u.output[0], [])
+                else:
+                    uses.append(u)
+            if len(uses) > 1:
+                out.append(f"{g.name(n)} -> {', '.join(u.name for u in uses)}")
+    return out
+
+
+def _absorbable(g: FinnGraph, node: Any, integer: bool = False) -> bool:
+    """Whether FINN takes ``node`` on a path between its layers: absorbed into thresholds, or (on an
+    ``integer`` path, after a quantizer) a value-copying op, an add/concat of one scale, an averaging unit."""
+    if node.op_type in ABSORBABLE or _integer_join(g, node):
         return True
+    if integer and node.op_type in INTEGER_PRESERVING and node.op_type != "Concat":  # see _integer_join
+        return True
+    if node.op_type == "AveragePool":  # FINN's averaging unit: AveragePool [-> Mul] -> Trunc
+        uses = g.consumers.get(node.output[0], [])
+        nxt = g.consumers.get(uses[0].output[0], []) if len(uses) == 1 and uses[0].op_type == "Mul" else uses
+        return len(nxt) == 1 and _avg_unit(g, nxt[0])
     if node.op_type == "MaxPool":  # right after a matrix layer and right before a Quant: FINN maps it
         src = g.producer.get(node.input[0])
         uses = g.consumers.get(node.output[0], [])
@@ -286,16 +362,23 @@ def _stranded(g: FinnGraph) -> list[str]:
         return reaches[node.name]
 
     found: list[str] = []
-    seen: set[str] = set()
-    todo = [c for n in g.nodes if n.op_type in MATRIX_OPS for c in g.consumers.get(n.output[0], [])]
-    while todo:
-        node = todo.pop()
-        if node.name in seen or node.op_type in (*QUANT_OPS, *MATRIX_OPS):
-            continue
-        seen.add(node.name)
-        if not _absorbable(g, node) and reaches_finn(node):
-            found.append(node.name)
-        todo += [c for o in node.output for c in g.consumers.get(o, [])]
+    for integer in (False, True):
+        starts = [
+            n
+            for n in g.nodes
+            if (n.op_type in QUANT_OPS and not g.is_const(n.input[0])) == integer
+            and (integer or n.op_type in MATRIX_OPS)
+        ]
+        seen: set[str] = set()
+        todo = [c for n in starts for c in g.consumers.get(n.output[0], [])]
+        while todo:
+            node = todo.pop()
+            if node.name in seen or node.op_type in (*QUANT_OPS, *MATRIX_OPS) or _avg_unit(g, node):
+                continue
+            seen.add(node.name)
+            if not _absorbable(g, node, integer) and reaches_finn(node) and node.name not in found:
+                found.append(node.name)
+            todo += [c for o in node.output for c in g.consumers.get(o, [])]
     return sorted(found, key=[n.name for n in g.nodes].index)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..nnutils import quantizable_layers
+from ..quantization.value_ops import COPYING_ONNX
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # Ops that only move a tensor's elements: the read-back follows them between a quantizer and its layer.
@@ -197,9 +198,9 @@ def _outside_weights(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str
     }
 
 
-# Besides the layout ops, what an activation quantizer commutes with (per-tensor, zero-point 0):
-# max-pooling is monotone.
-ACT_TRANSPARENT_OPS = ("MaxPool",)
+# What an activation quantizer (per-tensor, zero-point 0) commutes with: the ONNX forms of the
+# value-copying ops, the one list placement and FINN's checks follow too.
+ACT_TRANSPARENT_OPS = COPYING_ONNX
 
 
 def _through_layout(
@@ -328,7 +329,7 @@ def _dequantized_weight(dq: Any, producer: dict, inits: dict) -> tuple[Any, Weig
 
 def _act_bits(tensor: str, producer: dict, inits: dict) -> int | None:
     """Bit width of the quantizer feeding a layer's input (QONNX Quant or QCDQ Q[-Clip]-DQ), directly or
-    through layout ops and max-pooling (the quantizer sits at the producer's output, as FINN needs)."""
+    through the value-copying ops (the quantizer sits at the producer's output, as FINN needs)."""
     q = producer.get(_through_layout(tensor, producer, ACT_TRANSPARENT_OPS)[0])
     if q is None:
         return None
@@ -336,6 +337,8 @@ def _act_bits(tensor: str, producer: dict, inits: dict) -> int | None:
         return 1
     if q.op_type == "Quant" and q.input[0] not in inits:
         return int(inits[q.input[3]])
+    if q.op_type == "Trunc":  # FINN's averaging unit (AveragePool -> Mul -> Trunc): its output bits
+        return int(inits[q.input[-1]])  # out_bitwidth: the last input in Trunc v1 and v2
     if q.op_type == "DequantizeLinear":
         clip = producer.get(q.input[0])
         if clip is not None and clip.op_type == "Clip":

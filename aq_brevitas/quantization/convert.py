@@ -42,6 +42,7 @@ from ..nnutils import plain_tensor, quantizable_layers, shared_weights, warn_uns
 from ..policy import LayerSpec, LayerwisePolicy, check_target
 from .calibrate import calibrate, model_inputs, nonnegative_inputs
 from .coverage import check_convertible, first_sample, keep_layers_called, refuse_unquantize
+from .finn_layout import refuse_finn_activations
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
 from .placement import PLACEMENTS, ActRequest, input_quantizers, install_input_quant, place_act_quant
 from .readback import input_signedness
@@ -409,6 +410,7 @@ def quantize(
     inner = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
     if isinstance(inner, LayerwisePolicy):
         check_target(inner, list(quantizable_layers(model)), target, act_placement)
+    refuse_finn_activations(model, target)
     return convert_model(
         model,
         policy,

@@ -34,128 +34,24 @@ model's module names. A model fx cannot trace keeps the quantizers at the layers
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from ..errors import warn
-from ..nnutils import LeafTracer, trace_with
+from .act_sites import (
+    ActQuantSite,
+    ActRequest,
+    FinnAvgPool,
+    data_input,
+    module_device,
+    producer_of,
+    trace_for_placement,
+)
 from .injectors import act_quant_for
 
 PLACEMENTS = ("producer", "input")
-
-TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Identity,
-)
-_TRANSPARENT_FUNCTIONS = {
-    F.max_pool1d,
-    F.max_pool2d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.dropout,
-    torch.flatten,
-    torch.reshape,
-    torch.squeeze,
-    torch.unsqueeze,
-    operator.getitem,  # F.max_pool2d(..., return_indices=True)[0] and friends
-}
-_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
-_RELU_FUNCTIONS = ((F.relu, nn.ReLU), (F.relu_, nn.ReLU), (torch.relu, nn.ReLU), (torch.relu_, nn.ReLU))
-
-
-@dataclass(frozen=True)
-class ActQuantSite:
-    """One activation quantizer placed by :func:`place_act_quant`.
-
-    ``module``: its name in the returned model; ``kind``: ``"QuantReLU"``, ``"QuantIdentity"`` or the
-    re-bitted Brevitas class; ``after``: the graph node whose output it quantizes (``"x"`` for the
-    input); ``consumers``: the quantized layers reading it; ``bit_width``, ``signed``, ``po2``: its
-    quantizer.
-    """
-
-    module: str
-    kind: str
-    after: str
-    consumers: tuple[str, ...]
-    bit_width: int
-    signed: bool
-    po2: bool
-
-    def describe(self) -> str:
-        sign = "int" if self.signed else "uint"
-        return f"{self.kind} a{self.bit_width} {sign}{' po2' if self.po2 else ''} (input of {', '.join(self.consumers)})"
-
-
-@dataclass(frozen=True)
-class ActRequest:
-    """What one quantized layer asks of the activation it reads: bits, power-of-two scale, sign."""
-
-    bit_width: int
-    po2: bool
-    signed: bool
-
-
-class _PlacementTracer(LeafTracer):
-    """:class:`LeafTracer` that also keeps Brevitas activation layers whole (they are re-bitted, not traced)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from brevitas.nn.quant_layer import QuantNonLinearActLayer
-
-        return isinstance(m, QuantNonLinearActLayer) or super().is_leaf_module(m, module_qualified_name)
-
-
-def trace_for_placement(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
-    """``model`` traced as :func:`place_act_quant` needs it (functional ReLUs as ``nn.ReLU`` modules,
-    one module per call of a shared stateless module), or ``(None, why)`` when fx cannot trace it."""
-    from brevitas.graph.standardize import DuplicateSharedStatelessModule, TorchFunctionalToModule
-
-    try:
-        gm = trace_with(_PlacementTracer(), model, type(model).__name__)  # nothing left on model
-    except Exception as exc:  # tracing fails in many ways (TraceError, TypeError, NotImplementedError...)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return None, f"{type(exc).__name__}: {first}"
-    gm = TorchFunctionalToModule(fn_to_module_map=_RELU_FUNCTIONS).apply(gm)
-    gm = DuplicateSharedStatelessModule().apply(gm)
-    gm.training = model.training  # the root's own flag only: submodules keep theirs
-    return gm, ""
-
-
-def _data_input(node: fx.Node) -> fx.Node | None:
-    """The tensor a single-input op reads (fx puts it in args, or in kwargs for ``F.relu(input=...)``)."""
-    for a in (*node.args, *node.kwargs.values()):
-        if isinstance(a, fx.Node):
-            return a
-    return None
-
-
-def _transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), TRANSPARENT_MODULES)
-    if node.op == "call_function":
-        return node.target in _TRANSPARENT_FUNCTIONS
-    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
-
-
-def producer_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The node whose output reaches ``node``'s data input through transparent ops only."""
-    current = _data_input(node)
-    while current is not None and _transparent(gm, current):
-        current = _data_input(current)
-    return current
 
 
 def place_act_quant(
@@ -194,14 +90,20 @@ def place_act_quant(
         if node.op == "call_module" and node.target in requests:
             producer = producer_of(gm, node)
             direct_input = (
-                producer is not None and producer.op == "placeholder" and producer is _data_input(node)
+                producer is not None and producer.op == "placeholder" and producer is data_input(node)
             )
             if direct_input and calls[node.target] == 1:  # a layer's own input_quant acts at every call
                 direct.append((node.target, requests[node.target]))
             elif producer is not None:
                 wanted.setdefault(producer, []).append((node.target, requests[node.target]))
-    in_place = all(_fits_in_place(model, gm, producer) for producer in wanted)
+    from .finn_sites import finn_layout_sites, split_forks
+
+    layout_sites = finn_layout_sites(gm, wanted, requests)
+    forked = any(len(p.users) > 1 for p in wanted)
+    in_place = not (layout_sites or forked) and all(_fits_in_place(model, gm, p) for p in wanted)
     sites = [_quantize_output(model if in_place else gm, gm, p, asks) for p, asks in wanted.items()]
+    sites += split_forks(gm, sites) if forked else []
+    sites += layout_sites
     for name, req in direct:
         install_input_quant(model.get_submodule(name), req.bit_width, req.signed, req.po2)
         sites.insert(0, ActQuantSite(f"{name}.input_quant", "input_quant", "input", (name,), *_fields(req)))
@@ -268,23 +170,19 @@ def _quantize_output(
         )
     if type(module) is nn.ReLU:
         quant = qnn.QuantReLU(act_quant=act_quant_for(bits, signed=False, po2=po2), return_quant_tensor=False)
-        owner.set_submodule(node.target, quant.to(_device(gm)).train(module.training))
+        owner.set_submodule(node.target, quant.to(module_device(gm)).train(module.training))
         return ActQuantSite(node.target, "QuantReLU", node.name, consumers, bits, False, po2)
     name = f"{node.name}_quant"
     quant = qnn.QuantIdentity(
         act_quant=act_quant_for(bits, signed=signed, po2=po2), return_quant_tensor=False
     )
-    gm.add_module(name, quant.to(_device(gm)).train(gm.training))
+    gm.add_module(name, quant.to(module_device(gm)).train(gm.training))
     # fx's own rewiring: Brevitas 0.13.4's InsertModuleCallAfter leaves the users reading the old node
     # under torch 2.13 (its replace_all_uses_except updates args without fx's bookkeeping).
     with gm.graph.inserting_after(node):
         inserted = gm.graph.call_module(name, args=(node,))
     node.replace_all_uses_with(inserted, delete_user_cb=lambda user: user is not inserted)
     return ActQuantSite(name, "QuantIdentity", node.name, consumers, bits, signed, po2)
-
-
-def _device(gm: nn.Module) -> torch.device:
-    return next((p.device for p in gm.parameters()), torch.device("cpu"))
 
 
 def input_quantizer(model: nn.Module, layer: str) -> nn.Module | None:
@@ -332,6 +230,8 @@ def input_quantizers(model: nn.Module, layers: Iterable[str]) -> dict[str, tuple
             else None
         )
         out[layer] = (
-            (str(producer.target), found.act_quant) if isinstance(found, QuantNonLinearActLayer) else None
+            (str(producer.target), found.act_quant)
+            if isinstance(found, (QuantNonLinearActLayer, FinnAvgPool))
+            else None
         )
     return out

@@ -25,6 +25,7 @@ from ..errors import ConfigError, warn
 from ..forward import as_xy, eval_mode
 from ..nnutils import layer_geometry
 from ..policy import LayerSpec, layer_cost
+from ..quantization.finn_layout import refuse_finn_activations
 from ..workers import run_jobs
 from .baselines import ROBUST_MEASURE, UniformChoice, best_uniform, measure_policy
 from .calibration import (
@@ -92,6 +93,7 @@ class _Picked:
 # ------------------------------------------------------------------------------------ the steps
 def _start(model: nn.Module, calib_data: Any, budget: Budget, cfg: SearchConfig, progress: bool) -> _Run:
     """Calibration data as (x, y) (or a reused adversarial calibration), the folded model if asked."""
+    refuse_finn_activations(model, cfg.target)
     lip = cfg.settings_for(LipschitzSettings)
     calib = None
     if isinstance(calib_data, AdversarialCalibration):
