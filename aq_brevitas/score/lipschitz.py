@@ -37,6 +37,7 @@ from ..nnutils import (
 )
 from .jacobian import is_chain, layer_jacobian, output_tensor
 from .norms import operator_norm
+from .passive import passive_norms
 
 GAINS = ("spectral", "jacobian")
 NON_CHAIN_WARNING = (
@@ -200,12 +201,28 @@ def _scored_layers(model: nn.Module, gains: tuple[str, ...]) -> dict[str, nn.Mod
 
 
 def _spectral_gains(model: nn.Module, args: tuple[Any, ...], scores: dict[str, LayerScore]) -> None:
-    """``gain_spectral``: the product of the downstream layers' ``L`` in execution order (warns on a
-    model that is not a chain, where it is only a heuristic)."""
-    downstream = 1.0
-    for s in reversed(list(scores.values())):
-        s.gain_spectral = downstream
-        downstream *= s.L
+    """``gain_spectral``: the product of the downstream layers' ``L`` and of the bounds of the
+    parameter-free ops between them (:mod:`aq_brevitas.score.passive`: pooling, upsampling) in
+    execution order. Warns on a model that is not a chain, where it is only a heuristic, and names the
+    ops that scale a perturbation but that it cannot bound."""
+    order, functional = passive_norms(model, args)
+    first = {name: i for i, (name, is_layer, _) in reversed(list(enumerate(order))) if is_layer}
+    start = min(first.values(), default=len(order))  # ops before the first layer scale nothing scored
+    downstream, unbounded = 1.0, list(functional)
+    for i, (name, is_layer, norm) in reversed(list(enumerate(order))):
+        if is_layer and first[name] == i and name in scores:
+            scores[name].gain_spectral = downstream
+            downstream *= scores[name].L
+        elif not is_layer and i > start:
+            if norm is None:
+                unbounded.append(name)
+            else:
+                downstream *= norm
+    if unbounded:
+        warn(
+            f"gain_spectral leaves out {', '.join(unbounded)}: parameter-free ops that scale a perturbation "
+            "by a factor it does not bound -- fix: prefer gain_jacobian (estimate='jacobian'), which includes them"
+        )
     if not is_chain(model, args):
         warn(NON_CHAIN_WARNING)
 
