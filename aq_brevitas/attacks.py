@@ -245,10 +245,11 @@ class AdaptedAttack:
     def build(self, n_classes: int) -> None:
         """Build the torchattacks attack for a model of ``n_classes`` classes (refused in one line
         where the attack's loss needs more, :func:`class_shortfall`)."""
-        why = class_shortfall(self.name, n_classes)
-        if why is not None:
+        if class_shortfall(self.name, n_classes) is not None:
             raise ConfigError(
-                f"{self.name}: {why}", "use apgd-ce, fab-t or pgd, which run on any class count"
+                f"{self.name} needs at least {MIN_CLASSES[self.name]} classes (its DLR loss ranks that many "
+                f"logits), and the model has {n_classes}",
+                "use apgd-ce, fab-t or pgd, which run on any class count",
             )
         victim = self.model if self.grid is None else self.grid
         self.attack = ATTACK_BUILDERS[self.name](self.config, victim, self.seed, n_classes)
@@ -382,10 +383,8 @@ def class_shortfall(name: str, n_classes: int) -> str | None:
     need = MIN_CLASSES.get(name, 2)
     if n_classes >= need:
         return None
-    rank = "3rd" if need == 3 else "4th"
     return (
-        f"its DLR loss reads the {rank} largest logit, so it needs at least {need} classes, "
-        f"and the model has {n_classes}"
+        f"needs at least {need} classes (its DLR loss ranks that many logits), and the model has {n_classes}"
     )
 
 

@@ -228,10 +228,10 @@ def _some(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def state_dict_mismatch(model: nn.Module, state_dict: dict) -> tuple[str, str]:
-    """``(what differs, how to fix it)`` between ``model``'s keys and a checkpoint's, in short form:
-    missing and unexpected keys (first few and a count), shapes that differ, and a key prefix that
-    one side has and the other lacks."""
+def state_dict_mismatch(model: nn.Module, state_dict: dict) -> tuple[str, str | None, str]:
+    """``(what differs, prefix, side)`` between ``model``'s keys and a checkpoint's, in short form:
+    missing and unexpected keys (first few and a count) and shapes that differ; ``prefix`` is a key
+    prefix every key of ``side`` (``"checkpoint"`` or ``"model"``) carries and the other lacks, else None."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {str(k): tuple(v.shape) if torch.is_tensor(v) else None for k, v in state_dict.items()}
     missing, unexpected = [k for k in own if k not in got], [k for k in got if k not in own]  # in file order
@@ -239,20 +239,15 @@ def state_dict_mismatch(model: nn.Module, state_dict: dict) -> tuple[str, str]:
     parts = [f"{len(missing)} missing keys ({_some(missing)})"] if missing else []
     parts += [f"{len(unexpected)} unexpected keys ({_some(unexpected)})"] if unexpected else []
     parts += [f"{len(shapes)} shapes differ ({_some(shapes, 2)}: checkpoint vs model)"] if shapes else []
-    fix = "re-create it, or pass the checkpoint that matches"
-    for extra, short in ((unexpected, missing), (missing, unexpected)):
+    for extra, short, side in ((unexpected, missing, "checkpoint"), (missing, unexpected, "model")):
         prefix = extra[0].split(".")[0] + "." if extra and short else ""
         if (
             prefix
             and all(k.startswith(prefix) for k in extra)
             and {k[len(prefix) :] for k in extra} == set(short)
         ):
-            side = "checkpoint" if extra is unexpected else "model"
-            fix = (
-                f"every key of the {side} starts with {prefix!r}: strip it, e.g. torch.nn.modules.utils."
-                f"consume_prefix_in_state_dict_if_present(state_dict, {prefix!r})"
-            )
-    return "; ".join(parts) or "no key differs", fix
+            return "; ".join(parts), prefix, side
+    return "; ".join(parts), None, ""
 
 
 def load_weights(model: nn.Module, state_dict: dict, path, what: str) -> None:
@@ -265,8 +260,14 @@ def load_weights(model: nn.Module, state_dict: dict, path, what: str) -> None:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        diff, fix = state_dict_mismatch(model, state_dict)
-        if diff == "no key differs":
-            diff = str(exc).splitlines()[0][:100]
-        raise CheckpointError(f"checkpoint {path} does not fit its {what}: {diff}", fix) from None
+        diff, prefix, side = state_dict_mismatch(model, state_dict)
+        if prefix is not None:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit its {what}: {diff}; every key of the {side} starts with {prefix!r}",
+                f"strip it: torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, {prefix!r})",
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} does not fit its {what}: {diff or str(exc).splitlines()[0][:100]}",
+            "re-create it, or pass the checkpoint that matches",
+        ) from None
     check_finite(model, str(path))
