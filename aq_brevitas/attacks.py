@@ -87,7 +87,7 @@ def normalized_inputs(model: nn.Module, normalization: Any) -> Iterator[nn.Modul
     values = None if normalization is None else check_normalization(normalization)
     active = _normalizers(model)
     if active and values is not None and any(h.normalization != values for h in active):
-        # already normalising (an outer block, or a copy of a model made inside one), otherwise
+        # an outer block (or a copy of a model made inside one) normalises already, with other values
         raise ConfigError(
             "the model is already fed normalised inputs with another mean/std",
             "give one normalization=(mean, std) per call",
@@ -223,6 +223,9 @@ class AdaptedAttack:
     model has an input gradient (:func:`check_input_gradient`), and a grid attack runs on the
     :func:`image_grid` view of non-image samples (:class:`ConfigError` when there is none). The
     model is attacked in eval mode and given back in the mode it came in, each module's own flag.
+    Built without a class count, the torchattacks object is built at the first call, for the class
+    count of the model's output there (:func:`class_count`); ``note`` says what that count changed
+    (autoattack without APGD-T), else None.
     """
 
     def __init__(
