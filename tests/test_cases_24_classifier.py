@@ -351,3 +351,32 @@ def test_a_state_dict_error_names_its_keys_in_short_form_with_the_fix(cnn):
     with pytest.raises(CheckpointError) as exc:
         load_weights(other, {"weight": torch.zeros(3, 4), "bias": torch.zeros(2)}, "s.pt", "architecture")
     assert "1 shapes differ (weight (3, 4) vs (2, 4)" in one_line(exc)
+
+
+def test_a_whole_run_takes_a_single_logit_model(tmp_path):
+    from aq_brevitas.pipeline.config import RunConfig
+    from aq_brevitas.pipeline.data import RunData
+    from aq_brevitas.pipeline.job import run
+
+    torch.manual_seed(0)
+    x = torch.rand(60, 1, 8, 8)
+    y = (x.mean((1, 2, 3)) > 0.5).long()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 1))
+    tiny = RunConfig(
+        calib_images=6, val_images=6, finetune_images=16, finetune_steps=1, test_images=8, pgd_steps=1,
+        eval_eps=(0.1,), target="generic",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run(
+            model,
+            tmp_path / "r",
+            tiny,
+            data=RunData(train=(x[:48], y[:48]), test=(x[48:56], y[48:56])),
+            progress=False,
+        )
+    assert not result.skipped
+    with torch.no_grad():
+        want = ((model(x[48:56])[:, 0] > 0).long() == y[48:56]).float().mean().item()
+    assert result.rows[0].clean == pytest.approx(want)  # the float row: by the sign of the logit
+    assert model(x[:2]).shape == (2, 1)

@@ -331,9 +331,8 @@ def evaluate_robustness(
 
     ``data`` is any form :func:`~aq_brevitas.forward.as_xy` accepts (images in [0, 1], integer
     labels). ``config``: an :class:`~aq_brevitas.config.EvalConfig` (None: its defaults), whose fields
-    the rest of this paragraph names. ``name`` and ``meta`` label the report. ``surrogate``: a float
-    model of the same task (the one ``model`` was quantized from) for the suite's transfer attack
-    (without it the transfer attack is skipped, and the notes say so).
+    the rest of this paragraph names. ``name`` and ``meta`` label the report. ``surrogate``: the float
+    model ``model`` was quantized from, for the suite's transfer attack (skipped without it; noted).
 
     An example counts as robust only if it is classified correctly both clean and under attack;
     attacks run on clean-correct examples only. The headline is ``report.robust_accuracy(eps)``: per
@@ -344,8 +343,10 @@ def evaluate_robustness(
     ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on a seeded subset of
     ``large_eps_images`` images, where the indicators also run. Other samples than images get Square,
     AutoAttack and the suite on their C×H×W view (:func:`~aq_brevitas.attacks.image_grid`;
-    ``report.notes``), or skip them (``report.skipped``). With ``normalization``, data and ε stay in
-    [0, 1] and model and surrogate are fed normalised inputs. The caller's RNG state, each module's
+    ``report.notes``), or skip them (``report.skipped``); so do attacks whose loss needs more classes
+    than the model scores (a single logit scores 2, :mod:`aq_brevitas.classifier`). With
+    ``normalization``, data and ε stay in [0, 1] and model and surrogate are fed normalised inputs;
+    ``DataParallel`` models are measured as the network they hold. The caller's RNG state, each module's
     train/eval flag and the BatchNorm statistics are left as they were. Raises :class:`ConfigError`
     for bad settings or data, :class:`ModelError` for a model that cannot run the images or has no
     input gradient (a converted integer torch.ao model: attack the prepared one).
