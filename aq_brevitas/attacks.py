@@ -71,32 +71,36 @@ def _normalizers(model: nn.Module) -> list[_InputNormalizer]:
 
 @contextlib.contextmanager
 def normalized_inputs(model: nn.Module, normalization: Any) -> Iterator[nn.Module]:
-    """Until exit, ``model`` takes [0, 1] inputs and is fed ``(x - mean) / std`` (nothing with None).
+    """Until exit, ``model`` takes [0, 1] inputs and is fed ``(x - mean) / std`` (nothing with None),
+    and its output is read as class logits (:func:`~aq_brevitas.classifier.logit_view`: a single-logit
+    binary model gives ``[0, z]``).
 
-    The one mechanism behind every ``normalization=(mean, std)`` of the package: a forward pre-hook on
-    ``model`` itself, so layer names, parameters and train/eval mode stay the model's own, and copies
-    made inside the block (``quantize`` deep-copies) normalise too. Nested blocks with the same values
-    normalise once. A mean/std whose length is neither 1 nor the inputs' channel count raises a
-    one-line :class:`ConfigError` at the first forward; a malformed one at once.
+    The block every entry point runs the model in, and the one mechanism behind every
+    ``normalization=(mean, std)`` of the package: a forward pre-hook on ``model`` itself, so layer
+    names, parameters and train/eval mode stay the model's own, and copies made inside the block
+    (``quantize`` deep-copies) normalise too. Nested blocks with the same values normalise once. A
+    mean/std whose length is neither 1 nor the inputs' channel count raises a one-line
+    :class:`ConfigError` at the first forward; a malformed one at once.
     """
-    if normalization is None:
-        yield model
-        return
-    values = check_normalization(normalization)
+    from .classifier import logit_view
+
+    values = None if normalization is None else check_normalization(normalization)
     active = _normalizers(model)
-    if active:  # already normalising (an outer block, or a copy of a model made inside one)
-        if any(h.normalization != values for h in active):
-            raise ConfigError(
-                "the model is already fed normalised inputs with another mean/std",
-                "give one normalization=(mean, std) per call",
-            )
-        yield model
-        return
-    handle = model.register_forward_pre_hook(_InputNormalizer(values))
-    try:
-        yield model
-    finally:
-        handle.remove()
+    if active and values is not None and any(h.normalization != values for h in active):
+        # an outer block (or a copy of a model made inside one) normalises already, with other values
+        raise ConfigError(
+            "the model is already fed normalised inputs with another mean/std",
+            "give one normalization=(mean, std) per call",
+        )
+    with logit_view(model):
+        if values is None or active:
+            yield model
+            return
+        handle = model.register_forward_pre_hook(_InputNormalizer(values))
+        try:
+            yield model
+        finally:
+            handle.remove()
 
 
 def forward_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -219,18 +223,47 @@ class AdaptedAttack:
     model has an input gradient (:func:`check_input_gradient`), and a grid attack runs on the
     :func:`image_grid` view of non-image samples (:class:`ConfigError` when there is none). The
     model is attacked in eval mode and given back in the mode it came in, each module's own flag.
+    Built without a class count, the torchattacks object is built at the first call, for the class
+    count of the model's output there (:func:`class_count`); ``note`` says what that count changed
+    (autoattack without APGD-T), else None.
     """
 
     def __init__(
-        self, name: str, attack: Any, model: nn.Module, grid: _GridModel | None, normalization: Any
+        self,
+        config: AttackConfig,
+        model: nn.Module,
+        grid: _GridModel | None,
+        seed: int,
+        n_classes: int | None,
     ) -> None:
-        self.name, self.attack, self.model, self.grid = name, attack, model, grid
-        self.normalization = normalization
-        self.checked = name in GRADIENT_FREE
+        self.name, self.config, self.model, self.grid = config.name, config, model, grid
+        self.normalization, self.seed = config.normalization, seed
+        self.checked = config.name in GRADIENT_FREE
+        #: what was changed for the model's class count (None: the attack runs as named)
+        self.note: str | None = None
+        self.attack: Any = None
+        if n_classes is not None:
+            self.build(n_classes)
+
+    def build(self, n_classes: int) -> None:
+        """Build the torchattacks attack for a model of ``n_classes`` classes (refused in one line
+        where the attack's loss needs more, :func:`class_shortfall`)."""
+        if class_shortfall(self.name, n_classes) is not None:
+            raise ConfigError(
+                f"{self.name} needs at least {MIN_CLASSES[self.name]} classes (its DLR loss ranks that many "
+                f"logits), and the model has {n_classes}",
+                "use apgd-ce, fab-t or pgd, which run on any class count",
+            )
+        victim = self.model if self.grid is None else self.grid
+        self.attack = ATTACK_BUILDERS[self.name](self.config, victim, self.seed, n_classes)
+        if self.name == "autoattack" and n_classes < MIN_CLASSES["apgd-t"]:
+            self.note = f"autoattack: {autoattack_note(n_classes)}"
 
     def __getattr__(self, key: str) -> Any:
-        if key == "attack":  # not set yet (copy/pickle): no recursion
+        if key in ("attack", "config"):  # not set yet (copy/pickle): no recursion
             raise AttributeError(key)
+        if self.attack is None:  # not built yet: the settings are the config's
+            return getattr(self.config, key)
         return getattr(self.attack, key)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -242,6 +275,8 @@ class AdaptedAttack:
             if not self.checked:
                 check_input_gradient(self.model, images)
                 self.checked = True
+            if self.attack is None:
+                self.build(class_count(self.model, images))
             if self.grid is None:
                 return self.attack(images, labels)
             grid = image_grid(images.shape[1:])
@@ -289,9 +324,14 @@ def _square(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
 def _autoattack(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
     import torchattacks
 
-    return torchattacks.AutoAttack(
+    atk = torchattacks.AutoAttack(
         model, norm="Linf", eps=cfg.eps, version="standard", n_classes=n_classes, seed=seed
     )
+    if n_classes < MIN_CLASSES["apgd-t"]:  # APGD-T cannot rank 4 logits: the others still run
+        atk._autoattack.attacks = [
+            a for a in atk._autoattack.attacks if not isinstance(a, torchattacks.APGDT)
+        ]
+    return atk
 
 
 def _apgd(cfg: AttackConfig, model: Any, seed: int, n_classes: int) -> Any:
@@ -334,9 +374,46 @@ ATTACK_BUILDERS: dict[str, AttackBuilder] = {
 }
 
 
+#: the fewest classes an attack's loss needs (torchattacks 3.5.1): the DLR loss divides by the gap
+#: to the 3rd largest logit, its targeted form by the gap to the 4th
+MIN_CLASSES: dict[str, int] = {"apgd-dlr": 3, "apgd-t": 4, "apgd-t3": 4}
+
+
+def class_shortfall(name: str, n_classes: int) -> str | None:
+    """Why the attack ``name`` cannot run on a model of ``n_classes`` classes (None: it can). Every
+    other attack runs on 2 classes and more (the targeted ones on ``n_classes - 1`` targets: one for a
+    binary model, the other class)."""
+    need = MIN_CLASSES.get(name, 2)
+    if n_classes >= need:
+        return None
+    return (
+        f"needs at least {need} classes (its DLR loss ranks that many logits), and the model has {n_classes}"
+    )
+
+
+def autoattack_note(n_classes: int) -> str:
+    """What AutoAttack runs on a model of ``n_classes`` < 4 classes: all but APGD-T."""
+    return (
+        f"APGD-T left out ({class_shortfall('apgd-t', n_classes)}); "
+        f"APGD-CE, FAB-T ({n_classes - 1} target class{'es' if n_classes > 2 else ''}) and Square ran"
+    )
+
+
+def class_count(model: nn.Module, images: torch.Tensor) -> int:
+    """How many classes ``model`` scores, from one forward of ``images[:1]`` (eval mode, no gradient):
+    the width of its class logits (:func:`~aq_brevitas.classifier.class_logits`; 2 for one logit)."""
+    import torch
+
+    from .classifier import n_classes
+    from .forward import eval_mode, paused_observers
+
+    with torch.no_grad(), eval_mode(model), paused_observers(model):
+        return n_classes(model(images[:1]))
+
+
 @takes_config(AttackConfig)
 def make_attack(
-    config: AttackConfig, model: nn.Module, *, seed: int = 0, n_classes: int = 10
+    config: AttackConfig, model: nn.Module, *, seed: int = 0, n_classes: int | None = None
 ) -> AdaptedAttack:
     """The attack ``config`` describes (torchattacks classes, :data:`ATTACK_BUILDERS`) on ``model``.
 
@@ -346,15 +423,20 @@ def make_attack(
     the logits divided by their own per-example standard deviation, detached: the temperature scaling
     of Gupta & Ajanthan 2021 against the vanishing cross-entropy gradients of confident quantized
     nets; predictions unchanged), apgd-t (``n_classes - 1`` targets), apgd-t3 (the 3 highest-scoring
-    other classes) or fab-t (targeted FAB). ``seed`` seeds Square, AutoAttack, APGD and FAB;
-    ``n_classes`` is the width of the model's logits (the targeted attacks' target count).
+    other classes) or fab-t (targeted FAB). ``seed`` seeds Square, AutoAttack, APGD and FAB.
+    ``n_classes``: how many classes the model scores (None: read from the model at the first call,
+    :func:`class_count`). A single-logit binary model is attacked on its two class logits ``[0, z]``
+    (:mod:`aq_brevitas.classifier`). apgd-dlr needs 3 classes, apgd-t and apgd-t3 need 4
+    (:data:`MIN_CLASSES`); autoattack on fewer than 4 leaves APGD-T out and says so in ``attack.note``.
     ``config.normalization=(mean, std)``: ``model`` expects normalised inputs; the attack still takes
     and returns [0, 1] inputs (see :func:`normalized_inputs`; to classify its output yourself, do it
-    inside that block too, or read ``attack.normalization``).
+    inside that block too, or read ``attack.normalization``). A ``DataParallel`` model is attacked as
+    the network it holds.
 
     Returns an :class:`AdaptedAttack`, called as ``attack(images, labels) -> adversarial images``.
-    Raises :class:`ConfigError` for anything but an AttackConfig (an attack name alone included); the
-    attack raises :class:`ModelError` at its first call on a model without input gradient.
+    Raises :class:`ConfigError` for anything but an AttackConfig (an attack name alone included) and
+    for an attack the model has too few classes for (at its first call when ``n_classes`` is None);
+    the attack raises :class:`ModelError` at its first call on a model without input gradient.
 
     >>> import torch
     >>> from aq_brevitas.attacks import make_attack
@@ -365,11 +447,13 @@ def make_attack(
     >>> bool((adv - x).abs().max() <= 0.1 + 1e-6), adv.shape
     (True, torch.Size([4, 1, 4, 4]))
     """
+    from .classifier import unwrap_parallel
+
     if not isinstance(config, AttackConfig):
         raise ConfigError(
             f"make_attack takes an AttackConfig, got {config!r}",
             "pass make_attack(AttackConfig(name, eps=..., steps=...), model)",
         )
+    model = unwrap_parallel(model)
     grid = _GridModel(model) if config.name in GRID_ATTACKS else None
-    atk = ATTACK_BUILDERS[config.name](config, model if grid is None else grid, seed, n_classes)
-    return AdaptedAttack(config.name, atk, model, grid, config.normalization)
+    return AdaptedAttack(config, model, grid, seed, n_classes)

@@ -10,7 +10,8 @@
 * The one data convention: :func:`as_xy`, :func:`iter_x_batches`, :func:`as_dataset`, with its image
   check :func:`check_images`.
 
-Nothing here imports another module of the package except :mod:`aq_brevitas.errors`.
+Nothing here imports another module of the package except :mod:`aq_brevitas.errors` and
+:mod:`aq_brevitas.classifier` (how a model's output is read).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from .classifier import class_logits
 from .errors import AqError, ConfigError, ModelError
 
 _BATCH = 256  # images per forward when a helper runs the model over in-memory data
@@ -300,11 +302,7 @@ _DATA_FIX = (
     "pass image and label tensors, an (images, labels) pair, a Dataset, a DataLoader "
     "or an iterable of (images, labels) batches"
 )
-
-
 _INPUTS_FIX = "for a model with several inputs, pass a tuple of input tensors or batches of such tuples"
-
-
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -389,11 +387,11 @@ def _cat(parts: list[torch.Tensor], name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predicted_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model``'s top-1 class for each image of ``x`` (eval mode, batches of 256), shape (N,).
-
+    """``model``'s top-1 class for each image of ``x`` (eval mode, batches of 256), shape (N,): the
+    argmax of its :func:`~aq_brevitas.classifier.class_logits` (a single logit: 1 where it is positive).
     A failing forward is the one-line error of :func:`reported_forward`."""
     with eval_mode(model), paused_observers(model), reported_forward(x):
-        return torch.cat([model(b).argmax(1) for b in x.split(_BATCH)])
+        return torch.cat([class_logits(model(b)).argmax(1) for b in x.split(_BATCH)])
 
 
 def as_xy(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .classifier import unwrap_parallel
 from .errors import ModelError
 
 INPUT_SHAPE = (1, 28, 28)
@@ -154,11 +155,13 @@ def check_finite(model: nn.Module, source: str = "model") -> None:
 
 
 def save_model(model: nn.Module, path, meta: dict) -> None:
-    """Save a float model's ``state_dict`` plus a JSON sidecar (``meta`` must name ``arch``)."""
+    """Save a float model's ``state_dict`` plus a JSON sidecar (``meta`` must name ``arch``); a
+    ``DataParallel`` model is saved as the network it holds (keys without ``module.``)."""
     from .storage import save_checkpoint
 
     if "arch" not in meta:
         raise ModelError("model metadata lacks 'arch'", "pass meta={'arch': <name>, ...}")
+    model = unwrap_parallel(model)  # a DataParallel's keys would all carry "module."
     save_checkpoint(path, {"state_dict": flush_denormals(model.state_dict())}, meta=meta)
 
 
@@ -200,15 +203,71 @@ def load_float_model(name_or_path: str) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
+PARALLEL_PREFIX = "module."  # what nn.DataParallel / DistributedDataParallel put before every key
+
+
+def without_parallel_prefix(state_dict: dict, model: nn.Module) -> dict:
+    """``state_dict`` with the ``module.`` prefix of a ``DataParallel`` checkpoint removed, when every
+    key carries it and ``model``'s own keys do not (torch's ``consume_prefix_in_state_dict_if_present``);
+    anything else as it is."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    own = model.state_dict()
+    if not state_dict or not all(str(k).startswith(PARALLEL_PREFIX) for k in state_dict):
+        return state_dict
+    if own and all(k.startswith(PARALLEL_PREFIX) for k in own):
+        return state_dict
+    stripped = dict(state_dict)
+    consume_prefix_in_state_dict_if_present(stripped, PARALLEL_PREFIX)
+    return stripped
+
+
+def _some(keys: list[str], n: int = 3) -> str:
+    """The first ``n`` keys and how many more: a short form for an error line."""
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: dict) -> tuple[str, str | None, str]:
+    """``(what differs, prefix, side)`` between ``model``'s keys and a checkpoint's, in short form:
+    missing and unexpected keys (first few and a count) and shapes that differ; ``prefix`` is a key
+    prefix every key of ``side`` (``"checkpoint"`` or ``"model"``) carries and the other lacks, else None."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {str(k): tuple(v.shape) if torch.is_tensor(v) else None for k, v in state_dict.items()}
+    missing, unexpected = [k for k in own if k not in got], [k for k in got if k not in own]  # in file order
+    shapes = [f"{k} {got[k]} vs {own[k]}" for k in own if k in got and got[k] != own[k]]
+    parts = [f"{len(missing)} missing keys ({_some(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected keys ({_some(unexpected)})"] if unexpected else []
+    parts += [f"{len(shapes)} shapes differ ({_some(shapes, 2)}: checkpoint vs model)"] if shapes else []
+    for extra, short, side in ((unexpected, missing, "checkpoint"), (missing, unexpected, "model")):
+        prefix = extra[0].split(".")[0] + "." if extra and short else ""
+        if (
+            prefix
+            and all(k.startswith(prefix) for k in extra)
+            and {k[len(prefix) :] for k in extra} == set(short)
+        ):
+            return "; ".join(parts), prefix, side
+    return "; ".join(parts), None, ""
+
+
 def load_weights(model: nn.Module, state_dict: dict, path, what: str) -> None:
-    """``load_state_dict`` with a one-line error naming the file, then refuse NaN/Inf weights."""
+    """``load_state_dict`` with a one-line error naming the file and, in short form, the keys and shapes
+    that differ; then refuse NaN/Inf weights. A checkpoint saved from a ``DataParallel`` model (every
+    key prefixed ``module.``) loads into the plain model."""
     from .errors import CheckpointError
 
+    state_dict = without_parallel_prefix(state_dict, model)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
+        diff, prefix, side = state_dict_mismatch(model, state_dict)
+        if prefix is not None:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit its {what}: {diff}; every key of the {side} starts with {prefix!r}",
+                f"strip it: torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, {prefix!r})",
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} does not fit its {what} ({str(exc).splitlines()[0][:100]})",
+            f"checkpoint {path} does not fit its {what}: {diff or str(exc).splitlines()[0][:100]}",
             "re-create it, or pass the checkpoint that matches",
         ) from None
     check_finite(model, str(path))

@@ -364,8 +364,10 @@ class LayerwisePolicy:
         if isinstance(model_or_geometry, Mapping):
             geometry = model_or_geometry
         else:
+            from .classifier import unwrap_parallel
             from .nnutils import layer_geometry
 
+            model_or_geometry = unwrap_parallel(model_or_geometry)
             x = (
                 example_input
                 if example_input is not None

@@ -102,6 +102,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "texttable": 0,
     "storage": 1,
+    "classifier": 1,
     "workers": 1,
     "forward": 2,
     "nnutils": 3,

@@ -15,6 +15,7 @@ from ..attacks import (
     needs_input_gradient,
     normalized_inputs,
 )
+from ..classifier import unwrap_parallel
 from ..config import AttackConfig, config_or_default, takes_config
 from ..errors import ConfigError, warn
 from ..forward import as_xy, check_forward, eval_mode, frozen_quant_weights, require_single_input
@@ -46,9 +47,13 @@ def accuracy(
     Without ``y``, ``x`` is any data form :func:`~aq_brevitas.forward.as_xy` accepts (an ``(images,
     labels)`` pair, a Dataset, a DataLoader, an iterable of batches). Images are float, in [0, 1];
     ``normalization=(mean, std)`` feeds a model that expects normalised inputs ``(x - mean) / std``.
-    The model comes back in the train/eval mode it came in. Bad data raises a one-line
-    :class:`ConfigError`, a model that cannot run them a :class:`ModelError`.
+    The model comes back in the train/eval mode it came in. Its output is read as class logits: a
+    single-logit binary model (output ``(N, 1)`` or ``(N,)``) predicts class 1 where its logit is
+    positive (:mod:`aq_brevitas.classifier`); a ``DataParallel`` model is measured as the network it
+    holds. Bad data raises a one-line :class:`ConfigError`, a model that cannot run them a
+    :class:`ModelError`.
     """
+    model = unwrap_parallel(model)
     require_single_input(model, "accuracy")
     x, y = as_xy(_data(x, y), name="inputs")
     with normalized_inputs(model, normalization):
@@ -80,8 +85,10 @@ def attack_accuracy(
     ``x`` stays in [0, 1], where ε is measured; the model is
     fed ``(x - mean) / std`` when the config (or the built attack) has ``normalization=(mean,
     std)``. The torch RNG is seeded with ``seed`` (the attack's random start). The model is attacked
-    in eval mode and comes back in the mode it came in. Raises :class:`ConfigError` for bad data or
-    settings; a model without input gradient (a converted integer torch.ao model) is refused by
+    in eval mode and comes back in the mode it came in. The attack reads the model's class count
+    (a single logit: the two classes ``[0, z]``; :func:`~aq_brevitas.attacks.make_attack`); autoattack
+    on fewer than 4 classes runs without APGD-T and warns so. Raises :class:`ConfigError` for bad data or
+    settings, and for an attack the model has too few classes for (apgd-dlr: 3, apgd-t: 4); a model without input gradient (a converted integer torch.ao model) is refused by
     gradient attacks with a one-line :class:`ModelError`, and so is a model that cannot run ``x``.
 
     >>> import torch
@@ -98,6 +105,7 @@ def attack_accuracy(
     if attack is not None and config is not None:
         raise ConfigError("attack_accuracy got both config and a built attack", "pass one of them")
     cfg = config_or_default(config, AttackConfig())
+    model = unwrap_parallel(model)
     require_single_input(model, "attack_accuracy")
     x, y = as_xy(_data(x, y), name="inputs")
     name = cfg.name if attack is None else attack.name
@@ -113,14 +121,23 @@ def attack_accuracy(
             with attack_twin(model) as twin:
                 chunks = list(batches(x, y, batch_size))
                 for xb, yb in tqdm(chunks, desc=f"{name} eps={atk.eps}", disable=not progress, leave=False):
-                    adv = atk(xb, yb)
-                    correct += (verified_logits(model, adv).argmax(1) == yb).sum().item()
+                    correct += (verified_logits(model, atk(xb, yb)).argmax(1) == yb).sum().item()
+    _warn_after(atk, twin)
+    return correct / len(y)
+
+
+def _warn_after(atk: AdaptedAttack, twin: Any) -> None:
+    """What :func:`attack_accuracy` says after attacking: what the class count changed in the attack,
+    and where the attack twin and the Brevitas forward disagreed."""
+    if atk.note:
+        warn(
+            f"attack_accuracy: {atk.note} -- fix: nothing to do (the model has too few classes for the rest)"
+        )
     if twin.disagreements:
         warn(
             f"attack_accuracy: {twin.notes()[0]} -- fix: nothing to do for this number (the Brevitas "
             "model decided every point); please report the model: the twin should agree with it"
         )
-    return correct / len(y)
 
 
 # -- the suite --------------------------------------------------------------------------------------------

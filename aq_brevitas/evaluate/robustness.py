@@ -32,8 +32,9 @@ from ..attacks import (
     make_attack,
     normalized_inputs,
 )
+from ..classifier import unwrap_parallel
 from ..config import SUITES, AttackConfig, EvalConfig, config_or_default, takes_config
-from ..forward import as_xy, check_forward, eval_mode, require_single_input
+from ..forward import eval_mode
 from ..quantization.twin import Twin, attack_twin, brevitas_forward, verified_logits
 from ..workers import on_device
 from .accuracy import batches, subset
@@ -46,8 +47,9 @@ from .indicators import (
     unconstrained_check,
     white_box_check,
 )
+from .plan import Plan, make_plan, report_settings
 from .report import AttackResult, MaskingCheck, RobustnessReport, masking_checks, pack_mask
-from .suite import REFERENCE_QUERIES, REFERENCE_STEPS, ChainSettings, mask_share, run_chain, suite_names
+from .suite import REFERENCE_QUERIES, REFERENCE_STEPS, ChainSettings, mask_share, run_chain
 
 
 class _Runner:
@@ -149,68 +151,6 @@ class _Runner:
         return AttackResult(attack, eps, len(left) / len(idx), len(idx), seconds, steps, restarts, correct)
 
 
-def _jobs(cfg: EvalConfig, n: int, skipped: Mapping[str, str]) -> list[tuple[str, float, torch.Tensor]]:
-    """The suite's ``(attack, ε, image indices)`` after the clean pass, in report order (``skipped``
-    attacks left out; PGD on the Square subset only runs next to Square)."""
-    everyone, top = torch.arange(n), cfg.eps[-1]
-    gf_idx = subset(n, cfg.gradient_free_images, cfg.seed)
-    jobs = [(attack, e, everyone) for attack in cfg.attacks if attack != "clean" for e in cfg.eps]
-    if cfg.gradient_free and "square" not in skipped:
-        jobs += [("square", top, gf_idx), ("pgd-subset", top, gf_idx)]
-    if cfg.autoattack == "torchattacks" and "autoattack" not in skipped:
-        jobs.append(("autoattack", top, gf_idx))
-    if not ("pgd" in cfg.attacks and cfg.large_eps in cfg.eps):
-        jobs.append(("pgd-large-eps", cfg.large_eps, subset(n, cfg.large_eps_images, cfg.seed + 1)))
-    return jobs
-
-
-def _grid_attacks(cfg: EvalConfig, sample_shape: tuple[int, ...]) -> tuple[dict[str, str], list[str]]:
-    """Square and AutoAttack on samples of ``sample_shape``: ``(skipped, notes)``. torchattacks runs
-    them on N×C×H×W images only; other samples are attacked through their :func:`image_grid` view,
-    or, when they have none, the two attacks are skipped and the report says why."""
-    wanted = [a for a, on in (("square", cfg.gradient_free), ("autoattack", cfg.autoattack != "off")) if on]
-    wanted += ["suite"] if cfg.suite != "none" else []
-    grid = image_grid(sample_shape)
-    if not wanted or grid == sample_shape:
-        return {}, []
-    shape = "×".join(map(str, sample_shape)) or "scalar"
-    if grid is None:
-        why = f"torchattacks runs it on C×H×W images only, and {shape} samples have no view with H, W >= 2"
-        extra = {
-            "square": "; PGD on its subset (the comparison) is skipped too",
-            "autoattack": "",
-            "suite": "",
-        }
-        return {a: why + extra[a] for a in wanted}, []
-    view = "×".join(map(str, grid))
-    return {}, [
-        f"{' and '.join(wanted)} ran on a {view} view of the {shape} samples (the model sees its own shape)"
-    ]
-
-
-def _settings(cfg: EvalConfig, n: int) -> dict[str, Any]:
-    """The report's record of the settings (subset sizes as actually used)."""
-    norm = cfg.normalization
-    return {
-        "eps": list(cfg.eps),
-        "attacks": list(cfg.attacks),
-        "pgd_steps": cfg.pgd_steps,
-        "pgd_restarts": cfg.pgd_restarts,
-        "autoattack": cfg.autoattack,
-        "suite": cfg.suite if isinstance(cfg.suite, str) else list(cfg.suite),
-        "suite_steps": cfg.suite_steps,
-        "suite_queries": cfg.suite_queries,
-        "indicators": cfg.indicators,
-        "gradient_free": cfg.gradient_free,
-        "gradient_free_images": min(cfg.gradient_free_images, n),
-        "square_queries": cfg.square_queries,
-        "large_eps": cfg.large_eps,
-        "large_eps_images": min(cfg.large_eps_images, n),
-        "seed": cfg.seed,
-        "normalization": [list(norm[0]), list(norm[1])] if norm else None,
-    }
-
-
 _BLACK_BOX = ("transfer", "square")  # suite attacks that do not follow the model's own gradient
 
 
@@ -309,34 +249,6 @@ def _indicator_checks(
 
 
 @dataclass
-class _Plan:
-    """What an evaluation will run: the images, the settings, the report's ``(attack, ε, images)``
-    jobs, the suite's attacks, and what is skipped (with why) or noted."""
-
-    cfg: EvalConfig
-    x: torch.Tensor
-    y: torch.Tensor
-    jobs: list[tuple[str, float, torch.Tensor]]
-    names: tuple[str, ...]
-    skipped: dict[str, str]
-    notes: list[str]
-
-
-def _plan(model: nn.Module, data: Any, cfg: EvalConfig, surrogate: nn.Module | None) -> _Plan:
-    """The evaluation's plan, before the model runs: refuses a model with several inputs and bad data."""
-    require_single_input(model, "evaluate_robustness")
-    x, y = as_xy(data, limit=cfg.limit, name="inputs")
-    skipped, notes = _grid_attacks(cfg, tuple(x.shape[1:]))
-    names = (
-        ()
-        if cfg.suite == "none" or "suite" in skipped
-        else suite_names(cfg.suite, surrogate=surrogate is not None)
-    )
-    notes += _suite_notes(cfg, names, surrogate)
-    return _Plan(cfg, x, y, _jobs(cfg, len(x), skipped), names, skipped, notes)
-
-
-@dataclass
 class _Measured:
     """What the attacks gave: the report's rows, the attack-failure indicators, the attack twin's record."""
 
@@ -345,7 +257,7 @@ class _Measured:
     twin: Twin
 
 
-def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured:
+def _attack(run: _Runner, plan: Plan, surrogate: nn.Module | None) -> _Measured:
     """The clean pass, FGSM and PGD at every ε, the suite, the subsets and large ε, the reference
     AutoAttack and the indicators, in that order (the model is fed normalised inputs already)."""
     from tqdm.auto import tqdm
@@ -382,7 +294,7 @@ def _attack(run: _Runner, plan: _Plan, surrogate: nn.Module | None) -> _Measured
 
 
 def _report(
-    plan: _Plan, run: _Runner, measured: _Measured, *, name: str, meta: Mapping[str, Any] | None
+    plan: Plan, run: _Runner, measured: _Measured, *, name: str, meta: Mapping[str, Any] | None
 ) -> RobustnessReport:
     """The :class:`RobustnessReport` of a finished evaluation, its checks included."""
     report = RobustnessReport(
@@ -396,7 +308,7 @@ def _report(
             "frozen_quant_layers": measured.twin.frozen,
             "attack_twin": measured.twin.summary(),
         },
-        settings=_settings(plan.cfg, len(plan.x)),
+        settings=report_settings(plan.cfg, len(plan.x)),
         skipped=plan.skipped,
         notes=plan.notes + measured.twin.notes(),
     )
@@ -420,9 +332,8 @@ def evaluate_robustness(
 
     ``data`` is any form :func:`~aq_brevitas.forward.as_xy` accepts (images in [0, 1], integer
     labels). ``config``: an :class:`~aq_brevitas.config.EvalConfig` (None: its defaults), whose fields
-    the rest of this paragraph names. ``name`` and ``meta`` label the report. ``surrogate``: a float
-    model of the same task (the one ``model`` was quantized from) for the suite's transfer attack
-    (without it the transfer attack is skipped, and the notes say so).
+    the rest of this paragraph names. ``name`` and ``meta`` label the report. ``surrogate``: the float
+    model ``model`` was quantized from, for the suite's transfer attack (skipped without it; noted).
 
     An example counts as robust only if it is classified correctly both clean and under attack;
     attacks run on clean-correct examples only. The headline is ``report.robust_accuracy(eps)``: per
@@ -433,8 +344,10 @@ def evaluate_robustness(
     ``gradient_free_images`` images at the largest ε; PGD at ``large_eps`` on a seeded subset of
     ``large_eps_images`` images, where the indicators also run. Other samples than images get Square,
     AutoAttack and the suite on their C×H×W view (:func:`~aq_brevitas.attacks.image_grid`;
-    ``report.notes``), or skip them (``report.skipped``). With ``normalization``, data and ε stay in
-    [0, 1] and model and surrogate are fed normalised inputs. The caller's RNG state, each module's
+    ``report.notes``), or skip them (``report.skipped``); so do attacks whose loss needs more classes
+    than the model scores (a single logit scores 2, :mod:`aq_brevitas.classifier`). With
+    ``normalization``, data and ε stay in [0, 1] and model and surrogate are fed normalised inputs;
+    ``DataParallel`` models are measured as the network they hold. The caller's RNG state, each module's
     train/eval flag and the BatchNorm statistics are left as they were. Raises :class:`ConfigError`
     for bad settings or data, :class:`ModelError` for a model that cannot run the images or has no
     input gradient (a converted integer torch.ao model: attack the prepared one).
@@ -457,37 +370,16 @@ def evaluate_robustness(
     ['pgd_not_above_fgsm', 'monotone_in_eps', 'large_eps_near_zero']
     """
     t_start = time.perf_counter()
-    plan = _plan(model, data, config_or_default(config, EvalConfig()), surrogate)
-    norm = plan.cfg.normalization
-    with on_device((model, surrogate), plan.cfg.device), normalized_inputs(model, norm):
+    cfg = config_or_default(config, EvalConfig())
+    model, surrogate = unwrap_parallel(model), unwrap_parallel(surrogate)
+    norm = cfg.normalization
+    with on_device((model, surrogate), cfg.device), normalized_inputs(model, norm):
         with normalized_inputs(surrogate or model, norm):
-            check_forward(model, plan.x)
-            check_input_gradient(model, plan.x)  # every suite runs PGD: refuse a converted model first
+            plan = make_plan(model, data, cfg, surrogate)
+            check_input_gradient(model, plan.x)  # every suite runs PGD: refuse a converted model at once
             run = _Runner(model, plan.x, plan.y, batch_size=plan.cfg.batch_size, progress=progress)
             measured = _attack(run, plan, surrogate)
     label = name or str((meta or {}).get("name", type(model).__name__))
     report = _report(plan, run, measured, name=label, meta=meta)
     report.seconds = time.perf_counter() - t_start
     return report
-
-
-def _suite_notes(cfg: EvalConfig, names: tuple[str, ...], surrogate: nn.Module | None) -> list[str]:
-    """What the report says about its suite and its AutoAttack."""
-    notes = []
-    if names:
-        what = ", ".join(f"{a} ({cfg.suite_queries} queries)" if a == "square" else a for a in names)
-        notes.append(f"attack suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {what}; "
-                     f"APGD with {cfg.suite_steps} iterations; each on the images still standing")  # fmt: skip
-        schedule = ChainSettings(schedule=cfg.suite).schedule if isinstance(cfg.suite, str) else None
-        notes += [f"attack suite {cfg.suite}'s schedule: {schedule.describe()}"] if schedule else []
-    wanted = SUITES.get(cfg.suite, cfg.suite) if cfg.suite != "none" else ()
-    if "transfer" in wanted and surrogate is None:
-        notes.append("transfer attack skipped: no surrogate (float) model was given (surrogate=...)")
-    if cfg.autoattack == "standard":
-        notes.append(f"AutoAttack: the reference version (Croce & Hein 2020): APGD-CE, APGD-T (9 target "
-                     f"classes), FAB-T at {REFERENCE_STEPS} iterations and Square with {REFERENCE_QUERIES:,} "
-                     "queries, built from torchattacks classes")  # fmt: skip
-    elif cfg.autoattack == "torchattacks":
-        notes.append("AutoAttack: torchattacks' own version (APGD, APGD-T and FAB at 10 iterations, not the "
-                     "reference's 100): weaker than the reference; use autoattack='standard' for that")  # fmt: skip
-    return notes

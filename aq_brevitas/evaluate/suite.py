@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attacks import make_attack, normalized_inputs
+from ..attacks import class_count, class_shortfall, make_attack, normalized_inputs
+from ..classifier import unwrap_parallel
 from ..config import SUITE_ATTACKS, SUITES, AttackConfig
 from ..errors import ConfigError
 from ..forward import as_xy, eval_mode, require_single_input
@@ -161,13 +162,12 @@ def run_chain(
     batch of adversarial examples (for the ε-ball check); ``warm``: another policy's examples of these
     images, replayed last as the step ``"warm"`` (:func:`~aq_brevitas.evaluate.warm.replay`). Returns one :class:`StepResult` per attack
     (an attack with nothing left to attack takes no time; its ``notes`` say what a schedule skipped);
-    attacks whose loss needs more classes than the model has (APGD-T: 4, APGD-DLR and FAB-T: 3) are
-    left out.
+    attacks whose loss needs more classes than the model has (:func:`~aq_brevitas.attacks.class_shortfall`:
+    APGD-T 4, APGD-DLR 3) are left out.
     """
     run = _Chain(model, x, y, eps, surrogate, settings, on_adv)
     alive = torch.ones(len(x), dtype=torch.bool) if alive is None else alive.clone().cpu()
-    # the DLR losses rank logits: the targeted one reads the 4th largest, the untargeted the 3rd
-    names = [n for n in names if n not in _MIN_CLASSES or run.n_classes >= _MIN_CLASSES[n]]
+    names = [n for n in names if class_shortfall(n, run.n_classes) is None]
     sched = settings.schedule if isinstance(settings.schedule, Schedule) else None  # a name is resolved
     out: list[StepResult] = []
     alarm: str | None = None
@@ -263,7 +263,7 @@ class _Chain:
         self.model, self.x, self.y, self.eps, self.surrogate = model, x, y, eps, surrogate
         self.settings, self.on_adv = settings, on_adv
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.n_classes = _n_classes(model, x[:1].to(self.device))
+        self.n_classes = class_count(model, x[:1].to(self.device)) if len(x) else 2
         self._built: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         # each image's smallest margin any attack has seen so far (inf: not attacked yet)
         self.margin = torch.full((len(x),), float("inf"))
@@ -306,14 +306,6 @@ class _Chain:
             self.margin[idx] = torch.minimum(self.margin[idx], watch.best.cpu())
             trace = watch.trace() if trace is None else trace
         return trace
-
-
-_MIN_CLASSES = {"apgd-t": 4, "apgd-t3": 4, "fab-t": 3, "apgd-dlr": 3}
-
-
-@torch.no_grad()
-def _n_classes(model: nn.Module, x: torch.Tensor) -> int:
-    return int(model(x[:1]).shape[1]) if len(x) else 10
 
 
 def suite_names(suite: str | Sequence[str], *, surrogate: bool) -> tuple[str, ...]:
@@ -390,6 +382,7 @@ def suite_accuracies(
     >>> list(acc), acc["worst case"] <= acc["pgd"] <= acc["clean"]
     (['clean', 'pgd', 'apgd-ce', 'apgd-dlr', 'apgd-t3', 'square', 'worst case'], True)
     """
+    model, surrogate = unwrap_parallel(model), unwrap_parallel(surrogate)
     require_single_input(model, "suite_accuracies")
     xs, ys = as_xy(x if y is None else (x, y), name="inputs")
     names = suite_names(suite, surrogate=surrogate is not None)

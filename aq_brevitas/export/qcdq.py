@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..classifier import unwrap_parallel
 from ..errors import ConfigError
 from ..forward import eval_mode
 from ..nnutils import quantizable_layers
@@ -78,6 +79,7 @@ def export_qcdq(
     import onnx
     from brevitas.export import export_onnx_qcdq
 
+    model = unwrap_parallel(model)
     check_model(model, "QCDQ export")
     x = check_example_input(example_input)
     _check_qcdq_bits(model)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..classifier import unwrap_parallel
 from ..forward import eval_mode
 from ..storage import atomic_write_with
 from .cost import CostReport, check_weight_memory, expected_weight_bits, qonnx_cost, unexplained_weight_bits
@@ -68,6 +69,7 @@ def export_qonnx(
     from qonnx.transformation.general import GiveUniqueNodeNames
     from qonnx.util.cleanup import cleanup_model
 
+    model = unwrap_parallel(model)
     check_model(model, "QONNX export")
     x = check_example_input(example_input)
     with eval_mode(model), scratch_dir() as d:

@@ -165,17 +165,18 @@ def _check_outputs(model: nn.Module, parts: dict[str, Any]) -> None:
     """Refuse a model that does not return class logits, or labels beyond its classes."""
     import torch
 
+    from ..classifier import n_classes
     from ..forward import eval_mode
 
     with torch.no_grad(), eval_mode(model):
         out = model(parts["test"][0][:1])
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    if not isinstance(out, torch.Tensor) or out.dim() not in (1, 2) or out.shape[-1] == 0:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise ModelError(
             f"aq.run needs a classifier returning (N, classes) logits; the model returns {got}",
-            "wrap the model so that forward returns one logits tensor of shape (N, classes)",
+            "wrap the model so that forward returns one logits tensor of shape (N, classes), (N, 1) for a binary one",
         )
-    classes = out.shape[1]
+    classes = n_classes(out)  # one logit: two classes (aq_brevitas.classifier)
     for name, (_, y) in parts.items():
         if len(y) and (y.min() < 0 or y.max() >= classes):
             raise DataError(

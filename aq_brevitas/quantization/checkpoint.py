@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from ..classifier import unwrap_parallel
 from ..errors import CheckpointError, PolicyError
 from ..policy import LayerwisePolicy
 from .convert import convert_model
@@ -111,6 +112,7 @@ def save_quantized(model: nn.Module, path: Any, meta: dict[str, Any] | None = No
     """
     from ..storage import save_checkpoint
 
+    model = unwrap_parallel(model)
     sidecar = QuantizedSidecar.of(model, meta)
     if not sidecar.policy.layers:
         raise PolicyError(

@@ -35,6 +35,7 @@ import brevitas.nn as qnn
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 from torch import nn
 
+from ..classifier import unwrap_parallel
 from ..errors import PolicyError, warn
 from ..folding import fold_batchnorm
 from ..forward import iter_x_batches
@@ -407,6 +408,7 @@ def quantize(
     >>> q(torch.rand(2, 1, 8, 8)).shape
     torch.Size([2, 10])
     """
+    model = unwrap_parallel(model)  # a DataParallel's network: plain layer names, a plain model back
     inner = policy.policy if isinstance(getattr(policy, "policy", None), LayerwisePolicy) else policy
     if isinstance(inner, LayerwisePolicy):
         check_target(inner, list(quantizable_layers(model)), target, act_placement)
@@ -454,7 +456,7 @@ def apply_policy(
     """
     # swap_float=False: only Brevitas layers are re-configured; nothing is folded or corrected again
     return convert_model(
-        model,
+        unwrap_parallel(model),
         policy,
         inplace=inplace,
         swap_float=False,

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attacks import normalized_inputs
 from ..budget import Budget, as_budget, require_within
+from ..classifier import unwrap_parallel
 from ..config import takes_config
 from ..errors import ConfigError, warn
 from ..forward import as_xy, eval_mode
@@ -342,8 +343,7 @@ def search_policy(
     >>> result.policy.save("policy.json")  # doctest: +SKIP
     """
     t_start = time.perf_counter()
-    cfg = as_config(config)
-    budget = as_budget(budget)
+    model, cfg, budget = unwrap_parallel(model), as_config(config), as_budget(budget)
     if table is None:
         cfg = cfg.for_budget(budget.kind)  # BOPs count input bits: let the search choose them
     if table is not None and table.fold_bn != cfg.fold_bn:
