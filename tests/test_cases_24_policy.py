@@ -421,3 +421,19 @@ def test_cli_quantize_rebits_a_quantized_checkpoint_with_a_one_entry_policy(tmp_
         "fc1": 2,
         "fc2": 4,
     }
+
+
+def test_exporting_attention_names_the_op_and_no_opset_that_cannot_help(tmp_path):
+    """Case 25's export: MultiheadAttention's fused kernel exports at no opset, so the fix must not
+    suggest another one."""
+    from aq_brevitas.errors import ModelError
+    from aq_brevitas.export.qonnx import export_qonnx
+
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), torch.rand(4, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize(model, LayerwisePolicy(default=W4), calibration_data=x)
+    with pytest.raises(ModelError, match="attention has no QONNX/FINN mapping") as err:
+        export_qonnx(q, tmp_path / "vit.onnx", x[:1])
+    assert "another opset" not in str(err.value) and len(str(err.value).splitlines()) == 1

@@ -156,6 +156,12 @@ def _raise_exporter_failure(fmt: str, opset: int, exc: Exception, dump: str) -> 
             "use an output size that divides the feature map (1 always does), or a fixed-size "
             f"nn.AvgPool{op[-2:]}/nn.MaxPool{op[-2:]}",
         ) from exc
+    if op and "attention" in op:  # MultiheadAttention's fused kernel: no opset exports it as QONNX/FINN
+        raise ModelError(
+            f"{fmt} export: torch.onnx cannot export {what}: {reason}",
+            "attention has no QONNX/FINN mapping at any opset (FINN builds no attention): export the part of "
+            "the model without nn.MultiheadAttention, or the float model with torch.onnx itself",
+        ) from exc
     raise ModelError(
         f"{fmt} export: torch.onnx cannot export {what}: {reason}",
         f"replace that op by one torch.onnx exports at opset {opset}, or pass another opset",
