@@ -242,8 +242,8 @@ class AdaptedAttack:
         #: what was changed for the model's class count (None: the attack runs as named)
         self.note: str | None = None
         self.attack: Any = None
-        if n_classes is not None:
-            self.build(n_classes)
+        if n_classes is not None or self.name not in _BY_CLASS_COUNT:
+            self.build(n_classes or 2)  # an attack that never reads the class count is built at once
 
     def build(self, n_classes: int) -> None:
         """Build the torchattacks attack for a model of ``n_classes`` classes (refused in one line
@@ -290,6 +290,9 @@ class AdaptedAttack:
             adv = self.attack(images.reshape(images.shape[0], *grid), labels)
             return adv.reshape(images.shape)
 
+
+# the attacks whose torchattacks object depends on the class count, built at their first call
+_BY_CLASS_COUNT = frozenset({"autoattack", "apgd-t", "apgd-t3", "apgd-dlr", "fab-t"})
 
 # One builder per attack name: ``(config, model, seed, n_classes) -> torchattacks attack``. ``model`` is
 # the grid view (:class:`_GridModel`) for the names of GRID_ATTACKS, else the model itself.

@@ -459,7 +459,7 @@ def check_target(
         )
     if target == "generic":
         return
-    if act_placement != "producer":
+    if act_placement not in ("producer", "finn"):
         raise PolicyError(
             "target='finn' needs act_placement='producer' (FINN folds a Relu into thresholds only when its Quant follows it)",
             "drop act_placement, or use target='generic'",
@@ -492,10 +492,7 @@ def cost_of(specs: Mapping[str, LayerSpec], geometry: Mapping[str, Any]) -> Poli
     bits = bops = params = 0
     for name, g in geometry.items():
         spec = specs.get(name)
-        if spec is None:
-            b, o = 32 * g.params, g.macs * 32 * 32
-        else:
-            b, o = layer_cost(spec, g.params, g.macs)
+        b, o = (32 * g.params, g.macs * 32 * 32) if spec is None else layer_cost(spec, g.params, g.macs)
         bits += b
         bops += o
         params += g.params

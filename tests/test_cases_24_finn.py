@@ -320,3 +320,9 @@ def test_a_functional_gelu_is_refused_and_search_policy_refuses_before_any_work(
             "avg-bits=4",
             config=SearchConfig(target="finn"),
         )
+
+
+def test_the_finn_refusal_names_each_module_with_its_own_type():
+    net = nn.Sequential(nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 4), nn.Hardswish(), nn.Linear(4, 2))
+    with pytest.raises(PolicyError, match=r"module 1 is a SiLU \(module 3 a Hardswish too\)"):
+        quantize(net, LayerwisePolicy(default=LayerSpec(4, act_bit_width=4)), target="finn")

@@ -112,7 +112,12 @@ def test_layers_reading_one_tensor_get_one_quantizer_each_at_the_widest_bits_wit
     policy = LayerwisePolicy({"b": LayerSpec(4, act_bit_width=3), "c": LayerSpec(4, act_bit_width=6)})
     with pytest.warns(UserWarning, match=r"layers b, c read one activation .* quantized once, at 6 bits"):
         q = quantize(Fork(), policy, calibration_data=torch.randn(16, 6))
-    # one quantizer per reader (FINN's streamlining moves a scale only where it has one consumer)
+    # generic: one quantizer at the producer, read by both
+    qb, qc = input_quantizer(q, "b"), input_quantizer(q, "c")
+    assert qb is qc and int(qb.bit_width()) == 6
+    finn = LayerwisePolicy(default=LayerSpec(4, act_bit_width=6))
+    q = quantize(Fork(), finn, calibration_data=torch.randn(16, 6), target="finn")
+    # FINN's layout: one quantizer per reader (its streamlining moves a scale only where it has one consumer)
     qb, qc = input_quantizer(q, "b"), input_quantizer(q, "c")
     assert qb is not qc and int(qb.bit_width()) == int(qc.bit_width()) == 6
     assert (

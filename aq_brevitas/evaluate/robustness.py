@@ -347,8 +347,7 @@ def evaluate_robustness(
     ``report.notes``), or skip them (``report.skipped``); so do attacks whose loss needs more classes
     than the model scores (a single logit scores 2, :mod:`aq_brevitas.classifier`). With
     ``normalization``, data and ε stay in [0, 1] and model and surrogate are fed normalised inputs;
-    ``DataParallel`` models are measured as the network they hold. The caller's RNG state, each module's
-    train/eval flag and the BatchNorm statistics are left as they were. Raises :class:`ConfigError`
+    a ``DataParallel`` model is measured as its network; RNG, modes and BatchNorm statistics are kept. Raises :class:`ConfigError`
     for bad settings or data, :class:`ModelError` for a model that cannot run the images or has no
     input gradient (a converted integer torch.ao model: attack the prepared one).
 

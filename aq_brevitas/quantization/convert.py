@@ -45,7 +45,14 @@ from .calibrate import calibrate, model_inputs, nonnegative_inputs
 from .coverage import check_convertible, first_sample, keep_layers_called, refuse_unquantize
 from .finn_layout import refuse_finn_activations
 from .injectors import act_quant_for, is_grouped_transposed, weight_quant_for
-from .placement import PLACEMENTS, ActRequest, input_quantizers, install_input_quant, place_act_quant
+from .placement import (
+    PLACEMENTS,
+    ActRequest,
+    input_quantizers,
+    install_input_quant,
+    place_act_quant,
+    target_layout,
+)
 from .readback import input_signedness
 
 
@@ -253,16 +260,15 @@ def convert_model(
     # At "producer" placement the layers get no input quantizer here: _place_activations puts it at
     # the output of the op producing their input (where FINN needs it). A Brevitas layer that
     # already quantizes its own input keeps that layout and is re-bitted there.
-    at_producer = {
-        n
-        for n, s in specs.items()
-        if placements(n) == "producer" and s.act_bit_width and not _has_input_quant(target.get_submodule(n))
-    }
+    producer = [n for n, s in specs.items() if placements(n) in ("producer", "finn") and s.act_bit_width]
+    at_producer = {n for n in producer if not _has_input_quant(target.get_submodule(n))}
     before = {} if swap_float else _act_proxies(target, specs)
     _swap_layers(target, specs, at_producer, signed, swap_float=swap_float)
     keep_layers_called(target, specs)
     if at_producer:
-        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed)
+        # a re-bit keeps the layout the model was built with (a GraphModule records FINN's)
+        finn = any(placements(n) == "finn" for n in at_producer) or target_layout(target) == "finn"
+        target = _place_activations(target, {n: specs[n] for n in at_producer}, signed, finn=finn)
     if calibration_data is not None:
         calibrate(target, calibration_data, bias_correction=bias_correction)
     elif before:
@@ -342,13 +348,15 @@ def _swap_layers(
             )
 
 
-def _place_activations(model: nn.Module, specs: dict[str, LayerSpec], signed: dict[str, bool]) -> nn.Module:
+def _place_activations(
+    model: nn.Module, specs: dict[str, LayerSpec], signed: dict[str, bool], *, finn: bool = False
+) -> nn.Module:
     """Activation quantizers at the producers of the layers' inputs (:mod:`aq_brevitas.quantization.placement`), or,
     for a model fx cannot trace, at the layers' inputs with a warning that the layout is not FINN-ready."""
     requests = {
         n: ActRequest(s.act_bit_width, s.scaling == "po2", signed.get(n, True)) for n, s in specs.items()
     }
-    placed, _, why = place_act_quant(model, requests)
+    placed, _, why = place_act_quant(model, requests, finn=finn)
     if why:
         warn(
             f"activation quantizers stay at the layers' inputs (not FINN-ready): torch.fx cannot trace the "
@@ -385,7 +393,8 @@ def quantize(
     ``torch.fx.GraphModule`` unless the model's own modules could hold every quantizer.
     ``act_placement="input"`` puts a Brevitas ``input_quant`` on the layer itself (not FINN-ready when
     pooling or flattening sits in between). ``target="finn"`` refuses a policy FINN cannot build
-    (a layer without ``act_bit_width`` 2..8, or input placement).
+    (a layer without ``act_bit_width`` 2..8, or input placement) and lays the quantizers out as FINN
+    builds them (``act_placement="finn"``, :data:`~aq_brevitas.quantization.placement.PLACEMENTS`).
     ``fold_bn=True`` folds conv-following BatchNorms into the conv first (what FINN-style integer
     deployment wants); by default BatchNorm stays a float module after the quantized conv.
     Layers the policy does not cover (no entry and no default) stay float, with a ``UserWarning``
@@ -413,6 +422,8 @@ def quantize(
     if isinstance(inner, LayerwisePolicy):
         check_target(inner, list(quantizable_layers(model)), target, act_placement)
     refuse_finn_activations(model, target)
+    if target == "finn" and act_placement == "producer":
+        act_placement = "finn"  # FINN's own layout of pools, joins and forks
     return convert_model(
         model,
         policy,

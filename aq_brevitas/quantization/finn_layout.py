@@ -72,7 +72,8 @@ def refuse_finn_activations(model: nn.Module, target: str = "finn") -> None:
                 found.append((f"forward's call {node.name}", kind))
     if found:
         name, kind = found[0]
-        more = f" (so are {', '.join(n for n, _ in found[1:4])})" if len(found) > 1 else ""
+        others = [f"{n} a {k.__name__}" for n, k in found[1:4]] + (["..."] if len(found) > 4 else [])
+        more = f" ({', '.join(others)} too)" if others else ""
         raise PolicyError(
             f"target='finn': {name} is a {kind.__name__}{more}, which FINN cannot map to hardware",
             f"{FINN_UNMAPPED_ACTIVATIONS[kind]}, or use target='generic'",

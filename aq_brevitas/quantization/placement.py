@@ -51,16 +51,29 @@ from .act_sites import (
 )
 from .injectors import act_quant_for
 
-PLACEMENTS = ("producer", "input")
+#: where a layer's input quantizer goes: at the op producing the input ("producer"), the same in FINN's
+#: own layout ("finn": average pools as FINN's averaging unit, the inputs of an add or concat
+#: re-quantized by one quantizer, one quantizer per reader of a forked tensor; what ``quantize(...,
+#: target="finn")`` uses), or on the layer itself ("input")
+PLACEMENTS = ("producer", "input", "finn")
+#: the key of a GraphModule's ``meta`` that records a FINN layout (read back by ``act_placement_of``)
+LAYOUT_KEY = "aq_brevitas.layout"
+
+
+def target_layout(model: nn.Module) -> str:
+    """``"finn"`` for a model :func:`place_act_quant` laid out as FINN builds it, else ``"producer"``."""
+    return "finn" if getattr(model, "meta", {}).get(LAYOUT_KEY) == "finn" else "producer"
 
 
 def place_act_quant(
-    model: nn.Module, requests: Mapping[str, ActRequest]
+    model: nn.Module, requests: Mapping[str, ActRequest], *, finn: bool = False
 ) -> tuple[nn.Module, list[ActQuantSite], str]:
     """Put each quantized layer's input quantizer at the output of its producer (see the module docstring).
 
     ``requests`` maps a layer name of ``model`` to the :class:`ActRequest` of its input. Returns
-    ``(model, sites, why_not)`` with one :class:`ActQuantSite` per quantizer. Where every quantizer
+    ``(model, sites, why_not)`` with one :class:`ActQuantSite` per quantizer. ``finn``: FINN's own
+    layout (:data:`PLACEMENTS`), which costs a generic model accuracy (a join's inputs share one
+    scale), so only ``target="finn"`` asks for it. Where every quantizer
     fits the model's own modules (an ``nn.ReLU`` module called once becomes a ``QuantReLU``, a Brevitas
     activation layer is re-bitted, a layer reading the graph input directly gets its own
     ``input_quant``), ``model`` itself is changed in place and returned, class and all; otherwise (a
@@ -98,8 +111,8 @@ def place_act_quant(
                 wanted.setdefault(producer, []).append((node.target, requests[node.target]))
     from .finn_sites import finn_layout_sites, split_forks
 
-    layout_sites = finn_layout_sites(gm, wanted, requests)
-    forked = any(len(p.users) > 1 for p in wanted)
+    layout_sites = finn_layout_sites(gm, wanted, requests) if finn else []
+    forked = finn and any(len(p.users) > 1 for p in wanted)
     in_place = not (layout_sites or forked) and all(_fits_in_place(model, gm, p) for p in wanted)
     sites = [_quantize_output(model if in_place else gm, gm, p, asks) for p, asks in wanted.items()]
     sites += split_forks(gm, sites) if forked else []
@@ -112,6 +125,8 @@ def place_act_quant(
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    if finn:
+        gm.meta[LAYOUT_KEY] = "finn"
     return gm, sites, ""
 
 

@@ -145,10 +145,14 @@ def input_signedness(model: nn.Module) -> dict[str, bool]:
 
 
 def act_placement_of(model: nn.Module) -> dict[str, str]:
-    """Per quantized layer whose input is quantized: ``"input"`` (its own ``input_quant``) or
-    ``"producer"`` (a QuantReLU/QuantIdentity at the op producing its input)."""
+    """Per quantized layer whose input is quantized: ``"input"`` (its own ``input_quant``),
+    ``"producer"`` (a QuantReLU/QuantIdentity at the op producing its input) or ``"finn"`` (the same,
+    in FINN's layout: :data:`~aq_brevitas.quantization.placement.PLACEMENTS`)."""
+    from .placement import target_layout
+
     found = input_quantizers(model, _quantized_layers(model))
-    return {n: "input" if f[0] == f"{n}.input_quant" else "producer" for n, f in found.items() if f}
+    producer = target_layout(model)
+    return {n: "input" if f[0] == f"{n}.input_quant" else producer for n, f in found.items() if f}
 
 
 def _act_description(proxy: Any, consumers: list[str]) -> str:
