@@ -200,6 +200,12 @@ def takes_config(config_cls: type[ConfigBase]) -> Callable[[_F], _F]:
                     f"{fn.__name__}() takes {', '.join(loose)} in its config, not as a keyword",
                     f"pass config={build}{', '.join(f'{k}=...' for k in loose)})",
                 )
+            aliases = {k: k[2:] for k in extra if k.startswith("n_") and k[2:] in config_cls.setting_names()}
+            if aliases:  # torchattacks' spelling (n_queries, n_restarts) of one of our settings
+                raise ConfigError(
+                    f"{fn.__name__}() has no keyword {', '.join(map(repr, aliases))}",
+                    f"pass {', '.join(f'{v}=...' for v in aliases.values())} in config={config_cls.__name__}(...)",
+                )
             return fn(*args, **kwargs)
 
         return call  # type: ignore[return-value]

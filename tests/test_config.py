@@ -257,3 +257,18 @@ def test_a_warning_points_at_the_callers_line():
         quantize(model, LayerwisePolicy({"0": LayerSpec(4)}))  # layer "3" has no spec: it warns
     ours = [w for w in caught if "no spec and no default" in str(w.message)]
     assert len(ours) == 1 and (ours[0].filename, ours[0].lineno) == (__file__, line)
+
+
+def test_a_near_miss_keyword_names_the_setting_it_resembles():
+    import torch
+
+    from aq_brevitas.evaluate.accuracy import attack_accuracy
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(
+        ConfigError, match=r"no keyword 'n_queries' -- fix: pass queries=\.\.\. in config=AttackConfig"
+    ):
+        attack_accuracy(model, x, y, AttackConfig("square"), n_queries=50)  # torchattacks' spelling
+    with pytest.raises(TypeError, match="zzz"):  # nothing like it: Python's own error
+        attack_accuracy(model, x, y, AttackConfig("square"), zzz=1)
