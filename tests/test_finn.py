@@ -64,10 +64,11 @@ SIX = [
 
 
 @pytest.mark.parametrize("net,spec", SIX, ids=[f"{n}-{s.short()}" for n, s in SIX])
-def test_input_placed_activations_fail_the_fast_checks(net, spec, tmp_path, fmnist_test_1k):
+def test_input_placed_activations_fail_the_fast_checks_and_finn_itself(net, spec, tmp_path, fmnist_test_1k):
     path, q = _zoo(tmp_path, fmnist_test_1k[0], net, spec, "in", act_placement="input")
-    report = finn_check(path, model=q, run_finn=False)
-    assert report.finn is None and not report.passed
+    report = finn_check(path, model=q, inputs=fmnist_test_1k[0][:1])
+    assert not report.passed and report.finn_passed is False  # the static verdict is FINN's, per model
+    assert report.failed_step.name == "step_create_dataflow_partition"
     assert _failed(report) == {"relu_feeds_quant", "no_stranded_float_ops"}, report.to_markdown()
     detail = {c.name: c.detail for c in report}
     assert "Relu_0 -> MaxPool" in detail["relu_feeds_quant"]
