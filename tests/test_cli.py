@@ -293,3 +293,12 @@ def test_pareto_cli_keeps_its_measurements_beside_out_and_reads_them_back(tmp_pa
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not rewritten
     again = json.loads((tmp_path / "front.json").read_text())
     assert again["points"] == front["points"] and front["seconds"]["measure"] > again["seconds"]["measure"]
+
+
+def test_quantize_target_finn_refuses_what_finn_cannot_build(tmp_path):
+    policy = tmp_path / "p.json"
+    policy.write_text('{"schema": "aq-brevitas/policy/v1", "default": {"weight_bit_width": 4}, "layers": {}}')
+    args = ["quantize", "--model", "cnn-pgd", "--policy", str(policy), "--out", str(tmp_path / "q.pt")]
+    msg = _one_line_error(run_cli(*args, "--target", "finn", "--calib-images", "16"))
+    assert "target='finn'" in msg and "act_bit_width" in msg
+    assert not (tmp_path / "q.pt").exists()

@@ -220,8 +220,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     else:
         q = quantize(
-            model, policy, calibration_data=calib, fold_bn=args.fold_bn, bias_correction=args.bias_correction
-        )
+            model, policy, calibration_data=calib, fold_bn=args.fold_bn, bias_correction=args.bias_correction,
+            target=args.target,
+        )  # fmt: skip
     record = {
         "arch": meta.get("arch", ""),
         "source": args.model,

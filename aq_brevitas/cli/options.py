@@ -219,6 +219,8 @@ def _model_commands() -> dict[str, list[Option]]:
             plain("--bias-correction", "run Brevitas bias correction after calibration", action="store_true"),
             plain("--allow-partial", "keep layers the policy does not cover (no entry, no default) in float "
                   "instead of refusing", action="store_true"),
+            plain("--target", "generic, or finn: refuse what FINN cannot build and lay the quantizers out as FINN "
+                  "does (average pools, re-quantized adds, one quantizer per reader)", "generic", choices=TARGETS),
             plain("--seed", "seed of the calibration subset", 0, type=int),
             *DATA,
         ],
