@@ -105,10 +105,34 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class TFC(nn.Module):
+    """FINN's TFC: an MLP with three hidden layers of 64 units, each Linear -> BatchNorm -> ReLU.
+
+    FINN's first example (``finn-examples``' ``tfc-w1a1``); small enough that every layer holds a
+    comparable share of the weights, unlike ``small_cnn`` whose fc1 holds 95 %.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(INPUT_SHAPE[1] * INPUT_SHAPE[2], hidden, bias=False)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, hidden, bias=False)
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.fc3 = nn.Linear(hidden, hidden, bias=False)
+        self.bn3 = nn.BatchNorm1d(hidden)
+        self.fc4 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.fc1(torch.flatten(x, 1))))
+        x = F.relu(self.bn2(self.fc2(x)))
+        return self.fc4(F.relu(self.bn3(self.fc3(x))))
+
+
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "small_cnn": SmallCNN,
     "vgg_bn": VGGBN,
     "small_resnet": SmallResNet,
+    "tfc": TFC,
 }
 
 

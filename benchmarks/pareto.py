@@ -1,128 +1,271 @@
-"""Robust accuracy per BOPs: every method's Pareto front on cnn-pgd and vgg-pgd (issue 17's benchmark).
+"""Robust accuracy per BOPs on the TEST split: every method at every budget, 3 seeds (issue 25).
 
-Per model and seed: search_pareto (selection on held-out *training* images: calibration 256, val
---val-images), then the best point of every method at every budget re-measured on --test-images TEST
-images with the per-image worst case of APGD-CE (100 steps) and Square (--queries queries), the measure
-of the issue's target. Writes benchmarks/results/pareto.json (and a plot per model under docs/img/).
-The sweep's held-out measurements are kept in --cache-dir, so a killed benchmark resumes.
+Per zoo model and seed (the seed draws the calibration and held-out images and the attacks' noise;
+the model and the test images stay the same):
 
-    python benchmarks/pareto.py [--models cnn-pgd vgg-pgd] [--seeds 0] [--test-images 500]
+1. ``search_pareto`` selects each method's best policy per budget on held-out *training* images
+   (calibration 256, --val-images held-out) -- uniform (w, a), first/last-8, Hessian, ANS and ours,
+   on one candidate table, one solver and one held-out set. The front is saved under
+   ``results/heldout_fronts/``, so its policies are fixed once chosen.
+2. Each chosen policy is quantized (PTQ, calibrated on the seed's calibration images) and measured on
+   --test-images TEST images: robust accuracy is the per-image worst case of PGD-20 and the default
+   attack suite (``suite="fast"``: APGD-CE, APGD-DLR, APGD-T, transfer from the float model, Square,
+   at the report's 100 iterations / 500 queries), never PGD alone.
+3. At the BOPs of uniform w3a3 every method's policy is also fine-tuned (PGD-7, one pass over
+   --finetune-images training images drawn by the seed) and measured the same way.
+
+Every test measurement is kept in ``results/pareto_cache/`` (a MeasureCache folder, committed: small
+JSON files), so a killed run resumes and ``make bench`` re-renders the page without attacking
+anything; the held-out measurements stay in ``results/cache/heldout`` (not committed; the saved
+fronts make them unneeded). Several processes may run the same command at once: each claims a
+measurement by a lock file before it starts it (``results/cache/locks``), so they share the work. Each (model, seed) is
+written to ``results/pareto_<model>_seed<seed>.json`` as its points come in (see
+:mod:`pareto_verdict` for the schema and the verdicts).
+
+    python benchmarks/pareto.py [--models cnn-pgd ...] [--seeds 0 1 2] [--test-images 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from aq_brevitas.search.pareto import DEFAULT_SWEEP
 from common import header, selection_split
 
 HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+MODELS = ("cnn-pgd", "tfc-pgd", "vgg-pgd", "resnet-pgd")
+METHODS = ("uniform", "first_last_8", "hessian", "ans", "lipschitz")
+FINETUNE_BUDGET = 1  # the sweep's second budget: the BOPs of uniform w3a3
+TEST_DRAW = 0  # one seeded draw of the test split for every seed: the seeds vary the method, not the exam
+PGD_STEPS = 20
 
 
-def _test_worst_case(model, float_model, policy, calib_x, x, y, eps, queries, seed):
-    from aq_brevitas import quantize
-    from aq_brevitas.evaluate.suite import ChainSettings, suite_accuracies
+def claim(lock: Path) -> bool:
+    """Whether this process now holds ``lock`` (created with our pid); a lock whose process is gone is
+    taken over, so a killed run never blocks the next one."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or "0"), 0)
+            return False  # its owner is alive
+        except PermissionError:
+            return False  # alive, another user's
+        except (OSError, ValueError):
+            lock.unlink(missing_ok=True)
+            return claim(lock)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
-    q = model if policy is None else quantize(float_model, policy, calibration_data=calib_x).eval()
-    acc = suite_accuracies(
-        q, x, y, eps=eps, suite=["apgd-ce", "square"], settings=ChainSettings(100, queries, seed)
-    )
-    return acc["clean"], acc["worst case"]
+
+class Unit:
+    """One (model, seed): its held-out front, its data and its test measurements."""
+
+    def __init__(self, name: str, seed: int, args: argparse.Namespace) -> None:
+        from aq_brevitas import load_float_model, load_split
+        from aq_brevitas.evaluate.cache import MeasureCache, data_digest, model_digest
+
+        self.name, self.seed, self.args = name, seed, args
+        self.model = load_float_model(name)[0].eval()
+        self.calib, self.val = selection_split(seed, 256, args.val_images)
+        self.test = load_split("test", limit=args.test_images, seed=TEST_DRAW)[:2]
+        self.cache = MeasureCache(Path(args.results_dir) / "pareto_cache")
+        self.locks = Path(args.results_dir) / "cache" / "locks"
+        self.digests = {"model": model_digest(self.model), "evaluation": data_digest(*self.test),
+                        "calibration": data_digest(self.calib[0])}  # fmt: skip
+        self.front_path = Path(args.results_dir) / "heldout_fronts" / f"{name}_seed{seed}.json"
+
+    def front(self):
+        """The saved held-out front, or a new search when this process can claim it (else None)."""
+        from aq_brevitas.search import ParetoFront, SearchConfig, search_pareto
+
+        if self.front_path.is_file():
+            return ParetoFront.load(self.front_path)
+        lock = self.locks / f"front_{self.name}_seed{self.seed}"
+        if not claim(lock):
+            return None
+        try:
+            config = SearchConfig(seed=self.seed, val_images=self.args.val_images)
+            cache = Path(self.args.results_dir) / "cache" / "heldout"
+            front = search_pareto(self.model, self.calib, self.val, config=config, cache_dir=cache)
+            self.front_path.parent.mkdir(parents=True, exist_ok=True)
+            front.save(self.front_path)
+            return front
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def key(self, policy: dict | None, stage: str) -> str:
+        from aq_brevitas.evaluate.cache import measurement_key
+        from aq_brevitas.evaluate.suite import ChainSettings
+
+        return measurement_key({
+            "benchmark": "pareto-test", **self.digests, "policy": policy, "eps": self.args.eps,
+            "suite": "fast", "settings": asdict(ChainSettings(seed=self.seed)), "pgd_steps": PGD_STEPS,
+            "stage": stage, "finetune": self.finetune_settings() if stage == "finetuned" else None,
+        })  # fmt: skip
+
+    def finetune_settings(self) -> dict[str, Any]:
+        return {"images": self.args.finetune_images, "steps": 7, "epochs": 1, "seed": self.seed}
+
+    def measure(self, policy: dict | None, stage: str) -> dict[str, float] | None:
+        """The test measurement of ``policy`` (None: the float model) at ``stage``: from the cache, or
+        measured now when this process claims it, or None when another process is measuring it."""
+        key = self.key(policy, stage)
+        found = self.cache.get(key)
+        if found is not None:
+            return found
+        lock = self.locks / key
+        if not claim(lock):
+            return None
+        try:
+            about = {"model": self.name, "seed": self.seed, "stage": stage, "policy": policy}
+            return self.cache.get_or_measure(key, lambda: self._measure(policy, stage), about)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _measure(self, policy: dict | None, stage: str) -> dict[str, float]:
+        from aq_brevitas import LayerwisePolicy, TrainConfig, adversarial_finetune, load_split, quantize
+        from aq_brevitas.evaluate.suite import ChainSettings, suite_accuracies
+
+        t0 = time.perf_counter()
+        q = self.model
+        if policy is not None:
+            q = quantize(self.model, LayerwisePolicy.from_dict(policy), calibration_data=self.calib[0])
+        if stage == "finetuned":
+            ft = self.finetune_settings()
+            data = load_split("train", limit=ft["images"], seed=self.seed)[:2]
+            cfg = TrainConfig.finetuning(
+                eps=self.args.eps, steps=ft["steps"], epochs=ft["epochs"], seed=self.seed
+            )
+            adversarial_finetune(q, data, cfg, progress=False)
+        acc = suite_accuracies(
+            q.eval(), *self.test, eps=self.args.eps, suite="fast", pgd_steps=PGD_STEPS,
+            surrogate=None if policy is None else self.model, settings=ChainSettings(seed=self.seed),
+        )  # fmt: skip
+        return {"clean": acc["clean"], "pgd": acc["pgd"], "robust": acc["worst case"],
+                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
-def run_model(name: str, seed: int, args: argparse.Namespace) -> dict:
-    from aq_brevitas import load_float_model, load_split
-    from aq_brevitas.search import SearchConfig, search_pareto
-
-    model, _ = load_float_model(name)
-    calib, val = selection_split(seed, 256, args.val_images)
-    xt, yt = load_split("test", limit=args.test_images, seed=seed)[:2]
-    t0 = time.perf_counter()
-    config = SearchConfig(seed=seed, val_images=args.val_images)
-    cache = args.cache_dir or HERE / "results" / "cache"  # a rerun reads every finished point back
-    front = search_pareto(model, calib, val, config=config, cache_dir=cache, progress=False)
-    search_s = time.perf_counter() - t0
-    front.plot(HERE.parent / "docs" / "img" / f"pareto_{name}_seed{seed}.png")
-    rows, seen = [], {}
-    float_clean, float_robust = _test_worst_case(
-        model, model, None, None, xt, yt, front.eps, args.queries, seed
-    )
+def _tasks(front) -> Iterator[tuple[str, str, Any]]:
+    """(stage, method, point or None) for every measurement of a unit: PTQ at every budget, then
+    fine-tuned at the w3a3 budget."""
     for budget in front.budgets:
-        for method in ("uniform", "first_last_8", "hessian", "ans", "lipschitz"):
-            p = front.best_at(method, budget)
-            if p is None:
+        for method in METHODS:
+            yield "ptq", budget, method
+    for method in METHODS:
+        yield "finetuned", front.budgets[FINETUNE_BUDGET], method
+
+
+def run_unit(unit: Unit, write: Callable[[Unit, Any, dict], None]) -> bool:
+    """Measure what is missing of ``unit`` (what this process can claim); whether all of it is done."""
+    front = unit.front()
+    if front is None:
+        return False
+    found: dict[str, Any] = {"float": unit.measure(None, "ptq"), "points": {}}
+    done = found["float"] is not None
+    for stage, budget, method in _tasks(front):
+        point = front.best_at(method, budget)
+        got = None if point is None else unit.measure(point.policy, stage)
+        found["points"][stage, budget, method] = got
+        done &= point is None or got is not None
+        write(unit, front, found)
+    return done
+
+
+def unit_runs(unit: Unit, front, found: dict) -> list[dict]:
+    """The unit's runs in the results schema (:mod:`pareto_verdict`): one PTQ run, one fine-tuned run."""
+    fl = found["float"] or {}
+    runs = []
+    for stage in ("ptq", "finetuned"):
+        points = []
+        for (st, budget, method), got in found["points"].items():
+            if st != stage:
                 continue
-            key = tuple(sorted(p.layers.items()))
-            if key not in seen:
-                seen[key] = _test_worst_case(
-                    None, model, p.layerwise_policy, calib[0], xt, yt, front.eps, args.queries, seed
-                )
-            clean, robust = seen[key]
-            rows.append({"budget": budget, "method": method, "layers": p.layers, "bops": p.bops,
-                         "kib": p.weight_kib, "val_robust": p.robust_accuracy, "test_clean": clean,
-                         "test_robust": robust})  # fmt: skip
-    return {
-        "model": name, "seed": seed, "search_s": search_s, "seconds": front.seconds,
-        "float": {"test_clean": float_clean, "test_robust": float_robust,
-                  "val_robust": front.float_robust_accuracy},
-        "budgets": front.budgets, "rows": rows, "front": front.to_dict(),
-    }  # fmt: skip
+            p = front.best_at(method, budget)
+            points.append({
+                "method": method, "budget": budget, "feasible": p is not None,
+                "robust_accuracy": None if got is None else got["robust"],
+                "clean_accuracy": None if got is None else got["clean"],
+                "pgd_accuracy": None if got is None else got["pgd"],
+                "policy": None if p is None else p.policy, "layers": None if p is None else p.layers,
+                "bops": None if p is None else p.bops, "weight_kib": None if p is None else p.weight_kib,
+                "heldout_robust_accuracy": None if p is None else p.robust_accuracy,
+                "seconds": None if got is None else got.get("seconds"),
+            })  # fmt: skip
+        runs.append({
+            "model": unit.name, "seed": unit.seed, "split": "test", "test_images": len(unit.test[1]),
+            "stage": stage, "eps": unit.args.eps, "float_clean_accuracy": fl.get("clean"),
+            "float_robust_accuracy": fl.get("robust"), "budgets": front.budgets,
+            "budget_names": [f"w{b}a{b}" for b in DEFAULT_SWEEP],
+            "complete": all(pt["robust_accuracy"] is not None or not pt["feasible"] for pt in points)
+            and fl.get("robust") is not None,
+            "heldout": {"val_images": front.val_images, "float_robust_accuracy": front.float_robust_accuracy,
+                        "seconds": front.seconds},
+            "points": points,
+        })  # fmt: skip
+    return runs
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["cnn-pgd", "vgg-pgd"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--val-images", type=int, default=100)
-    parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--cache-dir", help="measured points (default benchmarks/results/cache)")
+def write_unit(unit: Unit, front, found: dict) -> None:
+    from aq_brevitas.storage import atomic_write_json
+
+    settings = {
+        k: v
+        for k, v in vars(unit.args).items()
+        if k in ("val_images", "test_images", "finetune_images", "eps")
+    }
+    atomic_write_json(
+        Path(unit.args.results_dir) / f"pareto_{unit.name}_seed{unit.seed}.json",
+        {"header": header(), "settings": settings, "runs": unit_runs(unit, front, found)},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--val-images", type=int, default=200, help="held-out training images per selection")
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--finetune-images", type=int, default=10000)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument(
+        "--results-dir",
+        default=str(RESULTS),
+        help="run files; heldout_fronts/, pareto_cache/ (test measurements) and cache/ inside",
+    )
+    parser.add_argument(
+        "--poll", type=float, default=30.0, help="seconds between passes while others measure"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runs = [run_model(m, s, args) for m in args.models for s in args.seeds]
-    return {"header": header(), "settings": vars(args), "runs": runs}
+    units = [Unit(m, s, args) for s in args.seeds for m in args.models]  # seed 0 of every model first
+    while True:
+        pending = [u for u in units if not run_unit(u, write_unit)]
+        if not pending:
+            break
+        print(
+            f"pareto: {len(pending)} unit(s) being measured by other processes; next pass in {args.poll:g} s"
+        )
+        time.sleep(args.poll)
+        units = pending
+    from pareto_verdict import load_runs, plot_figures
 
-
-def render_section(result: dict) -> list[str]:
-    """docs/benchmarks.md: per model, per budget, every method's test robust accuracy, and the targets."""
-    s = result["settings"]
-    lines = [
-        "## Robust accuracy per BOPs: the Pareto comparison (`benchmarks/pareto.py`)",
-        "",
-        f"{result['header']}. Selection on held-out training images ({s['val_images']} per point, robust = worst "
-        "case of PGD-10 and the fast suite at 25 steps / 100 queries); each method's best point per budget then "
-        f"re-measured on {s['test_images']} Fashion-MNIST test images: robust = per-image worst case of APGD-CE "
-        f"(100 steps) and Square ({s['queries']} queries), ε = 0.1. Seeds: {', '.join(map(str, s['seeds']))}. "
-        "Budgets: the BOPs of uniform w2a2, w3a3, w4a4, w5a5, w8a8. Candidates: weight bits 2-8 × "
-        "max/percentile/mse × per-tensor/per-channel × input bits 2, 3, 4, 8 (quantized at the producer).",
-        "",
-    ]
-    methods = ("uniform", "first_last_8", "hessian", "ans", "lipschitz")
-    for run in result["runs"]:
-        fl = run["float"]
-        lines += [
-            f"### {run['model']}, seed {run['seed']} (float: clean {100 * fl['test_clean']:.1f} %, "
-            f"robust {100 * fl['test_robust']:.1f} %; whole sweep {run['search_s']:.0f} s)",
-            "",
-            "| budget (BOPs) | " + " | ".join(methods) + " | ours − uniform | ours − max(Hessian, ANS) |",
-            "|---|" + "---|" * (len(methods) + 2),
-        ]
-        for b in run["budgets"]:
-            got = {r["method"]: r for r in run["rows"] if r["budget"] == b}
-            cells = [f"{100 * got[m]['test_robust']:.1f}" if m in got else "—" for m in methods]
-            ours, uni = got.get("lipschitz"), got.get("uniform")
-            base = [got[m]["test_robust"] for m in ("hessian", "ans") if m in got]
-            d_uni = f"{100 * (ours['test_robust'] - uni['test_robust']):+.1f}" if ours and uni else "—"
-            d_base = f"{100 * (ours['test_robust'] - max(base)):+.1f}" if ours and base else "—"
-            lines.append(f"| {b.split('=')[1]} | " + " | ".join(cells) + f" | {d_uni} | {d_base} |")
-        lines += ["", f"![Pareto {run['model']}](img/pareto_{run['model']}_seed{run['seed']}.png)", ""]
-    return lines
+    plot_figures(load_runs(args.results_dir))
+    return None  # each (model, seed) wrote its own results/pareto_<model>_seed<seed>.json
 
 
 if __name__ == "__main__":
-    from aq_brevitas.storage import atomic_write_json
-
-    atomic_write_json(HERE / "results" / "pareto.json", main())
+    main()

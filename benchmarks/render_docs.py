@@ -359,10 +359,11 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         from attack_suite import render_section as attack_suite_section
 
         lines += attack_suite_section(results["attack_suite"])
-    if "pareto" in results:
-        from pareto import render_section as pareto_section
+    pareto_runs = [run for name, r in results.items() if "pareto" in name for run in r.get("runs", [])]
+    if pareto_runs:
+        from pareto_verdict import render_section as pareto_section
 
-        lines += pareto_section(results["pareto"])
+        lines += pareto_section(pareto_runs)
     if "twin_speed" in results:
         from twin_speed import render_section as twin_speed_section
 

@@ -37,14 +37,18 @@ def run(names: list[str]) -> None:
         print(f"== {name}: python benchmarks/{module}.py {' '.join(argv)}".rstrip(), flush=True)
         main = importlib.import_module(module).main
         result = main(argv) if argv else main()
-        atomic_write_json(RESULTS / f"{name}.json", result)
+        if result is not None:  # None: the benchmark wrote its own files (pareto: one per model and seed)
+            atomic_write_json(RESULTS / f"{name}.json", result)
 
 
 def render() -> None:
+    from pareto_verdict import load_runs, plot_figures
+
     from aq_brevitas.storage import atomic_write_text
     from render_docs import render_benchmarks
 
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    plot_figures(load_runs(RESULTS))
     atomic_write_text(HERE.parent / "docs" / "benchmarks.md", render_benchmarks(results))
     print("wrote docs/benchmarks.md")
 

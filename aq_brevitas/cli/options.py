@@ -190,7 +190,7 @@ def _model_commands() -> dict[str, list[Option]]:
     quantized = "quantized checkpoint from `aq-brevitas quantize`"
     return {
         "train": [
-            plain("--arch", "small_cnn, vgg_bn or small_resnet", required=True),
+            plain("--arch", "small_cnn, vgg_bn, small_resnet or tfc", required=True),
             plain("--out", "checkpoint path (.pt); a .json sidecar is written beside it", required=True),
             *(o for o in training(train) if o.dest != "learn_act_scales"),
             plain("--train-images", "train on a seeded subset of N training images (default: all)", type=int),
