@@ -359,6 +359,10 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         from attack_suite import render_section as attack_suite_section
 
         lines += attack_suite_section(results["attack_suite"])
+    if "layer_ranking" in results:
+        from layer_ranking import render_section as layer_ranking_section
+
+        lines += layer_ranking_section(results["layer_ranking"])
     pareto_runs = [run for name, r in results.items() if "pareto" in name for run in r.get("runs", [])]
     if pareto_runs:
         from pareto_verdict import render_section as pareto_section

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "compare_methods": ("compare_methods", ["--no-search-cost"]),
     "attack_suite": ("attack_suite", ["--phase", "summary"]),
     "pareto": ("pareto", []),
+    "layer_ranking": ("layer_ranking", []),
     "twin_speed": ("twin_speed", ["--rounds", "15"]),
 }
 
