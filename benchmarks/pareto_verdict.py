@@ -25,9 +25,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METHODS = ("uniform", "first_last_8", "hessian", "ans", "lipschitz")
+METHODS = ("uniform", "first_last_8", "hessian", "ans", "lipschitz", "lipschitz+check", "combined")
 LABELS = {"uniform": "uniform", "first_last_8": "first/last-8", "hessian": "Hessian", "ans": "ANS",
-          "lipschitz": "ours"}  # fmt: skip
+          "lipschitz": "ours: knapsack", "lipschitz+check": "ours: knapsack + uniform check",
+          "combined": "all combined"}  # fmt: skip
+#: the rows judged as "ours": what search_policy delivers, then the knapsack's policy alone
+JUDGED = ("lipschitz+check", "lipschitz")
 MODEL_ORDER = ("cnn-pgd", "tfc-pgd", "vgg-pgd", "resnet-pgd")
 GAP_POINTS = 5.0  # "wherever uniform loses >= 5 points to float"
 MARGIN_POINTS = 3.0  # "... ours >= uniform + 3 points there"
@@ -78,16 +81,16 @@ def test_runs(runs: Iterable[Mapping[str, Any]], stage: str) -> dict[str, list[M
     }
 
 
-def cell(runs: Sequence[Mapping[str, Any]], budget: str) -> dict[str, Any]:
+def cell(runs: Sequence[Mapping[str, Any]], budget: str, ours: str = JUDGED[0]) -> dict[str, Any]:
     """One (model, budget): each method's robust accuracies over the seeds where it was measured, the
-    float model's, and the per-seed differences the targets are judged on."""
+    float model's, and the per-seed differences the targets are judged on (``ours``: which row)."""
     out: dict[str, Any] = {"float": [r["float_robust_accuracy"] for r in runs]}
     for m in METHODS:
         out[m] = [v for r in runs if (v := _robust(r, m, budget)) is not None]
     pairs = [
         (
             r["float_robust_accuracy"],
-            *(_robust(r, m, budget) for m in ("uniform", "lipschitz", "hessian", "ans")),
+            *(_robust(r, m, budget) for m in ("uniform", ours, "hessian", "ans")),
         )
         for r in runs
     ]
@@ -98,12 +101,12 @@ def cell(runs: Sequence[Mapping[str, Any]], budget: str) -> dict[str, Any]:
     return out
 
 
-def verdicts(runs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's three targets over every (model, budget) cell of the PTQ test runs."""
+def verdicts(runs: Iterable[Mapping[str, Any]], ours: str = JUDGED[0]) -> dict[str, Any]:
+    """The issue's three targets for the row ``ours`` over every (model, budget) cell of the PTQ test runs."""
     cells = []
     for model, rs in test_runs(runs, "ptq").items():
         for budget in rs[0]["budgets"]:
-            c = cell(rs, budget)
+            c = cell(rs, budget, ours)
             if c["ours-uniform"]:
                 cells.append((model, budget, c))
     vs_uniform = [(m, b, _mean_se(c["ours-uniform"])) for m, b, c in cells]
@@ -130,8 +133,8 @@ def _misses(items: list) -> str:
     return "; ".join(f"{m} {b}: {_fmt(d, signed=True)}" for m, b, d in items) or "none"
 
 
-def _verdict_lines(runs: list[Mapping[str, Any]]) -> list[str]:
-    v = verdicts(runs)
+def _verdict_lines(runs: list[Mapping[str, Any]], ours: str) -> list[str]:
+    v = verdicts(runs, ours)
     names = {b: n for r in runs if r["split"] == "test" for b, n in _names(r).items()}
 
     def named(items: list) -> list:
@@ -143,8 +146,8 @@ def _verdict_lines(runs: list[Mapping[str, Any]]) -> list[str]:
     u, g, r = v["vs_uniform"], v["gap"], v["rivals"]
     share = f" ({r['won'] / r['of']:.0%})" if r["of"] else ""
     return [
-        f"Judged on {v['cells']} (model, budget) cells, each on the mean over its seeds (differences in points, "
-        "± standard error over seeds):",
+        f"**{LABELS[ours]}**, judged on {v['cells']} (model, budget) cells, each on the mean over its seeds "
+        "(differences in points, ± standard error over seeds):",
         "",
         f"- ours ≥ uniform at every budget: {word(u['met'])}, {u['of'] - len(u['misses'])} of {u['of']} cells "
         f"(below: {_misses(named(u['misses']))}).",
@@ -166,7 +169,7 @@ def _model_lines(model: str, rs: list[Mapping[str, Any]], finetuned: list[Mappin
         "",
         "| budget | "
         + " | ".join(LABELS[m] for m in METHODS)
-        + " | ours − uniform | ours − max(Hessian, ANS) |",
+        + " | ours (checked) − uniform | ours (checked) − max(Hessian, ANS) |",
         "|---|" + "---|" * (len(METHODS) + 2),
     ]
     share = ["", "Share of the float − uniform gap each method recovers ((method − uniform) / (float − uniform), "
@@ -233,8 +236,8 @@ def render_section(runs: list[Mapping[str, Any]]) -> list[str]:
         + ".",
         "",
     ]
-    if ptq:
-        lines += _verdict_lines(runs)
+    for ours in JUDGED if ptq else ():
+        lines += _verdict_lines(runs, ours)
     finetuned = test_runs(runs, "finetuned")
     for model, rs in ptq.items():
         ft = [
