@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from common import header, selection_split
 
 HERE = Path(__file__).parent
-TERMS = ("adversarial", "quantization", "lipschitz", "hessian", "ans")
+TERMS = ("adversarial", "quantization", "lipschitz", "hessian", "ans", "calib_ce")
 
 
 def robust_loss(
@@ -46,7 +46,7 @@ def robust_loss(
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) != y).float().mean().item()
 
 
-def scores(model: torch.nn.Module, calib: tuple, eps: float, seed: int) -> tuple[Any, dict[str, dict]]:
+def scores(model: torch.nn.Module, calib: tuple, eps: float, seed: int) -> tuple[Any, dict[str, dict], Any]:
     """The candidate table and every method's score per (layer, spec), as the search computes them."""
     from aq_brevitas.search import SearchConfig, WeightCache, adversarial_calibration
     from aq_brevitas.search.candidates import candidate_table
@@ -64,7 +64,7 @@ def scores(model: torch.nn.Module, calib: tuple, eps: float, seed: int) -> tuple
         out[method] = scoring.scores
         if scoring.terms is not None:
             out["adversarial"], out["quantization"] = scoring.terms.adversarial, scoring.terms.quantization
-    return table, out
+    return table, out, adv
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = load_float_model(name)[0].eval()
     calib, val = selection_split(args.seed, 256, args.images)
     t0 = time.perf_counter()
-    table, by_term = scores(model, calib, args.eps, args.seed)
+    table, by_term, adv = scores(model, calib, args.eps, args.seed)
     score_s = time.perf_counter() - t0
     rng = random.Random(args.seed)
     layers = list(table.rows)
@@ -90,7 +90,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     def measure(policy: LayerwisePolicy | None) -> dict[str, float]:
         q = model if policy is None else quantize(model, policy, calibration_data=calib[0])
         loss, err = robust_loss(q, *val, args.eps, args.seed)
-        return {"loss": loss, "error": err}
+        with torch.no_grad():  # a candidate score: the loss at the calibration's fixed PGD examples
+            calib_ce = F.cross_entropy(q.eval()(adv.x_adv), adv.y).item()
+        return {"loss": loss, "error": err, "calib_ce": calib_ce}
 
     float_ = cache.get_or_measure(measurement_key({**base, "policy": None}), lambda: measure(None))
     rows = []
@@ -100,8 +102,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             measurement_key({**base, "policy": policy.to_dict()}), lambda p=policy: measure(p)
         )
         rows.append({"layer": layer, "spec": spec.short(), "d_loss": got["loss"] - float_["loss"],
-                     "d_error": got["error"] - float_["error"],
-                     **{t: float(by_term[t][layer][spec]) for t in TERMS}})  # fmt: skip
+                     "d_error": got["error"] - float_["error"], "calib_ce": got["calib_ce"] - float_["calib_ce"],
+                     **{t: float(by_term[t][layer][spec]) for t in TERMS if t != "calib_ce"}})  # fmt: skip
     return {"model": name, "pairs": len(rows), "score_s": score_s, "float": float_, "rows": rows,
             "spearman": _correlations(rows, spearmanr)}  # fmt: skip
 
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 LABELS = {"adversarial": "adversarial term ε·J·(L̂/L − 1)", "quantization": "quantization term (measured deviation)",
-          "lipschitz": "ours (sum)", "hessian": "Hessian (HAWQ-V2)", "ans": "ANS (QUANOS)"}  # fmt: skip
+          "lipschitz": "ours (sum)", "hessian": "Hessian (HAWQ-V2)", "ans": "ANS (QUANOS)",
+          "calib_ce": "variant: cross-entropy increase at the calibration's PGD examples"}  # fmt: skip
 
 
 def render_section(result: dict[str, Any]) -> list[str]:

@@ -125,3 +125,46 @@ def test_search_pareto_measures_every_method_on_the_same_images(cnn, fmnist_val_
     assert back.points == front.points and "| bops=" in back.table()
     with pytest.raises(ConfigError, match="unknown Pareto method 'hawq'"):
         search_pareto(cnn, (x[:8], y[:8]), (x[8:16], y[8:16]), methods=["hawq"])
+
+
+def test_measured_top_k_measures_the_knapsacks_next_best_solutions(cnn, fmnist_val_512):
+    """LipschitzSettings.measured_top_k: the sweep measures the knapsack's k best distinct policies
+    for ours (ranks 0..k-1, all within the budget), best_at keeps the most robust of them and
+    best_at(max_rank=0) the optimum alone; the other methods still get one policy per budget."""
+    x, y = fmnist_val_512
+    geometry = layer_geometry(cnn, x[:1])
+    w3a3 = cost_of({n: LayerSpec(3, act_bit_width=3) for n in geometry}, geometry).bops
+    cfg = SearchConfig(candidates=with_act_bits(FEW, (2, 4, 8)), val_images=16, pgd_steps=2)
+    cfg = cfg.replace(steps=2, measured_top_k=3)
+    front = search_pareto(
+        cnn, (x[:48], y[:48]), (x[48:], y[48:]), budgets=[f"bops={w3a3}"],
+        methods=["ans", "lipschitz"], config=cfg, progress=False,
+    )  # fmt: skip
+    ours = [p for p in front.points if p.method == "lipschitz"]
+    assert sorted(p.rank for p in ours) == [0, 1, 2]
+    assert len({tuple(sorted(p.layers.items())) for p in ours}) == 3  # distinct policies
+    assert all(p.bops <= w3a3 * (1 + 1e-9) for p in ours)
+    assert [p.rank for p in front.points if p.method == "ans"] == [0]
+    budget = front.budgets[0]
+    assert front.best_at("lipschitz", budget).robust_accuracy == max(p.robust_accuracy for p in ours)
+    assert front.best_at("lipschitz", budget, max_rank=0).rank == 0
+    with pytest.raises(ConfigError, match="measured_top_k"):
+        SearchConfig().replace(measured_top_k=0)
+
+
+def test_search_policy_keeps_the_most_robust_of_the_measured_top_k(cnn, fmnist_val_512, tmp_path):
+    """With measured_top_k=3 the held-out check measures two more policies (the knapsack's next-best
+    ones; each a file in the measurement cache) and keeps the most robust of all."""
+    x, y = fmnist_val_512
+    counts, results = [], []
+    for k in (1, 3):
+        cfg = SearchConfig(candidates=FEW, val_images=16, pgd_steps=2).replace(steps=2, measured_top_k=k)
+        results.append(search_policy(
+            cnn, (x[:48], y[:48]), Budget(avg_weight_bits=3), config=cfg, val_data=(x[48:], y[48:]),
+            cache_dir=tmp_path / f"k{k}",
+        ))  # fmt: skip
+        counts.append(len(list((tmp_path / f"k{k}").glob("*.json"))))
+    assert counts[1] == counts[0] + 2
+    res = results[1]
+    assert res.winner in ("search", "search-rank-1", "search-rank-2", "uniform")
+    assert res.cost.avg_weight_bits <= 3 + 1e-9

@@ -63,7 +63,9 @@ class LipschitzSettings(MethodSettings):
     on adversarial calibration images) or ``spectral`` (data-free bound); ``attack`` builds the
     adversarial calibration images (None: PGD-``steps``; a name for :func:`make_attack`; or a ready
     torchattacks object, which cannot be written to JSON); ``adv_weight`` scales the adversarial
-    term (1 is the bound; other values are for ablations)."""
+    term (1 is the bound; other values are for ablations); ``measured_top_k``: how many of the
+    knapsack's best solutions are measured on the held-out images, the most robust kept (1: the
+    optimum alone; see docs/method.md "Measured top-K")."""
 
     refinable: ClassVar[bool] = True
 
@@ -75,12 +77,16 @@ class LipschitzSettings(MethodSettings):
     adv_weight: float = field(
         default=1.0, metadata={"help": "weight of the adversarial term (1 = the bound)"}
     )
+    measured_top_k: int = field(
+        default=1, metadata={"help": "knapsack solutions measured on held-out images, the best kept"}
+    )
 
     def validate(self) -> None:
         if self.estimate not in ESTIMATES:
             raise ConfigError(f"unknown estimate {self.estimate!r}", f"use one of {', '.join(ESTIMATES)}")
         _number(self.steps, "steps", 1, integer=True)
         _number(self.adv_weight, "adv_weight", 0)
+        _number(self.measured_top_k, "measured_top_k", 1, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         if self.attack is not None and not isinstance(self.attack, str):

@@ -229,6 +229,11 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
     milp = picked.selection.milp_choice
     changed = picked.refinement.done and any(reps[n][milp[n]] != reps[n][choice[n]] for n in run.table.layers)
     todo = ([] if same_as_uniform else [choice]) + ([milp] if changed else [])
+    # measured_top_k: the knapsack's next-best solutions compete on the same held-out images
+    k = cfg.settings_for(LipschitzSettings).measured_top_k if cfg.method == "lipschitz" else 1
+    ranked = [(i, dict(sol.choice)) for i, sol in enumerate(picked.selection.solutions[1:k], 1)]
+    ranked = [(i, c) for i, c in ranked if c != choice and c != milp]
+    todo += [c for _, c in ranked]
     # the best uniform policy's adversarial examples are replayed first (a transfer attack)
     measured = run_jobs(
         lambda i: measure_policy(  # the robust half
@@ -238,10 +243,12 @@ def _held_out(run: _Run, picked: _Picked, val_data: Any) -> tuple[str, dict[str,
         len(todo),
     )  # fmt: skip
     s_acc = u_acc if same_as_uniform else measured[0]
-    m_acc = measured[-1] if changed else None
+    m_acc = measured[len(todo) - len(ranked) - 1] if changed else None
     options = [("search", s_acc, choice)]
     if m_acc is not None:
         options.append(("search-unrefined", m_acc, milp))
+    for (i, c), acc in zip(ranked, measured[len(todo) - len(ranked) :]):
+        options.append((f"search-rank-{i}", acc, c))  # the knapsack's i-th next-best solution
     options.append(("uniform", u_acc, dict(uni.policy.layers)))
     winner, _, final = max(options, key=lambda o: o[1])  # ties keep the earlier option
     check = HeldOutCheck(

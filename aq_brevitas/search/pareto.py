@@ -43,7 +43,15 @@ from ..workers import check_workers, rank_share, run_jobs
 from .baselines import PolicyMeasurement, measure_policy, uniform_choices
 from .calibration import AdversarialCalibration, WeightCache, adversarial_calibration, progress_bar
 from .candidates import CandidateTable, candidate_table
-from .config import DEFAULT_ACT_BITS, METHOD_SETTINGS, PARETO_METHODS, SearchConfig, as_config, scorer_for
+from .config import (
+    DEFAULT_ACT_BITS,
+    METHOD_SETTINGS,
+    PARETO_METHODS,
+    LipschitzSettings,
+    SearchConfig,
+    as_config,
+    scorer_for,
+)
 from .costing import achieved_cost
 from .scorers import ScoringInputs
 from .selection import select_policy
@@ -55,8 +63,9 @@ DEFAULT_SWEEP = (2, 3, 4, 5, 8)  # budgets: the BOPs of uniform w_b a_b for thes
 class ParetoPoint:
     """One measured policy: the ``method`` and ``budget`` that chose it, its cost (``bops``,
     ``weight_kib``, ``avg_weight_bits``), held-out ``clean_accuracy`` and ``robust_accuracy`` (fractions;
-    the per-image worst case of PGD and the fast suite), and whether another point of the same method
-    ``dominated`` it."""
+    the per-image worst case of PGD and the fast suite), whether another point of the same method
+    ``dominated`` it, and its ``rank`` among the method's knapsack solutions at that budget (0: the
+    optimum; more than one is measured with ``LipschitzSettings.measured_top_k``)."""
 
     method: str
     budget: str
@@ -68,6 +77,7 @@ class ParetoPoint:
     robust_accuracy: float
     dominated: bool = False
     policy: dict[str, Any] = field(default_factory=dict, repr=False)
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,9 +105,11 @@ class ParetoFront:
         pts = [p for p in self.points if p.method == method and not p.dominated]
         return sorted(pts, key=lambda p: (p.bops, p.weight_kib))
 
-    def best_at(self, method: str, budget: str) -> ParetoPoint | None:
-        """The most robust point ``method`` found for ``budget``."""
-        pts = [p for p in self.points if p.method == method and p.budget == budget]
+    def best_at(self, method: str, budget: str, max_rank: int | None = None) -> ParetoPoint | None:
+        """The most robust point ``method`` found for ``budget`` (among its knapsack solutions of rank
+        ≤ ``max_rank`` when given; 0: the knapsack's optimum alone). Ties keep the lower rank."""
+        pts = [p for p in self.points if p.method == method and p.budget == budget
+               and (max_rank is None or p.rank <= max_rank)]  # fmt: skip
         return max(pts, key=lambda p: p.robust_accuracy, default=None)
 
     def table(self) -> str:
@@ -218,18 +230,18 @@ class _Measure:
         )  # fmt: skip
 
     def waves(
-        self, chosen: Sequence[tuple[str, Budget, Mapping[str, LayerSpec]]]
+        self, chosen: Sequence[tuple[str, Budget, Mapping[str, LayerSpec], int]]
     ) -> list[dict[_PolicyKey, tuple[Mapping[str, LayerSpec] | None, _PolicyKey | None]]]:
         """The sweep's policies in measuring order: waves of ``{policy: (specs, its seed's policy)}``,
         each policy in the first wave that holds it, seeded from an earlier wave."""
         float_key = self._key(None)
-        uniform = {budget_text(b): self._key(specs) for m, b, specs in chosen if m == "uniform"}
+        uniform = {budget_text(b): self._key(specs) for m, b, specs, *_ in chosen if m == "uniform"}
         out: list[dict[_PolicyKey, tuple[Mapping[str, LayerSpec] | None, _PolicyKey | None]]] = [
             {float_key: (None, None)},
             {},
             {},
         ]
-        for method, budget, specs in sorted(chosen, key=lambda c: c[0] != "uniform"):
+        for method, budget, specs, *_ in sorted(chosen, key=lambda c: c[0] != "uniform"):
             key, wave = self._key(specs), 1 if method == "uniform" else 2
             if not any(key in w for w in out):
                 out[wave][key] = (
@@ -239,7 +251,7 @@ class _Measure:
         return out
 
     def prefetch(
-        self, chosen: Sequence[tuple[str, Budget, Mapping[str, LayerSpec]]], workers: int, progress: bool
+        self, chosen: Sequence[tuple[str, Budget, Mapping[str, LayerSpec], int]], workers: int, progress: bool
     ) -> None:
         """Measure the float model and every policy of ``chosen`` not measured yet, wave by wave
         (:meth:`waves`), on ``workers`` forked processes and over the ``torchrun`` ranks
@@ -330,7 +342,7 @@ def search_pareto(
         measure = _Measure(model, x, val, cfg, cache_dir)
         measure.prefetch(chosen, workers, progress)
         float_clean, float_robust = measure(None)
-        points = [_point(measure, table, method, budget, specs) for method, budget, specs in chosen]
+        points = [_point(measure, table, *choice) for choice in chosen]
         seconds["measure"] = time.perf_counter() - t0 - sum(seconds.values())
     kind = budgets_[0].kind
     return ParetoFront(
@@ -402,7 +414,12 @@ def _sweep(table: CandidateTable, budgets: Sequence[Budget | str | int]) -> list
 
 
 def _point(
-    measure: _Measure, table: CandidateTable, method: str, budget: Budget, specs: Mapping[str, LayerSpec]
+    measure: _Measure,
+    table: CandidateTable,
+    method: str,
+    budget: Budget,
+    specs: Mapping[str, LayerSpec],
+    rank: int,
 ) -> ParetoPoint:
     """One method's policy at one budget, measured."""
     clean, robust = measure(specs)
@@ -410,7 +427,7 @@ def _point(
     return ParetoPoint(
         method, budget_text(budget), {n: s.short() for n, s in specs.items()}, int(cost.bops),
         cost.weight_bytes / 1024, cost.avg_weight_bits, clean, robust,
-        policy=LayerwisePolicy(dict(specs), meta={"method": method}).to_dict(),
+        policy=LayerwisePolicy(dict(specs), meta={"method": method}).to_dict(), rank=rank,
     )  # fmt: skip
 
 
@@ -424,9 +441,10 @@ def _choose(
     data: tuple[torch.Tensor, torch.Tensor],
     calib: Any,
     progress: bool,
-) -> list[tuple[str, Budget, dict[str, LayerSpec]]]:
-    """(method, budget, specs) for every policy to measure: scores once per method, a knapsack per budget."""
-    out: list[tuple[str, Budget, dict[str, LayerSpec]]] = []
+) -> list[tuple[str, Budget, dict[str, LayerSpec], int]]:
+    """(method, budget, specs, rank) for every policy to measure: scores once per method, a knapsack
+    per budget (rank: the solution's place in the knapsack's order, 0 for its optimum)."""
+    out: list[tuple[str, Budget, dict[str, LayerSpec], int]] = []
     scorings = {}
     for method in methods:
         if method in METHOD_SETTINGS and METHOD_SETTINGS[method].scored:
@@ -448,12 +466,15 @@ def _choose(
                     )
                 except PolicyError:
                     continue  # this budget is below the method's cheapest policy
-                out.append((method, budget, dict(sel.choice)))
+                out.append((method, budget, dict(sel.choice), 0))
+                if scorings[method].terms is not None:  # measured_top_k: the next-best solutions too
+                    k = cfg.settings_for(LipschitzSettings).measured_top_k
+                    out += [(method, budget, dict(s.choice), i) for i, s in enumerate(sel.solutions[1:k], 1)]
             else:
                 for specs in uniform_choices(
                     table, budget, cache, pinned if method == "first_last_8" else None
                 ):
-                    out.append((method, budget, specs))
+                    out.append((method, budget, specs, 0))
     return out
 
 

@@ -182,7 +182,8 @@ class SearchResult:
     """A searched policy and the evidence for it.
 
     ``policy``: the :class:`~aq_brevitas.LayerwisePolicy` to quantize with (``layers``: its spec per
-    layer). ``winner``: which candidate policy was kept: ``"search"``, ``"search-unrefined"`` or
+    layer). ``winner``: which candidate policy was kept: ``"search"``, ``"search-unrefined"``, ``"search-rank-<i>"``
+    (the knapsack's i-th next-best solution, with ``measured_top_k``) or
     ``"uniform"`` by held-out robust accuracy, the per-image worst case of PGD and the fast attack
     suite (``validation``), ``"uniform"`` for the uniform method,
     ``"unchecked"`` when no held-out data was given. ``cost`` is the policy's achieved

@@ -85,13 +85,15 @@ def select_policy(
     ``scores``: per (layer, candidate) of ``table``, or the lipschitz terms (then weighted by the
     config's ``adv_weight``). With ``refine`` the config's ``top_k`` knapsack solutions are re-ranked
     by the whole-network bound at its ``eps`` and one pass of coordinate descent runs on it (off by
-    default, as in ``search_policy``). ``config``: the :class:`SearchConfig` whose ``eps``,
-    ``refine``, ``top_k`` and ``adv_weight`` are used. Layers that share one weight Parameter get one spec
+    default, as in ``search_policy``); for the lipschitz terms ``solutions`` holds at least
+    ``measured_top_k`` of the knapsack's best, for the caller to measure. ``config``: the
+    :class:`SearchConfig` whose ``eps``, ``refine``, ``top_k``, ``adv_weight`` and ``measured_top_k`` are used. Layers that share one weight Parameter get one spec
     (one knapsack item; refinement is skipped for such models, as it moves one layer at a time).
     Raises PolicyError when no policy fits ``budget``.
     """
     cfg = as_config(config)
-    eps, adv_weight = cfg.eps, cfg.settings_for(LipschitzSettings).adv_weight
+    lip = cfg.settings_for(LipschitzSettings)
+    eps, adv_weight = cfg.eps, lip.adv_weight
     budget = as_budget(budget)
     cache = cache or WeightCache(model, table)
     terms = scores if isinstance(scores, LipschitzTerms) else None
@@ -106,7 +108,7 @@ def select_policy(
         _merge_tied(_restrict(values, reps), ties, values),
         _merge_tied(_restrict(costs, reps), ties, costs),
         budget_capacity(table, budget),
-        cfg.top_k if do_refine else 1,
+        max(cfg.top_k if do_refine else 1, lip.measured_top_k if terms is not None else 1),
     )
     solutions = [_untie(sol, ties) for sol in solutions]
     solve_s = time.perf_counter() - t0
