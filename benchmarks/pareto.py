@@ -59,6 +59,7 @@ ROWS: dict[str, tuple[tuple[str, int | None], ...]] = {
     "lipschitz-top4+check": (("lipschitz", None), ("uniform", 0)),
     "combined": (("lipschitz", None), *((m, 0) for m in METHODS[:-1])),
 }
+FINETUNE_BUDGET = 1  # the sweep's second budget: the BOPs of uniform w3a3
 TEST_DRAW = 0  # one seeded draw of the test split for every seed: the seeds vary the method, not the exam
 PGD_STEPS = 20
 
@@ -110,7 +111,9 @@ class Unit:
         if not claim(lock):
             return None
         try:
-            config = SearchConfig(seed=self.seed, val_images=self.args.val_images).replace(measured_top_k=TOP_K)
+            config = SearchConfig(seed=self.seed, val_images=self.args.val_images).replace(
+                measured_top_k=TOP_K
+            )
             cache = Path(self.args.results_dir) / "cache" / "heldout"
             front = search_pareto(self.model, self.calib, self.val, config=config, cache_dir=cache)
             self.front_path.parent.mkdir(parents=True, exist_ok=True)
