@@ -363,6 +363,10 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         from layer_ranking import render_section as layer_ranking_section
 
         lines += layer_ranking_section(results["layer_ranking"])
+    if "method_variants" in results:
+        from method_variants import render_section as method_variants_section
+
+        lines += method_variants_section(results["method_variants"])
     pareto_runs = [run for name, r in results.items() if "pareto" in name for run in r.get("runs", [])]
     if pareto_runs:
         from pareto_verdict import render_section as pareto_section

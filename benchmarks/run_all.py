@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "attack_suite": ("attack_suite", ["--phase", "summary"]),
     "pareto": ("pareto", []),
     "layer_ranking": ("layer_ranking", []),
+    "method_variants": ("method_variants", []),
     "twin_speed": ("twin_speed", ["--rounds", "15"]),
 }
 
