@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from ..attacks import forward_input, make_attack
 from ..config import AttackConfig, check_eps
@@ -110,7 +111,7 @@ class ActivationProbe:
         self.modules = dict(model.named_modules())
         self._inputs: dict[str, torch.Tensor] = {}
         self._quant: dict[tuple[str, int, bool], nn.Module] = {}
-        self._dev: dict[tuple[str, int, bool], float] = {}
+        self._dev: dict[tuple[str, int, bool, str], float] = {}
 
     def inputs(self, layer: str) -> torch.Tensor:
         """The layer's input on the clean calibration images (its first call per forward)."""
@@ -159,14 +160,15 @@ class ActivationProbe:
         finally:
             h.remove()
 
-    def deviation(self, layer: str, bits: int, po2: bool) -> float:
-        """Mean ‖f_{l←a}(x_adv) − f(x_adv)‖₂ over the adversarial calibration images (logits)."""
-        key = (layer, bits, po2)
+    def deviation(self, layer: str, bits: int, po2: bool, kind: str = "deviation") -> float:
+        """Mean ‖f_{l←a}(x_adv) − f(x_adv)‖₂ over the adversarial calibration images (logits); with
+        ``kind="loss"`` the increase of the mean cross-entropy there instead (:func:`network_deviation`)."""
+        key = (layer, bits, po2, kind)
         if key not in self._dev:
             if self.calib is None:
                 raise ConfigError("activation deviations need an adversarial calibration", "pass one")
             with eval_mode(self.model), self.applied(layer, bits, po2):
-                self._dev[key] = _deviation(self.model, self.calib)
+                self._dev[key] = _deviation(self.model, self.calib, kind=kind)
         return self._dev[key]
 
     @torch.no_grad()
@@ -355,15 +357,20 @@ def reuse_calibration(
     return adversarial_calibration(model, calib, eps=eps, attack=attack, steps=steps, seed=seed)
 
 
-def _deviation(model: nn.Module, calib: AdversarialCalibration, changed: Sequence[str] = ()) -> float:
+def _deviation(
+    model: nn.Module, calib: AdversarialCalibration, changed: Sequence[str] = (), kind: str = "deviation"
+) -> float:
     """mean over x_adv of ‖f_p(x_adv) − f(x_adv)‖₂ for the model as it currently is (only layers
-    ``changed`` differ from the float model: then only their downstream part is recomputed)."""
+    ``changed`` differ from the float model: then only their downstream part is recomputed); with
+    ``kind="loss"``, CE(f_p(x_adv), y) − CE(f(x_adv), y), the mean cross-entropies."""
     if changed:
         out = calib.downstream(model)(changed)
     else:
         with torch.no_grad():
             out = model(calib.x_adv)
     out = getattr(out, "value", out)
+    if kind == "loss":
+        return float(F.cross_entropy(out, calib.y) - F.cross_entropy(calib.base_logits, calib.y))
     return float((out - calib.base_logits).flatten(1).norm(dim=1).mean())
 
 
@@ -372,10 +379,12 @@ def network_deviation(
     calib: AdversarialCalibration,
     specs: Mapping[str, LayerSpec],
     cache: WeightCache | None = None,
+    kind: str = "deviation",
 ) -> float:
     """Output deviation of the whole quantized network on x_adv, all layers' Ŵ in place at once.
 
-    Returns mean over x_adv of ‖f_p(x_adv) − f(x_adv)‖₂ in logits. Weight-only specs swap Ŵ into the
+    Returns mean over x_adv of ‖f_p(x_adv) − f(x_adv)‖₂ in logits; with ``kind="loss"`` the increase
+    of the mean cross-entropy at x_adv, CE(f_p(x_adv), y) − CE(f(x_adv), y) (the ``loss`` estimate). Weight-only specs swap Ŵ into the
     float model (bit-identical to :func:`~aq_brevitas.quantize`'s layers); specs with an activation
     bit width need the input quantizer too, so those go through :func:`~aq_brevitas.quantize` itself.
     """
@@ -384,8 +393,8 @@ def network_deviation(
 
         q = quantize(model, LayerwisePolicy(dict(specs)), calibration_data=calib.x)
         with eval_mode(q):
-            return _deviation(q, calib)
+            return _deviation(q, calib, kind=kind)
     cache = cache or WeightCache(model)
     calib.downstream(model)  # record the float forward before any weight is swapped
     with eval_mode(model), swapped_weights(model, {n: cache(n, s) for n, s in specs.items()}):
-        return _deviation(model, calib, list(specs))
+        return _deviation(model, calib, list(specs), kind)

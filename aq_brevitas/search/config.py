@@ -22,7 +22,7 @@ from ..config import DEVICE_HELP, ConfigBase, InputNormalization, check_device, 
 from ..errors import ConfigError, PolicyError
 from ..policy import TARGETS, LayerSpec, for_target
 
-ESTIMATES = ("jacobian", "spectral")
+ESTIMATES = ("jacobian", "spectral", "loss")
 DEFAULT_METHOD = "lipschitz"
 
 
@@ -60,7 +60,8 @@ class MethodSettings(ConfigBase):
 @dataclass(frozen=True)
 class LipschitzSettings(MethodSettings):
     """This project's score (docs/method.md "Scores"). ``estimate``: ``jacobian`` (measured deviation
-    on adversarial calibration images) or ``spectral`` (data-free bound); ``attack`` builds the
+    on adversarial calibration images), ``spectral`` (data-free bound) or ``loss`` (the measured
+    increase of the cross-entropy at those images, no first-order adversarial term); ``attack`` builds the
     adversarial calibration images (None: PGD-``steps``; a name for :func:`make_attack`; or a ready
     torchattacks object, which cannot be written to JSON); ``adv_weight`` scales the adversarial
     term (1 is the bound; other values are for ablations); ``measured_top_k``: how many of the
@@ -70,7 +71,8 @@ class LipschitzSettings(MethodSettings):
     refinable: ClassVar[bool] = True
 
     estimate: str = field(
-        default="jacobian", metadata={"help": "measured (jacobian) or data-free (spectral)"}
+        default="jacobian",
+        metadata={"help": "measured (jacobian), data-free (spectral) or robust loss (loss)"},
     )
     attack: Any = field(default=None, metadata={"help": "attack for calibration images (default PGD)"})
     steps: int = field(default=10, metadata={"help": "PGD steps for the adversarial calibration images"})

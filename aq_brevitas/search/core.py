@@ -131,7 +131,7 @@ def _prepare(run: _Run, table: CandidateTable | None) -> None:
     if (
         run.calib is None
         and cfg.method == "lipschitz"
-        and (lip.estimate == "jacobian" or lip.attack is not None)
+        and (lip.estimate != "spectral" or lip.attack is not None)
     ):
         run.calib = adversarial_calibration(
             run.model, (run.x, run.y), eps=cfg.eps, attack=lip.attack, steps=lip.steps, seed=cfg.seed,

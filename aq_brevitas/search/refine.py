@@ -77,6 +77,8 @@ class WholeNetworkBound:
                     downstream *= t.scores[n].L
             return self.adv_weight * eps * pi * (ratio - 1), quant
         assert self.calib is not None
+        if self.estimate == "loss":
+            return 0.0, network_deviation(self.model, self.calib, specs, self.cache, "loss")
         j_loc = self.calib.j_loc or 0.0
         adv = self.adv_weight * eps * j_loc * (ratio - 1)
         return adv, network_deviation(self.model, self.calib, specs, self.cache)
@@ -99,7 +101,7 @@ def policy_bound(
     """
     if estimate not in ESTIMATES:
         raise ConfigError(f"unknown estimate {estimate!r}", f"use one of {', '.join(ESTIMATES)}")
-    if estimate == "jacobian" and calib is None:
+    if estimate != "spectral" and calib is None:
         raise ConfigError(
             "the jacobian bound needs adversarial calibration", "pass adversarial_calibration(...)"
         )

@@ -130,7 +130,9 @@ def lipschitz_terms(
         return _spectral_terms(table, eps)
     calib = reuse_calibration(model, calib_data, eps=eps, attack=attack, steps=steps, seed=seed)
     cache = cache or WeightCache(model)
-    j_loc = calib.j_loc if calib.j_loc is not None else 0.0
+    # "loss": the measured robust-loss increase alone; the first-order adversarial term is left out
+    # (it ranked layers against the measured robust loss, benchmarks/layer_ranking.py)
+    kind, j_loc = ("loss", 0.0) if estimate == "loss" else ("deviation", calib.j_loc or 0.0)
     adv: Scores = {}
     quant: Scores = {}
     bar = progress_bar(
@@ -147,12 +149,12 @@ def lipschitz_terms(
             # differ only in input bits share one weight measurement
             w = weight_part(r.spec)
             if w not in weight_dev:
-                weight_dev[w] = network_deviation(model, calib, {name: w}, cache)
+                weight_dev[w] = network_deviation(model, calib, {name: w}, cache, kind)
             act = act_key(r.spec)
-            quant[name][r.spec] = weight_dev[w] + (probe.deviation(name, *act) if act else 0.0)
+            quant[name][r.spec] = weight_dev[w] + (probe.deviation(name, *act, kind) if act else 0.0)
             bar.update()
     bar.close()
-    return LipschitzTerms(adv, quant, calib, "jacobian")
+    return LipschitzTerms(adv, quant, calib, estimate)
 
 
 # --------------------------------------------------------------------------------- sensitivities

@@ -137,7 +137,7 @@ def _bound_inputs(
     lip = cfg.settings_for(LipschitzSettings)
     if cfg.fold_bn:
         model = folded_copy(model)
-    if lip.estimate != "jacobian":
+    if lip.estimate == "spectral":
         return model, None
     if isinstance(calib_data, AdversarialCalibration):
         return model, calib_data

@@ -192,7 +192,7 @@ def validate_metric(
     with normalized_inputs(model, cfg.normalization), eval_mode(model):
         x, y = as_xy(calib_data, model=model, name="calibration data")
         ex, ey = as_xy(eval_data, model=model, name="evaluation data")
-        calib = adversarial_calibration(model, (x, y), eps=eps, seed=seed) if estimate == "jacobian" else None
+        calib = adversarial_calibration(model, (x, y), eps=eps, seed=seed) if estimate != "spectral" else None
         if table is None:
             table = candidate_table(model, calib.x_adv if calib else x, cfg.candidates, seed=seed)
         cache = WeightCache(model)
