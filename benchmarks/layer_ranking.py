@@ -97,7 +97,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     float_ = cache.get_or_measure(measurement_key({**base, "policy": None}), lambda: measure(None))
     rows = []
     for layer, spec in pairs:
-        policy = LayerwisePolicy({n: spec if n == layer else None for n in layers})  # the rest float
+        policy = LayerwisePolicy({layer: spec})  # the rest float (quantize warns so, once per pair)
         got = cache.get_or_measure(
             measurement_key({**base, "policy": policy.to_dict()}), lambda p=policy: measure(p)
         )
