@@ -90,6 +90,7 @@ class Unit:
     def __init__(self, name: str, seed: int, args: argparse.Namespace) -> None:
         from aq_brevitas import load_float_model, load_split
         from aq_brevitas.evaluate.cache import MeasureCache, data_digest, model_digest
+        from aq_brevitas.workers import resolve_device
 
         self.name, self.seed, self.args = name, seed, args
         self.model = load_float_model(name)[0].eval()
@@ -99,6 +100,7 @@ class Unit:
         self.locks = Path(args.results_dir) / "cache" / "locks"
         self.digests = {"model": model_digest(self.model), "evaluation": data_digest(*self.test),
                         "calibration": data_digest(self.calib[0])}  # fmt: skip
+        self.device = resolve_device(args.device, self.model)
         self.front_path = Path(args.results_dir) / "heldout_fronts" / f"{name}_seed{seed}.json"
 
     def front(self):
@@ -132,6 +134,8 @@ class Unit:
             "benchmark": "pareto-test", **self.digests, "policy": layers, "eps": self.args.eps,
             "suite": "fast", "settings": asdict(ChainSettings(seed=self.seed)), "pgd_steps": PGD_STEPS,
             "stage": stage, "finetune": self.finetune_settings() if stage == "finetuned" else None,
+            # a GPU's arithmetic differs from the CPU's: its measurements are its own
+            **({"device": self.device.type} if self.device.type != "cpu" else {}),
         })  # fmt: skip
 
     def finetune_settings(self) -> dict[str, Any]:
@@ -156,22 +160,25 @@ class Unit:
     def _measure(self, policy: dict | None, stage: str) -> dict[str, float]:
         from aq_brevitas import LayerwisePolicy, TrainConfig, adversarial_finetune, load_split, quantize
         from aq_brevitas.evaluate.suite import ChainSettings, suite_accuracies
+        from aq_brevitas.workers import on_device
 
         t0 = time.perf_counter()
         q = self.model
         if policy is not None:
             q = quantize(self.model, LayerwisePolicy.from_dict(policy), calibration_data=self.calib[0])
-        if stage == "finetuned":
-            ft = self.finetune_settings()
-            data = load_split("train", limit=ft["images"], seed=self.seed)[:2]
-            cfg = TrainConfig.finetuning(
-                eps=self.args.eps, steps=ft["steps"], epochs=ft["epochs"], seed=self.seed
-            )
-            adversarial_finetune(q, data, cfg, progress=False)
-        acc = suite_accuracies(
-            q.eval(), *self.test, eps=self.args.eps, suite="fast", pgd_steps=PGD_STEPS,
-            surrogate=None if policy is None else self.model, settings=ChainSettings(seed=self.seed),
-        )  # fmt: skip
+        surrogate = None if policy is None else self.model
+        with on_device([q, surrogate], self.args.device):
+            if stage == "finetuned":
+                ft = self.finetune_settings()
+                data = load_split("train", limit=ft["images"], seed=self.seed)[:2]
+                cfg = TrainConfig.finetuning(
+                    eps=self.args.eps, steps=ft["steps"], epochs=ft["epochs"], seed=self.seed
+                )
+                adversarial_finetune(q, data, cfg, progress=False)
+            acc = suite_accuracies(
+                q.eval(), *self.test, eps=self.args.eps, suite="fast", pgd_steps=PGD_STEPS,
+                surrogate=surrogate, settings=ChainSettings(seed=self.seed),
+            )  # fmt: skip
         return {"clean": acc["clean"], "pgd": acc["pgd"], "robust": acc["worst case"],
                 "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
@@ -279,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     units = [Unit(m, s, args) for s in args.seeds for m in args.models]  # seed 0 of every model first
+    for unit in units:  # every held-out front first: the variant study (method_variants.py) reads them
+        unit.front()
     while True:
         pending = [u for u in units if not run_unit(u, write_unit)]
         if not pending:
