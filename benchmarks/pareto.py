@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         default=str(RESULTS),
         help="run files; heldout_fronts/, pareto_cache/ (test measurements) and cache/ inside",
     )
+    parser.add_argument("--device", default="cpu", help="where attacks and fine-tuning run: cpu, cuda, auto")
     parser.add_argument(
         "--poll", type=float, default=30.0, help="seconds between passes while others measure"
     )
@@ -299,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         units = pending
     from pareto_verdict import load_runs, plot_figures
 
-    plot_figures(load_runs(args.results_dir))
+    default = Path(args.results_dir).resolve() == RESULTS.resolve()
+    plot_figures(
+        load_runs(args.results_dir), None if default else args.results_dir
+    )  # docs/img/ for the real run
     return None  # each (model, seed) wrote its own results/pareto_<model>_seed<seed>.json
 
 
