@@ -108,8 +108,7 @@ class SmallResNet(nn.Module):
 class TFC(nn.Module):
     """FINN's TFC: an MLP with three hidden layers of 64 units, each Linear -> BatchNorm -> ReLU.
 
-    FINN's first example (``finn-examples``' ``tfc-w1a1``); small enough that every layer holds a
-    comparable share of the weights, unlike ``small_cnn`` whose fc1 holds 95 %.
+    FINN's first example (``finn-examples``' ``tfc-w1a1``); 59k weights, fc1 holding 85 % of them.
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES, hidden: int = 64) -> None:

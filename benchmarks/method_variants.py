@@ -1,7 +1,8 @@
 """Which variant of our method to keep, decided on held-out data the selection never saw (issue 25 §3).
 
 The Pareto benchmark's sweep (``results/heldout_fronts/<model>_seed<seed>.json``, selection on 200
-held-out ``val`` images) gives each variant's policy per budget (``pareto.ROWS``). Here each distinct
+held-out ``val`` images) gives each variant's policy per budget (``pareto.ROWS``); the ``loss`` estimate
+(``LipschitzSettings(estimate="loss")``) gets its own sweep on the same data. Here each distinct
 policy is measured again on --images *other* ``val`` images (disjoint from the calibration and
 selection draws of that seed; training data, never test), with the selection measure (per-image
 worst case of PGD-10 and the fast suite at 25 iterations / 100 queries). Picking the best of several
@@ -24,7 +25,30 @@ import torch
 from common import header
 
 HERE = Path(__file__).parent
-VARIANTS = ("uniform", "lipschitz", "lipschitz+check", "lipschitz-top4", "lipschitz-top4+check")
+VARIANTS = (
+    "uniform", "lipschitz", "lipschitz+check", "lipschitz-top4+check", "loss", "loss+check", "loss-top4+check",
+)  # fmt: skip
+# the "loss" rows: LipschitzSettings(estimate="loss") -- the measured cross-entropy increase at the
+# adversarial calibration images, no first-order adversarial term -- swept on the same data
+LOSS_ROWS = {"loss": "lipschitz", "loss+check": "lipschitz+check", "loss-top4+check": "lipschitz-top4+check"}
+
+
+def loss_front(model: torch.nn.Module, name: str, front: Any, calib: tuple, val: tuple, seed: int) -> Any:
+    """The sweep of the ``loss`` estimate (ours only, its 4 best measured), with the main front's
+    uniform points merged in so that the "+check" rows compare with the same uniform policies."""
+    from pareto import TOP_K
+
+    from aq_brevitas.search import ParetoFront, SearchConfig, search_pareto
+
+    path = HERE / "results" / "heldout_fronts" / f"{name}_seed{seed}_loss.json"
+    if path.is_file():
+        return ParetoFront.load(path)
+    cfg = SearchConfig(seed=seed, val_images=front.val_images).replace(estimate="loss", measured_top_k=TOP_K)
+    ours = search_pareto(model, calib, val, methods=["lipschitz"], config=cfg,
+                         cache_dir=HERE / "results" / "cache" / "heldout", progress=False)  # fmt: skip
+    ours.points += [p for p in front.points if p.method == "uniform"]
+    ours.save(path)
+    return ours
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -42,7 +66,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     front = ParetoFront.load(path)
     model = load_float_model(name)[0].eval()
     val_split = load_split("val")
-    calib, _, rest = draw_selection(val_split, 256, front.val_images, args.seed)
+    calib, val, rest = draw_selection(val_split, 256, front.val_images, args.seed)
+    fronts = {"": front, "loss": loss_front(model, name, front, calib, val, args.seed)}
     idx = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(args.seed))[: args.images]]
     confirm = (val_split[0][idx], val_split[1][idx])
     cfg = SearchConfig(seed=args.seed)
@@ -50,7 +75,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     for budget in front.budgets:
         row: dict[str, Any] = {"budget": budget}
         for variant in VARIANTS:
-            p = pick(front, variant, budget)
+            p = (
+                pick(fronts["loss"], LOSS_ROWS[variant], budget)
+                if variant in LOSS_ROWS
+                else pick(front, variant, budget)
+            )
             if p is None:
                 continue
             m = measure_policy(

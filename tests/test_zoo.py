@@ -7,8 +7,8 @@ from aq_brevitas.models import ZOO_DIR, load_float_model, zoo_names
 from conftest import REPO
 
 
-def test_zoo_ships_four_small_models():
-    assert zoo_names() == ["cnn-pgd", "cnn-plain", "vgg-pgd", "vgg-plain"]
+def test_zoo_ships_six_small_models():
+    assert zoo_names() == ["cnn-pgd", "cnn-plain", "resnet-pgd", "tfc-pgd", "vgg-pgd", "vgg-plain"]
     for name in zoo_names():
         assert (ZOO_DIR / f"{name}.pt").stat().st_size < 2 * 1024 * 1024
 
