@@ -231,6 +231,14 @@ def render_section(runs: list[Mapping[str, Any]]) -> list[str]:
         "Budgets: the BOPs of uniform w2a2 … w8a8; every method on the same candidates, solver and held-out data. "
         "Cells: mean ± standard error over seeds, in %; a count in brackets where fewer seeds are measured.",
         "",
+        "Rows: uniform (the best (w, a) pair that fits, on held-out), first/last-8, Hessian (HAWQ-V2) and ANS "
+        "(QUANOS) are one policy per budget each, as published; *ours: knapsack* is our knapsack's optimum "
+        "alone; *ours: knapsack + uniform check* is what `search_policy` delivers by default (that policy or "
+        "the best uniform one, whichever is more robust on the held-out images); *ours: measured top-4 + "
+        "uniform check* measures the knapsack's 4 best policies too (`measured_top_k=4`); *all combined* "
+        "lets every method's policies compete on the held-out images. Every choice between policies is "
+        "made on held-out training images, never on test.",
+        "",
         f"Runs complete: {len(done)} ("
         + ", ".join(f"{m} seed {s}" for m, s in done)
         + ")"
