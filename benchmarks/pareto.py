@@ -205,7 +205,7 @@ def run_unit(unit: Unit, write: Callable[[Unit, Any, dict], None]) -> bool:
     front = unit.front()
     if front is None:
         return False
-    found: dict[str, Any] = {"float": unit.measure(None, "ptq"), "points": {}}
+    found: dict[str, Any] = {"float": unit.measure(None, "ptq"), "points": dict.fromkeys(_tasks(front))}
     done = found["float"] is not None
     for stage, budget, method in _tasks(front):
         point = pick(front, method, budget)
@@ -242,8 +242,6 @@ def unit_runs(unit: Unit, front, found: dict) -> list[dict]:
             "stage": stage, "eps": unit.args.eps, "float_clean_accuracy": fl.get("clean"),
             "float_robust_accuracy": fl.get("robust"), "budgets": front.budgets,
             "budget_names": [f"w{b}a{b}" for b in DEFAULT_SWEEP],
-            "complete": all(pt["robust_accuracy"] is not None or not pt["feasible"] for pt in points)
-            and fl.get("robust") is not None,
             "heldout": {"val_images": front.val_images, "float_robust_accuracy": front.float_robust_accuracy,
                         "seconds": front.seconds},
             "points": points,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 
@@ -330,6 +332,24 @@ def _search_whole(res: dict) -> list[str]:
     ]
 
 
+# result name -> its section: a function here, or the benchmark module whose render_section draws it
+SECTIONS: list[tuple[str, Callable[[dict], list[str]] | str]] = [
+    ("finetune_speed", _finetune),
+    ("export_parity", _export),
+    ("ao_agreement", _ao_agreement),
+    ("compare_methods", _compare),
+    ("search_cost", _search_cost),
+    ("ablation", _ablation),
+    ("search_cost_scaling", _search_scaling),
+    ("search_cost_whole", _search_whole),
+    ("attack_suite", "attack_suite"),
+    ("layer_ranking", "layer_ranking"),
+    ("method_variants", "method_variants"),
+    ("twin_speed", "twin_speed"),
+    ("sweep_cost", "sweep_cost"),
+]
+
+
 def render_benchmarks(results: dict[str, dict]) -> str:
     lines = [
         "# Benchmarks",
@@ -339,45 +359,13 @@ def render_benchmarks(results: dict[str, dict]) -> str:
         "data, one torch thread (the machines have 2 noisy cores).",
         "",
     ]
-    if "finetune_speed" in results:
-        lines += _finetune(results["finetune_speed"])
-    if "export_parity" in results:
-        lines += _export(results["export_parity"])
-    if "ao_agreement" in results:
-        lines += _ao_agreement(results["ao_agreement"])
-    if "compare_methods" in results:
-        lines += _compare(results["compare_methods"])
-    if "search_cost" in results:
-        lines += _search_cost(results["search_cost"])
-    if "ablation" in results:
-        lines += _ablation(results["ablation"])
-    if "search_cost_scaling" in results:
-        lines += _search_scaling(results["search_cost_scaling"])
-    if "search_cost_whole" in results:
-        lines += _search_whole(results["search_cost_whole"])
-    if "attack_suite" in results:
-        from attack_suite import render_section as attack_suite_section
-
-        lines += attack_suite_section(results["attack_suite"])
-    if "layer_ranking" in results:
-        from layer_ranking import render_section as layer_ranking_section
-
-        lines += layer_ranking_section(results["layer_ranking"])
-    if "method_variants" in results:
-        from method_variants import render_section as method_variants_section
-
-        lines += method_variants_section(results["method_variants"])
     pareto_runs = [run for name, r in results.items() if "pareto" in name for run in r.get("runs", [])]
-    if pareto_runs:
-        from pareto_verdict import render_section as pareto_section
-
-        lines += pareto_section(pareto_runs)
-    if "twin_speed" in results:
-        from twin_speed import render_section as twin_speed_section
-
-        lines += twin_speed_section(results["twin_speed"])
-    if "sweep_cost" in results:
-        from sweep_cost import render_section as sweep_cost_section
-
-        lines += sweep_cost_section(results["sweep_cost"])
+    if pareto_runs:  # the benchmark that says whether the method works comes first
+        lines += importlib.import_module("pareto_verdict").render_section(pareto_runs)
+    for name, renderer in SECTIONS:
+        if name in results:
+            render = (
+                importlib.import_module(renderer).render_section if isinstance(renderer, str) else renderer
+            )
+            lines += render(results[name])
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ def _run(seed, robust, split="test", stage="ptq", float_robust=0.70):
     ]  # fmt: skip
     return {"model": "cnn-pgd", "seed": seed, "split": split, "test_images": 1000, "stage": stage,
             "float_clean_accuracy": 0.8, "float_robust_accuracy": float_robust, "budgets": budgets,
-            "points": points, "complete": True}  # fmt: skip
+            "points": points}  # fmt: skip
 
 
 def _both(ours_low, ours_high, uni_low=0.40, uni_high=0.69, rivals=0.5):
@@ -74,3 +74,15 @@ def test_heldout_runs_and_unmeasured_points_are_never_judged(verdict, tmp_path):
     assert verdict.verdicts(loaded)["cells"] == 0
     page = "\n".join(verdict.render_section(loaded))
     assert "Runs complete" in page and "10.0" not in page  # the held-out 10 % figure is not on the page
+
+
+def test_a_run_is_complete_only_when_every_row_is_measured_or_infeasible_at_every_budget(verdict):
+    full = {(m, b): 0.5 for m in verdict.METHODS for b in ("b1", "b2")}
+    full[("first_last_8", "b1")] = None  # infeasible there: nothing to measure
+    run = _run(0, full)
+    assert verdict.complete(run)
+    run["points"][3]["robust_accuracy"] = None  # feasible, not measured yet
+    assert not verdict.complete(run)
+    assert not verdict.complete(_run(0, _both(0.5, 0.6)))  # rows missing
+    page = "\n".join(verdict.render_section([_run(0, full)]))
+    assert "**Provisional**: 1 of the 12" in page
