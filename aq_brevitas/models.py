@@ -150,7 +150,8 @@ ZOO_DIR = __import__("pathlib").Path(__file__).parent / "zoo"
 
 def zoo_names() -> list[str]:
     """Names of the shipped checkpoints (``aq_brevitas/zoo/<name>.pt``)."""
-    return sorted(p.stem for p in ZOO_DIR.glob("*.pt"))
+    # a run training into the zoo keeps <name>.train-state.pt beside it: not a model
+    return sorted(p.stem for p in ZOO_DIR.glob("*.pt") if not p.stem.endswith(".train-state"))
 
 
 def resolve_model_path(name_or_path: str):
