@@ -165,8 +165,10 @@ def _selection(search: SearchConfig) -> list[Option]:
         plain("--model", "zoo name or checkpoint path", required=True),
         plain("--budget", "avg-bits=4, bytes=N, kib=N or bops=N", required=True),
         setting(search, "eps", "L-inf radius the policy should resist"),
-        setting(LipschitzSettings(), "estimate", "measured (jacobian) or the data-free bound (spectral)",
-                choices=ESTIMATES),
+        setting(LipschitzSettings(), "estimate", "measured deviation (jacobian), the data-free bound (spectral) or "
+                "the measured robust-loss increase (loss)", choices=ESTIMATES),
+        setting(LipschitzSettings(), "measured_top_k", "measure the knapsack's K best policies on the held-out "
+                "images and keep the most robust"),
         plain("--bits", "candidate weight bit widths (default 2 3 4 5 6 8)", type=int, nargs="+"),
         plain("--scalings", "candidate scaling rules (default max percentile mse)", nargs="+"),
         plain("--granularities", "candidate granularities (default per_tensor per_channel)", nargs="+"),
