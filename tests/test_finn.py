@@ -91,6 +91,7 @@ READY = [
     ("cnn-pgd", LayerSpec(4, "max", "per_tensor", act_bit_width=4), False),
     ("vgg-pgd", LayerSpec(4, "po2", "per_channel", act_bit_width=4), False),
     ("vgg-pgd", LayerSpec(4, "max", "per_tensor", act_bit_width=4), True),
+    ("tfc-pgd", LayerSpec(4, "max", "per_tensor", act_bit_width=4), True),  # FINN's own first example
 ]
 
 
