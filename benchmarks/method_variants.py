@@ -58,6 +58,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     from aq_brevitas.data import draw_selection
     from aq_brevitas.search import ParetoFront, SearchConfig
     from aq_brevitas.search.baselines import measure_policy
+    from aq_brevitas.search.pareto import DEFAULT_SWEEP
 
     path = HERE / "results" / "heldout_fronts" / f"{name}_seed{args.seed}.json"
     if not path.is_file():
@@ -72,8 +73,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     confirm = (val_split[0][idx], val_split[1][idx])
     cfg = SearchConfig(seed=args.seed)
     rows = []
-    for budget in front.budgets:
-        row: dict[str, Any] = {"budget": budget}
+    for budget, bits in zip(front.budgets, DEFAULT_SWEEP):
+        row: dict[str, Any] = {"budget": budget, "name": f"w{bits}a{bits}"}
         for variant in VARIANTS:
             p = (
                 pick(fronts["loss"], LOSS_ROWS[variant], budget)
@@ -105,10 +106,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"header": header(), "settings": vars(args), "models": models}
 
 
-def means(result: dict[str, Any]) -> dict[str, float]:
-    """Each variant's mean confirmation robust accuracy over the (model, budget) cells all variants have."""
+BASELINE = "lipschitz+check"  # what search_policy delivers today
+MIN_SE = (
+    2.0  # a variant replaces the default only when its mean gain over the cells exceeds 2 standard errors
+)
+
+
+def comparison(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per variant, over the (model, budget) cells every variant has: the mean confirmation robust
+    accuracy, and against :data:`BASELINE` the mean paired difference, its standard error over the
+    cells, and the cells won and lost (fractions and counts)."""
     cells = [r for m in result["models"] for r in m["rows"] if all(v in r for v in VARIANTS)]
-    return {v: statistics.fmean(r[v]["confirmation"] for r in cells) for v in VARIANTS} if cells else {}
+    out = {}
+    for v in VARIANTS if cells else ():
+        diffs = [r[v]["confirmation"] - r[BASELINE]["confirmation"] for r in cells]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+        out[v] = {"mean": statistics.fmean(r[v]["confirmation"] for r in cells), "gain": statistics.fmean(diffs),
+                  "se": se, "won": sum(d > 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "cells": len(diffs)}  # fmt: skip
+    return out
 
 
 def render_section(result: dict[str, Any]) -> list[str]:
@@ -131,12 +146,18 @@ def render_section(result: dict[str, Any]) -> list[str]:
                 f"{100 * r[v]['confirmation']:.1f} ({100 * r[v]['selection']:.1f})" if v in r else "—"
                 for v in VARIANTS
             ]
-            lines.append(f"| {m['model']} | {r['budget']} | " + " | ".join(cells) + " |")
-    avg = means(result)
-    if avg:
-        best = max(avg, key=lambda v: avg[v])
-        lines += ["", "Mean over the cells: " + ", ".join(f"{v} {100 * a:.2f} %" for v, a in avg.items())
-                  + f". Highest: **{best}**.", ""]  # fmt: skip
+            lines.append(f"| {m['model']} | {r.get('name', r['budget'])} | " + " | ".join(cells) + " |")
+    cmp = comparison(result)
+    if cmp:
+        lines += ["", f"Against {BASELINE} (today's default), over the {cmp[BASELINE]['cells']} cells: mean robust %, "
+                  "mean paired gain ± standard error over the cells, cells won / lost:", "",
+                  "| variant | mean | gain over the default | won / lost |", "|---|---|---|---|"]  # fmt: skip
+        for v, c in cmp.items():
+            lines.append(f"| {v} | {100 * c['mean']:.2f} | {100 * c['gain']:+.2f} ± {100 * c['se']:.2f} | "
+                         f"{c['won']} / {c['lost']} |")  # fmt: skip
+        keep = [v for v, c in cmp.items() if c["gain"] > MIN_SE * c["se"] and c["gain"] > 0]
+        lines += ["", f"A variant replaces the default only when its gain exceeds {MIN_SE:g} standard errors: "
+                  + (f"**{max(keep, key=lambda v: cmp[v]['gain'])}** does." if keep else "**none does**; the default stays.")]  # fmt: skip
     return lines + [""]
 
 
