@@ -251,9 +251,7 @@ def render_section(runs: list[Mapping[str, Any]]) -> list[str]:
         "lets every method's policies compete on the held-out images. Every choice between policies is "
         "made on held-out training images, never on test.",
         "",
-        f"Runs complete: {len(done)} ("
-        + ", ".join(f"{m} seed {s}" for m, s in done)
-        + ")"
+        f"Runs complete: {', '.join(f'{m} seed {s}' for m, s in done) or 'none yet'}"
         + (f"; partial: {', '.join(f'{m} seed {s}' for m, s in partial)}" if partial else "")
         + ".",
         "",
