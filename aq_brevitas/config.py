@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, a_type
 
 ATTACKS = (
     "fgsm", "pgd", "pgdl2", "tpgd", "square", "autoattack",
@@ -224,13 +224,13 @@ def config_or_default(config: Any, default: _C) -> _C:
     >>> config_or_default(EvalConfig(), TrainConfig())
     Traceback (most recent call last):
     ...
-    aq_brevitas.errors.ConfigError: config is a EvalConfig, not a TrainConfig -- fix: pass TrainConfig(...)
+    aq_brevitas.errors.ConfigError: config is an EvalConfig, not a TrainConfig -- fix: pass TrainConfig(...)
     """
     if config is None:
         return default
     if not isinstance(config, type(default)):
         raise ConfigError(
-            f"config is a {type(config).__name__}, not a {type(default).__name__}",
+            f"config is {a_type(config)}, not {a_type(default)}",
             f"pass {type(default).__name__}(...)",
         )
     return config

@@ -51,3 +51,15 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
             target = level + 1
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=min(target, level - 1))
+
+
+def a_type(obj: object) -> str:
+    """``obj``'s type name with its indefinite article, for messages: "an AttackConfig", "a dict".
+
+    >>> a_type({}), a_type(ValueError())
+    ('a dict', 'a ValueError')
+    >>> a_type(Exception())
+    'an Exception'
+    """
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

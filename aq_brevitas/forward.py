@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from .classifier import class_logits
-from .errors import AqError, ConfigError, ModelError
+from .errors import AqError, ConfigError, ModelError, a_type
 
 _BATCH = 256  # images per forward when a helper runs the model over in-memory data
 
@@ -314,7 +314,7 @@ def check_images(x: Any, name: str = "inputs", *, unit_range: bool = True, batch
     ``name`` is how the messages call ``x``.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"have dtype {x.dtype}" if isinstance(x, torch.Tensor) else f"is a {type(x).__name__}"
+        got = f"have dtype {x.dtype}" if isinstance(x, torch.Tensor) else f"is {a_type(x)}"
         raise ConfigError(
             f"{name} {got}, expected a floating-point tensor of images",
             "pass float images, e.g. x.float() / 255, shaped (N, *input_shape)",
@@ -370,7 +370,7 @@ def _pieces(data: Any, name: str, split: int | None) -> Iterator[tuple[torch.Ten
         elif isinstance(b, (tuple, list)) and b and all(isinstance(t, torch.Tensor) for t in b[:2]):
             yield b[0], (b[1] if len(b) > 1 else None)
         else:
-            raise ConfigError(f"{name}: batch {i} is a {type(b).__name__}, not (images, labels)", _DATA_FIX)
+            raise ConfigError(f"{name}: batch {i} is {a_type(b)}, not (images, labels)", _DATA_FIX)
 
 
 def _cat(parts: list[torch.Tensor], name: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .budget import DEFAULT_ACT_BITS_FOR_BOPS, PolicyCost
-from .errors import PolicyError
+from .errors import PolicyError, a_type
 
 SCHEMA = "aq-brevitas/policy/v1"
 SCALINGS = ("max", "percentile", "mse", "po2")
@@ -166,7 +166,7 @@ def _check_entry(name: Any, spec: Any) -> None:
             ) from None
     if spec is not None and not isinstance(spec, LayerSpec):
         raise PolicyError(
-            f"layer {name}: spec is a {type(spec).__name__}, not a LayerSpec",
+            f"layer {name}: spec is {a_type(spec)}, not a LayerSpec",
             "wrap it: LayerSpec(...), or None to keep the layer float",
         )
     if spec is not None:

@@ -101,7 +101,7 @@ def test_attack_config_and_config_or_default():
     base = TrainConfig(epochs=2)
     assert config_or_default(None, TrainConfig()) == TrainConfig()
     assert config_or_default(base, TrainConfig()) is base
-    with pytest.raises(ConfigError, match="config is a EvalConfig, not a TrainConfig"):
+    with pytest.raises(ConfigError, match="config is an EvalConfig, not a TrainConfig"):
         config_or_default(EvalConfig(), TrainConfig())
 
 
@@ -160,7 +160,7 @@ def test_attack_accuracy_takes_an_attack_config_or_a_built_attack():
         == attack_accuracy(model, x, y, attack=make_attack(cfg, model))
         == 1.0
     )
-    with pytest.raises(ConfigError, match="config is a str, not a AttackConfig"):
+    with pytest.raises(ConfigError, match="config is a str, not an AttackConfig"):
         attack_accuracy(model, x, y, "pgd")  # the old name-and-keywords form
     with pytest.raises(ConfigError, match="both config and a built attack"):
         attack_accuracy(model, x, y, cfg, attack=make_attack(cfg, model))

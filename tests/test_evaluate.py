@@ -289,7 +289,7 @@ def test_bad_inputs_and_settings_are_refused(robust_model, test_200):
             evaluate_robustness(robust_model, data, progress=False)
     with pytest.raises(ConfigError):
         evaluate_robustness(robust_model, [1, 2, 3], progress=False)
-    with pytest.raises(ConfigError, match="config is a TrainConfig, not a EvalConfig"):
+    with pytest.raises(ConfigError, match="config is a TrainConfig, not an EvalConfig"):
         evaluate_robustness(robust_model, test_200, TrainConfig(), progress=False)
     with pytest.raises(ConfigError, match=r"config=EvalConfig\(pgd_steps=\.\.\.\)"):
         evaluate_robustness(robust_model, test_200, pgd_steps=5, progress=False)  # a field: in the config

@@ -91,7 +91,7 @@ def test_dataloader_gives_its_dataset_for_training(xy):
 @pytest.mark.parametrize(
     "data, message",
     [
-        ([1, 2, 3], r"inputs: batch 0 is a int, not \(images, labels\)"),
+        ([1, 2, 3], r"inputs: batch 0 is an int, not \(images, labels\)"),
         ("images.npz", r"inputs of type str is not supported"),
         ({"x": 1}, r"inputs of type dict is not supported"),
         (42, r"inputs of type int is not supported"),

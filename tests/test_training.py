@@ -205,5 +205,5 @@ def test_settings_come_only_from_the_config(fmnist_val_512):
         adversarial_train(model, data, eps=0.1, progress=False)
     with pytest.raises(ConfigError, match=r"takes normalization in its config"):
         adversarial_train(model, data, TrainConfig(), normalization=((0.5,), (0.5,)), progress=False)
-    with pytest.raises(ConfigError, match="config is a AttackConfig, not a TrainConfig"):
+    with pytest.raises(ConfigError, match="config is an AttackConfig, not a TrainConfig"):
         adversarial_train(model, data, AttackConfig(), progress=False)

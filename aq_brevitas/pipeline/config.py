@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..config import InputNormalization
-from ..errors import ConfigError
+from ..errors import ConfigError, a_type
 from ..search.config import DEFAULT_METHOD, SCORED_METHODS
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def check_config(cfg: RunConfig) -> Budget:
     from ..config import check_eps
 
     if not isinstance(cfg, RunConfig):
-        raise ConfigError(f"config is a {type(cfg).__name__}, not a RunConfig", "pass RunConfig(...)")
+        raise ConfigError(f"config is {a_type(cfg)}, not a RunConfig", "pass RunConfig(...)")
     if not isinstance(cfg.budget, str):
         raise ConfigError(f"budget {cfg.budget!r} is not a string", "write e.g. --budget avg-bits=3")
     budget = Budget.parse(cfg.budget)

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, a_type
 from ..storage import check_output_file
 from .config import RunConfig, check_config
 from .data import RunInputs, prepare_data
@@ -129,7 +129,7 @@ def make_context(
         float_model, name = model, type(model).__name__  # in eval mode: run() holds it there
     else:
         raise ModelError(
-            f"model is a {type(model).__name__}", "pass an nn.Module, a zoo name or a float checkpoint path"
+            f"model is {a_type(model)}", "pass an nn.Module, a zoo name or a float checkpoint path"
         )
     inputs = prepare_data(float_model, data, cfg)
     geometry = layer_geometry(float_model, inputs.calib[0][:1])

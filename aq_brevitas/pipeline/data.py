@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError, a_type
 
 if TYPE_CHECKING:
     from torch import nn
@@ -102,7 +102,7 @@ def _run_data(data: Any, data_dir: str | None) -> RunData:
     if data is None or isinstance(data, (str, os.PathLike)):
         return RunData.from_idx(data if data is not None else data_dir)
     if not isinstance(data, RunData):
-        raise ConfigError(f"data is a {type(data).__name__}, not RunData or an IDX directory", _RUN_DATA_FIX)
+        raise ConfigError(f"data is {a_type(data)}, not RunData or an IDX directory", _RUN_DATA_FIX)
     return data
 
 

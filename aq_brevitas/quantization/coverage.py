@@ -9,7 +9,7 @@ from typing import Any
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
 from torch import nn
 
-from ..errors import PolicyError, warn
+from ..errors import PolicyError, a_type, warn
 from ..forward import iter_x_batches
 from ..nnutils import quantizable_layers, shared_layer_names, shared_weights
 from ..policy import LayerwisePolicy, deciding_key
@@ -21,7 +21,7 @@ def check_convertible(model: nn.Module, policy: LayerwisePolicy, *, warn_uncover
     uncovered, named in a ``UserWarning`` when ``warn_uncovered``."""
     if not isinstance(policy, LayerwisePolicy):
         raise PolicyError(
-            f"policy is a {type(policy).__name__}, not a LayerwisePolicy",
+            f"policy is {a_type(policy)}, not a LayerwisePolicy",
             "load it with LayerwisePolicy.load(path)",
         )
     if not quantizable_layers(model):

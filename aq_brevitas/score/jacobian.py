@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import ModelError
+from ..errors import ModelError, a_type
 from ..forward import check_images, eval_mode, example_args, paused_observers, require_single_input
 from ..nnutils import (
     QUANTIZABLE_TYPES,
@@ -91,7 +91,7 @@ def output_tensor(out: Any) -> torch.Tensor:
     t = plain_tensor(out)
     if t is None:
         raise ModelError(
-            f"model output is a {type(out).__name__}, not a tensor",
+            f"model output is {a_type(out)}, not a tensor",
             "wrap the model so that forward returns the logits tensor",
         )
     return t

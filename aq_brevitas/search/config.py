@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from ..config import DEVICE_HELP, ConfigBase, InputNormalization, check_device, json_ready
-from ..errors import ConfigError, PolicyError
+from ..errors import ConfigError, PolicyError, a_type
 from ..policy import TARGETS, LayerSpec, for_target
 
 ESTIMATES = ("jacobian", "spectral", "loss")
@@ -386,9 +386,7 @@ def as_config(config: SearchConfig | None) -> SearchConfig:
     if config is None:
         return SearchConfig()
     if not isinstance(config, SearchConfig):
-        raise ConfigError(
-            f"config is a {type(config).__name__}, not a SearchConfig", "pass SearchConfig(...)"
-        )
+        raise ConfigError(f"config is {a_type(config)}, not a SearchConfig", "pass SearchConfig(...)")
     return config
 
 
