@@ -1,7 +1,9 @@
-"""The Pareto benchmark's verdicts are recomputed from the run files alone (benchmarks/pareto_verdict.py)."""
+"""The Pareto benchmark: verdicts recomputed from the run files alone (benchmarks/pareto_verdict.py), and
+the lock files that let several processes share its measurements (benchmarks/pareto.py)."""
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +19,21 @@ def verdict(monkeypatch):
 
     yield pareto_verdict
     sys.modules.pop("pareto_verdict", None)
+
+
+def test_a_lock_is_held_once_and_a_dead_owners_lock_is_taken_over(monkeypatch, tmp_path):
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from pareto import claim
+
+    lock = tmp_path / "locks" / "key"
+    assert claim(lock) and lock.read_text() == str(os.getpid())
+    assert not claim(lock)  # held by a live process (this one)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(str(gone.pid))  # its owner has exited: a killed run
+    assert claim(lock) and lock.read_text() == str(os.getpid())
 
 
 def _run(seed, robust, split="test", stage="ptq", float_robust=0.70):
