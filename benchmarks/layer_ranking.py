@@ -80,8 +80,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     score_s = time.perf_counter() - t0
     rng = random.Random(args.seed)
     layers = list(table.rows)
-    pairs = [(layers[i % len(layers)], None) for i in range(args.pairs)]
-    pairs = [(layer, rng.choice(table.rows[layer]).spec) for layer, _ in pairs]
+    drawn = (layers[i % len(layers)] for i in range(args.pairs))  # every layer alike
+    pairs = [(layer, rng.choice(table.rows[layer]).spec) for layer in drawn]
     pairs = list(dict.fromkeys(pairs))
     cache = MeasureCache(HERE / "results" / "cache" / "layer_ranking")
     base = {"model": model_digest(model), "val": data_digest(*val), "calib": data_digest(calib[0]),

@@ -82,7 +82,7 @@ def _robust(run: Mapping[str, Any], method: str, budget: str) -> float | None:
     return None
 
 
-def test_runs(runs: Iterable[Mapping[str, Any]], stage: str) -> dict[str, list[Mapping[str, Any]]]:
+def runs_on_test(runs: Iterable[Mapping[str, Any]], stage: str) -> dict[str, list[Mapping[str, Any]]]:
     """Test-split runs of ``stage`` with the float model measured, per model (zoo order), by seed."""
     by_model: dict[str, list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -118,7 +118,7 @@ def cell(runs: Sequence[Mapping[str, Any]], budget: str, ours: str = JUDGED[0]) 
 def verdicts(runs: Iterable[Mapping[str, Any]], ours: str = JUDGED[0]) -> dict[str, Any]:
     """The issue's three targets for the row ``ours`` over every (model, budget) cell of the PTQ test runs."""
     cells = []
-    for model, rs in test_runs(runs, "ptq").items():
+    for model, rs in runs_on_test(runs, "ptq").items():
         for budget in rs[0]["budgets"]:
             c = cell(rs, budget, ours)
             if c["ours-uniform"]:
@@ -227,7 +227,7 @@ def _model_lines(model: str, rs: list[Mapping[str, Any]], finetuned: list[Mappin
 def render_section(runs: list[Mapping[str, Any]]) -> list[str]:
     """docs/benchmarks.md: the verdicts, then per model the PTQ table, the gap recovered and the
     fine-tuned column; every figure from the run files."""
-    ptq = test_runs(runs, "ptq")
+    ptq = runs_on_test(runs, "ptq")
     done = [(m, r["seed"]) for m, rs in ptq.items() for r in rs if complete(r)]
     partial = [(m, r["seed"]) for m, rs in ptq.items() for r in rs if not complete(r)]
     images = sorted({r["test_images"] for rs in ptq.values() for r in rs})
@@ -261,7 +261,7 @@ def render_section(runs: list[Mapping[str, Any]]) -> list[str]:
                   "verdicts below judge only the cells measured so far.", ""]  # fmt: skip
     for ours in JUDGED if ptq else ():
         lines += _verdict_lines(runs, ours)
-    finetuned = test_runs(runs, "finetuned")
+    finetuned = runs_on_test(runs, "finetuned")
     for model, rs in ptq.items():
         ft = [
             r for r in finetuned.get(model, []) if any(p["robust_accuracy"] is not None for p in r["points"])
@@ -281,7 +281,7 @@ def plot_figures(runs: list[Mapping[str, Any]], img_dir: str | Path | None = Non
 
     out = Path(img_dir or Path(__file__).parent.parent / "docs" / "img")
     written = []
-    for model, rs in test_runs(runs, "ptq").items():
+    for model, rs in runs_on_test(runs, "ptq").items():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for m in METHODS:
             xs, ys, es = [], [], []

@@ -384,8 +384,8 @@ def network_deviation(
     """Output deviation of the whole quantized network on x_adv, all layers' Ŵ in place at once.
 
     Returns mean over x_adv of ‖f_p(x_adv) − f(x_adv)‖₂ in logits; with ``kind="loss"`` the increase
-    of the mean cross-entropy at x_adv, CE(f_p(x_adv), y) − CE(f(x_adv), y) (the ``loss`` estimate). Weight-only specs swap Ŵ into the
-    float model (bit-identical to :func:`~aq_brevitas.quantize`'s layers); specs with an activation
+    of the mean cross-entropy at x_adv, CE(f_p(x_adv), y) − CE(f(x_adv), y) (the ``loss`` estimate).
+    Weight-only specs swap Ŵ into the float model (bit-identical to :func:`~aq_brevitas.quantize`'s layers); specs with an activation
     bit width need the input quantizer too, so those go through :func:`~aq_brevitas.quantize` itself.
     """
     if any(s.act_bit_width for s in specs.values()):

@@ -66,7 +66,7 @@ class LipschitzSettings(MethodSettings):
     torchattacks object, which cannot be written to JSON); ``adv_weight`` scales the adversarial
     term (1 is the bound; other values are for ablations); ``measured_top_k``: how many of the
     knapsack's best solutions are measured on the held-out images, the most robust kept (1: the
-    optimum alone; see docs/method.md "Measured top-K")."""
+    optimum alone; see docs/method.md "Which term ranks layers wrongly")."""
 
     refinable: ClassVar[bool] = True
 

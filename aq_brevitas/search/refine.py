@@ -97,13 +97,13 @@ def policy_bound(
     """The lipschitz prediction for any policy (e.g. one a baseline chose), to compare methods on it.
 
     ``score_sum``: Σ_l s_l(c_l), what the knapsack minimises; ``bound``: the whole-network B(p) that
-    refinement uses (both in logits). ``calib`` is needed for ``jacobian`` (ConfigError without it).
+    refinement uses (both in logits). ``calib`` is needed for ``jacobian`` and ``loss`` (ConfigError without it).
     """
     if estimate not in ESTIMATES:
         raise ConfigError(f"unknown estimate {estimate!r}", f"use one of {', '.join(ESTIMATES)}")
     if estimate != "spectral" and calib is None:
         raise ConfigError(
-            "the jacobian bound needs adversarial calibration", "pass adversarial_calibration(...)"
+            f"the {estimate} bound needs adversarial calibration", "pass adversarial_calibration(...)"
         )
     bound = WholeNetworkBound(model, table, estimate, calib, cache or WeightCache(model, table))
     eps = check_eps(eps)
